@@ -1,0 +1,1 @@
+"""Python client of the segments service: generated stubs in `segments.v1`, typed client here."""

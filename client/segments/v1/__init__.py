@@ -1,0 +1,1 @@
+"""Generated from protos/segments/v1."""

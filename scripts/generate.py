@@ -1,0 +1,96 @@
+"""Generate Python messages, gRPC stubs, type stubs and Envoy's descriptor set from protos/.
+
+`--check` generates into a scratch directory and fails when the committed files differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import google.api
+import grpc_tools
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_ROOT = ROOT / "protos"
+GEN_DIR = Path("client/segments/v1")
+DESCRIPTOR = Path("envoy/segments.pb")
+# Detail types the server sends must be in Envoy's descriptor pool, or Envoy cannot
+# print the error; they ship in googleapis-common-protos.
+EXTRA_DESCRIPTOR_PROTOS = ["google/rpc/status.proto", "google/rpc/error_details.proto"]
+
+
+def _protoc(out: Path) -> None:
+    common_protos = Path(google.api.__path__[0]).parent.parent
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    bin_dir = Path(sys.executable).parent
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    (out / GEN_DIR).mkdir(parents=True)
+    (out / DESCRIPTOR.parent).mkdir(parents=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{common_protos}",
+        f"-I{well_known}",
+        f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
+        f"--python_out={out / 'client'}",
+        f"--grpc_python_out={out / 'client'}",
+        f"--mypy_out={out / 'client'}",
+        f"--mypy_grpc_out={out / 'client'}",
+        "--include_imports",
+        f"--descriptor_set_out={out / DESCRIPTOR}",
+        *protos,
+        *EXTRA_DESCRIPTOR_PROTOS,
+    ]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    # protoc also emits modules for the extra google/rpc protos; those come from
+    # googleapis-common-protos at run time, so they are not kept.
+    shutil.rmtree(out / "client" / "google", ignore_errors=True)
+    (out / GEN_DIR / "__init__.py").write_text('"""Generated from protos/segments/v1."""\n')
+
+
+def _generated_files(base: Path) -> list[Path]:
+    files = [p.relative_to(base) for p in (base / GEN_DIR).iterdir() if p.is_file()]
+    return sorted([*files, DESCRIPTOR])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="fail if committed files are stale")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        _protoc(out)
+        fresh = _generated_files(out)
+        if args.check:
+            current = _generated_files(ROOT) if (ROOT / GEN_DIR).exists() else []
+            stale = [
+                str(f)
+                for f in sorted(set(fresh) | set(current))
+                if f not in fresh
+                or f not in current
+                or not filecmp.cmp(out / f, ROOT / f, shallow=False)
+            ]
+            if stale:
+                print("generated code is stale; run `make generate`:", *stale, sep="\n  ")
+                return 1
+            print(f"generated code is fresh ({len(fresh)} files)")
+            return 0
+        shutil.rmtree(ROOT / GEN_DIR, ignore_errors=True)
+        for f in fresh:
+            (ROOT / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / f, ROOT / f)
+        print(f"generated {len(fresh)} files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The segments service: gRPC server, storage, filter compiler and membership tracker."""

@@ -1,0 +1,107 @@
+"""API keys: generation, hashed storage, and resolving a bearer key to its project."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from segments_service import tables
+from segments_service.errors import InvalidApiKey, MissingAuth, NotFound
+
+KeyKind = Literal["secret", "public"]
+PREFIX: dict[KeyKind, str] = {"secret": "sk_", "public": "pk_"}
+
+
+def hash_key(key: str) -> bytes:
+    """Keys are 256-bit random strings, so one SHA-256 is enough to store them safely."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+def new_key(kind: KeyKind) -> str:
+    return PREFIX[kind] + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated project of a request."""
+
+    project_id: uuid.UUID
+    key_kind: KeyKind
+
+
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise MissingAuth("Authorization header is required: `Authorization: Bearer <key>`")
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        raise MissingAuth("Authorization header must be `Bearer <key>`")
+    return token
+
+
+def authenticate(session: Session, authorization: str | None, kind: KeyKind) -> Caller:
+    """Resolve the bearer key; it must exist, be live and be of `kind`."""
+    token = bearer_token(authorization)
+    wanted = PREFIX[kind]
+    if not token.startswith(("sk_", "pk_")):
+        raise InvalidApiKey("Invalid API key")
+    digest = hash_key(token)
+    k = tables.api_keys.c
+    row = session.execute(
+        select(k.project_id, k.kind, k.key_hash).where(k.key_hash == digest, k.revoked_at.is_(None))
+    ).first()
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        raise InvalidApiKey("Invalid API key")
+    if row.kind != kind:
+        label = "secret key (sk_*)" if kind == "secret" else "public key (pk_*)"
+        raise InvalidApiKey(f"This endpoint requires a {label}, not a key starting {token[:3]}")
+    assert token.startswith(wanted)
+    return Caller(project_id=row.project_id, key_kind=kind)
+
+
+def create_project(session: Session, name: str) -> dict[str, str]:
+    """A new project with one secret and one public key; the keys are shown only here."""
+    p = tables.projects.c
+    project_id = session.execute(
+        insert(tables.projects).values(name=name).returning(p.id)
+    ).scalar_one()
+    keys = {kind: issue_key(session, project_id, kind) for kind in ("secret", "public")}
+    return {"id": str(project_id), "secretKey": keys["secret"], "publicKey": keys["public"]}
+
+
+def issue_key(session: Session, project_id: uuid.UUID, kind: KeyKind) -> str:
+    key = new_key(kind)
+    session.execute(
+        insert(tables.api_keys).values(
+            project_id=project_id, kind=kind, key_hash=hash_key(key), key_prefix=key[:7]
+        )
+    )
+    return key
+
+
+def revoke_key(session: Session, key: str) -> uuid.UUID:
+    """Revoke one key; answers its project id."""
+    k = tables.api_keys.c
+    project_id = session.execute(
+        update(tables.api_keys)
+        .where(k.key_hash == hash_key(key), k.revoked_at.is_(None))
+        .values(revoked_at=func.now())
+        .returning(k.project_id)
+    ).scalar_one_or_none()
+    if project_id is None:
+        raise NotFound("no live key matches")
+    return project_id
+
+
+def rotate_key(session: Session, key: str) -> str:
+    """Revoke `key` and issue a new key of the same kind for the same project."""
+    kind: KeyKind = "secret" if key.startswith("sk_") else "public"
+    project_id = revoke_key(session, key)
+    return issue_key(session, project_id, kind)

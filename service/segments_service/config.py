@@ -1,0 +1,58 @@
+"""Settings read from the environment, with the defaults `make run` uses."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, one field per environment variable."""
+
+    database_url: str | None
+    data_dir: Path
+    grpc_port: int
+    http_port: int
+    host: str
+    workers: int
+    db_pool_size: int
+    sweep_seconds: float
+    drain_seconds: float
+    rate_limit_per_minute: int
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            database_url=os.environ.get("DATABASE_URL") or None,
+            data_dir=Path(os.environ.get("SEGMENTS_DATA_DIR", ".data")).resolve(),
+            grpc_port=_int("GRPC_PORT", 50051),
+            http_port=_int("HTTP_PORT", 8080),
+            host=os.environ.get("SEGMENTS_HOST", "127.0.0.1"),
+            workers=_int("SEGMENTS_WORKERS", 16),
+            db_pool_size=_int("SEGMENTS_DB_POOL", 10),
+            sweep_seconds=_float("SEGMENTS_SWEEP_SECONDS", 60.0),
+            drain_seconds=_float("SEGMENTS_DRAIN_SECONDS", 20.0),
+            rate_limit_per_minute=_int("SEGMENTS_RATE_LIMIT_PER_MINUTE", 1000),
+        )

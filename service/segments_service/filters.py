@@ -1,0 +1,792 @@
+"""Filter conditions: validation of the JSON tree (SPEC §4) and compilation to one SQL predicate.
+
+`parse_condition` turns untrusted JSON into a validated `Condition` (errors name the
+offending field by dot path); `compile_condition` is a pure function from a validated
+condition to a SQLAlchemy Core boolean over the `contacts` table.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta, timezone
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    Numeric,
+    and_,
+    case,
+    exists,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.types import DateTime, Text
+
+from segments_service import tables
+from segments_service.errors import FieldViolation, ValidationError
+
+MAX_DEPTH = 10
+MAX_FILTERS = 200
+MAX_STRING_VALUE = 1000
+# Expanding segment references inlines their conditions; this bounds the result.
+MAX_EXPANDED_FILTERS = 2000
+# Window operators accept at most this span (about 100 years), so intervals never overflow.
+MAX_WINDOW = timedelta(days=36525)
+
+Scalar = str | float | int | bool
+
+
+class Logic(StrEnum):
+    AND = "AND"
+    OR = "OR"
+
+
+class Op(StrEnum):
+    EQUALS = "equals"
+    NOT_EQUALS = "notEquals"
+    CONTAINS = "contains"
+    NOT_CONTAINS = "notContains"
+    GT = "greaterThan"
+    LT = "lessThan"
+    GTE = "greaterThanOrEqual"
+    LTE = "lessThanOrEqual"
+    EXISTS = "exists"
+    NOT_EXISTS = "notExists"
+    WITHIN = "within"
+    OLDER_THAN = "olderThan"
+    TRIGGERED = "triggered"
+    TRIGGERED_WITHIN = "triggeredWithin"
+    TRIGGERED_OLDER_THAN = "triggeredOlderThan"
+    NOT_TRIGGERED = "notTriggered"
+    NOT_TRIGGERED_WITHIN = "notTriggeredWithin"
+    MEMBER_OF_SEGMENT = "memberOfSegment"
+    NOT_MEMBER_OF_SEGMENT = "notMemberOfSegment"
+
+
+class Unit(StrEnum):
+    DAYS = "days"
+    HOURS = "hours"
+    MINUTES = "minutes"
+
+
+UNIT_SPAN = {
+    Unit.DAYS: timedelta(days=1),
+    Unit.HOURS: timedelta(hours=1),
+    Unit.MINUTES: timedelta(minutes=1),
+}
+
+
+class Kind(StrEnum):
+    """What a filter's field addresses."""
+
+    EMAIL = "email"
+    SUBSCRIBED = "subscribed"
+    CREATED_AT = "createdAt"
+    UPDATED_AT = "updatedAt"
+    DATA = "data"
+    EVENT = "event"
+    SEGMENT = "segment"
+
+
+# `email.<activity>` names an email-activity event; aliases are the same activity.
+EMAIL_ACTIVITY_EVENTS: dict[str, tuple[str, ...]] = {
+    "sent": ("email.sent",),
+    "delivered": ("email.delivered",),
+    "opened": ("email.opened", "email.open"),
+    "open": ("email.opened", "email.open"),
+    "clicked": ("email.clicked", "email.click"),
+    "click": ("email.clicked", "email.click"),
+    "bounced": ("email.bounced", "email.bounce"),
+    "bounce": ("email.bounced", "email.bounce"),
+    "complained": ("email.complained", "email.complaint"),
+    "complaint": ("email.complained", "email.complaint"),
+}
+
+COMPARISONS = {Op.GT, Op.LT, Op.GTE, Op.LTE}
+WINDOWS = {Op.WITHIN, Op.OLDER_THAN}
+EVENT_OPS = {
+    Op.TRIGGERED,
+    Op.TRIGGERED_WITHIN,
+    Op.TRIGGERED_OLDER_THAN,
+    Op.NOT_TRIGGERED,
+    Op.NOT_TRIGGERED_WITHIN,
+}
+WINDOWED_EVENT_OPS = {Op.TRIGGERED_WITHIN, Op.TRIGGERED_OLDER_THAN, Op.NOT_TRIGGERED_WITHIN}
+SEGMENT_OPS = {Op.MEMBER_OF_SEGMENT, Op.NOT_MEMBER_OF_SEGMENT}
+NO_VALUE_OPS = {Op.EXISTS, Op.NOT_EXISTS, Op.TRIGGERED, Op.NOT_TRIGGERED} | SEGMENT_OPS
+
+APPLICABLE: dict[Kind, set[Op]] = {
+    Kind.EMAIL: {Op.EQUALS, Op.NOT_EQUALS, Op.CONTAINS, Op.NOT_CONTAINS},
+    Kind.SUBSCRIBED: {Op.EQUALS, Op.NOT_EQUALS},
+    Kind.CREATED_AT: {Op.EQUALS, Op.NOT_EQUALS} | COMPARISONS | WINDOWS,
+    Kind.UPDATED_AT: {Op.EQUALS, Op.NOT_EQUALS} | COMPARISONS | WINDOWS,
+    Kind.DATA: {Op.EQUALS, Op.NOT_EQUALS, Op.CONTAINS, Op.NOT_CONTAINS, Op.EXISTS, Op.NOT_EXISTS}
+    | COMPARISONS
+    | WINDOWS,
+    Kind.EVENT: EVENT_OPS,
+    Kind.SEGMENT: SEGMENT_OPS,
+}
+
+# The shape of a timestamp string, shared with the SQL function segments_timestamp():
+# a date, optionally a time (minutes required), optionally a UTC offset up to 15:59.
+_TIMESTAMP_RE = re.compile(
+    r"^(\d{4})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+    r"(?:[T ]([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d)(?:\.(\d{1,FRAC}))?)?"
+    r"(Z|z|[+-](?:0\d|1[0-5])(?::?[0-5]\d)?)?)?$".replace("FRAC", "6"),
+    re.ASCII,
+)
+# Filter values may carry nanoseconds (as protobuf prints them); storage keeps microseconds.
+_VALUE_TIMESTAMP_RE = re.compile(_TIMESTAMP_RE.pattern.replace(r"\d{1,6}", r"\d{1,9}"), re.ASCII)
+
+
+def _parse_iso(text: str, pattern: re.Pattern[str]) -> datetime | None:
+    match = pattern.match(text)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, frac, offset = match.groups()
+    tz: timezone = UTC
+    if offset and offset not in ("Z", "z"):
+        sign = -1 if offset[0] == "-" else 1
+        digits = offset[1:].replace(":", "")
+        hours, minutes = int(digits[:2]), int(digits[2:] or 0)
+        tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    try:
+        return datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
+            micro,
+            tzinfo=tz,
+        ).astimezone(UTC)
+    except ValueError:
+        return None
+
+
+def parse_stored_timestamp(text: str) -> datetime | None:
+    """A data string read as a timestamp exactly as SQL's segments_timestamp() reads it."""
+    return _parse_iso(text, _TIMESTAMP_RE)
+
+
+def is_date_only(text: str) -> bool:
+    return len(text) == 10 and _parse_iso(text, _TIMESTAMP_RE) is not None
+
+
+# --- validated form -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Filter:
+    """One validated filter; `field` keeps the caller's spelling for round trips."""
+
+    field: str
+    operator: Op
+    kind: Kind
+    value: Scalar | None = None
+    unit: Unit | None = None
+    # DATA: the key path; EVENT: the event names matched; SEGMENT: the segment id.
+    path: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+    segment_id: uuid.UUID | None = None
+    # Parsed forms of `value` where the operator needs them.
+    timestamp: datetime | None = None
+    day: date | None = None
+    window: timedelta | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"field": self.field, "operator": self.operator.value}
+        if self.value is not None:
+            out["value"] = self.value
+        if self.unit is not None:
+            out["unit"] = self.unit.value
+        return out
+
+
+@dataclass(frozen=True)
+class Group:
+    filters: tuple[Filter, ...]
+    conditions: Condition | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"filters": [f.to_json() for f in self.filters]}
+        if self.conditions is not None:
+            out["conditions"] = self.conditions.to_json()
+        return out
+
+
+@dataclass(frozen=True)
+class Condition:
+    logic: Logic
+    groups: tuple[Group, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"logic": self.logic.value, "groups": [g.to_json() for g in self.groups]}
+
+    def iter_filters(self) -> Iterator[Filter]:
+        for group in self.groups:
+            yield from group.filters
+            if group.conditions is not None:
+                yield from group.conditions.iter_filters()
+
+    def iter_paths(self, base: str = "condition") -> Iterator[tuple[str, Filter]]:
+        """Each filter with its dot path, as validation errors name it."""
+        for i, group in enumerate(self.groups):
+            for j, f in enumerate(group.filters):
+                yield f"{base}.groups.{i}.filters.{j}", f
+            if group.conditions is not None:
+                yield from group.conditions.iter_paths(f"{base}.groups.{i}.conditions")
+
+    def referenced_segments(self) -> set[uuid.UUID]:
+        return {f.segment_id for f in self.iter_filters() if f.segment_id is not None}
+
+
+# --- validation -----------------------------------------------------------------------
+
+
+@dataclass
+class _Parser:
+    violations: list[FieldViolation] = field(default_factory=list)
+    filter_count: int = 0
+
+    def fail(self, path: str, message: str, code: str = "invalid") -> None:
+        self.violations.append(FieldViolation(path, message, code))
+
+    def condition(self, raw: Any, path: str, depth: int) -> Condition | None:
+        if not isinstance(raw, Mapping):
+            self.fail(path, "must be an object with `logic` and `groups`", "invalid_type")
+            return None
+        if depth > MAX_DEPTH:
+            self.fail(path, f"conditions may be nested at most {MAX_DEPTH} deep", "too_deep")
+            return None
+        logic_raw = raw.get("logic")
+        logic = None
+        if logic_raw is None:
+            self.fail(f"{path}.logic", "is required: AND or OR", "required")
+        elif logic_raw not in (Logic.AND.value, Logic.OR.value):
+            self.fail(f"{path}.logic", f"must be AND or OR, got {logic_raw!r}", "invalid_enum")
+        else:
+            logic = Logic(logic_raw)
+        groups_raw = raw.get("groups")
+        if not isinstance(groups_raw, list) or not groups_raw:
+            self.fail(f"{path}.groups", "must be a non-empty array of groups", "required")
+            return None
+        groups = []
+        for i, group_raw in enumerate(groups_raw):
+            group = self.group(group_raw, f"{path}.groups.{i}", depth)
+            if group is not None:
+                groups.append(group)
+        if logic is None or len(groups) != len(groups_raw):
+            return None
+        return Condition(logic, tuple(groups))
+
+    def group(self, raw: Any, path: str, depth: int) -> Group | None:
+        if not isinstance(raw, Mapping):
+            self.fail(path, "must be an object with `filters` and/or `conditions`", "invalid_type")
+            return None
+        filters_raw = raw.get("filters")
+        if filters_raw is None:
+            filters_raw = []
+        if not isinstance(filters_raw, list):
+            self.fail(f"{path}.filters", "must be an array of filters", "invalid_type")
+            return None
+        nested_raw = raw.get("conditions")
+        if not filters_raw and nested_raw is None:
+            self.fail(path, "a group needs at least one filter or a nested condition", "required")
+            return None
+        ok = True
+        filters = []
+        for i, filter_raw in enumerate(filters_raw):
+            self.filter_count += 1
+            if self.filter_count == MAX_FILTERS + 1:
+                self.fail(
+                    f"{path}.filters.{i}",
+                    f"a condition may hold at most {MAX_FILTERS} filters in total",
+                    "too_many",
+                )
+            if self.filter_count > MAX_FILTERS:
+                ok = False
+                continue
+            parsed = self.filter(filter_raw, f"{path}.filters.{i}")
+            if parsed is None:
+                ok = False
+            else:
+                filters.append(parsed)
+        nested = None
+        if nested_raw is not None:
+            nested = self.condition(nested_raw, f"{path}.conditions", depth + 1)
+            ok = ok and nested is not None
+        return Group(tuple(filters), nested) if ok else None
+
+    def filter(self, raw: Any, path: str) -> Filter | None:
+        if not isinstance(raw, Mapping):
+            self.fail(path, "must be an object with `field` and `operator`", "invalid_type")
+            return None
+        before = len(self.violations)
+        op_raw = raw.get("operator")
+        op: Op | None = None
+        if op_raw is None or op_raw == "":
+            self.fail(f"{path}.operator", "is required", "required")
+        else:
+            try:
+                op = Op(op_raw)
+            except ValueError:
+                self.fail(f"{path}.operator", f"unknown operator {op_raw!r}", "invalid_enum")
+        field_raw = raw.get("field")
+        if not isinstance(field_raw, str) or not field_raw:
+            self.fail(f"{path}.field", "is required and must be a string", "required")
+            return None
+        unit_raw = raw.get("unit")
+        unit: Unit | None = None
+        if unit_raw is not None and unit_raw != "":
+            try:
+                unit = Unit(unit_raw)
+            except ValueError:
+                self.fail(
+                    f"{path}.unit", f"must be days, hours or minutes, got {unit_raw!r}", "invalid"
+                )
+        if op is None or len(self.violations) > before:
+            return None
+        target = self.field(field_raw, op, f"{path}.field")
+        if target is None:
+            return None
+        kind, extra = target
+        if op not in APPLICABLE[kind]:
+            allowed = ", ".join(sorted(o.value for o in APPLICABLE[kind]))
+            self.fail(
+                f"{path}.operator",
+                f"{op.value} does not apply to {field_raw}; use one of: {allowed}",
+                "invalid_operator",
+            )
+            return None
+        return self.value(raw.get("value"), unit, op, kind, field_raw, extra, path)
+
+    def field(self, name: str, op: Op, path: str) -> tuple[Kind, dict[str, Any]] | None:
+        if name == "email":
+            return Kind.EMAIL, {}
+        if name == "subscribed":
+            return Kind.SUBSCRIBED, {}
+        if name == "createdAt":
+            return Kind.CREATED_AT, {}
+        if name == "updatedAt":
+            return Kind.UPDATED_AT, {}
+        if name.startswith("data."):
+            parts = tuple(name[5:].split("."))
+            if any(p == "" for p in parts):
+                self.fail(path, "data paths are data.<key> or data.<a>.<b>, without empty keys")
+                return None
+            return Kind.DATA, {"path": parts}
+        if name.startswith("event."):
+            event = name[6:]
+            if not event:
+                self.fail(path, "event.<name> needs an event name")
+                return None
+            return Kind.EVENT, {"events": (event,)}
+        if name.startswith("email."):
+            activity = name[6:]
+            if activity not in EMAIL_ACTIVITY_EVENTS:
+                known = ", ".join(EMAIL_ACTIVITY_EVENTS)
+                self.fail(path, f"unknown email activity {activity!r}; known: {known}")
+                return None
+            return Kind.EVENT, {"events": EMAIL_ACTIVITY_EVENTS[activity]}
+        if name.startswith("segment."):
+            try:
+                segment_id = uuid.UUID(name[8:])
+            except ValueError:
+                self.fail(path, "segment.<id> needs a segment id (a UUID)")
+                return None
+            return Kind.SEGMENT, {"segment_id": segment_id}
+        if op in EVENT_OPS and name not in ("data", "event", "segment"):
+            # The reference's own example: a bare name with an event operator is an event.
+            return Kind.EVENT, {"events": (name,)}
+        self.fail(
+            path,
+            f"unknown field {name!r}; use email, subscribed, createdAt, updatedAt, data.<key>, "
+            "event.<name>, email.<activity> or segment.<id>",
+            "unknown_field",
+        )
+        return None
+
+    def value(
+        self,
+        value: Any,
+        unit: Unit | None,
+        op: Op,
+        kind: Kind,
+        field_name: str,
+        extra: dict[str, Any],
+        path: str,
+    ) -> Filter | None:
+        vpath = f"{path}.value"
+        if isinstance(value, (dict, list)):
+            self.fail(vpath, "must be a JSON scalar (string, number or boolean)", "invalid_type")
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            self.fail(vpath, "must be a finite number", "invalid_number")
+            return None
+        if isinstance(value, str) and len(value) > MAX_STRING_VALUE:
+            self.fail(vpath, f"must be at most {MAX_STRING_VALUE} characters", "too_long")
+            return None
+        is_window = op in WINDOWS or op in WINDOWED_EVENT_OPS
+        if unit is not None and not is_window:
+            self.fail(f"{path}.unit", f"{op.value} takes no unit", "unexpected")
+            return None
+        base = Filter(field=field_name, operator=op, kind=kind, **extra)
+        if op in NO_VALUE_OPS:
+            if value is not None:
+                self.fail(vpath, f"{op.value} takes no value", "unexpected")
+                return None
+            return base
+        if value is None:
+            self.fail(vpath, f"{op.value} needs a value", "required")
+            return None
+        if is_window:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                self.fail(vpath, f"{op.value} needs a positive number of units", "invalid_type")
+                return None
+            if unit is None:
+                self.fail(f"{path}.unit", f"{op.value} needs a unit: days, hours or minutes")
+                return None
+            span = UNIT_SPAN[unit] * float(value)
+            if span > MAX_WINDOW:
+                self.fail(vpath, "the window may span at most 36525 days", "too_big")
+                return None
+            return _replace(base, value=value, unit=unit, window=span)
+        if kind is Kind.SUBSCRIBED:
+            if not isinstance(value, bool):
+                self.fail(vpath, "subscribed compares with true or false only", "invalid_type")
+                return None
+            return _replace(base, value=value)
+        if kind is Kind.EMAIL or op in (Op.CONTAINS, Op.NOT_CONTAINS):
+            if not isinstance(value, str):
+                self.fail(vpath, f"{op.value} on {field_name} needs a string", "invalid_type")
+                return None
+            return _replace(base, value=value)
+        if kind in (Kind.CREATED_AT, Kind.UPDATED_AT):
+            return self.time_value(base, value, op, vpath)
+        # DATA
+        if op in COMPARISONS:
+            if isinstance(value, bool):
+                self.fail(vpath, f"{op.value} needs a number or a timestamp", "invalid_type")
+                return None
+            if isinstance(value, str):
+                ts = _parse_iso(value, _VALUE_TIMESTAMP_RE)
+                if ts is None:
+                    self.fail(
+                        vpath,
+                        f"{op.value} needs a number or an RFC 3339 timestamp, got {value!r}",
+                        "invalid_type",
+                    )
+                    return None
+                return _replace(base, value=value, timestamp=ts)
+            return _replace(base, value=value)
+        return _replace(base, value=value)
+
+    def time_value(self, base: Filter, value: Scalar, op: Op, vpath: str) -> Filter | None:
+        if isinstance(value, bool):
+            self.fail(vpath, "needs an RFC 3339 timestamp or epoch milliseconds", "invalid_type")
+            return None
+        if isinstance(value, (int, float)):
+            try:
+                ts = datetime.fromtimestamp(value / 1000, UTC)
+            except (OverflowError, OSError, ValueError):
+                self.fail(vpath, "epoch milliseconds out of range", "invalid")
+                return None
+            return _replace(base, value=value, timestamp=ts)
+        if is_date_only(value):
+            day = date.fromisoformat(value)
+            return _replace(base, value=value, day=day)
+        ts = _parse_iso(value, _VALUE_TIMESTAMP_RE)
+        if ts is None:
+            self.fail(
+                vpath,
+                f"needs an RFC 3339 timestamp, a YYYY-MM-DD date or epoch milliseconds, "
+                f"got {value!r}",
+                "invalid_type",
+            )
+            return None
+        return _replace(base, value=value, timestamp=ts)
+
+
+def _replace(base: Filter, **changes: Any) -> Filter:
+    from dataclasses import replace
+
+    return replace(base, **changes)
+
+
+def parse_condition(raw: Any, path: str = "condition") -> Condition:
+    """Validate a JSON condition; raise ValidationError listing every problem by path."""
+    parser = _Parser()
+    condition = parser.condition(raw, path, 1)
+    if parser.violations:
+        raise ValidationError(parser.violations)
+    assert condition is not None
+    return condition
+
+
+# --- compilation ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentDefinition:
+    """What the compiler needs to know about a referenced segment."""
+
+    id: uuid.UUID
+    type: str
+    condition: Condition | None
+
+
+@dataclass
+class CompileContext:
+    """Inputs of compilation: the evaluation instant and the referenced segments."""
+
+    now: datetime
+    segments: Mapping[uuid.UUID, SegmentDefinition] = field(default_factory=dict)
+    expanded: int = 0
+
+
+def compile_condition(condition: Condition, ctx: CompileContext) -> ColumnElement[bool]:
+    """The predicate over `tables.contacts` that selects exactly the condition's members.
+
+    The caller adds `contacts.project_id = :project`; event and membership subqueries
+    correlate on the contact's own project_id and id.
+    """
+    parts = [_compile_group(g, ctx) for g in condition.groups]
+    return and_(*parts) if condition.logic is Logic.AND else or_(*parts)
+
+
+def _compile_group(group: Group, ctx: CompileContext) -> ColumnElement[bool]:
+    parts = [_compile_filter(f, ctx) for f in group.filters]
+    if group.conditions is not None:
+        parts.append(compile_condition(group.conditions, ctx))
+    return and_(*parts)
+
+
+def _jsonb(value: Any) -> ColumnElement[Any]:
+    return literal(value, JSONB)
+
+
+def _ts(value: datetime) -> ColumnElement[datetime]:
+    return literal(value, DateTime(timezone=True))
+
+
+def _compile_filter(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
+    c = tables.contacts.c
+    op = f.operator
+    if f.kind is Kind.EMAIL:
+        assert isinstance(f.value, str)
+        needle = f.value.lower()
+        if op is Op.EQUALS:
+            return c.email == needle
+        if op is Op.NOT_EQUALS:
+            return c.email != needle
+        found = func.strpos(c.email, literal(needle, Text)) > 0
+        return found if op is Op.CONTAINS else not_(found)
+    if f.kind is Kind.SUBSCRIBED:
+        return c.subscribed.is_(f.value) if op is Op.EQUALS else c.subscribed.is_not(f.value)
+    if f.kind in (Kind.CREATED_AT, Kind.UPDATED_AT):
+        column = c.created_at if f.kind is Kind.CREATED_AT else c.updated_at
+        return _compile_time(column, f, ctx)
+    if f.kind is Kind.DATA:
+        return _compile_data(f, ctx)
+    if f.kind is Kind.EVENT:
+        return _compile_event(f, ctx)
+    return _compile_segment(f, ctx)
+
+
+def _window_start(f: Filter, ctx: CompileContext) -> datetime:
+    assert f.window is not None
+    return ctx.now - f.window
+
+
+def _compile_time(column: Any, f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
+    op = f.operator
+    if op is Op.WITHIN:
+        return and_(column >= _ts(_window_start(f, ctx)), column <= _ts(ctx.now))
+    if op is Op.OLDER_THAN:
+        return column < _ts(_window_start(f, ctx))
+    if f.day is not None:
+        start = datetime(f.day.year, f.day.month, f.day.day, tzinfo=UTC)
+        lo, hi = _ts(start), _ts(start + timedelta(days=1))
+        day_bounds = {
+            Op.EQUALS: and_(column >= lo, column < hi),
+            Op.NOT_EQUALS: or_(column < lo, column >= hi),
+            Op.GT: column >= hi,
+            Op.GTE: column >= lo,
+            Op.LT: column < lo,
+            Op.LTE: column < hi,
+        }
+        return day_bounds[op]
+    assert f.timestamp is not None
+    value = _ts(f.timestamp)
+    comparisons: dict[Op, ColumnElement[bool]] = {
+        Op.EQUALS: column == value,
+        Op.NOT_EQUALS: column != value,
+        Op.GT: column > value,
+        Op.GTE: column >= value,
+        Op.LT: column < value,
+        Op.LTE: column <= value,
+    }
+    return comparisons[op]
+
+
+def _compare(left: Any, op: Op, right: Any) -> ColumnElement[bool]:
+    result: ColumnElement[bool]
+    if op is Op.GT:
+        result = left > right
+    elif op is Op.GTE:
+        result = left >= right
+    elif op is Op.LT:
+        result = left < right
+    else:
+        result = left <= right
+    return result
+
+
+def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for key in reversed(path):
+        out = {key: out}
+    assert isinstance(out, dict)
+    return out
+
+
+def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
+    c = tables.contacts.c
+    path = literal(list(f.path), ARRAY(Text))
+    node = c.data.op("#>", return_type=JSONB)(path)
+    node_type = func.jsonb_typeof(node)
+    present = and_(node.is_not(None), node_type != "null")
+    op = f.operator
+    if op is Op.EXISTS:
+        return present
+    if op is Op.NOT_EXISTS:
+        return or_(node.is_(None), node_type == "null")
+    if op in (Op.EQUALS, Op.NOT_EQUALS):
+        # Containment lets the GIN index find candidates; the equality keeps it type-exact
+        # (jsonb equality never equates "5" with 5 or true with "true").
+        same = and_(
+            c.data.op("@>", return_type=Boolean)(_jsonb(_nested(f.path, f.value))),
+            node == _jsonb(f.value),
+        )
+        if op is Op.EQUALS:
+            return same
+        return and_(present, node != _jsonb(f.value))
+    if op in (Op.CONTAINS, Op.NOT_CONTAINS):
+        assert isinstance(f.value, str)
+        text = case((node_type == "string", c.data.op("#>>", return_type=Text)(path)))
+        found = func.strpos(_fold(text), _fold(literal(f.value, Text)))
+        return found > 0 if op is Op.CONTAINS else found == 0
+    stored_ts = func.segments_timestamp(node, type_=DateTime(timezone=True))
+    if op is Op.WITHIN:
+        return and_(stored_ts >= _ts(_window_start(f, ctx)), stored_ts <= _ts(ctx.now))
+    if op is Op.OLDER_THAN:
+        return stored_ts < _ts(_window_start(f, ctx))
+    if f.timestamp is not None:
+        return _compare(stored_ts, op, _ts(f.timestamp))
+    # CASE keeps the cast from ever seeing a non-number (AND does not fix evaluation order).
+    number = case((node_type == "number", node.cast(Numeric)))
+    assert isinstance(f.value, (int, float))
+    return _compare(number, op, literal(Decimal(repr(f.value)), Numeric))
+
+
+def _fold(text: Any) -> ColumnElement[str]:
+    """Case folding for contains: the database's lower(), per character under a UTF-8 ctype."""
+    return func.lower(text)
+
+
+def _compile_event(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
+    c = tables.contacts.c
+    e = tables.events.c
+
+    def occurred(since: datetime | None = None) -> ColumnElement[bool]:
+        query = select(literal(1)).where(
+            e.project_id == c.project_id,
+            e.contact_id == c.id,
+            e.name == f.events[0] if len(f.events) == 1 else e.name.in_(f.events),
+        )
+        if since is not None:
+            query = query.where(e.occurred_at >= _ts(since))
+        return exists(query)
+
+    op = f.operator
+    if op is Op.TRIGGERED:
+        return occurred()
+    if op is Op.NOT_TRIGGERED:
+        return not_(occurred())
+    since = _window_start(f, ctx)
+    if op is Op.TRIGGERED_WITHIN:
+        return occurred(since)
+    if op is Op.NOT_TRIGGERED_WITHIN:
+        return not_(occurred(since))
+    # triggeredOlderThan: it happened, and the latest occurrence is before the window.
+    return and_(occurred(), not_(occurred(since)))
+
+
+def _compile_segment(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
+    assert f.segment_id is not None
+    definition = ctx.segments.get(f.segment_id)
+    if definition is None:
+        # Deleting a referenced segment is refused, so this only happens for a
+        # reference that was never valid; it matches nobody rather than failing.
+        member: ColumnElement[bool] = false()
+    elif definition.condition is None:
+        c = tables.contacts.c
+        s = tables.static_members.c
+        member = exists(
+            select(literal(1)).where(
+                s.project_id == c.project_id,
+                s.segment_id == literal(definition.id),
+                s.contact_id == c.id,
+            )
+        )
+    else:
+        ctx.expanded += sum(1 for _ in definition.condition.iter_filters())
+        if ctx.expanded > MAX_EXPANDED_FILTERS:
+            raise ValidationError.single(
+                "condition",
+                f"expanding segment references gives more than {MAX_EXPANDED_FILTERS} filters",
+                "too_many",
+            )
+        # Predicates may be NULL (unknown); a non-member is anyone not matched.
+        member = func.coalesce(compile_condition(definition.condition, ctx), false())
+    if f.operator is Op.MEMBER_OF_SEGMENT:
+        return member
+    return not_(member)
+
+
+def everyone() -> ColumnElement[bool]:
+    return true()
+
+
+SegmentLoader = Callable[[set[uuid.UUID]], Mapping[uuid.UUID, SegmentDefinition]]
+
+
+def load_references(condition: Condition, loader: SegmentLoader) -> dict[uuid.UUID, SegmentDefinition]:
+    """Every segment reachable through references, loaded level by level."""
+    found: dict[uuid.UUID, SegmentDefinition] = {}
+    pending = condition.referenced_segments()
+    while pending:
+        loaded = loader(pending)
+        found.update(loaded)
+        nxt: set[uuid.UUID] = set()
+        for definition in loaded.values():
+            if definition.condition is not None:
+                nxt |= definition.condition.referenced_segments()
+        pending = nxt - set(found)
+    return found

@@ -1,0 +1,24 @@
+"""JSON encoding shared by storage and the API: integral floats are written as integers."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def normalize(value: Any) -> Any:
+    """Protobuf carries every number as a double; store 5.0 as 5 so data reads back as sent."""
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        return value
+    if isinstance(value, dict):
+        return {k: normalize(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalize(v) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(normalize(value), ensure_ascii=False, allow_nan=False, separators=(",", ":"))

@@ -1,0 +1,481 @@
+"""Segments: create, read, update, delete, membership queries and static member lists."""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Row, delete, func, insert, literal, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from segments_service import tables
+from segments_service.contacts import ensure_contacts, normalize_email
+from segments_service.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    NotFound,
+    SegmentInUse,
+    ValidationError,
+)
+from segments_service.filters import (
+    CompileContext,
+    Condition,
+    SegmentDefinition,
+    compile_condition,
+    load_references,
+    parse_condition,
+)
+
+DYNAMIC = "DYNAMIC"
+STATIC = "STATIC"
+MAX_NAME = 100
+MAX_DESCRIPTION = 500
+MAX_MEMBER_EMAILS = 500
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+
+
+def slugify(name: str) -> str:
+    """The name as used in entry/exit event names (SPEC §5): ASCII letters, digits, _ and -."""
+    slug = re.sub(r"[^a-z0-9_\s-]", "", name.lower())
+    slug = re.sub(r"\s+", "-", slug)
+    return re.sub(r"-{2,}", "-", slug).strip("-")
+
+
+@dataclass(frozen=True)
+class SegmentView:
+    """A segment row with its member count at the time of the request."""
+
+    row: Row[Any]
+    member_count: int
+
+
+def _s() -> Any:
+    return tables.segments.c
+
+
+def get_row(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> Row[Any]:
+    s = tables.segments
+    row = session.execute(
+        select(s).where(s.c.project_id == project_id, s.c.id == segment_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"segment {segment_id} not found")
+    return row
+
+
+def _definitions(
+    session: Session, project_id: uuid.UUID, ids: set[uuid.UUID]
+) -> dict[uuid.UUID, SegmentDefinition]:
+    s = tables.segments.c
+    rows = session.execute(
+        select(s.id, s.type, s.condition).where(s.project_id == project_id, s.id.in_(ids))
+    )
+    return {
+        r.id: SegmentDefinition(
+            r.id, r.type, parse_condition(r.condition) if r.condition is not None else None
+        )
+        for r in rows
+    }
+
+
+def member_filter(
+    session: Session,
+    project_id: uuid.UUID,
+    condition: Condition,
+    now: datetime | None = None,
+) -> ColumnElement[bool]:
+    """The compiled predicate of a DYNAMIC condition, with its segment references loaded."""
+    refs = load_references(condition, lambda ids: _definitions(session, project_id, ids))
+    ctx = CompileContext(now=now or datetime.now(UTC), segments=refs)
+    return compile_condition(condition, ctx)
+
+
+def _condition_of(row: Row[Any]) -> Condition:
+    return parse_condition(row.condition)
+
+
+def count_members(session: Session, row: Row[Any]) -> int:
+    c = tables.contacts.c
+    if row.type == STATIC:
+        m = tables.static_members.c
+        query = select(func.count()).where(m.project_id == row.project_id, m.segment_id == row.id)
+    else:
+        predicate = member_filter(session, row.project_id, _condition_of(row))
+        query = select(func.count()).select_from(tables.contacts).where(
+            c.project_id == row.project_id, predicate
+        )
+    return int(session.execute(query).scalar_one())
+
+
+def list_segments(session: Session, project_id: uuid.UUID) -> list[SegmentView]:
+    s = tables.segments
+    rows = session.execute(
+        select(s)
+        .where(s.c.project_id == project_id)
+        .order_by(s.c.created_at.desc(), s.c.id.desc())
+    ).all()
+    return [SegmentView(r, count_members(session, r)) for r in rows]
+
+
+def get_segment(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> SegmentView:
+    row = get_row(session, project_id, segment_id)
+    return SegmentView(row, count_members(session, row))
+
+
+def _check_text(name: str | None, description: str | None) -> None:
+    violations = []
+    if name is not None:
+        if not name.strip():
+            violations.append(FieldViolation("name", "is required", "required"))
+        elif len(name) > MAX_NAME:
+            violations.append(
+                FieldViolation("name", f"must be at most {MAX_NAME} characters", "too_long")
+            )
+    if description is not None and len(description) > MAX_DESCRIPTION:
+        violations.append(
+            FieldViolation(
+                "description", f"must be at most {MAX_DESCRIPTION} characters", "too_long"
+            )
+        )
+    if violations:
+        raise ValidationError(violations)
+
+
+def _check_references(
+    session: Session,
+    project_id: uuid.UUID,
+    condition: Condition,
+    segment_id: uuid.UUID | None,
+) -> None:
+    """References name segments of this project, and saving creates no cycle."""
+    referenced = condition.referenced_segments()
+    if not referenced:
+        return
+    known = _definitions(session, project_id, referenced)
+    violations = [
+        FieldViolation(f"{path}.field", f"segment {f.segment_id} does not exist in this project")
+        for path, f in condition.iter_paths()
+        if f.segment_id is not None and f.segment_id not in known
+    ]
+    if violations:
+        raise ValidationError(violations)
+    if segment_id is None:
+        return  # a new segment cannot be referenced yet, so it closes no cycle
+    r = tables.segment_references.c
+    edges: dict[uuid.UUID, set[uuid.UUID]] = {}
+    for e in session.execute(
+        select(r.segment_id, r.referenced_id).where(
+            r.project_id == project_id, r.segment_id != segment_id
+        )
+    ):
+        edges.setdefault(e.segment_id, set()).add(e.referenced_id)
+    edges[segment_id] = referenced
+    cycle = _find_cycle(edges, segment_id)
+    if cycle:
+        names = _names(session, project_id, cycle)
+        chain = " -> ".join(f"{names.get(i, '?')} ({i})" for i in cycle)
+        path = next(p for p, f in condition.iter_paths() if f.segment_id == cycle[1])
+        raise ValidationError.single(
+            f"{path}.field", f"segment references form a cycle: {chain}", "cycle"
+        )
+
+
+def _find_cycle(
+    edges: Mapping[uuid.UUID, set[uuid.UUID]], start: uuid.UUID
+) -> list[uuid.UUID] | None:
+    """A path start -> ... -> start through `edges`, or None."""
+    stack: list[tuple[uuid.UUID, list[uuid.UUID]]] = [(start, [start])]
+    seen: set[uuid.UUID] = set()
+    while stack:
+        node, path = stack.pop()
+        for nxt in sorted(edges.get(node, ())):
+            if nxt == start:
+                return [*path, start]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, [*path, nxt]))
+    return None
+
+
+def _names(session: Session, project_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> dict[Any, str]:
+    s = tables.segments.c
+    rows = session.execute(
+        select(s.id, s.name).where(s.project_id == project_id, s.id.in_(set(ids)))
+    )
+    return {row.id: row.name for row in rows}
+
+
+def _store_references(
+    session: Session, project_id: uuid.UUID, segment_id: uuid.UUID, condition: Condition | None
+) -> None:
+    r = tables.segment_references
+    session.execute(
+        delete(r).where(r.c.project_id == project_id, r.c.segment_id == segment_id)
+    )
+    referenced = condition.referenced_segments() if condition else set()
+    if referenced:
+        session.execute(
+            insert(r),
+            [
+                {"project_id": project_id, "segment_id": segment_id, "referenced_id": ref}
+                for ref in sorted(referenced)
+            ],
+        )
+
+
+def create_segment(
+    session: Session,
+    project_id: uuid.UUID,
+    *,
+    name: str,
+    description: str | None,
+    segment_type: str,
+    condition_json: Any,
+    track_membership: bool,
+) -> SegmentView:
+    _check_text(name, description)
+    condition: Condition | None = None
+    if segment_type == DYNAMIC:
+        if condition_json is None:
+            raise ValidationError.single(
+                "condition", "is required for DYNAMIC segments", "required"
+            )
+        condition = parse_condition(condition_json)
+        _check_references(session, project_id, condition, None)
+    row = session.execute(
+        insert(tables.segments)
+        .values(
+            project_id=project_id,
+            name=name,
+            description=description or None,
+            type=segment_type,
+            condition=condition.to_json() if condition else None,
+            track_membership=track_membership,
+        )
+        .returning(*tables.segments.c)
+    ).one()
+    _store_references(session, project_id, row.id, condition)
+    return SegmentView(row, count_members(session, row))
+
+
+def update_segment(
+    session: Session,
+    project_id: uuid.UUID,
+    segment_id: uuid.UUID,
+    *,
+    name: str | None,
+    description: str | None,
+    segment_type: str | None,
+    condition_json: Any,
+    track_membership: bool | None,
+) -> SegmentView:
+    current = session.execute(
+        select(tables.segments)
+        .where(_s().project_id == project_id, _s().id == segment_id)
+        .with_for_update()
+    ).first()
+    if current is None:
+        raise NotFound(f"segment {segment_id} not found")
+    if segment_type is not None and segment_type != current.type:
+        raise ValidationError.single(
+            "type", f"cannot change after creation (this segment is {current.type})", "immutable"
+        )
+    _check_text(name, description)
+    changes: dict[str, Any] = {}
+    if name is not None:
+        changes["name"] = name
+    if description is not None:
+        changes["description"] = description or None
+    if track_membership is not None:
+        changes["track_membership"] = track_membership
+    if condition_json is not None and current.type == DYNAMIC:
+        condition = parse_condition(condition_json)
+        _check_references(session, project_id, condition, segment_id)
+        changes["condition"] = condition.to_json()
+        _store_references(session, project_id, segment_id, condition)
+    row = current
+    if changes:
+        row = session.execute(
+            update(tables.segments)
+            .where(_s().project_id == project_id, _s().id == segment_id)
+            .values(**changes, updated_at=func.clock_timestamp())
+            .returning(*tables.segments.c)
+        ).one()
+    return SegmentView(row, count_members(session, row))
+
+
+def delete_segment(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> None:
+    get_row(session, project_id, segment_id)
+    r = tables.segment_references.c
+    s = tables.segments.c
+    users = session.execute(
+        select(s.id, s.name)
+        .join(tables.segment_references, (r.project_id == s.project_id) & (r.segment_id == s.id))
+        .where(r.project_id == project_id, r.referenced_id == segment_id)
+        .order_by(s.name)
+    ).all()
+    if users:
+        listed = ", ".join(f"{u.name} ({u.id})" for u in users)
+        raise SegmentInUse(
+            f"segment is referenced by other segments and cannot be deleted: {listed}",
+            [str(u.id) for u in users],
+        )
+    session.execute(
+        delete(tables.segments).where(s.project_id == project_id, s.id == segment_id)
+    )
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list[Row[Any]]
+    total: int
+    page: int
+    page_size: int
+
+    @property
+    def total_pages(self) -> int:
+        return math.ceil(self.total / self.page_size) if self.total else 0
+
+
+def normalize_paging(page: int, page_size: int) -> tuple[int, int]:
+    violations = []
+    if page < 0:
+        violations.append(FieldViolation("page", "must not be negative", "too_small"))
+    if page_size < 0:
+        violations.append(FieldViolation("pageSize", "must not be negative", "too_small"))
+    if violations:
+        raise ValidationError(violations)
+    return page or 1, min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def list_members(
+    session: Session, project_id: uuid.UUID, segment_id: uuid.UUID, page: int, page_size: int
+) -> Page:
+    row = get_row(session, project_id, segment_id)
+    c = tables.contacts
+    offset = (page - 1) * page_size
+    if row.type == STATIC:
+        m = tables.static_members
+        query = (
+            select(c)
+            .join(m, (m.c.project_id == c.c.project_id) & (m.c.contact_id == c.c.id))
+            .where(m.c.project_id == project_id, m.c.segment_id == segment_id)
+            .order_by(m.c.added_at.desc(), m.c.contact_id.desc())
+        )
+    else:
+        predicate = member_filter(session, project_id, _condition_of(row))
+        query = (
+            select(c)
+            .where(c.c.project_id == project_id, predicate)
+            .order_by(c.c.created_at.desc(), c.c.id.desc())
+        )
+    rows = list(session.execute(query.limit(page_size).offset(offset)).all())
+    total = count_members(session, row)
+    return Page(rows, total, page, page_size)
+
+
+def _static_row(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> Row[Any]:
+    row = get_row(session, project_id, segment_id)
+    if row.type != STATIC:
+        raise FailedPrecondition(
+            "members can only be added to or removed from STATIC segments; "
+            "a DYNAMIC segment's members follow its condition"
+        )
+    return row
+
+
+def _check_email_count(emails: Sequence[str]) -> None:
+    if len(emails) > MAX_MEMBER_EMAILS:
+        raise ValidationError.single(
+            "emails", f"at most {MAX_MEMBER_EMAILS} emails per call, got {len(emails)}", "too_big"
+        )
+
+
+@dataclass(frozen=True)
+class AddResult:
+    added: int
+    created: int
+    not_found: list[str]
+
+
+def add_members(
+    session: Session,
+    project_id: uuid.UUID,
+    segment_id: uuid.UUID,
+    emails: Sequence[str],
+    *,
+    create_missing: bool,
+    subscribed: bool,
+) -> AddResult:
+    _check_email_count(emails)
+    _static_row(session, project_id, segment_id)
+    valid: dict[str, str] = {}
+    not_found: list[str] = []
+    for raw in emails:
+        email = normalize_email(raw)
+        if email is None:
+            not_found.append(raw)
+        else:
+            valid.setdefault(email, raw)
+    ids, created = ensure_contacts(
+        session, project_id, list(valid), create=create_missing, subscribed=subscribed
+    )
+    not_found.extend(raw for email, raw in valid.items() if email not in ids)
+    added = 0
+    if ids:
+        m = tables.static_members
+        # In request order, so "time added, newest first" lists the last email first.
+        ordered = [ids[e] for e in valid if e in ids]
+        stmt = (
+            pg_insert(m)
+            .from_select(
+                ["project_id", "segment_id", "contact_id", "added_at"],
+                select(
+                    literal(project_id),
+                    literal(segment_id),
+                    func.unnest(literal(ordered, type_=_uuid_array())),
+                    func.clock_timestamp(),
+                ),
+            )
+            .on_conflict_do_nothing()
+            .returning(m.c.contact_id)
+        )
+        added = len(session.execute(stmt).all())
+    return AddResult(added=added, created=len(created), not_found=not_found)
+
+
+def _uuid_array() -> Any:
+    from sqlalchemy.dialects.postgresql import ARRAY
+    from sqlalchemy.types import Uuid
+
+    return ARRAY(Uuid())
+
+
+def remove_members(
+    session: Session, project_id: uuid.UUID, segment_id: uuid.UUID, emails: Sequence[str]
+) -> int:
+    _check_email_count(emails)
+    _static_row(session, project_id, segment_id)
+    wanted = {e for e in (normalize_email(raw) for raw in emails) if e is not None}
+    if not wanted:
+        return 0
+    m = tables.static_members
+    c = tables.contacts.c
+    contact_ids = select(c.id).where(c.project_id == project_id, c.email.in_(wanted))
+    result = session.execute(
+        delete(m)
+        .where(
+            m.c.project_id == project_id,
+            m.c.segment_id == segment_id,
+            m.c.contact_id.in_(contact_ids),
+        )
+        .returning(m.c.contact_id)
+    )
+    return len(result.all())

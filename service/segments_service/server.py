@@ -1,0 +1,114 @@
+"""The grpcio server: servicers, health and reflection, and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from segments.v1 import (
+    contacts_pb2,
+    contacts_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    segments_pb2,
+    segments_pb2_grpc,
+)
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from segments_service.config import Settings
+from segments_service.database import make_engine, make_sessionmaker
+from segments_service.servicers import ContactServicer, EventServicer, SegmentServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    segments_pb2.DESCRIPTOR.services_by_name["SegmentService"].full_name,
+    contacts_pb2.DESCRIPTOR.services_by_name["ContactService"].full_name,
+    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+)
+# Envoy limits REST bodies to 1 MiB; gRPC callers get a little more room for framing.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class Running:
+    """A started server and what must be stopped with it."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    engine: Engine
+
+    def stop(self, grace: float) -> None:
+        """Refuse new RPCs (health NOT_SERVING first, so Envoy stops routing here), let
+        in-flight ones finish within `grace` seconds, then release the database."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.engine.dispose()
+
+
+def create_server(
+    address: str,
+    sessions: sessionmaker[Session],
+    *,
+    workers: int = 16,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A server bound to `address` (port 0 picks a free one), not yet started."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    segments_pb2_grpc.add_SegmentServiceServicer_to_server(SegmentServicer(sessions), server)
+    contacts_pb2_grpc.add_ContactServiceServicer_to_server(ContactServicer(sessions), server)
+    events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(sessions), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {address}")
+    return server, port, health_servicer
+
+
+def start(database_url: str, address: str, settings: Settings) -> Running:
+    engine = make_engine(database_url, pool_size=settings.db_pool_size)
+    server, port, health_servicer = create_server(
+        address, make_sessionmaker(engine), workers=settings.workers
+    )
+    server.start()
+    return Running(server, port, health_servicer, engine)
+
+
+def serve(database_url: str, settings: Settings, port: int) -> None:
+    """Run one server until SIGTERM or SIGINT, then drain."""
+    running = start(database_url, f"{settings.host}:{port}", settings)
+    log.info("gRPC server listening on %s:%d", settings.host, running.port)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: draining in-flight RPCs (up to %.0fs)", signum, settings.drain_seconds)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    running.stop(settings.drain_seconds)
+    log.info("gRPC server stopped")

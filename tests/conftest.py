@@ -1,0 +1,231 @@
+"""Fixtures: a fresh database on a real PostgreSQL, the gRPC server in-process on port 0,
+Envoy in front of it for REST tests, and a new project (with keys) per test.
+
+The server is the embedded PostgreSQL of `.data/` unless TEST_DATABASE_URL or DATABASE_URL
+names another one; either way the suite works in its own database, dropped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from segments.v1 import contacts_pb2_grpc, events_pb2_grpc, segments_pb2_grpc
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from segments_service.auth import create_project
+from segments_service.database import (
+    create_database,
+    drop_database,
+    make_engine,
+    make_sessionmaker,
+    migrate,
+    sqlalchemy_url,
+    start_embedded,
+)
+from segments_service.server import create_server
+
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _admin_url() -> tuple[str, Any]:
+    url = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    if url:
+        return url, None
+    server = start_embedded((ROOT / ".data").resolve())
+    return server.get_uri(), server
+
+
+def _with_database(url: str, name: str) -> str:
+    """`url` pointing at database `name` (URL or socket-query form)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(sqlalchemy_url(url)).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    admin, _handle = _admin_url()
+    name = f"segments_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    create_database(sqlalchemy_url(admin), name)
+    url = _with_database(admin, name)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        drop_database(sqlalchemy_url(admin), name)
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url, pool_size=8)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return make_sessionmaker(engine)
+
+
+@pytest.fixture(scope="session")
+def grpc_port(sessions: sessionmaker[Session]) -> Iterator[int]:
+    server, port, _health = create_server("127.0.0.1:0", sessions, workers=16)
+    server.start()
+    yield port
+    server.stop(1).wait()
+
+
+@pytest.fixture(scope="session")
+def channel(grpc_port: int) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        yield ch
+
+
+@dataclass(frozen=True)
+class Project:
+    id: str
+    secret_key: str
+    public_key: str
+
+    @property
+    def auth(self) -> tuple[tuple[str, str]]:
+        """gRPC metadata with the secret key."""
+        return (("authorization", f"Bearer {self.secret_key}"),)
+
+    @property
+    def public_auth(self) -> tuple[tuple[str, str]]:
+        return (("authorization", f"Bearer {self.public_key}"),)
+
+
+def new_project(sessions: sessionmaker[Session], name: str = "test") -> Project:
+    with sessions.begin() as session:
+        keys = create_project(session, name)
+    return Project(keys["id"], keys["secretKey"], keys["publicKey"])
+
+
+@pytest.fixture
+def project(sessions: sessionmaker[Session]) -> Project:
+    return new_project(sessions)
+
+
+@pytest.fixture
+def other_project(sessions: sessionmaker[Session]) -> Project:
+    return new_project(sessions, "other")
+
+
+@dataclass(frozen=True)
+class Stubs:
+    segments: segments_pb2_grpc.SegmentServiceStub
+    contacts: contacts_pb2_grpc.ContactServiceStub
+    events: events_pb2_grpc.EventServiceStub
+
+
+@pytest.fixture(scope="session")
+def stubs(channel: grpc.Channel) -> Stubs:
+    return Stubs(
+        segments_pb2_grpc.SegmentServiceStub(channel),
+        contacts_pb2_grpc.ContactServiceStub(channel),
+        events_pb2_grpc.EventServiceStub(channel),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def rest_url(grpc_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Envoy, exactly as `make run` configures it, in front of the in-process server."""
+    from segments_service import envoy_proxy
+
+    workdir = tmp_path_factory.mktemp("envoy")
+    http_port = free_port()
+    config = envoy_proxy.render_config(
+        http_port=http_port,
+        upstreams=[("127.0.0.1", grpc_port)],
+        descriptor_path=ROOT / "envoy" / "segments.pb",
+        rate_limit_per_minute=0,
+    )
+    proc = envoy_proxy.start_envoy(config, workdir=workdir, log_path=workdir / "envoy.log")
+    try:
+        envoy_proxy.wait_ready(http_port, timeout=30)
+        yield f"http://127.0.0.1:{http_port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    raw: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.raw)
+
+
+class Rest:
+    """A tiny HTTP client for the REST surface; keys are passed per call."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        key: str | None = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if key is not None:
+            req.add_header("Authorization", f"Bearer {key}")
+        for name, value in (headers or {}).items():
+            req.add_header(name, value)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return Response(resp.status, {k.lower(): v for k, v in resp.headers.items()},
+                                resp.read())
+        except urllib.error.HTTPError as err:
+            return Response(err.code, {k.lower(): v for k, v in err.headers.items()}, err.read())
+
+    def get(self, path: str, **kw: Any) -> Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> Response:
+        return self.request("POST", path, body, **kw)
+
+    def patch(self, path: str, body: Any = None, **kw: Any) -> Response:
+        return self.request("PATCH", path, body, **kw)
+
+    def delete(self, path: str, body: Any = None, **kw: Any) -> Response:
+        return self.request("DELETE", path, body, **kw)
+
+
+@pytest.fixture(scope="session")
+def rest(rest_url: str) -> Rest:
+    return Rest(rest_url)
