@@ -50,7 +50,10 @@ def _protoc(out: Path) -> None:
         *protos,
         *EXTRA_DESCRIPTOR_PROTOS,
     ]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"protoc failed ({done.returncode})")
     # protoc also emits modules for the extra google/rpc protos; those come from
     # googleapis-common-protos at run time, so they are not kept.
     shutil.rmtree(out / "client" / "google", ignore_errors=True)

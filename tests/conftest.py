@@ -22,9 +22,6 @@ from typing import Any
 import grpc
 import pytest
 from segments.v1 import contacts_pb2_grpc, events_pb2_grpc, segments_pb2_grpc
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
-
 from segments_service.auth import create_project
 from segments_service.database import (
     create_database,
@@ -36,6 +33,8 @@ from segments_service.database import (
     start_embedded,
 )
 from segments_service.server import create_server
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,8 +207,9 @@ class Rest:
             req.add_header(name, value)
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
-                return Response(resp.status, {k.lower(): v for k, v in resp.headers.items()},
-                                resp.read())
+                return Response(
+                    resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+                )
         except urllib.error.HTTPError as err:
             return Response(err.code, {k.lower(): v for k, v in err.headers.items()}, err.read())
 

@@ -25,8 +25,16 @@ def test_flow(stubs: Stubs, project: Project) -> None:
         segments_pb2.CreateSegmentRequest(
             name="Premium",
             condition=condition(
-                {"logic": "AND", "groups": [{"filters": [
-                    {"field": "data.plan", "operator": "equals", "value": "premium"}]}]}
+                {
+                    "logic": "AND",
+                    "groups": [
+                        {
+                            "filters": [
+                                {"field": "data.plan", "operator": "equals", "value": "premium"}
+                            ]
+                        }
+                    ],
+                }
             ),
         ),
         metadata=project.auth,

@@ -97,7 +97,7 @@ def revoke_key(session: Session, key: str) -> uuid.UUID:
     ).scalar_one_or_none()
     if project_id is None:
         raise NotFound("no live key matches")
-    return project_id
+    return uuid.UUID(str(project_id))
 
 
 def rotate_key(session: Session, key: str) -> str:

@@ -14,7 +14,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Session
 from sqlalchemy.types import Text
 
-from segments_service import tables
+from segments_service import membership, tables
 from segments_service.errors import FieldViolation, NotFound, ValidationError
 
 MAX_BATCH = 1000
@@ -139,6 +139,13 @@ def upsert_contacts(
     return UpsertResult(created, updated)
 
 
+def upsert(session: Session, project_id: uuid.UUID, writes: Sequence[ContactWrite]) -> UpsertResult:
+    """Upsert contacts, then bring their segment memberships up to date."""
+    result = upsert_contacts(session, project_id, writes)
+    membership.refresh_contacts(session, project_id, result.ids)
+    return result
+
+
 def ensure_contacts(
     session: Session,
     project_id: uuid.UUID,
@@ -162,7 +169,7 @@ def ensure_contacts(
     missing = [e for e in wanted if e not in found]
     created: set[str] = set()
     if create and missing:
-        rows = [{"email": e, "subscribed": subscribed, "patch": {}} for e in missing]
+        rows: list[dict[str, Any]] = [{"email": e, "subscribed": subscribed, "patch": {}} for e in missing]
         for r in session.execute(_INSERT_NEW, {"project_id": project_id, "rows": rows}):
             found[r.email] = r.id
             created.add(r.email)
@@ -196,6 +203,7 @@ def get_contacts(
 
 def delete_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUID) -> None:
     """Delete a contact; its events and memberships go with it (foreign keys cascade)."""
+    membership.forget_contact(session, project_id, contact_id)
     c = tables.contacts.c
     deleted = session.execute(
         delete(tables.contacts)

@@ -107,8 +107,9 @@ def create_database(admin_url: str, name: str) -> None:
     import psycopg
     from psycopg import sql
 
-    with psycopg.connect(admin_url.replace("postgresql+psycopg://", "postgresql://"),
-                         autocommit=True) as conn:
+    with psycopg.connect(
+        admin_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+    ) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             return
         try:
@@ -126,10 +127,12 @@ def drop_database(admin_url: str, name: str) -> None:
     import psycopg
     from psycopg import sql
 
-    with psycopg.connect(admin_url.replace("postgresql+psycopg://", "postgresql://"),
-                         autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+    with psycopg.connect(
+        admin_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+    ) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 def make_engine(url: str, *, pool_size: int = 10, application_name: str = "segments") -> Engine:

@@ -13,6 +13,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from segments_service import membership
 from segments_service.contacts import ContactWrite, ensure_contacts, upsert_contacts
 
 MAX_EVENT_NAME = 200
@@ -103,6 +104,7 @@ def track(
     result = upsert_contacts(session, project_id, [ContactWrite(email, subscribed, patch)])
     contact_id = result.ids[0]
     row = insert_events(session, project_id, [NewEvent(contact_id, event, payload)])[0]
+    membership.refresh_contacts(session, project_id, [contact_id])
     return Tracked(contact_id, row.id, row.occurred_at)
 
 
@@ -117,8 +119,10 @@ class IngestItem:
 def ingest(session: Session, project_id: uuid.UUID, items: Sequence[IngestItem]) -> list[Any]:
     """Record events for existing or new contacts, all in the caller's transaction."""
     ids, _created = ensure_contacts(session, project_id, [i.email for i in items], create=True)
-    return insert_events(
+    recorded = insert_events(
         session,
         project_id,
         [NewEvent(ids[i.email], i.event, i.data, i.occurred_at) for i in items],
     )
+    membership.refresh_contacts(session, project_id, ids.values())
+    return recorded

@@ -777,7 +777,9 @@ def everyone() -> ColumnElement[bool]:
 SegmentLoader = Callable[[set[uuid.UUID]], Mapping[uuid.UUID, SegmentDefinition]]
 
 
-def load_references(condition: Condition, loader: SegmentLoader) -> dict[uuid.UUID, SegmentDefinition]:
+def load_references(
+    condition: Condition, loader: SegmentLoader
+) -> dict[uuid.UUID, SegmentDefinition]:
     """Every segment reachable through references, loaded level by level."""
     found: dict[uuid.UUID, SegmentDefinition] = {}
     pending = condition.referenced_segments()

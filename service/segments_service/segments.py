@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import math
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, delete, func, insert, literal, select, update
+from sqlalchemy import ColumnElement, Row, delete, exists, func, insert, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from segments_service import tables
+from segments_service import membership, tables
 from segments_service.contacts import ensure_contacts, normalize_email
 from segments_service.errors import (
     FailedPrecondition,
@@ -26,7 +25,6 @@ from segments_service.errors import (
 from segments_service.filters import (
     CompileContext,
     Condition,
-    SegmentDefinition,
     compile_condition,
     load_references,
     parse_condition,
@@ -41,19 +39,15 @@ DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 
 
-def slugify(name: str) -> str:
-    """The name as used in entry/exit event names (SPEC §5): ASCII letters, digits, _ and -."""
-    slug = re.sub(r"[^a-z0-9_\s-]", "", name.lower())
-    slug = re.sub(r"\s+", "-", slug)
-    return re.sub(r"-{2,}", "-", slug).strip("-")
-
-
 @dataclass(frozen=True)
 class SegmentView:
     """A segment row with its member count at the time of the request."""
 
     row: Row[Any]
     member_count: int
+
+    def _counted(self) -> SegmentView:
+        return SegmentView(self.row, count_members(self.row))
 
 
 def _s() -> Any:
@@ -70,21 +64,6 @@ def get_row(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> R
     return row
 
 
-def _definitions(
-    session: Session, project_id: uuid.UUID, ids: set[uuid.UUID]
-) -> dict[uuid.UUID, SegmentDefinition]:
-    s = tables.segments.c
-    rows = session.execute(
-        select(s.id, s.type, s.condition).where(s.project_id == project_id, s.id.in_(ids))
-    )
-    return {
-        r.id: SegmentDefinition(
-            r.id, r.type, parse_condition(r.condition) if r.condition is not None else None
-        )
-        for r in rows
-    }
-
-
 def member_filter(
     session: Session,
     project_id: uuid.UUID,
@@ -92,41 +71,29 @@ def member_filter(
     now: datetime | None = None,
 ) -> ColumnElement[bool]:
     """The compiled predicate of a DYNAMIC condition, with its segment references loaded."""
-    refs = load_references(condition, lambda ids: _definitions(session, project_id, ids))
+    refs = load_references(
+        condition, lambda ids: membership.load_definitions(session, project_id, ids)
+    )
     ctx = CompileContext(now=now or datetime.now(UTC), segments=refs)
     return compile_condition(condition, ctx)
 
 
-def _condition_of(row: Row[Any]) -> Condition:
-    return parse_condition(row.condition)
-
-
-def count_members(session: Session, row: Row[Any]) -> int:
-    c = tables.contacts.c
-    if row.type == STATIC:
-        m = tables.static_members.c
-        query = select(func.count()).where(m.project_id == row.project_id, m.segment_id == row.id)
-    else:
-        predicate = member_filter(session, row.project_id, _condition_of(row))
-        query = select(func.count()).select_from(tables.contacts).where(
-            c.project_id == row.project_id, predicate
-        )
-    return int(session.execute(query).scalar_one())
+def count_members(row: Row[Any]) -> int:
+    """The maintained count: exact as of this transaction (see membership.py)."""
+    return int(row.member_count)
 
 
 def list_segments(session: Session, project_id: uuid.UUID) -> list[SegmentView]:
     s = tables.segments
     rows = session.execute(
-        select(s)
-        .where(s.c.project_id == project_id)
-        .order_by(s.c.created_at.desc(), s.c.id.desc())
+        select(s).where(s.c.project_id == project_id).order_by(s.c.created_at.desc(), s.c.id.desc())
     ).all()
-    return [SegmentView(r, count_members(session, r)) for r in rows]
+    return [SegmentView(r, count_members(r)) for r in rows]
 
 
 def get_segment(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> SegmentView:
     row = get_row(session, project_id, segment_id)
-    return SegmentView(row, count_members(session, row))
+    return SegmentView(row, count_members(row))
 
 
 def _check_text(name: str | None, description: str | None) -> None:
@@ -158,7 +125,7 @@ def _check_references(
     referenced = condition.referenced_segments()
     if not referenced:
         return
-    known = _definitions(session, project_id, referenced)
+    known = membership.load_definitions(session, project_id, referenced)
     violations = [
         FieldViolation(f"{path}.field", f"segment {f.segment_id} does not exist in this project")
         for path, f in condition.iter_paths()
@@ -216,9 +183,7 @@ def _store_references(
     session: Session, project_id: uuid.UUID, segment_id: uuid.UUID, condition: Condition | None
 ) -> None:
     r = tables.segment_references
-    session.execute(
-        delete(r).where(r.c.project_id == project_id, r.c.segment_id == segment_id)
-    )
+    session.execute(delete(r).where(r.c.project_id == project_id, r.c.segment_id == segment_id))
     referenced = condition.referenced_segments() if condition else set()
     if referenced:
         session.execute(
@@ -262,7 +227,10 @@ def create_segment(
         .returning(*tables.segments.c)
     ).one()
     _store_references(session, project_id, row.id, condition)
-    return SegmentView(row, count_members(session, row))
+    if condition is not None:
+        membership.rebuild(session, project_id, [row.id], emit=track_membership)
+        row = get_row(session, project_id, row.id)
+    return SegmentView(row, count_members(row))
 
 
 def update_segment(
@@ -300,15 +268,34 @@ def update_segment(
         _check_references(session, project_id, condition, segment_id)
         changes["condition"] = condition.to_json()
         _store_references(session, project_id, segment_id, condition)
-    row = current
     if changes:
-        row = session.execute(
+        session.execute(
             update(tables.segments)
             .where(_s().project_id == project_id, _s().id == segment_id)
             .values(**changes, updated_at=func.clock_timestamp())
-            .returning(*tables.segments.c)
-        ).one()
-    return SegmentView(row, count_members(session, row))
+        )
+    if current.type == DYNAMIC:
+        _refresh_definition(session, current, changes)
+    return SegmentView(get_row(session, project_id, segment_id), 0)._counted()
+
+
+def _refresh_definition(session: Session, current: Row[Any], changes: dict[str, Any]) -> None:
+    """Bring memberships in line with a changed DYNAMIC definition.
+
+    A new condition rebuilds this segment and every segment that reaches it through
+    references (their inlined conditions changed too), recording entry/exit events for the
+    difference. Turning tracking on records one entry per current member; turning it off
+    records nothing."""
+    project_id, segment_id = current.project_id, current.id
+    turning_on = changes.get("track_membership") is True and not current.track_membership
+    if "condition" in changes:
+        affected = {segment_id} | membership.dependents(session, project_id, segment_id)
+        membership.rebuild(session, project_id, affected - {segment_id}, emit=True)
+        membership.rebuild(session, project_id, [segment_id], emit=not turning_on)
+    elif turning_on:
+        membership.rebuild(session, project_id, [segment_id], emit=False)
+    if turning_on:
+        membership.record_entries_for_all(session, project_id, segment_id)
 
 
 def delete_segment(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> None:
@@ -327,9 +314,7 @@ def delete_segment(session: Session, project_id: uuid.UUID, segment_id: uuid.UUI
             f"segment is referenced by other segments and cannot be deleted: {listed}",
             [str(u.id) for u in users],
         )
-    session.execute(
-        delete(tables.segments).where(s.project_id == project_id, s.id == segment_id)
-    )
+    session.execute(delete(tables.segments).where(s.project_id == project_id, s.id == segment_id))
 
 
 @dataclass(frozen=True)
@@ -370,14 +355,23 @@ def list_members(
             .order_by(m.c.added_at.desc(), m.c.contact_id.desc())
         )
     else:
-        predicate = member_filter(session, project_id, _condition_of(row))
+        sm = tables.segment_members.c
         query = (
             select(c)
-            .where(c.c.project_id == project_id, predicate)
+            .where(
+                c.c.project_id == project_id,
+                exists(
+                    select(literal(1)).where(
+                        sm.project_id == project_id,
+                        sm.segment_id == segment_id,
+                        sm.contact_id == c.c.id,
+                    )
+                ),
+            )
             .order_by(c.c.created_at.desc(), c.c.id.desc())
         )
     rows = list(session.execute(query.limit(page_size).offset(offset)).all())
-    total = count_members(session, row)
+    total = count_members(row)
     return Page(rows, total, page, page_size)
 
 
@@ -447,7 +441,10 @@ def add_members(
             .on_conflict_do_nothing()
             .returning(m.c.contact_id)
         )
-        added = len(session.execute(stmt).all())
+        added_ids = [r.contact_id for r in session.execute(stmt)]
+        added = len(added_ids)
+        membership.adjust_count(session, project_id, segment_id, added)
+        membership.refresh_contacts(session, project_id, [*added_ids, *(ids[e] for e in created)])
     return AddResult(added=added, created=len(created), not_found=not_found)
 
 
@@ -478,4 +475,25 @@ def remove_members(
         )
         .returning(m.c.contact_id)
     )
-    return len(result.all())
+    removed = [r.contact_id for r in result]
+    membership.adjust_count(session, project_id, segment_id, -len(removed))
+    membership.refresh_contacts(session, project_id, removed)
+    return len(removed)
+
+
+def export_members(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> Any:
+    """Every member, streamed from the database in batches (server-side cursor), so memory
+    stays bounded whatever the segment's size. Ordered by contact id."""
+    row = get_row(session, project_id, segment_id)
+    c = tables.contacts
+    members = tables.static_members if row.type == STATIC else tables.segment_members
+    query = (
+        select(c)
+        .join(
+            members,
+            (members.c.project_id == c.c.project_id) & (members.c.contact_id == c.c.id),
+        )
+        .where(members.c.project_id == project_id, members.c.segment_id == segment_id)
+        .order_by(c.c.id)
+    )
+    return session.execute(query, execution_options={"yield_per": 1000})

@@ -25,7 +25,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segments_service.config import Settings
 from segments_service.database import make_engine, make_sessionmaker
-from segments_service.servicers import ContactServicer, EventServicer, SegmentServicer
+from segments_service.servicers import (
+    STREAMS_STOPPING,
+    ContactServicer,
+    EventServicer,
+    SegmentServicer,
+)
+from segments_service.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +52,19 @@ class Running:
     port: int
     health: health.HealthServicer
     engine: Engine
+    sweeper: Sweeper | None
 
     def stop(self, grace: float) -> None:
-        """Refuse new RPCs (health NOT_SERVING first, so Envoy stops routing here), let
-        in-flight ones finish within `grace` seconds, then release the database."""
+        """Refuse new RPCs (health NOT_SERVING first, so Envoy stops routing here), end
+        resumable streams, let in-flight unary RPCs finish within `grace` seconds, then
+        release the database."""
         self.health.enter_graceful_shutdown()
+        STREAMS_STOPPING.set()
+        if self.sweeper is not None:
+            self.sweeper.stop()
         self.server.stop(grace).wait()
+        if self.sweeper is not None:
+            self.sweeper.join(timeout=grace)
         self.engine.dispose()
 
 
@@ -78,8 +91,11 @@ def create_server(
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(address)
@@ -89,12 +105,19 @@ def create_server(
 
 
 def start(database_url: str, address: str, settings: Settings) -> Running:
-    engine = make_engine(database_url, pool_size=settings.db_pool_size)
+    port_hint = address.rsplit(":", 1)[-1]
+    engine = make_engine(
+        database_url, pool_size=settings.db_pool_size, application_name=f"segments:{port_hint}"
+    )
     server, port, health_servicer = create_server(
         address, make_sessionmaker(engine), workers=settings.workers
     )
     server.start()
-    return Running(server, port, health_servicer, engine)
+    sweeper = None
+    if settings.sweep_seconds > 0:
+        sweeper = Sweeper(engine, make_sessionmaker(engine), settings.sweep_seconds)
+        sweeper.start()
+    return Running(server, port, health_servicer, engine, sweeper)
 
 
 def serve(database_url: str, settings: Settings, port: int) -> None:

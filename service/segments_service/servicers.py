@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -17,8 +19,8 @@ from segments.v1 import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments_service import contacts, events, segments
-from segments_service.auth import Caller
+from segments_service import contacts, events, feed, segments
+from segments_service.auth import Caller, authenticate
 from segments_service.contacts import ContactWrite, check_json, require_email
 from segments_service.convert import (
     condition_to_json,
@@ -28,9 +30,19 @@ from segments_service.convert import (
     require_type,
     segment_to_proto,
     struct_to_dict,
+    timestamp,
 )
 from segments_service.errors import FieldViolation, ValidationError
-from segments_service.status import run_unary
+from segments_service.status import (
+    errors_mapped,
+    metadata_value,
+    request_id_of,
+    run_unary,
+)
+
+# Set when the server starts draining: long-lived streams end (callers resume by cursor).
+STREAMS_STOPPING = threading.Event()
+WATCH_POLL_SECONDS = 0.2
 
 CREATED = 201
 NO_CONTENT = 204
@@ -47,7 +59,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
 
     def ListSegments(
         self, request: segments_pb2.ListSegmentsRequest, context: grpc.ServicerContext
-    ) -> segments_pb2.ListSegmentsResponse:
+    ) -> Any:
         def work(session: Session, caller: Caller) -> tuple[Any, None]:
             views = segments.list_segments(session, caller.project_id)
             return segments_pb2.ListSegmentsResponse(
@@ -100,9 +112,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 description=request.description if request.HasField("description") else None,
                 segment_type=require_type(request.type, "type"),
                 condition_json=(
-                    condition_to_json(request.condition)
-                    if request.HasField("condition")
-                    else None
+                    condition_to_json(request.condition) if request.HasField("condition") else None
                 ),
                 track_membership=(
                     request.track_membership if request.HasField("track_membership") else None
@@ -127,9 +137,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
         def work(session: Session, caller: Caller) -> tuple[Any, None]:
             segment_id = parse_id(request.id, "segment")
             page, page_size = segments.normalize_paging(request.page, request.page_size)
-            result = segments.list_members(
-                session, caller.project_id, segment_id, page, page_size
-            )
+            result = segments.list_members(session, caller.project_id, segment_id, page, page_size)
             return segments_pb2.ListSegmentContactsResponse(
                 data=[contact_to_proto(r) for r in result.rows],
                 total=result.total,
@@ -173,6 +181,60 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
 
         return run_unary(context, self.sessions, "secret", work)
 
+    def WatchSegmentEvents(
+        self, request: segments_pb2.WatchSegmentEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[segments_pb2.SegmentEvent]:
+        request_id = request_id_of(context)
+        with errors_mapped(context, request_id), self.sessions.begin() as session:
+            caller = authenticate(session, metadata_value(context, "authorization"), "secret")
+            cursor = (
+                feed.Cursor.parse(request.after) if request.after else feed.start_cursor(session)
+            )
+            segment_ids = [str(parse_id(i, "segment")) for i in request.segment_ids]
+        while context.is_active() and not STREAMS_STOPPING.is_set():
+            with errors_mapped(context, request_id), self.sessions.begin() as session:
+                batch = feed.read_after(session, caller.project_id, cursor, segment_ids)
+            for event in batch:
+                yield segments_pb2.SegmentEvent(
+                    cursor=str(event.cursor),
+                    kind=(
+                        segments_pb2.SegmentEvent.ENTRY
+                        if event.kind == "entry"
+                        else segments_pb2.SegmentEvent.EXIT
+                    ),
+                    segment_id=event.segment_id,
+                    segment_name=event.segment_name,
+                    event_name=event.name,
+                    contact_id=str(event.contact_id),
+                    email=event.email,
+                    occurred_at=timestamp(event.occurred_at),
+                    event_id=str(event.event_id),
+                )
+                cursor = event.cursor
+            if len(batch) < feed.BATCH:
+                STREAMS_STOPPING.wait(WATCH_POLL_SECONDS)
+
+    def ExportSegmentContacts(
+        self, request: segments_pb2.ExportSegmentContactsRequest, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        request_id = request_id_of(context)
+        with errors_mapped(context, request_id), self.sessions() as session:
+            # One snapshot for the whole export: a consistent member list.
+            session.connection(
+                execution_options={
+                    "isolation_level": "REPEATABLE READ",
+                    "postgresql_readonly": True,
+                }
+            )
+            caller = authenticate(session, metadata_value(context, "authorization"), "secret")
+            rows = segments.export_members(
+                session, caller.project_id, parse_id(request.id, "segment")
+            )
+            for row in rows:
+                if not context.is_active():
+                    break
+                yield contact_to_proto(row)
+
 
 def _contact_write(msg: contacts_pb2.UpsertContactRequest, prefix: str) -> ContactWrite:
     email = require_email(msg.email, f"{prefix}email")
@@ -194,7 +256,7 @@ class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
     ) -> Any:
         def work(session: Session, caller: Caller) -> tuple[Any, int | None]:
             write = _contact_write(request, "")
-            result = contacts.upsert_contacts(session, caller.project_id, [write])
+            result = contacts.upsert(session, caller.project_id, [write])
             (contact_id,) = result.ids
             row = contacts.get_contact(session, caller.project_id, contact_id)
             return contact_to_proto(row), CREATED if result.created else None
@@ -208,8 +270,7 @@ class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
             if len(request.contacts) > contacts.MAX_BATCH:
                 raise ValidationError.single(
                     "contacts",
-                    f"at most {contacts.MAX_BATCH} contacts per batch, "
-                    f"got {len(request.contacts)}",
+                    f"at most {contacts.MAX_BATCH} contacts per batch, got {len(request.contacts)}",
                     "too_big",
                 )
             writes, violations = [], []
@@ -219,7 +280,7 @@ class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
                 except ValidationError as err:
                     violations.extend(err.violations)
             _raise(violations)
-            result = contacts.upsert_contacts(session, caller.project_id, writes)
+            result = contacts.upsert(session, caller.project_id, writes)
             return contacts_pb2.BatchUpsertContactsResponse(
                 created=len(result.created), updated=len(result.updated)
             ), None
@@ -272,8 +333,6 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                 subscribed=request.subscribed if request.HasField("subscribed") else None,
                 data=data,
             )
-            from segments_service.convert import timestamp
-
             return events_pb2.TrackResponse(
                 success=True,
                 data=events_pb2.TrackedEvent(
@@ -307,7 +366,9 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                     violations.append(FieldViolation(f"events.{i}.event", *problem))
                 data = struct_to_dict(item.data) if item.HasField("data") else {}
                 violations.extend(check_json(data, f"events.{i}.data"))
-                occurred = from_timestamp(item.occurred_at) if item.HasField("occurred_at") else None
+                occurred = (
+                    from_timestamp(item.occurred_at) if item.HasField("occurred_at") else None
+                )
                 items.append(events.IngestItem(email, item.event, occurred, data))
             _raise(violations)
             recorded = events.ingest(session, caller.project_id, items) if items else []

@@ -7,16 +7,18 @@ Every RPC runs through `run_unary`: authenticate, call the domain in one transac
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 import psycopg.errors
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -101,7 +103,7 @@ def envelope(err: ServiceError, request_id: str) -> dict[str, Any]:
 
 def to_status(err: ServiceError, request_id: str) -> grpc.Status:
     code = grpc_code(err)
-    details = []
+    details: list[Message] = []
     info = error_details_pb2.ErrorInfo(
         reason=err.code,
         domain=DOMAIN,
@@ -187,6 +189,25 @@ def in_transaction(sessions: sessionmaker[Session], work: Callable[[Session], R]
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+@contextlib.contextmanager
+def errors_mapped(context: grpc.ServicerContext, request_id: str) -> Iterator[None]:
+    """Abort the RPC with the mapped status for anything raised inside."""
+    try:
+        yield
+    except ServiceError as err:
+        abort(context, err, request_id)
+    except DBAPIError as exc:
+        mapped = translate_db_error(exc)
+        if type(mapped) is ServiceError:
+            log.exception("database error (request %s)", request_id)
+        else:
+            log.warning("database error mapped to %s: %s", mapped.code, exc.orig)
+        abort(context, mapped, request_id)
+    except Exception:
+        log.exception("unexpected error (request %s)", request_id)
+        abort(context, ServiceError("internal error"), request_id)
+
+
 def run_unary(
     context: grpc.ServicerContext,
     sessions: sessionmaker[Session],
@@ -195,27 +216,13 @@ def run_unary(
 ) -> R:
     """Authenticate, run `work` in one transaction and map errors; `work` answers
     (response, HTTP status for REST or None for 200)."""
-    request_id = request_id_of(context)
-    try:
 
-        def authenticated(session: Session) -> tuple[R, int | None]:
-            caller = authenticate(session, metadata_value(context, "authorization"), kind)
-            return work(session, caller)
+    def authenticated(session: Session) -> tuple[R, int | None]:
+        caller = authenticate(session, metadata_value(context, "authorization"), kind)
+        return work(session, caller)
 
+    with errors_mapped(context, request_id_of(context)):
         response, http_status = in_transaction(sessions, authenticated)
-    except ServiceError as err:
-        abort(context, err, request_id)
-    except DBAPIError as exc:
-        err = translate_db_error(exc)
-        if type(err) is ServiceError:
-            log.exception("database error in %s (request %s)", kind, request_id)
-        else:
-            log.warning("database error mapped to %s: %s", err.code, exc.orig)
-        abort(context, err, request_id)
-    except Exception:
-        log.exception("unexpected error (request %s)", request_id)
-        abort(context, ServiceError("internal error"), request_id)
     if http_status is not None:
         context.send_initial_metadata(((HTTP_STATUS_HEADER, str(http_status)),))
     return response
-

@@ -65,6 +65,7 @@ events = Table(
     Column("data", JSONB, nullable=False),
     Column("occurred_at", DateTime(timezone=True), primary_key=True),
     _ts("created_at"),
+    Column("tx", Text),  # xid8, read as text
 )
 
 segments = Table(
@@ -75,10 +76,12 @@ segments = Table(
     Column("name", Text, nullable=False),
     Column("description", Text),
     Column("type", Text, nullable=False),
-    Column("condition", JSONB),
+    Column("condition", JSONB(none_as_null=True)),
     Column("track_membership", Boolean, nullable=False),
     _ts("created_at"),
     _ts("updated_at"),
+    Column("member_count", BigInteger, nullable=False),
+    Column("time_dependent", Boolean, nullable=False),
 )
 
 segment_references = Table(
@@ -98,3 +101,12 @@ static_members = Table(
     _ts("added_at"),
 )
 
+
+segment_members = Table(
+    "segment_members",
+    metadata,
+    Column("project_id", Uuid, primary_key=True),
+    Column("segment_id", Uuid, primary_key=True),
+    Column("contact_id", Uuid, primary_key=True),
+    _ts("entered_at"),
+)

@@ -12,7 +12,9 @@ the contract wins; each binding says so.
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from segments.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
@@ -408,3 +410,134 @@ class RemoveSegmentMembersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveSegmentMembersResponse: _TypeAlias = RemoveSegmentMembersResponse  # noqa: Y015
+
+@_typing.final
+class WatchSegmentEventsRequest(_message.Message):
+    """Request of WatchSegmentEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_FIELD_NUMBER: _builtins.int
+    SEGMENT_IDS_FIELD_NUMBER: _builtins.int
+    after: _builtins.str
+    """Resume after this cursor (a SegmentEvent.cursor); empty starts with events recorded
+    from now on. Events are delivered in cursor order, each once per stream.
+    """
+    @_builtins.property
+    def segment_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events of these segments; empty means every tracked segment of the project."""
+
+    def __init__(
+        self,
+        *,
+        after: _builtins.str = ...,
+        segment_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "segment_ids", b"segment_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchSegmentEventsRequest: _TypeAlias = WatchSegmentEventsRequest  # noqa: Y015
+
+@_typing.final
+class SegmentEvent(_message.Message):
+    """A contact entered or left a tracked segment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[SegmentEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: SegmentEvent._Kind.ValueType  # 0
+        """Not set; never sent."""
+        ENTRY: SegmentEvent._Kind.ValueType  # 1
+        """The contact became a member."""
+        EXIT: SegmentEvent._Kind.ValueType  # 2
+        """The contact stopped being a member."""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
+        """Entry or exit."""
+
+    KIND_UNSPECIFIED: SegmentEvent.Kind.ValueType  # 0
+    """Not set; never sent."""
+    ENTRY: SegmentEvent.Kind.ValueType  # 1
+    """The contact became a member."""
+    EXIT: SegmentEvent.Kind.ValueType  # 2
+    """The contact stopped being a member."""
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SEGMENT_ID_FIELD_NUMBER: _builtins.int
+    SEGMENT_NAME_FIELD_NUMBER: _builtins.int
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Opaque resume position of this event."""
+    kind: Global___SegmentEvent.Kind.ValueType
+    """Entry or exit."""
+    segment_id: _builtins.str
+    """The segment's id."""
+    segment_name: _builtins.str
+    """The segment's name when the event was recorded."""
+    event_name: _builtins.str
+    """The recorded event name, `segment.<slug>.entry` or `segment.<slug>.exit`."""
+    contact_id: _builtins.str
+    """The contact's id."""
+    email: _builtins.str
+    """The contact's email."""
+    event_id: _builtins.str
+    """Id of the recorded event in the contact's history."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When the change was recorded."""
+
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.str = ...,
+        kind: Global___SegmentEvent.Kind.ValueType = ...,
+        segment_id: _builtins.str = ...,
+        segment_name: _builtins.str = ...,
+        event_name: _builtins.str = ...,
+        contact_id: _builtins.str = ...,
+        email: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact_id", b"contact_id", "cursor", b"cursor", "email", b"email", "event_id", b"event_id", "event_name", b"event_name", "kind", b"kind", "occurred_at", b"occurred_at", "segment_id", b"segment_id", "segment_name", b"segment_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SegmentEvent: _TypeAlias = SegmentEvent  # noqa: Y015
+
+@_typing.final
+class ExportSegmentContactsRequest(_message.Message):
+    """Request of ExportSegmentContacts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Segment UUID."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSegmentContactsRequest: _TypeAlias = ExportSegmentContactsRequest  # noqa: Y015

@@ -77,6 +77,16 @@ class SegmentServiceStub:
                 request_serializer=segments_dot_v1_dot_segments__pb2.RemoveSegmentMembersRequest.SerializeToString,
                 response_deserializer=segments_dot_v1_dot_segments__pb2.RemoveSegmentMembersResponse.FromString,
                 _registered_method=True)
+        self.WatchSegmentEvents = channel.unary_stream(
+                '/segments.v1.SegmentService/WatchSegmentEvents',
+                request_serializer=segments_dot_v1_dot_segments__pb2.WatchSegmentEventsRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_segments__pb2.SegmentEvent.FromString,
+                _registered_method=True)
+        self.ExportSegmentContacts = channel.unary_stream(
+                '/segments.v1.SegmentService/ExportSegmentContacts',
+                request_serializer=segments_dot_v1_dot_segments__pb2.ExportSegmentContactsRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_resources__pb2.Contact.FromString,
+                _registered_method=True)
 
 
 class SegmentServiceServicer:
@@ -142,6 +152,23 @@ class SegmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchSegmentEvents(self, request, context):
+        """Streams entry/exit events of the project's tracked segments as they are recorded.
+        gRPC only (no REST binding): a long-lived stream for internal services, which resume
+        after a disconnect by passing the cursor of the last event they processed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSegmentContacts(self, request, context):
+        """Streams every current member of a segment from one consistent snapshot, with bounded
+        server memory whatever the segment's size. gRPC only: for campaign senders.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +211,16 @@ def add_SegmentServiceServicer_to_server(servicer, server):
                     servicer.RemoveSegmentMembers,
                     request_deserializer=segments_dot_v1_dot_segments__pb2.RemoveSegmentMembersRequest.FromString,
                     response_serializer=segments_dot_v1_dot_segments__pb2.RemoveSegmentMembersResponse.SerializeToString,
+            ),
+            'WatchSegmentEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSegmentEvents,
+                    request_deserializer=segments_dot_v1_dot_segments__pb2.WatchSegmentEventsRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_segments__pb2.SegmentEvent.SerializeToString,
+            ),
+            'ExportSegmentContacts': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSegmentContacts,
+                    request_deserializer=segments_dot_v1_dot_segments__pb2.ExportSegmentContactsRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_resources__pb2.Contact.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +440,60 @@ class SegmentService:
             '/segments.v1.SegmentService/RemoveSegmentMembers',
             segments_dot_v1_dot_segments__pb2.RemoveSegmentMembersRequest.SerializeToString,
             segments_dot_v1_dot_segments__pb2.RemoveSegmentMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSegmentEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/segments.v1.SegmentService/WatchSegmentEvents',
+            segments_dot_v1_dot_segments__pb2.WatchSegmentEventsRequest.SerializeToString,
+            segments_dot_v1_dot_segments__pb2.SegmentEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSegmentContacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/segments.v1.SegmentService/ExportSegmentContacts',
+            segments_dot_v1_dot_segments__pb2.ExportSegmentContactsRequest.SerializeToString,
+            segments_dot_v1_dot_resources__pb2.Contact.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,15 @@ class SegmentServiceStub:
     """Adds contacts to a STATIC segment by email, creating missing contacts."""
     RemoveSegmentMembers: _grpc.UnaryUnaryMultiCallable[_segments_pb2.RemoveSegmentMembersRequest, _segments_pb2.RemoveSegmentMembersResponse]
     """Removes contacts from a STATIC segment by email."""
+    WatchSegmentEvents: _grpc.UnaryStreamMultiCallable[_segments_pb2.WatchSegmentEventsRequest, _segments_pb2.SegmentEvent]
+    """Streams entry/exit events of the project's tracked segments as they are recorded.
+    gRPC only (no REST binding): a long-lived stream for internal services, which resume
+    after a disconnect by passing the cursor of the last event they processed.
+    """
+    ExportSegmentContacts: _grpc.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentContactsRequest, _resources_pb2.Contact]
+    """Streams every current member of a segment from one consistent snapshot, with bounded
+    server memory whatever the segment's size. gRPC only: for campaign senders.
+    """
 
 @_typing.type_check_only
 class SegmentServiceAsyncStub(SegmentServiceStub):
@@ -91,6 +100,15 @@ class SegmentServiceAsyncStub(SegmentServiceStub):
     """Adds contacts to a STATIC segment by email, creating missing contacts."""
     RemoveSegmentMembers: _aio.UnaryUnaryMultiCallable[_segments_pb2.RemoveSegmentMembersRequest, _segments_pb2.RemoveSegmentMembersResponse]  # type: ignore[assignment]
     """Removes contacts from a STATIC segment by email."""
+    WatchSegmentEvents: _aio.UnaryStreamMultiCallable[_segments_pb2.WatchSegmentEventsRequest, _segments_pb2.SegmentEvent]  # type: ignore[assignment]
+    """Streams entry/exit events of the project's tracked segments as they are recorded.
+    gRPC only (no REST binding): a long-lived stream for internal services, which resume
+    after a disconnect by passing the cursor of the last event they processed.
+    """
+    ExportSegmentContacts: _aio.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentContactsRequest, _resources_pb2.Contact]  # type: ignore[assignment]
+    """Streams every current member of a segment from one consistent snapshot, with bounded
+    server memory whatever the segment's size. gRPC only: for campaign senders.
+    """
 
 class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages a project's segments and the members of static segments."""
@@ -164,5 +182,26 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_segments_pb2.RemoveSegmentMembersResponse, _abc.Awaitable[_segments_pb2.RemoveSegmentMembersResponse]]:
         """Removes contacts from a STATIC segment by email."""
+
+    @_abc_1.abstractmethod
+    def WatchSegmentEvents(
+        self,
+        request: _segments_pb2.WatchSegmentEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_segments_pb2.SegmentEvent], _abc.AsyncIterator[_segments_pb2.SegmentEvent]]:
+        """Streams entry/exit events of the project's tracked segments as they are recorded.
+        gRPC only (no REST binding): a long-lived stream for internal services, which resume
+        after a disconnect by passing the cursor of the last event they processed.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportSegmentContacts(
+        self,
+        request: _segments_pb2.ExportSegmentContactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_resources_pb2.Contact], _abc.AsyncIterator[_resources_pb2.Contact]]:
+        """Streams every current member of a segment from one consistent snapshot, with bounded
+        server memory whatever the segment's size. gRPC only: for campaign senders.
+        """
 
 def add_SegmentServiceServicer_to_server(servicer: SegmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

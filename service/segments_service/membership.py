@@ -1,0 +1,443 @@
+"""Membership of dynamic segments, kept current in SQL, with entry/exit events for tracked ones.
+
+Every DYNAMIC segment's members live in `segment_members`, so counts and listings never
+re-run a condition over all contacts. One statement re-evaluates a set of contacts against
+all of a project's dynamic segments: it inserts the entries, deletes the exits, records
+`segment.<slug>.entry` / `.exit` events for tracked segments and adjusts `member_count`.
+
+Concurrency, without a coordinator of our own:
+- Writers take the project's advisory lock in shared mode, then row-lock the contacts they
+  re-evaluate (in id order); the evaluating statement starts after both, so its snapshot
+  includes every earlier writer of those contacts. Two writers of one contact therefore
+  evaluate one after the other, and each real entry or exit is recorded exactly once.
+- Changing a definition (create, new condition, tracking on) takes the same lock in
+  exclusive mode and rebuilds: no writer evaluates against a half-changed definition.
+- Everything happens in the caller's transaction: a crash leaves no partial state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Text,
+    Uuid,
+    column,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    union_all,
+    update,
+    values,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from segments_service import tables
+from segments_service.filters import (
+    WINDOWED_EVENT_OPS,
+    WINDOWS,
+    CompileContext,
+    Condition,
+    SegmentDefinition,
+    compile_condition,
+    load_references,
+    parse_condition,
+)
+
+log = logging.getLogger(__name__)
+
+# Rounds of re-evaluation after entry/exit events, for segments that filter on them.
+MAX_EVENT_ROUNDS = 5
+CHUNK = 1000
+
+
+def slugify(name: str) -> str:
+    """The name as used in entry/exit event names (SPEC §5): ASCII letters, digits, _ and -."""
+    import re
+
+    slug = re.sub(r"[^a-z0-9_\s-]", "", name.lower())
+    slug = re.sub(r"\s+", "-", slug)
+    return re.sub(r"-{2,}", "-", slug).strip("-")
+
+
+def _lock_key(project_id: uuid.UUID) -> int:
+    """A signed 64-bit advisory lock key for the project's membership."""
+    digest = hashlib.blake2b(b"membership:" + project_id.bytes, digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def lock_shared(session: Session, project_id: uuid.UUID) -> None:
+    session.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": _lock_key(project_id)})
+
+
+def lock_exclusive(session: Session, project_id: uuid.UUID) -> None:
+    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(project_id)})
+
+
+def db_now(session: Session) -> datetime:
+    """The database clock, so windows agree with timestamps the database wrote."""
+    now: datetime = session.execute(select(func.clock_timestamp())).scalar_one()
+    return now
+
+
+def load_definitions(
+    session: Session, project_id: uuid.UUID, ids: set[uuid.UUID]
+) -> dict[uuid.UUID, SegmentDefinition]:
+    s = tables.segments.c
+    rows = session.execute(
+        select(s.id, s.type, s.condition).where(s.project_id == project_id, s.id.in_(ids))
+    )
+    return {
+        r.id: SegmentDefinition(
+            r.id, r.type, parse_condition(r.condition) if r.condition is not None else None
+        )
+        for r in rows
+    }
+
+
+@dataclass(frozen=True)
+class Dynamic:
+    """A DYNAMIC segment ready to evaluate."""
+
+    id: uuid.UUID
+    name: str
+    tracked: bool
+    condition: Condition
+    references: Mapping[uuid.UUID, SegmentDefinition]
+
+    @property
+    def time_dependent(self) -> bool:
+        conditions = [self.condition] + [
+            d.condition for d in self.references.values() if d.condition is not None
+        ]
+        return any(
+            f.operator in WINDOWS or f.operator in WINDOWED_EVENT_OPS
+            for cond in conditions
+            for f in cond.iter_filters()
+        )
+
+    @property
+    def reads_segment_events(self) -> bool:
+        """Whether entry/exit events (of any segment) can change this one's membership."""
+        conditions = [self.condition] + [
+            d.condition for d in self.references.values() if d.condition is not None
+        ]
+        return any(
+            name.startswith("segment.")
+            for cond in conditions
+            for f in cond.iter_filters()
+            for name in f.events
+        )
+
+    def predicate(self, now: datetime) -> ColumnElement[bool]:
+        return compile_condition(self.condition, CompileContext(now=now, segments=self.references))
+
+
+def dynamic_segments(
+    session: Session, project_id: uuid.UUID, ids: Iterable[uuid.UUID] | None = None
+) -> list[Dynamic]:
+    """The project's DYNAMIC segments (or those of `ids`), with references loaded."""
+    s = tables.segments.c
+    query = select(s.id, s.name, s.track_membership, s.condition).where(
+        s.project_id == project_id, s.type == "DYNAMIC"
+    )
+    if ids is not None:
+        query = query.where(s.id.in_(list(ids)))
+    out = []
+    cache: dict[uuid.UUID, SegmentDefinition] = {}
+
+    def loader(wanted: set[uuid.UUID]) -> dict[uuid.UUID, SegmentDefinition]:
+        missing = wanted - set(cache)
+        if missing:
+            cache.update(load_definitions(session, project_id, missing))
+        return {i: cache[i] for i in wanted if i in cache}
+
+    for row in session.execute(query.order_by(s.id)):
+        condition = parse_condition(row.condition)
+        refs = load_references(condition, loader)
+        out.append(Dynamic(row.id, row.name, row.track_membership, condition, refs))
+    return out
+
+
+def desired_members(
+    project_id: uuid.UUID,
+    segments: Sequence[Dynamic],
+    contact_ids: Sequence[uuid.UUID] | None,
+    now: datetime,
+) -> Select[Any]:
+    """(segment_id, contact_id) of every member, among `contact_ids` or all contacts."""
+    c = tables.contacts.c
+    parts = []
+    for seg in segments:
+        query = select(literal(seg.id, Uuid).label("segment_id"), c.id.label("contact_id")).where(
+            c.project_id == project_id, seg.predicate(now)
+        )
+        if contact_ids is not None:
+            query = query.where(c.id.in_(contact_ids))
+        parts.append(query)
+    return union_all(*parts) if len(parts) > 1 else parts[0]  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Changes:
+    entered: int
+    exited: int
+    events: int
+
+
+def _apply(
+    session: Session,
+    project_id: uuid.UUID,
+    segments: Sequence[Dynamic],
+    contact_ids: Sequence[uuid.UUID] | None,
+    now: datetime,
+    *,
+    emit: bool = True,
+) -> Changes:
+    """Make `segment_members` match the conditions, in one statement; see the module doc."""
+    m = tables.segment_members
+    desired = desired_members(project_id, segments, contact_ids, now).cte("desired")
+    seg_ids = [seg.id for seg in segments]
+    entered = (
+        pg_insert(m)
+        .from_select(
+            ["project_id", "segment_id", "contact_id"],
+            select(literal(project_id, Uuid), desired.c.segment_id, desired.c.contact_id),
+        )
+        .on_conflict_do_nothing()
+        .returning(m.c.segment_id, m.c.contact_id)
+        .cte("entered")
+    )
+    gone = delete(m).where(
+        m.c.project_id == project_id,
+        m.c.segment_id.in_(seg_ids),
+        ~exists(
+            select(literal(1)).where(
+                desired.c.segment_id == m.c.segment_id, desired.c.contact_id == m.c.contact_id
+            )
+        ),
+    )
+    if contact_ids is not None:
+        gone = gone.where(m.c.contact_id.in_(contact_ids))
+    exited = gone.returning(m.c.segment_id, m.c.contact_id).cte("exited")
+
+    deltas = union_all(
+        select(entered.c.segment_id, literal(1).label("delta")),
+        select(exited.c.segment_id, literal(-1).label("delta")),
+    ).subquery("deltas")
+    totals = (
+        select(deltas.c.segment_id, func.sum(deltas.c.delta).label("delta"))
+        .group_by(deltas.c.segment_id)
+        .subquery("totals")
+    )
+    s = tables.segments
+    counted = (
+        update(s)
+        .where(s.c.project_id == project_id, s.c.id == totals.c.segment_id)
+        .values(member_count=s.c.member_count + totals.c.delta)
+        .returning(s.c.id)
+        .cte("counted")
+    )
+    tracked = [seg for seg in segments if seg.tracked] if emit else []
+    outputs = [
+        select(func.count()).select_from(entered).scalar_subquery(),
+        select(func.count()).select_from(exited).scalar_subquery(),
+        select(func.count()).select_from(counted).scalar_subquery(),
+    ]
+    if tracked:
+        info = (
+            values(
+                column("segment_id", Uuid),
+                column("slug", Text),
+                column("segment_name", Text),
+                name="tracked",
+            )
+            .data([(seg.id, slugify(seg.name), seg.name) for seg in tracked])
+            .cte("tracked")
+        )
+        e = tables.events
+        changes = union_all(
+            select(entered.c.segment_id, entered.c.contact_id, literal("entry").label("kind")),
+            select(exited.c.segment_id, exited.c.contact_id, literal("exit").label("kind")),
+        ).subquery("changes")
+        recorded = (
+            insert(e)
+            .from_select(
+                ["project_id", "contact_id", "name", "data", "occurred_at"],
+                select(
+                    literal(project_id, Uuid),
+                    changes.c.contact_id,
+                    func.concat("segment.", info.c.slug, ".", changes.c.kind),
+                    func.jsonb_build_object(
+                        "segmentId",
+                        func.cast(info.c.segment_id, Text),
+                        "segmentName",
+                        info.c.segment_name,
+                        type_=JSONB,
+                    ),
+                    func.now(),
+                )
+                .join_from(changes, info, info.c.segment_id == changes.c.segment_id)
+                # Deterministic event order within one transaction.
+                .order_by(changes.c.segment_id, changes.c.kind, changes.c.contact_id),
+            )
+            .returning(e.c.id)
+            .cte("recorded")
+        )
+        outputs.append(select(func.count()).select_from(recorded).scalar_subquery())
+    row = session.execute(select(*outputs)).one()
+    return Changes(entered=row[0], exited=row[1], events=row[3] if tracked else 0)
+
+
+def refresh_contacts(
+    session: Session, project_id: uuid.UUID, contact_ids: Iterable[uuid.UUID]
+) -> Changes:
+    """Re-evaluate these contacts against every dynamic segment of the project.
+
+    Called at the end of every write that can change membership (contact upserts, events,
+    static member changes). Locks the contacts, so concurrent writers of the same contact
+    evaluate one after the other.
+    """
+    ids = sorted(set(contact_ids))
+    if not ids:
+        return Changes(0, 0, 0)
+    lock_shared(session, project_id)
+    segments = dynamic_segments(session, project_id)
+    if not segments:
+        return Changes(0, 0, 0)
+    total = Changes(0, 0, 0)
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start : start + CHUNK]
+        c = tables.contacts.c
+        locked = [
+            r.id
+            for r in session.execute(
+                select(c.id)
+                .where(c.project_id == project_id, c.id.in_(chunk))
+                .order_by(c.id)
+                .with_for_update(key_share=True)  # FOR NO KEY UPDATE: FK inserts still pass
+            )
+        ]
+        if not locked:
+            continue
+        chain = any(seg.reads_segment_events for seg in segments)
+        for _round in range(MAX_EVENT_ROUNDS):
+            changes = _apply(session, project_id, segments, locked, db_now(session))
+            total = Changes(
+                total.entered + changes.entered,
+                total.exited + changes.exited,
+                total.events + changes.events,
+            )
+            if not (chain and changes.events):
+                break
+    return total
+
+
+def rebuild(
+    session: Session,
+    project_id: uuid.UUID,
+    segment_ids: Iterable[uuid.UUID],
+    *,
+    emit: bool,
+) -> Changes:
+    """Recompute these segments over all contacts, under the exclusive project lock.
+
+    `emit` records entry/exit events for the difference (tracked segments only)."""
+    lock_exclusive(session, project_id)
+    segments = dynamic_segments(session, project_id, segment_ids)
+    if not segments:
+        return Changes(0, 0, 0)
+    s = tables.segments.c
+    for seg in segments:
+        session.execute(
+            update(tables.segments)
+            .where(s.project_id == project_id, s.id == seg.id)
+            .values(time_dependent=seg.time_dependent)
+        )
+    return _apply(session, project_id, segments, None, db_now(session), emit=emit)
+
+
+def dependents(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> set[uuid.UUID]:
+    """Segments whose conditions reach `segment_id` through references (transitively)."""
+    r = tables.segment_references.c
+    found: set[uuid.UUID] = set()
+    frontier = {segment_id}
+    while frontier:
+        rows = session.execute(
+            select(r.segment_id).where(r.project_id == project_id, r.referenced_id.in_(frontier))
+        )
+        frontier = {row.segment_id for row in rows} - found - {segment_id}
+        found |= frontier
+    return found
+
+
+def record_entries_for_all(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> int:
+    """Tracking was just turned on: one entry event per current member."""
+    m = tables.segment_members.c
+    s = tables.segments.c
+    e = tables.events
+    row = session.execute(
+        select(s.name).where(s.project_id == project_id, s.id == segment_id)
+    ).one()
+    result = session.execute(
+        insert(e)
+        .from_select(
+            ["project_id", "contact_id", "name", "data", "occurred_at"],
+            select(
+                literal(project_id, Uuid),
+                m.contact_id,
+                literal(f"segment.{slugify(row.name)}.entry", Text),
+                literal({"segmentId": str(segment_id), "segmentName": row.name}, JSONB),
+                func.now(),
+            )
+            .where(m.project_id == project_id, m.segment_id == segment_id)
+            .order_by(m.contact_id),
+        )
+        .returning(e.c.id)
+    )
+    return len(result.all())
+
+
+def forget_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUID) -> None:
+    """Before a contact is deleted: its memberships leave the maintained counts (no exit
+    events; the contact and its history are gone)."""
+    lock_shared(session, project_id)
+    s = tables.segments
+    for table in (tables.segment_members, tables.static_members):
+        gone = (
+            delete(table)
+            .where(table.c.project_id == project_id, table.c.contact_id == contact_id)
+            .returning(table.c.segment_id)
+            .cte("gone")
+        )
+        session.execute(
+            update(s)
+            .where(s.c.project_id == project_id, s.c.id.in_(select(gone.c.segment_id)))
+            .values(member_count=s.c.member_count - 1)
+        )
+
+
+def adjust_count(
+    session: Session, project_id: uuid.UUID, segment_id: uuid.UUID, delta: int
+) -> None:
+    if delta:
+        s = tables.segments
+        session.execute(
+            update(s)
+            .where(s.c.project_id == project_id, s.c.id == segment_id)
+            .values(member_count=s.c.member_count + delta)
+        )

@@ -1,0 +1,305 @@
+"""Membership tracking (SPEC §5): entry/exit events, exactly once, prompt, resumable feed."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from segments_service import sweeper
+from tests.conftest import Project, Stubs
+
+
+def cond(*filters: dict[str, Any], logic: str = "AND") -> resources_pb2.FilterCondition:
+    return json_format.ParseDict(
+        {"logic": logic, "groups": [{"filters": list(filters)}]}, resources_pb2.FilterCondition()
+    )
+
+
+def upsert(stubs: Stubs, project: Project, email: str, **data: Any) -> contacts_pb2.Contact:
+    struct = struct_pb2.Struct()
+    struct.update(data)
+    return stubs.contacts.UpsertContact(
+        contacts_pb2.UpsertContactRequest(email=email, data=struct), metadata=project.auth
+    )
+
+
+def create(
+    stubs: Stubs, project: Project, name: str, condition: Any, track: bool = True
+) -> segments_pb2.Segment:
+    return stubs.segments.CreateSegment(
+        segments_pb2.CreateSegmentRequest(name=name, condition=condition, track_membership=track),
+        metadata=project.auth,
+    )
+
+
+def segment_events(engine: Engine, project: Project) -> list[tuple[str, str]]:
+    """(event name, contact email) of every entry/exit event, in recording order."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT e.name, c.email FROM events e JOIN contacts c "
+                "ON c.project_id = e.project_id AND c.id = e.contact_id "
+                "WHERE e.project_id = :p AND e.name LIKE 'segment.%' ORDER BY e.tx, e.id"
+            ),
+            {"p": project.id},
+        )
+        return [(r.name, r.email) for r in rows]
+
+
+PREMIUM = {"field": "data.plan", "operator": "equals", "value": "premium"}
+
+
+def test_entry_and_exit_follow_contact_upserts(stubs: Stubs, project: Project, engine: Engine):
+    create(stubs, project, "VIP Customers!", cond(PREMIUM))
+    upsert(stubs, project, "a@x.com", plan="premium")
+    # Recorded in the upsert's own transaction: visible as soon as the call returns.
+    assert segment_events(engine, project) == [("segment.vip-customers.entry", "a@x.com")]
+    upsert(stubs, project, "a@x.com", plan="premium")  # still a member: nothing new
+    upsert(stubs, project, "a@x.com", plan="free")
+    assert segment_events(engine, project) == [
+        ("segment.vip-customers.entry", "a@x.com"),
+        ("segment.vip-customers.exit", "a@x.com"),
+    ]
+
+
+def test_entry_event_data_and_count(stubs: Stubs, project: Project, engine: Engine):
+    seg = create(stubs, project, "Premium", cond(PREMIUM))
+    upsert(stubs, project, "a@x.com", plan="premium")
+    with engine.connect() as conn:
+        data = conn.execute(
+            text("SELECT data FROM events WHERE project_id = :p AND name LIKE 'segment.%'"),
+            {"p": project.id},
+        ).scalar_one()
+    assert data == {"segmentId": seg.id, "segmentName": "Premium"}
+    got = stubs.segments.GetSegment(segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth)
+    assert got.member_count == 1
+
+
+def test_ingested_event_enters_event_segment(stubs: Stubs, project: Project, engine: Engine):
+    create(
+        stubs,
+        project,
+        "Buyers",
+        cond({"field": "purchase", "operator": "triggeredWithin", "value": 30, "unit": "days"}),
+    )
+    started = time.monotonic()
+    stubs.events.IngestEvents(
+        events_pb2.IngestEventsRequest(
+            events=[events_pb2.IngestedEvent(email="b@x.com", event="purchase")]
+        ),
+        metadata=project.auth,
+    )
+    assert segment_events(engine, project) == [("segment.buyers.entry", "b@x.com")]
+    assert time.monotonic() - started < 2.0
+
+
+def test_time_window_exit_comes_with_the_sweep(
+    stubs: Stubs,
+    project: Project,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+):
+    seg = create(
+        stubs,
+        project,
+        "Active",
+        cond({"field": "login", "operator": "triggeredWithin", "value": 1, "unit": "minutes"}),
+    )
+    occurred = timestamp_pb2.Timestamp()
+    occurred.FromDatetime(datetime.now(UTC) - timedelta(seconds=58))
+    stubs.events.IngestEvents(
+        events_pb2.IngestEventsRequest(
+            events=[events_pb2.IngestedEvent(email="c@x.com", event="login", occurred_at=occurred)]
+        ),
+        metadata=project.auth,
+    )
+    assert segment_events(engine, project) == [("segment.active.entry", "c@x.com")]
+    time.sleep(2.5)  # the login is now more than a minute old
+    assert sweeper.sweep_once(engine, sessions) >= 1
+    assert segment_events(engine, project)[-1] == ("segment.active.exit", "c@x.com")
+    assert sweeper.sweep_once(engine, sessions) == 0 or segment_events(engine, project)[-1][
+        0
+    ].endswith("exit")
+    got = stubs.segments.GetSegment(segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth)
+    assert got.member_count == 0
+
+
+def test_tracking_on_off_delete_and_rename(stubs: Stubs, project: Project, engine: Engine):
+    upsert(stubs, project, "a@x.com", plan="premium")
+    upsert(stubs, project, "b@x.com", plan="premium")
+    seg = create(stubs, project, "Quiet", cond(PREMIUM), track=False)
+    assert seg.member_count == 2
+    assert segment_events(engine, project) == []
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(id=seg.id, track_membership=True), metadata=project.auth
+    )
+    assert sorted(segment_events(engine, project)) == [
+        ("segment.quiet.entry", "a@x.com"),
+        ("segment.quiet.entry", "b@x.com"),
+    ]
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(id=seg.id, name="Loud"), metadata=project.auth
+    )
+    upsert(stubs, project, "a@x.com", plan="free")
+    assert segment_events(engine, project)[-1] == ("segment.loud.exit", "a@x.com")
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(id=seg.id, track_membership=False), metadata=project.auth
+    )
+    upsert(stubs, project, "b@x.com", plan="free")
+    stubs.segments.DeleteSegment(segments_pb2.DeleteSegmentRequest(id=seg.id), metadata=project.auth)
+    assert len(segment_events(engine, project)) == 3  # no exits for off or deleted
+
+
+def test_condition_change_records_the_difference(stubs: Stubs, project: Project, engine: Engine):
+    upsert(stubs, project, "a@x.com", plan="premium")
+    upsert(stubs, project, "b@x.com", plan="free")
+    seg = create(stubs, project, "Plan", cond(PREMIUM))
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(
+            id=seg.id, condition=cond({"field": "data.plan", "operator": "equals", "value": "free"})
+        ),
+        metadata=project.auth,
+    )
+    assert sorted(segment_events(engine, project)) == [
+        ("segment.plan.entry", "a@x.com"),
+        ("segment.plan.entry", "b@x.com"),
+        ("segment.plan.exit", "a@x.com"),
+    ]
+
+
+def test_static_member_calls_emit_nothing(stubs: Stubs, project: Project, engine: Engine):
+    seg = stubs.segments.CreateSegment(
+        segments_pb2.CreateSegmentRequest(
+            name="List", type=resources_pb2.Segment.STATIC, track_membership=True
+        ),
+        metadata=project.auth,
+    )
+    stubs.segments.AddSegmentMembers(
+        segments_pb2.AddSegmentMembersRequest(id=seg.id, emails=["a@x.com", "b@x.com"]),
+        metadata=project.auth,
+    )
+    stubs.segments.RemoveSegmentMembers(
+        segments_pb2.RemoveSegmentMembersRequest(id=seg.id, emails=["a@x.com"]),
+        metadata=project.auth,
+    )
+    assert segment_events(engine, project) == []
+    got = stubs.segments.GetSegment(segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth)
+    assert got.member_count == 1
+
+
+def test_segments_can_filter_on_entry_events(stubs: Stubs, project: Project, engine: Engine):
+    create(stubs, project, "VIP", cond(PREMIUM))
+    follow = create(
+        stubs,
+        project,
+        "Ever VIP",
+        cond({"field": "event.segment.vip.entry", "operator": "triggered"}),
+    )
+    upsert(stubs, project, "a@x.com", plan="premium")
+    upsert(stubs, project, "a@x.com", plan="free")  # left VIP, but entered it once
+    got = stubs.segments.GetSegment(
+        segments_pb2.GetSegmentRequest(id=follow.id), metadata=project.auth
+    )
+    assert got.member_count == 1
+    assert ("segment.ever-vip.entry", "a@x.com") in segment_events(engine, project)
+
+
+def test_member_of_segment_follows_referenced_changes(stubs: Stubs, project: Project):
+    vip = create(stubs, project, "VIP", cond(PREMIUM), track=False)
+    subscribed_vip = create(
+        stubs,
+        project,
+        "Subscribed VIP",
+        cond(
+            {"field": f"segment.{vip.id}", "operator": "memberOfSegment"},
+            {"field": "subscribed", "operator": "equals", "value": True},
+        ),
+        track=False,
+    )
+    upsert(stubs, project, "a@x.com", plan="premium")
+
+    def count(seg_id: str) -> int:
+        got = stubs.segments.GetSegment(
+            segments_pb2.GetSegmentRequest(id=seg_id), metadata=project.auth
+        )
+        return int(got.member_count)
+
+    assert count(subscribed_vip.id) == 1
+    # Changing the referenced condition recomputes the referencing segment too.
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(
+            id=vip.id, condition=cond({"field": "data.plan", "operator": "equals", "value": "x"})
+        ),
+        metadata=project.auth,
+    )
+    assert count(vip.id) == 0
+    assert count(subscribed_vip.id) == 0
+
+
+def test_contact_delete_keeps_counts_exact(stubs: Stubs, project: Project, engine: Engine):
+    seg = create(stubs, project, "Premium", cond(PREMIUM))
+    contact = upsert(stubs, project, "a@x.com", plan="premium")
+    upsert(stubs, project, "b@x.com", plan="premium")
+    stubs.contacts.DeleteContact(
+        contacts_pb2.DeleteContactRequest(id=contact.id), metadata=project.auth
+    )
+    got = stubs.segments.GetSegment(segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth)
+    assert got.member_count == 1
+
+
+def test_watch_streams_live_and_resumes_without_gaps(stubs: Stubs, project: Project):
+    create(stubs, project, "Premium", cond(PREMIUM))
+    stream = stubs.segments.WatchSegmentEvents(
+        segments_pb2.WatchSegmentEventsRequest(), metadata=project.auth
+    )
+    sent_at = time.monotonic()
+    for i in range(5):
+        upsert(stubs, project, f"u{i}@x.com", plan="premium")
+    first = [next(stream) for _ in range(3)]
+    latency = time.monotonic() - sent_at
+    stream.cancel()
+    assert [e.email for e in first] == ["u0@x.com", "u1@x.com", "u2@x.com"]
+    assert all(e.kind == segments_pb2.SegmentEvent.ENTRY for e in first)
+    assert latency < 2.0
+    for i in range(5):
+        upsert(stubs, project, f"u{i}@x.com", plan="free")
+    resumed = stubs.segments.WatchSegmentEvents(
+        segments_pb2.WatchSegmentEventsRequest(after=first[-1].cursor), metadata=project.auth
+    )
+    rest = [next(resumed) for _ in range(7)]
+    resumed.cancel()
+    assert [(e.email, e.kind) for e in rest] == [
+        ("u3@x.com", segments_pb2.SegmentEvent.ENTRY),
+        ("u4@x.com", segments_pb2.SegmentEvent.ENTRY),
+        *[(f"u{i}@x.com", segments_pb2.SegmentEvent.EXIT) for i in range(5)],
+    ]
+    cursors = [e.cursor for e in first + rest]
+    assert len(set(cursors)) == len(cursors)
+
+
+def test_watch_rejects_bad_cursor_and_other_projects_are_invisible(
+    stubs: Stubs, project: Project, other_project: Project
+):
+    with pytest.raises(grpc.RpcError) as err:
+        next(
+            stubs.segments.WatchSegmentEvents(
+                segments_pb2.WatchSegmentEventsRequest(after="garbage"), metadata=project.auth
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    create(stubs, other_project, "Premium", cond(PREMIUM))
+    stream = stubs.segments.WatchSegmentEvents(
+        segments_pb2.WatchSegmentEventsRequest(), metadata=project.auth, timeout=1.5
+    )
+    upsert(stubs, other_project, "z@x.com", plan="premium")
+    with pytest.raises(grpc.RpcError) as err:
+        next(stream)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -1,0 +1,269 @@
+"""Exactly-once tracking with several server processes, and after a crash mid-recompute."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from segments.v1 import (
+    contacts_pb2,
+    contacts_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    resources_pb2,
+    segments_pb2,
+    segments_pb2_grpc,
+)
+from sqlalchemy import Engine, text
+
+from tests.conftest import Project, free_port
+
+
+class Replica:
+    """One `segments serve` process on the test database."""
+
+    def __init__(self, database_url: str, sweep_seconds: float = 0.5) -> None:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "SEGMENTS_SWEEP_SECONDS": str(sweep_seconds),
+            "SEGMENTS_DRAIN_SECONDS": "5",
+            "LOG_LEVEL": "WARNING",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "segments_service.cli", "serve", "--port", str(self.port)],
+            env=env,
+        )
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        deadline = time.monotonic() + 30
+        health: object = health_pb2_grpc.HealthStub(self.channel)
+        while True:
+            try:
+                health.Check(health_pb2.HealthCheckRequest(), timeout=1)  # type: ignore[attr-defined]
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("replica did not start") from None
+                time.sleep(0.1)
+        self.segments = segments_pb2_grpc.SegmentServiceStub(self.channel)
+        self.contacts = contacts_pb2_grpc.ContactServiceStub(self.channel)
+        self.events = events_pb2_grpc.EventServiceStub(self.channel)
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(15)
+
+
+@pytest.fixture
+def replicas(database_url: str) -> Iterator[Callable[[], Replica]]:
+    started: list[Replica] = []
+
+    def start() -> Replica:
+        replica = Replica(database_url)
+        started.append(replica)
+        return replica
+
+    yield start
+    for replica in started:
+        replica.stop()
+
+
+def cond(*filters: dict[str, object]) -> resources_pb2.FilterCondition:
+    return json_format.ParseDict(
+        {"logic": "AND", "groups": [{"filters": list(filters)}]}, resources_pb2.FilterCondition()
+    )
+
+
+def event_history(engine: Engine, project: Project, slug: str) -> dict[str, list[str]]:
+    """Per email, the kinds of its entry/exit events for one segment, in order."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT c.email, e.name FROM events e JOIN contacts c "
+                "ON c.project_id = e.project_id AND c.id = e.contact_id "
+                "WHERE e.project_id = :p AND e.name IN (:entry, :exit) ORDER BY e.tx, e.id"
+            ),
+            {"p": project.id, "entry": f"segment.{slug}.entry", "exit": f"segment.{slug}.exit"},
+        )
+        history: dict[str, list[str]] = {}
+        for row in rows:
+            history.setdefault(row.email, []).append(row.name.rsplit(".", 1)[1])
+        return history
+
+
+def assert_alternates(history: dict[str, list[str]]) -> None:
+    for email, kinds in history.items():
+        expected = ["entry" if i % 2 == 0 else "exit" for i in range(len(kinds))]
+        assert kinds == expected, f"{email}: {kinds}"
+
+
+def members(engine: Engine, segment_id: str) -> set[str]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT c.email FROM segment_members m JOIN contacts c "
+                "ON c.project_id = m.project_id AND c.id = m.contact_id WHERE m.segment_id = :s"
+            ),
+            {"s": segment_id},
+        )
+        return {r.email for r in rows}
+
+
+def test_two_replicas_record_each_change_exactly_once(
+    replicas: Callable[[], Replica], project: Project, engine: Engine
+) -> None:
+    a, b = replicas(), replicas()
+    flag = a.segments.CreateSegment(
+        segments_pb2.CreateSegmentRequest(
+            name="Flag",
+            condition=cond({"field": "data.flag", "operator": "equals", "value": True}),
+            track_membership=True,
+        ),
+        metadata=project.auth,
+    )
+    recent = b.segments.CreateSegment(
+        segments_pb2.CreateSegmentRequest(
+            name="Recent",
+            condition=cond(
+                {"field": "ping", "operator": "triggeredWithin", "value": 1, "unit": "minutes"}
+            ),
+            track_membership=True,
+        ),
+        metadata=project.auth,
+    )
+    emails = [f"user{i}@x.com" for i in range(12)]
+    final_flag: dict[str, bool] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def writer(seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            for _ in range(25):
+                replica = a if rnd.random() < 0.5 else b
+                email = rnd.choice(emails)
+                if rnd.random() < 0.7:
+                    value = rnd.random() < 0.5
+                    data = struct_pb2.Struct()
+                    data.update({"flag": value})
+                    with lock:  # the last write of an email decides its final flag
+                        replica.contacts.UpsertContact(
+                            contacts_pb2.UpsertContactRequest(email=email, data=data),
+                            metadata=project.auth,
+                        )
+                        final_flag[email] = value
+                else:
+                    # A ping that leaves the one-minute window within seconds, so both
+                    # replicas' sweepers race the writers to record the exit.
+                    ts = timestamp_pb2.Timestamp()
+                    ts.FromDatetime(datetime.now(UTC) - timedelta(seconds=59))
+                    replica.events.IngestEvents(
+                        events_pb2.IngestEventsRequest(
+                            events=[
+                                events_pb2.IngestedEvent(email=email, event="ping", occurred_at=ts)
+                            ]
+                        ),
+                        metadata=project.auth,
+                    )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    time.sleep(3)  # every ping is now out of its window; let the sweepers catch up
+
+    flag_history = event_history(engine, project, "flag")
+    assert_alternates(flag_history)
+    expected = {e for e, v in final_flag.items() if v}
+    assert members(engine, flag.id) == expected
+    for email in emails:
+        last = flag_history.get(email, ["exit"])[-1]
+        assert (last == "entry") == (email in expected), email
+
+    recent_history = event_history(engine, project, "recent")
+    assert recent_history, "some pings were recorded"
+    assert_alternates(recent_history)
+    assert all(kinds[-1] == "exit" for kinds in recent_history.values())
+    assert members(engine, recent.id) == set()
+    got = a.segments.GetSegment(segments_pb2.GetSegmentRequest(id=flag.id), metadata=project.auth)
+    assert got.member_count == len(expected)
+
+
+def test_killed_mid_recompute_leaves_nothing_and_the_retry_is_exact(
+    replicas: Callable[[], Replica], project: Project, engine: Engine
+) -> None:
+    a = replicas()
+    total = 20_000
+    for start in range(0, total, 1000):
+        a.contacts.BatchUpsertContacts(
+            contacts_pb2.BatchUpsertContactsRequest(
+                contacts=[
+                    contacts_pb2.UpsertContactRequest(email=f"m{i}@x.com")
+                    for i in range(start, start + 1000)
+                ]
+            ),
+            metadata=project.auth,
+        )
+    seg = a.segments.CreateSegment(
+        segments_pb2.CreateSegmentRequest(
+            name="Everyone",
+            condition=cond({"field": "subscribed", "operator": "equals", "value": True}),
+        ),
+        metadata=project.auth,
+    )
+    assert seg.member_count == total
+    # Turning tracking on records 20,000 entry events in one transaction; kill the process
+    # while that statement runs.
+    call = a.segments.UpdateSegment.future(
+        segments_pb2.UpdateSegmentRequest(id=seg.id, track_membership=True),
+        metadata=project.auth,
+    )
+    deadline = time.monotonic() + 20
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            running = conn.execute(
+                text(
+                    "SELECT left(query, 60) FROM pg_stat_activity WHERE application_name = :app "
+                    "AND state = 'active'"
+                ),
+                {"app": f"segments:{a.port}"},
+            ).scalars().all()
+            conn.commit()
+            if any("INSERT INTO events" in q or "WITH desired" in q for q in running):
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail("never saw the recompute running")
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+    with pytest.raises(grpc.RpcError):
+        call.result(timeout=10)
+    time.sleep(0.5)  # the server notices the dead backend and rolls it back
+    assert event_history(engine, project, "everyone") == {}
+
+    b = replicas()
+    b.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(id=seg.id, track_membership=True),
+        metadata=project.auth,
+    )
+    history = event_history(engine, project, "everyone")
+    assert len(history) == total
+    assert all(kinds == ["entry"] for kinds in history.values())
