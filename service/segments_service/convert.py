@@ -115,6 +115,24 @@ def _filter_to_json(f: resources_pb2.Filter) -> dict[str, Any]:
     return out
 
 
+_KEY_ORDER = {
+    k: i
+    for i, k in enumerate(
+        ["logic", "groups", "filters", "conditions", "field", "operator", "value", "unit"]
+    )
+}
+
+
+def ordered_condition(node: Any) -> Any:
+    """A stored condition with keys in their documented order (jsonb keeps its own order)."""
+    if isinstance(node, dict):
+        keys = sorted(node, key=lambda k: (_KEY_ORDER.get(k, len(_KEY_ORDER)), k))
+        return {k: ordered_condition(node[k]) for k in keys}
+    if isinstance(node, list):
+        return [ordered_condition(v) for v in node]
+    return node
+
+
 def contact_to_proto(row: Any) -> resources_pb2.Contact:
     return resources_pb2.Contact(
         id=str(row.id),
@@ -133,7 +151,7 @@ def segment_to_proto(view: SegmentView) -> resources_pb2.Segment:
         name=row.name,
         description=py_to_value(row.description),
         type=resources_pb2.Segment.Type.Value(row.type),
-        condition=py_to_value(row.condition),
+        condition=py_to_value(ordered_condition(row.condition)),
         track_membership=row.track_membership,
         member_count=view.member_count,
         project_id=str(row.project_id),

@@ -40,8 +40,9 @@ SERVICE_NAMES = (
     contacts_pb2.DESCRIPTOR.services_by_name["ContactService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 )
-# Envoy limits REST bodies to 1 MiB; gRPC callers get a little more room for framing.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Envoy limits REST bodies to 1 MiB of JSON, which can transcode to more protobuf bytes
+# (numbers as doubles); 8 MiB leaves room for that and for direct gRPC callers.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 @dataclass

