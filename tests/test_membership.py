@@ -79,7 +79,9 @@ def test_entry_event_data_and_count(stubs: Stubs, project: Project, engine: Engi
             {"p": project.id},
         ).scalar_one()
     assert data == {"segmentId": seg.id, "segmentName": "Premium"}
-    got = stubs.segments.GetSegment(segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth)
+    got = stubs.segments.GetSegment(
+        segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth
+    )
     assert got.member_count == 1
 
 
@@ -128,7 +130,9 @@ def test_time_window_exit_comes_with_the_sweep(
     assert sweeper.sweep_once(engine, sessions) == 0 or segment_events(engine, project)[-1][
         0
     ].endswith("exit")
-    got = stubs.segments.GetSegment(segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth)
+    got = stubs.segments.GetSegment(
+        segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth
+    )
     assert got.member_count == 0
 
 
@@ -154,7 +158,9 @@ def test_tracking_on_off_delete_and_rename(stubs: Stubs, project: Project, engin
         segments_pb2.UpdateSegmentRequest(id=seg.id, track_membership=False), metadata=project.auth
     )
     upsert(stubs, project, "b@x.com", plan="free")
-    stubs.segments.DeleteSegment(segments_pb2.DeleteSegmentRequest(id=seg.id), metadata=project.auth)
+    stubs.segments.DeleteSegment(
+        segments_pb2.DeleteSegmentRequest(id=seg.id), metadata=project.auth
+    )
     assert len(segment_events(engine, project)) == 3  # no exits for off or deleted
 
 
@@ -191,7 +197,9 @@ def test_static_member_calls_emit_nothing(stubs: Stubs, project: Project, engine
         metadata=project.auth,
     )
     assert segment_events(engine, project) == []
-    got = stubs.segments.GetSegment(segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth)
+    got = stubs.segments.GetSegment(
+        segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth
+    )
     assert got.member_count == 1
 
 
@@ -251,7 +259,9 @@ def test_contact_delete_keeps_counts_exact(stubs: Stubs, project: Project, engin
     stubs.contacts.DeleteContact(
         contacts_pb2.DeleteContactRequest(id=contact.id), metadata=project.auth
     )
-    got = stubs.segments.GetSegment(segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth)
+    got = stubs.segments.GetSegment(
+        segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth
+    )
     assert got.member_count == 1
 
 

@@ -239,13 +239,17 @@ def test_killed_mid_recompute_leaves_nothing_and_the_retry_is_exact(
     deadline = time.monotonic() + 20
     with engine.connect() as conn:
         while time.monotonic() < deadline:
-            running = conn.execute(
-                text(
-                    "SELECT left(query, 60) FROM pg_stat_activity WHERE application_name = :app "
-                    "AND state = 'active'"
-                ),
-                {"app": f"segments:{a.port}"},
-            ).scalars().all()
+            running = (
+                conn.execute(
+                    text(
+                        "SELECT left(query, 60) FROM pg_stat_activity WHERE application_name = :app "
+                        "AND state = 'active'"
+                    ),
+                    {"app": f"segments:{a.port}"},
+                )
+                .scalars()
+                .all()
+            )
             conn.commit()
             if any("INSERT INTO events" in q or "WITH desired" in q for q in running):
                 break

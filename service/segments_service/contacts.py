@@ -39,12 +39,23 @@ def require_email(raw: str, field: str) -> str:
     return email
 
 
+NUL_MESSAGE = "must not contain NUL (\\u0000) characters"
+
+
 def check_json(value: Any, field: str) -> list[FieldViolation]:
-    """Non-finite numbers cannot be stored as JSON; report where they are."""
+    """What PostgreSQL's jsonb cannot store (non-finite numbers, NUL characters in strings
+    or keys); report where it is."""
     if isinstance(value, float) and not math.isfinite(value):
         return [FieldViolation(field, "must be a finite number", "invalid_number")]
+    if isinstance(value, str) and "\x00" in value:
+        return [FieldViolation(field, NUL_MESSAGE, "invalid_character")]
     if isinstance(value, dict):
-        return [v for k, item in value.items() for v in check_json(item, f"{field}.{k}")]
+        keys = [
+            FieldViolation(f"{field}.{k}", f"key {NUL_MESSAGE}", "invalid_character")
+            for k in value
+            if "\x00" in k
+        ]
+        return keys + [v for k, item in value.items() for v in check_json(item, f"{field}.{k}")]
     if isinstance(value, list):
         return [v for i, item in enumerate(value) for v in check_json(item, f"{field}.{i}")]
     return []
@@ -169,7 +180,9 @@ def ensure_contacts(
     missing = [e for e in wanted if e not in found]
     created: set[str] = set()
     if create and missing:
-        rows: list[dict[str, Any]] = [{"email": e, "subscribed": subscribed, "patch": {}} for e in missing]
+        rows: list[dict[str, Any]] = [
+            {"email": e, "subscribed": subscribed, "patch": {}} for e in missing
+        ]
         for r in session.execute(_INSERT_NEW, {"project_id": project_id, "rows": rows}):
             found[r.email] = r.id
             created.add(r.email)

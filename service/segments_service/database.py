@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -112,15 +113,14 @@ def create_database(admin_url: str, name: str) -> None:
     ) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             return
-        try:
+        # Another process may create it at the same moment; then it exists, as wanted.
+        with contextlib.suppress(psycopg.errors.DuplicateDatabase):
             conn.execute(
                 sql.SQL(
                     "CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8' "
                     "LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'"
                 ).format(sql.Identifier(name))
             )
-        except psycopg.errors.DuplicateDatabase:
-            pass  # created concurrently by another process
 
 
 def drop_database(admin_url: str, name: str) -> None:

@@ -190,7 +190,8 @@ def _lua_path_pattern(template: str) -> str:
             pattern.append(segments(inner) if inner else "[^/]+")
         else:
             pattern.append(segments(token))
-    return "^" + "".join(pattern) + "$"
+    # The transcoder also routes a trailing slash to the method; unwrap that too.
+    return "^" + "".join(pattern) + "/?$"
 
 
 def _strip_response_bodies(

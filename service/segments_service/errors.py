@@ -1,4 +1,4 @@
-"""Domain errors. Each carries the public error code and HTTP status; status.py maps them to gRPC."""
+"""Domain errors, each with its public error code and HTTP status (status.py maps them)."""
 
 from __future__ import annotations
 

@@ -14,12 +14,18 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from segments_service import membership
-from segments_service.contacts import ContactWrite, ensure_contacts, upsert_contacts
+from segments_service.contacts import (
+    NUL_MESSAGE,
+    ContactWrite,
+    ensure_contacts,
+    upsert_contacts,
+)
 
 MAX_EVENT_NAME = 200
 MAX_BATCH = 1000
-# Names the system itself records; refused on the public track endpoint.
-_SEGMENT_SYSTEM_EVENT = re.compile(r"^segment\..+\.(entry|exit)$", re.DOTALL)
+# Names the system itself records; refused on the public track endpoint. The slug may be
+# empty (a segment named "!!!" records `segment..entry`), so `.*`, not `.+`.
+_SEGMENT_SYSTEM_EVENT = re.compile(r"^segment\..*\.(entry|exit)$", re.DOTALL)
 _CONTACT_SYSTEM_EVENTS = {"contact.subscribed", "contact.unsubscribed"}
 
 
@@ -29,6 +35,8 @@ def event_name_problem(name: str, *, allow_email: bool) -> tuple[str, str] | Non
         return "must not be empty", "required"
     if len(name) > MAX_EVENT_NAME:
         return f"must be at most {MAX_EVENT_NAME} characters", "too_long"
+    if "\x00" in name:
+        return NUL_MESSAGE, "invalid_character"
     if _SEGMENT_SYSTEM_EVENT.match(name) or name in _CONTACT_SYSTEM_EVENTS:
         return f"{name!r} is a reserved system event name", "reserved_event"
     if not allow_email and name.startswith("email."):

@@ -14,7 +14,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from segments_service import membership, tables
-from segments_service.contacts import ensure_contacts, normalize_email
+from segments_service.contacts import NUL_MESSAGE, ensure_contacts, normalize_email
 from segments_service.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -105,12 +105,16 @@ def _check_text(name: str | None, description: str | None) -> None:
             violations.append(
                 FieldViolation("name", f"must be at most {MAX_NAME} characters", "too_long")
             )
+        elif "\x00" in name:
+            violations.append(FieldViolation("name", NUL_MESSAGE, "invalid_character"))
     if description is not None and len(description) > MAX_DESCRIPTION:
         violations.append(
             FieldViolation(
                 "description", f"must be at most {MAX_DESCRIPTION} characters", "too_long"
             )
         )
+    elif description is not None and "\x00" in description:
+        violations.append(FieldViolation("description", NUL_MESSAGE, "invalid_character"))
     if violations:
         raise ValidationError(violations)
 

@@ -161,7 +161,10 @@ def translate_db_error(exc: DBAPIError) -> ServiceError:
         return Unavailable("the database did not answer in time; retry the request")
     if isinstance(exc, OperationalError) or exc.connection_invalidated:
         return Unavailable("the database is unreachable; retry the request")
-    if isinstance(orig, (psycopg.errors.ProgramLimitExceeded, psycopg.errors.DataException)):
+    # psycopg.DataError: every SQLSTATE of class 22 (most derive from it directly, not from
+    # DataException, e.g. 22P05 for "\u0000" in jsonb) and psycopg's own refusal of NUL
+    # characters in text parameters; a value the caller sent, not a server failure.
+    if isinstance(orig, (psycopg.errors.ProgramLimitExceeded, psycopg.DataError)):
         return ValidationError.single("", f"the database refused a value: {orig}", "invalid")
     return ServiceError("internal error")
 

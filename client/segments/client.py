@@ -1,0 +1,760 @@
+"""Typed Python client of the segments service: one method per RPC, blocking or asyncio,
+returning the generated protobuf messages and raising `SegmentsError` subclasses."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Generic, Self, TypeAlias, TypeVar
+
+# grpcio ships no annotations; with types-grpcio installed the ignore is simply unused.
+import grpc
+from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc import aio
+from grpc_status import rpc_status
+
+from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
+
+__all__ = [
+    "AlreadyExistsError",
+    "AsyncSegmentsClient",
+    "Condition",
+    "FailedPreconditionError",
+    "FieldViolation",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "SegmentInUseError",
+    "SegmentsClient",
+    "SegmentsError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "segment_condition",
+    "segment_description",
+]
+
+Segment = resources_pb2.Segment
+Contact = resources_pb2.Contact
+FilterCondition = resources_pb2.FilterCondition
+
+#: A filter condition as a message or in its REST JSON form,
+#: e.g. {"logic": "AND", "groups": [{"filters": [{"field": ..., "operator": ...}]}]}.
+Condition: TypeAlias = Mapping[str, Any] | FilterCondition
+
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid request field, from google.rpc.BadRequest (`field` is a dot path)."""
+
+    field: str
+    description: str
+    reason: str
+
+
+class SegmentsError(Exception):
+    """A failed call: its gRPC status code plus the service's google.rpc error details."""
+
+    def __init__(
+        self,
+        status_code: grpc.StatusCode,
+        message: str,
+        *,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Sequence[FieldViolation] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        # Empty when no ErrorInfo came back, e.g. the connection itself failed.
+        self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.field_violations = list(field_violations)
+        self.request_id: str | None = self.metadata.get("requestId")
+        http_status = self.metadata.get("httpStatus", "")
+        self.http_status: int | None = int(http_status) if http_status.isdigit() else None
+
+    def __str__(self) -> str:
+        text = f"{self.reason or self.status_code.name}: {self.message}"
+        if self.field_violations:
+            text += " (" + "; ".join(f"{v.field}: {v.description}" for v in self.field_violations)
+            text += ")"
+        if self.request_id:
+            text += f" [request {self.request_id}]"
+        return text
+
+
+class InvalidArgumentError(SegmentsError):
+    """INVALID_ARGUMENT: the request failed validation; see `field_violations`."""
+
+
+class UnauthenticatedError(SegmentsError):
+    """UNAUTHENTICATED: missing or unknown API key, or a key of the wrong type."""
+
+
+class NotFoundError(SegmentsError):
+    """NOT_FOUND: no such segment or contact in the key's project."""
+
+
+class FailedPreconditionError(SegmentsError):
+    """FAILED_PRECONDITION: the request does not fit the resource's state."""
+
+
+class SegmentInUseError(FailedPreconditionError):
+    """The segment cannot be deleted while other segments reference it."""
+
+    @property
+    def referenced_by(self) -> list[str]:
+        """Ids of the segments whose conditions name this one."""
+        return [id for id in self.metadata.get("referencedBy", "").split(",") if id]
+
+
+class AlreadyExistsError(SegmentsError):
+    """ALREADY_EXISTS: a uniqueness rule was violated."""
+
+
+class UnavailableError(SegmentsError):
+    """UNAVAILABLE: the service or its database cannot be reached; retrying may succeed."""
+
+
+_ERRORS_BY_CODE: dict[grpc.StatusCode, type[SegmentsError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+}
+
+
+def _error(
+    code: grpc.StatusCode, message: str | None, status: status_pb2.Status | None
+) -> SegmentsError:
+    """The typed error for a status and its google.rpc details (None when none were sent)."""
+    reason = ""
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    for detail in status.details if status is not None else ():
+        # Unpack answers False, leaving the message empty, when the detail is another type.
+        info = error_details_pb2.ErrorInfo()
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            reason = info.reason
+            metadata.update(info.metadata)
+        elif detail.Unpack(bad_request):
+            violations.extend(
+                FieldViolation(v.field, v.description, v.reason)
+                for v in bad_request.field_violations
+            )
+    cls = _ERRORS_BY_CODE.get(code, SegmentsError)
+    if cls is FailedPreconditionError and reason == "SEGMENT_IN_USE":
+        cls = SegmentInUseError
+    return cls(code, message or "", reason=reason, metadata=metadata, field_violations=violations)
+
+
+def _error_from_call(err: grpc.RpcError) -> SegmentsError:
+    """Convert a blocking call's RpcError; its details come from rpc_status."""
+    status = rpc_status.from_call(err) if isinstance(err, grpc.Call) else None
+    return _error(err.code(), err.details(), status)
+
+
+def _error_from_aio(err: aio.AioRpcError) -> SegmentsError:
+    """Convert an asyncio call's error; rpc_status.from_call needs a live aio call, so the
+    details are read from the trailing metadata instead."""
+    status = None
+    for key, value in err.trailing_metadata() or ():
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+    return _error(err.code(), err.details(), status)
+
+
+# --- reading a Segment ----------------------------------------------------------------------
+
+
+def segment_condition(segment: Segment) -> FilterCondition | None:
+    """The FilterCondition of a DYNAMIC segment, or None for a STATIC one."""
+    if segment.condition.WhichOneof("kind") != "struct_value":
+        return None
+    as_json = json_format.MessageToDict(segment.condition.struct_value)
+    return json_format.ParseDict(as_json, FilterCondition())
+
+
+def segment_description(segment: Segment) -> str | None:
+    """The segment's description, or None when it has none."""
+    if segment.description.WhichOneof("kind") != "string_value":
+        return None
+    return segment.description.string_value
+
+
+# --- the RPCs and their requests, shared by both clients -------------------------------------
+
+_Req = TypeVar("_Req", bound=Message)
+_Resp = TypeVar("_Resp", bound=Message)
+
+
+# One table of typed RPCs instead of the generated *_pb2_grpc stubs: it binds to blocking and
+# asyncio channels alike, and types every call even where grpc itself has no annotations.
+@dataclass(frozen=True)
+class _Rpc(Generic[_Req, _Resp]):
+    """One unary RPC: the path it is sent on and its message types."""
+
+    path: str
+    request: type[_Req]
+    response: type[_Resp]
+
+    def bind(self, channel: grpc.Channel | aio.Channel) -> Any:
+        """The multi-callable for this RPC on a blocking or an asyncio channel."""
+        return channel.unary_unary(
+            self.path,
+            request_serializer=self.request.SerializeToString,
+            response_deserializer=self.response.FromString,
+        )
+
+    def checked(self, response: object) -> _Resp:
+        """`response` typed as this RPC's answer (grpc is untyped, so calls return Any)."""
+        if not isinstance(response, self.response):
+            raise TypeError(f"{self.path} answered {type(response).__name__}")
+        return response
+
+
+def _rpc(
+    service: ServiceDescriptor, method: str, request: type[_Req], response: type[_Resp]
+) -> _Rpc[_Req, _Resp]:
+    # Checked against the compiled protos so that a renamed RPC fails at import, not per call.
+    descriptor = service.methods_by_name[method]
+    if (descriptor.input_type, descriptor.output_type) != (request.DESCRIPTOR, response.DESCRIPTOR):
+        raise TypeError(f"{descriptor.full_name} is not {request.__name__} -> {response.__name__}")
+    return _Rpc(f"/{service.full_name}/{method}", request, response)
+
+
+_SEGMENTS = segments_pb2.DESCRIPTOR.services_by_name["SegmentService"]
+# Server-streaming RPCs: (path, response type).
+_WATCH_PATH = f"/{_SEGMENTS.full_name}/WatchSegmentEvents"
+_EXPORT_PATH = f"/{_SEGMENTS.full_name}/ExportSegmentContacts"
+_CONTACTS = contacts_pb2.DESCRIPTOR.services_by_name["ContactService"]
+_EVENTS = events_pb2.DESCRIPTOR.services_by_name["EventService"]
+
+_LIST_SEGMENTS = _rpc(
+    _SEGMENTS, "ListSegments", segments_pb2.ListSegmentsRequest, segments_pb2.ListSegmentsResponse
+)
+_CREATE_SEGMENT = _rpc(_SEGMENTS, "CreateSegment", segments_pb2.CreateSegmentRequest, Segment)
+_GET_SEGMENT = _rpc(_SEGMENTS, "GetSegment", segments_pb2.GetSegmentRequest, Segment)
+_UPDATE_SEGMENT = _rpc(_SEGMENTS, "UpdateSegment", segments_pb2.UpdateSegmentRequest, Segment)
+_DELETE_SEGMENT = _rpc(
+    _SEGMENTS, "DeleteSegment", segments_pb2.DeleteSegmentRequest, empty_pb2.Empty
+)
+_LIST_SEGMENT_CONTACTS = _rpc(
+    _SEGMENTS,
+    "ListSegmentContacts",
+    segments_pb2.ListSegmentContactsRequest,
+    segments_pb2.ListSegmentContactsResponse,
+)
+_ADD_SEGMENT_MEMBERS = _rpc(
+    _SEGMENTS,
+    "AddSegmentMembers",
+    segments_pb2.AddSegmentMembersRequest,
+    segments_pb2.AddSegmentMembersResponse,
+)
+_REMOVE_SEGMENT_MEMBERS = _rpc(
+    _SEGMENTS,
+    "RemoveSegmentMembers",
+    segments_pb2.RemoveSegmentMembersRequest,
+    segments_pb2.RemoveSegmentMembersResponse,
+)
+_UPSERT_CONTACT = _rpc(_CONTACTS, "UpsertContact", contacts_pb2.UpsertContactRequest, Contact)
+_BATCH_UPSERT_CONTACTS = _rpc(
+    _CONTACTS,
+    "BatchUpsertContacts",
+    contacts_pb2.BatchUpsertContactsRequest,
+    contacts_pb2.BatchUpsertContactsResponse,
+)
+_GET_CONTACT = _rpc(_CONTACTS, "GetContact", contacts_pb2.GetContactRequest, Contact)
+_DELETE_CONTACT = _rpc(
+    _CONTACTS, "DeleteContact", contacts_pb2.DeleteContactRequest, empty_pb2.Empty
+)
+_TRACK = _rpc(_EVENTS, "Track", events_pb2.TrackRequest, events_pb2.TrackResponse)
+_INGEST_EVENTS = _rpc(
+    _EVENTS, "IngestEvents", events_pb2.IngestEventsRequest, events_pb2.IngestEventsResponse
+)
+
+
+def _condition(condition: Condition | None) -> FilterCondition | None:
+    if condition is None or isinstance(condition, FilterCondition):
+        return condition
+    # Raises json_format.ParseError for keys or enum names a FilterCondition does not have.
+    return json_format.ParseDict(dict(condition), FilterCondition())
+
+
+def _struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+    if data is None:
+        return None
+    struct = struct_pb2.Struct()
+    struct.update(data)  # None values become JSON null, which removes the key on upsert
+    return struct
+
+
+def _create_segment(
+    name: str,
+    condition: Condition | None,
+    type: str,
+    description: str | None,
+    track_membership: bool | None,
+) -> segments_pb2.CreateSegmentRequest:
+    return segments_pb2.CreateSegmentRequest(
+        name=name,
+        description=description,
+        # Raises ValueError for a name other than DYNAMIC or STATIC.
+        type=Segment.Type.Value(type),
+        condition=_condition(condition),
+        track_membership=track_membership,
+    )
+
+
+def _update_segment(
+    id: str,
+    name: str | None,
+    description: str | None,
+    condition: Condition | None,
+    track_membership: bool | None,
+) -> segments_pb2.UpdateSegmentRequest:
+    return segments_pb2.UpdateSegmentRequest(
+        id=id,
+        name=name,
+        description=description,
+        condition=_condition(condition),
+        track_membership=track_membership,
+    )
+
+
+def _add_members(
+    id: str, emails: Iterable[str], create_missing: bool | None, subscribed: bool | None
+) -> segments_pb2.AddSegmentMembersRequest:
+    return segments_pb2.AddSegmentMembersRequest(
+        id=id, emails=list(emails), create_missing=create_missing, subscribed=subscribed
+    )
+
+
+def _upsert_contact(
+    email: str, subscribed: bool | None, data: Mapping[str, Any] | None
+) -> contacts_pb2.UpsertContactRequest:
+    return contacts_pb2.UpsertContactRequest(email=email, subscribed=subscribed, data=_struct(data))
+
+
+def _batch_upsert(contacts: Iterable[Mapping[str, Any]]) -> contacts_pb2.BatchUpsertContactsRequest:
+    # The REST body's item shape, {email, subscribed?, data?}, parsed as JSON.
+    return contacts_pb2.BatchUpsertContactsRequest(
+        contacts=[
+            json_format.ParseDict(dict(c), contacts_pb2.UpsertContactRequest()) for c in contacts
+        ]
+    )
+
+
+def _track(
+    event: str, email: str, subscribed: bool | None, data: Mapping[str, Any] | None
+) -> events_pb2.TrackRequest:
+    return events_pb2.TrackRequest(
+        event=event, email=email, subscribed=subscribed, data=_struct(data)
+    )
+
+
+def _ingested_event(event: Mapping[str, Any]) -> events_pb2.IngestedEvent:
+    fields = dict(event)
+    for key in ("occurredAt", "occurred_at"):
+        if isinstance(fields.get(key), datetime):
+            fields[key] = _rfc3339(fields[key])
+    return json_format.ParseDict(fields, events_pb2.IngestedEvent())
+
+
+def _rfc3339(moment: datetime) -> str:
+    # A naive datetime would silently be read as UTC; local time is the likelier intent.
+    if moment.tzinfo is None:
+        raise ValueError(f"occurredAt {moment.isoformat()} has no time zone")
+    timestamp = timestamp_pb2.Timestamp()
+    timestamp.FromDatetime(moment)
+    return timestamp.ToJsonString()
+
+
+def _ingest(events: Iterable[Mapping[str, Any]]) -> events_pb2.IngestEventsRequest:
+    return events_pb2.IngestEventsRequest(events=[_ingested_event(e) for e in events])
+
+
+# --- the clients ----------------------------------------------------------------------------
+
+
+class _Client:
+    """What both clients hold: the channel settings and the call metadata."""
+
+    def __init__(self, api_key: str, timeout: float, owns_channel: bool) -> None:
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._timeout = timeout
+        self._owns_channel = owns_channel
+
+
+class SegmentsClient(_Client):
+    """Blocking client for one API key: the secret key for all calls but `track` (public key)."""
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str,
+        *,
+        timeout: float = 10.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        super().__init__(api_key, timeout, owns_channel=channel is None)
+        # Pass `channel` for TLS or custom options; it is then left open by close().
+        self._channel: grpc.Channel = (
+            channel if channel is not None else grpc.insecure_channel(target)
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel if this client created it."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def _send(self, rpc: _Rpc[_Req, _Resp], request: _Req) -> _Resp:
+        try:
+            response = rpc.bind(self._channel)(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise _error_from_call(err) from err
+        return rpc.checked(response)
+
+    def list_segments(self) -> list[Segment]:
+        """Every segment of the project, newest first."""
+        return list(self._send(_LIST_SEGMENTS, segments_pb2.ListSegmentsRequest()).segments)
+
+    def create_segment(
+        self,
+        name: str,
+        *,
+        condition: Condition | None = None,
+        type: str = "DYNAMIC",
+        description: str | None = None,
+        track_membership: bool | None = None,
+    ) -> Segment:
+        """Create a DYNAMIC (needs `condition`) or STATIC segment."""
+        return self._send(
+            _CREATE_SEGMENT,
+            _create_segment(name, condition, type, description, track_membership),
+        )
+
+    def get_segment(self, id: str) -> Segment:
+        """One segment with its current member count."""
+        return self._send(_GET_SEGMENT, segments_pb2.GetSegmentRequest(id=id))
+
+    def update_segment(
+        self,
+        id: str,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        condition: Condition | None = None,
+        track_membership: bool | None = None,
+    ) -> Segment:
+        """Change the given fields and keep the others; description "" clears it."""
+        return self._send(
+            _UPDATE_SEGMENT,
+            _update_segment(id, name, description, condition, track_membership),
+        )
+
+    def delete_segment(self, id: str) -> None:
+        """Delete a segment that no other segment references."""
+        self._send(_DELETE_SEGMENT, segments_pb2.DeleteSegmentRequest(id=id))
+
+    def list_segment_contacts(
+        self, id: str, *, page: int = 1, page_size: int = 20
+    ) -> segments_pb2.ListSegmentContactsResponse:
+        """One page (1-based, at most 100 contacts) of the segment's current members."""
+        return self._send(
+            _LIST_SEGMENT_CONTACTS,
+            segments_pb2.ListSegmentContactsRequest(id=id, page=page, page_size=page_size),
+        )
+
+    def add_segment_members(
+        self,
+        id: str,
+        emails: Iterable[str],
+        *,
+        create_missing: bool | None = None,
+        subscribed: bool | None = None,
+    ) -> segments_pb2.AddSegmentMembersResponse:
+        """Add contacts to a STATIC segment by email, creating missing ones by default."""
+        return self._send(
+            _ADD_SEGMENT_MEMBERS, _add_members(id, emails, create_missing, subscribed)
+        )
+
+    def remove_segment_members(
+        self, id: str, emails: Iterable[str]
+    ) -> segments_pb2.RemoveSegmentMembersResponse:
+        """Remove contacts from a STATIC segment by email."""
+        return self._send(
+            _REMOVE_SEGMENT_MEMBERS,
+            segments_pb2.RemoveSegmentMembersRequest(id=id, emails=list(emails)),
+        )
+
+    def upsert_contact(
+        self, email: str, *, subscribed: bool | None = None, data: Mapping[str, Any] | None = None
+    ) -> Contact:
+        """Create or update the contact; `data` is merged key by key, a None value removes a key."""
+        return self._send(_UPSERT_CONTACT, _upsert_contact(email, subscribed, data))
+
+    def batch_upsert_contacts(
+        self, contacts: Iterable[Mapping[str, Any]]
+    ) -> contacts_pb2.BatchUpsertContactsResponse:
+        """Upsert up to 1000 {email, subscribed?, data?} contacts, all or nothing."""
+        return self._send(_BATCH_UPSERT_CONTACTS, _batch_upsert(contacts))
+
+    def get_contact(self, id: str) -> Contact:
+        """One contact."""
+        return self._send(_GET_CONTACT, contacts_pb2.GetContactRequest(id=id))
+
+    def delete_contact(self, id: str) -> None:
+        """Delete a contact with its events and memberships."""
+        self._send(_DELETE_CONTACT, contacts_pb2.DeleteContactRequest(id=id))
+
+    def track(
+        self,
+        event: str,
+        email: str,
+        *,
+        subscribed: bool | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> events_pb2.TrackResponse:
+        """Record one event for a contact, creating it if needed; needs the PUBLIC key."""
+        return self._send(_TRACK, _track(event, email, subscribed, data))
+
+    def ingest_events(self, events: Iterable[Mapping[str, Any]]) -> events_pb2.IngestEventsResponse:
+        """Record up to 1000 {email, event, occurredAt?, data?} events, all or nothing."""
+        return self._send(_INGEST_EVENTS, _ingest(events))
+
+    def _stream(self, path: str, request: Message, response: type[_Resp]) -> Iterator[_Resp]:
+        call = self._channel.unary_stream(
+            path,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response.FromString,
+        )(request, metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                raise _error_from_call(err) from err
+        finally:
+            call.cancel()
+
+    def watch_segment_events(
+        self, *, after: str = "", segment_ids: Sequence[str] = ()
+    ) -> Iterator[segments_pb2.SegmentEvent]:
+        """Entry/exit events of tracked segments, live, without end. Pass the `cursor` of the
+        last event handled as `after` to resume after a disconnect without gaps or repeats."""
+        request = segments_pb2.WatchSegmentEventsRequest(after=after, segment_ids=segment_ids)
+        return self._stream(_WATCH_PATH, request, segments_pb2.SegmentEvent)
+
+    def export_segment_contacts(self, id: str) -> Iterator[Contact]:
+        """Every current member of a segment, streamed from one snapshot."""
+        request = segments_pb2.ExportSegmentContactsRequest(id=id)
+        return self._stream(_EXPORT_PATH, request, Contact)
+
+
+class AsyncSegmentsClient(_Client):
+    """asyncio client for one API key, with the methods of SegmentsClient as coroutines."""
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str,
+        *,
+        timeout: float = 10.0,
+        channel: aio.Channel | None = None,
+    ) -> None:
+        super().__init__(api_key, timeout, owns_channel=channel is None)
+        # Create the client inside the event loop that uses it: aio channels are bound to it.
+        self._channel: aio.Channel = (
+            channel if channel is not None else aio.insecure_channel(target)
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel if this client created it."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def _send(self, rpc: _Rpc[_Req, _Resp], request: _Req) -> _Resp:
+        try:
+            response = await rpc.bind(self._channel)(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        except aio.AioRpcError as err:
+            raise _error_from_aio(err) from err
+        return rpc.checked(response)
+
+    async def list_segments(self) -> list[Segment]:
+        """`SegmentsClient.list_segments` as a coroutine."""
+        response = await self._send(_LIST_SEGMENTS, segments_pb2.ListSegmentsRequest())
+        return list(response.segments)
+
+    async def create_segment(
+        self,
+        name: str,
+        *,
+        condition: Condition | None = None,
+        type: str = "DYNAMIC",
+        description: str | None = None,
+        track_membership: bool | None = None,
+    ) -> Segment:
+        """`SegmentsClient.create_segment` as a coroutine."""
+        return await self._send(
+            _CREATE_SEGMENT,
+            _create_segment(name, condition, type, description, track_membership),
+        )
+
+    async def get_segment(self, id: str) -> Segment:
+        """`SegmentsClient.get_segment` as a coroutine."""
+        return await self._send(_GET_SEGMENT, segments_pb2.GetSegmentRequest(id=id))
+
+    async def update_segment(
+        self,
+        id: str,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        condition: Condition | None = None,
+        track_membership: bool | None = None,
+    ) -> Segment:
+        """`SegmentsClient.update_segment` as a coroutine."""
+        return await self._send(
+            _UPDATE_SEGMENT,
+            _update_segment(id, name, description, condition, track_membership),
+        )
+
+    async def delete_segment(self, id: str) -> None:
+        """`SegmentsClient.delete_segment` as a coroutine."""
+        await self._send(_DELETE_SEGMENT, segments_pb2.DeleteSegmentRequest(id=id))
+
+    async def list_segment_contacts(
+        self, id: str, *, page: int = 1, page_size: int = 20
+    ) -> segments_pb2.ListSegmentContactsResponse:
+        """`SegmentsClient.list_segment_contacts` as a coroutine."""
+        return await self._send(
+            _LIST_SEGMENT_CONTACTS,
+            segments_pb2.ListSegmentContactsRequest(id=id, page=page, page_size=page_size),
+        )
+
+    async def add_segment_members(
+        self,
+        id: str,
+        emails: Iterable[str],
+        *,
+        create_missing: bool | None = None,
+        subscribed: bool | None = None,
+    ) -> segments_pb2.AddSegmentMembersResponse:
+        """`SegmentsClient.add_segment_members` as a coroutine."""
+        return await self._send(
+            _ADD_SEGMENT_MEMBERS, _add_members(id, emails, create_missing, subscribed)
+        )
+
+    async def remove_segment_members(
+        self, id: str, emails: Iterable[str]
+    ) -> segments_pb2.RemoveSegmentMembersResponse:
+        """`SegmentsClient.remove_segment_members` as a coroutine."""
+        return await self._send(
+            _REMOVE_SEGMENT_MEMBERS,
+            segments_pb2.RemoveSegmentMembersRequest(id=id, emails=list(emails)),
+        )
+
+    async def upsert_contact(
+        self, email: str, *, subscribed: bool | None = None, data: Mapping[str, Any] | None = None
+    ) -> Contact:
+        """`SegmentsClient.upsert_contact` as a coroutine."""
+        return await self._send(_UPSERT_CONTACT, _upsert_contact(email, subscribed, data))
+
+    async def batch_upsert_contacts(
+        self, contacts: Iterable[Mapping[str, Any]]
+    ) -> contacts_pb2.BatchUpsertContactsResponse:
+        """`SegmentsClient.batch_upsert_contacts` as a coroutine."""
+        return await self._send(_BATCH_UPSERT_CONTACTS, _batch_upsert(contacts))
+
+    async def get_contact(self, id: str) -> Contact:
+        """`SegmentsClient.get_contact` as a coroutine."""
+        return await self._send(_GET_CONTACT, contacts_pb2.GetContactRequest(id=id))
+
+    async def delete_contact(self, id: str) -> None:
+        """`SegmentsClient.delete_contact` as a coroutine."""
+        await self._send(_DELETE_CONTACT, contacts_pb2.DeleteContactRequest(id=id))
+
+    async def track(
+        self,
+        event: str,
+        email: str,
+        *,
+        subscribed: bool | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> events_pb2.TrackResponse:
+        """`SegmentsClient.track` as a coroutine."""
+        return await self._send(_TRACK, _track(event, email, subscribed, data))
+
+    async def ingest_events(
+        self, events: Iterable[Mapping[str, Any]]
+    ) -> events_pb2.IngestEventsResponse:
+        """`SegmentsClient.ingest_events` as a coroutine."""
+        return await self._send(_INGEST_EVENTS, _ingest(events))
+
+    async def _stream(
+        self, path: str, request: Message, response: type[_Resp]
+    ) -> AsyncIterator[_Resp]:
+        call = self._channel.unary_stream(
+            path,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response.FromString,
+        )(request, metadata=self._metadata)
+        try:
+            async for item in call:
+                yield item
+        except aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                raise _error_from_aio(err) from err
+        finally:
+            call.cancel()
+
+    def watch_segment_events(
+        self, *, after: str = "", segment_ids: Sequence[str] = ()
+    ) -> AsyncIterator[segments_pb2.SegmentEvent]:
+        """`SegmentsClient.watch_segment_events` as an async iterator."""
+        request = segments_pb2.WatchSegmentEventsRequest(after=after, segment_ids=segment_ids)
+        return self._stream(_WATCH_PATH, request, segments_pb2.SegmentEvent)
+
+    def export_segment_contacts(self, id: str) -> AsyncIterator[Contact]:
+        """`SegmentsClient.export_segment_contacts` as an async iterator."""
+        request = segments_pb2.ExportSegmentContactsRequest(id=id)
+        return self._stream(_EXPORT_PATH, request, Contact)
