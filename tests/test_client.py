@@ -485,7 +485,7 @@ def test_watch_and_export_stream_through_the_client(grpc_port: int, project: Key
             },
             track_membership=True,
         )
-        events = client.watch_segment_events()
+        events = client.watch_segment_events(timeout=20)
         for i in range(3):
             client.upsert_contact(f"v{i}@x.com", data={"plan": "premium"})
         first = next(events)
@@ -494,7 +494,7 @@ def test_watch_and_export_stream_through_the_client(grpc_port: int, project: Key
             segments_pb2.SegmentEvent.ENTRY,
             vip.id,
         )
-        resumed = client.watch_segment_events(after=first.cursor)
+        resumed = client.watch_segment_events(after=first.cursor, timeout=20)
         assert [next(resumed).email for _ in range(2)] == ["v1@x.com", "v2@x.com"]
         exported = sorted(c.email for c in client.export_segment_contacts(vip.id))
         assert exported == ["v0@x.com", "v1@x.com", "v2@x.com"]

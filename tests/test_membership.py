@@ -47,7 +47,7 @@ def segment_events(engine: Engine, project: Project) -> list[tuple[str, str]]:
             text(
                 "SELECT e.name, c.email FROM events e JOIN contacts c "
                 "ON c.project_id = e.project_id AND c.id = e.contact_id "
-                "WHERE e.project_id = :p AND e.name LIKE 'segment.%' ORDER BY e.tx, e.id"
+                "WHERE e.project_id = :p AND e.name LIKE 'segment.%' ORDER BY e.feed_seq"
             ),
             {"p": project.id},
         )

@@ -549,32 +549,42 @@ class SegmentsClient(_Client):
         """Record up to 1000 {email, event, occurredAt?, data?} events, all or nothing."""
         return self._send(_INGEST_EVENTS, _ingest(events))
 
-    def _stream(self, path: str, request: Message, response: type[_Resp]) -> Iterator[_Resp]:
+    def _stream(
+        self, path: str, request: Message, response: type[_Resp], timeout: float | None
+    ) -> Iterator[_Resp]:
+        # The call starts here, not at the first next(): "from now on" means now.
         call = self._channel.unary_stream(
             path,
             request_serializer=type(request).SerializeToString,
             response_deserializer=response.FromString,
-        )(request, metadata=self._metadata)
-        try:
-            yield from call
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:
-                raise _error_from_call(err) from err
-        finally:
-            call.cancel()
+        )(request, metadata=self._metadata, timeout=timeout)
+
+        def items() -> Iterator[_Resp]:
+            try:
+                yield from call
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.CANCELLED:
+                    raise _error_from_call(err) from err
+            finally:
+                call.cancel()
+
+        return items()
 
     def watch_segment_events(
-        self, *, after: str = "", segment_ids: Sequence[str] = ()
+        self, *, after: str = "", segment_ids: Sequence[str] = (), timeout: float | None = None
     ) -> Iterator[segments_pb2.SegmentEvent]:
-        """Entry/exit events of tracked segments, live, without end. Pass the `cursor` of the
-        last event handled as `after` to resume after a disconnect without gaps or repeats."""
+        """Entry/exit events of tracked segments, live, from the moment of this call (or after
+        the `cursor` given as `after`, to resume without gaps or repeats); `timeout` ends the
+        stream, none by default."""
         request = segments_pb2.WatchSegmentEventsRequest(after=after, segment_ids=segment_ids)
-        return self._stream(_WATCH_PATH, request, segments_pb2.SegmentEvent)
+        return self._stream(_WATCH_PATH, request, segments_pb2.SegmentEvent, timeout)
 
-    def export_segment_contacts(self, id: str) -> Iterator[Contact]:
+    def export_segment_contacts(
+        self, id: str, *, timeout: float | None = None
+    ) -> Iterator[Contact]:
         """Every current member of a segment, streamed from one snapshot."""
         request = segments_pb2.ExportSegmentContactsRequest(id=id)
-        return self._stream(_EXPORT_PATH, request, Contact)
+        return self._stream(_EXPORT_PATH, request, Contact, timeout)
 
 
 class AsyncSegmentsClient(_Client):
@@ -730,31 +740,38 @@ class AsyncSegmentsClient(_Client):
         """`SegmentsClient.ingest_events` as a coroutine."""
         return await self._send(_INGEST_EVENTS, _ingest(events))
 
-    async def _stream(
-        self, path: str, request: Message, response: type[_Resp]
+    def _stream(
+        self, path: str, request: Message, response: type[_Resp], timeout: float | None
     ) -> AsyncIterator[_Resp]:
+        # The call starts here, not at the first iteration: "from now on" means now.
         call = self._channel.unary_stream(
             path,
             request_serializer=type(request).SerializeToString,
             response_deserializer=response.FromString,
-        )(request, metadata=self._metadata)
-        try:
-            async for item in call:
-                yield item
-        except aio.AioRpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:
-                raise _error_from_aio(err) from err
-        finally:
-            call.cancel()
+        )(request, metadata=self._metadata, timeout=timeout)
+
+        async def items() -> AsyncIterator[_Resp]:
+            try:
+                async for item in call:
+                    yield item
+            except aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.CANCELLED:
+                    raise _error_from_aio(err) from err
+            finally:
+                call.cancel()
+
+        return items()
 
     def watch_segment_events(
-        self, *, after: str = "", segment_ids: Sequence[str] = ()
+        self, *, after: str = "", segment_ids: Sequence[str] = (), timeout: float | None = None
     ) -> AsyncIterator[segments_pb2.SegmentEvent]:
         """`SegmentsClient.watch_segment_events` as an async iterator."""
         request = segments_pb2.WatchSegmentEventsRequest(after=after, segment_ids=segment_ids)
-        return self._stream(_WATCH_PATH, request, segments_pb2.SegmentEvent)
+        return self._stream(_WATCH_PATH, request, segments_pb2.SegmentEvent, timeout)
 
-    def export_segment_contacts(self, id: str) -> AsyncIterator[Contact]:
+    def export_segment_contacts(
+        self, id: str, *, timeout: float | None = None
+    ) -> AsyncIterator[Contact]:
         """`SegmentsClient.export_segment_contacts` as an async iterator."""
         request = segments_pb2.ExportSegmentContactsRequest(id=id)
-        return self._stream(_EXPORT_PATH, request, Contact)
+        return self._stream(_EXPORT_PATH, request, Contact, timeout)

@@ -1,9 +1,8 @@
 """The feed of entry/exit events that WatchSegmentEvents streams, with gap-free resume.
 
-An event's cursor is (committing transaction id, event id). A reader only takes events of
-transactions older than the oldest one still running (pg_snapshot_xmin), in cursor order:
-a transaction that commits late has an id at or above that bound, so it is read later,
-never skipped. Resuming after a cursor therefore neither repeats nor misses an event.
+Each recorded entry/exit event has a position in its project's feed (events.feed_seq),
+allocated under a row lock held until commit (migration 0003), so positions become
+visible in order. A cursor is a position: resuming after it neither repeats nor misses.
 """
 
 from __future__ import annotations
@@ -23,31 +22,31 @@ from sqlalchemy.types import Text
 from segments_service.errors import ValidationError
 
 BATCH = 500
-_CURSOR = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_CURSOR = re.compile(r"^\d{1,18}$")
 
 
 @dataclass(frozen=True)
 class Cursor:
-    tx: int
-    event_id: int
+    """A position in a project's feed."""
+
+    seq: int
 
     def __str__(self) -> str:
-        return f"{self.tx}-{self.event_id}"
+        return str(self.seq)
 
     @classmethod
     def parse(cls, raw: str, field: str = "after") -> Cursor:
-        match = _CURSOR.match(raw.strip())
-        if match is None:
+        if not _CURSOR.match(raw.strip()):
             raise ValidationError.single(field, "is not a cursor returned by this stream")
-        return cls(int(match.group(1)), int(match.group(2)))
+        return cls(int(raw.strip()))
 
 
-def start_cursor(session: Session) -> Cursor:
-    """Where a stream that asks for "from now on" starts."""
-    xmin = session.execute(
-        text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-    ).scalar_one()
-    return Cursor(int(xmin), 0)
+def start_cursor(session: Session, project_id: uuid.UUID) -> Cursor:
+    """Where a stream that asks for "from now on" starts: after the last committed event."""
+    last = session.execute(
+        text("SELECT last_seq FROM feed_positions WHERE project_id = :p"), {"p": project_id}
+    ).scalar_one_or_none()
+    return Cursor(int(last or 0))
 
 
 @dataclass(frozen=True)
@@ -68,15 +67,12 @@ class FeedEvent:
 
 _READ = text(
     """
-    SELECT e.id, e.tx::text AS tx, e.name, e.data, e.occurred_at, e.contact_id, c.email
+    SELECT e.id, e.feed_seq, e.name, e.data, e.occurred_at, e.contact_id, c.email
     FROM events e
     JOIN contacts c ON c.project_id = e.project_id AND c.id = e.contact_id
-    WHERE e.project_id = :project_id
-      AND e.name LIKE 'segment.%' AND (e.name LIKE '%.entry' OR e.name LIKE '%.exit')
-      AND (e.tx, e.id) > (CAST(:tx AS xid8), :event_id)
-      AND e.tx < pg_snapshot_xmin(pg_current_snapshot())
+    WHERE e.project_id = :project_id AND e.feed_seq > :after
       AND (CAST(:segment_ids AS text[]) IS NULL OR e.data ->> 'segmentId' = ANY(:segment_ids))
-    ORDER BY e.tx, e.id
+    ORDER BY e.feed_seq
     LIMIT :limit
     """
 ).bindparams(bindparam("segment_ids", type_=ARRAY(Text)))
@@ -93,15 +89,14 @@ def read_after(
         _READ,
         {
             "project_id": project_id,
-            "tx": str(after.tx),
-            "event_id": after.event_id,
+            "after": after.seq,
             "segment_ids": list(segment_ids) if segment_ids else None,
             "limit": limit,
         },
     )
     return [
         FeedEvent(
-            cursor=Cursor(int(r.tx), r.id),
+            cursor=Cursor(r.feed_seq),
             event_id=r.id,
             name=r.name,
             segment_id=str(r.data.get("segmentId", "")),

@@ -259,48 +259,89 @@ def _apply(
         select(func.count()).select_from(counted).scalar_subquery(),
     ]
     if tracked:
-        info = (
-            values(
-                column("segment_id", Uuid),
-                column("slug", Text),
-                column("segment_name", Text),
-                name="tracked",
-            )
-            .data([(seg.id, slugify(seg.name), seg.name) for seg in tracked])
-            .cte("tracked")
-        )
-        e = tables.events
         changes = union_all(
             select(entered.c.segment_id, entered.c.contact_id, literal("entry").label("kind")),
             select(exited.c.segment_id, exited.c.contact_id, literal("exit").label("kind")),
         ).subquery("changes")
-        recorded = (
-            insert(e)
-            .from_select(
-                ["project_id", "contact_id", "name", "data", "occurred_at"],
-                select(
-                    literal(project_id, Uuid),
-                    changes.c.contact_id,
-                    func.concat("segment.", info.c.slug, ".", changes.c.kind),
-                    func.jsonb_build_object(
-                        "segmentId",
-                        func.cast(info.c.segment_id, Text),
-                        "segmentName",
-                        info.c.segment_name,
-                        type_=JSONB,
-                    ),
-                    func.now(),
-                )
-                .join_from(changes, info, info.c.segment_id == changes.c.segment_id)
-                # Deterministic event order within one transaction.
-                .order_by(changes.c.segment_id, changes.c.kind, changes.c.contact_id),
-            )
-            .returning(e.c.id)
-            .cte("recorded")
-        )
+        recorded = _record_events(project_id, tracked, changes)
         outputs.append(select(func.count()).select_from(recorded).scalar_subquery())
     row = session.execute(select(*outputs)).one()
     return Changes(entered=row[0], exited=row[1], events=row[3] if tracked else 0)
+
+
+def _record_events(project_id: uuid.UUID, tracked: Sequence[Dynamic], changes: Any) -> Any:
+    """A CTE recording `segment.<slug>.<kind>` events for `changes` (segment_id, contact_id,
+    kind) of tracked segments, at consecutive positions of the project's feed.
+
+    The positions come from the project's feed_positions row, whose lock is held until
+    commit; see migration 0003 for why that makes the feed safe to read by position."""
+    info = (
+        values(
+            column("segment_id", Uuid),
+            column("slug", Text),
+            column("segment_name", Text),
+            name="tracked",
+        )
+        .data([(seg.id, slugify(seg.name), seg.name) for seg in tracked])
+        .cte("tracked")
+    )
+    named = (
+        select(
+            changes.c.contact_id,
+            func.concat("segment.", info.c.slug, ".", changes.c.kind).label("name"),
+            func.jsonb_build_object(
+                "segmentId",
+                func.cast(info.c.segment_id, Text),
+                "segmentName",
+                info.c.segment_name,
+                type_=JSONB,
+            ).label("data"),
+            # Deterministic order of the events one transaction records.
+            func.row_number()
+            .over(order_by=(changes.c.segment_id, changes.c.kind, changes.c.contact_id))
+            .label("n"),
+        )
+        .join_from(changes, info, info.c.segment_id == changes.c.segment_id)
+        .cte("named")
+    )
+    f = tables.feed_positions
+    allocated = (
+        pg_insert(f)
+        .from_select(
+            ["project_id", "last_seq"],
+            # No row (and no lock) when nothing is recorded.
+            select(literal(project_id, Uuid), func.count())
+            .select_from(named)
+            .having(func.count() > 0),
+        )
+        .on_conflict_do_update(
+            index_elements=[f.c.project_id],
+            set_={"last_seq": f.c.last_seq + pg_insert(f).excluded.last_seq},
+        )
+        .returning(f.c.last_seq)
+        .cte("allocated")
+    )
+    total = select(func.count()).select_from(named).scalar_subquery()
+    e = tables.events
+    return (
+        insert(e)
+        .from_select(
+            ["project_id", "contact_id", "name", "data", "occurred_at", "feed_seq"],
+            select(
+                literal(project_id, Uuid),
+                named.c.contact_id,
+                named.c.name,
+                named.c.data,
+                func.now(),
+                allocated.c.last_seq - total + named.c.n,
+            )
+            .select_from(named)
+            .join(allocated, literal(True))
+            .order_by(named.c.n),
+        )
+        .returning(e.c.id)
+        .cte("recorded")
+    )
 
 
 def refresh_contacts(
@@ -387,29 +428,15 @@ def dependents(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -
 
 def record_entries_for_all(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> int:
     """Tracking was just turned on: one entry event per current member."""
+    (segment,) = dynamic_segments(session, project_id, [segment_id])
     m = tables.segment_members.c
-    s = tables.segments.c
-    e = tables.events
-    row = session.execute(
-        select(s.name).where(s.project_id == project_id, s.id == segment_id)
-    ).one()
-    result = session.execute(
-        insert(e)
-        .from_select(
-            ["project_id", "contact_id", "name", "data", "occurred_at"],
-            select(
-                literal(project_id, Uuid),
-                m.contact_id,
-                literal(f"segment.{slugify(row.name)}.entry", Text),
-                literal({"segmentId": str(segment_id), "segmentName": row.name}, JSONB),
-                func.now(),
-            )
-            .where(m.project_id == project_id, m.segment_id == segment_id)
-            .order_by(m.contact_id),
-        )
-        .returning(e.c.id)
+    changes = (
+        select(m.segment_id, m.contact_id, literal("entry").label("kind"))
+        .where(m.project_id == project_id, m.segment_id == segment_id)
+        .subquery("changes")
     )
-    return len(result.all())
+    recorded = _record_events(project_id, [segment], changes)
+    return int(session.execute(select(func.count()).select_from(recorded)).scalar_one())
 
 
 def forget_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUID) -> None:

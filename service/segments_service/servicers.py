@@ -188,7 +188,9 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
         with errors_mapped(context, request_id), self.sessions.begin() as session:
             caller = authenticate(session, metadata_value(context, "authorization"), "secret")
             cursor = (
-                feed.Cursor.parse(request.after) if request.after else feed.start_cursor(session)
+                feed.Cursor.parse(request.after)
+                if request.after
+                else feed.start_cursor(session, caller.project_id)
             )
             segment_ids = [str(parse_id(i, "segment")) for i in request.segment_ids]
         while context.is_active() and not STREAMS_STOPPING.is_set():

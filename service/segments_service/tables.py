@@ -65,7 +65,7 @@ events = Table(
     Column("data", JSONB, nullable=False),
     Column("occurred_at", DateTime(timezone=True), primary_key=True),
     _ts("created_at"),
-    Column("tx", Text),  # xid8, read as text
+    Column("feed_seq", BigInteger),  # position in the project's entry/exit feed
 )
 
 segments = Table(
@@ -109,4 +109,11 @@ segment_members = Table(
     Column("segment_id", Uuid, primary_key=True),
     Column("contact_id", Uuid, primary_key=True),
     _ts("entered_at"),
+)
+
+feed_positions = Table(
+    "feed_positions",
+    metadata,
+    Column("project_id", Uuid, primary_key=True),
+    Column("last_seq", BigInteger, nullable=False),
 )
