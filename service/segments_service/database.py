@@ -22,8 +22,8 @@ def _untraversable_parents(path: Path) -> list[Path]:
     """Parents of `path` that another system user could not enter."""
     blocked = []
     for parent in path.resolve().parents:
-        mode = parent.stat().st_mode
-        if not (mode & stat.S_IXOTH):
+        # Directories that do not exist yet are created by us, traversable (umask 022).
+        if parent.exists() and not (parent.stat().st_mode & stat.S_IXOTH):
             blocked.append(parent)
     return blocked
 
