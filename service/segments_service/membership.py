@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -66,11 +67,11 @@ CHUNK = 1000
 
 
 def slugify(name: str) -> str:
-    """The name as used in entry/exit event names (SPEC §5): ASCII letters, digits, _ and -."""
-    import re
-
-    slug = re.sub(r"[^a-z0-9_\s-]", "", name.lower())
-    slug = re.sub(r"\s+", "-", slug)
+    """The name as used in entry/exit event names (SPEC §5): lower-cased; letters (any
+    script), digits, _, - and whitespace kept; whitespace runs become one -; repeated -
+    collapse; no leading or trailing -."""
+    kept = "".join(ch for ch in name.lower() if ch.isalnum() or ch in "_-" or ch.isspace())
+    slug = re.sub(r"\s+", "-", kept)
     return re.sub(r"-{2,}", "-", slug).strip("-")
 
 
