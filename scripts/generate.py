@@ -1,4 +1,5 @@
-"""Generate Python messages, gRPC stubs, type stubs and Envoy's descriptor set from protos/.
+"""Generate Python messages, gRPC stubs, type stubs, Envoy's descriptor set and the OpenAPI
+document (scripts/openapi.py) from protos/.
 
 `--check` generates into a scratch directory and fails when the committed files differ.
 """
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 GEN_DIR = Path("client/segments/v1")
 DESCRIPTOR = Path("envoy/segments.pb")
+OPENAPI = Path("openapi/openapi.json")
 # Detail types the server sends must be in Envoy's descriptor pool, or Envoy cannot
 # print the error; they ship in googleapis-common-protos.
 EXTRA_DESCRIPTOR_PROTOS = ["google/rpc/status.proto", "google/rpc/error_details.proto"]
@@ -58,11 +60,16 @@ def _protoc(out: Path) -> None:
     # googleapis-common-protos at run time, so they are not kept.
     shutil.rmtree(out / "client" / "google", ignore_errors=True)
     (out / GEN_DIR / "__init__.py").write_text('"""Generated from protos/segments/v1."""\n')
+    openapi = [sys.executable, str(ROOT / "scripts" / "openapi.py"), "--output", str(out / OPENAPI)]
+    done = subprocess.run(openapi, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"scripts/openapi.py failed ({done.returncode})")
 
 
 def _generated_files(base: Path) -> list[Path]:
     files = [p.relative_to(base) for p in (base / GEN_DIR).iterdir() if p.is_file()]
-    return sorted([*files, DESCRIPTOR])
+    return sorted([*files, DESCRIPTOR, OPENAPI])
 
 
 def main() -> int:
@@ -80,6 +87,7 @@ def main() -> int:
                 for f in sorted(set(fresh) | set(current))
                 if f not in fresh
                 or f not in current
+                or not (ROOT / f).is_file()
                 or not filecmp.cmp(out / f, ROOT / f, shallow=False)
             ]
             if stale:

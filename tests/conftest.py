@@ -21,6 +21,9 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
 from segments.v1 import contacts_pb2_grpc, events_pb2_grpc, segments_pb2_grpc
 from segments_service.auth import create_project
 from segments_service.database import (
@@ -33,8 +36,6 @@ from segments_service.database import (
     start_embedded,
 )
 from segments_service.server import create_server
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import grpc
 import pytest
 from google.protobuf import json_format
+
 from segments import (
     AsyncSegmentsClient,
     FailedPreconditionError,

@@ -16,6 +16,8 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import Engine, text
+
 from segments.v1 import (
     contacts_pb2,
     contacts_pb2_grpc,
@@ -25,8 +27,6 @@ from segments.v1 import (
     segments_pb2,
     segments_pb2_grpc,
 )
-from sqlalchemy import Engine, text
-
 from tests.conftest import Project, free_port
 
 

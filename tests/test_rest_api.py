@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from segments_service.auth import revoke_key
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments_service.auth import revoke_key
 from tests.conftest import Project, Rest, new_project
 from tests.rest_helpers import (
     Api,

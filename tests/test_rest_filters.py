@@ -8,20 +8,71 @@ its members), so every expectation is about the state the API was asked about.""
 
 from __future__ import annotations
 
+import copy
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
-from segments_service import sweeper
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments_service import sweeper
 from tests.conftest import Project, Rest
 from tests.rest_helpers import Api, check_error, cond, flt
 
-REFERENCE = Path("/work/shared/reference/plunk-openapi.json")
+# The request examples of the reference API's documentation for POST /segments, verbatim.
+REFERENCE_EXAMPLES: dict[str, dict[str, Any]] = {
+    "simple": {
+        "name": "Premium Users",
+        "condition": {
+            "logic": "AND",
+            "groups": [
+                {"filters": [{"field": "data.plan", "operator": "equals", "value": "premium"}]}
+            ],
+        },
+        "trackMembership": True,
+    },
+    "orLogic": {
+        "name": "Premium or new",
+        "description": "Targets for the onboarding push",
+        "condition": {
+            "logic": "OR",
+            "groups": [
+                {
+                    "filters": [
+                        {"field": "data.plan", "operator": "equals", "value": "premium"},
+                        {"field": "subscribed", "operator": "equals", "value": True},
+                    ]
+                },
+                {
+                    "filters": [
+                        {"field": "createdAt", "operator": "within", "value": 7, "unit": "days"}
+                    ]
+                },
+            ],
+        },
+    },
+    "eventBased": {
+        "name": "Recent purchasers",
+        "condition": {
+            "logic": "AND",
+            "groups": [
+                {
+                    "filters": [
+                        {
+                            "field": "purchase",
+                            "operator": "triggeredWithin",
+                            "value": 30,
+                            "unit": "days",
+                        }
+                    ]
+                }
+            ],
+        },
+    },
+    "static": {"name": "Beta testers", "type": "STATIC"},
+}
 
 
 @pytest.fixture
@@ -754,13 +805,7 @@ def test_time_passing_is_applied_by_the_sweep(
 
 
 def reference_example(name: str) -> dict[str, Any]:
-    doc = json.loads(REFERENCE.read_text())
-    examples = doc["paths"]["/segments"]["post"]["requestBody"]["content"]["application/json"][
-        "examples"
-    ]
-    value = examples[name]["value"]
-    assert isinstance(value, dict)
-    return value
+    return copy.deepcopy(REFERENCE_EXAMPLES[name])
 
 
 def post_example(rest: Rest, project: Project, name: str) -> dict[str, Any]:

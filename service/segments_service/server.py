@@ -12,6 +12,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
 from segments.v1 import (
     contacts_pb2,
     contacts_pb2_grpc,
@@ -20,9 +23,6 @@ from segments.v1 import (
     segments_pb2,
     segments_pb2_grpc,
 )
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
-
 from segments_service.config import Settings
 from segments_service.database import make_engine, make_sessionmaker
 from segments_service.servicers import (

@@ -9,6 +9,8 @@ from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
+from sqlalchemy.orm import Session, sessionmaker
+
 from segments.v1 import (
     contacts_pb2,
     contacts_pb2_grpc,
@@ -17,8 +19,6 @@ from segments.v1 import (
     segments_pb2,
     segments_pb2_grpc,
 )
-from sqlalchemy.orm import Session, sessionmaker
-
 from segments_service import contacts, events, feed, segments
 from segments_service.auth import Caller, authenticate
 from segments_service.contacts import ContactWrite, check_json, require_email
