@@ -174,7 +174,9 @@ def ensure_contacts(
     found = {
         r.email: r.id
         for r in session.execute(
-            select(c.email, c.id).where(c.project_id == project_id, c.email.in_(wanted))
+            select(c.email, c.id).where(
+                c.project_id == project_id, c.email == tables.any_text(wanted)
+            )
         )
     }
     missing = [e for e in wanted if e not in found]
@@ -190,7 +192,9 @@ def ensure_contacts(
         raced = [e for e in missing if e not in found]
         if raced:
             for r in session.execute(
-                select(c.email, c.id).where(c.project_id == project_id, c.email.in_(raced))
+                select(c.email, c.id).where(
+                    c.project_id == project_id, c.email == tables.any_text(raced)
+                )
             ):
                 found[r.email] = r.id
     return found, created

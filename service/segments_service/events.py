@@ -126,11 +126,18 @@ class IngestItem:
 
 def ingest(session: Session, project_id: uuid.UUID, items: Sequence[IngestItem]) -> list[Any]:
     """Record events for existing or new contacts, all in the caller's transaction."""
-    ids, _created = ensure_contacts(session, project_id, [i.email for i in items], create=True)
+    ids, created = ensure_contacts(session, project_id, [i.email for i in items], create=True)
     recorded = insert_events(
         session,
         project_id,
         [NewEvent(ids[i.email], i.event, i.data, i.occurred_at) for i in items],
     )
-    membership.refresh_contacts(session, project_id, ids.values())
+    # New contacts can enter any segment; existing ones only gained events.
+    membership.refresh_contacts(session, project_id, [ids[e] for e in created])
+    membership.refresh_contacts(
+        session,
+        project_id,
+        [contact_id for email, contact_id in ids.items() if email not in created],
+        event_names={i.event for i in items},
+    )
     return recorded

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -132,6 +132,16 @@ class Dynamic:
         )
 
     @property
+    def event_names(self) -> frozenset[str]:
+        """Every event name its condition (with inlined references) looks at."""
+        conditions = [self.condition] + [
+            d.condition for d in self.references.values() if d.condition is not None
+        ]
+        return frozenset(
+            name for cond in conditions for f in cond.iter_filters() for name in f.events
+        )
+
+    @property
     def reads_segment_events(self) -> bool:
         """Whether entry/exit events (of any segment) can change this one's membership."""
         conditions = [self.condition] + [
@@ -188,7 +198,7 @@ def desired_members(
             c.project_id == project_id, seg.predicate(now)
         )
         if contact_ids is not None:
-            query = query.where(c.id.in_(contact_ids))
+            query = query.where(c.id == tables.any_uuid(contact_ids))
         parts.append(query)
     return union_all(*parts) if len(parts) > 1 else parts[0]  # type: ignore[return-value]
 
@@ -233,7 +243,7 @@ def _apply(
         ),
     )
     if contact_ids is not None:
-        gone = gone.where(m.c.contact_id.in_(contact_ids))
+        gone = gone.where(m.c.contact_id == tables.any_uuid(contact_ids))
     exited = gone.returning(m.c.segment_id, m.c.contact_id).cte("exited")
 
     deltas = union_all(
@@ -346,22 +356,38 @@ def _record_events(project_id: uuid.UUID, tracked: Sequence[Dynamic], changes: A
 
 
 def refresh_contacts(
-    session: Session, project_id: uuid.UUID, contact_ids: Iterable[uuid.UUID]
+    session: Session,
+    project_id: uuid.UUID,
+    contact_ids: Iterable[uuid.UUID],
+    *,
+    event_names: Collection[str] | None = None,
+    static_segment: uuid.UUID | None = None,
 ) -> Changes:
-    """Re-evaluate these contacts against every dynamic segment of the project.
+    """Re-evaluate these contacts against the project's dynamic segments.
 
-    Called at the end of every write that can change membership (contact upserts, events,
-    static member changes). Locks the contacts, so concurrent writers of the same contact
-    evaluate one after the other.
+    Called at the end of every write that can change membership. Without a hint every
+    dynamic segment is evaluated (contact fields changed, or the contacts are new). With
+    `event_names` (only events were added) or `static_segment` (only that list changed),
+    just the segments whose conditions can see that change are. Locks the contacts, so
+    concurrent writers of the same contact evaluate one after the other.
     """
     ids = sorted(set(contact_ids))
     if not ids:
         return Changes(0, 0, 0)
     lock_shared(session, project_id)
-    segments = dynamic_segments(session, project_id)
-    if not segments:
-        return Changes(0, 0, 0)
+    every = dynamic_segments(session, project_id)
+    relevant = [
+        seg
+        for seg in every
+        if (event_names is None and static_segment is None)
+        or (event_names is not None and not seg.event_names.isdisjoint(event_names))
+        or (static_segment is not None and static_segment in seg.references)
+    ]
+    # Entry/exit events recorded in one round can move segments that filter on them.
+    followers = [seg for seg in every if seg.reads_segment_events]
     total = Changes(0, 0, 0)
+    if not relevant:
+        return total
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start : start + CHUNK]
         c = tables.contacts.c
@@ -369,14 +395,14 @@ def refresh_contacts(
             r.id
             for r in session.execute(
                 select(c.id)
-                .where(c.project_id == project_id, c.id.in_(chunk))
+                .where(c.project_id == project_id, c.id == tables.any_uuid(chunk))
                 .order_by(c.id)
                 .with_for_update(key_share=True)  # FOR NO KEY UPDATE: FK inserts still pass
             )
         ]
         if not locked:
             continue
-        chain = any(seg.reads_segment_events for seg in segments)
+        segments = relevant
         for _round in range(MAX_EVENT_ROUNDS):
             changes = _apply(session, project_id, segments, locked, db_now(session))
             total = Changes(
@@ -384,8 +410,9 @@ def refresh_contacts(
                 total.exited + changes.exited,
                 total.events + changes.events,
             )
-            if not (chain and changes.events):
+            if not (followers and changes.events):
                 break
+            segments = followers
     return total
 
 

@@ -448,7 +448,14 @@ def add_members(
         added_ids = [r.contact_id for r in session.execute(stmt)]
         added = len(added_ids)
         membership.adjust_count(session, project_id, segment_id, added)
-        membership.refresh_contacts(session, project_id, [*added_ids, *(ids[e] for e in created)])
+        new_ids = {ids[e] for e in created}
+        membership.refresh_contacts(session, project_id, new_ids)  # new: any segment
+        membership.refresh_contacts(
+            session,
+            project_id,
+            [i for i in added_ids if i not in new_ids],
+            static_segment=segment_id,
+        )
     return AddResult(added=added, created=len(created), not_found=not_found)
 
 
@@ -469,7 +476,7 @@ def remove_members(
         return 0
     m = tables.static_members
     c = tables.contacts.c
-    contact_ids = select(c.id).where(c.project_id == project_id, c.email.in_(wanted))
+    contact_ids = select(c.id).where(c.project_id == project_id, c.email == tables.any_text(wanted))
     result = session.execute(
         delete(m)
         .where(
@@ -481,7 +488,7 @@ def remove_members(
     )
     removed = [r.contact_id for r in result]
     membership.adjust_count(session, project_id, segment_id, -len(removed))
-    membership.refresh_contacts(session, project_id, removed)
+    membership.refresh_contacts(session, project_id, removed, static_segment=segment_id)
     return len(removed)
 
 
