@@ -2,8 +2,11 @@
 --
 -- It sits before the transcoder in the filter chain, so on the way back it sees the
 -- already transcoded response (and Envoy's own local replies). envoy_proxy.py prepends,
--- from the descriptor set, ENUM_VALUES (enum full name -> accepted JSON spellings) and
--- UNWRAP (HTTP rules with a `response_body`: method, Lua path pattern, JSON field).
+-- from the descriptor set, ENUM_VALUES (enum full name -> accepted JSON spellings),
+-- UNWRAP (HTTP rules with a `response_body`: method, Lua path pattern, JSON field) and
+-- BOOL_FIELDS (HTTP rules with body "*": method, Lua path pattern, the request's bool
+-- fields, see find_non_boolean). On the way in it rejects request bodies whose bool
+-- fields hold anything but true, false or null.
 --
 -- Contract with the gRPC server (metadata keys, all ASCII values):
 --   x-http-status: 201 | 204   a success status other than 200: initial metadata sent
@@ -73,38 +76,59 @@ local function utf8_char(cp)
     0x80 + math.floor(cp / 0x40) % 0x40, 0x80 + cp % 0x40)
 end
 
+local ESCAPES = { n = "\n", t = "\t", r = "\r", b = "\b", f = "\f" }
+
+-- Index just past the JSON string whose opening quote is at `i`; nil if it never ends.
+-- A plain find is much faster than a pattern on long strings.
+local function string_end(text, i)
+  local j = i
+  while true do
+    j = text:find('"', j + 1, true)
+    if not j then return nil end
+    -- The quote ends the string unless an odd number of backslashes precede it.
+    local k = j - 1
+    while text:byte(k) == 92 do k = k - 1 end -- '\\'
+    if (j - 1 - k) % 2 == 0 then return j + 1 end
+  end
+end
+
+-- The inside of a JSON string literal (without its quotes) with its escapes resolved.
+local function json_unescape(s)
+  if not s:find("\\", 1, true) then return s end
+  local out, i = {}, 1
+  while true do
+    local k = s:find("\\", i, true)
+    if not k then
+      out[#out + 1] = s:sub(i)
+      return table.concat(out)
+    end
+    out[#out + 1] = s:sub(i, k - 1)
+    local e = s:sub(k + 1, k + 1)
+    if e == "u" then
+      local cp = tonumber(s:sub(k + 2, k + 5), 16) or 0xFFFD
+      i = k + 6
+      local lo = s:sub(i, i + 1) == "\\u" and tonumber(s:sub(i + 2, i + 5), 16)
+      if cp >= 0xD800 and cp < 0xDC00 and lo and lo >= 0xDC00 and lo < 0xE000 then
+        cp = 0x10000 + (cp - 0xD800) * 0x400 + (lo - 0xDC00)
+        i = i + 6
+      end
+      out[#out + 1] = utf8_char(cp)
+    else
+      out[#out + 1] = ESCAPES[e] or e
+      i = k + 2
+    end
+  end
+end
+
 -- Value of the first top-level-looking "key":"..." string in a JSON text, unescaped.
 -- Only used on bodies Envoy itself printed (local replies, google.rpc.Status), whose
 -- first occurrence of such a key is the one wanted.
 local function json_string_field(text, key)
   local _, start = text:find('"' .. key .. '":"', 1, true)
   if not start then return nil end
-  local out, i = {}, start + 1
-  while i <= #text do
-    local c = text:sub(i, i)
-    if c == '"' then return table.concat(out) end
-    if c == "\\" then
-      local e = text:sub(i + 1, i + 1)
-      if e == "u" then
-        local cp = tonumber(text:sub(i + 2, i + 5), 16) or 0xFFFD
-        i = i + 6
-        if cp >= 0xD800 and cp < 0xDC00 and text:sub(i, i + 1) == "\\u" then
-          local lo = tonumber(text:sub(i + 2, i + 5), 16) or 0
-          cp = 0x10000 + (cp - 0xD800) * 0x400 + (lo - 0xDC00)
-          i = i + 6
-        end
-        out[#out + 1] = utf8_char(cp)
-      else
-        local map = { n = "\n", t = "\t", r = "\r", b = "\b", f = "\f" }
-        out[#out + 1] = map[e] or e
-        i = i + 2
-      end
-    else
-      out[#out + 1] = c
-      i = i + 1
-    end
-  end
-  return nil
+  local stop = string_end(text, start)
+  if not stop then return nil end
+  return json_unescape(text:sub(start + 1, stop - 2))
 end
 
 -- At most `limit` bytes of `s`, cut on a UTF-8 character boundary.
@@ -122,6 +146,169 @@ local function json_path(proto_path)
   local path = proto_path:gsub("%[(%d+)%]", ".%1")
   path = path:gsub("_(%l)", function(c) return c:upper() end)
   return path
+end
+
+-- Strict booleans in request bodies ---------------------------------------------------
+-- The transcoder's JSON parser takes the strings "yes", "no", "1", "t", "true", ... for a
+-- bool field; the contract wants a 400 naming the field. BOOL_FIELDS (prepended by
+-- envoy_proxy.py from the descriptor) has, per HTTP rule with body "*", a tree of the
+-- request's bool fields: `fields` maps a JSON key (json_name and proto name alike) to a
+-- node with the field's JSON `name`; a node with `fields` of its own is a message field
+-- (its object, or each object of its array), one without is a bool field. Free-form
+-- objects (google.protobuf.Struct/Value, such as `data`) are not in the tree, so nothing
+-- inside them is looked at. Malformed JSON is left to the transcoder's own 400.
+
+local WHITESPACE = "^[ \t\r\n]*()"
+
+-- Index just past the JSON value starting at `i`, not looking inside it; nil if the
+-- value is cut short or not JSON.
+local function skip_value(text, i)
+  local c = text:byte(i)
+  if c == 34 then return string_end(text, i) end -- '"'
+  if c ~= 123 and c ~= 91 then -- a number, true, false or null: not '{' nor '['
+    return text:match("^[%w%.%+%-]+()", i)
+  end
+  local depth, j = 0, i
+  while true do
+    j = text:find('[%[%]{}"]', j) -- only brackets and strings matter
+    if not j then return nil end
+    c = text:byte(j)
+    if c == 34 then
+      j = string_end(text, j)
+      if not j then return nil end
+    else
+      depth = (c == 123 or c == 91) and depth + 1 or depth - 1
+      j = j + 1
+      if depth == 0 then return j end
+    end
+  end
+end
+
+-- Whether `s` is valid UTF-8 (for the transcoder, anything else is malformed JSON).
+local function valid_utf8(s)
+  if not s:find("[\128-\255]") then return true end
+  local i = 1
+  while i <= #s do
+    local c = s:byte(i)
+    -- Sequence length, and the range of its second byte (no overlongs, no surrogates).
+    local len, lo, hi = 1, 0x80, 0xBF
+    if c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      len, lo, hi = 3, c == 0xE0 and 0xA0 or 0x80, c == 0xED and 0x9F or 0xBF
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len, lo, hi = 4, c == 0xF0 and 0x90 or 0x80, c == 0xF4 and 0x8F or 0xBF
+    elseif c >= 0x80 then return false end
+    for j = i + 1, i + len - 1 do
+      local b = s:byte(j)
+      if not b or b < lo or b > hi then return false end
+      lo, hi = 0x80, 0xBF
+    end
+    i = i + len
+  end
+  return true
+end
+
+local check_value
+
+-- Checks the members of the object at `i` (its '{') against `node`. Returns the index
+-- just past the object, or nil for malformed JSON, and `bad` or the first bad field
+-- found in it as { field = <dot path>, got = <the JSON value> }.
+local function check_object(text, i, node, prefix, bad)
+  i = text:match(WHITESPACE, i + 1)
+  if text:byte(i) == 125 then return i + 1, bad end -- '}'
+  while true do
+    if text:byte(i) ~= 34 then return nil end
+    local key_end = string_end(text, i)
+    if not key_end then return nil end
+    local child = node.fields[json_unescape(text:sub(i + 1, key_end - 2))]
+    i = text:match(WHITESPACE, key_end)
+    if text:byte(i) ~= 58 then return nil end -- ':'
+    i = text:match(WHITESPACE, i + 1)
+    if child then
+      i, bad = check_value(text, i, child, prefix .. child.name, bad)
+    else
+      i = skip_value(text, i)
+    end
+    if not i then return nil end
+    i = text:match(WHITESPACE, i)
+    local c = text:byte(i)
+    if c == 125 then return i + 1, bad end -- '}'
+    if c ~= 44 then return nil end -- ','
+    i = text:match(WHITESPACE, i + 1)
+  end
+end
+
+-- Like check_object, for the value at `i` of the field `node` whose path is `path`.
+check_value = function(text, i, node, path, bad)
+  local c = text:byte(i)
+  if not node.fields then
+    local stop = skip_value(text, i)
+    if not stop then return nil end
+    local got = text:sub(i, stop - 1)
+    if not bad and got ~= "true" and got ~= "false" and got ~= "null" then
+      if not valid_utf8(got) then return nil end -- never echoed into the error
+      bad = { field = path, got = got }
+    end
+    return stop, bad
+  end
+  if c == 123 then return check_object(text, i, node, path .. ".", bad) end
+  if c ~= 91 then return skip_value(text, i), bad end -- not '[': the transcoder's business
+  -- An array of messages: each object is checked, with its index in the path.
+  local index = 0
+  i = text:match(WHITESPACE, i + 1)
+  if text:byte(i) == 93 then return i + 1, bad end -- ']'
+  while true do
+    c = text:byte(i)
+    if c == 123 then
+      i, bad = check_object(text, i, node, path .. "." .. index .. ".", bad)
+    elseif c == 91 then
+      -- The transcoder flattens [[{...}]] into the list: nested arrays count too.
+      i, bad = check_value(text, i, node, path .. "." .. index, bad)
+    else
+      i = skip_value(text, i)
+    end
+    if not i then return nil end
+    i = text:match(WHITESPACE, i)
+    c = text:byte(i)
+    if c == 93 then return i + 1, bad end -- ']'
+    if c ~= 44 then return nil end -- ','
+    index = index + 1
+    i = text:match(WHITESPACE, i + 1)
+  end
+end
+
+-- Every key of a BOOL_FIELDS tree that names a bool field, as it appears quoted in JSON.
+local function quoted_bool_keys(node, out)
+  for key, child in pairs(node.fields) do
+    if child.fields then
+      quoted_bool_keys(child, out)
+    else
+      out[#out + 1] = '"' .. key .. '"'
+    end
+  end
+  return out
+end
+for _, rule in ipairs(BOOL_FIELDS) do
+  rule.quoted_keys = quoted_bool_keys(rule, {})
+end
+
+-- The first bool field of a request body (JSON text) for `rule` whose value is not
+-- true, false or null, as { field, got }; nil when all are fine or the JSON is malformed.
+local function find_non_boolean(text, rule)
+  -- Most bodies name none of the fields at all (a key could only hide behind a \u
+  -- escape): then the scan is not needed.
+  local named = text:find("\\u", 1, true)
+  for _, key in ipairs(rule.quoted_keys) do
+    named = named or text:find(key, 1, true)
+  end
+  if not named then return nil end
+  local i = text:match(WHITESPACE, 1)
+  if text:byte(i) ~= 123 then return nil end -- not an object: the transcoder answers
+  -- pcall: absurdly deep nesting (Lua stack overflow), like any error here, leaves the
+  -- body to the transcoder rather than failing the request.
+  local ok, stop, bad = pcall(check_object, text, i, rule, "", nil)
+  if not ok or not stop or not text:match("^[ \t\r\n]*$", stop) then return nil end
+  return bad
 end
 
 -- RFC 3339 UTC with milliseconds, like the %START_TIME% of Envoy's local replies.
@@ -260,6 +447,24 @@ function envoy_on_request(handle)
       break
     end
   end
+  for _, rule in ipairs(BOOL_FIELDS) do
+    if rule.method == method and bare_path:match(rule.pattern) then
+      -- Waits for the whole body (the buffer filter after this one holds it anyway).
+      local body = handle:body()
+      if body then
+        local bad = find_non_boolean(body:getBytes(0, body:length()), rule)
+        if bad then
+          -- Shaped into the envelope by envoy_on_response, like the transcoder's 400s.
+          -- Fetched again: objects from before body() must not be used after it yielded.
+          meta = handle:streamInfo():dynamicMetadata()
+          meta:set(NS, "invalid_field", bad.field)
+          meta:set(NS, "invalid_value", shorten(bad.got, 100))
+          handle:respond({ [":status"] = "400" }, bad.field .. ": must be true or false")
+        end
+      end
+      break
+    end
+  end
 end
 
 function envoy_on_response(handle)
@@ -328,8 +533,15 @@ function envoy_on_response(handle)
     -- Envoy's own local reply, already an envelope (local_reply_config); 400s from
     -- the transcoder get a readable message and the offending field.
     if status == 400 then
-      local raw = json_string_field(text, "message") or ""
-      local message, errors = explain_bad_request(raw)
+      local message, errors
+      if meta.invalid_field then
+        -- A bool field with a value other than true, false or null (envoy_on_request).
+        local reason = TYPE_MESSAGES.TYPE_BOOL .. "; got " .. meta.invalid_value
+        message = meta.invalid_field .. ": " .. reason
+        errors = { { field = meta.invalid_field, message = reason, code = "invalid_type" } }
+      else
+        message, errors = explain_bad_request(json_string_field(text, "message") or "")
+      end
       local request_id = text:match('"requestId":"([^"]*)"') or meta.request_id
       local timestamp = text:match('"timestamp":"([^"]*)"') or now_rfc3339(handle)
       set_body(handle, envelope("VALIDATION_ERROR", message, status, request_id, timestamp, errors),

@@ -561,11 +561,6 @@ def test_contact_validation(
     assert contact_count(engine, project) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Envoy's JSON parser reads the strings 'yes'/'no'/'1'/'t' as booleans; SPEC §3 "
-    "makes a wrong value type a 400 (bug in the transcoder path, not in the servicers)",
-)
 def test_string_for_boolean_is_a_400(rest: Rest, project: Project, engine: Engine) -> None:
     resp = rest.post("/contacts", {"email": "s@x.com", "subscribed": "no"}, key=project.secret_key)
     check_error(resp, 400, "VALIDATION_ERROR", "subscribed")

@@ -13,7 +13,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ CLUSTER = "segments_grpc"
 # The Lua filter ships next to the descriptor set (both live in envoy/ of the repository).
 LUA_FILE = "filter.lua"
 CONFIG_FILE = "envoy.json"
+# The committed OpenAPI document (scripts/openapi.py), relative to the repository root.
+OPENAPI_FILE = Path("openapi") / "openapi.json"
 # Dynamic API keys each get a token bucket; the LRU keeps this many (Envoy's default is 20).
 MAX_RATE_LIMITED_KEYS = 10_000
 # The transcoder buffers each response whole and answers 500 beyond this; GET /segments of
@@ -142,6 +145,28 @@ def _rate_limit_filter(per_minute: int) -> dict[str, Any]:
     }
 
 
+def _openapi_route(document: str) -> dict[str, Any]:
+    """GET /openapi.json answered by Envoy itself: no key needed, not rate limited, and
+    the transcoder (which would call it an unknown method) does not see it."""
+    disabled = _any("envoy.config.route.v3.FilterConfig", disabled=True)
+    return {
+        "match": {
+            "path": "/openapi.json",
+            "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+        },
+        "direct_response": {"status": 200, "body": {"inline_string": document}},
+        "response_headers_to_add": [_header("content-type", "application/json")],
+        "typed_per_filter_config": {
+            name: disabled
+            for name in (
+                "envoy.filters.http.local_ratelimit",
+                "envoy.filters.http.buffer",
+                "envoy.filters.http.grpc_json_transcoder",
+            )
+        },
+    }
+
+
 def _enum_values(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, list[str]]:
     """Accepted JSON spellings of every enum, keyed by full name, so that the Lua filter
     can say which values a bad enum field accepts."""
@@ -194,6 +219,25 @@ def _lua_path_pattern(template: str) -> str:
     return "^" + "".join(pattern) + "/?$"
 
 
+def _http_bindings(
+    fds: descriptor_pb2.FileDescriptorSet,
+) -> Iterator[tuple[descriptor_pb2.MethodDescriptorProto, Any, str, str]]:
+    """(method, google.api.HttpRule, HTTP method, path template) of every HTTP binding,
+    additional bindings included."""
+    for file in fds.file:
+        for service in file.service:
+            for method in service.method:
+                if not method.options.HasExtension(_annotations.http):
+                    continue
+                rule = method.options.Extensions[_annotations.http]
+                for binding in [rule, *rule.additional_bindings]:
+                    verb = binding.WhichOneof("pattern")
+                    if verb == "custom":
+                        yield method, binding, binding.custom.kind, binding.custom.path
+                    elif verb is not None:
+                        yield method, binding, verb.upper(), getattr(binding, verb)
+
+
 def _strip_response_bodies(
     fds: descriptor_pb2.FileDescriptorSet,
 ) -> list[tuple[str, str, str]]:
@@ -206,34 +250,81 @@ def _strip_response_bodies(
         for message in file.message_type
     }
     unwraps: list[tuple[str, str, str]] = []
-    for file in fds.file:
-        for service in file.service:
-            for method in service.method:
-                if not method.options.HasExtension(_annotations.http):
-                    continue
-                rule = method.options.Extensions[_annotations.http]
-                for binding in [rule, *rule.additional_bindings]:
-                    if not binding.response_body:
-                        continue
-                    verb = binding.WhichOneof("pattern")
-                    if verb == "custom":
-                        http_method, template = binding.custom.kind, binding.custom.path
-                    elif verb is not None:
-                        http_method, template = verb.upper(), getattr(binding, verb)
-                    else:
-                        continue
-                    output = messages.get(method.output_type)
-                    json_name = next(
-                        (
-                            f.json_name
-                            for f in (output.field if output else [])
-                            if f.name == binding.response_body and f.json_name
-                        ),
-                        binding.response_body,
-                    )
-                    unwraps.append((http_method, _lua_path_pattern(template), json_name))
-                    binding.response_body = ""
+    for method, binding, http_method, template in _http_bindings(fds):
+        if not binding.response_body:
+            continue
+        output = messages.get(method.output_type)
+        json_name = next(
+            (
+                f.json_name
+                for f in (output.field if output else [])
+                if f.name == binding.response_body and f.json_name
+            ),
+            binding.response_body,
+        )
+        unwraps.append((http_method, _lua_path_pattern(template), json_name))
+        binding.response_body = ""
     return unwraps
+
+
+@dataclass(frozen=True)
+class _BoolField:
+    """A field of a request body checked by the Lua filter: a bool (`fields` None), or a
+    message field (an object, or an array of them) holding such fields."""
+
+    json_name: str
+    fields: dict[str, _BoolField] | None = None
+
+
+_BOOL = descriptor_pb2.FieldDescriptorProto.TYPE_BOOL
+_MESSAGE = descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE
+
+
+def _bool_fields(
+    fds: descriptor_pb2.FileDescriptorSet,
+) -> list[tuple[str, str, dict[str, _BoolField]]]:
+    """(method, path pattern, bool fields by JSON key) of each HTTP rule with body "*"
+    whose request has bool fields, for the Lua filter: Envoy's JSON parser also takes
+    strings such as "no" or "1" for a bool. Looks one message level deep (e.g.
+    `contacts[].subscribed`), and never into google.protobuf types: the free-form
+    Struct/Value fields (`data`) may hold anything."""
+    messages: dict[str, descriptor_pb2.DescriptorProto] = {}
+
+    def index(scope: str, types: Iterable[descriptor_pb2.DescriptorProto]) -> None:
+        for message in types:
+            messages[f"{scope}.{message.name}"] = message
+            index(f"{scope}.{message.name}", message.nested_type)
+
+    for file in fds.file:
+        index(f".{file.package}" if file.package else "", file.message_type)
+
+    def bools(message: descriptor_pb2.DescriptorProto, depth: int) -> dict[str, _BoolField]:
+        found: dict[str, _BoolField] = {}
+        for field in message.field:
+            nested = messages.get(field.type_name)
+            if field.type == _BOOL or field.type_name == ".google.protobuf.BoolValue":
+                node = _BoolField(field.json_name or field.name)
+            elif (
+                field.type == _MESSAGE
+                and depth == 0
+                and nested is not None
+                and not field.type_name.startswith(".google.protobuf.")
+                and not nested.options.map_entry
+                and (inner := bools(nested, depth + 1))
+            ):
+                node = _BoolField(field.json_name or field.name, inner)
+            else:
+                continue
+            # The transcoder accepts the proto name as well as the JSON name.
+            found[field.name] = found[node.json_name] = node
+        return found
+
+    rules: list[tuple[str, str, dict[str, _BoolField]]] = []
+    for method, binding, http_method, template in _http_bindings(fds):
+        request = messages.get(method.input_type)
+        if binding.body == "*" and request is not None and (fields := bools(request, 0)):
+            rules.append((http_method, _lua_path_pattern(template), fields))
+    return rules
 
 
 def _lua_string(text: str) -> str:
@@ -247,8 +338,21 @@ def _lua_string(text: str) -> str:
     )
 
 
+def _lua_bool_fields(fields: dict[str, _BoolField]) -> str:
+    items = []
+    for key, node in fields.items():
+        inner = f"name = {_lua_string(node.json_name)}"
+        if node.fields is not None:
+            inner += f", fields = {_lua_bool_fields(node.fields)}"
+        items.append(f"[{_lua_string(key)}] = {{ {inner} }}")
+    return "{ " + ", ".join(items) + " }"
+
+
 def _lua_source(
-    lua_path: Path, enums: dict[str, list[str]], unwraps: Sequence[tuple[str, str, str]]
+    lua_path: Path,
+    enums: dict[str, list[str]],
+    unwraps: Sequence[tuple[str, str, str]],
+    bool_fields: Sequence[tuple[str, str, dict[str, _BoolField]]],
 ) -> str:
     lines = ["ENUM_VALUES = {"]
     for name, values in sorted(enums.items()):
@@ -258,6 +362,12 @@ def _lua_source(
         lines.append(
             f"  {{ method = {_lua_string(method)}, pattern = {_lua_string(pattern)},"
             f" field = {_lua_string(field)} }},"
+        )
+    lines += ["}", "BOOL_FIELDS = {"]
+    for method, pattern, fields in bool_fields:
+        lines.append(
+            f"  {{ method = {_lua_string(method)}, pattern = {_lua_string(pattern)},"
+            f" fields = {_lua_bool_fields(fields)} }},"
         )
     lines.append("}")
     return "\n".join(lines) + "\n" + lua_path.read_text()
@@ -271,13 +381,19 @@ def render_config(
     rate_limit_per_minute: int = 0,
     max_request_bytes: int = 1 << 20,
     listen_host: str = "127.0.0.1",
+    openapi_path: Path | None = None,
 ) -> str:
-    """Envoy bootstrap (JSON) for the REST listener in front of the gRPC `upstreams`."""
+    """Envoy bootstrap (JSON) for the REST listener in front of the gRPC `upstreams`.
+
+    `GET /openapi.json` answers the file at `openapi_path` (default: openapi/openapi.json
+    of the repository holding `descriptor_path`), read now, when it exists."""
     if not upstreams:
         raise ValueError("at least one upstream gRPC server is required")
     fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_path.read_bytes())
     unwraps = _strip_response_bodies(fds)
-    lua_source = _lua_source(descriptor_path.parent / LUA_FILE, _enum_values(fds), unwraps)
+    lua_source = _lua_source(
+        descriptor_path.parent / LUA_FILE, _enum_values(fds), unwraps, _bool_fields(fds)
+    )
 
     route_action = {
         "cluster": CLUSTER,
@@ -304,6 +420,11 @@ def render_config(
     routes: list[dict[str, Any]] = [
         {"match": {"prefix": f"/{service}/"}, "route": route_action} for service in SERVICES
     ]
+    if openapi_path is None:
+        openapi_path = descriptor_path.resolve().parent.parent / OPENAPI_FILE
+    openapi_document = openapi_path.read_text() if openapi_path.is_file() else None
+    if openapi_document is not None:
+        routes.insert(0, _openapi_route(openapi_document))
     # Everything else (the transcoder already answers unknown REST paths) is a 404.
     routes.append(
         {
@@ -367,6 +488,21 @@ def render_config(
 
     local_reply_config = {
         "mappers": [
+            # The only 200 Envoy answers itself is GET /openapi.json: its body as it is.
+            {
+                "filter": {
+                    "status_code_filter": {
+                        "comparison": {
+                            "op": "EQ",
+                            "value": {"default_value": 200, "runtime_key": "local_reply.200"},
+                        }
+                    }
+                },
+                "body_format_override": {
+                    "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                    "content_type": "application/json",
+                },
+            },
             _status_mapper(400, "VALIDATION_ERROR"),
             _status_mapper(404, "NOT_FOUND"),
             _status_mapper(
@@ -393,6 +529,10 @@ def render_config(
         http_protocol_options={"override_stream_error_on_invalid_http_message": True},
         route_config={
             "name": "segments",
+            # Envoy's default (4 KiB) is too small for the OpenAPI document.
+            "max_direct_response_body_size_bytes": max(
+                4096, len((openapi_document or "").encode())
+            ),
             "virtual_hosts": [{"name": "segments", "domains": ["*"], "routes": routes}],
         },
         http_filters=http_filters,
@@ -463,6 +603,9 @@ def render_config(
                     "address": {
                         "socket_address": {"address": listen_host, "port_value": http_port}
                     },
+                    # The Lua filter reads request bodies (bool check) before the buffer
+                    # filter raises the stream's limit: HTTP/1.1 bodies up to this size.
+                    "per_connection_buffer_limit_bytes": max(1 << 20, max_request_bytes),
                     "filter_chains": [
                         {
                             "filters": [

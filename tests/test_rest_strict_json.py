@@ -1,0 +1,312 @@
+"""Strict JSON booleans on the REST surface: Envoy's transcoder would read the strings "no",
+"yes", "1", "t", ... as booleans; the Lua filter (envoy/filter.lua) answers a 400
+VALIDATION_ERROR naming the field instead (SPEC §3: a wrong value type is a 400), for the
+bool fields of each request message (taken from the descriptor), and looks nowhere else,
+in particular not inside free-form `data` objects."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from sqlalchemy import Engine, text
+
+from tests.conftest import Project, Rest
+from tests.rest_helpers import Api, check_contact, check_error, check_segment, cond, flt
+
+LENIENT_SPELLINGS = ["no", "yes", "1", "0", "t", "f", "true", "false", ""]
+
+
+@pytest.fixture
+def api(rest: Rest, project: Project) -> Api:
+    return Api(rest, project)
+
+
+def stored(engine: Engine, project: Project) -> dict[str, int]:
+    """How many rows of each kind the project has."""
+    counts = {}
+    with engine.connect() as conn:
+        for table in ("contacts", "events", "segments", "static_members"):
+            counts[table] = int(
+                conn.execute(
+                    text(f"SELECT count(*) FROM {table} WHERE project_id = :p"), {"p": project.id}
+                ).scalar_one()
+            )
+    return counts
+
+
+def check_rejected(resp: Any, field: str, got: str) -> None:
+    err = check_error(resp, 400, "VALIDATION_ERROR", field)
+    assert err["errors"] == [
+        {"field": field, "message": f"must be true or false; got {got}", "code": "invalid_type"}
+    ], err
+    assert err["message"] == f"{field}: must be true or false; got {got}", err
+
+
+@pytest.mark.parametrize("value", LENIENT_SPELLINGS)
+def test_string_for_subscribed_on_upsert(
+    rest: Rest, project: Project, engine: Engine, value: str
+) -> None:
+    resp = rest.post("/contacts", {"email": "s@x.com", "subscribed": value}, key=project.secret_key)
+    check_rejected(resp, "subscribed", json.dumps(value))
+    assert stored(engine, project)["contacts"] == 0
+
+
+@pytest.mark.parametrize("value", [1, 0, {"a": 1}, [True]])
+def test_other_non_booleans_for_subscribed(
+    rest: Rest, project: Project, engine: Engine, value: Any
+) -> None:
+    resp = rest.post("/contacts", {"email": "s@x.com", "subscribed": value}, key=project.secret_key)
+    check_rejected(resp, "subscribed", json.dumps(value))  # the value as sent
+    assert stored(engine, project)["contacts"] == 0
+
+
+def test_string_booleans_are_rejected_on_every_route(
+    rest: Rest, api: Api, project: Project, engine: Engine
+) -> None:
+    key = project.secret_key
+    static = api.static_segment("List")
+    dynamic = api.create_segment("Premium", cond(flt("data.plan", "equals", "premium")))
+    before = stored(engine, project)
+    ok = {"email": "ok@x.com", "subscribed": True, "data": {"subscribed": "yes"}}
+    cases: list[tuple[str, str, Any, str, str]] = [
+        ("POST", "/contacts", {"email": "a@x.com", "subscribed": "no"}, "subscribed", '"no"'),
+        (
+            "POST",
+            "/contacts/batch",
+            {"contacts": [ok, ok, {"email": "b@x.com"}, {"email": "c@x.com", "subscribed": "t"}]},
+            "contacts.3.subscribed",
+            '"t"',
+        ),
+        (
+            "POST",
+            "/contacts/batch",
+            {"contacts": [{"email": "d@x.com", "subscribed": "yes"}]},
+            "contacts.0.subscribed",
+            '"yes"',
+        ),
+        # The transcoder flattens nested arrays into the list; they are checked too.
+        (
+            "POST",
+            "/contacts/batch",
+            {"contacts": [ok, [ok, {"email": "e@x.com", "subscribed": "no"}]]},
+            "contacts.1.1.subscribed",
+            '"no"',
+        ),
+        (
+            "POST",
+            "/segments",
+            {"name": "S", "type": "STATIC", "trackMembership": "yes"},
+            "trackMembership",
+            '"yes"',
+        ),
+        # The transcoder also takes proto field names; the error names the JSON one.
+        (
+            "POST",
+            "/segments",
+            {"name": "S", "type": "STATIC", "track_membership": "1"},
+            "trackMembership",
+            '"1"',
+        ),
+        (
+            "PATCH",
+            f"/segments/{dynamic['id']}",
+            {"trackMembership": "no"},
+            "trackMembership",
+            '"no"',
+        ),
+        (
+            "POST",
+            f"/segments/{static['id']}/members",
+            {"emails": ["m@x.com"], "createMissing": "yes"},
+            "createMissing",
+            '"yes"',
+        ),
+        (
+            "POST",
+            f"/segments/{static['id']}/members",
+            {"emails": ["m@x.com"], "create_missing": "true"},
+            "createMissing",
+            '"true"',
+        ),
+        (
+            "POST",
+            f"/segments/{static['id']}/members",
+            {"emails": ["m@x.com"], "createMissing": True, "subscribed": "no"},
+            "subscribed",
+            '"no"',
+        ),
+    ]
+    for method, path, body, field, got in cases:
+        check_rejected(rest.request(method, path, body, key=key), field, got)
+    resp = rest.post(
+        "/v1/track",
+        {"event": "signup", "email": "t@x.com", "subscribed": "yes"},
+        key=project.public_key,
+    )
+    check_rejected(resp, "subscribed", '"yes"')
+    # Nothing stored, nothing changed.
+    assert stored(engine, project) == before
+    assert api.segment(dynamic["id"]) == dynamic
+    assert api.members(static["id"]) == []
+
+
+def test_escaped_key_is_still_the_field(rest: Rest, project: Project, engine: Engine) -> None:
+    # The transcoder decodes escapes in keys, so this is `subscribed` to it.
+    raw = b'{"email":"e@x.com","subscrib\\u0065d":"no"}'
+    check_rejected(rest.post("/contacts", raw=raw, key=project.secret_key), "subscribed", '"no"')
+    assert stored(engine, project)["contacts"] == 0
+
+
+def test_strings_inside_data_are_not_checked(rest: Rest, api: Api, project: Project) -> None:
+    data = {
+        "subscribed": "yes",
+        "createMissing": "no",
+        "trackMembership": "1",
+        "nested": {"subscribed": "t", "list": [{"subscribed": "no"}, "subscribed"]},
+        # Brackets, quotes, backslashes and escapes inside strings do not confuse the scan.
+        "tricky": 'a"b\\c {[ ]} é 😀 \\"subscribed\\": "no"',
+    }
+    resp = rest.post(
+        "/contacts", {"email": "a@x.com", "data": data, "subscribed": False}, key=project.secret_key
+    )
+    assert resp.status == 201, resp.raw[:500]
+    contact = check_contact(resp.json)
+    assert contact["data"] == data and contact["subscribed"] is False
+
+    result = api.batch([{"email": "b@x.com", "data": data}, {"email": "c@x.com", "data": data}])
+    assert result == {"created": 2, "updated": 0}
+
+    resp = rest.post(
+        "/v1/track", {"event": "e", "email": "d@x.com", "data": data}, key=project.public_key
+    )
+    assert resp.status == 200, resp.raw[:500]
+
+
+def test_null_means_absent(rest: Rest, api: Api, project: Project) -> None:
+    key = project.secret_key
+    resp = rest.post("/contacts", {"email": "n@x.com", "subscribed": None}, key=key)
+    assert resp.status == 201, resp.raw[:500]
+    assert check_contact(resp.json)["subscribed"] is True  # the default
+
+    resp = rest.post(
+        "/contacts/batch", {"contacts": [{"email": "m@x.com", "subscribed": None}]}, key=key
+    )
+    assert resp.status == 200 and resp.json == {"created": 1, "updated": 0}, resp.raw[:500]
+
+    resp = rest.post("/segments", {"name": "N", "type": "STATIC", "trackMembership": None}, key=key)
+    assert resp.status == 201, resp.raw[:500]
+    segment = check_segment(resp.json, project)
+
+    resp = rest.patch(f"/segments/{segment['id']}", {"trackMembership": None}, key=key)
+    assert resp.status == 200, resp.raw[:500]
+    assert check_segment(resp.json, project)["trackMembership"] == segment["trackMembership"]
+
+    resp = rest.post(
+        f"/segments/{segment['id']}/members",
+        {"emails": ["new@x.com"], "createMissing": None, "subscribed": None},
+        key=key,
+    )
+    assert resp.status == 200, resp.raw[:500]
+    # As if absent: createMissing defaults to true, subscribed to true.
+    assert resp.json == {"added": 1, "created": 1, "notFound": []}, resp.json
+    assert api.upsert("new@x.com")["subscribed"] is True
+
+
+def test_real_booleans_are_applied(rest: Rest, api: Api, project: Project) -> None:
+    key = project.secret_key
+    resp = rest.post("/contacts", {"email": "f@x.com", "subscribed": False}, key=key)
+    assert resp.status == 201 and resp.json["subscribed"] is False, resp.raw[:500]
+    result = api.batch(
+        [{"email": "g@x.com", "subscribed": False}, {"email": "h@x.com", "subscribed": True}]
+    )
+    assert result == {"created": 2, "updated": 0}
+
+    on = api.create_segment("On", cond(flt("data.plan", "exists")), trackMembership=True)
+    assert on["trackMembership"] is True
+    assert api.patch_segment(on["id"], {"trackMembership": False})["trackMembership"] is False
+
+    static = api.static_segment()
+    result = api.add(static["id"], ["i@x.com"], createMissing=True, subscribed=False)
+    assert result["created"] == 1, result
+    resp = rest.post("/contacts", {"email": "i@x.com"}, key=key)
+    assert resp.status == 200 and resp.json["subscribed"] is False, resp.raw[:500]
+
+    resp = rest.post(
+        "/v1/track",
+        {"event": "e", "email": "g@x.com", "subscribed": True},
+        key=project.public_key,
+    )
+    assert resp.status == 200, resp.raw[:500]
+
+
+def big_batch(last_subscribed: Any) -> bytes:
+    """About 900 KB: 1000 contacts with bools and escape-heavy `data`."""
+    filler = 'x"\\{[' * 80 + "é" * 40
+    contacts: list[dict[str, Any]] = [
+        {"email": f"big{i}@x.com", "subscribed": i % 2 == 0, "data": {"f": filler, "i": [i, {}]}}
+        for i in range(999)
+    ]
+    contacts.append({"email": "big999@x.com", "subscribed": last_subscribed})
+    raw = json.dumps({"contacts": contacts}).encode()
+    assert 850_000 < len(raw) < 1 << 20, len(raw)
+    return raw
+
+
+def test_large_valid_body_is_accepted(rest: Rest, project: Project, engine: Engine) -> None:
+    resp = rest.post("/contacts/batch", raw=big_batch(True), key=project.secret_key)
+    assert resp.status == 200, resp.raw[:500]
+    assert resp.json == {"created": 1000, "updated": 0}
+    assert stored(engine, project)["contacts"] == 1000
+
+
+def test_large_body_with_a_bad_last_value(rest: Rest, project: Project, engine: Engine) -> None:
+    resp = rest.post("/contacts/batch", raw=big_batch("no"), key=project.secret_key)
+    check_rejected(resp, "contacts.999.subscribed", '"no"')
+    assert stored(engine, project)["contacts"] == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"email":"x@x.com","subscribed":"no",',
+        b'{"email":"x@x.com","subscribed":"no"} trailing',
+        b'{"email":"x@x.com","subscribed":"no}',
+        # Not UTF-8: never echoed back in an error message.
+        b'{"email":"x@x.com","subscribed":"\xff"}',
+    ],
+)
+def test_malformed_json_is_left_to_the_transcoder(
+    rest: Rest, project: Project, engine: Engine, raw: bytes
+) -> None:
+    err = check_error(
+        rest.post("/contacts", raw=raw, key=project.secret_key), 400, "VALIDATION_ERROR"
+    )
+    assert "true or false" not in err["message"], err
+    assert stored(engine, project)["contacts"] == 0
+
+
+def test_connection_stays_usable_after_a_rejection(rest_url: str, project: Project) -> None:
+    url = urlsplit(rest_url)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
+    headers = {"content-type": "application/json", "authorization": f"Bearer {project.secret_key}"}
+    try:
+        conn.connect()
+        sock = conn.sock
+        for body, status in [
+            ({"email": "k@x.com", "subscribed": "no"}, 400),
+            ({"email": "k@x.com", "subscribed": True}, 201),
+            ({"email": "k@x.com", "subscribed": "yes"}, 400),
+            ({"email": "k@x.com", "subscribed": False}, 200),
+        ]:
+            conn.request("POST", "/contacts", body=json.dumps(body), headers=headers)
+            resp = conn.getresponse()
+            payload = resp.read()
+            assert resp.status == status, payload[:500]
+            # http.client would silently reconnect: the same socket means kept alive.
+            assert conn.sock is sock, resp.headers
+    finally:
+        conn.close()
