@@ -165,8 +165,19 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     return code
 
 
+def _bounded_malloc_arenas() -> None:
+    """glibc gives each thread that allocates its own malloc arena; with a pool of RPC
+    threads that multiplies idle memory. Two arenas keep RSS flat at no measurable cost.
+    Applied by re-executing before anything starts, unless the operator chose a value."""
+    if "MALLOC_ARENA_MAX" not in os.environ and sys.platform.startswith("linux"):
+        os.environ["MALLOC_ARENA_MAX"] = "2"
+        os.execv(sys.executable, [sys.executable, "-m", "segments_service.cli", *sys.argv[1:]])
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from segments_service.server import serve
+
+    _bounded_malloc_arenas()
 
     url, _server = _database(settings)
     if args.migrate:
