@@ -33,7 +33,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.types import DateTime, Text
+from sqlalchemy.types import DateTime, Interval, Text
 
 from segments_service import tables
 from segments_service.errors import FieldViolation, ValidationError
@@ -153,7 +153,8 @@ _VALUE_TIMESTAMP_RE = re.compile(_TIMESTAMP_RE.pattern.replace(r"\d{1,6}", r"\d{
 
 
 def _parse_iso(text: str, pattern: re.Pattern[str]) -> datetime | None:
-    match = pattern.match(text)
+    # fullmatch: `$` alone would also accept a trailing newline, which SQL's regex refuses.
+    match = pattern.fullmatch(text)
     if match is None:
         return None
     year, month, day, hour, minute, second, frac, offset = match.groups()
@@ -175,8 +176,12 @@ def _parse_iso(text: str, pattern: re.Pattern[str]) -> datetime | None:
             micro,
             tzinfo=tz,
         ).astimezone(UTC)
-    except ValueError:
+    except (ValueError, OverflowError):
+        # Not a calendar date, or (OverflowError) the offset moves it outside years 1..9999.
         return None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def parse_stored_timestamp(text: str) -> datetime | None:
@@ -462,10 +467,11 @@ class _Parser:
             if unit is None:
                 self.fail(f"{path}.unit", f"{op.value} needs a unit: days, hours or minutes")
                 return None
-            span = UNIT_SPAN[unit] * float(value)
-            if span > MAX_WINDOW:
+            # Compared before multiplying: a huge value would overflow timedelta.
+            if value > MAX_WINDOW / UNIT_SPAN[unit]:
                 self.fail(vpath, "the window may span at most 36525 days", "too_big")
                 return None
+            span = UNIT_SPAN[unit] * value
             return _replace(base, value=value, unit=unit, window=span)
         if kind is Kind.SUBSCRIBED:
             if not isinstance(value, bool):
@@ -503,11 +509,13 @@ class _Parser:
             return None
         if isinstance(value, (int, float)):
             try:
-                ts = datetime.fromtimestamp(value / 1000, UTC)
-            except (OverflowError, OSError, ValueError):
+                # Not fromtimestamp(value / 1000): that float division loses microseconds
+                # after about year 2242; timedelta keeps integer milliseconds exact.
+                moment = _EPOCH + timedelta(milliseconds=value)
+            except (OverflowError, ValueError):
                 self.fail(vpath, "epoch milliseconds out of range", "invalid")
                 return None
-            return _replace(base, value=value, timestamp=ts)
+            return _replace(base, value=value, timestamp=moment)
         if is_date_only(value):
             day = date.fromisoformat(value)
             return _replace(base, value=value, day=day)
@@ -614,7 +622,9 @@ def _window_start(f: Filter, ctx: CompileContext) -> datetime:
     return ctx.now - f.window
 
 
-def _compile_time(column: Any, f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
+def _compile_time(
+    column: ColumnElement[datetime], f: Filter, ctx: CompileContext
+) -> ColumnElement[bool]:
     op = f.operator
     if op is Op.WITHIN:
         return and_(column >= _ts(_window_start(f, ctx)), column <= _ts(ctx.now))
@@ -622,7 +632,14 @@ def _compile_time(column: Any, f: Filter, ctx: CompileContext) -> ColumnElement[
         return column < _ts(_window_start(f, ctx))
     if f.day is not None:
         start = datetime(f.day.year, f.day.month, f.day.day, tzinfo=UTC)
-        lo, hi = _ts(start), _ts(start + timedelta(days=1))
+        lo = _ts(start)
+        hi: ColumnElement[datetime]
+        if f.day < date.max:
+            hi = _ts(start + timedelta(days=1))
+        else:
+            # The day after 9999-12-31 exists in PostgreSQL but not in Python: add 24 hours
+            # (not "1 day", which depends on the session's time zone) in SQL.
+            hi = lo + func.make_interval(0, 0, 0, 0, 24, type_=Interval)
         day_bounds = {
             Op.EQUALS: and_(column >= lo, column < hi),
             Op.NOT_EQUALS: or_(column < lo, column >= hi),
@@ -669,7 +686,18 @@ def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
 def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
     c = tables.contacts.c
     path = literal(list(f.path), ARRAY(Text))
-    node = c.data.op("#>", return_type=JSONB)(path)
+    node: ColumnElement[Any] = c.data.op("#>", return_type=JSONB)(path)
+    if len(f.path) > 1:
+        # `#>` also steps into arrays by index (data.tags.0 would be the first tag), but a
+        # data path names keys of nested objects only: every step must be an object.
+        steps = [
+            func.jsonb_typeof(
+                c.data.op("#>", return_type=JSONB)(literal(list(f.path[:n]), ARRAY(Text)))
+            )
+            == "object"
+            for n in range(1, len(f.path))
+        ]
+        node = case((and_(*steps), node))
     node_type = func.jsonb_typeof(node)
     present = and_(node.is_not(None), node_type != "null")
     op = f.operator

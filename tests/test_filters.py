@@ -1,0 +1,516 @@
+"""Filter conditions at the unit level: validation errors name the exact dot path, and
+targeted SQL checks for the cases the property test (test_filter_properties.py) found."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from segments_service import tables
+from segments_service.errors import ValidationError
+from segments_service.filters import (
+    MAX_DEPTH,
+    MAX_FILTERS,
+    MAX_STRING_VALUE,
+    CompileContext,
+    Kind,
+    compile_condition,
+    parse_condition,
+)
+from tests.reference import RefContact, evaluate
+
+F0 = "condition.groups.0.filters.0"
+
+
+def cond(*filters: dict[str, Any], logic: str = "AND") -> dict[str, Any]:
+    return {"logic": logic, "groups": [{"filters": list(filters)}]}
+
+
+def flt(field: str, operator: str, value: Any = None, unit: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"field": field, "operator": operator}
+    if value is not None:
+        out["value"] = value
+    if unit is not None:
+        out["unit"] = unit
+    return out
+
+
+def violations(raw: Any) -> list[tuple[str, str]]:
+    """(field, code) of every violation `parse_condition` reports for `raw`."""
+    with pytest.raises(ValidationError) as caught:
+        parse_condition(raw)
+    return [(v.field, v.code) for v in caught.value.violations]
+
+
+def fields(raw: Any) -> list[str]:
+    return [f for f, _code in violations(raw)]
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """A condition `depth` levels deep, one filter at the bottom."""
+    inner: dict[str, Any] = cond(flt("data.level", "exists"))
+    for _ in range(depth - 1):
+        inner = {"logic": "OR", "groups": [{"conditions": inner}]}
+    return inner
+
+
+# --- validation: every kind of bad input, by dot path ------------------------------------
+
+
+def test_unknown_operator_names_its_filter() -> None:
+    raw = {
+        "logic": "AND",
+        "groups": [
+            {"filters": [flt("email", "contains", "@")]},
+            {"filters": [flt("data.plan", "startsWith", "p"), flt("email", "contains", "@")]},
+        ],
+    }
+    assert violations(raw) == [("condition.groups.1.filters.0.operator", "invalid_enum")]
+
+
+def test_missing_operator_and_field() -> None:
+    assert fields(cond({"field": "email", "value": "a"})) == [f"{F0}.operator"]
+    assert fields(cond({"field": "email", "operator": "", "value": "a"})) == [f"{F0}.operator"]
+    assert fields(cond({"operator": "equals", "value": "a"})) == [f"{F0}.field"]
+    assert fields(cond({"field": 5, "operator": "equals", "value": "a"})) == [f"{F0}.field"]
+    assert fields(cond("email equals a")) == [F0]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        flt("subscribed", "equals", "true"),
+        flt("subscribed", "equals", 1),
+        flt("subscribed", "notEquals", "false"),
+        flt("email", "equals", 5),
+        flt("email", "contains", True),
+        flt("data.note", "contains", 5),
+        flt("data.note", "notContains", False),
+        flt("data.age", "greaterThan", True),
+        flt("data.age", "lessThan", "five"),
+        flt("data.age", "greaterThanOrEqual", "5"),  # a numeric string is not a number
+        flt("createdAt", "equals", "yesterday"),
+        flt("createdAt", "greaterThan", True),
+        flt("updatedAt", "lessThan", "2025-02-30"),
+        flt("createdAt", "equals", "2025-06-15\n"),  # a trailing newline is not RFC 3339
+        flt("createdAt", "equals", "2025-06-15T12:00:00.1234567890Z"),  # 10 fraction digits
+        flt("data.age", "equals", {"a": 1}),
+        flt("data.age", "equals", [1]),
+        flt("createdAt", "within", "7", "days"),
+        flt("createdAt", "within", 0, "days"),
+        flt("createdAt", "olderThan", -1, "hours"),
+        flt("createdAt", "within", True, "days"),
+        flt("event.purchase", "triggeredWithin", "7", "days"),
+        flt("event.purchase", "notTriggeredWithin", 0, "minutes"),
+    ],
+)
+def test_wrong_value_type_names_the_value(bad: dict[str, Any]) -> None:
+    assert fields(cond(bad)) == [f"{F0}.value"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        flt("createdAt", "within", 7),
+        flt("data.signup", "olderThan", 7),
+        flt("event.purchase", "triggeredWithin", 7),
+        flt("purchase", "triggeredOlderThan", 7),
+        flt("email.opened", "notTriggeredWithin", 7),
+        flt("createdAt", "within", 7, "weeks"),  # not a unit
+        flt("createdAt", "within", 7, "Days"),
+        flt("data.plan", "equals", "premium", "days"),  # a unit where none belongs
+        flt("event.purchase", "triggered", None, "days"),
+        flt("data.plan", "exists", None, "days"),
+    ],
+)
+def test_unit_problems_name_the_unit(bad: dict[str, Any]) -> None:
+    assert fields(cond(bad)) == [f"{F0}.unit"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        flt("data.plan", "exists", True),
+        flt("data.plan", "notExists", "x"),
+        flt("event.purchase", "triggered", 1),
+        flt("email.opened", "notTriggered", True),
+        flt(f"segment.{uuid.uuid4()}", "memberOfSegment", True),
+        flt(f"segment.{uuid.uuid4()}", "notMemberOfSegment", "x"),
+    ],
+)
+def test_a_value_where_none_belongs(bad: dict[str, Any]) -> None:
+    assert violations(cond(bad)) == [(f"{F0}.value", "unexpected")]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        flt("data.plan", "equals"),
+        flt("email", "contains"),
+        flt("createdAt", "greaterThan"),
+        flt("createdAt", "within", None, "days"),
+        flt("event.purchase", "triggeredWithin", None, "days"),
+    ],
+)
+def test_a_missing_value(bad: dict[str, Any]) -> None:
+    assert fields(cond(bad)) == [f"{F0}.value"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        flt("foo", "equals", "x"),
+        flt("Email", "equals", "x"),
+        flt("created_at", "greaterThan", "2025-01-01"),
+        flt("data", "exists"),
+        flt("data.", "exists"),
+        flt("data.a..b", "exists"),
+        flt("data.a.", "exists"),
+        flt("event.", "triggered"),
+        flt("email.read", "triggered"),  # unknown email activity
+        flt("email.", "triggered"),
+        flt("email.Opened", "triggered"),
+        flt("segment.not-a-uuid", "memberOfSegment"),
+        flt("segment.", "memberOfSegment"),
+        flt("purchase", "equals", "x"),  # a bare name is an event only for event operators
+    ],
+)
+def test_unknown_fields_name_the_field(bad: dict[str, Any]) -> None:
+    assert fields(cond(bad)) == [f"{F0}.field"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        flt("email", "within", 1, "days"),
+        flt("email", "exists"),
+        flt("subscribed", "contains", "t"),
+        flt("createdAt", "contains", "2025"),
+        flt("createdAt", "exists"),
+        flt("data.plan", "triggered"),
+        flt("event.purchase", "equals", "x"),
+        flt("email.opened", "exists"),
+        flt(f"segment.{uuid.uuid4()}", "equals", "x"),
+        flt("data.plan", "memberOfSegment"),
+    ],
+)
+def test_operator_that_does_not_apply_names_the_operator(bad: dict[str, Any]) -> None:
+    assert violations(cond(bad)) == [(f"{F0}.operator", "invalid_operator")]
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: flt("data.age", "equals", n),
+        lambda n: flt("data.age", "greaterThan", n),
+        lambda n: flt("createdAt", "equals", n),
+        lambda n: flt("createdAt", "within", n, "days"),
+        lambda n: flt("event.purchase", "triggeredWithin", n, "days"),
+    ],
+)
+def test_non_finite_numbers(number: float, make: Any) -> None:
+    assert violations(cond(make(number))) == [(f"{F0}.value", "invalid_number")]
+
+
+def test_string_value_limit() -> None:
+    parse_condition(cond(flt("data.note", "equals", "x" * MAX_STRING_VALUE)))
+    parse_condition(cond(flt("data.note", "contains", "é" * MAX_STRING_VALUE)))
+    assert violations(cond(flt("data.note", "equals", "x" * (MAX_STRING_VALUE + 1)))) == [
+        (f"{F0}.value", "too_long")
+    ]
+    assert violations(cond(flt("email", "contains", "é" * (MAX_STRING_VALUE + 1)))) == [
+        (f"{F0}.value", "too_long")
+    ]
+
+
+def test_depth_limit() -> None:
+    parse_condition(nested(MAX_DEPTH))
+    path = "condition" + ".groups.0.conditions" * MAX_DEPTH
+    assert violations(nested(MAX_DEPTH + 1)) == [(path, "too_deep")]
+
+
+def test_filter_count_limit() -> None:
+    many = [flt("data.n", "equals", i) for i in range(MAX_FILTERS)]
+    parse_condition({"logic": "OR", "groups": [{"filters": many[:120]}, {"filters": many[120:]}]})
+    over = {
+        "logic": "OR",
+        "groups": [
+            {"filters": many[:120]},
+            {"conditions": cond(*many[120:], flt("data.n", "equals", -1))},
+        ],
+    }
+    # Filter 201 is the 81st filter of the nested group.
+    assert violations(over) == [("condition.groups.1.conditions.groups.0.filters.80", "too_many")]
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        (
+            {"logic": "XOR", "groups": [{"filters": [flt("email", "contains", "@")]}]},
+            "condition.logic",
+        ),
+        ({"groups": [{"filters": [flt("email", "contains", "@")]}]}, "condition.logic"),
+        (
+            {"logic": "and", "groups": [{"filters": [flt("email", "contains", "@")]}]},
+            "condition.logic",
+        ),
+        ({"logic": "AND"}, "condition.groups"),
+        ({"logic": "AND", "groups": []}, "condition.groups"),
+        ({"logic": "AND", "groups": {"filters": []}}, "condition.groups"),
+        ({"logic": "AND", "groups": [{}]}, "condition.groups.0"),
+        ({"logic": "AND", "groups": [{"filters": []}]}, "condition.groups.0"),
+        ({"logic": "AND", "groups": ["x"]}, "condition.groups.0"),
+        (
+            {"logic": "AND", "groups": [{"filters": {"field": "email"}}]},
+            "condition.groups.0.filters",
+        ),
+        ({"logic": "AND", "groups": [{"conditions": "x"}]}, "condition.groups.0.conditions"),
+        ([], "condition"),
+        (None, "condition"),
+    ],
+)
+def test_structure_errors(raw: Any, path: str) -> None:
+    assert fields(raw) == [path]
+
+
+def test_errors_deep_inside_name_the_whole_path() -> None:
+    raw = {
+        "logic": "AND",
+        "groups": [
+            {
+                "filters": [flt("email", "contains", "@")],
+                "conditions": {
+                    "logic": "OR",
+                    "groups": [
+                        {"filters": [flt("data.a", "exists")]},
+                        {"filters": [flt("data.a", "exists"), flt("data.b", "within", 3)]},
+                    ],
+                },
+            },
+        ],
+    }
+    assert fields(raw) == ["condition.groups.0.conditions.groups.1.filters.1.unit"]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    raw = {
+        "logic": "AND",
+        "groups": [
+            {"filters": [flt("subscribed", "equals", "true"), flt("nope", "equals", 1)]},
+            {"filters": [flt("email", "startsWith", "a")]},
+        ],
+    }
+    assert fields(raw) == [
+        "condition.groups.0.filters.0.value",
+        "condition.groups.0.filters.1.field",
+        "condition.groups.1.filters.0.operator",
+    ]
+
+
+def test_error_paths_follow_the_given_base() -> None:
+    with pytest.raises(ValidationError) as caught:
+        parse_condition(cond(flt("email", "nope", "a")), "segments.3.condition")
+    assert [v.field for v in caught.value.violations] == [
+        "segments.3.condition.groups.0.filters.0.operator"
+    ]
+
+
+# --- validation: inputs that used to escape as exceptions other than ValidationError ------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        # Window spans that overflow timedelta (were OverflowError, a 500).
+        flt("createdAt", "within", 1e300, "days"),
+        flt("createdAt", "within", 10**30, "minutes"),
+        flt("event.purchase", "triggeredWithin", 10**400, "hours"),
+        # Just over the 36525-day limit.
+        flt("createdAt", "within", 36526, "days"),
+        flt("createdAt", "within", 36525 * 24 + 1, "hours"),
+        # Offsets moving a timestamp outside years 1..9999 (were OverflowError).
+        flt("createdAt", "equals", "9999-12-31T23:59:00-15:00"),
+        flt("data.signup", "greaterThan", "0001-01-01T00:00:00+15:00"),
+        # Epoch milliseconds out of range.
+        flt("createdAt", "equals", 10**30),
+        flt("createdAt", "greaterThan", -1e300),
+    ],
+)
+def test_out_of_range_values_are_validation_errors(bad: dict[str, Any]) -> None:
+    assert fields(cond(bad)) == [f"{F0}.value"]
+
+
+def test_window_limit_is_inclusive() -> None:
+    parse_condition(cond(flt("createdAt", "within", 36525, "days")))
+    parse_condition(cond(flt("createdAt", "within", 36525 * 24 * 60, "minutes")))
+
+
+def test_epoch_milliseconds_are_exact() -> None:
+    # value / 1000 as a float lost microseconds after about year 2242.
+    for millis, expected in [
+        (253402300799999, datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)),
+        (10413792000001, datetime(2300, 1, 1, 0, 0, 0, 1000, tzinfo=UTC)),
+        (-1, datetime(1969, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)),
+        (1749988800123.456, datetime(2025, 6, 15, 12, 0, 0, 123456, tzinfo=UTC)),
+    ]:
+        parsed = next(parse_condition(cond(flt("createdAt", "equals", millis))).iter_filters())
+        assert parsed.timestamp == expected, millis
+
+
+def test_value_timestamps() -> None:
+    def parsed(value: str) -> Any:
+        return next(parse_condition(cond(flt("createdAt", "equals", value))).iter_filters())
+
+    assert parsed("2025-06-15T12:00:00.123456789Z").timestamp == datetime(
+        2025, 6, 15, 12, 0, 0, 123456, tzinfo=UTC
+    )
+    assert parsed("2025-06-15T14:00:00+02:00").timestamp == datetime(2025, 6, 15, 12, tzinfo=UTC)
+    assert parsed("2025-06-15T12:00:00").timestamp == datetime(2025, 6, 15, 12, tzinfo=UTC)
+    assert parsed("2025-06-15").day is not None and parsed("2025-06-15").timestamp is None
+
+
+def test_bare_event_names_and_aliases() -> None:
+    f = next(parse_condition(cond(flt("purchase", "triggeredWithin", 7, "days"))).iter_filters())
+    assert (f.kind, f.events) == (Kind.EVENT, ("purchase",))
+    f = next(parse_condition(cond(flt("email.click", "triggered"))).iter_filters())
+    assert set(f.events) == {"email.clicked", "email.click"}
+
+
+# --- SQL: targeted cases -----------------------------------------------------------------
+
+NOW = datetime(2025, 6, 15, 12, 0, tzinfo=UTC)
+
+
+def _select(
+    sessions: sessionmaker[Session],
+    data: dict[str, dict[str, Any]],
+    raw: dict[str, Any],
+    created: dict[str, datetime] | None = None,
+) -> set[str]:
+    """Emails the compiled `raw` selects among contacts {email: data}; checked against the
+    reference evaluator too."""
+    created = created or {}
+    with sessions() as session:
+        try:
+            return _select_in(session, data, raw, created)
+        finally:
+            session.rollback()
+
+
+def _select_in(
+    session: Session,
+    data: dict[str, dict[str, Any]],
+    raw: dict[str, Any],
+    created: dict[str, datetime],
+) -> set[str]:
+    project = session.execute(
+        text("INSERT INTO projects (name) VALUES ('filters') RETURNING id")
+    ).scalar_one()
+    people = [
+        RefContact(uuid.uuid4(), email, True, d, created.get(email, NOW), NOW)
+        for email, d in data.items()
+    ]
+    for p in people:
+        session.execute(
+            text(
+                "INSERT INTO contacts (project_id, id, email, data, created_at, updated_at) "
+                "VALUES (:p, :id, :email, CAST(:data AS jsonb), :created, :updated)"
+            ),
+            {
+                "p": project,
+                "id": p.id,
+                "email": p.email,
+                "data": json.dumps(p.data),
+                "created": p.created_at,
+                "updated": p.updated_at,
+            },
+        )
+    c = tables.contacts.c
+    predicate = compile_condition(parse_condition(raw), CompileContext(now=NOW))
+    found = set(
+        session.execute(select(c.email).where(c.project_id == project, predicate)).scalars()
+    )
+    expected = {p.email for p in people if evaluate(raw, p, [], NOW, {})}
+    assert found == expected
+    return found
+
+
+def test_data_paths_walk_objects_not_arrays(sessions: sessionmaker[Session]) -> None:
+    # PostgreSQL's #> reads "0" as an array index; data.<a>.<b> names object keys only.
+    data: dict[str, dict[str, Any]] = {
+        "array@x.com": {"tags": ["vip", "x"]},
+        "object@x.com": {"tags": {"0": "vip"}},
+        "nested@x.com": {"a": [{"b": "vip"}]},
+        "deep@x.com": {"a": {"0": {"b": "vip"}}},
+        "neg@x.com": {"tags": ["x", "vip"]},
+    }
+    assert _select(sessions, data, cond(flt("data.tags.0", "exists"))) == {"object@x.com"}
+    assert _select(sessions, data, cond(flt("data.tags.0", "notExists"))) == {
+        "array@x.com",
+        "nested@x.com",
+        "deep@x.com",
+        "neg@x.com",
+    }
+    assert _select(sessions, data, cond(flt("data.tags.0", "contains", "VIP"))) == {"object@x.com"}
+    assert _select(sessions, data, cond(flt("data.tags.0", "notEquals", "x"))) == {"object@x.com"}
+    assert _select(sessions, data, cond(flt("data.tags.-1", "exists"))) == set()
+    assert _select(sessions, data, cond(flt("data.a.0.b", "equals", "vip"))) == {"deep@x.com"}
+    assert _select(sessions, data, cond(flt("data.a.0.b", "exists"))) == {"deep@x.com"}
+
+
+def test_date_only_bounds_at_the_end_of_time(sessions: sessionmaker[Session]) -> None:
+    # The day after 9999-12-31 does not fit Python's datetime (was OverflowError).
+    last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    created = {"last@x.com": last, "now@x.com": NOW}
+    data: dict[str, dict[str, Any]] = {"last@x.com": {}, "now@x.com": {}}
+    for op, expected in [
+        ("equals", {"last@x.com"}),
+        ("notEquals", {"now@x.com"}),
+        ("greaterThan", set()),
+        ("greaterThanOrEqual", {"last@x.com"}),
+        ("lessThan", {"now@x.com"}),
+        ("lessThanOrEqual", {"last@x.com", "now@x.com"}),
+    ]:
+        raw = cond(flt("createdAt", op, "9999-12-31"))
+        assert _select(sessions, data, raw, created) == expected, op
+
+
+def test_stored_timestamps_beyond_python_range(sessions: sessionmaker[Session]) -> None:
+    # Valid stored strings whose offset moves them past year 9999 or before year 1 are
+    # instants to PostgreSQL; the reference evaluator handles them as such.
+    data: dict[str, dict[str, Any]] = {
+        "late@x.com": {"at": "9999-12-31T23:59:59-15:00"},
+        "early@x.com": {"at": "0001-01-01T00:00:00+15:00"},
+        "now@x.com": {"at": "2025-06-15T12:00:00Z"},
+    }
+    assert _select(sessions, data, cond(flt("data.at", "greaterThan", "9999-12-31T23:59Z"))) == {
+        "late@x.com"
+    }
+    assert _select(sessions, data, cond(flt("data.at", "lessThan", "0001-01-01T00:00Z"))) == {
+        "early@x.com"
+    }
+    assert _select(sessions, data, cond(flt("data.at", "olderThan", 1, "days"))) == {"early@x.com"}
+    assert _select(sessions, data, cond(flt("data.at", "within", 1, "minutes"))) == {"now@x.com"}
+
+
+def test_edges_are_exact(sessions: sessionmaker[Session]) -> None:
+    week = NOW - timedelta(days=7)
+    created = {"edge@x.com": week, "before@x.com": week - timedelta(microseconds=1)}
+    data: dict[str, dict[str, Any]] = {"edge@x.com": {}, "before@x.com": {}}
+    assert _select(sessions, data, cond(flt("createdAt", "within", 7, "days")), created) == {
+        "edge@x.com"
+    }
+    assert _select(sessions, data, cond(flt("createdAt", "olderThan", 7, "days")), created) == {
+        "before@x.com"
+    }
+    assert _select(sessions, data, cond(flt("createdAt", "within", 168, "hours")), created) == {
+        "edge@x.com"
+    }
