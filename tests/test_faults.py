@@ -153,16 +153,48 @@ def _batch(start: int, size: int = 500) -> contacts_pb2.BatchUpsertContactsReque
     )
 
 
-def test_sigterm_lets_in_flight_requests_finish(replicas: Replicas, project: Project) -> None:
+def _wait_until_busy(engine: Engine, port: int, timeout: float = 20) -> None:
+    """Until the replica on `port` has a statement running in the database."""
+    deadline = time.monotonic() + timeout
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            busy = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = :app AND state = 'active'"
+                ),
+                {"app": f"segments:{port}"},
+            ).scalar_one()
+            conn.commit()
+            if busy:
+                return
+            time.sleep(0.005)
+    pytest.fail("the replica never started working")
+
+
+def test_sigterm_lets_in_flight_requests_finish(
+    replicas: Replicas, project: Project, engine: Engine
+) -> None:
     replica = replicas()
     futures = [
         replica.contacts.BatchUpsertContacts.future(_batch(i * 500), metadata=project.auth)
         for i in range(8)
     ]
-    time.sleep(0.05)
+    _wait_until_busy(engine, replica.port)
     replica.proc.send_signal(signal.SIGTERM)
-    results = [f.result(timeout=30) for f in futures]
-    assert sum(r.created for r in results) == 8 * 500
+    answered: list[int] = []
+    for future in futures:
+        try:
+            answered.append(future.result(timeout=30).created)
+        except grpc.RpcError as err:
+            # Calls that had not started yet are refused, retryably, and wrote nothing.
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+    assert answered, "the calls in flight at SIGTERM completed"
+    with engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT count(*) FROM contacts WHERE project_id = :p"), {"p": project.id}
+        ).scalar_one()
+    assert stored == sum(answered)
     assert replica.proc.wait(30) == 0
 
 

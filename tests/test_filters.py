@@ -514,3 +514,11 @@ def test_edges_are_exact(sessions: sessionmaker[Session]) -> None:
     assert _select(sessions, data, cond(flt("createdAt", "within", 168, "hours")), created) == {
         "edge@x.com"
     }
+
+
+def test_nul_characters_are_refused_where_they_are() -> None:
+    raw = cond(flt("data.pl\x00an", "exists"), flt("email", "contains", "a\x00b"))
+    assert fields(raw) == [
+        "condition.groups.0.filters.0.field",
+        "condition.groups.0.filters.1.value",
+    ]

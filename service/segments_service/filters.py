@@ -356,6 +356,9 @@ class _Parser:
         if not isinstance(field_raw, str) or not field_raw:
             self.fail(f"{path}.field", "is required and must be a string", "required")
             return None
+        if "\x00" in field_raw:  # PostgreSQL text cannot hold NUL
+            self.fail(f"{path}.field", "must not contain NUL characters", "invalid")
+            return None
         unit_raw = raw.get("unit")
         unit: Unit | None = None
         if unit_raw is not None and unit_raw != "":
@@ -446,6 +449,9 @@ class _Parser:
             return None
         if isinstance(value, str) and len(value) > MAX_STRING_VALUE:
             self.fail(vpath, f"must be at most {MAX_STRING_VALUE} characters", "too_long")
+            return None
+        if isinstance(value, str) and "\x00" in value:
+            self.fail(vpath, "must not contain NUL characters", "invalid")
             return None
         is_window = op in WINDOWS or op in WINDOWED_EVENT_OPS
         if unit is not None and not is_window:
