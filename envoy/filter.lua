@@ -432,8 +432,28 @@ local function strip_trailers(handle)
   end
 end
 
+-- Request headers become gRPC metadata upstream, where names are limited to [0-9a-z_.-]
+-- and grpc-* names are the protocol's own; grpcio fails the whole call on anything else.
+-- REST callers' headers of that kind are dropped (gRPC callers passing through keep theirs).
+local function drop_non_metadata_headers(headers)
+  local content_type = headers:get("content-type") or ""
+  if content_type:sub(1, 16) == "application/grpc" then
+    return
+  end
+  local drop = {}
+  for name, _ in pairs(headers) do
+    if name:sub(1, 1) ~= ":" and (name:sub(1, 5) == "grpc-" or not name:match("^[0-9a-z_.%-]+$")) then
+      drop[#drop + 1] = name
+    end
+  end
+  for _, name in ipairs(drop) do
+    headers:remove(name)
+  end
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
+  drop_non_metadata_headers(headers)
   local meta = handle:streamInfo():dynamicMetadata()
   local path = headers:get(":path") or ""
   local method = headers:get(":method") or ""

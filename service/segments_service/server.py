@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +26,14 @@ from segments.v1 import (
 )
 from segments_service.config import Settings
 from segments_service.database import make_engine, make_sessionmaker
+from segments_service.errors import ValidationError
 from segments_service.servicers import (
     STREAMS_STOPPING,
     ContactServicer,
     EventServicer,
     SegmentServicer,
 )
+from segments_service.status import abort, request_id_of
 from segments_service.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,65 @@ class Running:
         self.engine.dispose()
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request protobuf could not parse (e.g. nested past its recursion limit)."""
+
+    reason: str
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return parse
+
+
+def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            err = ValidationError.single(
+                "",
+                "the request could not be decoded (messages may nest at most about 100 "
+                f"levels deep): {request.reason}",
+                "undecodable",
+            )
+            abort(context, err, request_id_of(context))
+        return behavior(request, context)
+
+    return call
+
+
+class _GuardedRegistration:
+    """Stands in for the server when the generated add_*_to_server functions register
+    handlers: grpcio answers INTERNAL when a request fails to decode, before any of our
+    code runs; here such a request reaches the error mapping as INVALID_ARGUMENT."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
+        """Replaced by add_registered_method_handlers, which carries the same handlers."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        wrapped = {}
+        for name, handler in handlers.items():
+            changes: dict[str, Any] = {
+                "request_deserializer": _safe_deserializer(handler.request_deserializer)
+            }
+            for kind in ("unary_unary", "unary_stream"):
+                if getattr(handler, kind) is not None:
+                    changes[kind] = _guard(getattr(handler, kind))
+            wrapped[name] = handler._replace(**changes)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, wrapped),)
+        )
+        self._server.add_registered_method_handlers(service, wrapped)
+
+
 def create_server(
     address: str,
     sessions: sessionmaker[Session],
@@ -84,9 +146,10 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    segments_pb2_grpc.add_SegmentServiceServicer_to_server(SegmentServicer(sessions), server)
-    contacts_pb2_grpc.add_ContactServiceServicer_to_server(ContactServicer(sessions), server)
-    events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(sessions), server)
+    guarded: Any = _GuardedRegistration(server)  # stands in for grpc.Server
+    segments_pb2_grpc.add_SegmentServiceServicer_to_server(SegmentServicer(sessions), guarded)
+    contacts_pb2_grpc.add_ContactServiceServicer_to_server(ContactServicer(sessions), guarded)
+    events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(sessions), guarded)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):

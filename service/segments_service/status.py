@@ -28,6 +28,7 @@ from segments_service.auth import Caller, KeyKind, authenticate
 from segments_service.errors import (
     AlreadyExists,
     FailedPrecondition,
+    FieldViolation,
     InvalidApiKey,
     MissingAuth,
     NotFound,
@@ -44,6 +45,16 @@ DOMAIN = "segments.v1"
 HTTP_STATUS_HEADER = "x-http-status"
 ENVELOPE_HEADER = "x-error-envelope"
 MAX_ENVELOPE_VIOLATIONS = 50
+# Errors travel as trailing metadata, i.e. HTTP/2 headers, three times over (grpc-message,
+# grpc-status-details-bin, the envelope): gRPC clients refuse more than 8 KiB of metadata
+# by default and Envoy more than 60 KiB. Messages quote request values (an id, an email,
+# a data key), so texts are clipped and violations dropped beyond these budgets, counted
+# in JSON-escaped bytes.
+MAX_MESSAGE_BYTES = 500
+MAX_FIELD_BYTES = 400  # a dot path 10 conditions deep is about 250
+MAX_VIOLATION_TEXT_BYTES = 200
+MAX_VIOLATIONS_BYTES = 2000
+ELLIPSIS = "\u2026"
 TRANSACTION_ATTEMPTS = 4
 
 _GRPC_CODES: list[tuple[type[ServiceError], grpc.StatusCode]] = [
@@ -82,18 +93,54 @@ def metadata_value(context: grpc.ServicerContext, name: str) -> str | None:
     return None
 
 
+def _escaped_size(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=True)) - 2
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """`text`, cut (with an ellipsis) so that its JSON-escaped form fits in `max_bytes`."""
+    if _escaped_size(text) <= max_bytes:
+        return text
+    budget = max_bytes - _escaped_size(ELLIPSIS)
+    kept: list[str] = []
+    for char in text:
+        budget -= _escaped_size(char)
+        if budget < 0:
+            break
+        kept.append(char)
+    return "".join(kept) + ELLIPSIS
+
+
+def bounded_violations(err: ValidationError) -> list[FieldViolation]:
+    """The violations shown: the first ones, with clipped texts, within the budget."""
+    shown: list[FieldViolation] = []
+    used = 0
+    for v in err.violations[:MAX_ENVELOPE_VIOLATIONS]:
+        item = FieldViolation(
+            clip(v.field, MAX_FIELD_BYTES),
+            clip(v.message, MAX_VIOLATION_TEXT_BYTES),
+            clip(v.code, MAX_VIOLATION_TEXT_BYTES),
+        )
+        size = sum(_escaped_size(t) for t in (item.field, item.message, item.code)) + 40
+        if shown and used + size > MAX_VIOLATIONS_BYTES:
+            break
+        shown.append(item)
+        used += size
+    return shown
+
+
 def envelope(err: ServiceError, request_id: str) -> dict[str, Any]:
     """The REST error body of SPEC §3."""
     body: dict[str, Any] = {
         "code": err.code,
-        "message": err.message,
+        "message": clip(err.message, MAX_MESSAGE_BYTES),
         "statusCode": err.http_status,
         "requestId": request_id,
     }
     if isinstance(err, ValidationError):
         body["errors"] = [
             {"field": v.field, "message": v.message, "code": v.code}
-            for v in err.violations[:MAX_ENVELOPE_VIOLATIONS]
+            for v in bounded_violations(err)
         ]
     if isinstance(err, SegmentInUse):
         body["details"] = {"referencedBy": err.referenced_by}
@@ -119,7 +166,7 @@ def to_status(err: ServiceError, request_id: str) -> grpc.Status:
                     error_details_pb2.BadRequest.FieldViolation(
                         field=v.field, description=v.message, reason=v.code
                     )
-                    for v in err.violations[:MAX_ENVELOPE_VIOLATIONS]
+                    for v in bounded_violations(err)
                 ]
             )
         )
@@ -131,7 +178,9 @@ def to_status(err: ServiceError, request_id: str) -> grpc.Status:
         holder.Pack(detail)
         packed.append(holder)
     status = rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=err.message, details=packed)
+        status_pb2.Status(
+            code=code.value[0], message=clip(err.message, MAX_MESSAGE_BYTES), details=packed
+        )
     )
     body = json.dumps(envelope(err, request_id), ensure_ascii=True, separators=(",", ":"))
     trailing = (
