@@ -21,10 +21,17 @@ from tests.conftest import Stubs
 SEGMENTS = Path(sys.executable).parent / "segments"
 
 
-def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    database_url: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "WARNING"}
     return subprocess.run(
-        [str(SEGMENTS), *args], env=env, capture_output=True, text=True, timeout=120
+        [str(SEGMENTS), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=stdin,
     )
 
 
@@ -114,6 +121,16 @@ def test_rotate_key_replaces_the_key(database_url: str, stubs: Stubs) -> None:
     again = cli(database_url, "rotate-key", keys["secretKey"])
     assert again.returncode != 0
     assert "no live key matches" in again.stderr
+
+
+def test_keys_can_come_from_standard_input(database_url: str, stubs: Stubs) -> None:
+    keys = ok(cli(database_url, "create-project", "--name", "Stdin"))
+    rotated = ok(cli(database_url, "rotate-key", "-", stdin=keys["secretKey"] + "\n"))
+    assert status(stubs, keys["secretKey"]) == grpc.StatusCode.UNAUTHENTICATED
+    assert status(stubs, rotated["secretKey"]) == grpc.StatusCode.OK
+    revoked = ok(cli(database_url, "revoke-key", "-", stdin=rotated["secretKey"]))
+    assert revoked == {"revoked": True, "projectId": keys["id"]}
+    assert status(stubs, rotated["secretKey"]) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_revoke_key_disables_it(database_url: str, stubs: Stubs) -> None:

@@ -215,12 +215,19 @@ def cmd_create_project(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _key_argument(raw: str) -> str:
+    """The key itself, or `-`: read it from standard input (keeps it out of `ps`)."""
+    key = sys.stdin.readline() if raw == "-" else raw
+    return key.strip()
+
+
 def cmd_rotate_key(args: argparse.Namespace, settings: Settings) -> int:
     from segments_service.auth import rotate_key
     from segments_service.errors import NotFound
 
     try:
-        new = _with_session(settings, lambda s: rotate_key(s, args.key))
+        key = _key_argument(args.key)
+        new = _with_session(settings, lambda s: rotate_key(s, key))
     except NotFound:
         raise SystemExit("segments: no live key matches") from None
     kind = "secretKey" if new.startswith("sk_") else "publicKey"
@@ -233,7 +240,8 @@ def cmd_revoke_key(args: argparse.Namespace, settings: Settings) -> int:
     from segments_service.errors import NotFound
 
     try:
-        project_id = _with_session(settings, lambda s: revoke_key(s, args.key))
+        key = _key_argument(args.key)
+        project_id = _with_session(settings, lambda s: revoke_key(s, key))
     except NotFound:
         raise SystemExit("segments: no live key matches") from None
     print(json.dumps({"revoked": True, "projectId": str(project_id)}))
@@ -252,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     create = sub.add_parser("create-project", help="create a project; prints its keys as JSON")
     create.add_argument("--name", required=True)
     rotate = sub.add_parser("rotate-key", help="revoke a key and print its replacement")
-    rotate.add_argument("key")
+    rotate.add_argument("key", help="the key, or - to read it from standard input")
     revoke = sub.add_parser("revoke-key", help="revoke a key")
-    revoke.add_argument("key")
+    revoke.add_argument("key", help="the key, or - to read it from standard input")
     args = parser.parse_args(argv)
     configure_logging()
     if args.command == "run" and args.replicas < 1:
