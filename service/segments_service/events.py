@@ -133,11 +133,11 @@ def ingest(session: Session, project_id: uuid.UUID, items: Sequence[IngestItem])
         [NewEvent(ids[i.email], i.event, i.data, i.occurred_at) for i in items],
     )
     # New contacts can enter any segment; existing ones only gained events.
-    membership.refresh_contacts(session, project_id, [ids[e] for e in created])
     membership.refresh_contacts(
         session,
         project_id,
         [contact_id for email, contact_id in ids.items() if email not in created],
         event_names={i.event for i in items},
+        new_contacts=[ids[e] for e in created],
     )
     return recorded

@@ -31,12 +31,14 @@ from sqlalchemy import (
     Select,
     Text,
     Uuid,
+    and_,
     column,
     delete,
     exists,
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     union_all,
@@ -184,21 +186,25 @@ def dynamic_segments(
     return out
 
 
+# Which contacts to evaluate, per segment id; None means all of the project's contacts.
+Scope = Mapping[uuid.UUID, Sequence[uuid.UUID]] | None
+
+
 def desired_members(
     project_id: uuid.UUID,
     segments: Sequence[Dynamic],
-    contact_ids: Sequence[uuid.UUID] | None,
+    scope: Scope,
     now: datetime,
 ) -> Select[Any]:
-    """(segment_id, contact_id) of every member, among `contact_ids` or all contacts."""
+    """(segment_id, contact_id) of every member, among the scope's contacts."""
     c = tables.contacts.c
     parts = []
     for seg in segments:
         query = select(literal(seg.id, Uuid).label("segment_id"), c.id.label("contact_id")).where(
             c.project_id == project_id, seg.predicate(now)
         )
-        if contact_ids is not None:
-            query = query.where(c.id == tables.any_uuid(contact_ids))
+        if scope is not None:
+            query = query.where(c.id == tables.any_uuid(scope[seg.id]))
         parts.append(query)
     return union_all(*parts) if len(parts) > 1 else parts[0]  # type: ignore[return-value]
 
@@ -214,14 +220,15 @@ def _apply(
     session: Session,
     project_id: uuid.UUID,
     segments: Sequence[Dynamic],
-    contact_ids: Sequence[uuid.UUID] | None,
+    scope: Scope,
     now: datetime,
     *,
     emit: bool = True,
 ) -> Changes:
-    """Make `segment_members` match the conditions, in one statement; see the module doc."""
+    """Make `segment_members` match the conditions for the scope's contacts, in one
+    statement; see the module doc."""
     m = tables.segment_members
-    desired = desired_members(project_id, segments, contact_ids, now).cte("desired")
+    desired = desired_members(project_id, segments, scope, now).cte("desired")
     seg_ids = [seg.id for seg in segments]
     entered = (
         pg_insert(m)
@@ -242,8 +249,15 @@ def _apply(
             )
         ),
     )
-    if contact_ids is not None:
-        gone = gone.where(m.c.contact_id == tables.any_uuid(contact_ids))
+    if scope is not None:
+        gone = gone.where(
+            or_(
+                *(
+                    and_(m.c.segment_id == seg.id, m.c.contact_id == tables.any_uuid(scope[seg.id]))
+                    for seg in segments
+                )
+            )
+        )
     exited = gone.returning(m.c.segment_id, m.c.contact_id).cte("exited")
 
     deltas = union_all(
@@ -362,57 +376,65 @@ def refresh_contacts(
     *,
     event_names: Collection[str] | None = None,
     static_segment: uuid.UUID | None = None,
+    new_contacts: Iterable[uuid.UUID] = (),
 ) -> Changes:
-    """Re-evaluate these contacts against the project's dynamic segments.
+    """Re-evaluate contacts against the project's dynamic segments.
 
     Called at the end of every write that can change membership. Without a hint every
-    dynamic segment is evaluated (contact fields changed, or the contacts are new). With
-    `event_names` (only events were added) or `static_segment` (only that list changed),
-    just the segments whose conditions can see that change are. Locks the contacts, so
-    concurrent writers of the same contact evaluate one after the other.
+    dynamic segment is evaluated. With `event_names` (only events were added) or
+    `static_segment` (only that list changed), `contact_ids` meet just the segments whose
+    conditions can see the change; `new_contacts` meet every segment.
+
+    All the contacts are locked first, in id order, before any statement that takes the
+    count or feed locks: concurrent writers of one contact evaluate one after the other,
+    and two writers never wait on each other in opposite orders.
     """
-    ids = sorted(set(contact_ids))
-    if not ids:
+    new = set(new_contacts)
+    wanted = sorted(set(contact_ids) | new)
+    if not wanted:
         return Changes(0, 0, 0)
     lock_shared(session, project_id)
     every = dynamic_segments(session, project_id)
-    relevant = [
-        seg
-        for seg in every
-        if (event_names is None and static_segment is None)
-        or (event_names is not None and not seg.event_names.isdisjoint(event_names))
-        or (static_segment is not None and static_segment in seg.references)
+    if not every:
+        return Changes(0, 0, 0)
+    c = tables.contacts.c
+    locked = [
+        r.id
+        for r in session.execute(
+            select(c.id)
+            .where(c.project_id == project_id, c.id == tables.any_uuid(wanted))
+            .order_by(c.id)
+            .with_for_update(key_share=True)  # FOR NO KEY UPDATE: FK inserts still pass
+        )
     ]
+    fresh = [i for i in locked if i in new]
+    hinted = event_names is not None or static_segment is not None
+
+    def sees_change(seg: Dynamic) -> bool:
+        return (
+            not hinted
+            or (event_names is not None and not seg.event_names.isdisjoint(event_names))
+            or (static_segment is not None and static_segment in seg.references)
+        )
+
+    scope = {seg.id: locked if sees_change(seg) else fresh for seg in every}
+    segments = [seg for seg in every if scope[seg.id]]
     # Entry/exit events recorded in one round can move segments that filter on them.
     followers = [seg for seg in every if seg.reads_segment_events]
     total = Changes(0, 0, 0)
-    if not relevant:
-        return total
-    for start in range(0, len(ids), CHUNK):
-        chunk = ids[start : start + CHUNK]
-        c = tables.contacts.c
-        locked = [
-            r.id
-            for r in session.execute(
-                select(c.id)
-                .where(c.project_id == project_id, c.id == tables.any_uuid(chunk))
-                .order_by(c.id)
-                .with_for_update(key_share=True)  # FOR NO KEY UPDATE: FK inserts still pass
-            )
-        ]
-        if not locked:
-            continue
-        segments = relevant
-        for _round in range(MAX_EVENT_ROUNDS):
-            changes = _apply(session, project_id, segments, locked, db_now(session))
-            total = Changes(
-                total.entered + changes.entered,
-                total.exited + changes.exited,
-                total.events + changes.events,
-            )
-            if not (followers and changes.events):
-                break
-            segments = followers
+    for _round in range(MAX_EVENT_ROUNDS):
+        if not segments:
+            break
+        changes = _apply(session, project_id, segments, scope, db_now(session))
+        total = Changes(
+            total.entered + changes.entered,
+            total.exited + changes.exited,
+            total.events + changes.events,
+        )
+        if not changes.events:
+            break
+        segments = followers
+        scope = {seg.id: locked for seg in followers}
     return total
 
 

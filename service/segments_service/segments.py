@@ -448,13 +448,12 @@ def add_members(
         added_ids = [r.contact_id for r in session.execute(stmt)]
         added = len(added_ids)
         membership.adjust_count(session, project_id, segment_id, added)
-        new_ids = {ids[e] for e in created}
-        membership.refresh_contacts(session, project_id, new_ids)  # new: any segment
         membership.refresh_contacts(
             session,
             project_id,
-            [i for i in added_ids if i not in new_ids],
+            added_ids,
             static_segment=segment_id,
+            new_contacts=[ids[e] for e in created],  # new contacts meet every segment
         )
     return AddResult(added=added, created=len(created), not_found=not_found)
 
