@@ -41,12 +41,18 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy service client tests scripts
+	$(VENV)/bin/mypy service client tests scripts bench
 
 check-generated: $(STAMP) ## fail when generated code is stale
 	$(PY) scripts/generate.py --check
 
 check: lint typecheck check-generated ## what CI checks besides the tests
+
+bench: $(STAMP) ## performance benchmark (BENCHMARKS.md); quick run: BENCH_ARGS="--contacts 100000"
+	$(PY) -m bench $(BENCH_ARGS)
+
+soak: $(STAMP) ## 3 replicas behind Envoy, 60 s of mixed load, one replica killed midway; quick: SOAK_ARGS="--seconds 30"
+	$(PY) scripts/soak.py $(SOAK_ARGS)
 
 clean: ## remove the venv and local data
 	rm -rf $(VENV) .data build *.egg-info

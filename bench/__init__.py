@@ -1,0 +1,1 @@
+"""The performance benchmark of the segments service: `make bench` (see BENCHMARKS.md)."""

@@ -1,0 +1,526 @@
+"""The benchmark dataset: generated in SQL (generate_series + a seeded random()), straight into
+the service's own tables, with a progress bar.
+
+Layout (sizes are flags; the defaults are the issue's):
+- `main`: N contacts, 10·N events over 180 days across 50 names, 3·N email-activity events;
+- `tenant-1`, `tenant-2`: N/10 contacts each, same distributions (noise for the planner and
+  the 100k point of the scale curve);
+- `scale-<n>`: extra projects for scale-curve points no other project has (300k by default).
+
+Contact ids are md5('<tag>:<n>')::uuid, so events can pick a contact by number without a
+lookup table. Everything random comes from one seeded PostgreSQL session with parallel
+query off, so the same flags give the same rows. Secondary indexes are dropped while rows
+stream in and rebuilt afterwards (what a restore does); foreign-key triggers are skipped
+for the load session only (`session_replication_role = replica`): every generated
+reference is valid by construction. VACUUM ANALYZE at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+# ~50 custom event names, most frequent first (the generator picks index floor(50·u^2.2),
+# so page_view is ~17% of events and purchase ~2%).
+EVENT_NAMES = (
+    "page_view",
+    "session_start",
+    "product_viewed",
+    "search",
+    "login",
+    "feature_used",
+    "add_to_cart",
+    "app_opened",
+    "notification_clicked",
+    "video_played",
+    "checkout_started",
+    "purchase",
+    "logout",
+    "file_downloaded",
+    "wishlist_added",
+    "remove_from_cart",
+    "profile_updated",
+    "share_clicked",
+    "comment_posted",
+    "file_uploaded",
+    "push_opened",
+    "video_completed",
+    "form_submitted",
+    "coupon_applied",
+    "invite_sent",
+    "subscription_renewed",
+    "invoice_paid",
+    "webinar_registered",
+    "review_written",
+    "support_ticket_opened",
+    "support_ticket_closed",
+    "survey_completed",
+    "invite_accepted",
+    "webinar_attended",
+    "signup",
+    "email_verified",
+    "onboarding_completed",
+    "trial_started",
+    "trial_ended",
+    "subscription_started",
+    "plan_upgraded",
+    "plan_downgraded",
+    "password_reset",
+    "download_whitepaper",
+    "demo_requested",
+    "app_installed",
+    "invoice_failed",
+    "refund",
+    "subscription_cancelled",
+    "account_deleted",
+)
+# Email activity, with cumulative shares; aliases (email.open, email.click) appear too.
+EMAIL_ACTIVITY = (
+    ("email.sent", 0.42),
+    ("email.delivered", 0.80),
+    ("email.opened", 0.905),
+    ("email.open", 0.92),
+    ("email.clicked", 0.965),
+    ("email.click", 0.97),
+    ("email.bounced", 0.993),
+    ("email.complained", 1.0),
+)
+DOMAINS = (
+    "gmail.com",
+    "gmail.com",
+    "gmail.com",
+    "yahoo.com",
+    "outlook.com",
+    "hotmail.com",
+    "icloud.com",
+    "proton.me",
+    "acme.io",
+    "globex.com",
+    "initech.net",
+    "example.org",
+)
+COUNTRIES = ("US", "DE", "GB", "FR", "BR", "IN", "CA", "ES", "NL", "JP", "AU", "MX")
+INDUSTRIES = ("software", "retail", "finance", "health", "education", "government", "media")
+EVENT_DAYS = 180
+CONTACT_DAYS = 730
+CHUNK_ROWS = 500_000
+# Emails of contacts that ingestion creates: removed when the dataset is reused.
+NEW_CONTACT_DOMAIN = "bench-new.example"
+DATASET_TABLE = "bench_dataset"
+
+
+@dataclass(frozen=True)
+class ProjectSpec:
+    tag: str
+    contacts: int
+    events: int
+    email_events: int
+
+
+@dataclass
+class LoadedProject:
+    tag: str
+    id: str
+    contacts: int
+    events: int
+    email_events: int
+
+
+@dataclass
+class Dataset:
+    """What was loaded, stored in the bench database so a rerun can reuse it."""
+
+    params: dict[str, Any]
+    anchor: str
+    projects: list[LoadedProject]
+    max_event_id: int
+    load_seconds: float
+    rows_per_second: float
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def project(self, tag: str) -> LoadedProject:
+        return next(p for p in self.projects if p.tag == tag)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Dataset:
+        projects = [LoadedProject(**p) for p in raw["projects"]]
+        return cls(**{**raw, "projects": projects})
+
+
+def plan_projects(
+    contacts: int,
+    events: int,
+    email_events: int,
+    other_projects: int,
+    other_contacts: int,
+    scale_points: Sequence[int],
+) -> list[ProjectSpec]:
+    """The main project, the other tenants, and projects for missing scale points."""
+    per_contact = events / contacts
+    email_per_contact = email_events / contacts
+
+    def spec(tag: str, n: int) -> ProjectSpec:
+        return ProjectSpec(tag, n, round(n * per_contact), round(n * email_per_contact))
+
+    specs = [ProjectSpec("main", contacts, events, email_events)]
+    specs += [spec(f"tenant-{i + 1}", other_contacts) for i in range(other_projects)]
+    sizes = {s.contacts for s in specs}
+    for point in scale_points:
+        if point not in sizes:
+            specs.append(spec(f"scale-{point}", point))
+            sizes.add(point)
+    return specs
+
+
+class Progress:
+    """A one-line progress bar on stderr (rows done, rate, ETA)."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label = label
+        self.total = max(total, 1)
+        self.done = 0
+        self.started = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self._last_print = time.perf_counter()
+
+    def advance(self, rows: int) -> None:
+        self.done += rows
+        self.draw()
+
+    def draw(self, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not (final or (self.tty and self.done) or now - self._last_print > 5):
+            return
+        if not (final or self.tty) and self.done >= self.total:
+            return  # finish() prints the last line
+        self._last_print = now
+        elapsed = now - self.started
+        fraction = min(self.done / self.total, 1.0)
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else math.inf
+        width = 30
+        bar = "#" * int(width * fraction) + "." * (width - int(width * fraction))
+        line = (
+            f"  {self.label:<28} [{bar}] {fraction * 100:5.1f}% "
+            f"{self.done:>11,}/{self.total:,} rows  {rate:>9,.0f}/s"
+            + (f"  ETA {eta:4.0f}s" if math.isfinite(eta) and not final else f"  {elapsed:5.1f}s")
+        )
+        end = "\n" if final or not self.tty else ""
+        sys.stderr.write(("\r" if self.tty else "") + line + end)
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        self.done = self.total
+        self.draw(final=True)
+
+
+CONTACTS_SQL = """
+INSERT INTO contacts (project_id, id, email, subscribed, data, created_at, updated_at)
+SELECT %(project)s,
+       md5(%(tag)s || ':' || r.n)::uuid,
+       'user' || r.n || '@' || (%(domains)s::text[])[1 + floor(r.r0 * %(ndomains)s)::int],
+       r.r1 < 0.9,
+       jsonb_strip_nulls(jsonb_build_object(
+           'plan', CASE WHEN r.r2 < 0.55 THEN 'free' WHEN r.r2 < 0.80 THEN 'starter'
+                        WHEN r.r2 < 0.95 THEN 'pro' WHEN r.r2 < 0.99 THEN 'enterprise' END,
+           -- a number for most, a string ("42") for some, missing for the rest
+           'age', CASE WHEN r.r3 < 0.85 THEN to_jsonb(18 + floor(r.r4 * 62)::int)
+                       WHEN r.r3 < 0.90 THEN to_jsonb((18 + floor(r.r4 * 62)::int)::text) END,
+           'score', round((r.r5 * 100)::numeric, 2),
+           'vip', r.r6 < 0.05,
+           'country', (%(countries)s::text[])[1 + floor(power(r.r7, 1.6) * %(ncountries)s)::int],
+           'lastPurchaseAt', CASE WHEN r.r8 < 0.6 THEN to_char(
+                %(anchor)s::timestamptz - r.r9 * interval '365 days',
+                'YYYY-MM-DD"T"HH24:MI:SS"Z"') END,
+           'company', CASE WHEN r.r10 < 0.4 THEN jsonb_build_object(
+                'name', 'Company ' || floor(r.r11 * 50000)::int,
+                'size', 1 + floor(power(r.r12, 3) * 5000)::int,
+                'industry', (%(industries)s::text[])[1 + floor(r.r13 * %(nindustries)s)::int]) END,
+           'phone', CASE WHEN r.r14 < 0.3
+                         THEN '+1555' || lpad(floor(r.r15 * 1e7)::int::text, 7, '0') END,
+           'ltv', CASE WHEN r.r2 >= 0.55 THEN round((power(r.r5, 2) * 5000)::numeric, 2) END
+       )) || CASE WHEN r.r16 < 0.05 THEN '{"nickname": null}'::jsonb ELSE '{}'::jsonb END,
+       r.created_at,
+       r.created_at + r.r17 * (%(anchor)s::timestamptz - r.created_at)
+FROM (
+    SELECT n,
+           random() AS r0, random() AS r1, random() AS r2, random() AS r3, random() AS r4,
+           random() AS r5, random() AS r6, random() AS r7, random() AS r8, random() AS r9,
+           random() AS r10, random() AS r11, random() AS r12, random() AS r13, random() AS r14,
+           random() AS r15, random() AS r16, random() AS r17,
+           -- higher numbers are newer contacts
+           %(anchor)s::timestamptz - interval '1 day' * %(contact_days)s
+               * (1 - (n - 0.5 * random()) / %(total)s) AS created_at
+    FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS n
+    OFFSET 0
+) AS r
+"""
+
+# Events of one time slice; within the slice rows arrive in random time order, slices in
+# time order, so the table's physical order follows time as it does in production.
+EVENTS_SQL = """
+INSERT INTO events (project_id, contact_id, name, data, occurred_at, created_at)
+SELECT %(project)s,
+       md5(%(tag)s || ':' || (1 + floor(%(contacts)s * power(r.a, 1.3)))::bigint)::uuid,
+       r.name,
+       CASE r.name
+           WHEN 'purchase' THEN jsonb_build_object(
+               'amount', round((5 + power(r.c, 2) * 495)::numeric, 2),
+               'currency', CASE WHEN r.c < 0.7 THEN 'USD' ELSE 'EUR' END,
+               'items', 1 + floor(r.c * 5)::int)
+           WHEN 'page_view' THEN jsonb_build_object('path', '/p/' || floor(r.c * 200)::int)
+           WHEN 'search' THEN jsonb_build_object('query', 'q' || floor(r.c * 1000)::int)
+           ELSE '{}'::jsonb
+       END,
+       r.ts,
+       r.ts
+FROM (
+    SELECT random() AS a,
+           (%(names)s::text[])[1 + floor(%(nnames)s * power(random(), 2.2))::int] AS name,
+           random() AS c,
+           %(start)s::timestamptz + random() * %(span)s::interval AS ts
+    FROM generate_series(1, %(rows)s::bigint)
+    OFFSET 0
+) AS r
+"""
+
+EMAIL_EVENTS_SQL = """
+INSERT INTO events (project_id, contact_id, name, data, occurred_at, created_at)
+SELECT %(project)s,
+       md5(%(tag)s || ':' || (1 + floor(%(contacts)s * power(r.a, 1.15)))::bigint)::uuid,
+       r.name,
+       jsonb_build_object('campaignId', 'cmp_' || floor(r.c * 400)::int),
+       r.ts,
+       r.ts
+FROM (
+    SELECT random() AS a,
+           CASE {activity} END AS name,
+           random() AS c,
+           %(start)s::timestamptz + random() * %(span)s::interval AS ts
+    FROM (SELECT random() AS u FROM generate_series(1, %(rows)s::bigint)) AS g
+    OFFSET 0
+) AS r
+"""
+
+
+def _email_case() -> str:
+    return " ".join(f"WHEN g.u < {share} THEN '{name}'" for name, share in EMAIL_ACTIVITY)
+
+
+SECONDARY_INDEXES_SQL = """
+SELECT i.relname AS name, pg_get_indexdef(i.oid) AS definition
+FROM pg_index x
+JOIN pg_class i ON i.oid = x.indexrelid
+JOIN pg_class t ON t.oid = x.indrelid
+WHERE t.relname IN ('contacts', 'events')
+  AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid)
+ORDER BY i.relname
+"""
+
+
+def _chunks(first: int, last: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + size - 1, last)) for a in range(first, last + 1, size)]
+
+
+def load(
+    url: str,
+    specs: Sequence[ProjectSpec],
+    *,
+    seed: float,
+    create_project: Callable[[str], str],
+    params: dict[str, Any],
+    log: Callable[[str], None],
+) -> Dataset:
+    """Generate every project's rows into a freshly migrated database."""
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        anchor: datetime = conn.execute("SELECT date_trunc('second', now())").fetchone()[0]  # type: ignore[index]
+        for setting in (
+            "SET max_parallel_workers_per_gather = 0",  # one random() stream: reproducible
+            "SET synchronous_commit = off",
+            "SET maintenance_work_mem = '1GB'",
+            "SET timezone = 'UTC'",
+        ):
+            conn.execute(setting)
+        try:
+            # Skip FK triggers for this session (ids are valid by construction); needs a
+            # superuser, so on a managed server the checks simply run.
+            conn.execute("SET session_replication_role = replica")
+        except psycopg.errors.InsufficientPrivilege:
+            log("  (not a superuser: foreign keys are checked during the load, which is slower)")
+        conn.execute("SELECT setseed(%s)", (seed,))
+        indexes = conn.execute(SECONDARY_INDEXES_SQL).fetchall()
+        for name, _definition in indexes:
+            conn.execute(f'DROP INDEX "{name}"')
+        loaded: list[LoadedProject] = []
+        rows_total = 0
+        try:
+            t0 = time.perf_counter()
+            for spec in specs:
+                project_id = create_project(f"bench-{spec.tag}")
+                loaded.append(
+                    LoadedProject(
+                        spec.tag, project_id, spec.contacts, spec.events, spec.email_events
+                    )
+                )
+                _load_contacts(conn, spec, project_id, anchor)
+                rows_total += spec.contacts
+            phases["contacts"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for spec, project in zip(specs, loaded, strict=True):
+                _load_events(conn, spec, project.id, anchor)
+                rows_total += spec.events + spec.email_events
+            phases["events"] = time.perf_counter() - t0
+        finally:
+            t0 = time.perf_counter()
+            progress = Progress("secondary indexes", len(indexes))
+            for _name, definition in indexes:
+                conn.execute(definition)
+                progress.advance(1)
+            progress.finish()
+            phases["indexes"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        log("  VACUUM ANALYZE contacts, events")
+        conn.execute("VACUUM (ANALYZE) contacts")
+        conn.execute("VACUUM (ANALYZE) events")
+        phases["vacuum_analyze"] = time.perf_counter() - t0
+        max_event_id = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]  # type: ignore[index]
+    seconds = time.perf_counter() - started
+    return Dataset(
+        params=params,
+        anchor=anchor.isoformat(),
+        projects=loaded,
+        max_event_id=int(max_event_id),
+        load_seconds=round(seconds, 1),
+        rows_per_second=round(rows_total / seconds),
+        phases={k: round(v, 1) for k, v in phases.items()},
+    )
+
+
+def _load_contacts(
+    conn: psycopg.Connection[Any], spec: ProjectSpec, project_id: str, anchor: datetime
+) -> None:
+    progress = Progress(f"{spec.tag}: contacts", spec.contacts)
+    for first, last in _chunks(1, spec.contacts, CHUNK_ROWS // 2):
+        conn.execute(
+            CONTACTS_SQL,
+            {
+                "project": uuid.UUID(project_id),
+                "tag": spec.tag,
+                "domains": list(DOMAINS),
+                "ndomains": len(DOMAINS),
+                "countries": list(COUNTRIES),
+                "ncountries": len(COUNTRIES),
+                "industries": list(INDUSTRIES),
+                "nindustries": len(INDUSTRIES),
+                "anchor": anchor,
+                "contact_days": CONTACT_DAYS,
+                "total": spec.contacts,
+                "first": first,
+                "last": last,
+            },
+        )
+        progress.advance(last - first + 1)
+    progress.finish()
+
+
+def _load_events(
+    conn: psycopg.Connection[Any], spec: ProjectSpec, project_id: str, anchor: datetime
+) -> None:
+    for label, total, sql, extra in (
+        (
+            "events",
+            spec.events,
+            EVENTS_SQL,
+            {"names": list(EVENT_NAMES), "nnames": len(EVENT_NAMES)},
+        ),
+        ("email activity", spec.email_events, EMAIL_EVENTS_SQL.format(activity=_email_case()), {}),
+    ):
+        if total <= 0:
+            continue
+        progress = Progress(f"{spec.tag}: {label}", total)
+        slices = max(1, math.ceil(total / CHUNK_ROWS))
+        span_seconds = EVENT_DAYS * 86400 / slices
+        done = 0
+        for i in range(slices):
+            rows = round(total * (i + 1) / slices) - done
+            start = anchor.timestamp() - EVENT_DAYS * 86400 + i * span_seconds
+            conn.execute(
+                sql,
+                {
+                    "project": uuid.UUID(project_id),
+                    "tag": spec.tag,
+                    "contacts": spec.contacts,
+                    "rows": rows,
+                    "start": datetime.fromtimestamp(start, anchor.tzinfo),
+                    "span": f"{span_seconds} seconds",
+                    **extra,
+                },
+            )
+            done += rows
+            progress.advance(rows)
+        progress.finish()
+
+
+# --- the stored dataset record --------------------------------------------------------
+
+
+def read_dataset(url: str) -> Dataset | None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (DATASET_TABLE,)).fetchone()
+        if not exists or not exists[0]:
+            return None
+        row = conn.execute(f"SELECT body FROM {DATASET_TABLE} WHERE id = 1").fetchone()
+        return Dataset.from_json(row[0]) if row else None
+
+
+def write_dataset(url: str, dataset: Dataset) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {DATASET_TABLE} (id int PRIMARY KEY, body jsonb)")
+        conn.execute(
+            f"INSERT INTO {DATASET_TABLE} VALUES (1, %s) "
+            "ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+            (json.dumps(dataset.to_json()),),
+        )
+
+
+def reset(url: str, dataset: Dataset, log: Callable[[str], None]) -> None:
+    """Undo what a previous benchmark run wrote: segments, ingested events and contacts,
+    API keys; the generated rows stay."""
+    ids = [uuid.UUID(p.id) for p in dataset.projects]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = 0")
+        with conn.transaction():
+            conn.execute("DELETE FROM segment_references WHERE project_id = ANY(%s)", (ids,))
+            segments = conn.execute(
+                "DELETE FROM segments WHERE project_id = ANY(%s)", (ids,)
+            ).rowcount
+            events = conn.execute(
+                "DELETE FROM events WHERE id > %s", (dataset.max_event_id,)
+            ).rowcount
+            contacts = conn.execute(
+                "DELETE FROM contacts WHERE project_id = ANY(%s) AND email LIKE %s",
+                (ids, f"%@{NEW_CONTACT_DOMAIN}"),
+            ).rowcount
+            conn.execute("DELETE FROM api_keys WHERE project_id = ANY(%s)", (ids,))
+        log(
+            f"  reset: removed {segments} segments, {events:,} events and {contacts:,} contacts "
+            "left by earlier runs"
+        )
+        if segments or events or contacts:
+            conn.execute("VACUUM (ANALYZE) segment_members")
+            conn.execute("VACUUM (ANALYZE) events")
+            conn.execute("VACUUM (ANALYZE) contacts")
