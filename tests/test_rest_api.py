@@ -96,6 +96,7 @@ def test_create_dynamic_is_the_default(rest: Rest, project: Project) -> None:
     assert seg["condition"] == condition
     assert seg["trackMembership"] is False
     assert seg["memberCount"] == 0
+    assert seg["createdAt"] == seg["updatedAt"]  # not yet updated
     # The raw JSON prints null and a number, not omitted fields or strings.
     raw = json.loads(resp.raw)
     assert "description" in raw and raw["description"] is None

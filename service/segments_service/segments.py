@@ -227,6 +227,9 @@ def create_segment(
             type=segment_type,
             condition=condition.to_json() if condition else None,
             track_membership=track_membership,
+            # One instant for both: a new segment's createdAt equals its updatedAt.
+            created_at=func.statement_timestamp(),
+            updated_at=func.statement_timestamp(),
         )
         .returning(*tables.segments.c)
     ).one()
