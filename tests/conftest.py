@@ -10,17 +10,21 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -230,3 +234,58 @@ class Rest:
 @pytest.fixture(scope="session")
 def rest(rest_url: str) -> Rest:
     return Rest(rest_url)
+
+
+Replicas = Callable[[], "Replica"]
+
+
+class Replica:
+    """One `segments serve` process on the test database."""
+
+    def __init__(self, database_url: str, sweep_seconds: float = 0.5) -> None:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "SEGMENTS_SWEEP_SECONDS": str(sweep_seconds),
+            "SEGMENTS_DRAIN_SECONDS": "5",
+            "LOG_LEVEL": "WARNING",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "segments_service.cli", "serve", "--port", str(self.port)],
+            env=env,
+        )
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        deadline = time.monotonic() + 30
+        health: object = health_pb2_grpc.HealthStub(self.channel)
+        while True:
+            try:
+                health.Check(health_pb2.HealthCheckRequest(), timeout=1)  # type: ignore[attr-defined]
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("replica did not start") from None
+                time.sleep(0.1)
+        self.segments = segments_pb2_grpc.SegmentServiceStub(self.channel)
+        self.contacts = contacts_pb2_grpc.ContactServiceStub(self.channel)
+        self.events = events_pb2_grpc.EventServiceStub(self.channel)
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(15)
+
+
+@pytest.fixture
+def replicas(database_url: str) -> Iterator[Replicas]:
+    started: list[Replica] = []
+
+    def start() -> Replica:
+        replica = Replica(database_url)
+        started.append(replica)
+        return replica
+
+    yield start
+    for replica in started:
+        replica.stop()

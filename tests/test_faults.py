@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,24 +27,7 @@ from segments_service.database import (
     sqlalchemy_url,
 )
 from segments_service.server import create_server
-from tests.conftest import ROOT, Project, Rest, Stubs, free_port
-from tests.test_replicas import Replica
-
-Replicas = Callable[[], Replica]
-
-
-@pytest.fixture
-def replicas(database_url: str) -> Iterator[Replicas]:
-    started: list[Replica] = []
-
-    def start() -> Replica:
-        replica = Replica(database_url)
-        started.append(replica)
-        return replica
-
-    yield start
-    for replica in started:
-        replica.stop()
+from tests.conftest import ROOT, Project, Replicas, Rest, Stubs, free_port
 
 
 def _pg_ctl(pgdata: Path, *args: str) -> None:

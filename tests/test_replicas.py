@@ -2,84 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine, text
 
 from segments.v1 import (
     contacts_pb2,
-    contacts_pb2_grpc,
     events_pb2,
-    events_pb2_grpc,
     resources_pb2,
     segments_pb2,
-    segments_pb2_grpc,
 )
-from tests.conftest import Project, free_port
-
-
-class Replica:
-    """One `segments serve` process on the test database."""
-
-    def __init__(self, database_url: str, sweep_seconds: float = 0.5) -> None:
-        self.port = free_port()
-        env = {
-            **os.environ,
-            "DATABASE_URL": database_url,
-            "SEGMENTS_SWEEP_SECONDS": str(sweep_seconds),
-            "SEGMENTS_DRAIN_SECONDS": "5",
-            "LOG_LEVEL": "WARNING",
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "segments_service.cli", "serve", "--port", str(self.port)],
-            env=env,
-        )
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        deadline = time.monotonic() + 30
-        health: object = health_pb2_grpc.HealthStub(self.channel)
-        while True:
-            try:
-                health.Check(health_pb2.HealthCheckRequest(), timeout=1)  # type: ignore[attr-defined]
-                break
-            except grpc.RpcError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("replica did not start") from None
-                time.sleep(0.1)
-        self.segments = segments_pb2_grpc.SegmentServiceStub(self.channel)
-        self.contacts = contacts_pb2_grpc.ContactServiceStub(self.channel)
-        self.events = events_pb2_grpc.EventServiceStub(self.channel)
-
-    def stop(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        self.proc.wait(15)
-
-
-@pytest.fixture
-def replicas(database_url: str) -> Iterator[Callable[[], Replica]]:
-    started: list[Replica] = []
-
-    def start() -> Replica:
-        replica = Replica(database_url)
-        started.append(replica)
-        return replica
-
-    yield start
-    for replica in started:
-        replica.stop()
+from tests.conftest import Project, Replica
 
 
 def cond(*filters: dict[str, object]) -> resources_pb2.FilterCondition:
