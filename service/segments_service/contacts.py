@@ -210,14 +210,6 @@ def get_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUID) 
     return row
 
 
-def get_contacts(
-    session: Session, project_id: uuid.UUID, ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, Row[Any]]:
-    c = tables.contacts
-    rows = session.execute(select(c).where(c.c.project_id == project_id, c.c.id.in_(ids)))
-    return {r.id: r for r in rows}
-
-
 def delete_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUID) -> None:
     """Delete a contact; its events and memberships go with it (foreign keys cascade)."""
     membership.forget_contact(session, project_id, contact_id)

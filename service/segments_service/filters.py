@@ -30,7 +30,6 @@ from sqlalchemy import (
     not_,
     or_,
     select,
-    true,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.types import DateTime, Interval, Text
@@ -802,10 +801,6 @@ def _compile_segment(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
     if f.operator is Op.MEMBER_OF_SEGMENT:
         return member
     return not_(member)
-
-
-def everyone() -> ColumnElement[bool]:
-    return true()
 
 
 SegmentLoader = Callable[[set[uuid.UUID]], Mapping[uuid.UUID, SegmentDefinition]]
