@@ -77,18 +77,23 @@ def slugify(name: str) -> str:
     return re.sub(r"-{2,}", "-", slug).strip("-")
 
 
-def _lock_key(project_id: uuid.UUID) -> int:
-    """A signed 64-bit advisory lock key for the project's membership."""
-    digest = hashlib.blake2b(b"membership:" + project_id.bytes, digest_size=8).digest()
+def advisory_key(purpose: str, project_id: uuid.UUID) -> int:
+    """A signed 64-bit advisory lock key for one purpose ("membership", "sweep") of a project."""
+    digest = hashlib.blake2b(f"{purpose}:".encode() + project_id.bytes, digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
 def lock_shared(session: Session, project_id: uuid.UUID) -> None:
-    session.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": _lock_key(project_id)})
+    session.execute(
+        text("SELECT pg_advisory_xact_lock_shared(:k)"),
+        {"k": advisory_key("membership", project_id)},
+    )
 
 
 def lock_exclusive(session: Session, project_id: uuid.UUID) -> None:
-    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(project_id)})
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_key("membership", project_id)}
+    )
 
 
 def db_now(session: Session) -> datetime:

@@ -50,10 +50,6 @@ class SegmentView:
         return SegmentView(self.row, count_members(self.row))
 
 
-def _s() -> Any:
-    return tables.segments.c
-
-
 def get_row(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> Row[Any]:
     s = tables.segments
     row = session.execute(
@@ -253,7 +249,7 @@ def update_segment(
 ) -> SegmentView:
     current = session.execute(
         select(tables.segments)
-        .where(_s().project_id == project_id, _s().id == segment_id)
+        .where(tables.segments.c.project_id == project_id, tables.segments.c.id == segment_id)
         .with_for_update()
     ).first()
     if current is None:
@@ -278,7 +274,7 @@ def update_segment(
     if changes:
         session.execute(
             update(tables.segments)
-            .where(_s().project_id == project_id, _s().id == segment_id)
+            .where(tables.segments.c.project_id == project_id, tables.segments.c.id == segment_id)
             .values(**changes, updated_at=func.clock_timestamp())
         )
     if current.type == DYNAMIC:
@@ -441,7 +437,7 @@ def add_members(
                 select(
                     literal(project_id),
                     literal(segment_id),
-                    func.unnest(literal(ordered, type_=_uuid_array())),
+                    func.unnest(literal(ordered, type_=tables.UUID_ARRAY)),
                     func.clock_timestamp(),
                 ),
             )
@@ -459,13 +455,6 @@ def add_members(
             new_contacts=[ids[e] for e in created],  # new contacts meet every segment
         )
     return AddResult(added=added, created=len(created), not_found=not_found)
-
-
-def _uuid_array() -> Any:
-    from sqlalchemy.dialects.postgresql import ARRAY
-    from sqlalchemy.types import Uuid
-
-    return ARRAY(Uuid())
 
 
 def remove_members(

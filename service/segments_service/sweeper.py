@@ -9,7 +9,6 @@ lock lets one replica sweep a project while the others skip it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import threading
@@ -21,11 +20,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from segments_service import membership, tables
 
 log = logging.getLogger(__name__)
-
-
-def _sweep_key(project_id: uuid.UUID) -> int:
-    digest = hashlib.blake2b(b"sweep:" + project_id.bytes, digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 def stale_contacts(session: Session, project_id: uuid.UUID) -> list[uuid.UUID]:
@@ -47,7 +41,7 @@ def sweep_project(engine: Engine, sessions: sessionmaker[Session], project_id: u
     """Re-evaluate one project's stale contacts; answers how many, or 0 if another replica
     is sweeping it."""
     with engine.connect() as lock_conn:
-        key = _sweep_key(project_id)
+        key = membership.advisory_key("sweep", project_id)
         got = lock_conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
         lock_conn.commit()
         if not got:

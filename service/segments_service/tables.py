@@ -125,10 +125,13 @@ feed_positions = Table(
 )
 
 
+UUID_ARRAY = ARRAY(Uuid())
+
+
 def any_uuid(values: Iterable[uuid.UUID]) -> Any:
     """`= ANY(:array)`: one array parameter instead of one parameter per value, so a
     thousand ids cost one bind and a small statement to parse and plan."""
-    return any_(literal(list(values), ARRAY(Uuid())))
+    return any_(literal(list(values), UUID_ARRAY))
 
 
 def any_text(values: Iterable[str]) -> Any:
