@@ -59,7 +59,7 @@ from segments.v1 import (
     segments_pb2,
     segments_pb2_grpc,
 )
-from segments_service import auth, database, segments, sweeper, tables
+from segments_service import auth, database, segments, sweeper
 from segments_service.filters import parse_condition
 
 GENERATOR_VERSION = 1
@@ -653,11 +653,10 @@ class Measured:
 
 def compile_count(env: Env, project_id: str, condition: dict[str, Any], now: datetime) -> Any:
     with env.sessions() as session:
-        predicate = segments.member_filter(
+        members = segments.member_ids(
             session, uuid.UUID(project_id), parse_condition(condition), now
         )
-    c = tables.contacts
-    return select(func.count()).select_from(c).where(c.c.project_id == project_id, predicate)
+    return select(func.count()).select_from(members.subquery())
 
 
 def create_scenarios(env: Env, stack: Stack, tag: str, now: datetime) -> list[Measured]:

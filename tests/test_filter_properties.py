@@ -23,12 +23,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments_service import tables
 from segments_service.filters import parse_condition
-from segments_service.segments import member_filter
+from segments_service.segments import member_ids
 from tests.reference import MISSING, RefContact, RefEvent, RefSegment, evaluate, lookup
 
 EXAMPLES = int(os.environ.get("FILTER_PROPERTY_EXAMPLES", "300"))
@@ -841,11 +840,8 @@ def check_world(session: Session, world: World) -> None:
     def compare(raw: dict[str, Any]) -> set[uuid.UUID]:
         condition = parse_condition(raw)
         assert parse_condition(condition.to_json()) == condition
-        predicate = member_filter(session, project_id, condition, now=NOW)
-        c = tables.contacts.c
-        sql = set(
-            session.execute(select(c.id).where(c.project_id == project_id, predicate)).scalars()
-        )
+        members = member_ids(session, project_id, condition, now=NOW)
+        sql = set(session.execute(members).scalars())
         ref = {
             person.id
             for person in world.contacts

@@ -20,7 +20,7 @@ from segments_service.filters import (
     MAX_STRING_VALUE,
     CompileContext,
     Kind,
-    compile_condition,
+    compile_members,
     parse_condition,
 )
 from tests.reference import RefContact, evaluate
@@ -434,9 +434,9 @@ def _select_in(
             },
         )
     c = tables.contacts.c
-    predicate = compile_condition(parse_condition(raw), CompileContext(now=NOW))
+    members = compile_members(parse_condition(raw), CompileContext(now=NOW), project)
     found = set(
-        session.execute(select(c.email).where(c.project_id == project, predicate)).scalars()
+        session.execute(select(c.email).where(c.project_id == project, c.id.in_(members))).scalars()
     )
     expected = {p.email for p in people if evaluate(raw, p, [], NOW, {})}
     assert found == expected
@@ -522,3 +522,104 @@ def test_nul_characters_are_refused_where_they_are() -> None:
         "condition.groups.0.filters.0.field",
         "condition.groups.0.filters.1.value",
     ]
+
+
+def _tables_read(raw: dict[str, Any]) -> set[str]:
+    statement = compile_members(parse_condition(raw), CompileContext(now=NOW), uuid.uuid4())
+    sql = str(statement.compile()).lower()
+    return {
+        name
+        for name in ("contacts", "events", "static_members")
+        if f"from {name}" in sql or f"join {name}" in sql
+    }
+
+
+@pytest.mark.parametrize(
+    ("raw", "reads"),
+    [
+        # Positive event filters are sets of ids from `events` alone: every event row
+        # references a contact of its project, so `contacts` has nothing to add.
+        (
+            {
+                "logic": "AND",
+                "groups": [
+                    {
+                        "filters": [
+                            {
+                                "field": "event.purchase",
+                                "operator": "triggeredWithin",
+                                "value": 30,
+                                "unit": "days",
+                            },
+                            {"field": "email.clicked", "operator": "notTriggered"},
+                        ]
+                    }
+                ],
+            },
+            {"events"},
+        ),
+        (
+            {
+                "logic": "OR",
+                "groups": [
+                    {
+                        "filters": [
+                            {
+                                "field": "event.login",
+                                "operator": "triggeredOlderThan",
+                                "value": 9,
+                                "unit": "days",
+                            }
+                        ]
+                    },
+                    {"filters": [{"field": "event.signup", "operator": "triggered"}]},
+                ],
+            },
+            {"events"},
+        ),
+        # A contact field brings in `contacts`, joined to the event set.
+        (
+            {
+                "logic": "AND",
+                "groups": [
+                    {
+                        "filters": [
+                            {"field": "event.purchase", "operator": "triggered"},
+                            {"field": "data.plan", "operator": "equals", "value": "pro"},
+                        ]
+                    }
+                ],
+            },
+            {"events", "contacts"},
+        ),
+        # Contact fields only: one scan of `contacts`.
+        (
+            {
+                "logic": "OR",
+                "groups": [
+                    {"filters": [{"field": "data.plan", "operator": "equals", "value": "pro"}]},
+                    {"filters": [{"field": "email", "operator": "contains", "value": "x"}]},
+                ],
+            },
+            {"contacts"},
+        ),
+        # Everyone without an event: the anti-join needs the contacts.
+        (
+            {
+                "logic": "AND",
+                "groups": [
+                    {
+                        "filters": [
+                            {"field": "event.purchase", "operator": "notTriggered"},
+                        ]
+                    }
+                ],
+            },
+            {"contacts", "events"},
+        ),
+    ],
+)
+def test_event_conditions_read_only_the_tables_they_need(
+    raw: dict[str, Any], reads: set[str]
+) -> None:
+    assert _tables_read(raw) == reads

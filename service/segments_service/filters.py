@@ -1,8 +1,8 @@
 """Filter conditions: validation of the JSON tree (SPEC §4) and compilation to one SQL predicate.
 
 `parse_condition` turns untrusted JSON into a validated `Condition` (errors name the
-offending field by dot path); `compile_condition` is a pure function from a validated
-condition to a SQLAlchemy Core boolean over the `contacts` table.
+offending field by dot path); `compile_members` is a pure function from a validated
+condition to one SQLAlchemy Core statement selecting the ids of its members.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     Numeric,
+    Select,
     and_,
     case,
     exists,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    union,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.types import DateTime, Interval, Text
@@ -573,21 +575,227 @@ class CompileContext:
     expanded: int = 0
 
 
-def compile_condition(condition: Condition, ctx: CompileContext) -> ColumnElement[bool]:
-    """The predicate over `tables.contacts` that selects exactly the condition's members.
+def compile_members(
+    condition: Condition,
+    ctx: CompileContext,
+    project_id: uuid.UUID,
+    scope: Any = None,
+) -> Select[tuple[uuid.UUID]]:
+    """One statement selecting the distinct `contact_id` of every member in the project.
 
-    The caller adds `contacts.project_id = :project`; event and membership subqueries
-    correlate on the contact's own project_id and id.
+    `scope`, an `= ANY(:ids)` right-hand side (tables.any_uuid), restricts it to those
+    contacts. The statement reads `contacts` only where a contact field is filtered:
+    positive event and list filters become sets of contact ids straight from `events` and
+    `static_members` (every such row references a contact of its project), combined by
+    the condition's logic; see _Compiler.
     """
-    parts = [_compile_group(g, ctx) for g in condition.groups]
-    return and_(*parts) if condition.logic is Logic.AND else or_(*parts)
+    compiler = _Compiler(ctx, project_id, scope)
+    node = compiler.condition(condition)
+    if isinstance(node, _Set):
+        return node.query
+    c = tables.contacts.c
+    where = node.expr if isinstance(node, _Pred) else node.absent(c.id)
+    return compiler.scoped(
+        select(c.id.label("contact_id")).where(c.project_id == project_id, where), c.id
+    )
 
 
-def _compile_group(group: Group, ctx: CompileContext) -> ColumnElement[bool]:
-    parts = [_compile_filter(f, ctx) for f in group.filters]
-    if group.conditions is not None:
-        parts.append(compile_condition(group.conditions, ctx))
-    return and_(*parts)
+@dataclass(frozen=True)
+class _Pred:
+    """A predicate over `tables.contacts`; members are the contacts where it is TRUE."""
+
+    expr: ColumnElement[bool]
+
+
+@dataclass(frozen=True)
+class _Set:
+    """A statement selecting distinct `contact_id`s: the members."""
+
+    query: Select[tuple[uuid.UUID]]
+
+
+@dataclass(frozen=True)
+class _Without:
+    """Everyone but a set: `absent(id)` is TRUE or FALSE (never NULL) for a contact id, so
+    it can filter any column of contact ids, not only `contacts.id`."""
+
+    excluded: Select[tuple[uuid.UUID]]
+    absent: Callable[[ColumnElement[Any]], ColumnElement[bool]]
+
+
+_Node = _Pred | _Set | _Without
+
+
+@dataclass
+class _Compiler:
+    """Compiles a condition to a set of contacts, by the TRUE-sets of its parts.
+
+    A contact is a member when the condition is TRUE for it (a data filter may be NULL,
+    unknown, for a contact lacking the key), and AND / OR are TRUE exactly when all / any
+    of their parts are: an AND is the intersection of its parts' members, an OR their
+    union. Negation only ever applies to a single filter or segment reference, which
+    compiles to a two-valued anti-join (NOT EXISTS ...). So parts that filter contact
+    fields stay one predicate over `contacts`; positive event filters (triggered,
+    triggeredWithin, triggeredOlderThan) and list membership are sets of ids; negative
+    ones exclude a set from whatever ids they meet; an AND with a set is driven by it (the
+    planner may reorder the joins) and joins `contacts` only for contact fields; an OR
+    with a set is a UNION.
+    """
+
+    ctx: CompileContext
+    project_id: uuid.UUID
+    scope: Any
+
+    def scoped(self, query: Select[Any], column: ColumnElement[Any]) -> Select[Any]:
+        return query if self.scope is None else query.where(column == self.scope)
+
+    def condition(self, condition: Condition) -> _Node:
+        if condition.logic is Logic.AND:
+            # AND of groups, each an AND of its parts: one conjunction of every part.
+            return self.conjunction(
+                [part for group in condition.groups for part in self.group_parts(group)]
+            )
+        return self.disjunction([self.conjunction(self.group_parts(g)) for g in condition.groups])
+
+    def group_parts(self, group: Group) -> list[_Node]:
+        parts = [self.filter(f) for f in group.filters]
+        if group.conditions is not None:
+            parts.append(self.condition(group.conditions))
+        return parts
+
+    def conjunction(self, parts: list[_Node]) -> _Node:
+        preds = [p.expr for p in parts if isinstance(p, _Pred)]
+        sets = [p.query for p in parts if isinstance(p, _Set)]
+        withouts = [p for p in parts if isinstance(p, _Without)]
+        if not sets:
+            if not preds and len(withouts) == 1:
+                return withouts[0]
+            return _Pred(and_(*preds, *(w.absent(tables.contacts.c.id) for w in withouts)))
+        driver = sets[0].subquery()
+        query = select(driver.c.contact_id)
+        for other in sets[1:]:
+            query = query.where(driver.c.contact_id.in_(other))
+        # Exclusions apply to the driving ids; `contacts` joins only for contact fields.
+        for w in withouts:
+            query = query.where(w.absent(driver.c.contact_id))
+        if preds:
+            contacts = tables.contacts
+            query = query.join(
+                contacts,
+                and_(
+                    contacts.c.project_id == self.project_id,
+                    contacts.c.id == driver.c.contact_id,
+                ),
+            ).where(*preds)
+        return _Set(query)
+
+    def disjunction(self, parts: list[_Node]) -> _Node:
+        c = tables.contacts.c
+        preds = [
+            p.expr if isinstance(p, _Pred) else p.absent(c.id)
+            for p in parts
+            if not isinstance(p, _Set)
+        ]
+        sets: list[Select[Any]] = [p.query for p in parts if isinstance(p, _Set)]
+        if not sets:
+            return _Pred(or_(*preds))
+        if preds:
+            sets.append(
+                self.scoped(
+                    select(c.id.label("contact_id")).where(
+                        c.project_id == self.project_id, or_(*preds)
+                    ),
+                    c.id,
+                )
+            )
+        if len(sets) == 1:
+            return _Set(sets[0])
+        return _Set(select(union(*sets).subquery().c.contact_id))
+
+    def filter(self, f: Filter) -> _Node:
+        if f.kind is Kind.EVENT:
+            return self.event(f)
+        if f.kind is Kind.SEGMENT:
+            return self.segment(f)
+        return _Pred(_compile_filter(f, self.ctx))
+
+    def event(self, f: Filter) -> _Node:
+        op = f.operator
+        e = tables.events.c
+        if op in (Op.NOT_TRIGGERED, Op.NOT_TRIGGERED_WITHIN):
+            # An anti-join of the contacts in question against their matching events.
+            since = _window_start(f, self.ctx) if op is Op.NOT_TRIGGERED_WITHIN else None
+            match = _event_match(f, self.project_id, since)
+            return _Without(
+                self.scoped(select(e.contact_id).where(*match).distinct(), e.contact_id),
+                lambda ids: not_(exists(select(literal(1)).where(*match, e.contact_id == ids))),
+            )
+        if op is Op.TRIGGERED_OLDER_THAN:
+            # It happened, and the latest occurrence is before the window.
+            query = (
+                select(e.contact_id)
+                .where(*_event_match(f, self.project_id))
+                .group_by(e.contact_id)
+                .having(func.max(e.occurred_at) < _ts(_window_start(f, self.ctx)))
+            )
+        else:
+            since = _window_start(f, self.ctx) if op is Op.TRIGGERED_WITHIN else None
+            query = select(e.contact_id).where(*_event_match(f, self.project_id, since)).distinct()
+        return _Set(self.scoped(query, e.contact_id))
+
+    def segment(self, f: Filter) -> _Node:
+        assert f.segment_id is not None
+        definition = self.ctx.segments.get(f.segment_id)
+        member: _Node
+        if definition is None:
+            # Deleting a referenced segment is refused, so this only happens for a
+            # reference that was never valid; it matches nobody rather than failing.
+            member = _Pred(false())
+        elif definition.condition is None:
+            s = tables.static_members.c
+            listed = [s.project_id == self.project_id, s.segment_id == literal(definition.id)]
+            if f.operator is Op.NOT_MEMBER_OF_SEGMENT:
+                return _Without(
+                    self.scoped(select(s.contact_id).where(*listed), s.contact_id),
+                    lambda ids: not_(
+                        exists(select(literal(1)).where(*listed, s.contact_id == ids))
+                    ),
+                )
+            member = _Set(self.scoped(select(s.contact_id).where(*listed), s.contact_id))
+        else:
+            self.ctx.expanded += sum(1 for _ in definition.condition.iter_filters())
+            if self.ctx.expanded > MAX_EXPANDED_FILTERS:
+                raise ValidationError.single(
+                    "condition",
+                    f"expanding segment references gives more than {MAX_EXPANDED_FILTERS} filters",
+                    "too_many",
+                )
+            member = self.condition(definition.condition)
+        if f.operator is Op.MEMBER_OF_SEGMENT:
+            return member
+        if isinstance(member, _Pred):
+            # The member predicate may be NULL (unknown); a non-member is anyone not matched.
+            return _Pred(not_(func.coalesce(member.expr, false())))
+        if isinstance(member, _Without):
+            return _Set(member.excluded)
+        members = member.query.subquery()
+        return _Without(
+            member.query,
+            lambda ids: not_(exists(select(literal(1)).where(members.c.contact_id == ids))),
+        )
+
+
+def _event_match(
+    f: Filter, project_id: Any, since: datetime | None = None
+) -> list[ColumnElement[bool]]:
+    e = tables.events.c
+    clauses = [
+        e.project_id == project_id,
+        e.name == f.events[0] if len(f.events) == 1 else e.name.in_(f.events),
+    ]
+    if since is not None:
+        clauses.append(e.occurred_at >= _ts(since))
+    return clauses
 
 
 def _jsonb(value: Any) -> ColumnElement[Any]:
@@ -615,11 +823,8 @@ def _compile_filter(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
     if f.kind in (Kind.CREATED_AT, Kind.UPDATED_AT):
         column = c.created_at if f.kind is Kind.CREATED_AT else c.updated_at
         return _compile_time(column, f, ctx)
-    if f.kind is Kind.DATA:
-        return _compile_data(f, ctx)
-    if f.kind is Kind.EVENT:
-        return _compile_event(f, ctx)
-    return _compile_segment(f, ctx)
+    assert f.kind is Kind.DATA, f.kind  # events and segments: see _Compiler
+    return _compile_data(f, ctx)
 
 
 def _window_start(f: Filter, ctx: CompileContext) -> datetime:
@@ -711,14 +916,12 @@ def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
     if op is Op.NOT_EXISTS:
         return or_(node.is_(None), node_type == "null")
     if op in (Op.EQUALS, Op.NOT_EQUALS):
-        # Containment lets the GIN index find candidates; the equality keeps it type-exact
-        # (jsonb equality never equates "5" with 5 or true with "true").
-        same = and_(
-            c.data.op("@>", return_type=Boolean)(_jsonb(_nested(f.path, f.value))),
-            node == _jsonb(f.value),
-        )
         if op is Op.EQUALS:
-            return same
+            # Containment of a scalar at an object path is jsonb equality there, type-exact
+            # ("5" is not 5, true is not "true", an array holding the value is not it), and
+            # the GIN index serves it. Adding `#> = value` would say nothing more but make
+            # the planner multiply two selectivities and expect far too few members.
+            return c.data.op("@>", return_type=Boolean)(_jsonb(_nested(f.path, f.value)))
         return and_(present, node != _jsonb(f.value))
     if op in (Op.CONTAINS, Op.NOT_CONTAINS):
         assert isinstance(f.value, str)
@@ -741,66 +944,6 @@ def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
 def _fold(text: Any) -> ColumnElement[str]:
     """Case folding for contains: the database's lower(), per character under a UTF-8 ctype."""
     return func.lower(text)
-
-
-def _compile_event(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
-    c = tables.contacts.c
-    e = tables.events.c
-
-    def occurred(since: datetime | None = None) -> ColumnElement[bool]:
-        query = select(literal(1)).where(
-            e.project_id == c.project_id,
-            e.contact_id == c.id,
-            e.name == f.events[0] if len(f.events) == 1 else e.name.in_(f.events),
-        )
-        if since is not None:
-            query = query.where(e.occurred_at >= _ts(since))
-        return exists(query)
-
-    op = f.operator
-    if op is Op.TRIGGERED:
-        return occurred()
-    if op is Op.NOT_TRIGGERED:
-        return not_(occurred())
-    since = _window_start(f, ctx)
-    if op is Op.TRIGGERED_WITHIN:
-        return occurred(since)
-    if op is Op.NOT_TRIGGERED_WITHIN:
-        return not_(occurred(since))
-    # triggeredOlderThan: it happened, and the latest occurrence is before the window.
-    return and_(occurred(), not_(occurred(since)))
-
-
-def _compile_segment(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
-    assert f.segment_id is not None
-    definition = ctx.segments.get(f.segment_id)
-    if definition is None:
-        # Deleting a referenced segment is refused, so this only happens for a
-        # reference that was never valid; it matches nobody rather than failing.
-        member: ColumnElement[bool] = false()
-    elif definition.condition is None:
-        c = tables.contacts.c
-        s = tables.static_members.c
-        member = exists(
-            select(literal(1)).where(
-                s.project_id == c.project_id,
-                s.segment_id == literal(definition.id),
-                s.contact_id == c.id,
-            )
-        )
-    else:
-        ctx.expanded += sum(1 for _ in definition.condition.iter_filters())
-        if ctx.expanded > MAX_EXPANDED_FILTERS:
-            raise ValidationError.single(
-                "condition",
-                f"expanding segment references gives more than {MAX_EXPANDED_FILTERS} filters",
-                "too_many",
-            )
-        # Predicates may be NULL (unknown); a non-member is anyone not matched.
-        member = func.coalesce(compile_condition(definition.condition, ctx), false())
-    if f.operator is Op.MEMBER_OF_SEGMENT:
-        return member
-    return not_(member)
 
 
 SegmentLoader = Callable[[set[uuid.UUID]], Mapping[uuid.UUID, SegmentDefinition]]

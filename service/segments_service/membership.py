@@ -27,7 +27,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    ColumnElement,
     Select,
     Text,
     Uuid,
@@ -56,7 +55,7 @@ from segments_service.filters import (
     CompileContext,
     Condition,
     SegmentDefinition,
-    compile_condition,
+    compile_members,
     load_references,
     parse_condition,
 )
@@ -161,8 +160,10 @@ class Dynamic:
             for name in f.events
         )
 
-    def predicate(self, now: datetime) -> ColumnElement[bool]:
-        return compile_condition(self.condition, CompileContext(now=now, segments=self.references))
+    def members(self, project_id: uuid.UUID, now: datetime, scope: Any = None) -> Select[Any]:
+        """The ids of its members at `now` (among `scope`, an `= ANY` array, if given)."""
+        ctx = CompileContext(now=now, segments=self.references)
+        return compile_members(self.condition, ctx, project_id, scope)
 
 
 def dynamic_segments(
@@ -202,15 +203,19 @@ def desired_members(
     now: datetime,
 ) -> Select[Any]:
     """(segment_id, contact_id) of every member, among the scope's contacts."""
-    c = tables.contacts.c
+    # One array parameter per distinct list of ids, however many places read it.
+    arrays: dict[int, Any] = {}
+
+    def scope_of(seg: Dynamic) -> Any:
+        if scope is None:
+            return None
+        ids = scope[seg.id]
+        return arrays.setdefault(id(ids), tables.any_uuid(ids))
+
     parts = []
     for seg in segments:
-        query = select(literal(seg.id, Uuid).label("segment_id"), c.id.label("contact_id")).where(
-            c.project_id == project_id, seg.predicate(now)
-        )
-        if scope is not None:
-            query = query.where(c.id == tables.any_uuid(scope[seg.id]))
-        parts.append(query)
+        members = seg.members(project_id, now, scope_of(seg)).subquery()
+        parts.append(select(literal(seg.id, Uuid).label("segment_id"), members.c.contact_id))
     return union_all(*parts) if len(parts) > 1 else parts[0]  # type: ignore[return-value]
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, delete, exists, func, insert, literal, select, update
+from sqlalchemy import Row, Select, delete, exists, func, insert, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -25,7 +25,7 @@ from segments_service.errors import (
 from segments_service.filters import (
     CompileContext,
     Condition,
-    compile_condition,
+    compile_members,
     load_references,
     parse_condition,
 )
@@ -60,18 +60,19 @@ def get_row(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> R
     return row
 
 
-def member_filter(
+def member_ids(
     session: Session,
     project_id: uuid.UUID,
     condition: Condition,
     now: datetime | None = None,
-) -> ColumnElement[bool]:
-    """The compiled predicate of a DYNAMIC condition, with its segment references loaded."""
+) -> Select[Any]:
+    """The compiled statement of a DYNAMIC condition (its members' contact ids), with its
+    segment references loaded."""
     refs = load_references(
         condition, lambda ids: membership.load_definitions(session, project_id, ids)
     )
     ctx = CompileContext(now=now or datetime.now(UTC), segments=refs)
-    return compile_condition(condition, ctx)
+    return compile_members(condition, ctx, project_id)
 
 
 def count_members(row: Row[Any]) -> int:
