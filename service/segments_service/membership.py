@@ -260,11 +260,22 @@ def _apply(
         ),
     )
     if scope is not None:
+        # Segments that share a list of contacts share one index condition: the key
+        # (project, segment, contact) is probed for those pairs, rather than every
+        # membership of the segments read and filtered.
+        sharing: dict[int, tuple[Sequence[uuid.UUID], list[uuid.UUID]]] = {}
+        for seg in segments:
+            sharing.setdefault(id(scope[seg.id]), (scope[seg.id], []))[1].append(seg.id)
+        if len(sharing) > 1:
+            # An OR of lists is only a filter to the planner; all their ids together are
+            # an index condition.
+            every = sorted({i for ids, _ in sharing.values() for i in ids})
+            gone = gone.where(m.c.contact_id == tables.any_uuid(every))
         gone = gone.where(
             or_(
                 *(
-                    and_(m.c.segment_id == seg.id, m.c.contact_id == tables.any_uuid(scope[seg.id]))
-                    for seg in segments
+                    and_(m.c.segment_id.in_(seg_ids), m.c.contact_id == tables.any_uuid(ids))
+                    for ids, seg_ids in sharing.values()
                 )
             )
         )
