@@ -1,13 +1,22 @@
-"""Embedded PostgreSQL setup: the guard against loosening private directories as root."""
+"""Embedded PostgreSQL setup: the guard against loosening private directories as root, and
+the server settings sized to the machine."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from segments_service.database import DatabaseSetupError, _untraversable_parents, start_embedded
+from segments_service.database import (
+    DatabaseSetupError,
+    _untraversable_parents,
+    embedded_settings,
+    start_embedded,
+)
 
 
 def test_missing_directories_are_not_a_problem(tmp_path: Path) -> None:
@@ -32,3 +41,45 @@ def test_root_refuses_private_data_dir_without_touching_it(tmp_path: Path) -> No
         start_embedded(private / "data")
     assert private.stat().st_mode & 0o777 == 0o700
     assert not (private / "data").exists()
+
+
+def test_settings_are_sized_to_the_machine() -> None:
+    gib = 2**30
+    assert embedded_settings(1 * gib)["shared_buffers"] == "256MB"
+    assert embedded_settings(4 * gib)["shared_buffers"] == "1024MB"
+    assert embedded_settings(64 * gib)["shared_buffers"] == "2048MB"  # capped
+    assert embedded_settings(256 * 2**20)["shared_buffers"] == "128MB"  # never below default
+    assert embedded_settings(8 * gib)["jit"] == "off"
+
+
+def test_a_new_embedded_server_runs_with_its_settings() -> None:
+    # Under /tmp with traversable parents: as root the server runs as another user.
+    base = Path(tempfile.mkdtemp(prefix="segments-embedded-"))
+    base.chmod(0o755)
+    try:
+        server = start_embedded(base / "data")
+        try:
+            wanted = embedded_settings()
+            with psycopg.connect(server.get_uri()) as conn:
+                shown = {
+                    name: conn.execute(f"SHOW {name}").fetchone()
+                    for name in ("shared_buffers", "jit", "random_page_cost")
+                }
+            # shared_buffers only takes effect at a start: the server was restarted.
+            assert shown["shared_buffers"] == (_shown_size(wanted["shared_buffers"]),)
+            assert shown["jit"] == ("off",)
+            assert shown["random_page_cost"] == (wanted["random_page_cost"],)
+            # A second start finds everything in place and restarts nothing.
+            pid = server.get_pid()
+            again = start_embedded(base / "data")
+            assert again.get_pid() == pid
+        finally:
+            server.cleanup()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _shown_size(megabytes: str) -> str:
+    """PostgreSQL shows 2048MB as 2GB."""
+    mb = int(megabytes.removesuffix("MB"))
+    return f"{mb // 1024}GB" if mb % 1024 == 0 else f"{mb}MB"
