@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.types import Text
 
 from segments_service import membership, tables
-from segments_service.errors import FieldViolation, NotFound, ValidationError
+from segments_service.errors import FieldViolation, NotFound, Unavailable, ValidationError
 
 MAX_BATCH = 1000
 MAX_EMAIL_LENGTH = 254
@@ -157,6 +157,11 @@ def upsert(session: Session, project_id: uuid.UUID, writes: Sequence[ContactWrit
     return result
 
 
+# Rounds of look up / insert when concurrent writers keep creating and deleting the same
+# emails underneath; each round settles at least one of them in practice.
+ENSURE_ATTEMPTS = 3
+
+
 def ensure_contacts(
     session: Session,
     project_id: uuid.UUID,
@@ -164,24 +169,33 @@ def ensure_contacts(
     *,
     create: bool,
     subscribed: bool | None = None,
+    lock: bool = False,
 ) -> tuple[dict[str, uuid.UUID], set[str]]:
     """Ids of these (normalised) emails, creating the missing ones when `create`.
 
-    Answers (email -> id, emails created). Existing contacts are left untouched.
+    Answers (email -> id, emails created). Existing contacts are left untouched. With
+    `lock`, every contact answered is held until commit so that none can be deleted
+    meanwhile: existing ones with a KEY SHARE lock taken by the statement that finds them
+    (it conflicts only with deleting, not with other writers), created ones being this
+    transaction's own.
     """
     c = tables.contacts.c
-    wanted = sorted(set(emails))
-    found = {
-        r.email: r.id
-        for r in session.execute(
-            select(c.email, c.id).where(
-                c.project_id == project_id, c.email == tables.any_text(wanted)
-            )
-        )
-    }
-    missing = [e for e in wanted if e not in found]
+    found: dict[str, uuid.UUID] = {}
     created: set[str] = set()
-    if create and missing:
+    pending = sorted(set(emails))
+    if lock and pending:
+        membership.lock_shared(session, project_id)
+    for _attempt in range(ENSURE_ATTEMPTS):
+        query = select(c.email, c.id).where(
+            c.project_id == project_id, c.email == tables.any_text(pending)
+        )
+        if lock:
+            # A contact deleted meanwhile is skipped here, and created again below.
+            query = query.with_for_update(read=True, key_share=True)
+        found.update((r.email, r.id) for r in session.execute(query))
+        missing = [e for e in pending if e not in found]
+        if not create or not missing:
+            return found, created
         rows: list[dict[str, Any]] = [
             {"email": e, "subscribed": subscribed, "patch": {}} for e in missing
         ]
@@ -189,15 +203,10 @@ def ensure_contacts(
             found[r.email] = r.id
             created.add(r.email)
         # Lost a race for some: they exist now, committed by someone else.
-        raced = [e for e in missing if e not in found]
-        if raced:
-            for r in session.execute(
-                select(c.email, c.id).where(
-                    c.project_id == project_id, c.email == tables.any_text(raced)
-                )
-            ):
-                found[r.email] = r.id
-    return found, created
+        pending = [e for e in missing if e not in found]
+        if not pending:
+            return found, created
+    raise Unavailable("contacts were created and deleted concurrently with this request; retry")
 
 
 def get_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUID) -> Row[Any]:
@@ -211,13 +220,20 @@ def get_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUID) 
 
 
 def delete_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUID) -> None:
-    """Delete a contact; its events and memberships go with it (foreign keys cascade)."""
-    membership.forget_contact(session, project_id, contact_id)
+    """Delete a contact with its events and memberships.
+
+    The row is locked first: writers recording events for it hold a weaker lock that this
+    waits for, so events committed before are deleted here and none can follow."""
+    membership.lock_shared(session, project_id)
     c = tables.contacts.c
-    deleted = session.execute(
-        delete(tables.contacts)
-        .where(c.project_id == project_id, c.id == contact_id)
-        .returning(c.id)
+    exists_now = session.execute(
+        select(c.id).where(c.project_id == project_id, c.id == contact_id).with_for_update()
     ).first()
-    if deleted is None:
+    if exists_now is None:
         raise NotFound(f"contact {contact_id} not found")
+    e = tables.events.c
+    session.execute(
+        delete(tables.events).where(e.project_id == project_id, e.contact_id == contact_id)
+    )
+    membership.forget_contact(session, project_id, contact_id)
+    session.execute(delete(tables.contacts).where(c.project_id == project_id, c.id == contact_id))

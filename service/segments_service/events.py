@@ -59,15 +59,17 @@ def split_track_data(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return patch, payload
 
 
-_INSERT_EVENTS = text(
-    """
+_INSERT_EVENTS = """
     INSERT INTO events (project_id, contact_id, name, data, occurred_at)
     SELECT :project_id, r.contact_id, r.name, coalesce(r.data, '{}'), coalesce(r.occurred_at, now())
     FROM jsonb_to_recordset(:rows)
         AS r(contact_id uuid, name text, data jsonb, occurred_at timestamptz)
-    RETURNING id, contact_id, occurred_at
     """
-).bindparams(bindparam("rows", type_=JSONB))
+_INSERT_EVENTS_RETURNING = text(_INSERT_EVENTS + "RETURNING id, occurred_at").bindparams(
+    bindparam("rows", type_=JSONB)
+)
+# A batch answers only how many it stored: no rows to send back and parse.
+_INSERT_EVENTS_COUNTED = text(_INSERT_EVENTS).bindparams(bindparam("rows", type_=JSONB))
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,8 @@ class NewEvent:
     occurred_at: datetime | None = None
 
 
-def insert_events(session: Session, project_id: uuid.UUID, new: Sequence[NewEvent]) -> list[Any]:
-    rows = [
+def _event_rows(new: Sequence[NewEvent]) -> list[dict[str, Any]]:
+    return [
         {
             "contact_id": str(e.contact_id),
             "name": e.name,
@@ -88,7 +90,19 @@ def insert_events(session: Session, project_id: uuid.UUID, new: Sequence[NewEven
         }
         for e in new
     ]
-    return list(session.execute(_INSERT_EVENTS, {"project_id": project_id, "rows": rows}))
+
+
+def insert_events(session: Session, project_id: uuid.UUID, new: Sequence[NewEvent]) -> list[Any]:
+    """Store events; answers (id, occurred_at) of each."""
+    params = {"project_id": project_id, "rows": _event_rows(new)}
+    return list(session.execute(_INSERT_EVENTS_RETURNING, params))
+
+
+def insert_events_counted(session: Session, project_id: uuid.UUID, new: Sequence[NewEvent]) -> int:
+    """Store events; answers how many."""
+    params = {"project_id": project_id, "rows": _event_rows(new)}
+    result: Any = session.execute(_INSERT_EVENTS_COUNTED, params)
+    return int(result.rowcount)
 
 
 @dataclass(frozen=True)
@@ -111,6 +125,7 @@ def track(
     patch, payload = split_track_data(data)
     result = upsert_contacts(session, project_id, [ContactWrite(email, subscribed, patch)])
     contact_id = result.ids[0]
+    # The upsert wrote the row, so this transaction holds it: it cannot be deleted now.
     row = insert_events(session, project_id, [NewEvent(contact_id, event, payload)])[0]
     membership.refresh_contacts(session, project_id, [contact_id])
     return Tracked(contact_id, row.id, row.occurred_at)
@@ -124,20 +139,28 @@ class IngestItem:
     data: dict[str, Any]
 
 
-def ingest(session: Session, project_id: uuid.UUID, items: Sequence[IngestItem]) -> list[Any]:
-    """Record events for existing or new contacts, all in the caller's transaction."""
-    ids, created = ensure_contacts(session, project_id, [i.email for i in items], create=True)
-    recorded = insert_events(
+def ingest(session: Session, project_id: uuid.UUID, items: Sequence[IngestItem]) -> int:
+    """Record events for existing or new contacts, all in the caller's transaction;
+    answers how many were stored."""
+    # Locked (KEY SHARE) before the events go in: nobody can delete these contacts until
+    # commit, while other writers of events for them go on in parallel.
+    ids, created = ensure_contacts(
+        session, project_id, [i.email for i in items], create=True, lock=True
+    )
+    recorded = insert_events_counted(
         session,
         project_id,
         [NewEvent(ids[i.email], i.event, i.data, i.occurred_at) for i in items],
     )
+    got: dict[str, set[uuid.UUID]] = {}
+    for i in items:
+        got.setdefault(i.event, set()).add(ids[i.email])
     # New contacts can enter any segment; existing ones only gained events.
     membership.refresh_contacts(
         session,
         project_id,
         [contact_id for email, contact_id in ids.items() if email not in created],
-        event_names={i.event for i in items},
+        event_contacts=got,
         new_contacts=[ids[e] for e in created],
     )
     return recorded

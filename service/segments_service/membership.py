@@ -42,9 +42,8 @@ from sqlalchemy import (
     text,
     union_all,
     update,
-    values,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -321,15 +320,18 @@ def _record_events(project_id: uuid.UUID, tracked: Sequence[Dynamic], changes: A
 
     The positions come from the project's feed_positions row, whose lock is held until
     commit; see migration 0003 for why that makes the feed safe to read by position."""
+    # Arrays rather than VALUES: a VALUES list has no cache key, so the whole statement
+    # would be compiled again for every batch (a quarter of a batch's Python time).
     info = (
-        values(
-            column("segment_id", Uuid),
-            column("slug", Text),
-            column("segment_name", Text),
-            name="tracked",
+        func.unnest(
+            literal([seg.id for seg in tracked], tables.UUID_ARRAY),
+            literal([slugify(seg.name) for seg in tracked], ARRAY(Text)),
+            literal([seg.name for seg in tracked], ARRAY(Text)),
         )
-        .data([(seg.id, slugify(seg.name), seg.name) for seg in tracked])
-        .cte("tracked")
+        .table_valued(
+            column("segment_id", Uuid), column("slug", Text), column("segment_name", Text)
+        )
+        .render_derived(name="tracked", with_types=False)
     )
     named = (
         select(
@@ -390,55 +392,85 @@ def _record_events(project_id: uuid.UUID, tracked: Sequence[Dynamic], changes: A
     )
 
 
+def lock_contacts(
+    session: Session, project_id: uuid.UUID, contact_ids: Iterable[uuid.UUID]
+) -> list[uuid.UUID]:
+    """Lock these contacts' rows until commit, in id order; answers the ids that exist.
+
+    Every writer that re-evaluates membership for contacts takes these locks first (after
+    the project's shared membership lock, before any statement that takes the count or
+    feed locks): concurrent writers of one contact evaluate one after the other, each
+    statement seeing the events of those before it, and two writers never wait on each
+    other in opposite orders. Writers of events hold at least a KEY SHARE lock of their
+    contacts (contacts.ensure_contacts) so none can be deleted meanwhile: events have no
+    foreign key (migration 0004).
+    """
+    wanted = sorted(set(contact_ids))
+    if not wanted:
+        return []
+    lock_shared(session, project_id)
+    c = tables.contacts.c
+    return [
+        r.id
+        for r in session.execute(
+            select(c.id)
+            .where(c.project_id == project_id, c.id == tables.any_uuid(wanted))
+            .order_by(c.id)
+            # FOR NO KEY UPDATE: static list inserts (a foreign key) still pass.
+            .with_for_update(key_share=True)
+        )
+    ]
+
+
 def refresh_contacts(
     session: Session,
     project_id: uuid.UUID,
     contact_ids: Iterable[uuid.UUID],
     *,
-    event_names: Collection[str] | None = None,
+    event_contacts: Mapping[str, Collection[uuid.UUID]] | None = None,
     static_segment: uuid.UUID | None = None,
     new_contacts: Iterable[uuid.UUID] = (),
 ) -> Changes:
     """Re-evaluate contacts against the project's dynamic segments.
 
     Called at the end of every write that can change membership. Without a hint every
-    dynamic segment is evaluated. With `event_names` (only events were added) or
-    `static_segment` (only that list changed), `contact_ids` meet just the segments whose
-    conditions can see the change; `new_contacts` meet every segment.
+    dynamic segment re-evaluates every contact given. With `static_segment` (only that
+    list changed), `contact_ids` meet just the segments whose conditions reach the list.
+    With `event_contacts` (only events were added: each event name with the contacts that
+    got one), a segment re-evaluates just the contacts that got an event it reads: an
+    event no condition reads costs no evaluation and no lock. `new_contacts` meet every
+    segment.
 
-    All the contacts are locked first, in id order, before any statement that takes the
-    count or feed locks: concurrent writers of one contact evaluate one after the other,
-    and two writers never wait on each other in opposite orders.
+    The contacts to re-evaluate are locked first (lock_contacts).
     """
     new = set(new_contacts)
-    wanted = sorted(set(contact_ids) | new)
-    if not wanted:
+    given = set(contact_ids) | new
+    if not given:
         return Changes(0, 0, 0)
     lock_shared(session, project_id)
     every = dynamic_segments(session, project_id)
     if not every:
         return Changes(0, 0, 0)
-    c = tables.contacts.c
-    locked = [
-        r.id
-        for r in session.execute(
-            select(c.id)
-            .where(c.project_id == project_id, c.id == tables.any_uuid(wanted))
-            .order_by(c.id)
-            .with_for_update(key_share=True)  # FOR NO KEY UPDATE: FK inserts still pass
-        )
-    ]
-    fresh = [i for i in locked if i in new]
-    hinted = event_names is not None or static_segment is not None
 
-    def sees_change(seg: Dynamic) -> bool:
-        return (
-            not hinted
-            or (event_names is not None and not seg.event_names.isdisjoint(event_names))
-            or (static_segment is not None and static_segment in seg.references)
-        )
+    def wanted_by(seg: Dynamic) -> set[uuid.UUID]:
+        if event_contacts is not None:
+            got = set(new)
+            for name in seg.event_names & event_contacts.keys():
+                got.update(event_contacts[name])
+            return got
+        if static_segment is not None and static_segment not in seg.references:
+            return new
+        return given
 
-    scope = {seg.id: locked if sees_change(seg) else fresh for seg in every}
+    wanted = {seg.id: wanted_by(seg) for seg in every}
+    locked = lock_contacts(session, project_id, set().union(*wanted.values()))
+    present = set(locked)
+    # Segments wanting the same contacts share one list, hence one array parameter.
+    lists: dict[frozenset[uuid.UUID], list[uuid.UUID]] = {}
+    scope: dict[uuid.UUID, Sequence[uuid.UUID]] = {}
+    for seg in every:
+        ids = frozenset(wanted[seg.id] & present)
+        scope[seg.id] = lists.setdefault(ids, sorted(ids))
     segments = [seg for seg in every if scope[seg.id]]
     # Entry/exit events recorded in one round can move segments that filter on them.
     followers = [seg for seg in every if seg.reads_segment_events]

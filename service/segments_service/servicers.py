@@ -373,7 +373,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                 )
                 items.append(events.IngestItem(email, item.event, occurred, data))
             _raise(violations)
-            recorded = events.ingest(session, caller.project_id, items) if items else []
-            return events_pb2.IngestEventsResponse(accepted=len(recorded)), None
+            recorded = events.ingest(session, caller.project_id, items) if items else 0
+            return events_pb2.IngestEventsResponse(accepted=recorded), None
 
         return run_unary(context, self.sessions, "secret", work)
