@@ -6,6 +6,8 @@ import json
 import math
 from typing import Any
 
+_NESTED = (float, dict, list)
+
 
 def normalize(value: Any) -> Any:
     """Protobuf carries every number as a double; store 5.0 as 5 so data reads back as sent."""
@@ -13,10 +15,12 @@ def normalize(value: Any) -> Any:
         if math.isfinite(value) and value.is_integer() and abs(value) < 2**53:
             return int(value)
         return value
+    # Strings, integers, booleans and nulls are returned as they are without a call each:
+    # every stored batch of events passes through here.
     if isinstance(value, dict):
-        return {k: normalize(v) for k, v in value.items()}
+        return {k: normalize(v) if isinstance(v, _NESTED) else v for k, v in value.items()}
     if isinstance(value, list):
-        return [normalize(v) for v in value]
+        return [normalize(v) if isinstance(v, _NESTED) else v for v in value]
     return value
 
 
