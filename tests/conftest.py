@@ -7,6 +7,7 @@ names another one; either way the suite works in its own database, dropped at th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -60,17 +61,30 @@ def _with_database(url: str, name: str) -> str:
     return make_url(sqlalchemy_url(url)).set(database=name).render_as_string(hide_password=False)
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+@contextlib.contextmanager
+def _new_database() -> Iterator[str]:
+    """URL of a new, empty database on the test server, dropped on exit."""
     admin, _handle = _admin_url()
     name = f"segments_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     create_database(sqlalchemy_url(admin), name)
-    url = _with_database(admin, name)
     try:
-        migrate(url)
-        yield url
+        yield _with_database(admin, name)
     finally:
         drop_database(sqlalchemy_url(admin), name)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with _new_database() as url:
+        migrate(url)
+        yield url
+
+
+@pytest.fixture
+def empty_database_url() -> Iterator[str]:
+    """A database of this test alone, without any schema: for testing the migrations."""
+    with _new_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -239,11 +239,23 @@ def _apply(
     m = tables.segment_members
     desired = desired_members(project_id, segments, scope, now).cte("desired")
     seg_ids = [seg.id for seg in segments]
+    c = tables.contacts.c
     entered = (
         pg_insert(m)
         .from_select(
-            ["project_id", "segment_id", "contact_id"],
-            select(literal(project_id, Uuid), desired.c.segment_id, desired.c.contact_id),
+            ["project_id", "segment_id", "contact_id", "contact_created_at"],
+            # Contacts are joined for the insert only, not in `desired`: many member sets
+            # never read contacts, and the exits need none of their columns.
+            select(
+                literal(project_id, Uuid),
+                desired.c.segment_id,
+                desired.c.contact_id,
+                c.created_at,
+            ).join_from(
+                desired,
+                tables.contacts,
+                (c.project_id == project_id) & (c.id == desired.c.contact_id),
+            ),
         )
         .on_conflict_do_nothing()
         .returning(m.c.segment_id, m.c.contact_id)

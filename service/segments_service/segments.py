@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, Select, delete, exists, func, insert, literal, select, update
+from sqlalchemy import Row, Select, delete, func, insert, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -357,24 +357,27 @@ def list_members(
             .join(m, (m.c.project_id == c.c.project_id) & (m.c.contact_id == c.c.id))
             .where(m.c.project_id == project_id, m.c.segment_id == segment_id)
             .order_by(m.c.added_at.desc(), m.c.contact_id.desc())
+            .limit(page_size)
+            .offset(offset)
         )
     else:
+        # The page is cut from the segment_members_page index, which holds the contacts'
+        # order (created_at DESC, id DESC); only the page's contacts are then read.
         sm = tables.segment_members.c
+        members = (
+            select(sm.contact_id)
+            .where(sm.project_id == project_id, sm.segment_id == segment_id)
+            .order_by(sm.contact_created_at.desc(), sm.contact_id.desc())
+            .limit(page_size)
+            .offset(offset)
+            .subquery("page")
+        )
         query = (
             select(c)
-            .where(
-                c.c.project_id == project_id,
-                exists(
-                    select(literal(1)).where(
-                        sm.project_id == project_id,
-                        sm.segment_id == segment_id,
-                        sm.contact_id == c.c.id,
-                    )
-                ),
-            )
+            .join(members, (c.c.project_id == project_id) & (c.c.id == members.c.contact_id))
             .order_by(c.c.created_at.desc(), c.c.id.desc())
         )
-    rows = list(session.execute(query.limit(page_size).offset(offset)).all())
+    rows = list(session.execute(query).all())
     total = count_members(row)
     return Page(rows, total, page, page_size)
 

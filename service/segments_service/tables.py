@@ -115,6 +115,9 @@ segment_members = Table(
     Column("segment_id", Uuid, primary_key=True),
     Column("contact_id", Uuid, primary_key=True),
     _ts("entered_at"),
+    # The contact's created_at, copied so a segment's members are listed from an index in
+    # the contacts' order (migration 0005).
+    _ts("contact_created_at"),
 )
 
 feed_positions = Table(
