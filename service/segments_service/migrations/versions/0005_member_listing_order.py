@@ -13,13 +13,13 @@ The copy stays exact because a contact's created_at is written once, when the co
 inserted, and each membership row is inserted after its contact.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 """
 
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 
 UPGRADE = """
 ALTER TABLE segment_members ADD COLUMN contact_created_at timestamptz;
