@@ -58,6 +58,13 @@ def segment_events(engine: Engine, project: Project) -> list[tuple[str, str]]:
         return [(r.name, r.email) for r in rows]
 
 
+def member_count(stubs: Stubs, project: Project, segment_id: str) -> int:
+    got = stubs.segments.GetSegment(
+        segments_pb2.GetSegmentRequest(id=segment_id), metadata=project.auth
+    )
+    return int(got.member_count)
+
+
 PREMIUM = {"field": "data.plan", "operator": "equals", "value": "premium"}
 
 
@@ -85,10 +92,7 @@ def test_entry_event_data_and_count(stubs: Stubs, project: Project, engine: Engi
             {"p": project.id},
         ).scalar_one()
     assert data == {"segmentId": seg.id, "segmentName": "Premium"}
-    got = stubs.segments.GetSegment(
-        segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth
-    )
-    assert got.member_count == 1
+    assert member_count(stubs, project, seg.id) == 1
 
 
 def test_ingested_event_enters_event_segment(
@@ -138,10 +142,7 @@ def test_time_window_exit_comes_with_the_sweep(
     assert sweeper.sweep_once(engine, sessions) == 0 or segment_events(engine, project)[-1][
         0
     ].endswith("exit")
-    got = stubs.segments.GetSegment(
-        segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth
-    )
-    assert got.member_count == 0
+    assert member_count(stubs, project, seg.id) == 0
 
 
 def test_tracking_on_off_delete_and_rename(stubs: Stubs, project: Project, engine: Engine) -> None:
@@ -207,10 +208,7 @@ def test_static_member_calls_emit_nothing(stubs: Stubs, project: Project, engine
         metadata=project.auth,
     )
     assert segment_events(engine, project) == []
-    got = stubs.segments.GetSegment(
-        segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth
-    )
-    assert got.member_count == 1
+    assert member_count(stubs, project, seg.id) == 1
 
 
 def test_segments_can_filter_on_entry_events(
@@ -225,10 +223,7 @@ def test_segments_can_filter_on_entry_events(
     )
     upsert(stubs, project, "a@x.com", plan="premium")
     upsert(stubs, project, "a@x.com", plan="free")  # left VIP, but entered it once
-    got = stubs.segments.GetSegment(
-        segments_pb2.GetSegmentRequest(id=follow.id), metadata=project.auth
-    )
-    assert got.member_count == 1
+    assert member_count(stubs, project, follow.id) == 1
     assert ("segment.ever-vip.entry", "a@x.com") in segment_events(engine, project)
 
 
@@ -247,10 +242,7 @@ def test_member_of_segment_follows_referenced_changes(stubs: Stubs, project: Pro
     upsert(stubs, project, "a@x.com", plan="premium")
 
     def count(seg_id: str) -> int:
-        got = stubs.segments.GetSegment(
-            segments_pb2.GetSegmentRequest(id=seg_id), metadata=project.auth
-        )
-        return int(got.member_count)
+        return member_count(stubs, project, seg_id)
 
     assert count(subscribed_vip.id) == 1
     # Changing the referenced condition recomputes the referencing segment too.
@@ -271,10 +263,7 @@ def test_contact_delete_keeps_counts_exact(stubs: Stubs, project: Project, engin
     stubs.contacts.DeleteContact(
         contacts_pb2.DeleteContactRequest(id=contact.id), metadata=project.auth
     )
-    got = stubs.segments.GetSegment(
-        segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth
-    )
-    assert got.member_count == 1
+    assert member_count(stubs, project, seg.id) == 1
 
 
 def test_watch_streams_live_and_resumes_without_gaps(stubs: Stubs, project: Project) -> None:
@@ -381,10 +370,7 @@ def test_deleting_a_contact_deletes_its_history(
     assert orphan_events(engine) == 0
     # The same email later is a new contact with none of the old history.
     assert ingest(stubs, project, ("a@x.com", "login")) == 1
-    got = stubs.segments.GetSegment(
-        segments_pb2.GetSegmentRequest(id=buyers.id), metadata=project.auth
-    )
-    assert got.member_count == 0
+    assert member_count(stubs, project, buyers.id) == 0
 
 
 def test_events_racing_a_delete_leave_no_orphans(
@@ -442,10 +428,7 @@ def test_concurrent_batches_for_one_contact_see_each_others_events(
         with ThreadPoolExecutor(max_workers=2) as pool:
             for future in [pool.submit(record, "signup"), pool.submit(record, "purchase")]:
                 future.result()
-    got = stubs.segments.GetSegment(
-        segments_pb2.GetSegmentRequest(id=both.id), metadata=project.auth
-    )
-    assert got.member_count == len(emails)
+    assert member_count(stubs, project, both.id) == len(emails)
     entries = [e for name, e in segment_events(engine, project) if name == "segment.both.entry"]
     assert sorted(entries) == sorted(emails)
 
