@@ -16,7 +16,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
-from segments_service import sweeper
+from segments_service import membership, sweeper
 from segments_service.membership import slugify
 from tests.conftest import Project, Stubs
 
@@ -466,3 +466,12 @@ def test_a_batch_re_evaluates_only_contacts_with_events_a_segment_reads(
         ("segment.active.exit", "busy@x.com"),
         ("segment.active.exit", "quiet@x.com"),
     }
+
+
+def test_rebuilds_may_run_longer_than_requests(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as session:
+        assert session.execute(text("SHOW statement_timeout")).scalar_one() == "1min"
+        membership.rebuild(session, uuid.uuid4(), [], emit=False)
+        assert session.execute(text("SHOW statement_timeout")).scalar_one() == "10min"
+    with sessions.begin() as session:  # for that transaction only
+        assert session.execute(text("SHOW statement_timeout")).scalar_one() == "1min"

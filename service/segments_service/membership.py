@@ -94,6 +94,16 @@ def lock_exclusive(session: Session, project_id: uuid.UUID) -> None:
     )
 
 
+# Statements over a whole project (a rebuild, a sweep) may take longer than the 60 s a
+# request's statement gets: a segment of a million members inserts a million rows.
+LONG_STATEMENT_TIMEOUT = "10min"
+
+
+def allow_long_statements(session: Session) -> None:
+    """Until the end of this transaction, statements may run for LONG_STATEMENT_TIMEOUT."""
+    session.execute(text(f"SET LOCAL statement_timeout = '{LONG_STATEMENT_TIMEOUT}'"))
+
+
 def db_now(session: Session) -> datetime:
     """The database clock, so windows agree with timestamps the database wrote."""
     now: datetime = session.execute(select(func.clock_timestamp())).scalar_one()
@@ -513,6 +523,7 @@ def rebuild(
     """Recompute these segments over all contacts, under the exclusive project lock.
 
     `emit` records entry/exit events for the difference (tracked segments only)."""
+    allow_long_statements(session)
     lock_exclusive(session, project_id)
     segments = dynamic_segments(session, project_id, segment_ids)
     if not segments:

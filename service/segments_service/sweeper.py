@@ -48,6 +48,7 @@ def sweep_project(engine: Engine, sessions: sessionmaker[Session], project_id: u
             return 0
         try:
             with sessions.begin() as session:
+                membership.allow_long_statements(session)
                 stale = stale_contacts(session, project_id)
             for start in range(0, len(stale), membership.CHUNK):
                 with sessions.begin() as session:
