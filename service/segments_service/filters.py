@@ -607,9 +607,14 @@ class _Pred:
 
 @dataclass(frozen=True)
 class _Set:
-    """A statement selecting distinct `contact_id`s: the members."""
+    """A statement selecting distinct `contact_id`s: the members. It stands alone: nested
+    in another (`IN`, `EXISTS`), it must not correlate to that one's `contacts`, as
+    SQLAlchemy would by default for a table both name."""
 
     query: Select[tuple[uuid.UUID]]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "query", self.query.correlate(None))
 
 
 @dataclass(frozen=True)
