@@ -475,3 +475,67 @@ def test_rebuilds_may_run_longer_than_requests(sessions: sessionmaker[Session]) 
         assert session.execute(text("SHOW statement_timeout")).scalar_one() == "10min"
     with sessions.begin() as session:  # for that transaction only
         assert session.execute(text("SHOW statement_timeout")).scalar_one() == "1min"
+
+
+def test_sweeps_after_the_first_read_only_window_edges(
+    stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    pid = uuid.UUID(project.id)
+    pinged = create(
+        stubs,
+        project,
+        "Pinged",
+        cond({"field": "ping", "operator": "triggeredWithin", "value": 0.05, "unit": "minutes"}),
+    )
+    starting = create(
+        stubs,
+        project,
+        "Starting",
+        cond({"field": "data.startsAt", "operator": "within", "value": 1, "unit": "minutes"}),
+    )
+    state = sweeper.SweepState()
+    sweeper.sweep_once(engine, sessions, state)  # the first pass compares everything
+    assert state.swept[pid][1] == 0
+    ingest(stubs, project, ("a@x.com", "ping"))
+    soon = datetime.now(UTC) + timedelta(seconds=2)
+    upsert(stubs, project, "b@x.com", startsAt=soon.isoformat())
+    assert (member_count(stubs, project, pinged.id), member_count(stubs, project, starting.id)) == (
+        1,
+        0,
+    )
+    with sessions.begin() as session:
+        # Nothing has crossed an edge yet: a@'s ping is 3 s from leaving, b@'s start 2 s
+        # from arriving.
+        now = membership.db_now(session)
+        assert sweeper.crossed_contacts(session, pid, state.swept[pid][0], now) == []
+    time.sleep(3.2)
+    with sessions.begin() as session:
+        now = membership.db_now(session)
+        crossed = sweeper.crossed_contacts(session, pid, state.swept[pid][0], now)
+        emails = session.execute(
+            text("SELECT email FROM contacts WHERE project_id = :p AND id = ANY(:ids)"),
+            {"p": pid, "ids": crossed},
+        )
+        assert sorted(emails.scalars()) == ["a@x.com", "b@x.com"]
+    sweeper.sweep_once(engine, sessions, state)
+    assert state.swept[pid][1] == 1  # an incremental pass
+    expected = {
+        ("segment.pinged.entry", "a@x.com"),
+        ("segment.pinged.exit", "a@x.com"),
+        ("segment.starting.entry", "b@x.com"),
+    }
+    assert set(segment_events(engine, project)) == expected
+    sweeper.sweep_once(engine, sessions, state)
+    assert set(segment_events(engine, project)) == expected
+
+
+def test_every_so_often_a_sweep_compares_everything() -> None:
+    state = sweeper.SweepState()
+    pid, now = uuid.uuid4(), datetime.now(UTC)
+    assert state.since(pid) is None
+    state.record(pid, now, full=True)
+    for n in range(1, sweeper.FULL_EVERY):
+        assert state.since(pid) == now
+        state.record(pid, now, full=False)
+        assert state.swept[pid][1] == n
+    assert state.since(pid) is None

@@ -896,10 +896,22 @@ def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
     return out
 
 
-def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
+def window_value(f: Filter) -> ColumnElement[datetime]:
+    """The contact's timestamp a within / olderThan filter on a contact field compares."""
     c = tables.contacts.c
-    path = literal(list(f.path), ARRAY(Text))
-    node: ColumnElement[Any] = c.data.op("#>", return_type=JSONB)(path)
+    assert f.operator in WINDOWS, f.operator
+    if f.kind is Kind.CREATED_AT:
+        return c.created_at
+    if f.kind is Kind.UPDATED_AT:
+        return c.updated_at
+    return func.segments_timestamp(_data_node(f), type_=DateTime(timezone=True))
+
+
+def _data_node(f: Filter) -> ColumnElement[Any]:
+    c = tables.contacts.c
+    node: ColumnElement[Any] = c.data.op("#>", return_type=JSONB)(
+        literal(list(f.path), ARRAY(Text))
+    )
     if len(f.path) > 1:
         # `#>` also steps into arrays by index (data.tags.0 would be the first tag), but a
         # data path names keys of nested objects only: every step must be an object.
@@ -911,6 +923,13 @@ def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
             for n in range(1, len(f.path))
         ]
         node = case((and_(*steps), node))
+    return node
+
+
+def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
+    c = tables.contacts.c
+    path = literal(list(f.path), ARRAY(Text))
+    node = _data_node(f)
     node_type = func.jsonb_typeof(node)
     present = and_(node.is_not(None), node_type != "null")
     op = f.operator
@@ -932,6 +951,7 @@ def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
         found = func.strpos(_fold(text), _fold(literal(f.value, Text)))
         return found > 0 if op is Op.CONTAINS else found == 0
     stored_ts = func.segments_timestamp(node, type_=DateTime(timezone=True))
+    # window_value() gives the sweeper this same expression.
     if op is Op.WITHIN:
         return and_(stored_ts >= _ts(_window_start(f, ctx)), stored_ts <= _ts(ctx.now))
     if op is Op.OLDER_THAN:

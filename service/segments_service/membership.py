@@ -21,7 +21,7 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -49,10 +49,9 @@ from sqlalchemy.orm import Session
 
 from segments_service import tables
 from segments_service.filters import (
-    WINDOWED_EVENT_OPS,
-    WINDOWS,
     CompileContext,
     Condition,
+    Filter,
     SegmentDefinition,
     compile_members,
     load_references,
@@ -135,16 +134,16 @@ class Dynamic:
     condition: Condition
     references: Mapping[uuid.UUID, SegmentDefinition]
 
+    def filters(self) -> Iterator[Filter]:
+        """Every filter of its condition and of the conditions it references."""
+        yield from self.condition.iter_filters()
+        for d in self.references.values():
+            if d.condition is not None:
+                yield from d.condition.iter_filters()
+
     @property
     def time_dependent(self) -> bool:
-        conditions = [self.condition] + [
-            d.condition for d in self.references.values() if d.condition is not None
-        ]
-        return any(
-            f.operator in WINDOWS or f.operator in WINDOWED_EVENT_OPS
-            for cond in conditions
-            for f in cond.iter_filters()
-        )
+        return any(f.window is not None for f in self.filters())
 
     @property
     def event_names(self) -> frozenset[str]:
