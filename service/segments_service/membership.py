@@ -148,25 +148,12 @@ class Dynamic:
     @property
     def event_names(self) -> frozenset[str]:
         """Every event name its condition (with inlined references) looks at."""
-        conditions = [self.condition] + [
-            d.condition for d in self.references.values() if d.condition is not None
-        ]
-        return frozenset(
-            name for cond in conditions for f in cond.iter_filters() for name in f.events
-        )
+        return frozenset(name for f in self.filters() for name in f.events)
 
     @property
     def reads_segment_events(self) -> bool:
         """Whether entry/exit events (of any segment) can change this one's membership."""
-        conditions = [self.condition] + [
-            d.condition for d in self.references.values() if d.condition is not None
-        ]
-        return any(
-            name.startswith("segment.")
-            for cond in conditions
-            for f in cond.iter_filters()
-            for name in f.events
-        )
+        return any(name.startswith("segment.") for name in self.event_names)
 
     def members(self, project_id: uuid.UUID, now: datetime, scope: Any = None) -> Select[Any]:
         """The ids of its members at `now` (among `scope`, an `= ANY` array, if given)."""
@@ -418,9 +405,9 @@ def lock_contacts(
 ) -> list[uuid.UUID]:
     """Lock these contacts' rows until commit, in id order; answers the ids that exist.
 
-    Every writer that re-evaluates membership for contacts takes these locks first (after
-    the project's shared membership lock, before any statement that takes the count or
-    feed locks): concurrent writers of one contact evaluate one after the other, each
+    The caller holds the project's shared membership lock (lock_shared). Every writer that
+    re-evaluates membership for contacts takes these locks first (after that lock, before
+    any statement that takes the count or feed locks): concurrent writers of one contact evaluate one after the other, each
     statement seeing the events of those before it, and two writers never wait on each
     other in opposite orders. Writers of events hold at least a KEY SHARE lock of their
     contacts (contacts.ensure_contacts) so none can be deleted meanwhile: events have no
@@ -429,7 +416,6 @@ def lock_contacts(
     wanted = sorted(set(contact_ids))
     if not wanted:
         return []
-    lock_shared(session, project_id)
     c = tables.contacts.c
     return [
         r.id

@@ -36,12 +36,15 @@ from segments_service.filters import Kind, Op, window_value
 log = logging.getLogger(__name__)
 
 
-def stale_contacts(session: Session, project_id: uuid.UUID) -> list[uuid.UUID]:
-    """Contacts whose membership of a time-dependent segment is out of date right now."""
+def stale_contacts(
+    session: Session, project_id: uuid.UUID, now: datetime | None = None
+) -> list[uuid.UUID]:
+    """Contacts whose membership of a time-dependent segment is out of date at `now`
+    (default: the database clock)."""
     segments = [s for s in membership.dynamic_segments(session, project_id) if s.time_dependent]
     if not segments:
         return []
-    now = membership.db_now(session)
+    now = now or membership.db_now(session)
     desired = membership.desired_members(project_id, segments, None, now)
     m = tables.segment_members.c
     current = select(m.segment_id, m.contact_id).where(
@@ -116,7 +119,7 @@ def sweep_project(
                 membership.allow_long_statements(session)
                 now = membership.db_now(session)
                 if since is None or since >= now:
-                    stale = stale_contacts(session, project_id)
+                    stale = stale_contacts(session, project_id, now)
                 else:
                     stale = crossed_contacts(session, project_id, since, now)
             for start in range(0, len(stale), membership.CHUNK):
