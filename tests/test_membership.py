@@ -468,6 +468,42 @@ def test_a_batch_re_evaluates_only_contacts_with_events_a_segment_reads(
     }
 
 
+def test_one_batch_moves_each_segment_for_its_own_contacts(
+    stubs: Stubs, project: Project, engine: Engine
+) -> None:
+    # Two segments read different events, so one batch re-evaluates different contacts for
+    # each: every (segment, contact) pair in question leaves, and no other.
+    create(stubs, project, "No refund", cond({"field": "refund", "operator": "notTriggered"}))
+    create(stubs, project, "No churn", cond({"field": "churn", "operator": "notTriggered"}))
+    ingest(stubs, project, ("a@x.com", "login"), ("b@x.com", "login"), ("c@x.com", "login"))
+    ingest(stubs, project, ("a@x.com", "refund"), ("b@x.com", "churn"), ("c@x.com", "login"))
+    exits = {(n, e) for n, e in segment_events(engine, project) if n.endswith(".exit")}
+    assert exits == {("segment.no-refund.exit", "a@x.com"), ("segment.no-churn.exit", "b@x.com")}
+    listed = stubs.segments.ListSegments(segments_pb2.ListSegmentsRequest(), metadata=project.auth)
+    assert sorted((s.name, s.member_count) for s in listed.segments) == [
+        ("No churn", 2),
+        ("No refund", 2),
+    ]
+
+
+def test_a_large_rebuild_refreshes_the_members_statistics(
+    stubs: Stubs, project: Project, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The planner reads pg_class.reltuples; stale after a bulk insert, it chose to hash a
+    # whole segment for a batch's exits. ANALYZE counts every row of a small table.
+    monkeypatch.setattr(membership, "ANALYZE_AFTER_ROWS", 20)
+    for i in range(25):
+        upsert(stubs, project, f"p{i}@x.com", plan="premium")
+    create(stubs, project, "Premium", cond(PREMIUM), track=False)
+    with engine.connect() as conn:
+        estimated = conn.execute(
+            text("SELECT reltuples FROM pg_class WHERE oid = 'segment_members'::regclass")
+        ).scalar_one()
+        rows = conn.execute(text("SELECT count(*) FROM segment_members")).scalar_one()
+    assert rows >= 25
+    assert estimated == rows
+
+
 def test_rebuilds_may_run_longer_than_requests(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as session:
         assert session.execute(text("SHOW statement_timeout")).scalar_one() == "1min"
