@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from segments_service import membership
+from segments_service import jsonutil, membership
 from segments_service.contacts import (
     NUL_MESSAGE,
     ContactWrite,
@@ -59,17 +58,19 @@ def split_track_data(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return patch, payload
 
 
+# The rows travel as one JSON array of [contact_id, name, data, occurred_at] arrays: one
+# call of the C JSON encoder, where array parameters cost a Python call per element
+# (a tenth of a batch's Python time). `data` is null for events without data, which most
+# are.
 _INSERT_EVENTS = """
     INSERT INTO events (project_id, contact_id, name, data, occurred_at)
-    SELECT :project_id, r.contact_id, r.name, coalesce(r.data, '{}'), coalesce(r.occurred_at, now())
-    FROM jsonb_to_recordset(:rows)
-        AS r(contact_id uuid, name text, data jsonb, occurred_at timestamptz)
+    SELECT :project_id, (r ->> 0)::uuid, r ->> 1, coalesce(nullif(r -> 2, 'null'), '{}'),
+           coalesce((r ->> 3)::timestamptz, now())
+    FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS r
     """
-_INSERT_EVENTS_RETURNING = text(_INSERT_EVENTS + "RETURNING id, occurred_at").bindparams(
-    bindparam("rows", type_=JSONB)
-)
+_INSERT_EVENTS_RETURNING = text(_INSERT_EVENTS + "RETURNING id, occurred_at")
 # A batch answers only how many it stored: no rows to send back and parse.
-_INSERT_EVENTS_COUNTED = text(_INSERT_EVENTS).bindparams(bindparam("rows", type_=JSONB))
+_INSERT_EVENTS_COUNTED = text(_INSERT_EVENTS)
 
 
 @dataclass(frozen=True)
@@ -80,28 +81,27 @@ class NewEvent:
     occurred_at: datetime | None = None
 
 
-def _event_rows(new: Sequence[NewEvent]) -> list[dict[str, Any]]:
-    return [
-        {
-            "contact_id": str(e.contact_id),
-            "name": e.name,
-            "data": e.data,
-            "occurred_at": e.occurred_at.isoformat() if e.occurred_at else None,
-        }
+def _event_params(project_id: uuid.UUID, new: Sequence[NewEvent]) -> dict[str, Any]:
+    rows = [
+        [
+            str(e.contact_id),
+            e.name,
+            jsonutil.normalize(e.data) if e.data else None,
+            e.occurred_at.isoformat() if e.occurred_at else None,
+        ]
         for e in new
     ]
+    return {"project_id": project_id, "rows": jsonutil.encode(rows)}
 
 
 def insert_events(session: Session, project_id: uuid.UUID, new: Sequence[NewEvent]) -> list[Any]:
     """Store events; answers (id, occurred_at) of each."""
-    params = {"project_id": project_id, "rows": _event_rows(new)}
-    return list(session.execute(_INSERT_EVENTS_RETURNING, params))
+    return list(session.execute(_INSERT_EVENTS_RETURNING, _event_params(project_id, new)))
 
 
 def insert_events_counted(session: Session, project_id: uuid.UUID, new: Sequence[NewEvent]) -> int:
     """Store events; answers how many."""
-    params = {"project_id": project_id, "rows": _event_rows(new)}
-    result: Any = session.execute(_INSERT_EVENTS_COUNTED, params)
+    result: Any = session.execute(_INSERT_EVENTS_COUNTED, _event_params(project_id, new))
     return int(result.rowcount)
 
 

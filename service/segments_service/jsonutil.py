@@ -24,5 +24,10 @@ def normalize(value: Any) -> Any:
     return value
 
 
+def encode(value: Any) -> str:
+    """JSON text of an already normalized value."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(normalize(value), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return encode(normalize(value))

@@ -367,7 +367,8 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                 if problem:
                     violations.append(FieldViolation(f"events.{i}.event", *problem))
                 data = struct_to_dict(item.data) if item.HasField("data") else {}
-                violations.extend(check_json(data, f"events.{i}.data"))
+                if data:
+                    violations.extend(check_json(data, f"events.{i}.data"))
                 occurred = (
                     from_timestamp(item.occurred_at) if item.HasField("occurred_at") else None
                 )
