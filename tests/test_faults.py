@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -153,6 +156,27 @@ def _wait_until_busy(engine: Engine, port: int, timeout: float = 20) -> None:
                 return
             time.sleep(0.005)
     pytest.fail("the replica never started working")
+
+
+def _tgkill(pid: int, tid: int, signum: int) -> None:
+    """Send a signal to one thread of another process (Linux), as the kernel may pick
+    any thread for a process-wide kill."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_tgkill = 234 if platform.machine() == "x86_64" else 131  # aarch64
+    if libc.syscall(sys_tgkill, pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="tgkill number")
+def test_sigterm_received_by_any_thread_drains_the_server(replicas: Replicas) -> None:
+    # Python runs handlers only in the main thread: a main thread asleep in an untimed wait
+    # never noticed a SIGTERM the kernel had handed to one of gRPC's threads.
+    replica = replicas()
+    pid = replica.proc.pid
+    others = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert others, "the server runs threads besides the main one"
+    _tgkill(pid, others[-1], signal.SIGTERM)
+    assert replica.proc.wait(15) == 0
 
 
 def test_sigterm_lets_in_flight_requests_finish(

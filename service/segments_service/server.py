@@ -46,6 +46,8 @@ SERVICE_NAMES = (
 # Envoy limits REST bodies to 1 MiB of JSON, which can transcode to more protobuf bytes
 # (numbers as doubles); 8 MiB leaves room for that and for direct gRPC callers.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# How soon the main thread notices a signal another thread received.
+SIGNAL_POLL_SECONDS = 0.2
 
 
 @dataclass
@@ -196,6 +198,10 @@ def serve(database_url: str, settings: Settings, port: int) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
+    # In slices: Python runs signal handlers in the main thread only, when it runs Python
+    # code. A signal the kernel hands to another thread (gRPC's, a worker's) leaves a main
+    # thread blocked in an untimed wait asleep, and the server would never drain.
+    while not stopping.wait(SIGNAL_POLL_SECONDS):
+        pass
     running.stop(settings.drain_seconds)
     log.info("gRPC server stopped")
