@@ -20,6 +20,7 @@ from segments_service.filters import (
     MAX_STRING_VALUE,
     CompileContext,
     Kind,
+    compile_count,
     compile_members,
     parse_condition,
 )
@@ -647,3 +648,23 @@ def test_event_conditions_read_only_the_tables_they_need(
     raw: dict[str, Any], reads: set[str]
 ) -> None:
     assert _tables_read(raw) == reads
+
+
+@pytest.mark.parametrize(
+    ("raw", "subtracts"),
+    [
+        (cond(flt("event.purchase", "notTriggered")), True),
+        (cond(flt("event.login", "notTriggeredWithin", 30, "days")), True),
+        (cond(flt(f"segment.{uuid.uuid4()}", "notMemberOfSegment")), False),
+        (cond(flt("event.purchase", "notTriggered"), flt("subscribed", "equals", True)), False),
+        (cond(flt("event.purchase", "triggered")), False),
+    ],
+)
+def test_everyone_but_a_set_is_counted_by_subtraction(raw: dict[str, Any], subtracts: bool) -> None:
+    # count(contacts) - count(the set): two index reads, no anti-join probing every contact.
+    # An unknown segment reference matches nobody, so its negation is a plain predicate.
+    statement = compile_count(parse_condition(raw), CompileContext(now=NOW), uuid.uuid4())
+    sql = " ".join(str(statement.compile()).lower().split())
+    assert (" - (select count(*)" in sql) == subtracts, sql
+    if subtracts:
+        assert "not (exists" not in sql, sql

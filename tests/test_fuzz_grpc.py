@@ -304,6 +304,14 @@ def rpcs(target: Target) -> dict[str, tuple[str, st.SearchStrategy[Message]]]:
             "segments.GetSegment",
             some_id.map(lambda i: segments_pb2.GetSegmentRequest(id=i)),
         ),
+        "CountMatchingContacts": (
+            "segments.CountMatchingContacts",
+            optional(conditions()).map(
+                lambda condition: build(
+                    segments_pb2.CountMatchingContactsRequest, condition=condition
+                )
+            ),
+        ),
         "UpdateSegment": (
             "segments.UpdateSegment",
             st.builds(
@@ -474,6 +482,7 @@ RPC_NAMES = [
     "ListSegmentContacts",
     "AddSegmentMembers",
     "RemoveSegmentMembers",
+    "CountMatchingContacts",
     "UpsertContact",
     "BatchUpsertContacts",
     "GetContact",

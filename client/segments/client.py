@@ -270,6 +270,12 @@ _REMOVE_SEGMENT_MEMBERS = _rpc(
     segments_pb2.RemoveSegmentMembersRequest,
     segments_pb2.RemoveSegmentMembersResponse,
 )
+_COUNT_MATCHING_CONTACTS = _rpc(
+    _SEGMENTS,
+    "CountMatchingContacts",
+    segments_pb2.CountMatchingContactsRequest,
+    segments_pb2.CountMatchingContactsResponse,
+)
 _UPSERT_CONTACT = _rpc(_CONTACTS, "UpsertContact", contacts_pb2.UpsertContactRequest, Contact)
 _BATCH_UPSERT_CONTACTS = _rpc(
     _CONTACTS,
@@ -464,6 +470,11 @@ class SegmentsClient(_Client):
         """One segment with its current member count."""
         return self._send(_GET_SEGMENT, segments_pb2.GetSegmentRequest(id=id))
 
+    def count_matching_contacts(self, condition: Condition) -> int:
+        """How many of the project's contacts `condition` selects now; nothing is stored."""
+        request = segments_pb2.CountMatchingContactsRequest(condition=_condition(condition))
+        return self._send(_COUNT_MATCHING_CONTACTS, request).count
+
     def update_segment(
         self,
         id: str,
@@ -652,6 +663,12 @@ class AsyncSegmentsClient(_Client):
     async def get_segment(self, id: str) -> Segment:
         """`SegmentsClient.get_segment` as a coroutine."""
         return await self._send(_GET_SEGMENT, segments_pb2.GetSegmentRequest(id=id))
+
+    async def count_matching_contacts(self, condition: Condition) -> int:
+        """`SegmentsClient.count_matching_contacts` as a coroutine."""
+        request = segments_pb2.CountMatchingContactsRequest(condition=_condition(condition))
+        response = await self._send(_COUNT_MATCHING_CONTACTS, request)
+        return response.count
 
     async def update_segment(
         self,

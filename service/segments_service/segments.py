@@ -25,6 +25,7 @@ from segments_service.errors import (
 from segments_service.filters import (
     CompileContext,
     Condition,
+    compile_count,
     compile_members,
     load_references,
     parse_condition,
@@ -60,6 +61,15 @@ def get_row(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> R
     return row
 
 
+def _context(
+    session: Session, project_id: uuid.UUID, condition: Condition, now: datetime | None
+) -> CompileContext:
+    refs = load_references(
+        condition, lambda ids: membership.load_definitions(session, project_id, ids)
+    )
+    return CompileContext(now=now or datetime.now(UTC), segments=refs)
+
+
 def member_ids(
     session: Session,
     project_id: uuid.UUID,
@@ -68,11 +78,28 @@ def member_ids(
 ) -> Select[Any]:
     """The compiled statement of a DYNAMIC condition (its members' contact ids), with its
     segment references loaded."""
-    refs = load_references(
-        condition, lambda ids: membership.load_definitions(session, project_id, ids)
-    )
-    ctx = CompileContext(now=now or datetime.now(UTC), segments=refs)
-    return compile_members(condition, ctx, project_id)
+    return compile_members(condition, _context(session, project_id, condition, now), project_id)
+
+
+def member_count_statement(
+    session: Session,
+    project_id: uuid.UUID,
+    condition: Condition,
+    now: datetime | None = None,
+) -> Select[Any]:
+    """The compiled statement counting a condition's members (filters.compile_count)."""
+    return compile_count(condition, _context(session, project_id, condition, now), project_id)
+
+
+def count_matching(session: Session, project_id: uuid.UUID, condition_json: Any) -> int:
+    """How many of the project's contacts a condition selects now, computed from the
+    condition itself (nothing is stored): CountMatchingContacts."""
+    if condition_json is None:
+        raise ValidationError.single("condition", "is required", "required")
+    condition = parse_condition(condition_json)
+    _check_references(session, project_id, condition, None)
+    statement = member_count_statement(session, project_id, condition)
+    return int(session.execute(statement).scalar_one())
 
 
 def count_members(row: Row[Any]) -> int:

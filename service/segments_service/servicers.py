@@ -237,6 +237,18 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                     break
                 yield contact_to_proto(row)
 
+    def CountMatchingContacts(
+        self, request: segments_pb2.CountMatchingContactsRequest, context: grpc.ServicerContext
+    ) -> Any:
+        def work(session: Session, caller: Caller) -> tuple[Any, None]:
+            condition = (
+                condition_to_json(request.condition) if request.HasField("condition") else None
+            )
+            count = segments.count_matching(session, caller.project_id, condition)
+            return segments_pb2.CountMatchingContactsResponse(count=count), None
+
+        return run_unary(context, self.sessions, "secret", work)
+
 
 def _contact_write(msg: contacts_pb2.UpsertContactRequest, prefix: str) -> ContactWrite:
     email = require_email(msg.email, f"{prefix}email")

@@ -541,3 +541,49 @@ class ExportSegmentContactsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportSegmentContactsRequest: _TypeAlias = ExportSegmentContactsRequest  # noqa: Y015
+
+@_typing.final
+class CountMatchingContactsRequest(_message.Message):
+    """Request of CountMatchingContacts; the project comes from the API key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONDITION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def condition(self) -> _resources_pb2.FilterCondition:
+        """The condition to evaluate, as a DYNAMIC segment's (same validation and errors)."""
+
+    def __init__(
+        self,
+        *,
+        condition: _resources_pb2.FilterCondition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountMatchingContactsRequest: _TypeAlias = CountMatchingContactsRequest  # noqa: Y015
+
+@_typing.final
+class CountMatchingContactsResponse(_message.Message):
+    """Answer of CountMatchingContacts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """How many of the project's contacts the condition selects at the time of the call."""
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountMatchingContactsResponse: _TypeAlias = CountMatchingContactsResponse  # noqa: Y015

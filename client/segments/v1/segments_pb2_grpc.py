@@ -87,6 +87,11 @@ class SegmentServiceStub:
                 request_serializer=segments_dot_v1_dot_segments__pb2.ExportSegmentContactsRequest.SerializeToString,
                 response_deserializer=segments_dot_v1_dot_resources__pb2.Contact.FromString,
                 _registered_method=True)
+        self.CountMatchingContacts = channel.unary_unary(
+                '/segments.v1.SegmentService/CountMatchingContacts',
+                request_serializer=segments_dot_v1_dot_segments__pb2.CountMatchingContactsRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_segments__pb2.CountMatchingContactsResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentServiceServicer:
@@ -169,6 +174,14 @@ class SegmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountMatchingContacts(self, request, context):
+        """Counts the project's contacts a condition selects now, without creating a segment
+        (a segment builder's live count). gRPC only: the REST paths are the public API's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +234,11 @@ def add_SegmentServiceServicer_to_server(servicer, server):
                     servicer.ExportSegmentContacts,
                     request_deserializer=segments_dot_v1_dot_segments__pb2.ExportSegmentContactsRequest.FromString,
                     response_serializer=segments_dot_v1_dot_resources__pb2.Contact.SerializeToString,
+            ),
+            'CountMatchingContacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountMatchingContacts,
+                    request_deserializer=segments_dot_v1_dot_segments__pb2.CountMatchingContactsRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_segments__pb2.CountMatchingContactsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -494,6 +512,33 @@ class SegmentService:
             '/segments.v1.SegmentService/ExportSegmentContacts',
             segments_dot_v1_dot_segments__pb2.ExportSegmentContactsRequest.SerializeToString,
             segments_dot_v1_dot_resources__pb2.Contact.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountMatchingContacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segments.v1.SegmentService/CountMatchingContacts',
+            segments_dot_v1_dot_segments__pb2.CountMatchingContactsRequest.SerializeToString,
+            segments_dot_v1_dot_segments__pb2.CountMatchingContactsResponse.FromString,
             options,
             channel_credentials,
             insecure,

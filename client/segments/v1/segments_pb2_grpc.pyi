@@ -72,6 +72,10 @@ class SegmentServiceStub:
     """Streams every current member of a segment from one consistent snapshot, with bounded
     server memory whatever the segment's size. gRPC only: for campaign senders.
     """
+    CountMatchingContacts: _grpc.UnaryUnaryMultiCallable[_segments_pb2.CountMatchingContactsRequest, _segments_pb2.CountMatchingContactsResponse]
+    """Counts the project's contacts a condition selects now, without creating a segment
+    (a segment builder's live count). gRPC only: the REST paths are the public API's.
+    """
 
 @_typing.type_check_only
 class SegmentServiceAsyncStub(SegmentServiceStub):
@@ -108,6 +112,10 @@ class SegmentServiceAsyncStub(SegmentServiceStub):
     ExportSegmentContacts: _aio.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentContactsRequest, _resources_pb2.Contact]  # type: ignore[assignment]
     """Streams every current member of a segment from one consistent snapshot, with bounded
     server memory whatever the segment's size. gRPC only: for campaign senders.
+    """
+    CountMatchingContacts: _aio.UnaryUnaryMultiCallable[_segments_pb2.CountMatchingContactsRequest, _segments_pb2.CountMatchingContactsResponse]  # type: ignore[assignment]
+    """Counts the project's contacts a condition selects now, without creating a segment
+    (a segment builder's live count). gRPC only: the REST paths are the public API's.
     """
 
 class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -202,6 +210,16 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_resources_pb2.Contact], _abc.AsyncIterator[_resources_pb2.Contact]]:
         """Streams every current member of a segment from one consistent snapshot, with bounded
         server memory whatever the segment's size. gRPC only: for campaign senders.
+        """
+
+    @_abc_1.abstractmethod
+    def CountMatchingContacts(
+        self,
+        request: _segments_pb2.CountMatchingContactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_pb2.CountMatchingContactsResponse, _abc.Awaitable[_segments_pb2.CountMatchingContactsResponse]]:
+        """Counts the project's contacts a condition selects now, without creating a segment
+        (a segment builder's live count). gRPC only: the REST paths are the public API's.
         """
 
 def add_SegmentServiceServicer_to_server(servicer: SegmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,155 @@
+"""CountMatchingContacts: a condition's member count without creating a segment."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from segments import AsyncSegmentsClient, InvalidArgumentError, SegmentsClient, UnauthenticatedError
+from segments.v1 import segments_pb2
+from tests.conftest import Project, Stubs
+
+
+def condition(*filters: dict[str, Any]) -> dict[str, Any]:
+    """The AND of `filters`."""
+    return {"logic": "AND", "groups": [{"filters": list(filters)}]}
+
+
+def any_of(*filters: dict[str, Any]) -> dict[str, Any]:
+    """The OR of `filters`."""
+    return {"logic": "OR", "groups": [{"filters": [f]} for f in filters]}
+
+
+PREMIUM = {"field": "data.plan", "operator": "equals", "value": "premium"}
+NO_PURCHASE = {"field": "event.purchase", "operator": "notTriggered"}
+NO_RECENT_LOGIN = {
+    "field": "login",
+    "operator": "notTriggeredWithin",
+    "value": 7,
+    "unit": "days",
+}
+BOUGHT = {"field": "purchase", "operator": "triggered"}
+
+
+@pytest.fixture
+def target(grpc_port: int) -> str:
+    return f"127.0.0.1:{grpc_port}"
+
+
+@pytest.fixture
+def client(target: str, project: Project) -> Iterator[SegmentsClient]:
+    with SegmentsClient(target, project.secret_key) as client:
+        yield client
+
+
+@pytest.fixture
+def other(target: str, other_project: Project) -> Iterator[SegmentsClient]:
+    with SegmentsClient(target, other_project.secret_key) as client:
+        yield client
+
+
+def populate(client: SegmentsClient) -> None:
+    """Five contacts: two premium, two buyers (one premium), a login for three."""
+    for i, plan in enumerate(["premium", "premium", "free", "free", "free"]):
+        client.upsert_contact(f"c{i}@x.com", data={"plan": plan})
+    client.ingest_events(
+        [
+            {"email": "c0@x.com", "event": "purchase"},
+            {"email": "c2@x.com", "event": "purchase"},
+            {"email": "c0@x.com", "event": "login"},
+            {"email": "c1@x.com", "event": "login"},
+            {"email": "c3@x.com", "event": "login"},
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (condition(PREMIUM), 2),
+        (condition(BOUGHT), 2),
+        # Everyone but a set: counted by subtraction, and still only this project's.
+        (condition(NO_PURCHASE), 3),
+        (condition(NO_RECENT_LOGIN), 2),
+        (condition(PREMIUM, NO_PURCHASE), 1),
+        (any_of(PREMIUM, BOUGHT), 3),
+        (condition({"field": "event.never", "operator": "notTriggered"}), 5),
+        (condition({"field": "event.never", "operator": "triggered"}), 0),
+    ],
+)
+def test_counts_what_a_segment_of_the_condition_holds(
+    client: SegmentsClient, other: SegmentsClient, raw: dict[str, Any], expected: int
+) -> None:
+    populate(client)
+    # Another tenant's contacts and events change nothing here.
+    populate(other)
+    other.upsert_contact("extra@x.com")
+    assert client.count_matching_contacts(raw) == expected
+    assert client.create_segment("Same", condition=raw).member_count == expected
+    assert (
+        other.count_matching_contacts(raw)
+        == other.create_segment("Same", condition=raw).member_count
+    )
+
+
+def test_segment_references_count_as_the_referenced_condition(client: SegmentsClient) -> None:
+    populate(client)
+    premium = client.create_segment("Premium", condition=condition(PREMIUM))
+    listed = client.create_segment("List", type="STATIC")
+    client.add_segment_members(listed.id, ["c0@x.com", "c4@x.com"])
+    member = {"field": f"segment.{premium.id}", "operator": "memberOfSegment"}
+    not_listed = {"field": f"segment.{listed.id}", "operator": "notMemberOfSegment"}
+    assert client.count_matching_contacts(condition(member)) == 2
+    assert client.count_matching_contacts(condition(not_listed)) == 3
+    assert client.count_matching_contacts(condition(member, not_listed)) == 1
+
+
+def test_nothing_is_stored(client: SegmentsClient) -> None:
+    populate(client)
+    assert client.count_matching_contacts(condition(PREMIUM)) == 2
+    assert client.list_segments() == []
+
+
+def test_invalid_conditions_are_refused_as_create_refuses_them(
+    client: SegmentsClient, other: SegmentsClient, stubs: Stubs, project: Project
+) -> None:
+    bad = condition({"field": "data.plan", "operator": "within", "value": "x"})
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.count_matching_contacts(bad)
+    assert caught.value.status_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "condition.groups.0.filters.0.value" in [v.field for v in caught.value.field_violations]
+
+    with pytest.raises(grpc.RpcError) as missing:
+        stubs.segments.CountMatchingContacts(
+            segments_pb2.CountMatchingContactsRequest(), metadata=project.auth
+        )
+    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "condition" in str(missing.value.details())
+
+    foreign = other.create_segment("Theirs", condition=condition(PREMIUM))
+    reference = condition({"field": f"segment.{foreign.id}", "operator": "memberOfSegment"})
+    with pytest.raises(InvalidArgumentError) as cross:
+        client.count_matching_contacts(reference)
+    assert [v.field for v in cross.value.field_violations] == ["condition.groups.0.filters.0.field"]
+
+
+def test_needs_a_secret_key(target: str, project: Project) -> None:
+    with (
+        SegmentsClient(target, project.public_key) as public,
+        pytest.raises(UnauthenticatedError),
+    ):
+        public.count_matching_contacts(condition(PREMIUM))
+
+
+def test_asyncio_client(target: str, project: Project, client: SegmentsClient) -> None:
+    populate(client)
+
+    async def count() -> int:
+        async with AsyncSegmentsClient(target, project.secret_key) as aclient:
+            return await aclient.count_matching_contacts(condition(NO_PURCHASE))
+
+    assert asyncio.run(count()) == 3
