@@ -50,6 +50,10 @@ def test_settings_are_sized_to_the_machine() -> None:
     assert embedded_settings(64 * gib)["shared_buffers"] == "2048MB"  # capped
     assert embedded_settings(256 * 2**20)["shared_buffers"] == "128MB"  # never below default
     assert embedded_settings(8 * gib)["jit"] == "off"
+    # Checkpoints spaced out for bulk writes (each one makes the next page writes log
+    # whole pages).
+    assert embedded_settings(8 * gib)["max_wal_size"] == "16GB"
+    assert embedded_settings(8 * gib)["checkpoint_timeout"] == "15min"
 
 
 def test_a_new_embedded_server_runs_with_its_settings() -> None:
@@ -63,12 +67,13 @@ def test_a_new_embedded_server_runs_with_its_settings() -> None:
             with psycopg.connect(server.get_uri()) as conn:
                 shown = {
                     name: conn.execute(f"SHOW {name}").fetchone()
-                    for name in ("shared_buffers", "jit", "random_page_cost")
+                    for name in ("shared_buffers", "jit", "random_page_cost", "checkpoint_timeout")
                 }
             # shared_buffers only takes effect at a start: the server was restarted.
             assert shown["shared_buffers"] == (_shown_size(wanted["shared_buffers"]),)
             assert shown["jit"] == ("off",)
             assert shown["random_page_cost"] == (wanted["random_page_cost"],)
+            assert shown["checkpoint_timeout"] == ("15min",)
             # A second start finds everything in place and restarts nothing.
             pid = server.get_pid()
             again = start_embedded(base / "data")
