@@ -47,7 +47,8 @@ def test_settings_are_sized_to_the_machine() -> None:
     gib = 2**30
     assert embedded_settings(1 * gib)["shared_buffers"] == "256MB"
     assert embedded_settings(4 * gib)["shared_buffers"] == "1024MB"
-    assert embedded_settings(64 * gib)["shared_buffers"] == "2048MB"  # capped
+    assert embedded_settings(24 * gib)["shared_buffers"] == "6144MB"
+    assert embedded_settings(64 * gib)["shared_buffers"] == "8192MB"  # capped
     assert embedded_settings(256 * 2**20)["shared_buffers"] == "128MB"  # never below default
     assert embedded_settings(8 * gib)["jit"] == "off"
     # Checkpoints spaced out for bulk writes (each one makes the next page writes log
