@@ -369,13 +369,19 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                     "too_big",
                 )
             items, violations = [], []
+            # A batch repeats a few dozen event names: each is checked once.
+            name_problems: dict[str, tuple[str, str] | None] = {}
             for i, item in enumerate(request.events):
                 try:
                     email = require_email(item.email, f"events.{i}.email")
                 except ValidationError as err:
                     violations.extend(err.violations)
                     continue
-                problem = events.event_name_problem(item.event, allow_email=True)
+                if item.event not in name_problems:
+                    name_problems[item.event] = events.event_name_problem(
+                        item.event, allow_email=True
+                    )
+                problem = name_problems[item.event]
                 if problem:
                     violations.append(FieldViolation(f"events.{i}.event", *problem))
                 data = struct_to_dict(item.data) if item.HasField("data") else {}
