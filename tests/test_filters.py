@@ -665,6 +665,26 @@ def test_everyone_but_a_set_is_counted_by_subtraction(raw: dict[str, Any], subtr
     # An unknown segment reference matches nobody, so its negation is a plain predicate.
     statement = compile_count(parse_condition(raw), CompileContext(now=NOW), uuid.uuid4())
     sql = " ".join(str(statement.compile()).lower().split())
-    assert (" - (select count(*)" in sql) == subtracts, sql
+    assert (" - (select count(" in sql) == subtracts, sql
     if subtracts:
         assert "not (exists" not in sql, sql
+        assert "count(distinct events.contact_id)" in sql, sql
+
+
+@pytest.mark.parametrize(
+    ("raw", "distinct_count"),
+    [
+        (cond(flt("event.purchase", "triggered")), True),
+        (cond(flt("email.opened", "triggeredWithin", 7, "days")), True),
+        # Sets made of several parts are counted as the rows of their statement.
+        (cond(flt("event.purchase", "triggered"), flt("event.login", "triggered")), False),
+        (cond(flt("event.login", "triggeredOlderThan", 9, "days")), False),
+    ],
+)
+def test_a_lone_event_set_is_counted_as_distinct_contacts(
+    raw: dict[str, Any], distinct_count: bool
+) -> None:
+    # count(DISTINCT contact_id) sorts the ids; counting SELECT DISTINCT hashes them first.
+    statement = compile_count(parse_condition(raw), CompileContext(now=NOW), uuid.uuid4())
+    sql = " ".join(str(statement.compile()).lower().split())
+    assert ("count(distinct events.contact_id)" in sql) == distinct_count, sql

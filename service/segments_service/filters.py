@@ -22,6 +22,7 @@ from sqlalchemy import (
     Select,
     and_,
     case,
+    distinct,
     exists,
     false,
     func,
@@ -610,8 +611,12 @@ def compile_count(condition: Condition, ctx: CompileContext, project_id: uuid.UU
             .where(c.project_id == project_id)
             .scalar_subquery()
         )
-        excluded = select(func.count()).select_from(node.excluded.subquery()).scalar_subquery()
-        return select((everyone - excluded).label("count"))
+        excluded = node.excluded_size
+        if excluded is None:
+            excluded = select(func.count()).select_from(node.excluded.subquery())
+        return select((everyone - excluded.scalar_subquery()).label("count"))
+    if isinstance(node, _Set) and node.size is not None:
+        return select(node.size.scalar_subquery().label("count"))
     return select(func.count().label("count")).select_from(compiler.members(node).subquery())
 
 
@@ -629,6 +634,10 @@ class _Set:
     SQLAlchemy would by default for a table both name."""
 
     query: Select[tuple[uuid.UUID]]
+    # How many ids it holds, where one statement counts that more cheaply than counting
+    # `query`'s rows: count(DISTINCT) over a single table sorts the ids where DISTINCT
+    # builds a hash table of them (11 vs 16 ms for 33k purchasers).
+    size: Select[Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "query", self.query.correlate(None))
@@ -641,6 +650,8 @@ class _Without:
 
     excluded: Select[tuple[uuid.UUID]]
     absent: Callable[[ColumnElement[Any]], ColumnElement[bool]]
+    # As _Set.size, for the excluded set.
+    excluded_size: Select[Any] | None = None
 
 
 _Node = _Pred | _Set | _Without
@@ -694,6 +705,8 @@ class _Compiler:
         return parts
 
     def conjunction(self, parts: list[_Node]) -> _Node:
+        if len(parts) == 1:
+            return parts[0]
         preds = [p.expr for p in parts if isinstance(p, _Pred)]
         sets = [p.query for p in parts if isinstance(p, _Set)]
         withouts = [p for p in parts if isinstance(p, _Without)]
@@ -720,6 +733,8 @@ class _Compiler:
         return _Set(query)
 
     def disjunction(self, parts: list[_Node]) -> _Node:
+        if len(parts) == 1:
+            return parts[0]
         c = tables.contacts.c
         preds = [
             p.expr if isinstance(p, _Pred) else p.absent(c.id)
@@ -759,6 +774,7 @@ class _Compiler:
             return _Without(
                 self.scoped(select(e.contact_id).where(*match).distinct(), e.contact_id),
                 lambda ids: not_(exists(select(literal(1)).where(*match, e.contact_id == ids))),
+                self._distinct_contacts(match),
             )
         if op is Op.TRIGGERED_OLDER_THAN:
             # It happened, and the latest occurrence is before the window.
@@ -770,8 +786,19 @@ class _Compiler:
             )
         else:
             since = _window_start(f, self.ctx) if op is Op.TRIGGERED_WITHIN else None
-            query = select(e.contact_id).where(*_event_match(f, self.project_id, since)).distinct()
+            match = _event_match(f, self.project_id, since)
+            return _Set(
+                self.scoped(select(e.contact_id).where(*match).distinct(), e.contact_id),
+                self._distinct_contacts(match),
+            )
         return _Set(self.scoped(query, e.contact_id))
+
+    def _distinct_contacts(self, match: list[ColumnElement[bool]]) -> Select[Any] | None:
+        """count(DISTINCT contact_id) of the matching events, for counts (unscoped) only."""
+        if self.scope is not None:
+            return None
+        e = tables.events.c
+        return select(func.count(distinct(e.contact_id))).where(*match)
 
     def segment(self, f: Filter) -> _Node:
         assert f.segment_id is not None
