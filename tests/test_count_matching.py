@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
 
 from segments import AsyncSegmentsClient, InvalidArgumentError, SegmentsClient, UnauthenticatedError
 from segments.v1 import segments_pb2
+from segments_service import segments
 from tests.conftest import Project, Stubs
 
 
@@ -153,3 +157,19 @@ def test_asyncio_client(target: str, project: Project, client: SegmentsClient) -
             return await aclient.count_matching_contacts(condition(NO_PURCHASE))
 
     assert asyncio.run(count()) == 3
+
+
+def test_the_count_runs_with_its_own_work_mem(
+    sessions: sessionmaker[Session], project: Project
+) -> None:
+    # Sorts and hashes of a count spill to disk at a million contacts with the server's
+    # 4 MB; only the count's own transaction gets more.
+    with sessions.begin() as session:
+        default = session.execute(text("SHOW work_mem")).scalar_one()
+    with sessions.begin() as session:
+        count = segments.count_matching(session, uuid.UUID(project.id), condition(NO_PURCHASE))
+        assert count == 0
+        assert session.execute(text("SHOW work_mem")).scalar_one() == segments.COUNT_WORK_MEM
+    with sessions.begin() as session:
+        assert session.execute(text("SHOW work_mem")).scalar_one() == default
+    assert default != segments.COUNT_WORK_MEM
