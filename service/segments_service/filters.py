@@ -784,14 +784,13 @@ class _Compiler:
                 .group_by(e.contact_id)
                 .having(func.max(e.occurred_at) < _ts(_window_start(f, self.ctx)))
             )
-        else:
-            since = _window_start(f, self.ctx) if op is Op.TRIGGERED_WITHIN else None
-            match = _event_match(f, self.project_id, since)
-            return _Set(
-                self.scoped(select(e.contact_id).where(*match).distinct(), e.contact_id),
-                self._distinct_contacts(match),
-            )
-        return _Set(self.scoped(query, e.contact_id))
+            return _Set(self.scoped(query, e.contact_id))
+        since = _window_start(f, self.ctx) if op is Op.TRIGGERED_WITHIN else None
+        match = _event_match(f, self.project_id, since)
+        return _Set(
+            self.scoped(select(e.contact_id).where(*match).distinct(), e.contact_id),
+            self._distinct_contacts(match),
+        )
 
     def _distinct_contacts(self, match: list[ColumnElement[bool]]) -> Select[Any] | None:
         """count(DISTINCT contact_id) of the matching events, for counts (unscoped) only."""
