@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments import SegmentsClient
 from segments.v1 import contacts_pb2_grpc, events_pb2_grpc, segments_pb2_grpc
 from segments_service.auth import create_project
 from segments_service.database import (
@@ -150,6 +151,19 @@ class Stubs:
     segments: segments_pb2_grpc.SegmentServiceStub
     contacts: contacts_pb2_grpc.ContactServiceStub
     events: events_pb2_grpc.EventServiceStub
+
+
+@pytest.fixture
+def target(grpc_port: int) -> str:
+    """The in-process server's address, for the typed client."""
+    return f"127.0.0.1:{grpc_port}"
+
+
+@pytest.fixture
+def client(target: str, project: Project) -> Iterator[SegmentsClient]:
+    """The typed client with the project's secret key."""
+    with SegmentsClient(target, project.secret_key) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -48,17 +47,6 @@ def condition(*filters: dict[str, Any]) -> dict[str, Any]:
 
 PREMIUM = condition({"field": "data.plan", "operator": "equals", "value": "premium"})
 FREE = condition({"field": "data.plan", "operator": "equals", "value": "free"})
-
-
-@pytest.fixture
-def target(grpc_port: int) -> str:
-    return f"127.0.0.1:{grpc_port}"
-
-
-@pytest.fixture
-def client(target: str, project: Keys) -> Iterator[SegmentsClient]:
-    with SegmentsClient(target, project.secret_key) as client:
-        yield client
 
 
 def condition_of(segment: Segment) -> dict[str, Any] | None:

@@ -40,17 +40,6 @@ BOUGHT = {"field": "purchase", "operator": "triggered"}
 
 
 @pytest.fixture
-def target(grpc_port: int) -> str:
-    return f"127.0.0.1:{grpc_port}"
-
-
-@pytest.fixture
-def client(target: str, project: Project) -> Iterator[SegmentsClient]:
-    with SegmentsClient(target, project.secret_key) as client:
-        yield client
-
-
-@pytest.fixture
 def other(target: str, other_project: Project) -> Iterator[SegmentsClient]:
     with SegmentsClient(target, other_project.secret_key) as client:
         yield client
