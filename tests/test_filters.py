@@ -541,6 +541,24 @@ def test_edges_are_exact(sessions: sessionmaker[Session]) -> None:
     }
 
 
+def test_data_window_edges_are_exact(sessions: sessionmaker[Session]) -> None:
+    # A data timestamp is within the window from its start to now, both included.
+    week = NOW - timedelta(days=7)
+    micro = timedelta(microseconds=1)
+    data: dict[str, dict[str, Any]] = {
+        "start@x.com": {"at": week.isoformat()},
+        "before@x.com": {"at": (week - micro).isoformat()},
+        "now@x.com": {"at": NOW.isoformat()},
+        "future@x.com": {"at": (NOW + micro).isoformat()},
+        "text@x.com": {"at": "last week"},
+    }
+    assert _select(sessions, data, cond(flt("data.at", "within", 7, "days"))) == {
+        "start@x.com",
+        "now@x.com",
+    }
+    assert _select(sessions, data, cond(flt("data.at", "olderThan", 7, "days"))) == {"before@x.com"}
+
+
 def test_nul_characters_are_refused_where_they_are() -> None:
     raw = cond(flt("data.pl\x00an", "exists"), flt("email", "contains", "a\x00b"))
     assert fields(raw) == [
