@@ -188,14 +188,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         "data timestamp window",
         "data.lastPurchaseAt within 30 days",
         all_of(f("data.lastPurchaseAt", "within", 30, "days")),
-        # Same rule as segments_timestamp(): a string of timestamp shape that parses.
+        # Same rule as segments_timestamp(): a string of timestamp shape that parses; the
+        # range test reads it once (BETWEEN would evaluate the CASE twice).
         f"""SELECT count(*) FROM contacts
             WHERE project_id = :p
               AND CASE WHEN jsonb_typeof(data -> 'lastPurchaseAt') = 'string'
                         AND data ->> 'lastPurchaseAt' ~ '{TS_SHAPE}'
                         AND pg_input_is_valid(data ->> 'lastPurchaseAt', 'timestamptz')
                    THEN (data ->> 'lastPurchaseAt')::timestamptz END
-                  BETWEEN {_since(30)} AND {NOW}""",
+                  <@ tstzrange({_since(30)}, {NOW}, '[]')""",
     ),
     Scenario(
         "email_contains",
