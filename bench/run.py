@@ -701,15 +701,12 @@ def _statements(
     }
 
 
-# CountMatchingContacts runs its statement with this work_mem; the hand-written count it is
-# compared with gets the same. The ids statement keeps the server's (what rebuilds use).
-COUNT_SETTINGS = text(f"SET LOCAL work_mem = '{segments.COUNT_WORK_MEM}'")
-
-
 def _prepare(conn: Connection, which: str) -> None:
-    """Settings for one statement, in the transaction it runs in (untimed)."""
+    """Settings for one statement, in the transaction it runs in (untimed):
+    CountMatchingContacts' for the compiled count and the hand-written count it is compared
+    with; the ids statement keeps the server's (what rebuilds use)."""
     if which in ("compiled", "hand"):
-        conn.execute(COUNT_SETTINGS)
+        conn.execute(segments.COUNT_SETTINGS)
 
 
 def count_side_by_side(
@@ -761,16 +758,22 @@ def count_both(env: Env, project_id: str, m: Measured, now: datetime, runs: int)
     return count_side_by_side(env, [(project_id, m)], now, runs)[0]
 
 
+def _explain_compiled(conn: Connection, m: Measured) -> str:
+    """EXPLAIN ANALYZE of the compiled count, with its settings, in a transaction of its own."""
+    _prepare(conn, "compiled")
+    with explaining(conn):
+        plan = plan_text(conn.execute(m.statement).all())
+    conn.rollback()
+    return plan
+
+
 def explain_both(env: Env, project_id: str, m: Measured, now: datetime) -> tuple[str, str, str]:
     """EXPLAIN ANALYZE of the compiled count, the hand-written SQL and the ids count."""
     with env.engine.connect() as conn:
         with explaining(conn):
             ids = plan_text(conn.execute(m.ids_statement).all())
         conn.rollback()
-        _prepare(conn, "compiled")
-        with explaining(conn):
-            compiled = plan_text(conn.execute(m.statement).all())
-        conn.rollback()
+        compiled = _explain_compiled(conn, m)
         _prepare(conn, "hand")
         hand = plan_text(
             conn.execute(
@@ -1629,10 +1632,10 @@ def scale_curve(
     # workload's on this machine (e.g. a hash table outgrowing the CPU cache), not the
     # compiler's.
     hand_growth = {n: round(hand[n][hi] / hand[n][lo] / factor, 3) for n in hand}
-    for n, sc in enumerate(scenarios.SCENARIOS):
-        if growth[sc.name] > LIMITS["count_growth"]:
-            small = env.dataset.project(by_size[sizes[0]]).id
-            small_plans[sc.name] = explain_both(env, small, measured[sizes[0]][n], now)[0]
+    with env.engine.connect() as conn:
+        for n, sc in enumerate(scenarios.SCENARIOS):
+            if growth[sc.name] > LIMITS["count_growth"]:
+                small_plans[sc.name] = _explain_compiled(conn, measured[sizes[0]][n])
     total_lo = sum(compiled[n][lo] for n in compiled)
     total_hi = sum(compiled[n][hi] for n in compiled)
     return {
