@@ -88,6 +88,11 @@ def _since(days: int) -> str:
     return f"({NOW} - interval '{days} days')"
 
 
+def _utc_day(instant: str) -> str:
+    """The UTC date of `instant` as `YYYY-MM-DD`, computed once per statement."""
+    return f"(SELECT to_char({instant} AT TIME ZONE 'UTC', 'YYYY-MM-DD'))"
+
+
 # Distinct contacts with at least one matching event (index-only scan of events_by_name).
 def _event_contacts(names: tuple[str, ...], days: int | None = None) -> str:
     name_sql = (
@@ -189,9 +194,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         "data.lastPurchaseAt within 30 days",
         all_of(f("data.lastPurchaseAt", "within", 30, "days")),
         # Same rule as segments_timestamp(): a string of timestamp shape that parses; the
-        # range test reads it once (BETWEEN would evaluate the CASE twice).
+        # range test reads it once (BETWEEN would evaluate the CASE twice). The text's
+        # leading date, two days beyond the window either side (offsets reach 15:59),
+        # rules out most strings before any parse.
         f"""SELECT count(*) FROM contacts
             WHERE project_id = :p
+              AND data ->> 'lastPurchaseAt' COLLATE "C" >= {_utc_day(_since(32))}
+              AND data ->> 'lastPurchaseAt' COLLATE "C" < {_utc_day(f"({NOW} + interval '2 days')")}
               AND CASE WHEN jsonb_typeof(data -> 'lastPurchaseAt') = 'string'
                         AND data ->> 'lastPurchaseAt' ~ '{TS_SHAPE}'
                         AND pg_input_is_valid(data ->> 'lastPurchaseAt', 'timestamptz')

@@ -559,6 +559,67 @@ def test_data_window_edges_are_exact(sessions: sessionmaker[Session]) -> None:
     assert _select(sessions, data, cond(flt("data.at", "olderThan", 7, "days"))) == {"before@x.com"}
 
 
+def _in_offset(instant: datetime, offset: str) -> str:
+    """`instant` written as a local time at `offset` ("Z", "", "+15:59", "-1559", ...)."""
+    if offset in ("", "Z", "z"):
+        return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + offset
+    sign = -1 if offset[0] == "-" else 1
+    digits = offset[1:].replace(":", "")
+    shift = sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
+    return (instant.astimezone(UTC) + shift).strftime("%Y-%m-%dT%H:%M:%S.%f") + offset
+
+
+def test_data_timestamps_far_from_utc_keep_their_instant(sessions: sessionmaker[Session]) -> None:
+    # Comparisons of data timestamps first compare the text's date with the bounds' dates;
+    # a string at an offset of up to 15:59 carries a date up to a day away from its UTC
+    # date, and must still be judged by its instant.
+    week = NOW - timedelta(days=7)
+    second = timedelta(seconds=1)
+    offsets = ["-15:59", "-1200", "+15:59", "+0930", "Z", ""]
+    data: dict[str, dict[str, Any]] = {}
+    for name, instant in [
+        ("start", week),
+        ("before", week - second),
+        ("now", NOW),
+        ("after", NOW + second),
+        ("mid", NOW - timedelta(days=3)),
+    ]:
+        for n, offset in enumerate(offsets):
+            data[f"{name}{n}@x.com"] = {"at": _in_offset(instant, offset)}
+    # Date-only strings are midnight UTC: the window's first day is out, its last day in.
+    data["day-start@x.com"] = {"at": week.strftime("%Y-%m-%d")}
+    data["day-now@x.com"] = {"at": NOW.strftime("%Y-%m-%d")}
+    data["day-next@x.com"] = {"at": (NOW + timedelta(days=1)).strftime("%Y-%m-%d")}
+    every = range(len(offsets))
+
+    within = _select(sessions, data, cond(flt("data.at", "within", 7, "days")))
+    assert within == (
+        {f"{name}{n}@x.com" for name in ("start", "now", "mid") for n in every} | {"day-now@x.com"}
+    )
+    older = _select(sessions, data, cond(flt("data.at", "olderThan", 7, "days")))
+    assert older == {f"before{n}@x.com" for n in every} | {"day-start@x.com"}
+    # Absolute bounds: the text date is a day off the bound's date on both sides.
+    bound = _in_offset(week, "Z")
+    later = _select(sessions, data, cond(flt("data.at", "greaterThanOrEqual", bound)))
+    assert later == within | {f"after{n}@x.com" for n in every} | {"day-next@x.com"}
+    earlier = _select(sessions, data, cond(flt("data.at", "lessThan", bound)))
+    assert earlier == older
+
+
+def test_data_timestamp_bounds_at_the_calendar_ends(sessions: sessionmaker[Session]) -> None:
+    # Within two days of year 1 or 9999 the date test has no bound to give; the exact
+    # comparison alone decides.
+    data: dict[str, dict[str, Any]] = {
+        "first@x.com": {"at": "0001-01-01T00:00:00Z"},
+        "second@x.com": {"at": "0001-01-02"},
+        "last@x.com": {"at": "9999-12-31T23:30:00Z"},
+    }
+    after = cond(flt("data.at", "greaterThan", "0001-01-01"))
+    assert _select(sessions, data, after) == {"second@x.com", "last@x.com"}
+    before = cond(flt("data.at", "lessThan", "9999-12-31T23:00:00Z"))
+    assert _select(sessions, data, before) == {"first@x.com", "second@x.com"}
+
+
 def test_nul_characters_are_refused_where_they_are() -> None:
     raw = cond(flt("data.pl\x00an", "exists"), flt("email", "contains", "a\x00b"))
     assert fields(raw) == [

@@ -979,6 +979,45 @@ def _data_node(f: Filter) -> ColumnElement[Any]:
     return node
 
 
+# The UTC instant of a timestamp string lies within 16 hours before its date and 40 hours
+# after (offsets go up to 15:59), so two days either side of an instant bound its date.
+_DATE_MARGIN = timedelta(days=2)
+
+
+def _date_prefix_in(
+    text: ColumnElement[str],
+    earliest: datetime | None,
+    latest: datetime | None,
+    exact: ColumnElement[bool],
+) -> ColumnElement[bool]:
+    """`exact` (a comparison of the parsed string), behind a test of its leading date.
+
+    A string segments_timestamp() reads begins with its `YYYY-MM-DD` date, and such dates
+    sort as bytes in calendar order. Comparing the raw text with the dates two days beyond
+    the bounds lets through every string whose instant can lie between them, and spares
+    the parse (a few microseconds a row) for the rest: for a 30-day window over a year of
+    dates, about nine contacts in ten. Strings that are not timestamps may pass; the
+    exact test still refuses them.
+    """
+    raw = text.collate("C")
+    bounds: list[ColumnElement[bool]] = []
+    try:
+        if earliest is not None:
+            bounds.append(raw >= literal(_utc_day(earliest - _DATE_MARGIN), Text))
+        if latest is not None:
+            bounds.append(raw < literal(_utc_day(latest + _DATE_MARGIN), Text))
+    except OverflowError:
+        # A bound within two days of the calendar's ends: keep only the exact test there.
+        bounds = []
+    return and_(*bounds, exact)
+
+
+def _utc_day(value: datetime) -> str:
+    day = value.astimezone(UTC)
+    # Four-digit years, as the strings have them (strftime drops leading zeros).
+    return f"{day.year:04d}-{day.month:02d}-{day.day:02d}"
+
+
 def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
     c = tables.contacts.c
     path = literal(list(f.path), ARRAY(Text))
@@ -1004,17 +1043,25 @@ def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
         found = func.strpos(_fold(text), _fold(literal(f.value, Text)))
         return found > 0 if op is Op.CONTAINS else found == 0
     stored_ts = func.segments_timestamp(node, type_=DateTime(timezone=True))
+    raw_text = c.data.op("#>>", return_type=Text)(path)
     # window_value() gives the sweeper this same expression.
     if op is Op.WITHIN:
         # One containment test parses the string once, where `>= start AND <= now` would
         # parse it twice: a third less time for a window over a million contacts. (Columns
         # keep two comparisons, which their btree indexes serve.)
-        window = func.tstzrange(_ts(_window_start(f, ctx)), _ts(ctx.now), literal("[]", Text))
-        return stored_ts.op("<@", return_type=Boolean)(window)
+        start = _window_start(f, ctx)
+        window = func.tstzrange(_ts(start), _ts(ctx.now), literal("[]", Text))
+        return _date_prefix_in(
+            raw_text, start, ctx.now, stored_ts.op("<@", return_type=Boolean)(window)
+        )
     if op is Op.OLDER_THAN:
-        return stored_ts < _ts(_window_start(f, ctx))
+        start = _window_start(f, ctx)
+        return _date_prefix_in(raw_text, None, start, stored_ts < _ts(start))
     if f.timestamp is not None:
-        return _compare(stored_ts, op, _ts(f.timestamp))
+        exact = _compare(stored_ts, op, _ts(f.timestamp))
+        if op in (Op.GT, Op.GTE):
+            return _date_prefix_in(raw_text, f.timestamp, None, exact)
+        return _date_prefix_in(raw_text, None, f.timestamp, exact)
     assert isinstance(f.value, (int, float))
     # A strict SQL/JSON path comparison is TRUE only for a JSON number at that path of
     # nested objects: a missing key, an array or other non-object step, a string, a
