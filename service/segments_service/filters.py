@@ -1001,19 +1001,20 @@ def _date_prefix_in(
     """
     raw = text.collate("C")
     bounds: list[ColumnElement[bool]] = []
-    try:
-        if earliest is not None:
-            bounds.append(raw >= literal(_utc_day(earliest - _DATE_MARGIN), Text))
-        if latest is not None:
-            bounds.append(raw < literal(_utc_day(latest + _DATE_MARGIN), Text))
-    except OverflowError:
-        # A bound within two days of the calendar's ends: keep only the exact test there.
-        bounds = []
+    if earliest is not None and (day := _utc_day(earliest, -_DATE_MARGIN)) is not None:
+        bounds.append(raw >= literal(day, Text))
+    if latest is not None and (day := _utc_day(latest, _DATE_MARGIN)) is not None:
+        bounds.append(raw < literal(day, Text))
     return and_(*bounds, exact)
 
 
-def _utc_day(value: datetime) -> str:
-    day = value.astimezone(UTC)
+def _utc_day(value: datetime, shift: timedelta) -> str | None:
+    """The UTC date of `value + shift` as `YYYY-MM-DD`; None beyond the calendar's ends,
+    where that side needs no date test (every date lies on the near side of it)."""
+    try:
+        day = (value + shift).astimezone(UTC)
+    except OverflowError:
+        return None
     # Four-digit years, as the strings have them (strftime drops leading zeros).
     return f"{day.year:04d}-{day.month:02d}-{day.day:02d}"
 
@@ -1037,13 +1038,13 @@ def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
             # the planner multiply two selectivities and expect far too few members.
             return c.data.op("@>", return_type=Boolean)(_jsonb(_nested(f.path, f.value)))
         return and_(present, node != _jsonb(f.value))
+    raw_text = c.data.op("#>>", return_type=Text)(path)
     if op in (Op.CONTAINS, Op.NOT_CONTAINS):
         assert isinstance(f.value, str)
-        text = case((node_type == "string", c.data.op("#>>", return_type=Text)(path)))
+        text = case((node_type == "string", raw_text))
         found = func.strpos(_fold(text), _fold(literal(f.value, Text)))
         return found > 0 if op is Op.CONTAINS else found == 0
     stored_ts = func.segments_timestamp(node, type_=DateTime(timezone=True))
-    raw_text = c.data.op("#>>", return_type=Text)(path)
     # window_value() gives the sweeper this same expression.
     if op is Op.WITHIN:
         # One containment test parses the string once, where `>= start AND <= now` would
