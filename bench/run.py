@@ -3,10 +3,12 @@ process behind Envoy, measure, print a table and write bench/results.json.
 
 Phases, in order (one server process and one Envoy for all of them):
 1. trivial RPCs (GetContact over gRPC and REST): the per-request cost of the stack;
-2. scenarios: each condition becomes a segment (creation timed), then, side by side in
-   interleaved runs: the compiled count, the hand-written SQL count (same answer
-   asserted), GetSegment over gRPC and REST, the first page and page 100 of contacts;
-3. the scale curve: the compiled and hand counts at 100k / 300k / 1M contacts;
+2. scenarios: each condition becomes a segment (creation timed), the database settles
+   (see settle()), then, side by side in interleaved runs: the compiled count, the
+   hand-written SQL count (same answer asserted), GetSegment over gRPC and REST, the
+   first page and page 100 of contacts;
+3. the scale curve: the same segments in the smaller projects, the database settles, then
+   the compiled and hand counts at 100k / 300k / 1M contacts side by side;
 4. ListSegments with 50 segments in the project;
 5. ExportSegmentContacts of a segment holding every contact;
 6. the cost of one sweep of time-dependent segments (informational);
@@ -46,6 +48,7 @@ import psutil
 from google.protobuf import json_format, struct_pb2
 from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench import load, scenarios
@@ -1365,10 +1368,12 @@ def phase_scenarios(
     contact_id: str,
     measured: list[Measured],
     plans: dict[str, tuple[str, str, str]],
+    settled: dict[str, Any],
 ) -> list[dict[str, Any]]:
     main = env.dataset.project("main")
     key = env.keys["main"]
     measured.extend(create_scenarios(env, stack, "main", now))
+    settled["scenarios"] = settle(env)
     ids = {x.scenario.name: x.segment_id for x in measured}
     rows = []
     for m in measured:
@@ -1410,6 +1415,48 @@ def phase_scenarios(
             f"page100 {api['rest_page100_ms']:7.1f} ms"
         )
     return rows
+
+
+SETTLE_WAIT_SECONDS = 180.0
+
+
+def settle(env: Env) -> dict[str, Any]:
+    """Before the counts are timed, untimed: VACUUM (ANALYZE) the tables the segment
+    creates wrote, which autovacuum would otherwise start within a minute, in the middle of
+    the timings and on one of the machine's cores; wait (up to SETTLE_WAIT_SECONDS) for
+    autovacuum workers already at work on the database; then CHECKPOINT, so the writes
+    are not flushed during the timings either."""
+    out: dict[str, Any] = {}
+    with env.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        ms, _ = timed(lambda: conn.execute(text("VACUUM (ANALYZE) segment_members, segments")))
+        out["vacuum_ms"] = round(ms, 1)
+        running = text(
+            "SELECT query FROM pg_stat_activity "
+            "WHERE backend_type = 'autovacuum worker' AND datname = current_database()"
+        )
+        started = time.perf_counter()
+        seen: set[str] = set()
+        while time.perf_counter() - started < SETTLE_WAIT_SECONDS:
+            work = set(conn.execute(running).scalars())
+            if not work:
+                break
+            seen |= work
+            time.sleep(0.5)
+        else:
+            out["autovacuum_still_running"] = True
+        out["autovacuum_waited_s"] = round(time.perf_counter() - started, 1)
+        out["autovacuum_seen"] = sorted(seen)
+        try:
+            ms, _ = timed(lambda: conn.execute(text("CHECKPOINT")))
+            out["checkpoint_ms"] = round(ms, 1)
+        except DBAPIError as err:  # CHECKPOINT needs pg_checkpoint on a server of one's own
+            out["checkpoint"] = f"skipped: {err.orig}"
+    log(
+        f"    settled: VACUUM {out['vacuum_ms']:,.0f} ms, autovacuum waited "
+        f"{out['autovacuum_waited_s']} s"
+    )
+    return out
 
 
 def delete_segments(env: Env, stack: Stack) -> dict[str, Any]:
@@ -1467,6 +1514,8 @@ def run(args: argparse.Namespace) -> int:
     plans: dict[str, tuple[str, str, str]] = {}
     small_plans: dict[str, str] = {}
     measured: list[Measured] = []
+    settled: dict[str, Any] = {}
+    results["settle"] = settled
     data_dir = Path(os.environ.get("SEGMENTS_DATA_DIR", ROOT / ".data")).resolve()
     server_log = data_dir / "bench" / f"server-{args.database_name}.log"
     server = Server(url, args.sweep_seconds, server_log)
@@ -1494,7 +1543,7 @@ def run(args: argparse.Namespace) -> int:
             guarded(
                 results,
                 "scenarios",
-                lambda: phase_scenarios(env, stack, now, contact_id, measured, plans),
+                lambda: phase_scenarios(env, stack, now, contact_id, measured, plans, settled),
             )
 
         log("[3/9] scale curve")
@@ -1502,7 +1551,7 @@ def run(args: argparse.Namespace) -> int:
             guarded(
                 results,
                 "scale",
-                lambda: scale_curve(env, stack, measured, now, small_plans),
+                lambda: scale_curve(env, stack, measured, now, small_plans, settled),
             )
 
         log("[4/9] ListSegments with 50 segments")
@@ -1551,6 +1600,7 @@ def run(args: argparse.Namespace) -> int:
         }
         foreign = sampler.foreign_load()
         results["machine"]["other_processes_cpu"] = foreign
+        results["machine"]["postgres_background_cpu_seconds"] = sampler.background_load()
         busy = {
             name: v["share_of_machine"]
             for name, v in foreign.items()
@@ -1582,6 +1632,7 @@ def scale_curve(
     main_measured: list[Measured],
     now: datetime,
     small_plans: dict[str, str],
+    settled: dict[str, Any],
 ) -> dict[str, Any]:
     """The counts at every size side by side; for each scenario growing faster than
     linearly, `small_plans` gets its compiled count's plan at the smallest size (the plan
@@ -1593,12 +1644,14 @@ def scale_curve(
     compiled: dict[str, dict[str, float]] = {sc.name: {} for sc in scenarios.SCENARIOS}
     hand: dict[str, dict[str, float]] = {sc.name: {} for sc in scenarios.SCENARIOS}
     ids: dict[str, dict[str, float]] = {sc.name: {} for sc in scenarios.SCENARIOS}
+    runs: dict[str, dict[str, list[float]]] = {sc.name: {} for sc in scenarios.SCENARIOS}
     create: dict[str, dict[str, float]] = {sc.name: {} for sc in scenarios.SCENARIOS}
     member_count: dict[str, float] = {}
     measured: dict[int, list[Measured]] = {}
     for size in sizes:
         tag = by_size[size]
         measured[size] = main_measured if tag == "main" else create_scenarios(env, stack, tag, now)
+    settled["scale"] = settle(env)
     # Per scenario, every size side by side: the growth is a ratio of these.
     for n, sc in enumerate(scenarios.SCENARIOS):
         cases = [(env.dataset.project(by_size[size]).id, measured[size][n]) for size in sizes]
@@ -1608,6 +1661,7 @@ def scale_curve(
             compiled[sc.name][str(size)] = counts["compiled_ms"]
             hand[sc.name][str(size)] = counts["hand_ms"]
             ids[sc.name][str(size)] = counts["ids_ms"]
+            runs[sc.name][str(size)] = counts["compiled_runs_ms"]
             create[sc.name][str(size)] = round(measured[size][n].create_ms, 1)
     for size in sizes:
         key = env.keys[by_size[size]]
@@ -1644,6 +1698,7 @@ def scale_curve(
         "compiled_ms": compiled,
         "hand_ms": hand,
         "ids_ms": ids,
+        "compiled_runs_ms": runs,
         "create_ms": create,
         "growth": growth,
         "hand_growth": hand_growth,

@@ -204,7 +204,8 @@ class Sampler:
 
     Also accounts the CPU time of every *other* process on the machine (anything but the
     bench, the server, Envoy and PostgreSQL's work for `database`), so that a result taken
-    on a busy machine says so."""
+    on a busy machine says so; and, apart, that of PostgreSQL's own background work
+    (autovacuum, checkpointer, WAL writer, ...), which runs beside the timed statements."""
 
     def __init__(self, pids: dict[str, int], database: str, interval: float = 0.05) -> None:
         self.interval = interval
@@ -212,6 +213,7 @@ class Sampler:
         self.phase_name = "startup"
         self.peaks: dict[str, dict[str, MemoryPeak]] = {}
         self.foreign_cpu: dict[str, float] = {}
+        self.background_cpu: dict[str, dict[str, float]] = {}
         self.wall: dict[str, float] = {}
         self.stopping = threading.Event()
         self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
@@ -246,8 +248,25 @@ class Sampler:
         # every database; they are counted as ours unless they name another database.
         return " segments_" not in title and " [local]" not in title and "@" not in title
 
-    def _foreign_cpu(self) -> float:
+    @staticmethod
+    def _background_kind(cmdline: list[str]) -> str | None:
+        """The kind, autovacuum or other, of PostgreSQL's background processes, else None
+        (client backends, which serve the bench and the server, carry `[local]` or an
+        address)."""
+        title = " ".join(cmdline)
+        if not title.startswith("postgres:") or " [local]" in title or "@" in title:
+            return None
+        if "autovacuum worker" in title:
+            return "autovacuum"
+        parts = title.split()
+        # A client backend over TCP: "postgres: user database 127.0.0.1(port) state".
+        if len(parts) > 3 and "(" in parts[3]:
+            return None
+        return "other"
+
+    def _foreign_cpu(self) -> tuple[float, dict[str, float]]:
         added = 0.0
+        background: dict[str, float] = {}
         for proc in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
             try:
                 times = proc.info["cpu_times"]
@@ -259,14 +278,22 @@ class Sampler:
                 continue
             previous = self._cpu_seen.get(proc.pid)
             self._cpu_seen[proc.pid] = total
-            if previous is not None and not self._is_ours(proc, cmdline):
-                added += max(0.0, total - previous)
-        return added
+            if previous is None:
+                continue
+            used = max(0.0, total - previous)
+            if not self._is_ours(proc, cmdline):
+                added += used
+            elif (kind := self._background_kind(cmdline)) is not None:
+                background[kind] = background.get(kind, 0.0) + used
+        return added, background
 
     def _account_foreign(self) -> None:
-        added = self._foreign_cpu()
+        added, background = self._foreign_cpu()
         with self._lock:
             self.foreign_cpu[self.phase_name] = self.foreign_cpu.get(self.phase_name, 0.0) + added
+            phase = self.background_cpu.setdefault(self.phase_name, {})
+            for kind, used in background.items():
+                phase[kind] = phase.get(kind, 0.0) + used
 
     def sample(self) -> None:
         for name, proc in self._procs.items():
@@ -307,6 +334,14 @@ class Sampler:
                     else None,
                 }
                 for name, cpu in self.foreign_cpu.items()
+            }
+
+    def background_load(self) -> dict[str, dict[str, float]]:
+        """Per phase: CPU seconds of PostgreSQL's background processes, by kind."""
+        with self._lock:
+            return {
+                name: {kind: round(cpu, 1) for kind, cpu in sorted(kinds.items())}
+                for name, kinds in self.background_cpu.items()
             }
 
     def stop(self) -> None:
