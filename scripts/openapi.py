@@ -649,12 +649,6 @@ def _error_schemas() -> dict[str, Schema]:
                     "minItems": 1,
                     "items": {"$ref": "#/components/schemas/FieldError"},
                 },
-                "details": {
-                    "type": "object",
-                    "description": "SEGMENT_IN_USE only: the referencing segments.",
-                    "additionalProperties": False,
-                    "properties": {"referencedBy": {"type": "array", "items": {"type": "string"}}},
-                },
             },
         },
         "FieldError": {

@@ -301,7 +301,7 @@ def test_delete_referenced_segment_is_refused(rest: Rest, api: Api, project: Pro
     )
     resp = rest.delete(f"/segments/{base['id']}", key=project.secret_key)
     err = check_error(resp, 409, "SEGMENT_IN_USE")
-    assert "Subscribed premium" in err["message"] or user["id"] in err["message"]
+    assert "Subscribed premium" in err["message"] and user["id"] in err["message"]
     assert api.segment(base["id"]) == base
     # Once the referencing segment is gone the base can go too.
     assert rest.delete(f"/segments/{user['id']}", key=project.secret_key).status == 204

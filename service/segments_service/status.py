@@ -142,8 +142,8 @@ def envelope(err: ServiceError, request_id: str) -> dict[str, Any]:
             {"field": v.field, "message": v.message, "code": v.code}
             for v in bounded_violations(err)
         ]
-    if isinstance(err, SegmentInUse):
-        body["details"] = {"referencedBy": err.referenced_by}
+    # SEGMENT_IN_USE names the referencing segments in its message; gRPC callers also get
+    # their ids in ErrorInfo.metadata (to_status). The envelope has no other keys.
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return {"success": False, "error": body, "timestamp": now}
 
