@@ -3,10 +3,11 @@
 -- It sits before the transcoder in the filter chain, so on the way back it sees the
 -- already transcoded response (and Envoy's own local replies). envoy_proxy.py prepends,
 -- from the descriptor set, ENUM_VALUES (enum full name -> accepted JSON spellings),
--- UNWRAP (HTTP rules with a `response_body`: method, Lua path pattern, JSON field) and
--- BOOL_FIELDS (HTTP rules with body "*": method, Lua path pattern, the request's bool
--- fields, see find_non_boolean). On the way in it rejects request bodies whose bool
--- fields hold anything but true, false or null.
+-- UNWRAP (HTTP rules with a `response_body`: method, Lua path pattern, JSON field),
+-- MESSAGES and SHAPE_RULES (the request fields whose JSON shape is checked, and the HTTP
+-- rules with body "*" they apply to, see find_bad_shape). On the way in it rejects
+-- request bodies whose bool fields hold anything but true, false or null, and whose list
+-- fields hold a lone value or nested arrays.
 --
 -- Contract with the gRPC server (metadata keys, all ASCII values):
 --   x-http-status: 201 | 204   a success status other than 200: initial metadata sent
@@ -148,15 +149,23 @@ local function json_path(proto_path)
   return path
 end
 
--- Strict booleans in request bodies ---------------------------------------------------
+-- Strict shapes of request bodies -----------------------------------------------------
 -- The transcoder's JSON parser takes the strings "yes", "no", "1", "t", "true", ... for a
--- bool field; the contract wants a 400 naming the field. BOOL_FIELDS (prepended by
--- envoy_proxy.py from the descriptor) has, per HTTP rule with body "*", a tree of the
--- request's bool fields: `fields` maps a JSON key (json_name and proto name alike) to a
--- node with the field's JSON `name`; a node with `fields` of its own is a message field
--- (its object, or each object of its array), one without is a bool field. Free-form
--- objects (google.protobuf.Struct/Value, such as `data`) are not in the tree, so nothing
--- inside them is looked at. Malformed JSON is left to the transcoder's own 400.
+-- bool field, a lone value for a list ("emails": "a@x.com") and flattens nested arrays
+-- into one; the contract wants a 400 naming the field. MESSAGES (prepended by
+-- envoy_proxy.py from the descriptor) maps each request message's name to its checked
+-- fields by JSON key (json_name and proto name alike): a node has the field's JSON `name`,
+-- `repeated` for a list, `bool` for a bool, `message` for a message field (its object, or
+-- each object of its list, is checked against that message's fields) and `element`, what
+-- the value or each element must be. Free-form objects (google.protobuf.Struct/Value,
+-- such as `data`) are not in the table, so nothing inside them is looked at. Malformed
+-- JSON is left to the transcoder's own 400.
+
+for _, fields in pairs(MESSAGES) do
+  for _, node in pairs(fields) do
+    if node.message then node.fields = MESSAGES[node.message] or {} end
+  end
+end
 
 local WHITESPACE = "^[ \t\r\n]*()"
 
@@ -210,9 +219,23 @@ end
 
 local check_value
 
--- Checks the members of the object at `i` (its '{') against `node`. Returns the index
--- just past the object, or nil for malformed JSON, and `bad` or the first bad field
--- found in it as { field = <dot path>, got = <the JSON value> }.
+-- The value at `i` is wrong for `path`: returns the index just past it (nil if it is not
+-- JSON) and `bad`, or when there was none yet { field = <dot path>, reason, got = <the
+-- JSON value> }.
+local function refuse(text, i, path, reason, bad)
+  local stop = skip_value(text, i)
+  if not stop then return nil end
+  if not bad then
+    local got = text:sub(i, stop - 1)
+    if not valid_utf8(got) then return nil end -- never echoed into the error
+    bad = { field = path, reason = reason, got = got }
+  end
+  return stop, bad
+end
+
+-- Checks the members of the object at `i` (its '{') against `node.fields`. Returns the
+-- index just past the object, or nil for malformed JSON, and `bad` or the first bad field
+-- found in it (see refuse).
 local function check_object(text, i, node, prefix, bad)
   i = text:match(WHITESPACE, i + 1)
   if text:byte(i) == 125 then return i + 1, bad end -- '}'
@@ -238,38 +261,43 @@ local function check_object(text, i, node, prefix, bad)
   end
 end
 
--- Like check_object, for the value at `i` of the field `node` whose path is `path`.
-check_value = function(text, i, node, path, bad)
-  local c = text:byte(i)
-  if not node.fields then
+-- One value (not a list) of the field `node` at `i`.
+local function check_single(text, i, node, path, bad)
+  if node.fields then
+    if text:byte(i) == 123 then return check_object(text, i, node, path .. ".", bad) end
+    return skip_value(text, i), bad -- not an object: the transcoder's business
+  end
+  if node.bool then
     local stop = skip_value(text, i)
     if not stop then return nil end
     local got = text:sub(i, stop - 1)
-    if not bad and got ~= "true" and got ~= "false" and got ~= "null" then
-      if not valid_utf8(got) then return nil end -- never echoed into the error
-      bad = { field = path, got = got }
+    if got ~= "true" and got ~= "false" and got ~= "null" then
+      return refuse(text, i, path, node.element, bad)
     end
     return stop, bad
   end
-  if c == 123 then return check_object(text, i, node, path .. ".", bad) end
-  if c ~= 91 then return skip_value(text, i), bad end -- not '[': the transcoder's business
-  -- An array of messages: each object is checked, with its index in the path.
+  return skip_value(text, i), bad -- a string, number or enum: the transcoder checks it
+end
+
+-- Like check_object, for the value at `i` of the field `node` whose path is `path`.
+check_value = function(text, i, node, path, bad)
+  if not node.repeated or text:sub(i, i + 3) == "null" then
+    return check_single(text, i, node, path, bad)
+  end
+  if text:byte(i) ~= 91 then return refuse(text, i, path, "must be an array", bad) end -- '['
   local index = 0
   i = text:match(WHITESPACE, i + 1)
   if text:byte(i) == 93 then return i + 1, bad end -- ']'
   while true do
-    c = text:byte(i)
-    if c == 123 then
-      i, bad = check_object(text, i, node, path .. "." .. index .. ".", bad)
-    elseif c == 91 then
-      -- The transcoder flattens [[{...}]] into the list: nested arrays count too.
-      i, bad = check_value(text, i, node, path .. "." .. index, bad)
+    local here = path .. "." .. index
+    if text:byte(i) == 91 then
+      i, bad = refuse(text, i, here, node.element, bad) -- a nested array
     else
-      i = skip_value(text, i)
+      i, bad = check_single(text, i, node, here, bad)
     end
     if not i then return nil end
     i = text:match(WHITESPACE, i)
-    c = text:byte(i)
+    local c = text:byte(i)
     if c == 93 then return i + 1, bad end -- ']'
     if c ~= 44 then return nil end -- ','
     index = index + 1
@@ -277,24 +305,25 @@ check_value = function(text, i, node, path, bad)
   end
 end
 
--- Every key of a BOOL_FIELDS tree that names a bool field, as it appears quoted in JSON.
-local function quoted_bool_keys(node, out)
-  for key, child in pairs(node.fields) do
-    if child.fields then
-      quoted_bool_keys(child, out)
-    else
-      out[#out + 1] = '"' .. key .. '"'
-    end
+-- Every key of a message's checked bool and list fields, and of those of the messages
+-- below it, as it appears quoted in JSON.
+local function quoted_keys(message, out, seen)
+  if seen[message] then return out end
+  seen[message] = true
+  for key, node in pairs(MESSAGES[message] or {}) do
+    if node.bool or node.repeated then out[#out + 1] = '"' .. key .. '"' end
+    if node.message then quoted_keys(node.message, out, seen) end
   end
   return out
 end
-for _, rule in ipairs(BOOL_FIELDS) do
-  rule.quoted_keys = quoted_bool_keys(rule, {})
+for _, rule in ipairs(SHAPE_RULES) do
+  rule.fields = MESSAGES[rule.message] or {}
+  rule.quoted_keys = quoted_keys(rule.message, {}, {})
 end
 
--- The first bool field of a request body (JSON text) for `rule` whose value is not
--- true, false or null, as { field, got }; nil when all are fine or the JSON is malformed.
-local function find_non_boolean(text, rule)
+-- The first field of a request body (JSON text) for `rule` whose value has the wrong
+-- shape, as { field, reason, got }; nil when all are fine or the JSON is malformed.
+local function find_bad_shape(text, rule)
   -- Most bodies name none of the fields at all (a key could only hide behind a \u
   -- escape): then the scan is not needed.
   local named = text:find("\\u", 1, true)
@@ -467,19 +496,20 @@ function envoy_on_request(handle)
       break
     end
   end
-  for _, rule in ipairs(BOOL_FIELDS) do
+  for _, rule in ipairs(SHAPE_RULES) do
     if rule.method == method and bare_path:match(rule.pattern) then
       -- Waits for the whole body (the buffer filter after this one holds it anyway).
       local body = handle:body()
       if body then
-        local bad = find_non_boolean(body:getBytes(0, body:length()), rule)
+        local bad = find_bad_shape(body:getBytes(0, body:length()), rule)
         if bad then
           -- Shaped into the envelope by envoy_on_response, like the transcoder's 400s.
           -- Fetched again: objects from before body() must not be used after it yielded.
           meta = handle:streamInfo():dynamicMetadata()
           meta:set(NS, "invalid_field", bad.field)
+          meta:set(NS, "invalid_reason", bad.reason)
           meta:set(NS, "invalid_value", shorten(bad.got, 100))
-          handle:respond({ [":status"] = "400" }, bad.field .. ": must be true or false")
+          handle:respond({ [":status"] = "400" }, bad.field .. ": " .. bad.reason)
         end
       end
       break
@@ -555,8 +585,8 @@ function envoy_on_response(handle)
     if status == 400 then
       local message, errors
       if meta.invalid_field then
-        -- A bool field with a value other than true, false or null (envoy_on_request).
-        local reason = TYPE_MESSAGES.TYPE_BOOL .. "; got " .. meta.invalid_value
+        -- A value of the wrong shape for its field (envoy_on_request).
+        local reason = meta.invalid_reason .. "; got " .. meta.invalid_value
         message = meta.invalid_field .. ": " .. reason
         errors = { { field = meta.invalid_field, message = reason, code = "invalid_type" } }
       else

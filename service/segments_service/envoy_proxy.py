@@ -268,26 +268,37 @@ def _strip_response_bodies(
 
 
 @dataclass(frozen=True)
-class _BoolField:
-    """A field of a request body checked by the Lua filter: a bool (`fields` None), or a
-    message field (an object, or an array of them) holding such fields."""
+class _Checked:
+    """A request field whose JSON shape the Lua filter checks: a bool, a repeated field (an
+    array, never a lone value or nested arrays), or a message field, whose own fields are
+    those of `message` in the table of messages."""
 
     json_name: str
-    fields: dict[str, _BoolField] | None = None
+    repeated: bool = False
+    message: str | None = None  # full name, without the leading dot
+    boolean: bool = False
+    element: str = "must be true or false"  # what the value (or each element) must be
 
 
 _BOOL = descriptor_pb2.FieldDescriptorProto.TYPE_BOOL
 _MESSAGE = descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE
+_REPEATED = descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
+_ELEMENT = {
+    descriptor_pb2.FieldDescriptorProto.TYPE_STRING: "must be a string",
+    _BOOL: "must be true or false",
+    _MESSAGE: "must be an object",
+}
 
 
-def _bool_fields(
+def _shapes(
     fds: descriptor_pb2.FileDescriptorSet,
-) -> list[tuple[str, str, dict[str, _BoolField]]]:
-    """(method, path pattern, bool fields by JSON key) of each HTTP rule with body "*"
-    whose request has bool fields, for the Lua filter: Envoy's JSON parser also takes
-    strings such as "no" or "1" for a bool. Looks one message level deep (e.g.
-    `contacts[].subscribed`), and never into google.protobuf types: the free-form
-    Struct/Value fields (`data`) may hold anything."""
+) -> tuple[dict[str, dict[str, _Checked]], list[tuple[str, str, str]]]:
+    """The shape checks of request bodies, for the Lua filter: per message, its fields to
+    check by JSON key; and (method, path pattern, request message) of each HTTP rule with
+    body "*". Envoy's JSON parser takes strings such as "no" or "1" for a bool, a lone
+    value for a list and flattens nested arrays into one; SPEC §3 makes each a 400.
+    Never looks into google.protobuf types: the free-form Struct/Value fields (`data`,
+    `value`) may hold anything."""
     messages: dict[str, descriptor_pb2.DescriptorProto] = {}
 
     def index(scope: str, types: Iterable[descriptor_pb2.DescriptorProto]) -> None:
@@ -298,33 +309,42 @@ def _bool_fields(
     for file in fds.file:
         index(f".{file.package}" if file.package else "", file.message_type)
 
-    def bools(message: descriptor_pb2.DescriptorProto, depth: int) -> dict[str, _BoolField]:
-        found: dict[str, _BoolField] = {}
-        for field in message.field:
+    checked: dict[str, dict[str, _Checked]] = {}
+
+    def visit(name: str) -> None:
+        if name in checked:
+            return
+        found: dict[str, _Checked] = {}
+        checked[name] = found  # before the fields: messages may nest themselves
+        for field in messages[name].field:
             nested = messages.get(field.type_name)
-            if field.type == _BOOL or field.type_name == ".google.protobuf.BoolValue":
-                node = _BoolField(field.json_name or field.name)
-            elif (
-                field.type == _MESSAGE
-                and depth == 0
-                and nested is not None
-                and not field.type_name.startswith(".google.protobuf.")
-                and not nested.options.map_entry
-                and (inner := bools(nested, depth + 1))
-            ):
-                node = _BoolField(field.json_name or field.name, inner)
+            repeated = field.label == _REPEATED
+            json_name = field.json_name or field.name
+            if field.type_name.startswith(".google.protobuf."):
+                if field.type_name != ".google.protobuf.BoolValue":
+                    continue  # free-form (Struct, Value) or a wrapper of a checked scalar
+                node = _Checked(json_name, repeated, boolean=True)
+            elif field.type == _MESSAGE and nested is not None and not nested.options.map_entry:
+                visit(field.type_name)
+                node = _Checked(
+                    json_name, repeated, field.type_name[1:], element=_ELEMENT[_MESSAGE]
+                )
+            elif field.type == _BOOL or repeated:
+                # A list of strings, numbers or enums: the transcoder checks each element's
+                # type; the filter only that it is an array of them.
+                element = _ELEMENT.get(field.type, "must not be an array")
+                node = _Checked(json_name, repeated, boolean=field.type == _BOOL, element=element)
             else:
                 continue
             # The transcoder accepts the proto name as well as the JSON name.
-            found[field.name] = found[node.json_name] = node
-        return found
+            found[field.name] = found[json_name] = node
 
-    rules: list[tuple[str, str, dict[str, _BoolField]]] = []
+    rules: list[tuple[str, str, str]] = []
     for method, binding, http_method, template in _http_bindings(fds):
-        request = messages.get(method.input_type)
-        if binding.body == "*" and request is not None and (fields := bools(request, 0)):
-            rules.append((http_method, _lua_path_pattern(template), fields))
-    return rules
+        if binding.body == "*" and method.input_type in messages:
+            visit(method.input_type)
+            rules.append((http_method, _lua_path_pattern(template), method.input_type[1:]))
+    return {name[1:]: fields for name, fields in checked.items()}, rules
 
 
 def _lua_string(text: str) -> str:
@@ -338,12 +358,16 @@ def _lua_string(text: str) -> str:
     )
 
 
-def _lua_bool_fields(fields: dict[str, _BoolField]) -> str:
+def _lua_checked(fields: dict[str, _Checked]) -> str:
     items = []
     for key, node in fields.items():
-        inner = f"name = {_lua_string(node.json_name)}"
-        if node.fields is not None:
-            inner += f", fields = {_lua_bool_fields(node.fields)}"
+        inner = f"name = {_lua_string(node.json_name)}, element = {_lua_string(node.element)}"
+        if node.repeated:
+            inner += ", repeated = true"
+        if node.boolean:
+            inner += ", bool = true"
+        if node.message is not None:
+            inner += f", message = {_lua_string(node.message)}"
         items.append(f"[{_lua_string(key)}] = {{ {inner} }}")
     return "{ " + ", ".join(items) + " }"
 
@@ -352,7 +376,7 @@ def _lua_source(
     lua_path: Path,
     enums: dict[str, list[str]],
     unwraps: Sequence[tuple[str, str, str]],
-    bool_fields: Sequence[tuple[str, str, dict[str, _BoolField]]],
+    shapes: tuple[dict[str, dict[str, _Checked]], list[tuple[str, str, str]]],
 ) -> str:
     lines = ["ENUM_VALUES = {"]
     for name, values in sorted(enums.items()):
@@ -363,11 +387,15 @@ def _lua_source(
             f"  {{ method = {_lua_string(method)}, pattern = {_lua_string(pattern)},"
             f" field = {_lua_string(field)} }},"
         )
-    lines += ["}", "BOOL_FIELDS = {"]
-    for method, pattern, fields in bool_fields:
+    messages, rules = shapes
+    lines += ["}", "MESSAGES = {"]
+    for name, fields in sorted(messages.items()):
+        lines.append(f"  [{_lua_string(name)}] = {_lua_checked(fields)},")
+    lines += ["}", "SHAPE_RULES = {"]
+    for method, pattern, message in rules:
         lines.append(
             f"  {{ method = {_lua_string(method)}, pattern = {_lua_string(pattern)},"
-            f" fields = {_lua_bool_fields(fields)} }},"
+            f" message = {_lua_string(message)} }},"
         )
     lines.append("}")
     return "\n".join(lines) + "\n" + lua_path.read_text()
@@ -392,7 +420,7 @@ def render_config(
     fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_path.read_bytes())
     unwraps = _strip_response_bodies(fds)
     lua_source = _lua_source(
-        descriptor_path.parent / LUA_FILE, _enum_values(fds), unwraps, _bool_fields(fds)
+        descriptor_path.parent / LUA_FILE, _enum_values(fds), unwraps, _shapes(fds)
     )
 
     route_action = {
