@@ -7,6 +7,9 @@ Layout (sizes are flags; the defaults are the issue's):
   the 100k point of the scale curve);
 - `scale-<n>`: extra projects for scale-curve points no other project has (300k by default).
 
+The projects share the tables as tenants do: their contacts go in interleaved, oldest
+first, and their events as one stream in time order (see EVENTS_SELECT).
+
 Contact ids are md5('<tag>:<n>')::uuid, so events can pick a contact by number without a
 lookup table. Everything random comes from one seeded PostgreSQL session with parallel
 query off, so the same flags give the same rows. Secondary indexes are dropped while rows
@@ -113,6 +116,8 @@ INDUSTRIES = ("software", "retail", "finance", "health", "education", "governmen
 EVENT_DAYS = 180
 CONTACT_DAYS = 730
 CHUNK_ROWS = 500_000
+# Contacts per slice of the interleaved load: each project's share of a slice is one run.
+CONTACT_SLICE_ROWS = 25_000
 # Emails of contacts that ingestion creates: removed when the dataset is reused.
 NEW_CONTACT_DOMAIN = "bench-new.example"
 DATASET_TABLE = "bench_dataset"
@@ -268,15 +273,16 @@ FROM (
 ) AS r
 """
 
-# Events of one time slice, inserted in time order: slices follow each other in time and a
-# slice's custom and email-activity events go in one after the other, so the table's
-# physical order follows time as it does where events are appended as they arrive. (Rows
-# of a slice inserted in random order would make an index-only scan of one name in time
-# order jump between visibility-map pages, a cost production tables do not have.)
-EVENTS_SQL = """
-INSERT INTO events (project_id, contact_id, name, data, occurred_at, created_at)
-SELECT %(project)s,
-       md5(%(tag)s || ':' || (1 + floor(%(contacts)s * power(r.a, 1.3)))::bigint)::uuid,
+# Events of one time slice of every project, inserted in time order: slices follow each
+# other in time and within a slice the custom and email-activity events of all projects go
+# in as one stream ordered by time, so the table's physical order follows time, with the
+# projects interleaved, as it does where every tenant's events are appended as they
+# arrive. (Rows of a slice in random order would make an index-only scan of one name in
+# time order jump between visibility-map pages; a project's rows in one block would give
+# it a locality no project of a shared table has.) `{p}` is each part's parameter suffix.
+EVENTS_SELECT = """
+SELECT %(project{p})s AS project_id,
+       md5(%(tag{p})s || ':' || (1 + floor(%(contacts{p})s * power(r.a, 1.3)))::bigint)::uuid,
        r.name,
        CASE r.name
            WHEN 'purchase' THEN jsonb_build_object(
@@ -285,38 +291,40 @@ SELECT %(project)s,
                'items', 1 + floor(r.c * 5)::int)
            WHEN 'page_view' THEN jsonb_build_object('path', '/p/' || floor(r.c * 200)::int)
            WHEN 'search' THEN jsonb_build_object('query', 'q' || floor(r.c * 1000)::int)
-           ELSE '{}'::jsonb
+           ELSE '{{}}'::jsonb
        END,
-       r.ts,
        r.ts
 FROM (
     SELECT random() AS a,
            (%(names)s::text[])[1 + floor(%(nnames)s * power(random(), 2.2))::int] AS name,
            random() AS c,
            %(start)s::timestamptz + random() * %(span)s::interval AS ts
-    FROM generate_series(1, %(rows)s::bigint)
+    FROM generate_series(1, %(rows{p})s::bigint)
     OFFSET 0
 ) AS r
-ORDER BY r.ts
 """
 
-EMAIL_EVENTS_SQL = """
-INSERT INTO events (project_id, contact_id, name, data, occurred_at, created_at)
-SELECT %(project)s,
-       md5(%(tag)s || ':' || (1 + floor(%(contacts)s * power(r.a, 1.15)))::bigint)::uuid,
+EMAIL_EVENTS_SELECT = """
+SELECT %(project{p})s AS project_id,
+       md5(%(tag{p})s || ':' || (1 + floor(%(contacts{p})s * power(r.a, 1.15)))::bigint)::uuid,
        r.name,
        jsonb_build_object('campaignId', 'cmp_' || floor(r.c * 400)::int),
-       r.ts,
        r.ts
 FROM (
     SELECT random() AS a,
            CASE {activity} END AS name,
            random() AS c,
            %(start)s::timestamptz + random() * %(span)s::interval AS ts
-    FROM (SELECT random() AS u FROM generate_series(1, %(rows)s::bigint)) AS g
+    FROM (SELECT random() AS u FROM generate_series(1, %(rows{p})s::bigint)) AS g
     OFFSET 0
 ) AS r
-ORDER BY r.ts
+"""
+
+EVENTS_INSERT = """
+INSERT INTO events (project_id, contact_id, name, data, occurred_at, created_at)
+SELECT project_id, contact_id, name, data, ts, ts
+FROM ({parts}) AS slice (project_id, contact_id, name, data, ts)
+ORDER BY ts
 """
 
 
@@ -373,7 +381,6 @@ def load(
         loaded: list[LoadedProject] = []
         rows_total = 0
         try:
-            t0 = time.perf_counter()
             for spec in specs:
                 project_id = create_project(f"bench-{spec.tag}")
                 loaded.append(
@@ -381,13 +388,14 @@ def load(
                         spec.tag, project_id, spec.contacts, spec.events, spec.email_events
                     )
                 )
-                _load_contacts(conn, spec, project_id, anchor)
-                rows_total += spec.contacts
+            pairs = list(zip(specs, [project.id for project in loaded], strict=True))
+            t0 = time.perf_counter()
+            _load_contacts(conn, pairs, anchor)
+            rows_total += sum(spec.contacts for spec in specs)
             phases["contacts"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            for spec, project in zip(specs, loaded, strict=True):
-                _load_events(conn, spec, project.id, anchor)
-                rows_total += spec.events + spec.email_events
+            _load_events(conn, pairs, anchor)
+            rows_total += sum(spec.events + spec.email_events for spec in specs)
             phases["events"] = time.perf_counter() - t0
         finally:
             t0 = time.perf_counter()
@@ -415,69 +423,87 @@ def load(
     )
 
 
+def _shares(total: int, slices: int, i: int) -> tuple[int, int]:
+    """The 1-based range [first, last] of slice i of `total` rows cut into `slices`
+    (empty when last < first)."""
+    return total * i // slices + 1, total * (i + 1) // slices
+
+
 def _load_contacts(
-    conn: psycopg.Connection[Any], spec: ProjectSpec, project_id: str, anchor: datetime
+    conn: psycopg.Connection[Any], projects: Sequence[tuple[ProjectSpec, str]], anchor: datetime
 ) -> None:
-    progress = Progress(f"{spec.tag}: contacts", spec.contacts)
-    for first, last in _chunks(1, spec.contacts, CHUNK_ROWS // 2):
-        conn.execute(
-            CONTACTS_SQL,
-            {
-                "project": uuid.UUID(project_id),
-                "tag": spec.tag,
-                "domains": list(DOMAINS),
-                "ndomains": len(DOMAINS),
-                "countries": list(COUNTRIES),
-                "ncountries": len(COUNTRIES),
-                "industries": list(INDUSTRIES),
-                "nindustries": len(INDUSTRIES),
-                "anchor": anchor,
-                "contact_days": CONTACT_DAYS,
-                "total": spec.contacts,
-                "first": first,
-                "last": last,
-            },
-        )
-        progress.advance(last - first + 1)
+    """Every project's contacts, oldest first, the projects taking turns slice by slice:
+    a shared table fills with all tenants' sign-ups interleaved."""
+    total = sum(spec.contacts for spec, _id in projects)
+    progress = Progress("contacts", total)
+    slices = max(1, math.ceil(total / CONTACT_SLICE_ROWS))
+    for i in range(slices):
+        for spec, project_id in projects:
+            first, last = _shares(spec.contacts, slices, i)
+            if last < first:
+                continue
+            conn.execute(
+                CONTACTS_SQL,
+                {
+                    "project": uuid.UUID(project_id),
+                    "tag": spec.tag,
+                    "domains": list(DOMAINS),
+                    "ndomains": len(DOMAINS),
+                    "countries": list(COUNTRIES),
+                    "ncountries": len(COUNTRIES),
+                    "industries": list(INDUSTRIES),
+                    "nindustries": len(INDUSTRIES),
+                    "anchor": anchor,
+                    "contact_days": CONTACT_DAYS,
+                    "total": spec.contacts,
+                    "first": first,
+                    "last": last,
+                },
+            )
+            progress.advance(last - first + 1)
     progress.finish()
 
 
 def _load_events(
-    conn: psycopg.Connection[Any], spec: ProjectSpec, project_id: str, anchor: datetime
+    conn: psycopg.Connection[Any], projects: Sequence[tuple[ProjectSpec, str]], anchor: datetime
 ) -> None:
-    kinds = [
-        (total, sql, extra)
-        for total, sql, extra in (
-            (spec.events, EVENTS_SQL, {"names": list(EVENT_NAMES), "nnames": len(EVENT_NAMES)}),
-            (spec.email_events, EMAIL_EVENTS_SQL.format(activity=_email_case()), {}),
-        )
-        if total > 0
+    """Every project's events over EVENT_DAYS, one time slice at a time (EVENTS_SELECT)."""
+    kinds: list[tuple[str, Callable[[ProjectSpec], int]]] = [
+        (EVENTS_SELECT, lambda spec: spec.events),
+        (EMAIL_EVENTS_SELECT.replace("{activity}", _email_case()), lambda spec: spec.email_events),
     ]
-    total_rows = sum(total for total, _sql, _extra in kinds)
+    total_rows = sum(spec.events + spec.email_events for spec, _id in projects)
     if not total_rows:
         return
-    progress = Progress(f"{spec.tag}: events", total_rows)
+    progress = Progress("events", total_rows)
     slices = max(1, math.ceil(total_rows / CHUNK_ROWS))
     span_seconds = EVENT_DAYS * 86400 / slices
-    done = [0] * len(kinds)
     for i in range(slices):
         start = anchor.timestamp() - EVENT_DAYS * 86400 + i * span_seconds
-        for k, (total, sql, extra) in enumerate(kinds):
-            rows = round(total * (i + 1) / slices) - done[k]
-            conn.execute(
-                sql,
-                {
-                    "project": uuid.UUID(project_id),
-                    "tag": spec.tag,
-                    "contacts": spec.contacts,
-                    "rows": rows,
-                    "start": datetime.fromtimestamp(start, anchor.tzinfo),
-                    "span": f"{span_seconds} seconds",
-                    **extra,
-                },
-            )
-            done[k] += rows
-            progress.advance(rows)
+        params: dict[str, Any] = {
+            "names": list(EVENT_NAMES),
+            "nnames": len(EVENT_NAMES),
+            "start": datetime.fromtimestamp(start, anchor.tzinfo),
+            "span": f"{span_seconds} seconds",
+        }
+        parts, rows = [], 0
+        for n, (spec, project_id) in enumerate(projects):
+            for k, (select, count) in enumerate(kinds):
+                first, last = _shares(count(spec), slices, i)
+                if last < first:
+                    continue
+                suffix = f"_{n}_{k}"
+                parts.append(select.format(p=suffix))
+                params |= {
+                    f"project{suffix}": uuid.UUID(project_id),
+                    f"tag{suffix}": spec.tag,
+                    f"contacts{suffix}": spec.contacts,
+                    f"rows{suffix}": last - first + 1,
+                }
+                rows += last - first + 1
+        if parts:
+            conn.execute(EVENTS_INSERT.format(parts=" UNION ALL ".join(parts)), params)
+        progress.advance(rows)
     progress.finish()
 
 

@@ -65,7 +65,7 @@ from segments.v1 import (
 from segments_service import auth, database, segments, sweeper
 from segments_service.filters import parse_condition
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 DEFAULT_CONTACTS = 1_000_000
 PAGE_SIZE = 20
 LIMITS = {
