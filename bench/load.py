@@ -190,10 +190,11 @@ def plan_projects(
 
 
 class Progress:
-    """A one-line progress bar on stderr (rows done, rate, ETA)."""
+    """A one-line progress bar on stderr (units done, rate, ETA)."""
 
-    def __init__(self, label: str, total: int) -> None:
+    def __init__(self, label: str, total: int, unit: str = "rows") -> None:
         self.label = label
+        self.unit = unit
         self.total = max(total, 1)
         self.done = 0
         self.started = time.perf_counter()
@@ -219,7 +220,7 @@ class Progress:
         bar = "#" * int(width * fraction) + "." * (width - int(width * fraction))
         line = (
             f"  {self.label:<28} [{bar}] {fraction * 100:5.1f}% "
-            f"{self.done:>11,}/{self.total:,} rows  {rate:>9,.0f}/s"
+            f"{self.done:>11,}/{self.total:,} {self.unit}  {rate:>9,.0f}/s"
             + (f"  ETA {eta:4.0f}s" if math.isfinite(eta) and not final else f"  {elapsed:5.1f}s")
         )
         end = "\n" if final or not self.tty else ""
@@ -402,7 +403,7 @@ def load(
             phases["event_stats"] = time.perf_counter() - t0
         finally:
             t0 = time.perf_counter()
-            progress = Progress("secondary indexes", len(indexes))
+            progress = Progress("secondary indexes", len(indexes), "indexes")
             for _name, definition in indexes:
                 conn.execute(definition)
                 progress.advance(1)
@@ -516,7 +517,7 @@ def _build_event_stats(conn: psycopg.Connection[Any], project_ids: Sequence[str]
     the triggers on `events` keep (migration 0006) but set-based. They did not fire for
     the load when it could skip them (session_replication_role); if they did, the
     rebuild gives the same rows."""
-    progress = Progress("event_stats", len(project_ids))
+    progress = Progress("event_stats", len(project_ids), "projects")
     conn.execute("TRUNCATE event_stats")
     for project_id in project_ids:
         conn.execute(

@@ -135,7 +135,12 @@ class Envoy:
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,
         )
-        envoy_proxy.wait_ready(self.http_port, timeout=30, process=self.proc)
+        try:
+            envoy_proxy.wait_ready(self.http_port, timeout=30, process=self.proc)
+        except RuntimeError as err:
+            # The log lives in the temporary directory, which goes with this object.
+            self.stop()
+            raise RuntimeError(f"{err}; its log ended with:\n{self.log_tail}") from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -146,7 +151,15 @@ class Envoy:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        self.log_tail = self._read_tail()
         self._dir.cleanup()
+
+    def _read_tail(self, lines: int = 30) -> str:
+        try:
+            text = (Path(self._dir.name) / "envoy.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
 
 class Rest:
