@@ -338,7 +338,7 @@ SELECT i.relname AS name, pg_get_indexdef(i.oid) AS definition
 FROM pg_index x
 JOIN pg_class i ON i.oid = x.indexrelid
 JOIN pg_class t ON t.oid = x.indrelid
-WHERE t.relname IN ('contacts', 'events', 'event_stats')
+WHERE t.relname IN ('contacts', 'events')
   AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid)
 ORDER BY i.relname
 """
@@ -398,9 +398,6 @@ def load(
             _load_events(conn, pairs, anchor)
             rows_total += sum(spec.events + spec.email_events for spec in specs)
             phases["events"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            _build_event_stats(conn, [project.id for project in loaded])
-            phases["event_stats"] = time.perf_counter() - t0
         finally:
             t0 = time.perf_counter()
             progress = Progress("secondary indexes", len(indexes), "indexes")
@@ -410,10 +407,9 @@ def load(
             progress.finish()
             phases["indexes"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        log("  VACUUM ANALYZE contacts, events, event_stats")
+        log("  VACUUM ANALYZE contacts, events")
         conn.execute("VACUUM (ANALYZE) contacts")
         conn.execute("VACUUM (ANALYZE) events")
-        conn.execute("VACUUM (ANALYZE) event_stats")
         phases["vacuum_analyze"] = time.perf_counter() - t0
         max_event_id = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]  # type: ignore[index]
     seconds = time.perf_counter() - started
@@ -512,27 +508,6 @@ def _load_events(
     progress.finish()
 
 
-def _build_event_stats(conn: psycopg.Connection[Any], project_ids: Sequence[str]) -> None:
-    """Each contact's latest event per name, one project at a time, in key order: what
-    the triggers on `events` keep (migration 0006) but set-based. They did not fire for
-    the load when it could skip them (session_replication_role); if they did, the
-    rebuild gives the same rows."""
-    progress = Progress("event_stats", len(project_ids), "projects")
-    conn.execute("TRUNCATE event_stats")
-    for project_id in project_ids:
-        conn.execute(
-            """
-            INSERT INTO event_stats (project_id, name, contact_id, last_at)
-            SELECT project_id, name, contact_id, max(occurred_at) FROM events
-            WHERE project_id = %s
-            GROUP BY project_id, name, contact_id ORDER BY project_id, name, contact_id
-            """,
-            (uuid.UUID(project_id),),
-        )
-        progress.advance(1)
-    progress.finish()
-
-
 # --- the stored dataset record --------------------------------------------------------
 
 
@@ -581,5 +556,4 @@ def reset(url: str, dataset: Dataset, log: Callable[[str], None]) -> None:
         if segments or events or contacts:
             conn.execute("VACUUM (ANALYZE) segment_members")
             conn.execute("VACUUM (ANALYZE) events")
-            conn.execute("VACUUM (ANALYZE) event_stats")
             conn.execute("VACUUM (ANALYZE) contacts")

@@ -1,5 +1,6 @@
 """Migrations with data to carry: 0004 (events lose their foreign key to contacts, and get it
-back on downgrade) and 0006 (event_stats filled from the events there are)."""
+back on downgrade), 0006 (event_stats filled from the events there are) and 0007 (which
+takes it away again, and whose downgrade refills it)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from sqlalchemy import Connection, create_engine, pool, text
 from sqlalchemy.exc import IntegrityError
 
 from segments_service.database import alembic_config
-from tests.test_event_stats import recomputed, stats
 
 
 def project_with_contact(conn: Connection) -> tuple[uuid.UUID, uuid.UUID]:
@@ -53,12 +53,23 @@ def test_events_foreign_key_goes_and_comes_back(empty_database_url: str) -> None
         engine.dispose()
 
 
-def test_migration_fills_the_table_and_gives_back_the_name_index(
-    empty_database_url: str,
-) -> None:
+STATS = text(
+    "SELECT name, contact_id, last_at FROM event_stats WHERE project_id = :p ORDER BY name"
+)
+LATEST = text(
+    "SELECT name, contact_id, max(occurred_at) FROM events WHERE project_id = :p "
+    "GROUP BY name, contact_id ORDER BY name"
+)
+
+
+def test_event_stats_come_and_go_with_the_events_there_are(empty_database_url: str) -> None:
     cfg = alembic_config(empty_database_url)
     command.upgrade(cfg, "0005")
     engine = create_engine(empty_database_url, poolclass=pool.NullPool)
+
+    def relation(conn: Connection, name: str) -> object:
+        return conn.execute(text("SELECT to_regclass(:n)"), {"n": name}).scalar()
+
     try:
         with engine.begin() as conn:
             project, contact = project_with_contact(conn)
@@ -72,15 +83,35 @@ def test_migration_fills_the_table_and_gives_back_the_name_index(
                 )
         command.upgrade(cfg, "0006")
         with engine.begin() as conn:
-            stored = stats(conn, project)
-            assert stored == recomputed(conn, project)
-            assert [name for name, _, _ in stored] == ["login", "purchase"]
+            latest = conn.execute(LATEST, {"p": project}).all()
+            assert [row[0] for row in latest] == ["login", "purchase"]
+            assert conn.execute(STATS, {"p": project}).all() == latest
+            assert relation(conn, "events_by_name") is None
+        command.upgrade(cfg, "0007")
+        with engine.begin() as conn:
+            assert relation(conn, "event_stats") is None
+            assert relation(conn, "events_by_name") is not None
+            # No trigger is left behind: events take inserts and deletes as before 0006.
+            conn.execute(
+                text(
+                    "INSERT INTO events (project_id, contact_id, name, occurred_at) "
+                    "VALUES (:p, :c, 'login', now())"
+                ),
+                {"p": project, "c": contact},
+            )
+            conn.execute(text("DELETE FROM events WHERE name = 'purchase'"))
+        command.downgrade(cfg, "0006")
+        with engine.begin() as conn:
+            # Refilled from the events as they are now: the latest login, no purchase.
+            latest = conn.execute(LATEST, {"p": project}).all()
+            assert [row[0] for row in latest] == ["login"]
+            assert conn.execute(STATS, {"p": project}).all() == latest
             conn.execute(text("TRUNCATE events"))
-            assert stats(conn, project) == []
+            assert conn.execute(STATS, {"p": project}).all() == []
         command.downgrade(cfg, "0005")
         with engine.begin() as conn:
-            assert conn.execute(text("SELECT to_regclass('event_stats')")).scalar() is None
-            assert conn.execute(text("SELECT to_regclass('events_by_name')")).scalar()
+            assert relation(conn, "event_stats") is None
+            assert relation(conn, "events_by_name") is not None
         command.upgrade(cfg, "head")
     finally:
         engine.dispose()

@@ -765,55 +765,39 @@ class _Compiler:
         return _Pred(_compile_filter(f, self.ctx))
 
     def event(self, f: Filter) -> _Node:
-        """Event filters read `event_stats`: one row per contact and name with the latest
-        occurrence, so a name's contacts (in a window or not) are one index range, already
-        distinct for a single name, and a batch's contacts probe the primary key."""
         op = f.operator
-        e = tables.event_stats.c
-        single = len(f.events) == 1
+        e = tables.events.c
         if op in (Op.NOT_TRIGGERED, Op.NOT_TRIGGERED_WITHIN):
-            # An anti-join of the contacts in question against their matching rows.
+            # An anti-join of the contacts in question against their matching events.
             since = _window_start(f, self.ctx) if op is Op.NOT_TRIGGERED_WITHIN else None
-            match = _event_match(f, self.project_id, since=since)
+            match = _event_match(f, self.project_id, since)
             return _Without(
                 self.scoped(select(e.contact_id).where(*match).distinct(), e.contact_id),
                 lambda ids: not_(exists(select(literal(1)).where(*match, e.contact_id == ids))),
-                self._distinct_contacts(match, single),
+                self._distinct_contacts(match),
             )
         if op is Op.TRIGGERED_OLDER_THAN:
             # It happened, and the latest occurrence is before the window.
-            before = _ts(_window_start(f, self.ctx))
-            if single:
-                match = _event_match(f, self.project_id, before=before)
-                return _Set(
-                    self.scoped(select(e.contact_id).where(*match), e.contact_id),
-                    self._distinct_contacts(match, single),
-                )
             query = (
                 select(e.contact_id)
                 .where(*_event_match(f, self.project_id))
                 .group_by(e.contact_id)
-                .having(func.max(e.last_at) < before)
+                .having(func.max(e.occurred_at) < _ts(_window_start(f, self.ctx)))
             )
             return _Set(self.scoped(query, e.contact_id))
         since = _window_start(f, self.ctx) if op is Op.TRIGGERED_WITHIN else None
-        match = _event_match(f, self.project_id, since=since)
-        query = select(e.contact_id).where(*match)
+        match = _event_match(f, self.project_id, since)
         return _Set(
-            self.scoped(query if single else query.distinct(), e.contact_id),
-            self._distinct_contacts(match, single),
+            self.scoped(select(e.contact_id).where(*match).distinct(), e.contact_id),
+            self._distinct_contacts(match),
         )
 
-    def _distinct_contacts(
-        self, match: list[ColumnElement[bool]], single: bool
-    ) -> Select[Any] | None:
-        """How many contacts have a matching row, for counts (unscoped) only: one row per
-        contact for a single name, count(DISTINCT) over several."""
-        if self.scope is None and not single:
-            return select(func.count(distinct(tables.event_stats.c.contact_id))).where(*match)
-        if self.scope is None:
-            return select(func.count()).select_from(tables.event_stats).where(*match)
-        return None
+    def _distinct_contacts(self, match: list[ColumnElement[bool]]) -> Select[Any] | None:
+        """count(DISTINCT contact_id) of the matching events, for counts (unscoped) only."""
+        if self.scope is not None:
+            return None
+        e = tables.events.c
+        return select(func.count(distinct(e.contact_id))).where(*match)
 
     def segment(self, f: Filter) -> _Node:
         assert f.segment_id is not None
@@ -858,23 +842,15 @@ class _Compiler:
 
 
 def _event_match(
-    f: Filter,
-    project_id: Any,
-    *,
-    since: datetime | None = None,
-    before: ColumnElement[datetime] | None = None,
+    f: Filter, project_id: Any, since: datetime | None = None
 ) -> list[ColumnElement[bool]]:
-    """The `event_stats` rows of the filter's names, latest at or after `since` or before
-    `before`."""
-    e = tables.event_stats.c
+    e = tables.events.c
     clauses = [
         e.project_id == project_id,
         e.name == f.events[0] if len(f.events) == 1 else e.name.in_(f.events),
     ]
     if since is not None:
-        clauses.append(e.last_at >= _ts(since))
-    if before is not None:
-        clauses.append(e.last_at < before)
+        clauses.append(e.occurred_at >= _ts(since))
     return clauses
 
 

@@ -8,10 +8,10 @@ a project while the others skip it.
 
 Which contacts: a filter with window W (`triggeredWithin`, `notTriggeredWithin`,
 `triggeredOlderThan`, `within`, `olderThan`) can change its answer between two instants
-`since` and `now` only for a contact whose latest matching event, or a timestamp, lies in
+`since` and `now` only for a contact with a matching event, or a timestamp, in
 [since - W, now - W) (it left the window), or, for `within`, a timestamp in (since, now]
-(it reached it). So after a first full pass a sweep reads those ranges (event_stats_by_last
-and the contact timestamp indexes; data timestamps read the project's contacts) rather than
+(it reached it). So after a first full pass a sweep reads those ranges (indexes on event
+names and contact timestamps; data timestamps read the project's contacts) rather than
 evaluating every contact against every segment. `since` reaches back OVERLAP further, for
 writes that evaluated before the previous sweep and committed after it read; and every
 FULL_EVERY passes a full comparison of stored and computed membership runs anyway.
@@ -69,7 +69,7 @@ def crossed_contacts(
     earlier = since - OVERLAP
     parts: list[Select[Any]] = []
     c = tables.contacts.c
-    e = tables.event_stats.c
+    e = tables.events.c
     for seg in segments:
         for f in seg.filters():
             if f.window is None:
@@ -80,8 +80,8 @@ def crossed_contacts(
                     select(e.contact_id).where(
                         e.project_id == project_id,
                         e.name.in_(f.events),
-                        e.last_at >= lo,
-                        e.last_at < hi,
+                        e.occurred_at >= lo,
+                        e.occurred_at < hi,
                     )
                 )
                 continue

@@ -74,17 +74,6 @@ events = Table(
     Column("feed_seq", BigInteger),  # position in the project's entry/exit feed
 )
 
-# Each contact's latest occurrence of each event name, kept by triggers on `events`
-# (migration 0006): what every event filter asks.
-event_stats = Table(
-    "event_stats",
-    metadata,
-    Column("project_id", Uuid, primary_key=True),
-    Column("name", Text, primary_key=True),
-    Column("contact_id", Uuid, primary_key=True),
-    _ts("last_at"),
-)
-
 segments = Table(
     "segments",
     metadata,
