@@ -31,18 +31,27 @@ def cond(*filters: dict[str, object]) -> resources_pb2.FilterCondition:
 
 def event_history(engine: Engine, project: Project, slug: str) -> dict[str, list[str]]:
     """Per email, the kinds of its entry/exit events for one segment, in order."""
+    # Two plain reads joined here: right after 20,000 events go in, the planner's
+    # statistics still say the project has none, and a join of the two tables could be
+    # planned as a nested loop rescanning every event of the name for each contact.
     with engine.connect() as conn:
+        emails: dict[str, str] = {
+            contact_id: email
+            for contact_id, email in conn.execute(
+                text("SELECT id::text, email FROM contacts WHERE project_id = :p"),
+                {"p": project.id},
+            )
+        }
         rows = conn.execute(
             text(
-                "SELECT c.email, e.name FROM events e JOIN contacts c "
-                "ON c.project_id = e.project_id AND c.id = e.contact_id "
-                "WHERE e.project_id = :p AND e.name IN (:entry, :exit) ORDER BY e.feed_seq"
+                "SELECT contact_id::text, name FROM events "
+                "WHERE project_id = :p AND name IN (:entry, :exit) ORDER BY feed_seq"
             ),
             {"p": project.id, "entry": f"segment.{slug}.entry", "exit": f"segment.{slug}.exit"},
         )
         history: dict[str, list[str]] = {}
-        for row in rows:
-            history.setdefault(row.email, []).append(row.name.rsplit(".", 1)[1])
+        for contact_id, name in rows:
+            history.setdefault(emails[contact_id], []).append(name.rsplit(".", 1)[1])
         return history
 
 
