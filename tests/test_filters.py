@@ -23,8 +23,9 @@ from segments_service.filters import (
     compile_count,
     compile_members,
     parse_condition,
+    relative_values,
 )
-from tests.reference import RefContact, evaluate
+from tests.reference import RefContact, RefEvent, evaluate
 
 F0 = "condition.groups.0.filters.0"
 
@@ -557,6 +558,90 @@ def test_data_window_edges_are_exact(sessions: sessionmaker[Session]) -> None:
         "now@x.com",
     }
     assert _select(sessions, data, cond(flt("data.at", "olderThan", 7, "days"))) == {"before@x.com"}
+
+
+# Conditions whose members differ between NOW and ten days before it.
+WINDOWED = [
+    cond(flt("event.login", "triggeredWithin", 7, "days")),
+    cond(flt("event.login", "triggeredOlderThan", 7, "days")),
+    cond(flt("event.login", "notTriggeredWithin", 7, "days")),
+    cond(flt("createdAt", "within", 7, "days")),
+    cond(flt("updatedAt", "olderThan", 7, "days")),
+    cond(flt("data.at", "within", 7, "days")),
+    cond(flt("data.at", "olderThan", 7, "days")),
+    cond(flt("data.at", "within", 7, "days"), flt("event.login", "triggeredWithin", 7, "days")),
+]
+
+
+@pytest.mark.parametrize("raw", WINDOWED)
+def test_a_statement_compiled_relative_to_its_instant_serves_any_instant(
+    sessions: sessionmaker[Session], raw: dict[str, Any]
+) -> None:
+    # Compiled once with the instant's values as parameters (what membership does for
+    # batches of events), the statement must select, at every instant it is given, what a
+    # statement compiled at that instant selects.
+    earlier = NOW - timedelta(days=10)
+    ages = {"fresh@x.com": 3, "recent@x.com": 12, "old@x.com": 25}
+    people = [
+        RefContact(
+            uuid.uuid4(),
+            email,
+            True,
+            {"at": (NOW - timedelta(days=d)).isoformat()},
+            NOW - timedelta(days=d),
+            NOW - timedelta(days=d),
+        )
+        for email, d in ages.items()
+    ]
+    events = [RefEvent(p.id, "login", p.created_at) for p in people[:2]]
+    with sessions() as session:
+        project = session.execute(
+            text("INSERT INTO projects (name) VALUES ('relative') RETURNING id")
+        ).scalar_one()
+        for p in people:
+            session.execute(
+                text(
+                    "INSERT INTO contacts (project_id, id, email, data, created_at, updated_at) "
+                    "VALUES (:p, :id, :email, CAST(:data AS jsonb), :at, :at)"
+                ),
+                {
+                    "p": project,
+                    "id": p.id,
+                    "email": p.email,
+                    "data": json.dumps(p.data),
+                    "at": p.created_at,
+                },
+            )
+        for e in events:
+            session.execute(
+                text(
+                    "INSERT INTO events (project_id, contact_id, name, occurred_at) "
+                    "VALUES (:p, :c, :n, :at)"
+                ),
+                {"p": project, "c": e.contact_id, "n": e.name, "at": e.occurred_at},
+            )
+        c = tables.contacts.c
+        relative: dict[str, Any] = {}
+        once = compile_members(
+            parse_condition(raw), CompileContext(now=earlier, relative=relative), project
+        )
+        assert relative, "the instant's values are parameters"
+
+        def selected(members: Any, params: dict[str, Any]) -> set[str]:
+            query = select(c.email).where(c.project_id == project, c.id.in_(members))
+            return set(session.execute(query, params).scalars())
+
+        try:
+            answers = {}
+            for instant in (earlier, NOW):
+                expected = {p.email for p in people if evaluate(raw, p, events, instant, {})}
+                fresh = compile_members(parse_condition(raw), CompileContext(now=instant), project)
+                assert selected(fresh, {}) == expected
+                assert selected(once, relative_values(relative, instant)) == expected
+                answers[instant] = expected
+            assert answers[earlier] != answers[NOW]
+        finally:
+            session.rollback()
 
 
 def _in_offset(instant: datetime, offset: str) -> str:

@@ -192,6 +192,61 @@ def test_condition_change_records_the_difference(
     ]
 
 
+def test_batches_after_a_definition_change_evaluate_the_new_one(
+    stubs: Stubs, project: Project, engine: Engine
+) -> None:
+    # A batch's statement is built once per set of definitions and reused by the batches
+    # after it: a new name, or a changed condition of a referenced segment, must reach the
+    # next batch. Visits re-evaluate only "Active pro" (the one segment reading them).
+    def within(event: str) -> dict[str, Any]:
+        return {
+            "field": f"event.{event}",
+            "operator": "triggeredWithin",
+            "value": 7,
+            "unit": "days",
+        }
+
+    def ingest(email: str, *names: str) -> None:
+        for name in names:
+            stubs.events.IngestEvents(
+                events_pb2.IngestEventsRequest(
+                    events=[events_pb2.IngestedEvent(email=email, event=name)]
+                ),
+                metadata=project.auth,
+            )
+
+    inner = create(stubs, project, "Active", cond(within("click")), track=False)
+    outer = create(
+        stubs,
+        project,
+        "Active pro",
+        cond({"field": f"segment.{inner.id}", "operator": "memberOfSegment"}, within("visit")),
+    )
+    ingest("a@x.com", "click", "visit")
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(id=outer.id, name="Clicked pro"), metadata=project.auth
+    )
+    ingest("b@x.com", "click", "visit")
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(id=inner.id, condition=cond(within("purchase"))),
+        metadata=project.auth,
+    )
+    ingest("c@x.com", "purchase", "visit")
+    ingest("d@x.com", "click", "visit")
+    got = segment_events(engine, project)
+    assert got[:2] == [
+        ("segment.active-pro.entry", "a@x.com"),
+        ("segment.clicked-pro.entry", "b@x.com"),
+    ]
+    assert sorted(got[2:4]) == [
+        ("segment.clicked-pro.exit", "a@x.com"),
+        ("segment.clicked-pro.exit", "b@x.com"),
+    ]
+    assert got[4:] == [("segment.clicked-pro.entry", "c@x.com")]
+    assert member_count(stubs, project, inner.id) == 1
+    assert member_count(stubs, project, outer.id) == 1
+
+
 def test_static_member_calls_emit_nothing(stubs: Stubs, project: Project, engine: Engine) -> None:
     seg = stubs.segments.CreateSegment(
         segments_pb2.CreateSegmentRequest(

@@ -20,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,6 +32,8 @@ from sqlalchemy import (
     Select,
     Text,
     Uuid,
+    any_,
+    bindparam,
     column,
     delete,
     exists,
@@ -49,11 +53,13 @@ from segments_service import tables
 from segments_service.filters import (
     CompileContext,
     Condition,
+    Derive,
     Filter,
     SegmentDefinition,
     compile_members,
     load_references,
     parse_condition,
+    relative_values,
 )
 
 log = logging.getLogger(__name__)
@@ -155,10 +161,23 @@ class Dynamic:
         """Whether entry/exit events (of any segment) can change this one's membership."""
         return any(name.startswith("segment.") for name in self.event_names)
 
-    def members(self, project_id: uuid.UUID, now: datetime, scope: Any = None) -> Select[Any]:
-        """The ids of its members at `now` (among `scope`, an `= ANY` array, if given)."""
-        ctx = CompileContext(now=now, segments=self.references)
+    def members(
+        self,
+        project_id: uuid.UUID,
+        now: datetime,
+        scope: Any = None,
+        relative: dict[str, Derive] | None = None,
+    ) -> Select[Any]:
+        """The ids of its members at `now` (among `scope`, an `= ANY` array, if given);
+        `relative`: see CompileContext."""
+        ctx = CompileContext(now=now, segments=self.references, relative=relative)
         return compile_members(self.condition, ctx, project_id, scope)
+
+    @property
+    def signature(self) -> Hashable:
+        """Everything its member statement is built from but the instant and the ids."""
+        refs = tuple(sorted((str(i), repr(d)) for i, d in self.references.items()))
+        return (self.id, self.name, self.tracked, repr(self.condition), refs)
 
 
 def dynamic_segments(
@@ -196,20 +215,26 @@ def desired_members(
     segments: Sequence[Dynamic],
     scope: Scope,
     now: datetime,
+    relative: dict[str, Derive] | None = None,
 ) -> Select[Any]:
-    """(segment_id, contact_id) of every member, among the scope's contacts."""
+    """(segment_id, contact_id) of every member, among the scope's contacts.
+
+    The scope's lists are the parameters `scope_0`, `scope_1`, ... (scope_lists), given
+    at execution; `relative`: see CompileContext."""
     # One array parameter per distinct list of ids, however many places read it.
     arrays: dict[int, Any] = {}
 
     def scope_of(seg: Dynamic) -> Any:
         if scope is None:
             return None
-        ids = scope[seg.id]
-        return arrays.setdefault(id(ids), tables.any_uuid(ids))
+        key = id(scope[seg.id])
+        if key not in arrays:
+            arrays[key] = any_(bindparam(f"scope_{len(arrays)}", type_=tables.UUID_ARRAY))
+        return arrays[key]
 
     parts = []
     for seg in segments:
-        members = seg.members(project_id, now, scope_of(seg)).subquery()
+        members = seg.members(project_id, now, scope_of(seg), relative).subquery()
         parts.append(select(literal(seg.id, Uuid).label("segment_id"), members.c.contact_id))
     return union_all(*parts) if len(parts) > 1 else parts[0]  # type: ignore[return-value]
 
@@ -219,6 +244,45 @@ class Changes:
     entered: int
     exited: int
     events: int
+
+
+def scope_lists(
+    segments: Sequence[Dynamic], scope: Mapping[uuid.UUID, Sequence[uuid.UUID]]
+) -> tuple[tuple[int, ...], list[Sequence[uuid.UUID]]]:
+    """Which list (by identity) each segment's scope is, and the distinct lists in that
+    order: the parameters `scope_0`, `scope_1`, ... of desired_members."""
+    index: dict[int, int] = {}
+    lists: list[Sequence[uuid.UUID]] = []
+    for seg in segments:
+        if id(scope[seg.id]) not in index:
+            index[id(scope[seg.id])] = len(lists)
+            lists.append(scope[seg.id])
+    return tuple(index[id(scope[seg.id])] for seg in segments), lists
+
+
+# Statements that re-evaluate given contacts, by what they are built from (_apply): the
+# same segments meet every batch of events, and building the statement anew (compiling
+# each condition, then SQLAlchemy's cache key of the whole) cost a third of a batch's
+# Python time. They hold no ids; each is a few dozen kB.
+STATEMENT_CACHE_SIZE = 128
+_statements: OrderedDict[Hashable, tuple[Any, dict[str, Derive]]] = OrderedDict()
+_statements_lock = threading.Lock()
+
+
+def _cached_statement(
+    key: Hashable, build: Callable[[], tuple[Any, dict[str, Derive]]]
+) -> tuple[Any, dict[str, Derive]]:
+    with _statements_lock:
+        hit = _statements.get(key)
+        if hit is not None:
+            _statements.move_to_end(key)
+            return hit
+    built = build()
+    with _statements_lock:
+        _statements[key] = built
+        while len(_statements) > STATEMENT_CACHE_SIZE:
+            _statements.popitem(last=False)
+    return built
 
 
 def _apply(
@@ -232,8 +296,36 @@ def _apply(
 ) -> Changes:
     """Make `segment_members` match the conditions for the scope's contacts, in one
     statement; see the module doc."""
+    tracked = emit and any(seg.tracked for seg in segments)
+    if scope is None:
+        statement, relative = _apply_statement(project_id, segments, None, now, emit, None)
+        params: dict[str, Any] = {}
+    else:
+        pattern, lists = scope_lists(segments, scope)
+        key = (project_id, emit, pattern, tuple(seg.signature for seg in segments))
+        statement, relative = _cached_statement(
+            key, lambda: _apply_statement(project_id, segments, scope, now, emit, {})
+        )
+        params = {f"scope_{n}": list(ids) for n, ids in enumerate(lists)}
+        params["pair_segments"] = [seg.id for seg in segments for _ in scope[seg.id]]
+        params["pair_contacts"] = [i for seg in segments for i in scope[seg.id]]
+    params.update(relative_values(relative, now))
+    row = session.execute(statement, params).one()
+    return Changes(entered=row[0], exited=row[1], events=row[3] if tracked else 0)
+
+
+def _apply_statement(
+    project_id: uuid.UUID,
+    segments: Sequence[Dynamic],
+    scope: Scope,
+    now: datetime,
+    emit: bool,
+    relative: dict[str, Derive] | None,
+) -> tuple[Any, dict[str, Derive]]:
+    """_apply's statement. Scoped, the contacts are parameters (`scope_<n>` and the pairs,
+    see _apply) and with `relative`, so is the instant: it serves other batches."""
     m = tables.segment_members
-    desired = desired_members(project_id, segments, scope, now).cte("desired")
+    desired = desired_members(project_id, segments, scope, now, relative).cte("desired")
     seg_ids = [seg.id for seg in segments]
     c = tables.contacts.c
     entered = (
@@ -271,11 +363,10 @@ def _apply(
         # index condition of `segment_id = ANY(..) AND contact_id = ANY(..)` lets the
         # planner pick the listing index and read whole segments instead (11 ms of an
         # 18 ms batch at a million contacts).
-        pair_segments = [seg.id for seg in segments for _ in scope[seg.id]]
-        pair_contacts = [i for seg in segments for i in scope[seg.id]]
         pairs = (
             func.unnest(
-                literal(pair_segments, tables.UUID_ARRAY), literal(pair_contacts, tables.UUID_ARRAY)
+                bindparam("pair_segments", type_=tables.UUID_ARRAY),
+                bindparam("pair_contacts", type_=tables.UUID_ARRAY),
             )
             .table_valued(column("segment_id", Uuid), column("contact_id", Uuid))
             .render_derived(name="pairs", with_types=False)
@@ -315,8 +406,7 @@ def _apply(
         ).subquery("changes")
         recorded = _record_events(project_id, tracked, changes)
         outputs.append(select(func.count()).select_from(recorded).scalar_subquery())
-    row = session.execute(select(*outputs)).one()
-    return Changes(entered=row[0], exited=row[1], events=row[3] if tracked else 0)
+    return select(*outputs), relative or {}
 
 
 def _record_events(project_id: uuid.UUID, tracked: Sequence[Dynamic], changes: Any) -> Any:
