@@ -1,15 +1,18 @@
 """Embedded PostgreSQL setup: the guard against loosening private directories as root, and
-the server settings sized to the machine."""
+the server settings sized to the machine; the service's connection settings."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy import Engine, text
 
 from segments_service.database import (
     DatabaseSetupError,
@@ -89,3 +92,21 @@ def _shown_size(megabytes: str) -> str:
     """PostgreSQL shows 2048MB as 2GB."""
     mb = int(megabytes.removesuffix("MB"))
     return f"{mb // 1024}GB" if mb % 1024 == 0 else f"{mb}MB"
+
+
+def test_statements_run_often_are_planned_for_their_own_values(engine: Engine) -> None:
+    # psycopg prepares a statement from its fifth run; PostgreSQL may then switch it to a
+    # generic plan, one for every tenant and window. The service's connections plan each
+    # run for its own values instead.
+    statement = text("SELECT count(*) FROM contacts WHERE project_id = :p AND created_at > :t")
+    with engine.connect() as conn:
+        for _ in range(12):
+            conn.execute(statement, {"p": uuid.uuid4(), "t": datetime.now(UTC)}).scalar_one()
+        plans = conn.execute(
+            text(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                "WHERE statement LIKE 'SELECT count(*) FROM contacts WHERE project_id%'"
+            )
+        ).one()
+    assert plans.generic_plans == 0
+    assert plans.custom_plans >= 6
