@@ -219,22 +219,19 @@ def desired_members(
 ) -> Select[Any]:
     """(segment_id, contact_id) of every member, among the scope's contacts.
 
-    The scope's lists are the parameters `scope_0`, `scope_1`, ... (scope_lists), given
-    at execution; `relative`: see CompileContext."""
-    # One array parameter per distinct list of ids, however many places read it.
-    arrays: dict[int, Any] = {}
-
-    def scope_of(seg: Dynamic) -> Any:
-        if scope is None:
-            return None
-        key = id(scope[seg.id])
-        if key not in arrays:
-            arrays[key] = any_(bindparam(f"scope_{len(arrays)}", type_=tables.UUID_ARRAY))
-        return arrays[key]
-
+    The scope's lists are parameters given at execution (scope_parameters);
+    `relative`: see CompileContext."""
+    scopes: list[Any] = [None] * len(segments)
+    if scope is not None:
+        # One array parameter per distinct list of ids, however many places read it.
+        which, lists = scope_lists(segments, scope)
+        arrays = [
+            any_(bindparam(_scope_parameter(n), type_=tables.UUID_ARRAY)) for n in range(len(lists))
+        ]
+        scopes = [arrays[n] for n in which]
     parts = []
-    for seg in segments:
-        members = seg.members(project_id, now, scope_of(seg), relative).subquery()
+    for seg, seg_scope in zip(segments, scopes, strict=True):
+        members = seg.members(project_id, now, seg_scope, relative).subquery()
         parts.append(select(literal(seg.id, Uuid).label("segment_id"), members.c.contact_id))
     return union_all(*parts) if len(parts) > 1 else parts[0]  # type: ignore[return-value]
 
@@ -250,7 +247,7 @@ def scope_lists(
     segments: Sequence[Dynamic], scope: Mapping[uuid.UUID, Sequence[uuid.UUID]]
 ) -> tuple[tuple[int, ...], list[Sequence[uuid.UUID]]]:
     """Which list (by identity) each segment's scope is, and the distinct lists in that
-    order: the parameters `scope_0`, `scope_1`, ... of desired_members."""
+    order: one array parameter each in desired_members."""
     index: dict[int, int] = {}
     lists: list[Sequence[uuid.UUID]] = []
     for seg in segments:
@@ -258,6 +255,23 @@ def scope_lists(
             index[id(scope[seg.id])] = len(lists)
             lists.append(scope[seg.id])
     return tuple(index[id(scope[seg.id])] for seg in segments), lists
+
+
+def _scope_parameter(n: int) -> str:
+    return f"scope_{n}"
+
+
+def scope_parameters(
+    segments: Sequence[Dynamic],
+    scope: Mapping[uuid.UUID, Sequence[uuid.UUID]],
+    lists: Sequence[Sequence[uuid.UUID]],
+) -> dict[str, Any]:
+    """The values of desired_members' parameters for this scope (`lists` from
+    scope_lists), and of the (segment, contact) pairs _apply's exits probe."""
+    params: dict[str, Any] = {_scope_parameter(n): list(ids) for n, ids in enumerate(lists)}
+    params["pair_segments"] = [seg.id for seg in segments for _ in scope[seg.id]]
+    params["pair_contacts"] = [i for seg in segments for i in scope[seg.id]]
+    return params
 
 
 # Statements that re-evaluate given contacts, by what they are built from (_apply): the
@@ -296,22 +310,20 @@ def _apply(
 ) -> Changes:
     """Make `segment_members` match the conditions for the scope's contacts, in one
     statement; see the module doc."""
-    tracked = emit and any(seg.tracked for seg in segments)
     if scope is None:
         statement, relative = _apply_statement(project_id, segments, None, now, emit, None)
         params: dict[str, Any] = {}
     else:
-        pattern, lists = scope_lists(segments, scope)
-        key = (project_id, emit, pattern, tuple(seg.signature for seg in segments))
+        which, lists = scope_lists(segments, scope)
+        key = (project_id, emit, which, tuple(seg.signature for seg in segments))
         statement, relative = _cached_statement(
             key, lambda: _apply_statement(project_id, segments, scope, now, emit, {})
         )
-        params = {f"scope_{n}": list(ids) for n, ids in enumerate(lists)}
-        params["pair_segments"] = [seg.id for seg in segments for _ in scope[seg.id]]
-        params["pair_contacts"] = [i for seg in segments for i in scope[seg.id]]
+        params = scope_parameters(segments, scope, lists)
     params.update(relative_values(relative, now))
     row = session.execute(statement, params).one()
-    return Changes(entered=row[0], exited=row[1], events=row[3] if tracked else 0)
+    # A fourth output, the events recorded, exists only when a tracked segment is there.
+    return Changes(entered=row[0], exited=row[1], events=row[3] if len(row) > 3 else 0)
 
 
 def _apply_statement(
@@ -322,8 +334,8 @@ def _apply_statement(
     emit: bool,
     relative: dict[str, Derive] | None,
 ) -> tuple[Any, dict[str, Derive]]:
-    """_apply's statement. Scoped, the contacts are parameters (`scope_<n>` and the pairs,
-    see _apply) and with `relative`, so is the instant: it serves other batches."""
+    """_apply's statement. Scoped, the contacts are parameters (scope_parameters) and with
+    `relative`, so is the instant: it serves other batches."""
     m = tables.segment_members
     desired = desired_members(project_id, segments, scope, now, relative).cte("desired")
     seg_ids = [seg.id for seg in segments]
