@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -413,13 +414,28 @@ def _select_in(
     raw: dict[str, Any],
     created: dict[str, datetime],
 ) -> set[str]:
-    project = session.execute(
-        text("INSERT INTO projects (name) VALUES ('filters') RETURNING id")
-    ).scalar_one()
     people = [
         RefContact(uuid.uuid4(), email, True, d, created.get(email, NOW), NOW)
         for email, d in data.items()
     ]
+    project = _project_with(session, people)
+    c = tables.contacts.c
+    members = compile_members(parse_condition(raw), CompileContext(now=NOW), project)
+    found = set(
+        session.execute(select(c.email).where(c.project_id == project, c.id.in_(members))).scalars()
+    )
+    expected = {p.email for p in people if evaluate(raw, p, [], NOW, {})}
+    assert found == expected
+    return found
+
+
+def _project_with(
+    session: Session, people: list[RefContact], events: Sequence[RefEvent] = ()
+) -> uuid.UUID:
+    """A new project holding these contacts and events; answers its id."""
+    project: uuid.UUID = session.execute(
+        text("INSERT INTO projects (name) VALUES ('filters') RETURNING id")
+    ).scalar_one()
     for p in people:
         session.execute(
             text(
@@ -435,14 +451,15 @@ def _select_in(
                 "updated": p.updated_at,
             },
         )
-    c = tables.contacts.c
-    members = compile_members(parse_condition(raw), CompileContext(now=NOW), project)
-    found = set(
-        session.execute(select(c.email).where(c.project_id == project, c.id.in_(members))).scalars()
-    )
-    expected = {p.email for p in people if evaluate(raw, p, [], NOW, {})}
-    assert found == expected
-    return found
+    for e in events:
+        session.execute(
+            text(
+                "INSERT INTO events (project_id, contact_id, name, occurred_at) "
+                "VALUES (:p, :c, :n, :at)"
+            ),
+            {"p": project, "c": e.contact_id, "n": e.name, "at": e.occurred_at},
+        )
+    return project
 
 
 def test_data_paths_walk_objects_not_arrays(sessions: sessionmaker[Session]) -> None:
@@ -595,31 +612,7 @@ def test_a_statement_compiled_relative_to_its_instant_serves_any_instant(
     ]
     events = [RefEvent(p.id, "login", p.created_at) for p in people[:2]]
     with sessions() as session:
-        project = session.execute(
-            text("INSERT INTO projects (name) VALUES ('relative') RETURNING id")
-        ).scalar_one()
-        for p in people:
-            session.execute(
-                text(
-                    "INSERT INTO contacts (project_id, id, email, data, created_at, updated_at) "
-                    "VALUES (:p, :id, :email, CAST(:data AS jsonb), :at, :at)"
-                ),
-                {
-                    "p": project,
-                    "id": p.id,
-                    "email": p.email,
-                    "data": json.dumps(p.data),
-                    "at": p.created_at,
-                },
-            )
-        for e in events:
-            session.execute(
-                text(
-                    "INSERT INTO events (project_id, contact_id, name, occurred_at) "
-                    "VALUES (:p, :c, :n, :at)"
-                ),
-                {"p": project, "c": e.contact_id, "n": e.name, "at": e.occurred_at},
-            )
+        project = _project_with(session, people, events)
         c = tables.contacts.c
         relative: dict[str, Any] = {}
         once = compile_members(
