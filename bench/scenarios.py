@@ -93,27 +93,24 @@ def _utc_day(instant: str) -> str:
     return f"(SELECT to_char({instant} AT TIME ZONE 'UTC', 'YYYY-MM-DD'))"
 
 
+def _names(names: tuple[str, ...], alias: str = "") -> str:
+    column = f"{alias}name"
+    if len(names) == 1:
+        return f"{column} = '{names[0]}'"
+    return f"{column} IN (" + ", ".join(f"'{n}'" for n in names) + ")"
+
+
 # Distinct contacts with at least one matching event (index-only scan of events_by_name).
 def _event_contacts(names: tuple[str, ...], days: int | None = None) -> str:
-    name_sql = (
-        f"name = '{names[0]}'"
-        if len(names) == 1
-        else "name IN (" + ", ".join(f"'{n}'" for n in names) + ")"
-    )
     window = f" AND occurred_at >= {_since(days)}" if days is not None else ""
-    return f"SELECT contact_id FROM events WHERE project_id = :p AND {name_sql}{window}"
+    return f"SELECT contact_id FROM events WHERE project_id = :p AND {_names(names)}{window}"
 
 
 def _has_event(names: tuple[str, ...], days: int | None = None, alias: str = "c") -> str:
-    name_sql = (
-        f"e.name = '{names[0]}'"
-        if len(names) == 1
-        else "e.name IN (" + ", ".join(f"'{n}'" for n in names) + ")"
-    )
     window = f" AND e.occurred_at >= {_since(days)}" if days is not None else ""
     return (
         f"EXISTS (SELECT 1 FROM events e WHERE e.project_id = :p AND e.contact_id = {alias}.id"
-        f" AND {name_sql}{window})"
+        f" AND {_names(names, 'e.')}{window})"
     )
 
 
