@@ -1,6 +1,6 @@
 """Migrations with data to carry: 0004 (events lose their foreign key to contacts, and get it
 back on downgrade), 0006 (event_stats filled from the events there are) and 0007 (which
-takes it away again, and whose downgrade refills it); and 0008's index swap both ways."""
+takes it away again, and whose downgrade refills it)."""
 
 from __future__ import annotations
 
@@ -112,39 +112,6 @@ def test_event_stats_come_and_go_with_the_events_there_are(empty_database_url: s
         with engine.begin() as conn:
             assert relation(conn, "event_stats") is None
             assert relation(conn, "events_by_name") is not None
-        command.upgrade(cfg, "head")
-    finally:
-        engine.dispose()
-
-
-# NULL for an index that does not exist.
-INDEX_COLUMNS = text("SELECT pg_get_indexdef(to_regclass(CAST(:n AS text)))")
-
-
-def test_events_index_by_name_then_contact_replaces_contact_first(
-    empty_database_url: str,
-) -> None:
-    cfg = alembic_config(empty_database_url)
-    command.upgrade(cfg, "0007")
-    engine = create_engine(empty_database_url, poolclass=pool.NullPool)
-
-    def definition(name: str) -> str | None:
-        with engine.connect() as conn:
-            return conn.execute(INDEX_COLUMNS, {"n": name}).scalar()
-
-    try:
-        assert definition("events_by_name_contact") is None
-        assert "(project_id, contact_id, name, occurred_at DESC)" in str(
-            definition("events_by_contact")
-        )
-        command.upgrade(cfg, "0008")
-        assert definition("events_by_contact") is None
-        assert "(project_id, name, contact_id, occurred_at DESC)" in str(
-            definition("events_by_name_contact")
-        )
-        command.downgrade(cfg, "0007")
-        assert definition("events_by_name_contact") is None
-        assert definition("events_by_contact") is not None
         command.upgrade(cfg, "head")
     finally:
         engine.dispose()

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, any_, bindparam, cast, delete, func, select, text
+from sqlalchemy import Row, bindparam, delete, func, select, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Session
 from sqlalchemy.types import Text
@@ -225,28 +225,6 @@ def get_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUID) 
     return row
 
 
-def event_names(project_id: uuid.UUID) -> ColumnElement[Any]:
-    """An array of the distinct event names of a project, one index descent each.
-
-    `events` is indexed by (project, name, ...) only, so a contact's events are found name
-    by name: each step of this recursive CTE reads the next name after the last from one
-    of those indexes, where DISTINCT would read every event of the project.
-    """
-    e = tables.events.c
-    later = tables.events.alias("later")
-    first = select(func.min(e.name).label("name")).where(e.project_id == project_id)
-    names = first.cte("event_names", recursive=True)
-    following = (
-        select(func.min(later.c.name))
-        .where(later.c.project_id == project_id, later.c.name > names.c.name)
-        .scalar_subquery()
-    )
-    names = names.union_all(select(following).where(names.c.name.is_not(None)))
-    listed = select(func.array_agg(names.c.name)).where(names.c.name.is_not(None))
-    # The cast makes it one array value: `= ANY (SELECT ...)` would compare with each row.
-    return cast(listed.scalar_subquery(), ARRAY(Text))
-
-
 def delete_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUID) -> None:
     """Delete a contact with its events and memberships.
 
@@ -261,14 +239,7 @@ def delete_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUI
         raise NotFound(f"contact {contact_id} not found")
     e = tables.events.c
     session.execute(
-        delete(tables.events).where(
-            e.project_id == project_id,
-            # An array, not IN (SELECT ...): `name = ANY($array)` is an index condition, a
-            # probe per name, where a join could read the project's every event for the
-            # contact on servers without skip scans (before PostgreSQL 18).
-            e.name == any_(event_names(project_id)),
-            e.contact_id == contact_id,
-        )
+        delete(tables.events).where(e.project_id == project_id, e.contact_id == contact_id)
     )
     membership.forget_contact(session, project_id, contact_id)
     session.execute(delete(tables.contacts).where(c.project_id == project_id, c.id == contact_id))

@@ -71,7 +71,7 @@ def embedded_settings(ram_bytes: int | None = None) -> dict[str, str]:
     PostgreSQL's default of 128 MB of shared buffers is meant for a small shared host: at a
     million contacts the event indexes would not stay cached. A quarter of memory (at most
     8 GB) is the usual dedicated-server setting: what an event batch touches at random
-    (events_by_name_contact, the contacts) is 2.4 GB at a million contacts, and with 2 GB of
+    (events_by_contact, the contacts) is 2.4 GB at a million contacts, and with 2 GB of
     buffers every batch replaced hundreds of pages; JIT compilation costs more than it saves
     on statements that run for milliseconds; random reads cost little on SSDs. work_mem
     stays at 4 MB: a larger one lets the planner hash all of a project's contacts for an
