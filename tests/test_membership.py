@@ -414,7 +414,9 @@ def test_deleting_a_contact_deletes_its_history(
     stubs: Stubs, project: Project, engine: Engine
 ) -> None:
     buyers = create(stubs, project, "Buyers", cond({"field": "purchase", "operator": "triggered"}))
-    assert ingest(stubs, project, ("a@x.com", "purchase"), ("a@x.com", "login")) == 2
+    # Events of several names, the segment's entry events among them, and a neighbour's.
+    history = [("a@x.com", name) for name in ("purchase", "login", "email.opened", "zz last")]
+    assert ingest(stubs, project, *history, ("b@x.com", "login"), ("b@x.com", "purchase")) == 6
     contact = stubs.contacts.GetContact(
         contacts_pb2.GetContactRequest(id=upsert(stubs, project, "a@x.com").id),
         metadata=project.auth,
@@ -423,9 +425,15 @@ def test_deleting_a_contact_deletes_its_history(
         contacts_pb2.DeleteContactRequest(id=contact.id), metadata=project.auth
     )
     assert orphan_events(engine) == 0
-    # The same email later is a new contact with none of the old history.
+    with engine.connect() as conn:
+        left = conn.execute(
+            text("SELECT name FROM events WHERE project_id = :p ORDER BY name"),
+            {"p": project.id},
+        ).scalars()
+        assert list(left) == ["login", "purchase", "segment.buyers.entry"]
+    # The same email later is a new contact with none of the old history: b stays alone.
     assert ingest(stubs, project, ("a@x.com", "login")) == 1
-    assert member_count(stubs, project, buyers.id) == 0
+    assert member_count(stubs, project, buyers.id) == 1
 
 
 def test_events_racing_a_delete_leave_no_orphans(
