@@ -119,7 +119,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     m = p.add_argument_group("measurements")
     m.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median)")
     m.add_argument(
-        "--ingest-events", type=int, default=200_000, help="events in the throughput run"
+        "--ingest-events",
+        type=int,
+        default=600_000,
+        help="events in the throughput run (600,000: about 30 s, past the first writes "
+        "after a checkpoint)",
     )
     m.add_argument("--ingest-workers", type=int, default=4, help="concurrent IngestEvents callers")
     m.add_argument("--tracking-seconds", type=float, default=30.0)
@@ -1326,6 +1330,36 @@ def guarded(results: dict[str, Any], key: str, fn: Callable[[], Any]) -> Any:
     return value
 
 
+def wal_totals(env: Env) -> tuple[int, int, int] | None:
+    """The server's WAL records, full-page images and bytes so far (pg_stat_wal, PostgreSQL
+    14 and later), or None where they cannot be read."""
+    try:
+        with env.engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")
+            ).one()
+    except DBAPIError:
+        return None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def wal_per_1000(
+    before: tuple[int, int, int] | None, after: tuple[int, int, int] | None, events: int
+) -> dict[str, Any] | None:
+    """The WAL written between two wal_totals, per 1,000 events. The first change of a page
+    after a checkpoint writes the whole page (a full-page image): a run that starts a
+    checkpoint cycle's writes to the event indexes writes several times the WAL of one
+    that follows them, and ingests more slowly (BENCHMARKS.md, "Ingestion")."""
+    if before is None or after is None or not events:
+        return None
+    per = 1000 / events
+    return {
+        "records": round((after[0] - before[0]) * per),
+        "full_page_images": round((after[1] - before[1]) * per),
+        "mb": round((after[2] - before[2]) * per / 1e6, 2),
+    }
+
+
 def phase_ingestion(env: Env, stack: Stack) -> dict[str, Any]:
     key = env.keys["main"]
     tracked: dict[str, str] = {}
@@ -1339,7 +1373,9 @@ def phase_ingestion(env: Env, stack: Stack) -> dict[str, Any]:
     pool = sample_emails(env, "main", min(300_000, env.dataset.project("main").contacts))
     throughput(stack, key, build_batches(pool, 5_000, 1000, rng, "warm"), env.args.ingest_workers)
     batches = build_batches(pool, env.args.ingest_events, 1000, rng, "tput")
+    before = wal_totals(env)
     tput = throughput(stack, key, batches, env.args.ingest_workers)
+    tput["wal_per_1000_events"] = wal_per_1000(before, wal_totals(env), tput["events"])
     log(
         f"    throughput: {tput['events_per_second']:,} events/s "
         f"(batch p50 {tput['batch_ms']['median']} ms)"
@@ -1752,7 +1788,14 @@ def render_figures(results: dict[str, Any]) -> str:
             fmt_=lambda t: (
                 f"{t['events_per_second']:,} events/s ({t['events']:,} events, "
                 f"{t['workers']} callers, batch p50 {t['batch_ms']['median']} ms, "
-                f"p95 {t['batch_ms']['p95']} ms)"
+                f"p95 {t['batch_ms']['p95']} ms; 5 s windows "
+                f"{', '.join(f'{n:,}' for n in t['events_per_second_5s_windows'])}"
+                + (
+                    f"; per 1,000 events {w['full_page_images']} full-page images, "
+                    f"{w['mb']} MB of WAL)"
+                    if (w := t.get("wal_per_1000_events"))
+                    else ")"
+                )
             ),
         ),
         line(
