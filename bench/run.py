@@ -122,8 +122,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--ingest-events",
         type=int,
         default=600_000,
-        help="events in the throughput run (600,000: about 30 s, past the first writes "
-        "after a checkpoint)",
+        help="events in the throughput run (about 30 s at the target rate)",
     )
     m.add_argument("--ingest-workers", type=int, default=4, help="concurrent IngestEvents callers")
     m.add_argument("--tracking-seconds", type=float, default=30.0)
