@@ -261,6 +261,10 @@ def _scope_parameter(n: int) -> str:
     return f"scope_{n}"
 
 
+# The parameters of the (segment, contact) pairs _apply's exits probe.
+_PAIR_SEGMENTS, _PAIR_CONTACTS = "pair_segments", "pair_contacts"
+
+
 def scope_parameters(
     segments: Sequence[Dynamic],
     scope: Mapping[uuid.UUID, Sequence[uuid.UUID]],
@@ -269,8 +273,8 @@ def scope_parameters(
     """The values of desired_members' parameters for this scope (`lists` from
     scope_lists), and of the (segment, contact) pairs _apply's exits probe."""
     params: dict[str, Any] = {_scope_parameter(n): list(ids) for n, ids in enumerate(lists)}
-    params["pair_segments"] = [seg.id for seg in segments for _ in scope[seg.id]]
-    params["pair_contacts"] = [i for seg in segments for i in scope[seg.id]]
+    params[_PAIR_SEGMENTS] = [seg.id for seg in segments for _ in scope[seg.id]]
+    params[_PAIR_CONTACTS] = [i for seg in segments for i in scope[seg.id]]
     return params
 
 
@@ -377,8 +381,8 @@ def _apply_statement(
         # 18 ms batch at a million contacts).
         pairs = (
             func.unnest(
-                bindparam("pair_segments", type_=tables.UUID_ARRAY),
-                bindparam("pair_contacts", type_=tables.UUID_ARRAY),
+                bindparam(_PAIR_SEGMENTS, type_=tables.UUID_ARRAY),
+                bindparam(_PAIR_CONTACTS, type_=tables.UUID_ARRAY),
             )
             .table_valued(column("segment_id", Uuid), column("contact_id", Uuid))
             .render_derived(name="pairs", with_types=False)
