@@ -462,6 +462,143 @@ def test_events_racing_a_delete_leave_no_orphans(
         assert orphan_events(engine) == 0
 
 
+def orphan_memberships(engine: Engine) -> int:
+    """Memberships whose contact or segment does not exist (migration 0008 took their
+    foreign keys away): none may ever be left behind."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM segment_members m "
+                    "WHERE NOT EXISTS (SELECT 1 FROM contacts c "
+                    "WHERE c.project_id = m.project_id AND c.id = m.contact_id) "
+                    "OR NOT EXISTS (SELECT 1 FROM segments s "
+                    "WHERE s.project_id = m.project_id AND s.id = m.segment_id)"
+                )
+            ).scalar_one()
+        )
+
+
+def stored_members(engine: Engine, project: Project) -> dict[str, list[str]]:
+    """Segment name -> member emails, as stored in segment_members."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT s.name, c.email FROM segment_members m "
+                "JOIN segments s ON s.project_id = m.project_id AND s.id = m.segment_id "
+                "JOIN contacts c ON c.project_id = m.project_id AND c.id = m.contact_id "
+                "WHERE m.project_id = :p ORDER BY s.name, c.email"
+            ),
+            {"p": project.id},
+        )
+        found: dict[str, list[str]] = {}
+        for r in rows:
+            found.setdefault(r.name, []).append(r.email)
+        return found
+
+
+def test_deleting_a_segment_deletes_its_memberships(
+    stubs: Stubs, project: Project, engine: Engine
+) -> None:
+    gone = create(stubs, project, "Gone", cond(PREMIUM), track=False)
+    kept = create(stubs, project, "Kept", cond(PREMIUM), track=False)
+    for email in ("a@x.com", "b@x.com"):
+        upsert(stubs, project, email, plan="premium")
+    upsert(stubs, project, "c@x.com", plan="free")
+    assert stored_members(engine, project) == {
+        "Gone": ["a@x.com", "b@x.com"],
+        "Kept": ["a@x.com", "b@x.com"],
+    }
+    stubs.segments.DeleteSegment(
+        segments_pb2.DeleteSegmentRequest(id=gone.id), metadata=project.auth
+    )
+    assert stored_members(engine, project) == {"Kept": ["a@x.com", "b@x.com"]}
+    assert orphan_memberships(engine) == 0
+    assert member_count(stubs, project, kept.id) == 2
+
+
+def test_deleting_a_segment_waits_for_writers_of_memberships(
+    stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    # A writer holds the project's membership lock from loading the definitions it
+    # evaluates until it commits; the delete must not run in between.
+    seg = create(stubs, project, "Busy", cond(PREMIUM), track=False)
+    upsert(stubs, project, "a@x.com", plan="premium")
+    with sessions.begin() as writer:
+        membership.lock_shared(writer, uuid.UUID(project.id))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            deleting = pool.submit(
+                stubs.segments.DeleteSegment,
+                segments_pb2.DeleteSegmentRequest(id=seg.id),
+                metadata=project.auth,
+            )
+            deadline = time.monotonic() + 10
+            while not advisory_waiters(engine) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert advisory_waiters(engine) == 1
+            assert not deleting.done()
+            writer.commit()
+            deleting.result(timeout=10)
+    assert stored_members(engine, project) == {}
+    assert orphan_memberships(engine) == 0
+
+
+def advisory_waiters(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            ).scalar_one()
+        )
+
+
+def test_memberships_racing_deletes_leave_no_orphans(
+    stubs: Stubs, project: Project, engine: Engine
+) -> None:
+    # Each round, batches make a contact enter two segments while one of the segments and
+    # the contact are deleted: whatever commits first, no membership may outlive either.
+    for round_ in range(10):
+        email = f"race{round_}@x.com"
+        contact_id = upsert(stubs, project, email).id
+        doomed = create(
+            stubs, project, f"Doomed {round_}", cond({"field": "login", "operator": "triggered"})
+        )
+        barrier = threading.Barrier(4)
+
+        def record(email: str = email, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            ingest(stubs, project, *[(email, "login")] * 20, ("other@x.com", "login"))
+
+        def drop_segment(seg_id: str = doomed.id, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            stubs.segments.DeleteSegment(
+                segments_pb2.DeleteSegmentRequest(id=seg_id), metadata=project.auth
+            )
+
+        def drop_contact(
+            contact_id: str = contact_id, barrier: threading.Barrier = barrier
+        ) -> None:
+            barrier.wait()
+            stubs.contacts.DeleteContact(
+                contacts_pb2.DeleteContactRequest(id=contact_id), metadata=project.auth
+            )
+
+        if round_ == 0:
+            steady = create(
+                stubs, project, "Steady", cond({"field": "login", "operator": "triggered"})
+            )
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            tasks = [pool.submit(record), pool.submit(record)]
+            tasks += [pool.submit(drop_segment), pool.submit(drop_contact)]
+            for future in tasks:
+                future.result()
+        assert orphan_memberships(engine) == 0
+        # The surviving segment's count is exactly its stored members.
+        members = stored_members(engine, project).get("Steady", [])
+        assert member_count(stubs, project, steady.id) == len(members)
+        assert "other@x.com" in members
+
+
 def test_concurrent_batches_for_one_contact_see_each_others_events(
     stubs: Stubs, project: Project, engine: Engine
 ) -> None:

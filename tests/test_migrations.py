@@ -1,6 +1,7 @@
 """Migrations with data to carry: 0004 (events lose their foreign key to contacts, and get it
 back on downgrade), 0006 (event_stats filled from the events there are) and 0007 (which
-takes it away again, and whose downgrade refills it)."""
+takes it away again, and whose downgrade refills it); 0008 (memberships lose their
+foreign keys to contacts and segments, and get them back on downgrade)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,48 @@ def test_event_stats_come_and_go_with_the_events_there_are(empty_database_url: s
         with engine.begin() as conn:
             assert relation(conn, "event_stats") is None
             assert relation(conn, "events_by_name") is not None
+        command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()
+
+
+MEMBERS = text("SELECT segment_id, contact_id FROM segment_members ORDER BY contact_id")
+ADD_MEMBER = text(
+    "INSERT INTO segment_members (project_id, segment_id, contact_id, contact_created_at) "
+    "VALUES (:p, :s, :c, now())"
+)
+
+
+def test_membership_foreign_keys_go_and_come_back(empty_database_url: str) -> None:
+    cfg = alembic_config(empty_database_url)
+    command.upgrade(cfg, "0008")
+    engine = create_engine(empty_database_url, poolclass=pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            project, contact = project_with_contact(conn)
+            segment = conn.execute(
+                text(
+                    "INSERT INTO segments (project_id, name, type, condition) "
+                    "VALUES (:p, 's', 'DYNAMIC', '{}') RETURNING id"
+                ),
+                {"p": project},
+            ).scalar_one()
+            # Without the keys, a membership of no contact or no segment is storable
+            # (writers prevent it).
+            for s, c in ((segment, contact), (segment, uuid.uuid4()), (uuid.uuid4(), contact)):
+                conn.execute(ADD_MEMBER, {"p": project, "s": s, "c": c})
+            assert len(conn.execute(MEMBERS).all()) == 3
+        command.downgrade(cfg, "0007")
+        with engine.begin() as conn:
+            # The orphans went; the real membership stayed.
+            assert conn.execute(MEMBERS).all() == [(segment, contact)]
+        for s, c in ((segment, uuid.uuid4()), (uuid.uuid4(), contact)):
+            with pytest.raises(IntegrityError), engine.begin() as conn:
+                conn.execute(ADD_MEMBER, {"p": project, "s": s, "c": c})
+        with engine.begin() as conn:
+            # The restored keys cascade as before 0008.
+            conn.execute(text("DELETE FROM contacts WHERE id = :c"), {"c": contact})
+            assert conn.execute(MEMBERS).all() == []
         command.upgrade(cfg, "head")
     finally:
         engine.dispose()

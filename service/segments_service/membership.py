@@ -12,6 +12,10 @@ Concurrency, without a coordinator of our own:
   evaluate one after the other, and each real entry or exit is recorded exactly once.
 - Changing a definition (create, new condition, tracking on) takes the same lock in
   exclusive mode and rebuilds: no writer evaluates against a half-changed definition.
+- Deleting a contact takes the shared lock and the contact's row; deleting a segment takes
+  the exclusive lock. So no membership is written for a contact or segment being deleted,
+  and `segment_members` needs no foreign keys (migration 0008), whose per-row checks
+  doubled the time of a large create.
 - Everything happens in the caller's transaction: a crash leaves no partial state.
 """
 
@@ -513,8 +517,8 @@ def lock_contacts(
     any statement that takes the count or feed locks): concurrent writers of one contact evaluate one after the other, each
     statement seeing the events of those before it, and two writers never wait on each
     other in opposite orders. Writers of events hold at least a KEY SHARE lock of their
-    contacts (contacts.ensure_contacts) so none can be deleted meanwhile: events have no
-    foreign key (migration 0004).
+    contacts (contacts.ensure_contacts) so none can be deleted meanwhile: events and
+    memberships have no foreign key to contacts (migrations 0004 and 0008).
     """
     wanted = sorted(set(contact_ids))
     if not wanted:

@@ -341,7 +341,14 @@ def _refresh_definition(session: Session, current: Row[Any], changes: dict[str, 
 
 
 def delete_segment(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> None:
-    get_row(session, project_id, segment_id)
+    """Delete a segment with its memberships.
+
+    The project's membership lock is taken exclusively first: every writer of
+    `segment_members` holds it (shared or exclusive) from loading the definitions it
+    evaluates until it commits, so none is still writing for this segment, and none that
+    starts later sees it (memberships have no foreign keys, migration 0008)."""
+    membership.lock_exclusive(session, project_id)
+    row = get_row(session, project_id, segment_id)
     r = tables.segment_references.c
     s = tables.segments.c
     users = session.execute(
@@ -357,6 +364,13 @@ def delete_segment(session: Session, project_id: uuid.UUID, segment_id: uuid.UUI
             [str(u.id) for u in users],
         )
     session.execute(delete(tables.segments).where(s.project_id == project_id, s.id == segment_id))
+    if row.type == DYNAMIC:
+        m = tables.segment_members.c
+        session.execute(
+            delete(tables.segment_members).where(
+                m.project_id == project_id, m.segment_id == segment_id
+            )
+        )
 
 
 @dataclass(frozen=True)
