@@ -538,6 +538,9 @@ def reset(url: str, dataset: Dataset, log: Callable[[str], None]) -> None:
         conn.execute("SET statement_timeout = 0")
         with conn.transaction():
             conn.execute("DELETE FROM segment_references WHERE project_id = ANY(%s)", (ids,))
+            # Memberships keep their segment by the service's locks, not a foreign key
+            # (migration 0008): deleting segments here must take them along.
+            conn.execute("DELETE FROM segment_members WHERE project_id = ANY(%s)", (ids,))
             segments = conn.execute(
                 "DELETE FROM segments WHERE project_id = ANY(%s)", (ids,)
             ).rowcount
