@@ -192,6 +192,36 @@ def test_condition_change_records_the_difference(
     ]
 
 
+def test_a_new_condition_keeps_the_members_that_still_match(
+    stubs: Stubs, project: Project, engine: Engine
+) -> None:
+    # A rebuild inserts only memberships it does not store yet: a@ stays without a new
+    # entry, b@ leaves, c@ enters, and the count is the stored rows.
+    upsert(stubs, project, "a@x.com", plan="premium", country="US")
+    upsert(stubs, project, "b@x.com", plan="premium", country="DE")
+    upsert(stubs, project, "c@x.com", plan="free", country="US")
+    seg = create(stubs, project, "Shifting", cond(PREMIUM))
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(
+            id=seg.id,
+            condition=cond({"field": "data.country", "operator": "equals", "value": "US"}),
+        ),
+        metadata=project.auth,
+    )
+    assert stored_members(engine, project) == {"Shifting": ["a@x.com", "c@x.com"]}
+    assert member_count(stubs, project, seg.id) == 2
+    recorded = segment_events(engine, project)
+    # The create's entries, then the rebuild's changes (each statement's in any order).
+    assert sorted(recorded[:2]) == [
+        ("segment.shifting.entry", "a@x.com"),
+        ("segment.shifting.entry", "b@x.com"),
+    ]
+    assert sorted(recorded[2:]) == [
+        ("segment.shifting.entry", "c@x.com"),
+        ("segment.shifting.exit", "b@x.com"),
+    ]
+
+
 def test_batches_after_a_definition_change_evaluate_the_new_one(
     stubs: Stubs, project: Project, engine: Engine
 ) -> None:

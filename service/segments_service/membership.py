@@ -329,9 +329,9 @@ def _apply(
         )
         params = scope_parameters(segments, scope, lists)
     params.update(relative_values(relative, now))
-    row = session.execute(statement, params).one()
-    # A fourth output, the events recorded, exists only when a tracked segment is there.
-    return Changes(entered=row[0], exited=row[1], events=row[3] if len(row) > 3 else 0)
+    row = session.execute(statement, params).one()._mapping
+    # The events recorded are an output only when a tracked segment is there.
+    return Changes(entered=row["entered"], exited=row["exited"], events=row.get("events", 0))
 
 
 def _apply_statement(
@@ -348,27 +348,41 @@ def _apply_statement(
     desired = desired_members(project_id, segments, scope, now, relative).cte("desired")
     seg_ids = [seg.id for seg in segments]
     c = tables.contacts.c
-    entered = (
-        pg_insert(m)
-        .from_select(
-            ["project_id", "segment_id", "contact_id", "contact_created_at"],
-            # Contacts are joined for the insert only, not in `desired`: many member sets
-            # never read contacts, and the exits need none of their columns.
-            select(
-                literal(project_id, Uuid),
-                desired.c.segment_id,
-                desired.c.contact_id,
-                c.created_at,
-            ).join_from(
-                desired,
-                tables.contacts,
-                (c.project_id == project_id) & (c.id == desired.c.contact_id),
-            ),
-        )
-        .on_conflict_do_nothing()
-        .returning(m.c.segment_id, m.c.contact_id)
-        .cte("entered")
+    # Contacts are joined for the insert only, not in `desired`: many member sets never
+    # read contacts, and the exits need none of their columns.
+    rows = select(
+        literal(project_id, Uuid),
+        desired.c.segment_id,
+        desired.c.contact_id,
+        c.created_at,
+    ).join_from(
+        desired,
+        tables.contacts,
+        (c.project_id == project_id) & (c.id == desired.c.contact_id),
     )
+    columns = ["project_id", "segment_id", "contact_id", "contact_created_at"]
+    if scope is None:
+        # A rebuild holds the project lock exclusively: nobody else inserts memberships
+        # meanwhile, so the new ones are the desired less the stored, inserted plainly and
+        # in contact order (two of the table's three indexes lead with the contact after
+        # the segment). A million members: 11 s, against 17-19 s with ON CONFLICT in
+        # random order.
+        stored = (
+            select(literal(1))
+            .where(
+                m.c.project_id == project_id,
+                m.c.segment_id == desired.c.segment_id,
+                m.c.contact_id == desired.c.contact_id,
+            )
+            .correlate(desired)
+        )
+        insert_new = insert(m).from_select(
+            columns, rows.where(~exists(stored)).order_by(desired.c.contact_id)
+        )
+    else:
+        # Batches insert the desired memberships of their contacts; stored ones are skipped.
+        insert_new = pg_insert(m).from_select(columns, rows).on_conflict_do_nothing()
+    entered = insert_new.returning(m.c.segment_id, m.c.contact_id).cte("entered")
     gone = delete(m).where(
         m.c.project_id == project_id,
         m.c.segment_id.in_(seg_ids),
@@ -414,10 +428,12 @@ def _apply_statement(
         .cte("counted")
     )
     tracked = [seg for seg in segments if seg.tracked] if emit else []
+    # The exits are counted, hence run, first: run after the inserts, their scan of a
+    # segment's stored memberships would step over every entry just inserted.
     outputs = [
-        select(func.count()).select_from(entered).scalar_subquery(),
-        select(func.count()).select_from(exited).scalar_subquery(),
-        select(func.count()).select_from(counted).scalar_subquery(),
+        select(func.count()).select_from(exited).scalar_subquery().label("exited"),
+        select(func.count()).select_from(entered).scalar_subquery().label("entered"),
+        select(func.count()).select_from(counted).scalar_subquery().label("counted"),
     ]
     if tracked:
         changes = union_all(
@@ -425,7 +441,7 @@ def _apply_statement(
             select(exited.c.segment_id, exited.c.contact_id, literal("exit").label("kind")),
         ).subquery("changes")
         recorded = _record_events(project_id, tracked, changes)
-        outputs.append(select(func.count()).select_from(recorded).scalar_subquery())
+        outputs.append(select(func.count()).select_from(recorded).scalar_subquery().label("events"))
     return select(*outputs), relative or {}
 
 
