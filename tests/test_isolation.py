@@ -296,7 +296,7 @@ def export(stubs: Stubs, key: str, segment_id: str) -> list[str]:
     stream = stubs.segments.ExportSegmentContacts(
         segments_pb2.ExportSegmentContactsRequest(id=segment_id), metadata=meta(key), timeout=10
     )
-    return [contact.email for contact in stream]
+    return [contact.email for batch in stream for contact in batch.contacts]
 
 
 def watch(stubs: Stubs, key: str, segment_id: str, wait: float = 1.5) -> Iterator[Any]:

@@ -593,9 +593,13 @@ class SegmentsClient(_Client):
     def export_segment_contacts(
         self, id: str, *, timeout: float | None = None
     ) -> Iterator[Contact]:
-        """Every current member of a segment, streamed from one snapshot."""
+        """Every current member of a segment, streamed from one snapshot, in contact id
+        order (the server sends them many to a message)."""
         request = segments_pb2.ExportSegmentContactsRequest(id=id)
-        return self._stream(_EXPORT_PATH, request, Contact, timeout)
+        batches = self._stream(
+            _EXPORT_PATH, request, segments_pb2.ExportSegmentContactsResponse, timeout
+        )
+        return (contact for batch in batches for contact in batch.contacts)
 
 
 class AsyncSegmentsClient(_Client):
@@ -791,4 +795,13 @@ class AsyncSegmentsClient(_Client):
     ) -> AsyncIterator[Contact]:
         """`SegmentsClient.export_segment_contacts` as an async iterator."""
         request = segments_pb2.ExportSegmentContactsRequest(id=id)
-        return self._stream(_EXPORT_PATH, request, Contact, timeout)
+        batches = self._stream(
+            _EXPORT_PATH, request, segments_pb2.ExportSegmentContactsResponse, timeout
+        )
+
+        async def contacts() -> AsyncIterator[Contact]:
+            async for batch in batches:
+                for contact in batch.contacts:
+                    yield contact
+
+        return contacts()

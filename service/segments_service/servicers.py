@@ -44,6 +44,11 @@ from segments_service.status import (
 STREAMS_STOPPING = threading.Event()
 WATCH_POLL_SECONDS = 0.2
 
+# ExportSegmentContacts' messages: this many contacts at most, and about this many bytes
+# (a message is sent before the contact that would take it past; one contact alone may).
+EXPORT_BATCH_CONTACTS = 1000
+EXPORT_BATCH_BYTES = 1 << 20
+
 CREATED = 201
 NO_CONTENT = 204
 
@@ -232,10 +237,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             rows = segments.export_members(
                 session, caller.project_id, parse_id(request.id, "segment")
             )
-            for row in rows:
-                if not context.is_active():
-                    break
-                yield contact_to_proto(row)
+            yield from export_batches(map(contact_to_proto, rows), context)
 
     def CountMatchingContacts(
         self, request: segments_pb2.CountMatchingContactsRequest, context: grpc.ServicerContext
@@ -248,6 +250,29 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             return segments_pb2.CountMatchingContactsResponse(count=count), None
 
         return run_unary(context, self.sessions, "secret", work)
+
+
+def export_batches(
+    contacts: Iterator[Any], context: grpc.ServicerContext
+) -> Iterator[segments_pb2.ExportSegmentContactsResponse]:
+    """Contacts grouped into messages of at most EXPORT_BATCH_CONTACTS and, unless one
+    contact alone is larger, EXPORT_BATCH_BYTES; stops when the caller has gone."""
+    batch: list[Any] = []
+    size = 0
+    for contact in contacts:
+        if not context.is_active():
+            return
+        contact_size = contact.ByteSize()
+        if batch and size + contact_size > EXPORT_BATCH_BYTES:
+            yield segments_pb2.ExportSegmentContactsResponse(contacts=batch)
+            batch, size = [], 0
+        batch.append(contact)
+        size += contact_size
+        if len(batch) == EXPORT_BATCH_CONTACTS:
+            yield segments_pb2.ExportSegmentContactsResponse(contacts=batch)
+            batch, size = [], 0
+    if batch:
+        yield segments_pb2.ExportSegmentContactsResponse(contacts=batch)
 
 
 def _contact_write(msg: contacts_pb2.UpsertContactRequest, prefix: str) -> ContactWrite:

@@ -543,6 +543,34 @@ class ExportSegmentContactsRequest(_message.Message):
 Global___ExportSegmentContactsRequest: _TypeAlias = ExportSegmentContactsRequest  # noqa: Y015
 
 @_typing.final
+class ExportSegmentContactsResponse(_message.Message):
+    """One message of ExportSegmentContacts' stream: the next members, in contact id order. A
+    message holds at most 1,000 contacts and about 1 MiB (one contact alone may exceed it);
+    a message per contact would cost more than the contact. Every member is sent exactly
+    once, and a segment without members sends no message.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTACTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def contacts(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Contact]:
+        """The next members."""
+
+    def __init__(
+        self,
+        *,
+        contacts: _abc.Iterable[_resources_pb2.Contact] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contacts", b"contacts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSegmentContactsResponse: _TypeAlias = ExportSegmentContactsResponse  # noqa: Y015
+
+@_typing.final
 class CountMatchingContactsRequest(_message.Message):
     """Request of CountMatchingContacts; the project comes from the API key."""
 

@@ -85,7 +85,7 @@ class SegmentServiceStub:
         self.ExportSegmentContacts = channel.unary_stream(
                 '/segments.v1.SegmentService/ExportSegmentContacts',
                 request_serializer=segments_dot_v1_dot_segments__pb2.ExportSegmentContactsRequest.SerializeToString,
-                response_deserializer=segments_dot_v1_dot_resources__pb2.Contact.FromString,
+                response_deserializer=segments_dot_v1_dot_segments__pb2.ExportSegmentContactsResponse.FromString,
                 _registered_method=True)
         self.CountMatchingContacts = channel.unary_unary(
                 '/segments.v1.SegmentService/CountMatchingContacts',
@@ -168,7 +168,8 @@ class SegmentServiceServicer:
 
     def ExportSegmentContacts(self, request, context):
         """Streams every current member of a segment from one consistent snapshot, with bounded
-        server memory whatever the segment's size. gRPC only: for campaign senders.
+        server memory whatever the segment's size, in contact id order, many contacts per
+        message. gRPC only: for campaign senders.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -233,7 +234,7 @@ def add_SegmentServiceServicer_to_server(servicer, server):
             'ExportSegmentContacts': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportSegmentContacts,
                     request_deserializer=segments_dot_v1_dot_segments__pb2.ExportSegmentContactsRequest.FromString,
-                    response_serializer=segments_dot_v1_dot_resources__pb2.Contact.SerializeToString,
+                    response_serializer=segments_dot_v1_dot_segments__pb2.ExportSegmentContactsResponse.SerializeToString,
             ),
             'CountMatchingContacts': grpc.unary_unary_rpc_method_handler(
                     servicer.CountMatchingContacts,
@@ -511,7 +512,7 @@ class SegmentService:
             target,
             '/segments.v1.SegmentService/ExportSegmentContacts',
             segments_dot_v1_dot_segments__pb2.ExportSegmentContactsRequest.SerializeToString,
-            segments_dot_v1_dot_resources__pb2.Contact.FromString,
+            segments_dot_v1_dot_segments__pb2.ExportSegmentContactsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,9 +68,10 @@ class SegmentServiceStub:
     gRPC only (no REST binding): a long-lived stream for internal services, which resume
     after a disconnect by passing the cursor of the last event they processed.
     """
-    ExportSegmentContacts: _grpc.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentContactsRequest, _resources_pb2.Contact]
+    ExportSegmentContacts: _grpc.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentContactsRequest, _segments_pb2.ExportSegmentContactsResponse]
     """Streams every current member of a segment from one consistent snapshot, with bounded
-    server memory whatever the segment's size. gRPC only: for campaign senders.
+    server memory whatever the segment's size, in contact id order, many contacts per
+    message. gRPC only: for campaign senders.
     """
     CountMatchingContacts: _grpc.UnaryUnaryMultiCallable[_segments_pb2.CountMatchingContactsRequest, _segments_pb2.CountMatchingContactsResponse]
     """Counts the project's contacts a condition selects now, without creating a segment
@@ -109,9 +110,10 @@ class SegmentServiceAsyncStub(SegmentServiceStub):
     gRPC only (no REST binding): a long-lived stream for internal services, which resume
     after a disconnect by passing the cursor of the last event they processed.
     """
-    ExportSegmentContacts: _aio.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentContactsRequest, _resources_pb2.Contact]  # type: ignore[assignment]
+    ExportSegmentContacts: _aio.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentContactsRequest, _segments_pb2.ExportSegmentContactsResponse]  # type: ignore[assignment]
     """Streams every current member of a segment from one consistent snapshot, with bounded
-    server memory whatever the segment's size. gRPC only: for campaign senders.
+    server memory whatever the segment's size, in contact id order, many contacts per
+    message. gRPC only: for campaign senders.
     """
     CountMatchingContacts: _aio.UnaryUnaryMultiCallable[_segments_pb2.CountMatchingContactsRequest, _segments_pb2.CountMatchingContactsResponse]  # type: ignore[assignment]
     """Counts the project's contacts a condition selects now, without creating a segment
@@ -207,9 +209,10 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _segments_pb2.ExportSegmentContactsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_resources_pb2.Contact], _abc.AsyncIterator[_resources_pb2.Contact]]:
+    ) -> _typing.Union[_abc.Iterator[_segments_pb2.ExportSegmentContactsResponse], _abc.AsyncIterator[_segments_pb2.ExportSegmentContactsResponse]]:
         """Streams every current member of a segment from one consistent snapshot, with bounded
-        server memory whatever the segment's size. gRPC only: for campaign senders.
+        server memory whatever the segment's size, in contact id order, many contacts per
+        message. gRPC only: for campaign senders.
         """
 
     @_abc_1.abstractmethod
