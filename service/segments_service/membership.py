@@ -371,6 +371,9 @@ def _apply_statement(
             select(literal(1))
             .where(
                 m.c.project_id == project_id,
+                # The ids as values too: the planner cannot see through `desired` which
+                # segments it holds, and would probe every membership of each contact.
+                m.c.segment_id.in_(seg_ids),
                 m.c.segment_id == desired.c.segment_id,
                 m.c.contact_id == desired.c.contact_id,
             )
