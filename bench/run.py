@@ -119,6 +119,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     m = p.add_argument_group("measurements")
     m.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median)")
     m.add_argument(
+        "--count-seconds",
+        type=float,
+        default=3.0,
+        help="SQL counts: more runs than --runs (up to 25) until their rounds took this long",
+    )
+    m.add_argument(
         "--ingest-events",
         type=int,
         default=600_000,
@@ -715,13 +721,20 @@ def _prepare(conn: Connection, which: str) -> None:
         conn.execute(segments.COUNT_SETTINGS)
 
 
+# Short statements get more runs than --runs: rounds go on until this many, or until the
+# rounds after the warm-up took --count-seconds. The host's pace changes within seconds
+# (runs of one statement 2x apart), which five runs of a 20 ms count do not outvote.
+MAX_COUNT_RUNS = 25
+
+
 def count_side_by_side(
     env: Env, cases: Sequence[tuple[str, Measured]], now: datetime, runs: int, warmup: int = 1
 ) -> list[dict[str, Any]]:
     """The compiled count, the hand-written count and the count over the member ids of each
     (project id, scenario) case, on one connection, every run visiting every case and
-    statement in rotating order: what slows the machine meanwhile slows them all. The three
-    answers of a case must agree."""
+    statement in rotating order: what slows the machine meanwhile slows them all. At least
+    `runs` runs, more for short statements (MAX_COUNT_RUNS). The three answers of a case
+    must agree."""
     work = [
         (n, which, call)
         for n, (project_id, m) in enumerate(cases)
@@ -729,8 +742,15 @@ def count_side_by_side(
     ]
     timings: dict[tuple[int, str], list[float]] = {(n, w): [] for n, w, _ in work}
     answers: list[set[int]] = [set() for _ in cases]
+    budget = env.args.count_seconds
     with env.engine.connect() as conn:
-        for i in range(warmup + runs):
+        i = 0
+        started = time.perf_counter()
+        while i < warmup + runs or (
+            i < warmup + MAX_COUNT_RUNS and time.perf_counter() - started < budget
+        ):
+            if i == warmup:
+                started = time.perf_counter()
             shift = i % len(work)
             for n, which, call in work[shift:] + work[:shift]:
                 _prepare(conn, which)
@@ -739,6 +759,7 @@ def count_side_by_side(
                     timings[(n, which)].append(ms)
                 answers[n].add(int(value))
                 conn.rollback()
+            i += 1
     out = []
     for n, (_project_id, m) in enumerate(cases):
         if len(answers[n]) != 1:
