@@ -587,6 +587,7 @@ def test_memberships_racing_deletes_leave_no_orphans(
 ) -> None:
     # Each round, batches make a contact enter two segments while one of the segments and
     # the contact are deleted: whatever commits first, no membership may outlive either.
+    steady = create(stubs, project, "Steady", cond({"field": "login", "operator": "triggered"}))
     for round_ in range(10):
         email = f"race{round_}@x.com"
         contact_id = upsert(stubs, project, email).id
@@ -613,10 +614,6 @@ def test_memberships_racing_deletes_leave_no_orphans(
                 contacts_pb2.DeleteContactRequest(id=contact_id), metadata=project.auth
             )
 
-        if round_ == 0:
-            steady = create(
-                stubs, project, "Steady", cond({"field": "login", "operator": "triggered"})
-            )
         with ThreadPoolExecutor(max_workers=4) as pool:
             tasks = [pool.submit(record), pool.submit(record)]
             tasks += [pool.submit(drop_segment), pool.submit(drop_contact)]
