@@ -1106,9 +1106,8 @@ def render_scale(results: dict[str, Any]) -> str:
     )
     lines.append(f"| all scenarios together | {total} | {scale['growth_total']:.2f} | - |")
     for label, key in (("gRPC GetSegment", "grpc"), ("REST GET /segments/{id}", "rest")):
-        served = scale[f"member_count_{key}_ms"]
-        growth = scale["member_count_growth" if key == "grpc" else "member_count_rest_growth"]
-        cells = " | ".join(fmt(served[str(s)], 2) for s in sizes)
+        cells = " | ".join(fmt(scale["member_count_ms"][key][str(s)], 2) for s in sizes)
+        growth = scale["member_count_growth"][key]
         lines.append(f"| memberCount via {label} | {cells} | {growth:.2f} | - |")
     return "\n".join(lines)
 
@@ -1280,10 +1279,7 @@ def target_growth(results: dict[str, Any]) -> dict[str, Any]:
     scale = results["scale"]
     sizes = scale["sizes"]
     limit = LIMITS["count_growth"]
-    served = {
-        "grpc": scale["member_count_growth"],
-        "rest": scale["member_count_rest_growth"],
-    }
+    served = scale["member_count_growth"]
     stack = max(served, key=lambda k: served[k])
     growth = scale["growth"]
     worst = max(growth, key=lambda k: growth[k])
@@ -1313,10 +1309,7 @@ def target_growth(results: dict[str, Any]) -> dict[str, Any]:
         f"{sizes[-1] / sizes[0]:.0f} (<= 1 is linear or better), through gRPC and REST; "
         "the faster-growing of the two is shown",
         "stack": stack,
-        "member_count_ms": {
-            "grpc": scale["member_count_grpc_ms"],
-            "rest": scale["member_count_rest_ms"],
-        },
+        "member_count_ms": scale["member_count_ms"],
         "member_count_growth": served,
         "count_from_scratch": adhoc,
     }
@@ -1775,10 +1768,10 @@ def scale_curve(
         "growth": growth,
         "hand_growth": hand_growth,
         "growth_total": round(total_hi / total_lo / factor, 3),
-        "member_count_grpc_ms": served["grpc"],
-        "member_count_rest_ms": served["rest"],
-        "member_count_growth": round(served["grpc"][hi] / served["grpc"][lo] / factor, 3),
-        "member_count_rest_growth": round(served["rest"][hi] / served["rest"][lo] / factor, 3),
+        "member_count_ms": served,
+        "member_count_growth": {
+            api: round(ms[hi] / ms[lo] / factor, 3) for api, ms in served.items()
+        },
     }
 
 
