@@ -263,14 +263,12 @@ def export_batches(
         if not context.is_active():
             return
         contact_size = contact.ByteSize()
-        if batch and size + contact_size > EXPORT_BATCH_BYTES:
+        full = len(batch) == EXPORT_BATCH_CONTACTS or size + contact_size > EXPORT_BATCH_BYTES
+        if batch and full:
             yield segments_pb2.ExportSegmentContactsResponse(contacts=batch)
             batch, size = [], 0
         batch.append(contact)
         size += contact_size
-        if len(batch) == EXPORT_BATCH_CONTACTS:
-            yield segments_pb2.ExportSegmentContactsResponse(contacts=batch)
-            batch, size = [], 0
     if batch:
         yield segments_pb2.ExportSegmentContactsResponse(contacts=batch)
 
