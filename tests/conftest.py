@@ -41,7 +41,8 @@ from segments_service.database import (
     sqlalchemy_url,
     start_embedded,
 )
-from segments_service.server import create_server
+from segments_service.fairness import Limits
+from segments_service.server import Options, ServerThread
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,12 +101,16 @@ def sessions(engine: Engine) -> sessionmaker[Session]:
     return make_sessionmaker(engine)
 
 
+# The shared server lets one project run more requests at once than the default (several
+# tests race a dozen writers of one project); tests/test_fair_share.py runs the defaults.
+SHARED_SERVER = Options(limits=Limits(concurrency=64, streams=64))
+
+
 @pytest.fixture(scope="session")
 def grpc_port(sessions: sessionmaker[Session]) -> Iterator[int]:
-    server, port, _health = create_server("127.0.0.1:0", sessions, workers=16)
-    server.start()
-    yield port
-    server.stop(1).wait()
+    server = ServerThread("127.0.0.1:0", sessions, SHARED_SERVER)
+    yield server.port
+    server.stop(1)
 
 
 @pytest.fixture(scope="session")

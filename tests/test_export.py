@@ -10,7 +10,7 @@ from google.protobuf import json_format
 
 from segments.client import AsyncSegmentsClient, SegmentsClient
 from segments.v1 import events_pb2, resources_pb2, segments_pb2
-from segments_service import servicers
+from segments_service import streams
 from tests.conftest import Project, Stubs
 
 MEMBERS = 2100
@@ -70,10 +70,10 @@ def test_messages_keep_to_the_byte_bound(
     size = whole[0].ByteSize()
     assert {c.ByteSize() for c in whole} == {size}
     # Two and a half contacts' worth: two to a message, the last one alone.
-    monkeypatch.setattr(servicers, "EXPORT_BATCH_BYTES", size * 5 // 2)
+    monkeypatch.setattr(streams, "EXPORT_BATCH_BYTES", size * 5 // 2)
     assert [len(batch) for batch in messages(stubs, project, segment_id)] == [2, 2, 2, 1]
     # Smaller than one contact: each still goes, alone.
-    monkeypatch.setattr(servicers, "EXPORT_BATCH_BYTES", 1)
+    monkeypatch.setattr(streams, "EXPORT_BATCH_BYTES", 1)
     assert [len(batch) for batch in messages(stubs, project, segment_id)] == [1] * 7
 
 

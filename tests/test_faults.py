@@ -29,7 +29,7 @@ from segments_service.database import (
     migrate,
     sqlalchemy_url,
 )
-from segments_service.server import create_server
+from segments_service.server import Options, ServerThread
 from tests.conftest import ROOT, Project, Replicas, Rest, Stubs, free_port
 
 
@@ -71,8 +71,8 @@ def test_database_restart_gives_unavailable_then_recovers(own_postgres: tuple[st
     sessions = make_sessionmaker(engine)
     with sessions.begin() as session:
         keys = create_project(session, "faults")
-    server, port, _health = create_server("127.0.0.1:0", sessions, workers=8)
-    server.start()
+    server = ServerThread("127.0.0.1:0", sessions, Options(workers=8))
+    port = server.port
     auth = (("authorization", f"Bearer {keys['secretKey']}"),)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -101,7 +101,7 @@ def test_database_restart_gives_unavailable_then_recovers(own_postgres: tuple[st
                 time.sleep(0.2)
             assert upsert(101) == grpc.StatusCode.OK
     finally:
-        server.stop(1).wait()
+        server.stop(1)
         engine.dispose()
 
 

@@ -41,6 +41,9 @@ class Settings:
     sweep_seconds: float
     drain_seconds: float
     rate_limit_per_minute: int
+    project_concurrency: int
+    project_streams: int
+    request_timeout: float
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -55,4 +58,7 @@ class Settings:
             sweep_seconds=_float("SEGMENTS_SWEEP_SECONDS", 60.0),
             drain_seconds=_float("SEGMENTS_DRAIN_SECONDS", 20.0),
             rate_limit_per_minute=_int("SEGMENTS_RATE_LIMIT_PER_MINUTE", 1000),
+            project_concurrency=_int("SEGMENTS_PROJECT_CONCURRENCY", 8),
+            project_streams=_int("SEGMENTS_PROJECT_STREAMS", 16),
+            request_timeout=_float("SEGMENTS_REQUEST_TIMEOUT", 30.0),
         )

@@ -236,12 +236,18 @@ def drop_database(admin_url: str, name: str) -> None:
         )
 
 
-def make_engine(url: str, *, pool_size: int = 10, application_name: str = "segments") -> Engine:
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int | None = None,
+    application_name: str = "segments",
+) -> Engine:
     """An engine whose connections are checked before use, so a restarted database heals."""
     engine = create_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_pre_ping=True,
         pool_recycle=1800,
         pool_timeout=10,

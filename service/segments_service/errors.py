@@ -19,6 +19,8 @@ class ServiceError(Exception):
 
     code = "INTERNAL_ERROR"
     http_status = 500
+    # Seconds after which a retry may succeed (google.rpc.RetryInfo, REST Retry-After).
+    retry_after: float | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -80,3 +82,22 @@ class AlreadyExists(ServiceError):
 class Unavailable(ServiceError):
     code = "SERVICE_UNAVAILABLE"
     http_status = 503
+    retry_after = 1.0
+
+
+class RateLimited(ServiceError):
+    """A project is over one of its fair-share limits; the caller may retry after a delay."""
+
+    code = "RATE_LIMITED"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's budget ran out; nothing it did was committed."""
+
+    code = "DEADLINE_EXCEEDED"
+    http_status = 504

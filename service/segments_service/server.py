@@ -1,19 +1,25 @@
-"""The grpcio server: servicers, health and reflection, and a graceful drain on SIGTERM."""
+"""The gRPC server (grpc.aio): servicers, health and reflection, and a graceful drain on SIGTERM.
+
+RPCs run on an event loop; their database work runs on bounded thread pools (rpc.py), so
+open streams cost no thread and one project's requests cannot take every worker
+(fairness.py). `create_server` builds a server on the running loop; `ServerThread` runs one
+on a loop of its own (tests, benchmarks); `serve` runs one in the foreground until a signal.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments.v1 import (
@@ -27,13 +33,10 @@ from segments.v1 import (
 from segments_service.config import Settings
 from segments_service.database import make_engine, make_sessionmaker
 from segments_service.errors import ValidationError
-from segments_service.servicers import (
-    STREAMS_STOPPING,
-    ContactServicer,
-    EventServicer,
-    SegmentServicer,
-)
-from segments_service.status import abort, request_id_of
+from segments_service.fairness import FairShare, Limits
+from segments_service.rpc import Metadata, Runner, abort
+from segments_service.servicers import ContactServicer, EventServicer, SegmentServicer
+from segments_service.streams import FeedWatch
 from segments_service.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
@@ -46,32 +49,28 @@ SERVICE_NAMES = (
 # Envoy limits REST bodies to 1 MiB of JSON, which can transcode to more protobuf bytes
 # (numbers as doubles); 8 MiB leaves room for that and for direct gRPC callers.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-# How soon the main thread notices a signal another thread received.
-SIGNAL_POLL_SECONDS = 0.2
 
 
-@dataclass
-class Running:
-    """A started server and what must be stopped with it."""
+@dataclass(frozen=True)
+class Options:
+    """How much of the machine one server uses, and how it is shared between projects."""
 
-    server: grpc.Server
-    port: int
-    health: health.HealthServicer
-    engine: Engine
-    sweeper: Sweeper | None
+    workers: int = 16  # threads for unary requests' database work
+    stream_workers: int = 8  # threads for streams' database work (short reads)
+    limits: Limits = field(default_factory=Limits)
+    request_timeout: float = 30.0  # a request's budget when its caller sets no deadline
 
-    def stop(self, grace: float) -> None:
-        """Refuse new RPCs (health NOT_SERVING first, so Envoy stops routing here), end
-        resumable streams, let in-flight unary RPCs finish within `grace` seconds, then
-        release the database."""
-        self.health.enter_graceful_shutdown()
-        STREAMS_STOPPING.set()
-        if self.sweeper is not None:
-            self.sweeper.stop()
-        self.server.stop(grace).wait()
-        if self.sweeper is not None:
-            self.sweeper.join(timeout=grace)
-        self.engine.dispose()
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Options:
+        return cls(
+            workers=settings.workers,
+            limits=Limits(
+                concurrency=settings.project_concurrency,
+                streams=settings.project_streams,
+                per_minute=settings.rate_limit_per_minute,
+            ),
+            request_timeout=settings.request_timeout,
+        )
 
 
 @dataclass(frozen=True)
@@ -91,8 +90,8 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes],
     return parse
 
 
-def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
-    def call(request: Any, context: grpc.ServicerContext) -> Any:
+def _guard(behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
+    async def call(request: Any, context: Any) -> Any:
         if isinstance(request, _Undecodable):
             err = ValidationError.single(
                 "",
@@ -100,8 +99,8 @@ def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
                 f"levels deep): {request.reason}",
                 "undecodable",
             )
-            abort(context, err, request_id_of(context))
-        return behavior(request, context)
+            await abort(context, err, Metadata.of(context).request_id)
+        return await behavior(request, context)
 
     return call
 
@@ -111,7 +110,7 @@ class _GuardedRegistration:
     handlers: grpcio answers INTERNAL when a request fails to decode, before any of our
     code runs; here such a request reaches the error mapping as INVALID_ARGUMENT."""
 
-    def __init__(self, server: grpc.Server) -> None:
+    def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
 
     def add_generic_rpc_handlers(self, _handlers: Any) -> None:
@@ -133,29 +132,67 @@ class _GuardedRegistration:
         self._server.add_registered_method_handlers(service, wrapped)
 
 
-def create_server(
+@dataclass
+class Built:
+    """A started server on the running loop and what must be stopped with it."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    watch: FeedWatch
+    stopping: asyncio.Event
+    pools: tuple[futures.ThreadPoolExecutor, ...]
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new RPCs (health NOT_SERVING first, so Envoy stops routing here), end
+        resumable streams, let in-flight unary RPCs finish within `grace` seconds."""
+        await self.health.enter_graceful_shutdown()
+        self.stopping.set()
+        await self.server.stop(grace)
+        await self.watch.stop()
+        for pool in self.pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def create_server(
     address: str,
     sessions: sessionmaker[Session],
-    *,
-    workers: int = 16,
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A server bound to `address` (port 0 picks a free one), not yet started."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+    options: Options = Options(),
+    stream_sessions: sessionmaker[Session] | None = None,
+) -> Built:
+    """A started server bound to `address` (port 0 picks a free one), on the running loop."""
+    server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )
-    guarded: Any = _GuardedRegistration(server)  # stands in for grpc.Server
-    segments_pb2_grpc.add_SegmentServiceServicer_to_server(SegmentServicer(sessions), guarded)
-    contacts_pb2_grpc.add_ContactServiceServicer_to_server(ContactServicer(sessions), guarded)
-    events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(sessions), guarded)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    unary_pool = futures.ThreadPoolExecutor(options.workers, thread_name_prefix="rpc")
+    stream_pool = futures.ThreadPoolExecutor(options.stream_workers, thread_name_prefix="stream")
+    runner = Runner(
+        sessions,
+        stream_sessions or sessions,
+        unary_pool,
+        stream_pool,
+        FairShare(options.limits),
+        options.request_timeout,
+    )
+    loop = asyncio.get_running_loop()
+    watch = FeedWatch(
+        stream_sessions or sessions, lambda fn, *a: loop.run_in_executor(stream_pool, fn, *a)
+    )
+    stopping = asyncio.Event()
+    guarded: Any = _GuardedRegistration(server)  # stands in for grpc.aio.Server
+    segments_pb2_grpc.add_SegmentServiceServicer_to_server(
+        SegmentServicer(runner, watch, stopping), guarded
+    )
+    contacts_pb2_grpc.add_ContactServiceServicer_to_server(ContactServicer(runner), guarded)
+    events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(runner), guarded)
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (
             *SERVICE_NAMES,
@@ -167,41 +204,75 @@ def create_server(
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
-    return server, port, health_servicer
+    await server.start()
+    watch.start()
+    return Built(server, port, health_servicer, watch, stopping, (unary_pool, stream_pool))
 
 
-def start(database_url: str, address: str, settings: Settings) -> Running:
-    port_hint = address.rsplit(":", 1)[-1]
-    engine = make_engine(
-        database_url, pool_size=settings.db_pool_size, application_name=f"segments:{port_hint}"
-    )
-    server, port, health_servicer = create_server(
-        address, make_sessionmaker(engine), workers=settings.workers
-    )
-    server.start()
-    sweeper = None
-    if settings.sweep_seconds > 0:
-        sweeper = Sweeper(engine, make_sessionmaker(engine), settings.sweep_seconds)
-        sweeper.start()
-    return Running(server, port, health_servicer, engine, sweeper)
+class ServerThread:
+    """A server on an event loop of its own thread, driven from synchronous code."""
+
+    def __init__(
+        self,
+        address: str,
+        sessions: sessionmaker[Session],
+        options: Options = Options(),
+        stream_sessions: sessionmaker[Session] | None = None,
+    ) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-aio", daemon=True)
+        self.thread.start()
+        self.built = asyncio.run_coroutine_threadsafe(
+            create_server(address, sessions, options, stream_sessions), self.loop
+        ).result(30)
+        self.port = self.built.port
+
+    def stop(self, grace: float = 1.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.built.stop(grace), self.loop).result(grace + 30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
 
 def serve(database_url: str, settings: Settings, port: int) -> None:
     """Run one server until SIGTERM or SIGINT, then drain."""
-    running = start(database_url, f"{settings.host}:{port}", settings)
-    log.info("gRPC server listening on %s:%d", settings.host, running.port)
-    stopping = threading.Event()
+    asyncio.run(_serve(database_url, settings, port))
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("signal %d: draining in-flight RPCs (up to %.0fs)", signum, settings.drain_seconds)
-        stopping.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    # In slices: Python runs signal handlers in the main thread only, when it runs Python
-    # code. A signal the kernel hands to another thread (gRPC's, a worker's) leaves a main
-    # thread blocked in an untimed wait asleep, and the server would never drain.
-    while not stopping.wait(SIGNAL_POLL_SECONDS):
-        pass
-    running.stop(settings.drain_seconds)
+async def _serve(database_url: str, settings: Settings, port: int) -> None:
+    options = Options.from_settings(settings)
+    engine = make_engine(
+        database_url, pool_size=settings.db_pool_size, application_name=f"segments:{port}"
+    )
+    # Streams' connections: a few kept, more opened while many streams read at once.
+    stream_engine = make_engine(
+        database_url,
+        pool_size=2,
+        max_overflow=2 * settings.project_streams,
+        application_name=f"segments:{port}:streams",
+    )
+    built = await create_server(
+        f"{settings.host}:{port}",
+        make_sessionmaker(engine),
+        options,
+        make_sessionmaker(stream_engine),
+    )
+    log.info("gRPC server listening on %s:%d", settings.host, built.port)
+    sweeper = None
+    if settings.sweep_seconds > 0:
+        sweeper = Sweeper(engine, make_sessionmaker(engine), settings.sweep_seconds)
+        sweeper.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("draining in-flight RPCs (up to %.0fs)", settings.drain_seconds)
+    if sweeper is not None:
+        sweeper.stop()
+    await built.stop(settings.drain_seconds)
+    if sweeper is not None:
+        await loop.run_in_executor(None, sweeper.join, settings.drain_seconds)
+    engine.dispose()
+    stream_engine.dispose()
     log.info("gRPC server stopped")

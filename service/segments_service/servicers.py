@@ -1,25 +1,29 @@
 """gRPC servicers: each RPC validates its request, calls the domain in one transaction
-(status.run_unary) and converts the result to protobuf. No SQL and no business rule here."""
+(rpc.Runner) and converts the result to protobuf. No SQL and no business rule here."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import contextlib
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from segments.v1 import (
     contacts_pb2,
     contacts_pb2_grpc,
     events_pb2,
     events_pb2_grpc,
+    resources_pb2,
     segments_pb2,
     segments_pb2_grpc,
 )
-from segments_service import contacts, events, feed, segments
+from segments_service import contacts, events, feed, segments, streams
 from segments_service.auth import Caller, authenticate
 from segments_service.contacts import ContactWrite, check_json, require_email
 from segments_service.convert import (
@@ -32,22 +36,10 @@ from segments_service.convert import (
     struct_to_dict,
     timestamp,
 )
-from segments_service.errors import FieldViolation, ValidationError
-from segments_service.status import (
-    errors_mapped,
-    metadata_value,
-    request_id_of,
-    run_unary,
-)
+from segments_service.errors import DeadlineExceeded, FieldViolation, ServiceError, ValidationError
+from segments_service.rpc import Metadata, Runner, abort, in_transaction
 
-# Set when the server starts draining: long-lived streams end (callers resume by cursor).
-STREAMS_STOPPING = threading.Event()
-WATCH_POLL_SECONDS = 0.2
-
-# ExportSegmentContacts' messages: this many contacts at most, and about this many bytes
-# (a message is sent before the contact that would take it past; one contact alone may).
-EXPORT_BATCH_CONTACTS = 1000
-EXPORT_BATCH_BYTES = 1 << 20
+Context = grpc.aio.ServicerContext[Any, Any]
 
 CREATED = 201
 NO_CONTENT = 204
@@ -59,24 +51,28 @@ def _raise(violations: list[FieldViolation]) -> None:
 
 
 class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
+    def __init__(self, runner: Runner, watch: streams.FeedWatch, stopping: asyncio.Event) -> None:
+        self.runner = runner
+        self.watch = watch
+        self.stopping = stopping
 
-    def ListSegments(
-        self, request: segments_pb2.ListSegmentsRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, None]:
+    async def ListSegments(
+        self, request: segments_pb2.ListSegmentsRequest, context: Context
+    ) -> segments_pb2.ListSegmentsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.ListSegmentsResponse, None]:
             views = segments.list_segments(session, caller.project_id)
             return segments_pb2.ListSegmentsResponse(
                 segments=[segment_to_proto(v) for v in views]
             ), None
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
-    def CreateSegment(
-        self, request: segments_pb2.CreateSegmentRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, int]:
+    async def CreateSegment(
+        self, request: segments_pb2.CreateSegmentRequest, context: Context
+    ) -> resources_pb2.Segment:
+        def work(session: Session, caller: Caller) -> tuple[resources_pb2.Segment, int]:
             segment_type = require_type(request.type, "type") or segments.DYNAMIC
             condition = (
                 condition_to_json(request.condition) if request.HasField("condition") else None
@@ -92,22 +88,22 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             )
             return segment_to_proto(view), CREATED
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
-    def GetSegment(
-        self, request: segments_pb2.GetSegmentRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, None]:
+    async def GetSegment(
+        self, request: segments_pb2.GetSegmentRequest, context: Context
+    ) -> resources_pb2.Segment:
+        def work(session: Session, caller: Caller) -> tuple[resources_pb2.Segment, None]:
             segment_id = parse_id(request.id, "segment")
             view = segments.get_segment(session, caller.project_id, segment_id)
             return segment_to_proto(view), None
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
-    def UpdateSegment(
-        self, request: segments_pb2.UpdateSegmentRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, None]:
+    async def UpdateSegment(
+        self, request: segments_pb2.UpdateSegmentRequest, context: Context
+    ) -> resources_pb2.Segment:
+        def work(session: Session, caller: Caller) -> tuple[resources_pb2.Segment, None]:
             segment_id = parse_id(request.id, "segment")
             view = segments.update_segment(
                 session,
@@ -125,21 +121,23 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             )
             return segment_to_proto(view), None
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
-    def DeleteSegment(
-        self, request: segments_pb2.DeleteSegmentRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, int]:
+    async def DeleteSegment(
+        self, request: segments_pb2.DeleteSegmentRequest, context: Context
+    ) -> empty_pb2.Empty:
+        def work(session: Session, caller: Caller) -> tuple[empty_pb2.Empty, int]:
             segments.delete_segment(session, caller.project_id, parse_id(request.id, "segment"))
             return empty_pb2.Empty(), NO_CONTENT
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
-    def ListSegmentContacts(
-        self, request: segments_pb2.ListSegmentContactsRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, None]:
+    async def ListSegmentContacts(
+        self, request: segments_pb2.ListSegmentContactsRequest, context: Context
+    ) -> segments_pb2.ListSegmentContactsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.ListSegmentContactsResponse, None]:
             segment_id = parse_id(request.id, "segment")
             page, page_size = segments.normalize_paging(request.page, request.page_size)
             result = segments.list_members(session, caller.project_id, segment_id, page, page_size)
@@ -151,12 +149,14 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 total_pages=result.total_pages,
             ), None
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
-    def AddSegmentMembers(
-        self, request: segments_pb2.AddSegmentMembersRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, None]:
+    async def AddSegmentMembers(
+        self, request: segments_pb2.AddSegmentMembersRequest, context: Context
+    ) -> segments_pb2.AddSegmentMembersResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.AddSegmentMembersResponse, None]:
             segment_id = parse_id(request.id, "segment")
             result = segments.add_members(
                 session,
@@ -172,60 +172,75 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 added=result.added, created=result.created, not_found=result.not_found
             ), None
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
-    def RemoveSegmentMembers(
-        self, request: segments_pb2.RemoveSegmentMembersRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, None]:
+    async def RemoveSegmentMembers(
+        self, request: segments_pb2.RemoveSegmentMembersRequest, context: Context
+    ) -> segments_pb2.RemoveSegmentMembersResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.RemoveSegmentMembersResponse, None]:
             segment_id = parse_id(request.id, "segment")
             removed = segments.remove_members(
                 session, caller.project_id, segment_id, list(request.emails)
             )
             return segments_pb2.RemoveSegmentMembersResponse(removed=removed), None
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
-    def WatchSegmentEvents(
-        self, request: segments_pb2.WatchSegmentEventsRequest, context: grpc.ServicerContext
-    ) -> Iterator[segments_pb2.SegmentEvent]:
-        request_id = request_id_of(context)
-        with errors_mapped(context, request_id), self.sessions.begin() as session:
-            caller = authenticate(session, metadata_value(context, "authorization"), "secret")
+    async def WatchSegmentEvents(  # type: ignore[override]  # writes through the context
+        self, request: segments_pb2.WatchSegmentEventsRequest, context: Context
+    ) -> None:
+        meta = Metadata.of(context)
+        runner = self.runner
+
+        def opened(session: Session) -> tuple[Caller, feed.Cursor, list[str]]:
+            caller = runner.authenticated(meta, "secret", session)
             cursor = (
                 feed.Cursor.parse(request.after)
                 if request.after
                 else feed.start_cursor(session, caller.project_id)
             )
-            segment_ids = [str(parse_id(i, "segment")) for i in request.segment_ids]
-        while context.is_active() and not STREAMS_STOPPING.is_set():
-            with errors_mapped(context, request_id), self.sessions.begin() as session:
-                batch = feed.read_after(session, caller.project_id, cursor, segment_ids)
-            for event in batch:
-                yield segments_pb2.SegmentEvent(
-                    cursor=str(event.cursor),
-                    kind=(
-                        segments_pb2.SegmentEvent.ENTRY
-                        if event.kind == "entry"
-                        else segments_pb2.SegmentEvent.EXIT
-                    ),
-                    segment_id=event.segment_id,
-                    segment_name=event.segment_name,
-                    event_name=event.name,
-                    contact_id=str(event.contact_id),
-                    email=event.email,
-                    occurred_at=timestamp(event.occurred_at),
-                    event_id=str(event.event_id),
-                )
-                cursor = event.cursor
-            if len(batch) < feed.BATCH:
-                STREAMS_STOPPING.wait(WATCH_POLL_SECONDS)
+            return caller, cursor, [str(parse_id(i, "segment")) for i in request.segment_ids]
 
-    def ExportSegmentContacts(
-        self, request: segments_pb2.ExportSegmentContactsRequest, context: grpc.ServicerContext
-    ) -> Iterator[Any]:
-        request_id = request_id_of(context)
-        with errors_mapped(context, request_id), self.sessions() as session:
+        caller, cursor, segment_ids = await runner.blocking(
+            context, meta, partial(in_transaction, runner.stream_sessions, opened)
+        )
+        project_id = caller.project_id
+        with contextlib.ExitStack() as slot:
+            try:
+                slot.enter_context(runner.fair.streams.hold(project_id))
+            except ServiceError as err:
+                await abort(context, err, meta.request_id)
+            reauthenticate = streams.Reauthenticate()
+            while not self.stopping.is_set() and not context.done():
+                seen = self.watch.known(project_id)
+                read = partial(
+                    feed.read_after, project_id=project_id, after=cursor, segment_ids=segment_ids
+                )
+                batch = await runner.blocking(
+                    context, meta, partial(in_transaction, runner.stream_sessions, read)
+                )
+                for event in batch:
+                    await context.write(_segment_event(event))
+                    cursor = event.cursor
+                if reauthenticate.due():
+                    await runner.blocking(
+                        context, meta, partial(runner.still_valid, meta, "secret")
+                    )
+                if len(batch) < feed.BATCH:
+                    await self.watch.wait_beyond(
+                        project_id, cursor.seq if seen is None else seen, streams.REAUTH_SECONDS
+                    )
+
+    async def ExportSegmentContacts(  # type: ignore[override]  # writes through the context
+        self, request: segments_pb2.ExportSegmentContactsRequest, context: Context
+    ) -> None:
+        meta = Metadata.of(context)
+        runner = self.runner
+        session = runner.stream_sessions()
+
+        def opened() -> tuple[Caller, Iterator[resources_pb2.Contact]]:
             # One snapshot for the whole export: a consistent member list.
             session.connection(
                 execution_options={
@@ -233,44 +248,78 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                     "postgresql_readonly": True,
                 }
             )
-            caller = authenticate(session, metadata_value(context, "authorization"), "secret")
+            # A reader that stalls longer than the idle limit loses its snapshot anyway.
+            session.execute(
+                text("SELECT set_config('idle_in_transaction_session_timeout', :ms, true)"),
+                {"ms": str(int((streams.EXPORT_IDLE_SECONDS + 10) * 1000))},
+            )
+            caller = authenticate(session, meta.authorization, "secret")
             rows = segments.export_members(
                 session, caller.project_id, parse_id(request.id, "segment")
             )
-            yield from export_batches(map(contact_to_proto, rows), context)
+            return caller, map(contact_to_proto, rows)
 
-    def CountMatchingContacts(
-        self, request: segments_pb2.CountMatchingContactsRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, None]:
+        try:
+            caller, contacts_ = await runner.blocking(context, meta, opened)
+            with contextlib.ExitStack() as slot:
+                try:
+                    slot.enter_context(runner.fair.streams.hold(caller.project_id))
+                except ServiceError as err:
+                    await abort(context, err, meta.request_id)
+                pending: list[resources_pb2.Contact] = []
+                reauthenticate = streams.Reauthenticate()
+                while not context.done():
+                    message = await runner.blocking(
+                        context, meta, partial(streams.next_export_message, contacts_, pending)
+                    )
+                    if message is None:
+                        break
+                    try:
+                        await asyncio.wait_for(context.write(message), streams.EXPORT_IDLE_SECONDS)
+                    except TimeoutError:
+                        idle = DeadlineExceeded(
+                            f"the export was closed: its reader took nothing for "
+                            f"{streams.EXPORT_IDLE_SECONDS:.0f} s"
+                        )
+                        await abort(context, idle, meta.request_id)
+                    if reauthenticate.due():
+                        await runner.blocking(
+                            context, meta, partial(runner.still_valid, meta, "secret")
+                        )
+        finally:
+            await asyncio.get_running_loop().run_in_executor(runner.stream_pool, session.close)
+
+    async def CountMatchingContacts(
+        self, request: segments_pb2.CountMatchingContactsRequest, context: Context
+    ) -> segments_pb2.CountMatchingContactsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.CountMatchingContactsResponse, None]:
             condition = (
                 condition_to_json(request.condition) if request.HasField("condition") else None
             )
             count = segments.count_matching(session, caller.project_id, condition)
             return segments_pb2.CountMatchingContactsResponse(count=count), None
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
 
-def export_batches(
-    contacts: Iterator[Any], context: grpc.ServicerContext
-) -> Iterator[segments_pb2.ExportSegmentContactsResponse]:
-    """Contacts grouped into messages of at most EXPORT_BATCH_CONTACTS and, unless one
-    contact alone is larger, EXPORT_BATCH_BYTES; stops when the caller has gone."""
-    batch: list[Any] = []
-    size = 0
-    for contact in contacts:
-        if not context.is_active():
-            return
-        contact_size = contact.ByteSize()
-        full = len(batch) == EXPORT_BATCH_CONTACTS or size + contact_size > EXPORT_BATCH_BYTES
-        if batch and full:
-            yield segments_pb2.ExportSegmentContactsResponse(contacts=batch)
-            batch, size = [], 0
-        batch.append(contact)
-        size += contact_size
-    if batch:
-        yield segments_pb2.ExportSegmentContactsResponse(contacts=batch)
+def _segment_event(event: feed.FeedEvent) -> segments_pb2.SegmentEvent:
+    return segments_pb2.SegmentEvent(
+        cursor=str(event.cursor),
+        kind=(
+            segments_pb2.SegmentEvent.ENTRY
+            if event.kind == "entry"
+            else segments_pb2.SegmentEvent.EXIT
+        ),
+        segment_id=event.segment_id,
+        segment_name=event.segment_name,
+        event_name=event.name,
+        contact_id=str(event.contact_id),
+        email=event.email,
+        occurred_at=timestamp(event.occurred_at),
+        event_id=str(event.event_id),
+    )
 
 
 def _contact_write(msg: contacts_pb2.UpsertContactRequest, prefix: str) -> ContactWrite:
@@ -285,25 +334,27 @@ def _contact_write(msg: contacts_pb2.UpsertContactRequest, prefix: str) -> Conta
 
 
 class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
 
-    def UpsertContact(
-        self, request: contacts_pb2.UpsertContactRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, int | None]:
+    async def UpsertContact(
+        self, request: contacts_pb2.UpsertContactRequest, context: Context
+    ) -> resources_pb2.Contact:
+        def work(session: Session, caller: Caller) -> tuple[resources_pb2.Contact, int | None]:
             write = _contact_write(request, "")
             result = contacts.upsert(session, caller.project_id, [write])
             (contact_id,) = result.ids
             row = contacts.get_contact(session, caller.project_id, contact_id)
             return contact_to_proto(row), CREATED if result.created else None
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
-    def BatchUpsertContacts(
-        self, request: contacts_pb2.BatchUpsertContactsRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, None]:
+    async def BatchUpsertContacts(
+        self, request: contacts_pb2.BatchUpsertContactsRequest, context: Context
+    ) -> contacts_pb2.BatchUpsertContactsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[contacts_pb2.BatchUpsertContactsResponse, None]:
             if len(request.contacts) > contacts.MAX_BATCH:
                 raise ValidationError.single(
                     "contacts",
@@ -322,35 +373,37 @@ class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
                 created=len(result.created), updated=len(result.updated)
             ), None
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
-    def GetContact(
-        self, request: contacts_pb2.GetContactRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, None]:
+    async def GetContact(
+        self, request: contacts_pb2.GetContactRequest, context: Context
+    ) -> resources_pb2.Contact:
+        def work(session: Session, caller: Caller) -> tuple[resources_pb2.Contact, None]:
             contact_id = parse_id(request.id, "contact")
             return contact_to_proto(
                 contacts.get_contact(session, caller.project_id, contact_id)
             ), None
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
-    def DeleteContact(
-        self, request: contacts_pb2.DeleteContactRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, int]:
+    async def DeleteContact(
+        self, request: contacts_pb2.DeleteContactRequest, context: Context
+    ) -> empty_pb2.Empty:
+        def work(session: Session, caller: Caller) -> tuple[empty_pb2.Empty, int]:
             contacts.delete_contact(session, caller.project_id, parse_id(request.id, "contact"))
             return empty_pb2.Empty(), NO_CONTENT
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)
 
 
 class EventServicer(events_pb2_grpc.EventServiceServicer):
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
 
-    def Track(self, request: events_pb2.TrackRequest, context: grpc.ServicerContext) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, None]:
+    async def Track(
+        self, request: events_pb2.TrackRequest, context: Context
+    ) -> events_pb2.TrackResponse:
+        def work(session: Session, caller: Caller) -> tuple[events_pb2.TrackResponse, None]:
             violations = []
             try:
                 email = require_email(request.email, "email")
@@ -379,12 +432,12 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                 ),
             ), None
 
-        return run_unary(context, self.sessions, "public", work)
+        return await self.runner.unary(context, "public", work)
 
-    def IngestEvents(
-        self, request: events_pb2.IngestEventsRequest, context: grpc.ServicerContext
-    ) -> Any:
-        def work(session: Session, caller: Caller) -> tuple[Any, None]:
+    async def IngestEvents(
+        self, request: events_pb2.IngestEventsRequest, context: Context
+    ) -> events_pb2.IngestEventsResponse:
+        def work(session: Session, caller: Caller) -> tuple[events_pb2.IngestEventsResponse, None]:
             if len(request.events) > events.MAX_BATCH:
                 raise ValidationError.single(
                     "events",
@@ -418,4 +471,4 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             recorded = events.ingest(session, caller.project_id, items) if items else 0
             return events_pb2.IngestEventsResponse(accepted=recorded), None
 
-        return run_unary(context, self.sessions, "secret", work)
+        return await self.runner.unary(context, "secret", work)

@@ -1,19 +1,13 @@
-"""The one place errors become gRPC statuses: google.rpc details plus the REST error envelope.
-
-Every RPC runs through `run_unary`: authenticate, call the domain in one transaction
-(retried on deadlock or serialization failure), and map whatever is raised.
-"""
+"""The one place errors become gRPC statuses: google.rpc details plus the REST error envelope
+(rpc.py runs the RPCs and hands what they raise here)."""
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
-import logging
-import uuid
-from collections.abc import Callable, Iterator
+import math
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import grpc
 import psycopg.errors
@@ -22,28 +16,27 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
 
-from segments_service.auth import Caller, KeyKind, authenticate
 from segments_service.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
     InvalidApiKey,
     MissingAuth,
     NotFound,
+    RateLimited,
     SegmentInUse,
     ServiceError,
     Unavailable,
     ValidationError,
 )
 
-log = logging.getLogger(__name__)
-
 DOMAIN = "segments.v1"
 # Internal metadata read by Envoy's response filter; never shown to HTTP clients.
 HTTP_STATUS_HEADER = "x-http-status"
 ENVELOPE_HEADER = "x-error-envelope"
+RETRY_AFTER_HEADER = "x-retry-after"
 MAX_ENVELOPE_VIOLATIONS = 50
 # Errors travel as trailing metadata, i.e. HTTP/2 headers, three times over (grpc-message,
 # grpc-status-details-bin, the envelope): gRPC clients refuse more than 8 KiB of metadata
@@ -55,7 +48,6 @@ MAX_FIELD_BYTES = 400  # a dot path 10 conditions deep is about 250
 MAX_VIOLATION_TEXT_BYTES = 200
 MAX_VIOLATIONS_BYTES = 2000
 ELLIPSIS = "\u2026"
-TRANSACTION_ATTEMPTS = 4
 
 _GRPC_CODES: list[tuple[type[ServiceError], grpc.StatusCode]] = [
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -66,10 +58,9 @@ _GRPC_CODES: list[tuple[type[ServiceError], grpc.StatusCode]] = [
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]
-
-# SQLSTATEs worth a fresh attempt of the whole transaction.
-_RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
 
 def grpc_code(err: ServiceError) -> grpc.StatusCode:
@@ -77,20 +68,6 @@ def grpc_code(err: ServiceError) -> grpc.StatusCode:
         if isinstance(err, cls):
             return code
     return grpc.StatusCode.INTERNAL
-
-
-def request_id_of(context: grpc.ServicerContext) -> str:
-    for key, value in context.invocation_metadata():
-        if key == "x-request-id" and isinstance(value, str) and value:
-            return value[:128]
-    return str(uuid.uuid4())
-
-
-def metadata_value(context: grpc.ServicerContext, name: str) -> str | None:
-    for key, value in context.invocation_metadata():
-        if key == name and isinstance(value, str):
-            return value
-    return None
 
 
 def _escaped_size(text: str) -> int:
@@ -170,8 +147,9 @@ def to_status(err: ServiceError, request_id: str) -> grpc.Status:
                 ]
             )
         )
-    if isinstance(err, Unavailable):
-        details.append(error_details_pb2.RetryInfo(retry_delay={"seconds": 1}))
+    retry_after = None if err.retry_after is None else max(1, math.ceil(err.retry_after))
+    if retry_after is not None:
+        details.append(error_details_pb2.RetryInfo(retry_delay={"seconds": retry_after}))
     packed = []
     for detail in details:
         holder = any_pb2.Any()
@@ -187,6 +165,7 @@ def to_status(err: ServiceError, request_id: str) -> grpc.Status:
         *status.trailing_metadata,
         (HTTP_STATUS_HEADER, str(err.http_status)),
         (ENVELOPE_HEADER, body),
+        *(() if retry_after is None else ((RETRY_AFTER_HEADER, str(retry_after)),)),
     )
     return _Status(status.code, status.details, trailing)
 
@@ -216,65 +195,3 @@ def translate_db_error(exc: DBAPIError) -> ServiceError:
     if isinstance(orig, (psycopg.errors.ProgramLimitExceeded, psycopg.DataError)):
         return ValidationError.single("", f"the database refused a value: {orig}", "invalid")
     return ServiceError("internal error")
-
-
-def abort(context: grpc.ServicerContext, err: ServiceError, request_id: str) -> NoReturn:
-    context.abort_with_status(to_status(err, request_id))
-    raise AssertionError("abort_with_status returned")  # pragma: no cover
-
-
-R = TypeVar("R")
-
-
-def in_transaction(sessions: sessionmaker[Session], work: Callable[[Session], R]) -> R:
-    """Run `work` in one transaction, again from scratch after a deadlock or serialization
-    failure, so such conflicts between concurrent requests never reach the caller."""
-    for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
-        try:
-            with sessions.begin() as session:
-                return work(session)
-        except DBAPIError as exc:
-            if attempt < TRANSACTION_ATTEMPTS and isinstance(exc.orig, _RETRYABLE):
-                log.info("retrying transaction after %s", type(exc.orig).__name__)
-                continue
-            raise
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-@contextlib.contextmanager
-def errors_mapped(context: grpc.ServicerContext, request_id: str) -> Iterator[None]:
-    """Abort the RPC with the mapped status for anything raised inside."""
-    try:
-        yield
-    except ServiceError as err:
-        abort(context, err, request_id)
-    except DBAPIError as exc:
-        mapped = translate_db_error(exc)
-        if type(mapped) is ServiceError:
-            log.exception("database error (request %s)", request_id)
-        else:
-            log.warning("database error mapped to %s: %s", mapped.code, exc.orig)
-        abort(context, mapped, request_id)
-    except Exception:
-        log.exception("unexpected error (request %s)", request_id)
-        abort(context, ServiceError("internal error"), request_id)
-
-
-def run_unary(
-    context: grpc.ServicerContext,
-    sessions: sessionmaker[Session],
-    kind: KeyKind,
-    work: Callable[[Session, Caller], tuple[R, int | None]],
-) -> R:
-    """Authenticate, run `work` in one transaction and map errors; `work` answers
-    (response, HTTP status for REST or None for 200)."""
-
-    def authenticated(session: Session) -> tuple[R, int | None]:
-        caller = authenticate(session, metadata_value(context, "authorization"), kind)
-        return work(session, caller)
-
-    with errors_mapped(context, request_id_of(context)):
-        response, http_status = in_transaction(sessions, authenticated)
-    if http_status is not None:
-        context.send_initial_metadata(((HTTP_STATUS_HEADER, str(http_status)),))
-    return response

@@ -1,0 +1,270 @@
+"""How every RPC runs: authenticate, take the project's fair share, do the domain work in one
+transaction on a worker thread under the request's budget, and map what is raised.
+
+The event loop never blocks on the database: the work runs on a thread of the unary pool
+(streams have their own, fairness.py caps each project's share of both). The budget is the
+caller's gRPC deadline, capped by the server's default (SEGMENTS_REQUEST_TIMEOUT): every
+statement runs with it as its `statement_timeout`, the statement in flight is cancelled when
+it passes or the caller goes away, and a transaction whose budget ran out is rolled back,
+never committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import psycopg
+import psycopg.errors
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from segments_service.auth import Caller, KeyKind, authenticate
+from segments_service.errors import DeadlineExceeded, ServiceError
+from segments_service.fairness import FairShare
+from segments_service.status import to_status, translate_db_error
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS_HEADER = "x-http-status"
+# Set by Envoy's filter on requests that came in over REST (the per-minute rate limit
+# applies to those; internal gRPC callers are bounded by concurrency alone).
+REST_HEADER = "x-segments-rest"
+TRANSACTION_ATTEMPTS = 4
+# SQLSTATEs worth a fresh attempt of the whole transaction.
+_RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+# Time kept back from a budget to answer the caller after a statement is cancelled.
+ANSWER_MARGIN = 0.05
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What an RPC needs of its invocation metadata, read on the event loop."""
+
+    authorization: str | None
+    request_id: str
+    rest: bool
+
+    @classmethod
+    def of(cls, context: grpc.aio.ServicerContext[Any, Any]) -> Metadata:
+        found: dict[str, str] = {}
+        for key, value in context.invocation_metadata() or ():
+            if isinstance(value, str) and key not in found:
+                found[key] = value
+        request_id = (found.get("x-request-id") or "")[:128] or str(uuid.uuid4())
+        return cls(found.get("authorization"), request_id, found.get(REST_HEADER) == "1")
+
+
+class Budget:
+    """A request's deadline, and the connection whose statement to cancel when it passes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._connection: psycopg.Connection[Any] | None = None
+        self._cancelled = False
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def statement_timeout_ms(self) -> int:
+        return max(1, int((self.remaining() - ANSWER_MARGIN) * 1000))
+
+    def check(self) -> None:
+        if self._cancelled or self.remaining() <= 0:
+            raise self.exceeded()
+
+    @staticmethod
+    def exceeded() -> DeadlineExceeded:
+        return DeadlineExceeded(
+            "the request ran out of time (its deadline or the server's request budget); "
+            "nothing was changed"
+        )
+
+    @contextlib.contextmanager
+    def attached(self, session: Session) -> Iterator[None]:
+        """While inside, `cancel` interrupts the statement `session` is running."""
+        dbapi = session.connection().connection.dbapi_connection
+        assert isinstance(dbapi, psycopg.Connection)
+        with self._lock:
+            self._connection = dbapi
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._connection = None
+
+    def cancel(self) -> None:
+        """Mark the budget spent and cancel the statement in flight, if any (blocking)."""
+        with self._lock:
+            self._cancelled = True
+            if self._connection is None:
+                return
+            try:
+                self._connection.cancel_safe(timeout=2.0)
+            except Exception as exc:  # the statement still ends by its statement_timeout
+                log.warning("could not cancel a statement: %s", exc)
+
+
+def set_statement_timeout(session: Session, milliseconds: int) -> None:
+    session.execute(
+        text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": str(milliseconds)}
+    )
+
+
+def in_transaction(
+    sessions: sessionmaker[Session], work: Callable[[Session], R], budget: Budget | None = None
+) -> R:
+    """Run `work` in one transaction, again from scratch after a deadlock or serialization
+    failure, so such conflicts between concurrent requests never reach the caller. With a
+    budget: each statement's timeout is what is left of it, and a transaction that outlives
+    it is rolled back."""
+    for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+        try:
+            with sessions.begin() as session:
+                if budget is None:
+                    return work(session)
+                budget.check()
+                with budget.attached(session):
+                    set_statement_timeout(session, budget.statement_timeout_ms())
+                    result = work(session)
+                budget.check()  # raising here rolls the transaction back
+                return result
+        except DBAPIError as exc:
+            if budget is not None and isinstance(exc.orig, psycopg.errors.QueryCanceled):
+                # Its statement_timeout or its cancel: the budget is spent.
+                raise budget.exceeded() from exc
+            if attempt < TRANSACTION_ATTEMPTS and isinstance(exc.orig, _RETRYABLE):
+                log.info("retrying transaction after %s", type(exc.orig).__name__)
+                continue
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def mapped(exc: BaseException, request_id: str) -> ServiceError:
+    """What a caller is told of an exception raised by an RPC's work."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, DBAPIError):
+        error = translate_db_error(exc)
+        if type(error) is ServiceError:
+            log.error("database error (request %s)", request_id, exc_info=exc)
+        else:
+            log.warning("database error mapped to %s: %s", error.code, exc.orig)
+        return error
+    log.error("unexpected error (request %s)", request_id, exc_info=exc)
+    return ServiceError("internal error")
+
+
+async def abort(
+    context: grpc.aio.ServicerContext[Any, Any], err: ServiceError, request_id: str
+) -> NoReturn:
+    await context.abort_with_status(to_status(err, request_id))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+class Runner:
+    """Runs the RPCs of one server: its pools, its fair share, its default budget."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        stream_sessions: sessionmaker[Session],
+        unary_pool: Executor,
+        stream_pool: Executor,
+        fair: FairShare,
+        request_timeout: float,
+    ) -> None:
+        self.sessions = sessions
+        # Streams hold a connection for as long as they read (an export's snapshot): from a
+        # pool of their own, so they never take the connections unary requests need.
+        self.stream_sessions = stream_sessions
+        self.unary_pool = unary_pool
+        self.stream_pool = stream_pool
+        self.fair = fair
+        self.request_timeout = request_timeout
+
+    def budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> Budget:
+        remaining = context.time_remaining()
+        seconds = self.request_timeout
+        if remaining is not None and remaining < seconds:
+            seconds = remaining
+        return Budget(seconds)
+
+    def authenticated(self, meta: Metadata, kind: KeyKind, session: Session) -> Caller:
+        caller = authenticate(session, meta.authorization, kind)
+        if meta.rest:
+            self.fair.rate.take(caller.project_id)
+        return caller
+
+    def still_valid(self, meta: Metadata, kind: KeyKind) -> None:
+        """Raise InvalidApiKey if a stream's key was revoked since it opened."""
+        in_transaction(
+            self.stream_sessions, lambda session: authenticate(session, meta.authorization, kind)
+        )
+
+    async def unary(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        kind: KeyKind,
+        work: Callable[[Session, Caller], tuple[R, int | None]],
+    ) -> R:
+        """Authenticate, run `work` in one transaction within the budget and the project's
+        share, and map errors; `work` answers (response, HTTP status for REST or None)."""
+        meta = Metadata.of(context)
+        budget = self.budget(context)
+
+        def run(session: Session) -> tuple[R, int | None]:
+            caller = self.authenticated(meta, kind, session)
+            with self.fair.unary.hold(caller.project_id):
+                return work(session, caller)
+
+        response, http_status = await self.call(
+            context, meta, lambda: in_transaction(self.sessions, run, budget), budget
+        )
+        if http_status is not None:
+            await context.send_initial_metadata(((HTTP_STATUS_HEADER, str(http_status)),))
+        return response
+
+    async def call(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        meta: Metadata,
+        blocking: Callable[[], R],
+        budget: Budget,
+        pool: Executor | None = None,
+    ) -> R:
+        """`blocking()` on a worker thread; cancelled when the budget passes or the caller
+        goes away; errors abort the RPC with their mapped status."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(pool or self.unary_pool, blocking)
+        try:
+            done, _ = await asyncio.wait({future}, timeout=max(0.0, budget.remaining()))
+            if not done:
+                await loop.run_in_executor(None, budget.cancel)
+            result = await future
+        except asyncio.CancelledError:
+            # The caller went away: stop its statement; the transaction rolls back.
+            threading.Thread(target=budget.cancel, name="cancel", daemon=True).start()
+            raise
+        except Exception as exc:
+            await abort(context, mapped(exc, meta.request_id), meta.request_id)
+        return result
+
+    async def blocking(
+        self, context: grpc.aio.ServicerContext[Any, Any], meta: Metadata, fn: Callable[[], R]
+    ) -> R:
+        """`fn()` on the stream pool, its errors mapped: a stream's own database work."""
+        return await self.call(context, meta, fn, Budget(self.request_timeout), self.stream_pool)
