@@ -4,6 +4,7 @@ another project needs, and a request out of budget commits nothing."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from grpc_status import rpc_status
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments import NO_RETRY, RateLimitedError, Retry, SegmentsClient, UnavailableError
 from segments.v1 import (
     contacts_pb2,
     contacts_pb2_grpc,
@@ -32,6 +34,7 @@ from tests.conftest import Project, new_project
 
 CONCURRENCY = 8
 STREAMS = 16
+EXPORTED = 12_000
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +65,15 @@ class _MembershipLock:
         self.conn = engine.connect()
         self.conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
         self.conn.commit()
+        self.guard = threading.Lock()
 
     def close(self) -> None:
-        self.conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
-        self.conn.commit()
-        self.conn.close()
+        with self.guard:
+            if self.conn.closed:
+                return
+            self.conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            self.conn.commit()
+            self.conn.close()
 
 
 def _uuid(value: str) -> uuid.UUID:
@@ -254,8 +261,8 @@ def test_an_export_whose_reader_stalls_is_closed_and_its_snapshot_released(
     monkeypatch.setattr(streams, "EXPORT_IDLE_SECONDS", 1.0)
     a = new_project(sessions, "a")
     contacts = contacts_pb2_grpc.ContactServiceStub(channel)
-    padding = "x" * 400
-    for start in range(0, 12_000, 1000):
+    padding = "x" * 2000  # 24 MB in all: far more than any flow-control window buffers
+    for start in range(0, EXPORTED, 1000):
         contacts.BatchUpsertContacts(
             contacts_pb2.BatchUpsertContactsRequest(
                 contacts=[
@@ -279,7 +286,7 @@ def test_an_export_whose_reader_stalls_is_closed_and_its_snapshot_released(
     segment = segments.CreateSegment(
         segments_pb2.CreateSegmentRequest(name="all", condition=condition), metadata=a.auth
     )
-    assert segment.member_count == 12_000
+    assert segment.member_count == EXPORTED
 
     def exporting() -> int:
         with engine.connect() as conn:
@@ -309,3 +316,47 @@ def test_an_export_whose_reader_stalls_is_closed_and_its_snapshot_released(
             pass
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     reader.close()
+
+
+def test_the_client_reports_a_refusal_with_its_delay_and_retries_it(
+    server: ServerThread, sessions: sessionmaker[Session], engine: Engine
+) -> None:
+    a = new_project(sessions, "a")
+    target = f"127.0.0.1:{server.port}"
+    lock = _MembershipLock(engine, a)
+    pool = ThreadPoolExecutor(max_workers=CONCURRENCY)
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stuck = [
+                pool.submit(_upsert, channel, a, f"s{i}@x.com", 20) for i in range(CONCURRENCY)
+            ]
+            _wait_until(lambda: _waiting_on_locks(engine) == CONCURRENCY, 5, "not all waiting")
+            with SegmentsClient(target, a.secret_key, retry=NO_RETRY) as plain:
+                with pytest.raises(RateLimitedError) as caught:
+                    plain.upsert_contact("refused@x.com")
+                assert caught.value.retry_after is not None and caught.value.retry_after >= 1
+                assert caught.value.reason == "RATE_LIMITED"
+            # A retrying client waits out the refusal: the share frees up meanwhile.
+            threading.Timer(0.5, lock.close).start()
+            with SegmentsClient(target, a.secret_key, timeout=15) as retrying:
+                assert retrying.upsert_contact("patient@x.com").email == "patient@x.com"
+            for future in stuck:
+                future.result(timeout=10)
+    finally:
+        lock.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_only_calls_safe_to_repeat_are_retried_after_unavailable() -> None:
+    from segments import client as typed
+
+    policy = Retry(attempts=3)
+    unavailable = UnavailableError(grpc.StatusCode.UNAVAILABLE, "down")
+    refused = RateLimitedError(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", retry_after=2.0)
+    assert policy.applies(typed._GET_SEGMENT, unavailable, 1)
+    assert not policy.applies(typed._TRACK, unavailable, 1)
+    assert not policy.applies(typed._CREATE_SEGMENT, unavailable, 1)
+    assert policy.applies(typed._TRACK, refused, 1)
+    assert not policy.applies(typed._GET_SEGMENT, unavailable, 3)
+    assert 2.0 <= policy.delay(refused, 1) <= 2.5
+    assert 0 <= policy.delay(unavailable, 2) <= 0.2

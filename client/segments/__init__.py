@@ -1,13 +1,17 @@
 """Python client of the segments service: generated stubs in `segments.v1`, typed client here."""
 
 from segments.client import (
+    NO_RETRY,
     AlreadyExistsError,
     AsyncSegmentsClient,
     Condition,
+    DeadlineExceededError,
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+    RateLimitedError,
+    Retry,
     SegmentInUseError,
     SegmentsClient,
     SegmentsError,
@@ -18,13 +22,17 @@ from segments.client import (
 )
 
 __all__ = [
+    "NO_RETRY",
     "AlreadyExistsError",
     "AsyncSegmentsClient",
     "Condition",
+    "DeadlineExceededError",
     "FailedPreconditionError",
     "FieldViolation",
     "InvalidArgumentError",
     "NotFoundError",
+    "RateLimitedError",
+    "Retry",
     "SegmentInUseError",
     "SegmentsClient",
     "SegmentsError",

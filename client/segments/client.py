@@ -3,6 +3,9 @@ returning the generated protobuf messages and raising `SegmentsError` subclasses
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,13 +24,17 @@ from grpc_status import rpc_status
 from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 
 __all__ = [
+    "NO_RETRY",
     "AlreadyExistsError",
     "AsyncSegmentsClient",
     "Condition",
+    "DeadlineExceededError",
     "FailedPreconditionError",
     "FieldViolation",
     "InvalidArgumentError",
     "NotFoundError",
+    "RateLimitedError",
+    "Retry",
     "SegmentInUseError",
     "SegmentsClient",
     "SegmentsError",
@@ -71,8 +78,11 @@ class SegmentsError(Exception):
         reason: str = "",
         metadata: Mapping[str, str] | None = None,
         field_violations: Sequence[FieldViolation] = (),
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
+        # The delay the service suggests before a retry (google.rpc.RetryInfo), if any.
+        self.retry_after = retry_after
         self.status_code = status_code
         self.message = message
         # Empty when no ErrorInfo came back, e.g. the connection itself failed.
@@ -126,6 +136,15 @@ class UnavailableError(SegmentsError):
     """UNAVAILABLE: the service or its database cannot be reached; retrying may succeed."""
 
 
+class RateLimitedError(SegmentsError):
+    """RESOURCE_EXHAUSTED: the project is over one of its fair-share limits; nothing was
+    done, and retrying after `retry_after` seconds may succeed."""
+
+
+class DeadlineExceededError(SegmentsError):
+    """DEADLINE_EXCEEDED: the call ran out of time; the service committed nothing of it."""
+
+
 _ERRORS_BY_CODE: dict[grpc.StatusCode, type[SegmentsError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
@@ -133,6 +152,8 @@ _ERRORS_BY_CODE: dict[grpc.StatusCode, type[SegmentsError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
 }
 
 
@@ -143,10 +164,12 @@ def _error(
     reason = ""
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
+    retry_after: float | None = None
     for detail in status.details if status is not None else ():
         # Unpack answers False, leaving the message empty, when the detail is another type.
         info = error_details_pb2.ErrorInfo()
         bad_request = error_details_pb2.BadRequest()
+        retry = error_details_pb2.RetryInfo()
         if detail.Unpack(info):
             reason = info.reason
             metadata.update(info.metadata)
@@ -155,10 +178,19 @@ def _error(
                 FieldViolation(v.field, v.description, v.reason)
                 for v in bad_request.field_violations
             )
+        elif detail.Unpack(retry):
+            retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
     cls = _ERRORS_BY_CODE.get(code, SegmentsError)
     if cls is FailedPreconditionError and reason == "SEGMENT_IN_USE":
         cls = SegmentInUseError
-    return cls(code, message or "", reason=reason, metadata=metadata, field_violations=violations)
+    return cls(
+        code,
+        message or "",
+        reason=reason,
+        metadata=metadata,
+        field_violations=violations,
+        retry_after=retry_after,
+    )
 
 
 def _error_from_call(err: grpc.RpcError) -> SegmentsError:
@@ -210,6 +242,9 @@ class _Rpc(Generic[_Req, _Resp]):
     path: str
     request: type[_Req]
     response: type[_Resp]
+    # Whether sending it twice does no more than sending it once: such calls are retried
+    # on UNAVAILABLE too (a refusal for the project's share is retried for every call).
+    idempotent: bool
 
     def bind(self, channel: grpc.Channel | aio.Channel) -> Any:
         """The multi-callable for this RPC on a blocking or an asyncio channel."""
@@ -227,13 +262,18 @@ class _Rpc(Generic[_Req, _Resp]):
 
 
 def _rpc(
-    service: ServiceDescriptor, method: str, request: type[_Req], response: type[_Resp]
+    service: ServiceDescriptor,
+    method: str,
+    request: type[_Req],
+    response: type[_Resp],
+    *,
+    idempotent: bool = True,
 ) -> _Rpc[_Req, _Resp]:
     # Checked against the compiled protos so that a renamed RPC fails at import, not per call.
     descriptor = service.methods_by_name[method]
     if (descriptor.input_type, descriptor.output_type) != (request.DESCRIPTOR, response.DESCRIPTOR):
         raise TypeError(f"{descriptor.full_name} is not {request.__name__} -> {response.__name__}")
-    return _Rpc(f"/{service.full_name}/{method}", request, response)
+    return _Rpc(f"/{service.full_name}/{method}", request, response, idempotent)
 
 
 _SEGMENTS = segments_pb2.DESCRIPTOR.services_by_name["SegmentService"]
@@ -246,11 +286,14 @@ _EVENTS = events_pb2.DESCRIPTOR.services_by_name["EventService"]
 _LIST_SEGMENTS = _rpc(
     _SEGMENTS, "ListSegments", segments_pb2.ListSegmentsRequest, segments_pb2.ListSegmentsResponse
 )
-_CREATE_SEGMENT = _rpc(_SEGMENTS, "CreateSegment", segments_pb2.CreateSegmentRequest, Segment)
+_CREATE_SEGMENT = _rpc(
+    _SEGMENTS, "CreateSegment", segments_pb2.CreateSegmentRequest, Segment, idempotent=False
+)
 _GET_SEGMENT = _rpc(_SEGMENTS, "GetSegment", segments_pb2.GetSegmentRequest, Segment)
 _UPDATE_SEGMENT = _rpc(_SEGMENTS, "UpdateSegment", segments_pb2.UpdateSegmentRequest, Segment)
+# A delete sent again after its answer was lost would find nothing: not retried.
 _DELETE_SEGMENT = _rpc(
-    _SEGMENTS, "DeleteSegment", segments_pb2.DeleteSegmentRequest, empty_pb2.Empty
+    _SEGMENTS, "DeleteSegment", segments_pb2.DeleteSegmentRequest, empty_pb2.Empty, idempotent=False
 )
 _LIST_SEGMENT_CONTACTS = _rpc(
     _SEGMENTS,
@@ -285,11 +328,15 @@ _BATCH_UPSERT_CONTACTS = _rpc(
 )
 _GET_CONTACT = _rpc(_CONTACTS, "GetContact", contacts_pb2.GetContactRequest, Contact)
 _DELETE_CONTACT = _rpc(
-    _CONTACTS, "DeleteContact", contacts_pb2.DeleteContactRequest, empty_pb2.Empty
+    _CONTACTS, "DeleteContact", contacts_pb2.DeleteContactRequest, empty_pb2.Empty, idempotent=False
 )
-_TRACK = _rpc(_EVENTS, "Track", events_pb2.TrackRequest, events_pb2.TrackResponse)
+_TRACK = _rpc(_EVENTS, "Track", events_pb2.TrackRequest, events_pb2.TrackResponse, idempotent=False)
 _INGEST_EVENTS = _rpc(
-    _EVENTS, "IngestEvents", events_pb2.IngestEventsRequest, events_pb2.IngestEventsResponse
+    _EVENTS,
+    "IngestEvents",
+    events_pb2.IngestEventsRequest,
+    events_pb2.IngestEventsResponse,
+    idempotent=False,
 )
 
 
@@ -396,13 +443,55 @@ def _ingest(events: Iterable[Mapping[str, Any]]) -> events_pb2.IngestEventsReque
 # --- the clients ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Retry:
+    """How a client retries: a call refused for the project's share (RESOURCE_EXHAUSTED) is
+    sent again, and so is an idempotent call that met UNAVAILABLE, after the delay the
+    service suggests (RetryInfo) or else exponential backoff with full jitter, up to
+    `attempts` sends in all and never past the call's timeout."""
+
+    attempts: int = 4
+    initial: float = 0.1
+    maximum: float = 5.0
+    multiplier: float = 2.0
+
+    def applies(self, rpc: _Rpc[Any, Any], err: SegmentsError, attempt: int) -> bool:
+        if attempt >= self.attempts:
+            return False
+        return isinstance(err, RateLimitedError) or (
+            rpc.idempotent and isinstance(err, UnavailableError)
+        )
+
+    def delay(self, err: SegmentsError, attempt: int) -> float:
+        """Seconds to wait before send number `attempt + 1`."""
+        if err.retry_after is not None:
+            # The service's own estimate, spread a little so refused callers do not return
+            # in step.
+            return err.retry_after * random.uniform(1.0, 1.25)
+        return random.uniform(0, min(self.maximum, self.initial * self.multiplier ** (attempt - 1)))
+
+
+#: No retries: every error reaches the caller at once.
+NO_RETRY = Retry(attempts=1)
+
+
 class _Client:
     """What both clients hold: the channel settings and the call metadata."""
 
-    def __init__(self, api_key: str, timeout: float, owns_channel: bool) -> None:
+    def __init__(self, api_key: str, timeout: float, owns_channel: bool, retry: Retry) -> None:
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         self._timeout = timeout
         self._owns_channel = owns_channel
+        self._retry = retry
+
+    def _next_try(
+        self, rpc: _Rpc[Any, Any], err: SegmentsError, attempt: int, deadline: float
+    ) -> float | None:
+        """The delay before sending `rpc` again, or None to raise `err`."""
+        if not self._retry.applies(rpc, err, attempt):
+            return None
+        delay = self._retry.delay(err, attempt)
+        return delay if time.monotonic() + delay < deadline else None
 
 
 class SegmentsClient(_Client):
@@ -415,8 +504,9 @@ class SegmentsClient(_Client):
         *,
         timeout: float = 10.0,
         channel: grpc.Channel | None = None,
+        retry: Retry = Retry(),
     ) -> None:
-        super().__init__(api_key, timeout, owns_channel=channel is None)
+        super().__init__(api_key, timeout, owns_channel=channel is None, retry=retry)
         # Pass `channel` for TLS or custom options; it is then left open by close().
         self._channel: grpc.Channel = (
             channel if channel is not None else grpc.insecure_channel(target)
@@ -439,13 +529,23 @@ class SegmentsClient(_Client):
             self._channel.close()
 
     def _send(self, rpc: _Rpc[_Req, _Resp], request: _Req) -> _Resp:
-        try:
-            response = rpc.bind(self._channel)(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise _error_from_call(err) from err
-        return rpc.checked(response)
+        deadline = time.monotonic() + self._timeout
+        attempt = 1
+        while True:
+            try:
+                response = rpc.bind(self._channel)(
+                    request,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    metadata=self._metadata,
+                )
+                return rpc.checked(response)
+            except grpc.RpcError as raw:
+                err = _error_from_call(raw)
+                delay = self._next_try(rpc, err, attempt, deadline)
+                if delay is None:
+                    raise err from raw
+            time.sleep(delay)
+            attempt += 1
 
     def list_segments(self) -> list[Segment]:
         """Every segment of the project, newest first."""
@@ -612,8 +712,9 @@ class AsyncSegmentsClient(_Client):
         *,
         timeout: float = 10.0,
         channel: aio.Channel | None = None,
+        retry: Retry = Retry(),
     ) -> None:
-        super().__init__(api_key, timeout, owns_channel=channel is None)
+        super().__init__(api_key, timeout, owns_channel=channel is None, retry=retry)
         # Create the client inside the event loop that uses it: aio channels are bound to it.
         self._channel: aio.Channel = (
             channel if channel is not None else aio.insecure_channel(target)
@@ -636,13 +737,23 @@ class AsyncSegmentsClient(_Client):
             await self._channel.close()
 
     async def _send(self, rpc: _Rpc[_Req, _Resp], request: _Req) -> _Resp:
-        try:
-            response = await rpc.bind(self._channel)(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        except aio.AioRpcError as err:
-            raise _error_from_aio(err) from err
-        return rpc.checked(response)
+        deadline = time.monotonic() + self._timeout
+        attempt = 1
+        while True:
+            try:
+                response = await rpc.bind(self._channel)(
+                    request,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    metadata=self._metadata,
+                )
+                return rpc.checked(response)
+            except aio.AioRpcError as raw:
+                err = _error_from_aio(raw)
+                delay = self._next_try(rpc, err, attempt, deadline)
+                if delay is None:
+                    raise err from raw
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def list_segments(self) -> list[Segment]:
         """`SegmentsClient.list_segments` as a coroutine."""
