@@ -1916,7 +1916,11 @@ def render_figures(results: dict[str, Any]) -> str:
 
     def line(label: str, *path: str, fmt_: Callable[[Any], str]) -> str:
         value = dig(results, *path)
-        return f"| {label} | {fmt_(value) if value is not None else 'not measured'} |"
+        if value is None:
+            return f"| {label} | not measured |"
+        if isinstance(value, dict) and "error" in value:
+            return f"| {label} | failed: {value['error'][:100]} |"
+        return f"| {label} | {fmt_(value)} |"
 
     ds = results["dataset"]
     rows = sum(p["contacts"] + p["events"] + p["email_events"] for p in ds["projects"])
