@@ -16,7 +16,11 @@ Phases, in order (one server process and one Envoy for all of them):
 8. the main project's segments are deleted;
 9. ingestion: five tracked segments, IngestEvents in batches of 1,000 from several
    clients (throughput), then a paced 1,000 events/s stream whose entry events are timed
-   through WatchSegmentEvents (tracking latency).
+   through WatchSegmentEvents (tracking latency);
+10. noisy neighbour: a small project's REST latency while the main project holds many
+   streams, then runs heavy counts; the main project's upserts during a build of every
+   contact (bench/noisy.py).
+`--phases` runs a subset (e.g. `--phases noisy`); its results go to a file of their own.
 The server's RSS is sampled every 50 ms throughout.
 """
 
@@ -51,7 +55,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from bench import load, scenarios
+from bench import load, noisy, scenarios
 from bench.measure import median, percentile, summary, timed
 from bench.stack import ROOT, Envoy, Rest, Sampler, Server
 from segments.v1 import (
@@ -76,6 +80,30 @@ LIMITS = {
     "tracking_latency_p95_seconds": 2.0,
     "server_rss_mb": 300.0,
     "count_growth": 1.0,
+}
+PHASES = (
+    "trivial",
+    "scenarios",
+    "scale",
+    "list",
+    "export",
+    "sweep",
+    "ingestion_all",
+    "delete",
+    "ingestion",
+    "noisy",
+)
+# What a phase takes from an earlier one: run along with it.
+PHASE_NEEDS = {"scenarios": ("trivial",), "list": ("trivial",), "scale": ("scenarios",)}
+# The phases each target is measured in.
+TARGET_PHASES = {
+    "compiled_vs_hand_sql": "scenarios",
+    "rest_get_segment_vs_query": "scenarios",
+    "list_segments_vs_trivial": "list",
+    "ingest_events_per_second": "ingestion",
+    "tracking_latency_p95_seconds": "ingestion",
+    "server_rss_mb": "export",
+    "count_growth": "scale",
 }
 
 
@@ -141,8 +169,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=60.0,
         help="the server's SEGMENTS_SWEEP_SECONDS (60, the product default)",
     )
-    m.add_argument("--output", type=Path, help="default: bench/results.json (1M) else -<size>")
+    m.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help="comma-separated phases to run, with those they need (default: all): "
+        + ", ".join(PHASES),
+    )
+    n_ = p.add_argument_group("noisy neighbour (bench/noisy.py)")
+    n_.add_argument("--noisy-seconds", type=float, default=15.0, help="each measurement window")
+    n_.add_argument("--noisy-streams", type=int, default=32, help="main project's open streams")
+    n_.add_argument("--noisy-counts", type=int, default=16, help="main project's heavy counts")
+    n_.add_argument(
+        "--noisy-rate", type=float, default=20.0, help="small project's requests/s per endpoint"
+    )
+    n_.add_argument("--noisy-timeout", type=float, default=10.0, help="one probe request, s")
+    n_.add_argument(
+        "--noisy-build-timeout", type=float, default=900.0, help="the build of every contact, s"
+    )
+    m.add_argument(
+        "--output", type=Path, help="default: bench/results.json (1M) else -<size>[-<phases>]"
+    )
     args = p.parse_args(argv)
+    requested = [x.strip() for x in args.phases.split(",") if x.strip()]
+    unknown = sorted(set(requested) - set(PHASES))
+    if unknown or not requested:
+        p.error(f"--phases: unknown {', '.join(unknown) or '(none given)'}; known: {PHASES}")
+    phases = set(requested)
+    while extra := {need for name in phases for need in PHASE_NEEDS.get(name, ())} - phases:
+        phases |= extra
+    args.phases = [name for name in PHASES if name in phases]
+    args.subset = "" if len(args.phases) == len(PHASES) else "-".join(requested)
     n = args.contacts
     args.events = args.events if args.events is not None else 10 * n
     args.email_events = args.email_events if args.email_events is not None else 3 * n
@@ -156,7 +212,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     label = size_label(n)
     args.database_name = args.database_name or f"segments_bench_{label}"
     if args.output is None:
-        name = "results.json" if n == DEFAULT_CONTACTS else f"results-{label}.json"
+        # A subset never overwrites a whole run's results.
+        stem = "results" if n == DEFAULT_CONTACTS else f"results-{label}"
+        name = f"{stem}-{args.subset}.json" if args.subset else f"{stem}.json"
         args.output = ROOT / "bench" / name
     return args
 
@@ -1316,8 +1374,9 @@ def target_growth(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def compute_targets(
-    results: dict[str, Any], plans: dict[str, tuple[str, str, str]]
+    results: dict[str, Any], plans: dict[str, tuple[str, str, str]], phases: Sequence[str]
 ) -> dict[str, Any]:
+    """The targets of the phases that ran."""
     makers: dict[str, Callable[[], dict[str, Any]]] = {
         "compiled_vs_hand_sql": lambda: target_compiled_vs_hand(results, plans),
         "rest_get_segment_vs_query": lambda: target_rest_get(results),
@@ -1338,6 +1397,8 @@ def compute_targets(
     }
     targets: dict[str, Any] = {}
     for name, make in makers.items():
+        if TARGET_PHASES[name] not in phases:
+            continue
         try:
             targets[name] = make()
         except Exception as err:
@@ -1347,6 +1408,8 @@ def compute_targets(
                 "met": False,
                 "note": f"not measured: {type(err).__name__}: {err} (see the phase's error)",
             }
+    if "noisy" in phases:
+        targets.update(noisy.targets(results.get("noisy") or {}))
     return targets
 
 
@@ -1582,6 +1645,7 @@ def run(args: argparse.Namespace) -> int:
         "source": source_state(),
         "dataset": {**dataset.to_json(), "table_sizes": table_sizes(env)},
         "runs": args.runs,
+        "phases": args.phases,
     }
     plans: dict[str, tuple[str, str, str]] = {}
     small_plans: dict[str, str] = {}
@@ -1599,71 +1663,99 @@ def run(args: argparse.Namespace) -> int:
         sampler.start()
         stack = Stack(server, envoy, sampler)
 
-        log("[1/9] trivial RPC")
-        with sampler.phase("trivial"):
-            base = trivial(env, stack, max(100, args.runs * 20))
-            results["trivial"] = base
-        log(
-            f"    GetContact: gRPC {base['grpc_ms']['median']:.2f} ms, "
-            f"REST {base['rest_ms']['median']:.2f} ms"
-        )
-        contact_id = base["contact_id"]
-
-        log("[2/9] scenarios")
-        now = db_now(engine)
-        with sampler.phase("scenarios"):
-            guarded(
-                results,
-                "scenarios",
-                lambda: phase_scenarios(env, stack, now, contact_id, measured, plans, settled),
-            )
-
-        log("[3/9] scale curve")
-        with sampler.phase("scale"):
-            guarded(
-                results,
-                "scale",
-                lambda: scale_curve(env, stack, measured, now, small_plans, settled),
-            )
-
-        log("[4/9] ListSegments with 50 segments")
-        with sampler.phase("list"):
-            ls = guarded(
-                results,
-                "list_segments",
-                lambda: list_segments(
-                    env, stack, max(50, args.runs * 10), args.list_segments, contact_id
-                ),
-            )
-        if ls:
-            log(f"    GET /segments ({ls['segments']} segments): {ls['rest_ms']['median']:.2f} ms")
-
-        log("[5/9] ExportSegmentContacts of every contact")
-        with sampler.phase("export"):
-            ex = guarded(results, "export", lambda: export(env, stack))
-        if ex:
+        wanted = set(args.phases)
+        total = len(PHASES)
+        contact_id = ""
+        if "trivial" in wanted:
+            log(f"[1/{total}] trivial RPC")
+            with sampler.phase("trivial"):
+                base = trivial(env, stack, max(100, args.runs * 20))
+                results["trivial"] = base
             log(
-                f"    exported {ex['rows']:,} contacts in {ex['seconds']} s, "
-                f"server RSS peak {ex['server_rss_peak_mb']} MB"
+                f"    GetContact: gRPC {base['grpc_ms']['median']:.2f} ms, "
+                f"REST {base['rest_ms']['median']:.2f} ms"
             )
+            contact_id = base["contact_id"]
 
-        log("[6/9] one sweep with every segment present (informational)")
-        with sampler.phase("sweep"):
-            sw = guarded(results, "sweep", lambda: sweep_cost(env))
-        if sw:
-            log(f"    one sweep of the main project: {sw['seconds']} s")
+        now = db_now(engine)
+        if "scenarios" in wanted:
+            log(f"[2/{total}] scenarios")
+            with sampler.phase("scenarios"):
+                guarded(
+                    results,
+                    "scenarios",
+                    lambda: phase_scenarios(env, stack, now, contact_id, measured, plans, settled),
+                )
 
-        log("[7/9] ingestion with every segment present (informational)")
-        with sampler.phase("ingestion_all_segments"):
-            guarded(results, "ingestion_all_segments", lambda: phase_ingestion_all(env, stack))
+        if "scale" in wanted:
+            log(f"[3/{total}] scale curve")
+            with sampler.phase("scale"):
+                guarded(
+                    results,
+                    "scale",
+                    lambda: scale_curve(env, stack, measured, now, small_plans, settled),
+                )
 
-        log("[8/9] deleting the main project's segments")
-        with sampler.phase("delete_segments"):
-            guarded(results, "delete_segments", lambda: delete_segments(env, stack))
+        if "list" in wanted:
+            log(f"[4/{total}] ListSegments with 50 segments")
+            with sampler.phase("list"):
+                ls = guarded(
+                    results,
+                    "list_segments",
+                    lambda: list_segments(
+                        env, stack, max(50, args.runs * 10), args.list_segments, contact_id
+                    ),
+                )
+            if ls:
+                log(
+                    f"    GET /segments ({ls['segments']} segments): "
+                    f"{ls['rest_ms']['median']:.2f} ms"
+                )
 
-        log("[9/9] ingestion with five tracked segments")
-        with sampler.phase("ingestion"):
-            guarded(results, "ingestion", lambda: phase_ingestion(env, stack))
+        if "export" in wanted:
+            log(f"[5/{total}] ExportSegmentContacts of every contact")
+            with sampler.phase("export"):
+                ex = guarded(results, "export", lambda: export(env, stack))
+            if ex:
+                log(
+                    f"    exported {ex['rows']:,} contacts in {ex['seconds']} s, "
+                    f"server RSS peak {ex['server_rss_peak_mb']} MB"
+                )
+
+        if "sweep" in wanted:
+            log(f"[6/{total}] one sweep with every segment present (informational)")
+            with sampler.phase("sweep"):
+                sw = guarded(results, "sweep", lambda: sweep_cost(env))
+            if sw:
+                log(f"    one sweep of the main project: {sw['seconds']} s")
+
+        if "ingestion_all" in wanted:
+            log(f"[7/{total}] ingestion with every segment present (informational)")
+            with sampler.phase("ingestion_all_segments"):
+                guarded(results, "ingestion_all_segments", lambda: phase_ingestion_all(env, stack))
+
+        if "delete" in wanted:
+            log(f"[8/{total}] deleting the main project's segments")
+            with sampler.phase("delete_segments"):
+                guarded(results, "delete_segments", lambda: delete_segments(env, stack))
+
+        if "ingestion" in wanted:
+            log(f"[9/{total}] ingestion with five tracked segments")
+            with sampler.phase("ingestion"):
+                guarded(results, "ingestion", lambda: phase_ingestion(env, stack))
+
+        if "noisy" in wanted:
+            log(f"[10/{total}] noisy neighbour")
+            config = noisy.Config(
+                seconds=args.noisy_seconds,
+                streams=args.noisy_streams,
+                counts=args.noisy_counts,
+                rate=args.noisy_rate,
+                timeout=args.noisy_timeout,
+                build_timeout=args.noisy_build_timeout,
+            )
+            with sampler.phase("noisy"):
+                guarded(results, "noisy", lambda: noisy.run(env, stack, config, log))
 
         results["memory"] = {
             "server_rss_peak_mb": sampler.peak_mb("server"),
@@ -1685,7 +1777,7 @@ def run(args: argparse.Namespace) -> int:
                 + "; timings of those phases are inflated"
             )
         results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-        results["targets"] = compute_targets(results, plans)
+        results["targets"] = compute_targets(results, plans, args.phases)
     finally:
         if sampler is not None:
             sampler.stop()
@@ -1824,7 +1916,11 @@ def render_figures(results: dict[str, Any]) -> str:
 
     def line(label: str, *path: str, fmt_: Callable[[Any], str]) -> str:
         value = dig(results, *path)
-        return f"| {label} | {fmt_(value) if value is not None else 'not measured'} |"
+        if value is None:
+            return f"| {label} | not measured |"
+        if isinstance(value, dict) and "error" in value:
+            return f"| {label} | failed: {value['error'][:100]} |"
+        return f"| {label} | {fmt_(value)} |"
 
     ds = results["dataset"]
     rows = sum(p["contacts"] + p["events"] + p["email_events"] for p in ds["projects"])
@@ -1932,6 +2028,7 @@ def write_outputs(
         render_table(results),
         render_scale(results),
         render_figures(results),
+        noisy.render(results.get("noisy")),
         render_targets(results.get("targets", {})),
     ]
     markdown = "\n\n".join(p for p in parts if p)
