@@ -1,12 +1,11 @@
-"""Envoy in front of the gRPC replicas: renders its config (REST transcoding, error envelope,
-rate limit) and starts it."""
+"""Envoy in front of the gRPC replicas: renders its config (REST transcoding and error
+envelope) and starts it."""
 
 from __future__ import annotations
 
 import base64
 import importlib
 import json
-import math
 import re
 import shutil
 import socket
@@ -31,8 +30,6 @@ LUA_FILE = "filter.lua"
 CONFIG_FILE = "envoy.json"
 # The committed OpenAPI document (scripts/openapi.py), relative to the repository root.
 OPENAPI_FILE = Path("openapi") / "openapi.json"
-# Dynamic API keys each get a token bucket; the LRU keeps this many (Envoy's default is 20).
-MAX_RATE_LIMITED_KEYS = 10_000
 # The transcoder buffers each response whole and answers 500 beyond this; GET /segments of
 # a big project, or a page of contacts with large `data`, can exceed its 1 MiB default.
 MAX_RESPONSE_BYTES = 64 << 20
@@ -89,65 +86,9 @@ def _header(name: str, value: str) -> dict[str, Any]:
     return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
 
-def _percent(value: int) -> dict[str, Any]:
-    return {"default_value": {"numerator": value, "denominator": "HUNDRED"}, "runtime_key": "_"}
-
-
-def _token_bucket(per_minute: int) -> tuple[dict[str, Any], float]:
-    """A bucket of one minute's worth of requests refilled evenly; Envoy wants refills at
-    least 50 ms apart, so fast rates refill several tokens at a time."""
-    interval = 60.0 / per_minute
-    tokens = 1
-    if interval < 0.05:
-        tokens = math.ceil(0.05 / interval)
-        interval *= tokens
-    bucket = {
-        "max_tokens": per_minute,
-        "tokens_per_fill": tokens,
-        "fill_interval": f"{interval:.6f}s",
-    }
-    return bucket, interval
-
-
-def _rate_limit_filter(per_minute: int) -> dict[str, Any]:
-    bucket, interval = _token_bucket(per_minute)
-    return {
-        "name": "envoy.filters.http.local_ratelimit",
-        "typed_config": _any(
-            "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-            stat_prefix="api_key_rate_limit",
-            # Requests without an Authorization header (answered 401 upstream) share
-            # this default bucket.
-            token_bucket=bucket,
-            filter_enabled=_percent(100),
-            filter_enforced=_percent(100),
-            # An empty descriptor value is a wildcard: one bucket per distinct
-            # Authorization value, created on first use.
-            descriptors=[{"entries": [{"key": "api_key"}], "token_bucket": bucket}],
-            max_dynamic_descriptors=MAX_RATE_LIMITED_KEYS,
-            # Otherwise every keyed request would also drain the shared default bucket,
-            # turning the per-key limit into a global one.
-            always_consume_default_token_bucket=False,
-            rate_limits=[
-                {
-                    "actions": [
-                        {
-                            "request_headers": {
-                                "header_name": "authorization",
-                                "descriptor_key": "api_key",
-                            }
-                        }
-                    ]
-                }
-            ],
-            response_headers_to_add=[_header("retry-after", str(max(1, math.ceil(interval))))],
-        ),
-    }
-
-
 def _openapi_route(document: str) -> dict[str, Any]:
-    """GET /openapi.json answered by Envoy itself: no key needed, not rate limited, and
-    the transcoder (which would call it an unknown method) does not see it."""
+    """GET /openapi.json answered by Envoy itself: no key needed, and the transcoder
+    (which would call it an unknown method) does not see it."""
     disabled = _any("envoy.config.route.v3.FilterConfig", disabled=True)
     return {
         "match": {
@@ -159,7 +100,6 @@ def _openapi_route(document: str) -> dict[str, Any]:
         "typed_per_filter_config": {
             name: disabled
             for name in (
-                "envoy.filters.http.local_ratelimit",
                 "envoy.filters.http.buffer",
                 "envoy.filters.http.grpc_json_transcoder",
             )
@@ -406,7 +346,6 @@ def render_config(
     http_port: int,
     upstreams: Sequence[tuple[str, int]],
     descriptor_path: Path,
-    rate_limit_per_minute: int = 0,
     max_request_bytes: int = 1 << 20,
     listen_host: str = "127.0.0.1",
     openapi_path: Path | None = None,
@@ -464,17 +403,13 @@ def render_config(
     http_filters: list[dict[str, Any]] = [
         {
             # First, so that on the way back it sees transcoded responses, Envoy's own
-            # local replies (429, 413, 400, 404, 503) and can reshape all of them.
+            # local replies (413, 400, 404, 503) and can reshape all of them.
             "name": "envoy.filters.http.lua",
             "typed_config": _any(
                 "envoy.extensions.filters.http.lua.v3.Lua",
                 default_source_code={"inline_string": lua_source},
             ),
-        }
-    ]
-    if rate_limit_per_minute > 0:
-        http_filters.append(_rate_limit_filter(rate_limit_per_minute))
-    http_filters += [
+        },
         {
             # The transcoder's own max_request_body_size is not enforced for `body: "*"`
             # requests (checked with Envoy 1.40), so the size limit is the buffer filter's.
@@ -536,7 +471,6 @@ def render_config(
             _status_mapper(
                 413, "PAYLOAD_TOO_LARGE", f"Request body larger than {max_request_bytes} bytes"
             ),
-            _status_mapper(429, "RATE_LIMITED", "Too many requests for this API key"),
             _status_mapper(503, "SERVICE_UNAVAILABLE", retry_after=1),
         ],
         "body_format": _envelope("INTERNAL_ERROR"),
