@@ -44,6 +44,7 @@ DOMAIN = "segments.v1"
 # Internal metadata read by Envoy's response filter; never shown to HTTP clients.
 HTTP_STATUS_HEADER = "x-http-status"
 ENVELOPE_HEADER = "x-error-envelope"
+RETRY_AFTER_HEADER = "x-retry-after"  # whole seconds of the RetryInfo, as HTTP Retry-After
 MAX_ENVELOPE_VIOLATIONS = 50
 # Errors travel as trailing metadata, i.e. HTTP/2 headers, three times over (grpc-message,
 # grpc-status-details-bin, the envelope): gRPC clients refuse more than 8 KiB of metadata
@@ -151,6 +152,7 @@ def envelope(err: ServiceError, request_id: str) -> dict[str, Any]:
 def to_status(err: ServiceError, request_id: str) -> grpc.Status:
     code = grpc_code(err)
     details: list[Message] = []
+    retry_after: list[tuple[str, str]] = []
     info = error_details_pb2.ErrorInfo(
         reason=err.code,
         domain=DOMAIN,
@@ -172,6 +174,7 @@ def to_status(err: ServiceError, request_id: str) -> grpc.Status:
         )
     if isinstance(err, Unavailable):
         details.append(error_details_pb2.RetryInfo(retry_delay={"seconds": 1}))
+        retry_after.append((RETRY_AFTER_HEADER, "1"))
     packed = []
     for detail in details:
         holder = any_pb2.Any()
@@ -187,6 +190,7 @@ def to_status(err: ServiceError, request_id: str) -> grpc.Status:
         *status.trailing_metadata,
         (HTTP_STATUS_HEADER, str(err.http_status)),
         (ENVELOPE_HEADER, body),
+        *retry_after,
     )
     return _Status(status.code, status.details, trailing)
 
