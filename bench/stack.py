@@ -104,7 +104,7 @@ class Server:
 
 
 class Envoy:
-    """Envoy exactly as `make run` configures it (rate limit off) in front of `grpc_port`."""
+    """Envoy exactly as `make run` configures it in front of `grpc_port`."""
 
     def __init__(self, grpc_port: int) -> None:
         self.http_port = free_port()
@@ -114,7 +114,6 @@ class Envoy:
             http_port=self.http_port,
             upstreams=[("127.0.0.1", grpc_port)],
             descriptor_path=DESCRIPTOR,
-            rate_limit_per_minute=0,
         )
         # As envoy_proxy.start_envoy does, plus: Envoy goes when the bench goes.
         config_path = workdir / envoy_proxy.CONFIG_FILE

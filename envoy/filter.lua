@@ -7,7 +7,7 @@
 -- MESSAGES and SHAPE_RULES (the request fields whose JSON shape is checked, and the HTTP
 -- rules with body "*" they apply to, see find_bad_shape). On the way in it rejects
 -- request bodies whose bool fields hold anything but true, false or null, and whose list
--- fields hold a lone value or nested arrays.
+-- fields hold a lone value or nested arrays. Native gRPC callers are left alone.
 --
 -- Contract with the gRPC server (metadata keys, all ASCII values):
 --   x-http-status: 201 | 204   a success status other than 200: initial metadata sent
@@ -17,21 +17,22 @@
 --                              headers of a trailers-only response, or as trailers when
 --                              initial metadata went first), or initial metadata sent
 --                              before aborting. Errors without it get a generic envelope.
+--   x-retry-after: <seconds>   beside them on retryable errors: the Retry-After header
 
 -- Dynamic metadata namespace carrying per-request facts from the request to the response.
 local NS = "segments.rest"
 
 -- Never shown to HTTP clients: the server's side channel and gRPC transport details.
 local INTERNAL_HEADERS = {
-  "x-http-status", "x-error-envelope", "grpc-status", "grpc-message",
+  "x-http-status", "x-error-envelope", "x-retry-after", "grpc-status", "grpc-message",
   "grpc-status-details-bin", "grpc-accept-encoding", "grpc-encoding",
 }
 
--- Public error codes for statuses whose response carries no envelope of its own.
+-- Public codes of errors without an envelope (gRPC codes as the transcoder maps them).
 local CODES = {
-  [400] = "VALIDATION_ERROR", [401] = "UNAUTHENTICATED", [403] = "FORBIDDEN",
-  [404] = "NOT_FOUND", [409] = "CONFLICT", [413] = "PAYLOAD_TOO_LARGE",
-  [429] = "RATE_LIMITED", [503] = "SERVICE_UNAVAILABLE",
+  [400] = "VALIDATION_ERROR", [401] = "UNAUTHENTICATED", [404] = "NOT_FOUND",
+  [409] = "CONFLICT", [413] = "PAYLOAD_TOO_LARGE", [429] = "RATE_LIMITED",
+  [503] = "SERVICE_UNAVAILABLE", [504] = "DEADLINE_EXCEEDED",
 }
 
 -- What a proto scalar type means to a JSON client.
@@ -463,12 +464,7 @@ end
 
 -- Request headers become gRPC metadata upstream, where names are limited to [0-9a-z_.-]
 -- and grpc-* names are the protocol's own; grpcio fails the whole call on anything else.
--- REST callers' headers of that kind are dropped (gRPC callers passing through keep theirs).
 local function drop_non_metadata_headers(headers)
-  local content_type = headers:get("content-type") or ""
-  if content_type:sub(1, 16) == "application/grpc" then
-    return
-  end
   local drop = {}
   for name, _ in pairs(headers) do
     if name:sub(1, 1) ~= ":" and (name:sub(1, 5) == "grpc-" or not name:match("^[0-9a-z_.%-]+$")) then
@@ -482,8 +478,11 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
-  drop_non_metadata_headers(headers)
   local meta = handle:streamInfo():dynamicMetadata()
+  if (headers:get("content-type") or ""):sub(1, 16) == "application/grpc" then
+    return meta:set(NS, "grpc", true) -- native gRPC: status, body, trailers stay the server's
+  end
+  drop_non_metadata_headers(headers)
   local path = headers:get(":path") or ""
   local method = headers:get(":method") or ""
   meta:set(NS, "request_id", headers:get("x-request-id") or "")
@@ -518,14 +517,16 @@ function envoy_on_request(handle)
 end
 
 function envoy_on_response(handle)
+  local meta = handle:streamInfo():dynamicMetadata():get(NS) or {}
+  if meta.grpc then return end
   local headers = handle:headers()
   local status = tonumber(headers:get(":status")) or 500
   local wanted = tonumber(headers:get("x-http-status") or "")
   local server_envelope = headers:get("x-error-envelope")
+  local retry_after = headers:get("x-retry-after")
   for _, name in ipairs(INTERNAL_HEADERS) do
     headers:remove(name)
   end
-  local meta = handle:streamInfo():dynamicMetadata():get(NS) or {}
 
   if status < 400 then
     if wanted == 204 then
@@ -556,22 +557,21 @@ function envoy_on_response(handle)
   -- hold the server's metadata when it had sent initial metadata before aborting.
   local text = body_text(handle)
   local trailers = handle:trailers()
-  if trailers then
-    if not server_envelope and trailers:get("x-error-envelope") then
-      server_envelope = trailers:get("x-error-envelope")
-      wanted = tonumber(trailers:get("x-http-status") or "")
-    end
-    for _, name in ipairs(INTERNAL_HEADERS) do
-      trailers:remove(name)
-    end
+  if trailers and not server_envelope and trailers:get("x-error-envelope") then
+    server_envelope = trailers:get("x-error-envelope")
+    wanted = tonumber(trailers:get("x-http-status") or "")
+    retry_after = trailers:get("x-retry-after")
   end
+  strip_trailers(handle)
   headers = handle:headers()
   if wanted and wanted >= 400 then
     status = wanted
     headers:replace(":status", tostring(status))
   end
-  if status == 503 then
-    headers:replace("retry-after", "1")
+  -- Whole seconds from the server (its google.rpc.RetryInfo), else 1 s for any 429/503.
+  retry_after = (retry_after or ""):match("^%d+$")
+  if retry_after or status == 429 or status == 503 then
+    headers:replace("retry-after", retry_after or "1")
   end
 
   if server_envelope then

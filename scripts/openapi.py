@@ -149,8 +149,13 @@ ERROR_STATUSES = {
     "404": "No such segment or contact in this project (NOT_FOUND)",
     "409": "The segment is referenced by other segments (SEGMENT_IN_USE)",
     "413": "Request body larger than 1 MiB (PAYLOAD_TOO_LARGE)",
-    "429": "Over the per-key rate limit (RATE_LIMITED)",
-    "503": "Database unreachable; retry the request (SERVICE_UNAVAILABLE)",
+    "429": "Over the project's per-minute rate limit or its concurrent requests; retry after "
+    "Retry-After seconds (RATE_LIMITED)",
+    "500": "Unexpected server error (INTERNAL_ERROR)",
+    "503": "Database unreachable (SERVICE_UNAVAILABLE), or a segment's membership still being "
+    "built and not countable in time (SEGMENT_BUILDING); retry after Retry-After seconds",
+    "504": "The request did not complete within its time budget; nothing was written "
+    "(DEADLINE_EXCEEDED)",
 }
 ERROR_CODES = [
     "VALIDATION_ERROR",
@@ -164,7 +169,10 @@ ERROR_CODES = [
     "CONFLICT",
     "PAYLOAD_TOO_LARGE",
     "RATE_LIMITED",
+    "INTERNAL_ERROR",
     "SERVICE_UNAVAILABLE",
+    "SEGMENT_BUILDING",
+    "DEADLINE_EXCEEDED",
 ]
 
 _SCALARS: dict[int, Schema] = {
@@ -519,7 +527,7 @@ class Document:
             statuses.append("409")
         if binding.body:
             statuses.append("413")
-        statuses += ["429", "503"]
+        statuses += ["429", "500", "503", "504"]
         for status in statuses:
             responses[status] = {"$ref": f"#/components/responses/Error{status}"}
         return responses

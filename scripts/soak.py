@@ -123,7 +123,6 @@ class Stack:
             http_port=self.http_port,
             upstreams=[("127.0.0.1", p) for p in self.ports],
             descriptor_path=DESCRIPTOR,
-            rate_limit_per_minute=self.args.rate_limit,
         )
         envoy_dir = self.workdir / "envoy"
         self.envoy = envoy_proxy.start_envoy(
@@ -712,12 +711,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sweep-seconds", type=float, default=5.0, help="replicas' sweeper period (5)"
-    )
-    parser.add_argument(
-        "--rate-limit",
-        type=int,
-        default=0,
-        help="Envoy's per-key limit per minute (default 0: off; one key drives the load)",
     )
     parser.add_argument(
         "--database-url", default=None, help="PostgreSQL server (default: DATABASE_URL or embedded)"

@@ -197,7 +197,6 @@ def rest_url(grpc_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         http_port=http_port,
         upstreams=[("127.0.0.1", grpc_port)],
         descriptor_path=ROOT / "envoy" / "segments.pb",
-        rate_limit_per_minute=0,
     )
     proc = envoy_proxy.start_envoy(config, workdir=workdir, log_path=workdir / "envoy.log")
     try:

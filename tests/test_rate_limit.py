@@ -26,7 +26,6 @@ def limited(grpc_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         http_port=http_port,
         upstreams=[("127.0.0.1", grpc_port)],
         descriptor_path=ROOT / "envoy" / "segments.pb",
-        rate_limit_per_minute=LIMIT,
     )
     proc = envoy_proxy.start_envoy(config, workdir=workdir, log_path=workdir / "envoy.log")
     try:

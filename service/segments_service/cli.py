@@ -101,7 +101,6 @@ class Supervisor:
             http_port=self.settings.http_port,
             upstreams=[("127.0.0.1", p) for p in self.ports],
             descriptor_path=DESCRIPTOR,
-            rate_limit_per_minute=self.settings.rate_limit_per_minute,
         )
         self.envoy = envoy_proxy.start_envoy(
             config, workdir=workdir, log_path=workdir / "envoy.log"

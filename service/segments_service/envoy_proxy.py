@@ -1,12 +1,11 @@
-"""Envoy in front of the gRPC replicas: renders its config (REST transcoding, error envelope,
-rate limit) and starts it."""
+"""Envoy in front of the gRPC replicas: renders its config (REST transcoding and error
+envelope; native gRPC passed through untouched) and starts it."""
 
 from __future__ import annotations
 
 import base64
 import importlib
 import json
-import math
 import re
 import shutil
 import socket
@@ -31,11 +30,16 @@ LUA_FILE = "filter.lua"
 CONFIG_FILE = "envoy.json"
 # The committed OpenAPI document (scripts/openapi.py), relative to the repository root.
 OPENAPI_FILE = Path("openapi") / "openapi.json"
-# Dynamic API keys each get a token bucket; the LRU keeps this many (Envoy's default is 20).
-MAX_RATE_LIMITED_KEYS = 10_000
 # The transcoder buffers each response whole and answers 500 beyond this; GET /segments of
 # a big project, or a page of contacts with large `data`, can exceed its 1 MiB default.
 MAX_RESPONSE_BYTES = 64 << 20
+# The service answers 504 DEADLINE_EXCEEDED itself when its budget (SEGMENTS_REQUEST_TIMEOUT)
+# runs out; Envoy's own timeout of REST requests waits this much longer, so that the
+# service's answer, with its request id, is the one the caller gets.
+REST_TIMEOUT_MARGIN = 2.0
+LUA_FILTER = "envoy.filters.http.lua"
+BUFFER_FILTER = "envoy.filters.http.buffer"
+TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
 
 # Registers the google.api.http option so descriptor options parse it; imported by name
 # because googleapis-common-protos ships no type information.
@@ -89,65 +93,9 @@ def _header(name: str, value: str) -> dict[str, Any]:
     return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
 
-def _percent(value: int) -> dict[str, Any]:
-    return {"default_value": {"numerator": value, "denominator": "HUNDRED"}, "runtime_key": "_"}
-
-
-def _token_bucket(per_minute: int) -> tuple[dict[str, Any], float]:
-    """A bucket of one minute's worth of requests refilled evenly; Envoy wants refills at
-    least 50 ms apart, so fast rates refill several tokens at a time."""
-    interval = 60.0 / per_minute
-    tokens = 1
-    if interval < 0.05:
-        tokens = math.ceil(0.05 / interval)
-        interval *= tokens
-    bucket = {
-        "max_tokens": per_minute,
-        "tokens_per_fill": tokens,
-        "fill_interval": f"{interval:.6f}s",
-    }
-    return bucket, interval
-
-
-def _rate_limit_filter(per_minute: int) -> dict[str, Any]:
-    bucket, interval = _token_bucket(per_minute)
-    return {
-        "name": "envoy.filters.http.local_ratelimit",
-        "typed_config": _any(
-            "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-            stat_prefix="api_key_rate_limit",
-            # Requests without an Authorization header (answered 401 upstream) share
-            # this default bucket.
-            token_bucket=bucket,
-            filter_enabled=_percent(100),
-            filter_enforced=_percent(100),
-            # An empty descriptor value is a wildcard: one bucket per distinct
-            # Authorization value, created on first use.
-            descriptors=[{"entries": [{"key": "api_key"}], "token_bucket": bucket}],
-            max_dynamic_descriptors=MAX_RATE_LIMITED_KEYS,
-            # Otherwise every keyed request would also drain the shared default bucket,
-            # turning the per-key limit into a global one.
-            always_consume_default_token_bucket=False,
-            rate_limits=[
-                {
-                    "actions": [
-                        {
-                            "request_headers": {
-                                "header_name": "authorization",
-                                "descriptor_key": "api_key",
-                            }
-                        }
-                    ]
-                }
-            ],
-            response_headers_to_add=[_header("retry-after", str(max(1, math.ceil(interval))))],
-        ),
-    }
-
-
 def _openapi_route(document: str) -> dict[str, Any]:
-    """GET /openapi.json answered by Envoy itself: no key needed, not rate limited, and
-    the transcoder (which would call it an unknown method) does not see it."""
+    """GET /openapi.json answered by Envoy itself: no key needed, and the transcoder
+    (which would call it an unknown method) does not see it."""
     disabled = _any("envoy.config.route.v3.FilterConfig", disabled=True)
     return {
         "match": {
@@ -156,14 +104,7 @@ def _openapi_route(document: str) -> dict[str, Any]:
         },
         "direct_response": {"status": 200, "body": {"inline_string": document}},
         "response_headers_to_add": [_header("content-type", "application/json")],
-        "typed_per_filter_config": {
-            name: disabled
-            for name in (
-                "envoy.filters.http.local_ratelimit",
-                "envoy.filters.http.buffer",
-                "envoy.filters.http.grpc_json_transcoder",
-            )
-        },
+        "typed_per_filter_config": {name: disabled for name in (BUFFER_FILTER, TRANSCODER_FILTER)},
     }
 
 
@@ -406,12 +347,17 @@ def render_config(
     http_port: int,
     upstreams: Sequence[tuple[str, int]],
     descriptor_path: Path,
-    rate_limit_per_minute: int = 0,
     max_request_bytes: int = 1 << 20,
+    request_timeout: float = 30.0,
     listen_host: str = "127.0.0.1",
     openapi_path: Path | None = None,
 ) -> str:
-    """Envoy bootstrap (JSON) for the REST listener in front of the gRPC `upstreams`.
+    """Envoy bootstrap (JSON) for the listener in front of the gRPC `upstreams`: REST
+    (transcoded) and native gRPC callers alike.
+
+    `request_timeout` is the service's budget per request (SEGMENTS_REQUEST_TIMEOUT);
+    REST requests time out in Envoy a little after it, native gRPC calls only by their
+    own deadline.
 
     `GET /openapi.json` answers the file at `openapi_path` (default: openapi/openapi.json
     of the repository holding `descriptor_path`), read now, when it exists."""
@@ -423,10 +369,8 @@ def render_config(
         descriptor_path.parent / LUA_FILE, _enum_values(fds), unwraps, _shapes(fds)
     )
 
-    route_action = {
+    upstream = {
         "cluster": CLUSTER,
-        # Batch imports of 1000 events may take a while; the default 15 s is tight.
-        "timeout": "60s",
         "retry_policy": {
             # Only failures where the request never reached a server: a POST is not
             # idempotent, so `reset` (the server may have committed) and gRPC
@@ -445,47 +389,58 @@ def render_config(
             "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
         },
     }
+    disabled = _any("envoy.config.route.v3.FilterConfig", disabled=True)
     routes: list[dict[str, Any]] = [
-        {"match": {"prefix": f"/{service}/"}, "route": route_action} for service in SERVICES
+        {
+            # Native gRPC callers (content-type application/grpc*), whatever the service:
+            # passed through untouched, with no route timeout (server streams stay open;
+            # the caller's deadline travels in grpc-timeout, which Envoy enforces too) and
+            # no idle timeout (a Watch stream may be quiet for long).
+            "match": {"prefix": "/", "grpc": {}},
+            "route": {
+                **upstream,
+                "timeout": "0s",
+                "idle_timeout": "0s",
+                "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+            },
+            "typed_per_filter_config": {
+                name: disabled for name in (LUA_FILTER, BUFFER_FILTER, TRANSCODER_FILTER)
+            },
+        },
+        {
+            # REST: chosen on the request as it came in (the transcoder keeps that route),
+            # unknown paths being answered 404 by the transcoder itself.
+            "match": {"prefix": "/"},
+            "route": {**upstream, "timeout": f"{request_timeout + REST_TIMEOUT_MARGIN:.3f}s"},
+        },
     ]
     if openapi_path is None:
         openapi_path = descriptor_path.resolve().parent.parent / OPENAPI_FILE
     openapi_document = openapi_path.read_text() if openapi_path.is_file() else None
     if openapi_document is not None:
-        routes.insert(0, _openapi_route(openapi_document))
-    # Everything else (the transcoder already answers unknown REST paths) is a 404.
-    routes.append(
-        {
-            "match": {"prefix": "/"},
-            "direct_response": {"status": 404, "body": {"inline_string": "Not found"}},
-        }
-    )
+        routes.insert(1, _openapi_route(openapi_document))
 
     http_filters: list[dict[str, Any]] = [
         {
             # First, so that on the way back it sees transcoded responses, Envoy's own
-            # local replies (429, 413, 400, 404, 503) and can reshape all of them.
-            "name": "envoy.filters.http.lua",
+            # local replies (413, 400, 404, 503, 504) and can reshape all of them.
+            "name": LUA_FILTER,
             "typed_config": _any(
                 "envoy.extensions.filters.http.lua.v3.Lua",
                 default_source_code={"inline_string": lua_source},
             ),
-        }
-    ]
-    if rate_limit_per_minute > 0:
-        http_filters.append(_rate_limit_filter(rate_limit_per_minute))
-    http_filters += [
+        },
         {
             # The transcoder's own max_request_body_size is not enforced for `body: "*"`
             # requests (checked with Envoy 1.40), so the size limit is the buffer filter's.
-            "name": "envoy.filters.http.buffer",
+            "name": BUFFER_FILTER,
             "typed_config": _any(
                 "envoy.extensions.filters.http.buffer.v3.Buffer",
                 max_request_bytes=max_request_bytes,
             ),
         },
         {
-            "name": "envoy.filters.http.grpc_json_transcoder",
+            "name": TRANSCODER_FILTER,
             "typed_config": _any(
                 "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
                 # Embedded because it is the descriptor with `response_body` removed.
@@ -506,6 +461,9 @@ def render_config(
                 },
                 max_request_body_size=max_request_bytes,
                 max_response_body_size=MAX_RESPONSE_BYTES,
+                # Otherwise the route is chosen again on the rewritten (gRPC) request,
+                # and REST requests would get the native gRPC route and its timeouts.
+                match_incoming_request_route=True,
             ),
         },
         {
@@ -536,8 +494,8 @@ def render_config(
             _status_mapper(
                 413, "PAYLOAD_TOO_LARGE", f"Request body larger than {max_request_bytes} bytes"
             ),
-            _status_mapper(429, "RATE_LIMITED", "Too many requests for this API key"),
             _status_mapper(503, "SERVICE_UNAVAILABLE", retry_after=1),
+            _status_mapper(504, "DEADLINE_EXCEEDED", "The request did not complete in time"),
         ],
         "body_format": _envelope("INTERNAL_ERROR"),
     }

@@ -36,7 +36,7 @@ DOMAIN = "segments.v1"
 # Internal metadata read by Envoy's response filter; never shown to HTTP clients.
 HTTP_STATUS_HEADER = "x-http-status"
 ENVELOPE_HEADER = "x-error-envelope"
-RETRY_AFTER_HEADER = "x-retry-after"
+RETRY_AFTER_HEADER = "x-retry-after"  # whole seconds of the RetryInfo, as HTTP Retry-After
 MAX_ENVELOPE_VIOLATIONS = 50
 # Errors travel as trailing metadata, i.e. HTTP/2 headers, three times over (grpc-message,
 # grpc-status-details-bin, the envelope): gRPC clients refuse more than 8 KiB of metadata
