@@ -101,6 +101,7 @@ class Supervisor:
             http_port=self.settings.http_port,
             upstreams=[("127.0.0.1", p) for p in self.ports],
             descriptor_path=DESCRIPTOR,
+            request_timeout=self.settings.request_timeout,
         )
         self.envoy = envoy_proxy.start_envoy(
             config, workdir=workdir, log_path=workdir / "envoy.log"

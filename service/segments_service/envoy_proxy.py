@@ -19,6 +19,8 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2
 
+from segments_service.rpc import REST_HEADER
+
 SERVICES = (
     "segments.v1.SegmentService",
     "segments.v1.ContactService",
@@ -406,12 +408,15 @@ def render_config(
             "typed_per_filter_config": {
                 name: disabled for name in (LUA_FILTER, BUFFER_FILTER, TRANSCODER_FILTER)
             },
+            "request_headers_to_remove": [REST_HEADER],
         },
         {
             # REST: chosen on the request as it came in (the transcoder keeps that route),
             # unknown paths being answered 404 by the transcoder itself.
             "match": {"prefix": "/"},
             "route": {**upstream, "timeout": f"{request_timeout + REST_TIMEOUT_MARGIN:.3f}s"},
+            # Tells the service the request came over REST (its per-minute rate applies).
+            "request_headers_to_add": [_header(REST_HEADER, "1")],
         },
     ]
     if openapi_path is None:
