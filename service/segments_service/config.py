@@ -41,6 +41,8 @@ class Settings:
     sweep_seconds: float
     drain_seconds: float
     rate_limit_per_minute: int
+    # Seconds one statement of background work (a sweep) may run.
+    background_timeout: float
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -55,4 +57,5 @@ class Settings:
             sweep_seconds=_float("SEGMENTS_SWEEP_SECONDS", 60.0),
             drain_seconds=_float("SEGMENTS_DRAIN_SECONDS", 20.0),
             rate_limit_per_minute=_int("SEGMENTS_RATE_LIMIT_PER_MINUTE", 1000),
+            background_timeout=_float("SEGMENTS_BACKGROUND_TIMEOUT", 60.0),
         )
