@@ -640,7 +640,8 @@ def compile_members(
     """One statement selecting the distinct `contact_id` of every member in the project.
 
     `scope`, an `= ANY(:ids)` right-hand side (tables.any_uuid), restricts it to those
-    contacts. The statement reads `contacts` only where a contact field is filtered:
+    contacts; or a function from a column of contact ids to the condition they must meet
+    (a range of ids, say). The statement reads `contacts` only where a contact field is filtered:
     positive event and list filters become sets of contact ids straight from `events` and
     `static_members` (every such row references a contact of its project), combined by
     the condition's logic; see _Compiler.
@@ -735,7 +736,11 @@ class _Compiler:
     scope: Any
 
     def scoped(self, query: Select[Any], column: ColumnElement[Any]) -> Select[Any]:
-        return query if self.scope is None else query.where(column == self.scope)
+        if self.scope is None:
+            return query
+        if callable(self.scope):
+            return query.where(self.scope(column))
+        return query.where(column == self.scope)
 
     def members(self, node: _Node) -> Select[tuple[uuid.UUID]]:
         """The distinct `contact_id`s a compiled condition selects."""

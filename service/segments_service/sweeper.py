@@ -42,7 +42,20 @@ from enum import Enum
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, Select, and_, any_, bindparam, except_, or_, select, text, union
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Select,
+    Uuid,
+    and_,
+    except_,
+    literal,
+    or_,
+    select,
+    text,
+    union,
+    union_all,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -86,23 +99,40 @@ def stale_among(
     now: datetime,
     ids: Sequence[uuid.UUID],
 ) -> list[uuid.UUID]:
-    """Which of these contacts have a stored membership of `segments` that differs from
-    their conditions at `now`: one statement, reading only these contacts."""
+    """Which of the contacts from ids[0] to ids[-1] (a slice: the project's contacts in
+    that range of ids) have a stored membership of `segments` that differs from their
+    conditions at `now`: one statement.
+
+    The slice is a range of ids rather than a list: every table reads it from an index on
+    (project_id, contact id), and no plan hashes the whole project to filter it."""
     if not segments or not ids:
         return []
-    scope = {seg.id: ids for seg in segments}  # one list: one array parameter
-    _which, lists = membership.scope_lists(segments, scope)
-    desired = membership.desired_members(project_id, segments, scope, now)
+    first, last = literal(ids[0], Uuid), literal(ids[-1], Uuid)
+
+    def within(column: ColumnElement[Any]) -> ColumnElement[bool]:
+        return and_(column >= first, column <= last)
+
+    parts = []
+    for seg in segments:
+        found = seg.members(project_id, now, within).subquery()
+        parts.append(select(literal(seg.id, Uuid).label("segment_id"), found.c.contact_id))
+    # Each read once: an EXCEPT either way round would otherwise evaluate them twice.
+    desired = union_all(*parts).cte("desired")
     m = tables.segment_members.c
-    current = select(m.segment_id, m.contact_id).where(
-        m.project_id == project_id,
-        m.segment_id.in_([s.id for s in segments]),
-        m.contact_id == any_(bindparam("slice_ids", type_=tables.UUID_ARRAY)),
+    current = (
+        select(m.segment_id, m.contact_id)
+        .where(
+            m.project_id == project_id,
+            m.segment_id.in_([s.id for s in segments]),
+            within(m.contact_id),
+        )
+        .cte("current")
     )
-    diff = union(except_(desired, current), except_(current, desired)).subquery()
-    params = membership.scope_parameters(segments, scope, lists)
-    params["slice_ids"] = list(ids)
-    return list(session.execute(select(diff.c.contact_id).distinct(), params).scalars())
+    diff = union(
+        except_(select(desired.c.segment_id, desired.c.contact_id), select(current)),
+        except_(select(current), select(desired.c.segment_id, desired.c.contact_id)),
+    ).subquery()
+    return list(session.execute(select(diff.c.contact_id).distinct()).scalars())
 
 
 def stale_contacts(
