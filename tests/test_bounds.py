@@ -373,15 +373,19 @@ def test_field_limits_through_the_api(
         assert time.monotonic() - started < 10
 
 
-def test_string_value_limit_through_grpc(client: SegmentsClient) -> None:
-    client.upsert_contact("long@x.com", data={"bio": "b" * MAX_STRING_VALUE})
-    at_limit = cond(flt("data.bio", "equals", "b" * MAX_STRING_VALUE))
+def test_string_value_limit_through_the_api(
+    client: SegmentsClient, rest: Rest, api: Api, project: Project
+) -> None:
+    client.upsert_contact("long@x.com", data={"bio": "é" * MAX_STRING_VALUE})
+    at_limit = cond(flt("data.bio", "equals", "é" * MAX_STRING_VALUE))
     assert client.create_segment("edge", condition=at_limit).member_count == 1
     assert client.count_matching_contacts(at_limit) == 1
-    over = cond(flt("data.bio", "contains", "b" * (MAX_STRING_VALUE + 1)))
+    assert api.member_set(api.create_segment("edge", at_limit)["id"]) == {"long@x.com"}
+    over = cond(flt("data.bio", "contains", "é" * (MAX_STRING_VALUE + 1)))
     expected = [(f"{F0}.value", "too_long")]
     assert grpc_refused(lambda: client.create_segment("over", condition=over)) == expected
     assert grpc_refused(lambda: client.count_matching_contacts(over)) == expected
+    assert rest_refused(rest, project, over) == expected
 
 
 def test_expanded_filter_limit_through_the_api(
