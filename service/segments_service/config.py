@@ -44,6 +44,8 @@ class Settings:
     project_concurrency: int
     project_streams: int
     request_timeout: float
+    # Seconds one statement of background work (a sweep) may run.
+    background_timeout: float
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -61,4 +63,5 @@ class Settings:
             project_concurrency=_int("SEGMENTS_PROJECT_CONCURRENCY", 8),
             project_streams=_int("SEGMENTS_PROJECT_STREAMS", 16),
             request_timeout=_float("SEGMENTS_REQUEST_TIMEOUT", 30.0),
+            background_timeout=_float("SEGMENTS_BACKGROUND_TIMEOUT", 60.0),
         )

@@ -42,23 +42,42 @@ def require_email(raw: str, field: str) -> str:
 NUL_MESSAGE = "must not contain NUL (\\u0000) characters"
 
 
+# JSON data (contact data, event data) nests at most this deep: `{"a": {"b": 1}}` is 2.
+MAX_JSON_DEPTH = 64
+
+
 def check_json(value: Any, field: str) -> list[FieldViolation]:
     """What PostgreSQL's jsonb cannot store (non-finite numbers, NUL characters in strings
-    or keys); report where it is."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return [FieldViolation(field, "must be a finite number", "invalid_number")]
-    if isinstance(value, str) and "\x00" in value:
-        return [FieldViolation(field, NUL_MESSAGE, "invalid_character")]
-    if isinstance(value, dict):
-        keys = [
-            FieldViolation(f"{field}.{k}", f"key {NUL_MESSAGE}", "invalid_character")
-            for k in value
-            if "\x00" in k
-        ]
-        return keys + [v for k, item in value.items() for v in check_json(item, f"{field}.{k}")]
-    if isinstance(value, list):
-        return [v for i, item in enumerate(value) for v in check_json(item, f"{field}.{i}")]
-    return []
+    or keys) and nesting deeper than MAX_JSON_DEPTH; report where it is, in document
+    order. An explicit stack, not recursion: no depth of input exhausts Python's."""
+    violations: list[FieldViolation] = []
+    # (value, its path, how many objects and arrays enclose it)
+    stack: list[tuple[Any, str, int]] = [(value, field, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            violations.append(FieldViolation(path, "must be a finite number", "invalid_number"))
+        elif isinstance(item, str) and "\x00" in item:
+            violations.append(FieldViolation(path, NUL_MESSAGE, "invalid_character"))
+        elif isinstance(item, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                violations.append(
+                    FieldViolation(
+                        path, f"must not nest more than {MAX_JSON_DEPTH} levels deep", "too_deep"
+                    )
+                )
+                continue
+            if isinstance(item, dict):
+                violations.extend(
+                    FieldViolation(f"{path}.{k}", f"key {NUL_MESSAGE}", "invalid_character")
+                    for k in item
+                    if "\x00" in k
+                )
+                children = [(v, f"{path}.{k}", depth + 1) for k, v in item.items()]
+            else:
+                children = [(v, f"{path}.{i}", depth + 1) for i, v in enumerate(item)]
+            stack.extend(reversed(children))
+    return violations
 
 
 @dataclass

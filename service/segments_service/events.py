@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from segments_service import jsonutil, membership
+from segments_service import event_ids, jsonutil, membership
 from segments_service.contacts import (
     NUL_MESSAGE,
     ContactWrite,
@@ -108,7 +108,8 @@ def insert_events_counted(session: Session, project_id: uuid.UUID, new: Sequence
 @dataclass(frozen=True)
 class Tracked:
     contact_id: uuid.UUID
-    event_id: int
+    # The event's public id (event_ids.public_event_id), never the row's own.
+    event_id: str
     occurred_at: datetime
 
 
@@ -128,7 +129,8 @@ def track(
     # The upsert wrote the row, so this transaction holds it: it cannot be deleted now.
     row = insert_events(session, project_id, [NewEvent(contact_id, event, payload)])[0]
     membership.refresh_contacts(session, project_id, [contact_id])
-    return Tracked(contact_id, row.id, row.occurred_at)
+    public_id = event_ids.public_event_id(event_ids.key_for(session, project_id), row.id)
+    return Tracked(contact_id, public_id, row.occurred_at)
 
 
 @dataclass(frozen=True)

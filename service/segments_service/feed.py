@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 from sqlalchemy.types import Text
 
+from segments_service import event_ids
 from segments_service.errors import ValidationError
 
 BATCH = 500
@@ -52,7 +53,8 @@ def start_cursor(session: Session, project_id: uuid.UUID) -> Cursor:
 @dataclass(frozen=True)
 class FeedEvent:
     cursor: Cursor
-    event_id: int
+    # The event's public id (event_ids.public_event_id), never the row's own.
+    event_id: str
     name: str
     segment_id: str
     segment_name: str
@@ -94,10 +96,11 @@ def read_after(
             "limit": limit,
         },
     )
+    key = event_ids.key_for(session, project_id)
     return [
         FeedEvent(
             cursor=Cursor(r.feed_seq),
-            event_id=r.id,
+            event_id=event_ids.public_event_id(key, r.id),
             name=r.name,
             segment_id=str(r.data.get("segmentId", "")),
             segment_name=str(r.data.get("segmentName", "")),

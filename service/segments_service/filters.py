@@ -33,7 +33,7 @@ from sqlalchemy import (
     select,
     union,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, JSONPATH
+from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
 from sqlalchemy.types import DateTime, Interval, Text
 
 from segments_service import tables
@@ -42,8 +42,17 @@ from segments_service.errors import FieldViolation, ValidationError
 MAX_DEPTH = 10
 MAX_FILTERS = 200
 MAX_STRING_VALUE = 1000
-# Expanding segment references inlines their conditions; this bounds the result.
-MAX_EXPANDED_FILTERS = 2000
+# A filter's `field`: every part of a data path costs the compiled statement a step.
+MAX_FIELD_LENGTH = 255
+MAX_FIELD_PARTS = 10
+# Expanding segment references inlines their conditions (transitively); these bound the
+# result: its filters in total, and how deep its conditions nest (a referenced condition
+# sits one level below the condition holding the reference). SQLAlchemy compiles nested
+# statements recursively: the costliest level (a notMemberOfSegment reference to an OR
+# of sets) takes about 35 Python frames, so 16 levels stay within 600 of the 1,000
+# Python allows (the server's own calls take under 100).
+MAX_EXPANDED_FILTERS = 1000
+MAX_EXPANDED_DEPTH = 16
 # Window operators accept at most this span (about 100 years), so intervals never overflow.
 MAX_WINDOW = timedelta(days=36525)
 
@@ -357,6 +366,17 @@ class _Parser:
         if not isinstance(field_raw, str) or not field_raw:
             self.fail(f"{path}.field", "is required and must be a string", "required")
             return None
+        # Bounded before anything reads the parts: compiling costs a step per part.
+        if len(field_raw) > MAX_FIELD_LENGTH:
+            self.fail(f"{path}.field", f"must be at most {MAX_FIELD_LENGTH} characters", "too_long")
+            return None
+        if field_raw.count(".") >= MAX_FIELD_PARTS:
+            self.fail(
+                f"{path}.field",
+                f"may have at most {MAX_FIELD_PARTS} dotted parts (`data` is one)",
+                "too_deep",
+            )
+            return None
         if "\x00" in field_raw:  # PostgreSQL text cannot hold NUL
             self.fail(f"{path}.field", "must not contain NUL characters", "invalid")
             return None
@@ -582,8 +602,10 @@ class CompileContext:
 
     now: datetime
     segments: Mapping[uuid.UUID, SegmentDefinition] = field(default_factory=dict)
-    expanded: int = 0
     relative: dict[str, Derive] | None = None
+    # Filters compiled so far, references expanded, and the current nesting level.
+    expanded: int = 0
+    level: int = 0
 
 
 def relative_values(relative: Mapping[str, Derive], now: datetime) -> dict[str, Any]:
@@ -618,7 +640,8 @@ def compile_members(
     """One statement selecting the distinct `contact_id` of every member in the project.
 
     `scope`, an `= ANY(:ids)` right-hand side (tables.any_uuid), restricts it to those
-    contacts. The statement reads `contacts` only where a contact field is filtered:
+    contacts; or a function from a column of contact ids to the condition they must meet
+    (a range of ids, say). The statement reads `contacts` only where a contact field is filtered:
     positive event and list filters become sets of contact ids straight from `events` and
     `static_members` (every such row references a contact of its project), combined by
     the condition's logic; see _Compiler.
@@ -713,7 +736,11 @@ class _Compiler:
     scope: Any
 
     def scoped(self, query: Select[Any], column: ColumnElement[Any]) -> Select[Any]:
-        return query if self.scope is None else query.where(column == self.scope)
+        if self.scope is None:
+            return query
+        if callable(self.scope):
+            return query.where(self.scope(column))
+        return query.where(column == self.scope)
 
     def members(self, node: _Node) -> Select[tuple[uuid.UUID]]:
         """The distinct `contact_id`s a compiled condition selects."""
@@ -726,12 +753,28 @@ class _Compiler:
         )
 
     def condition(self, condition: Condition) -> _Node:
-        if condition.logic is Logic.AND:
-            # AND of groups, each an AND of its parts: one conjunction of every part.
-            return self.conjunction(
-                [part for group in condition.groups for part in self.group_parts(group)]
+        # Nested and referenced conditions alike sit one level below their parent.
+        self.ctx.level += 1
+        if self.ctx.level > MAX_EXPANDED_DEPTH:
+            # Validation (check_expansion) refuses these before they are stored; this
+            # keeps a condition stored before the limit from exhausting the stack.
+            raise ValidationError.single(
+                "condition",
+                f"with segment references expanded, conditions nest more than "
+                f"{MAX_EXPANDED_DEPTH} deep",
+                "too_deep",
             )
-        return self.disjunction([self.conjunction(self.group_parts(g)) for g in condition.groups])
+        try:
+            if condition.logic is Logic.AND:
+                # AND of groups, each an AND of its parts: one conjunction of every part.
+                return self.conjunction(
+                    [part for group in condition.groups for part in self.group_parts(group)]
+                )
+            return self.disjunction(
+                [self.conjunction(self.group_parts(g)) for g in condition.groups]
+            )
+        finally:
+            self.ctx.level -= 1
 
     def group_parts(self, group: Group) -> list[_Node]:
         parts = [self.filter(f) for f in group.filters]
@@ -793,6 +836,14 @@ class _Compiler:
         return _Set(select(union(*sets).subquery().c.contact_id))
 
     def filter(self, f: Filter) -> _Node:
+        if not _expands(f, self.ctx.segments):
+            self.ctx.expanded += 1
+            if self.ctx.expanded > MAX_EXPANDED_FILTERS:
+                raise ValidationError.single(
+                    "condition",
+                    f"with segment references expanded, more than {MAX_EXPANDED_FILTERS} filters",
+                    "too_many",
+                )
         if f.kind is Kind.EVENT:
             return self.event(f)
         if f.kind is Kind.SEGMENT:
@@ -854,13 +905,6 @@ class _Compiler:
                 )
             member = _Set(self.scoped(select(s.contact_id).where(*listed), s.contact_id))
         else:
-            self.ctx.expanded += sum(1 for _ in definition.condition.iter_filters())
-            if self.ctx.expanded > MAX_EXPANDED_FILTERS:
-                raise ValidationError.single(
-                    "condition",
-                    f"expanding segment references gives more than {MAX_EXPANDED_FILTERS} filters",
-                    "too_many",
-                )
             member = self.condition(definition.condition)
         if f.operator is Op.MEMBER_OF_SEGMENT:
             return member
@@ -991,22 +1035,27 @@ def window_value(f: Filter) -> ColumnElement[datetime]:
 
 
 def _data_node(f: Filter) -> ColumnElement[Any]:
-    c = tables.contacts.c
-    node: ColumnElement[Any] = c.data.op("#>", return_type=JSONB)(
-        literal(list(f.path), ARRAY(Text))
-    )
-    if len(f.path) > 1:
-        # `#>` also steps into arrays by index (data.tags.0 would be the first tag), but a
-        # data path names keys of nested objects only: every step must be an object.
-        steps = [
-            func.jsonb_typeof(
-                c.data.op("#>", return_type=JSONB)(literal(list(f.path[:n]), ARRAY(Text)))
-            )
-            == "object"
-            for n in range(1, len(f.path))
-        ]
-        node = case((and_(*steps), node))
+    """The JSON value at the filter's data path, or NULL.
+
+    One `->` step per key: with a text key it reads an object's member and is NULL on
+    anything else, so a data path names keys of nested objects only (data.tags.0 is not
+    the first tag, as `#>` would read it). The statement grows by one step per key."""
+    node: ColumnElement[Any] = tables.contacts.c.data
+    for key in f.path:
+        node = _member(node, key)
     return node
+
+
+def _data_text(f: Filter) -> ColumnElement[str]:
+    """The text of the value at the filter's data path (`->>` at the last step), or NULL."""
+    node: ColumnElement[Any] = tables.contacts.c.data
+    for key in f.path[:-1]:
+        node = _member(node, key)
+    return node.op("->>", return_type=Text)(literal(f.path[-1], Text))
+
+
+def _member(node: ColumnElement[Any], key: str) -> ColumnElement[Any]:
+    return node.op("->", return_type=JSONB)(literal(key, Text))
 
 
 # The UTC instant of a timestamp string lies within 16 hours before its date and 40 hours
@@ -1077,7 +1126,6 @@ def _utc_day(value: datetime, shift: timedelta) -> str | None:
 
 def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
     c = tables.contacts.c
-    path = literal(list(f.path), ARRAY(Text))
     node = _data_node(f)
     node_type = func.jsonb_typeof(node)
     present = and_(node.is_not(None), node_type != "null")
@@ -1090,11 +1138,11 @@ def _compile_data(f: Filter, ctx: CompileContext) -> ColumnElement[bool]:
         if op is Op.EQUALS:
             # Containment of a scalar at an object path is jsonb equality there, type-exact
             # ("5" is not 5, true is not "true", an array holding the value is not it), and
-            # the GIN index serves it. Adding `#> = value` would say nothing more but make
+            # the GIN index serves it. Adding `node = value` would say nothing more but make
             # the planner multiply two selectivities and expect far too few members.
             return c.data.op("@>", return_type=Boolean)(_jsonb(_nested(f.path, f.value)))
         return and_(present, node != _jsonb(f.value))
-    raw_text = c.data.op("#>>", return_type=Text)(path)
+    raw_text = _data_text(f)
     if op in (Op.CONTAINS, Op.NOT_CONTAINS):
         assert isinstance(f.value, str)
         text = case((node_type == "string", raw_text))
@@ -1182,3 +1230,133 @@ def load_references(
                 nxt |= definition.condition.referenced_segments()
         pending = nxt - set(found)
     return found
+
+
+def _expands(f: Filter, segments: Mapping[uuid.UUID, SegmentDefinition]) -> bool:
+    """Whether compiling `f` inlines another condition: a reference to a DYNAMIC segment."""
+    if f.segment_id is None:
+        return False
+    definition = segments.get(f.segment_id)
+    return definition is not None and definition.condition is not None
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """A condition with its segment references expanded: how many filters it holds and
+    how deep its conditions nest (a condition without nested ones is 1 deep)."""
+
+    filters: int
+    depth: int
+
+
+# What a segment on a reference cycle (refused when saved) counts as: over every limit.
+_OVER = Expansion(MAX_EXPANDED_FILTERS + 1, MAX_EXPANDED_DEPTH + 1)
+
+
+def _walk(condition: Condition, base: str, level: int = 1) -> Iterator[tuple[str, int, Filter]]:
+    """Each filter with its dot path and the level of the condition holding it, in
+    document order. Recursion is bounded by the validated depth (MAX_DEPTH)."""
+    for i, group in enumerate(condition.groups):
+        for j, f in enumerate(group.filters):
+            yield f"{base}.groups.{i}.filters.{j}", level, f
+        if group.conditions is not None:
+            yield from _walk(group.conditions, f"{base}.groups.{i}.conditions", level + 1)
+
+
+def _expansion_of(
+    condition: Condition,
+    segments: Mapping[uuid.UUID, SegmentDefinition],
+    measured: Mapping[uuid.UUID, Expansion],
+) -> Expansion:
+    filters, depth = 0, 0
+    for _path, level, f in _walk(condition, ""):
+        if _expands(f, segments):
+            assert f.segment_id is not None
+            inner = measured[f.segment_id]
+            filters += inner.filters
+            depth = max(depth, level + inner.depth)
+        else:
+            filters += 1
+            depth = max(depth, level)
+    # Capped: diamonds of references would otherwise grow the numbers exponentially.
+    return Expansion(min(filters, _OVER.filters), min(depth, _OVER.depth))
+
+
+def expansions(segments: Mapping[uuid.UUID, SegmentDefinition]) -> dict[uuid.UUID, Expansion]:
+    """The expansion of each DYNAMIC segment of `segments`, which holds every segment they
+    reach (load_references). Each is measured once, after those it references, with an
+    explicit stack: a chain of references costs no Python recursion."""
+    measured: dict[uuid.UUID, Expansion] = {}
+    for root, definition in segments.items():
+        if definition.condition is None or root in measured:
+            continue
+        stack = [root]
+        entered: set[uuid.UUID] = set()
+        while stack:
+            sid = stack[-1]
+            if sid in measured:
+                stack.pop()
+                continue
+            condition = segments[sid].condition
+            assert condition is not None
+            waiting = [
+                f.segment_id
+                for f in condition.iter_filters()
+                if f.segment_id is not None
+                and _expands(f, segments)
+                and f.segment_id not in measured
+            ]
+            if not waiting:
+                measured[sid] = _expansion_of(condition, segments, measured)
+                stack.pop()
+            elif sid in entered:
+                # Its references were measured first, unless one leads back here: a cycle.
+                measured[sid] = _OVER
+                stack.pop()
+            else:
+                entered.add(sid)
+                for ref in waiting:
+                    if ref in entered:
+                        measured[ref] = _OVER
+                    else:
+                        stack.append(ref)
+    return measured
+
+
+def expansion(condition: Condition, segments: Mapping[uuid.UUID, SegmentDefinition]) -> Expansion:
+    """`condition` with the references it reaches (all in `segments`) expanded."""
+    return _expansion_of(condition, segments, expansions(segments))
+
+
+def check_expansion(
+    condition: Condition,
+    segments: Mapping[uuid.UUID, SegmentDefinition],
+    base: str = "condition",
+) -> None:
+    """Refuse a condition that, with its references (all in `segments`) expanded, holds
+    more than MAX_EXPANDED_FILTERS filters or nests more than MAX_EXPANDED_DEPTH deep,
+    naming the reference that takes it over the limit."""
+    measured = expansions(segments)
+    total = sum(1 for f in condition.iter_filters() if not _expands(f, segments))
+    for path, level, f in _walk(condition, base):
+        if not _expands(f, segments):
+            continue
+        assert f.segment_id is not None
+        inner = measured[f.segment_id]
+        if level + inner.depth > MAX_EXPANDED_DEPTH:
+            raise ValidationError.single(
+                f"{path}.field",
+                f"segment {f.segment_id} nests conditions {inner.depth} deep: referenced here, "
+                f"conditions would nest more than {MAX_EXPANDED_DEPTH} deep with references "
+                "expanded",
+                "too_deep",
+            )
+        total += inner.filters
+        if total > MAX_EXPANDED_FILTERS:
+            raise ValidationError.single(
+                f"{path}.field",
+                f"segment {f.segment_id} expands to {inner.filters} filters: with it, the "
+                f"condition holds more than {MAX_EXPANDED_FILTERS} filters with references "
+                "expanded",
+                "too_many",
+            )

@@ -23,10 +23,15 @@ from segments_service.errors import (
     ValidationError,
 )
 from segments_service.filters import (
+    MAX_EXPANDED_DEPTH,
+    MAX_EXPANDED_FILTERS,
     CompileContext,
     Condition,
+    SegmentDefinition,
+    check_expansion,
     compile_count,
     compile_members,
+    expansions,
     load_references,
     parse_condition,
 )
@@ -160,9 +165,13 @@ def _check_references(
     condition: Condition,
     segment_id: uuid.UUID | None,
 ) -> None:
-    """References name segments of this project, and saving creates no cycle."""
+    """References name segments of this project, saving creates no cycle, and neither
+    this condition nor one that references this segment exceeds the limits of expanded
+    references (filters.check_expansion)."""
     referenced = condition.referenced_segments()
     if not referenced:
+        if segment_id is not None:
+            _check_dependents(session, project_id, segment_id, condition)
         return
     known = membership.load_definitions(session, project_id, referenced)
     violations = [
@@ -173,7 +182,9 @@ def _check_references(
     if violations:
         raise ValidationError(violations)
     if segment_id is None:
-        return  # a new segment cannot be referenced yet, so it closes no cycle
+        # A new segment cannot be referenced yet, so it closes no cycle.
+        check_expansion(condition, _reachable(session, project_id, condition, known))
+        return
     r = tables.segment_references.c
     edges: dict[uuid.UUID, set[uuid.UUID]] = {}
     for e in session.execute(
@@ -191,6 +202,64 @@ def _check_references(
         raise ValidationError.single(
             f"{path}.field", f"segment references form a cycle: {chain}", "cycle"
         )
+    check_expansion(condition, _reachable(session, project_id, condition, known))
+    _check_dependents(session, project_id, segment_id, condition)
+
+
+def _reachable(
+    session: Session,
+    project_id: uuid.UUID,
+    condition: Condition,
+    known: Mapping[uuid.UUID, SegmentDefinition],
+) -> dict[uuid.UUID, SegmentDefinition]:
+    """The segments `condition` reaches through references, `known` ones not loaded again."""
+
+    def loader(ids: set[uuid.UUID]) -> Mapping[uuid.UUID, SegmentDefinition]:
+        missing = ids - known.keys()
+        found = dict(membership.load_definitions(session, project_id, missing)) if missing else {}
+        found.update((i, known[i]) for i in ids & known.keys())
+        return found
+
+    return load_references(condition, loader)
+
+
+def _check_dependents(
+    session: Session, project_id: uuid.UUID, segment_id: uuid.UUID, condition: Condition
+) -> None:
+    """Segments that reference this one inline its new condition: each must stay within
+    the limits of expanded references."""
+    users = membership.dependents(session, project_id, segment_id)
+    if not users:
+        return
+    changed = SegmentDefinition(segment_id, DYNAMIC, condition)
+    loaded = dict(membership.load_definitions(session, project_id, users))
+    loaded[segment_id] = changed
+
+    def loader(ids: set[uuid.UUID]) -> Mapping[uuid.UUID, SegmentDefinition]:
+        missing = ids - loaded.keys()
+        if missing:
+            loaded.update(membership.load_definitions(session, project_id, missing))
+        return {i: loaded[i] for i in ids if i in loaded}
+
+    everything = dict(loaded)
+    for user in sorted(users):
+        user_condition = loaded[user].condition
+        if user_condition is not None:
+            everything.update(load_references(user_condition, loader))
+    measured = expansions(everything)
+    for user in sorted(users):
+        size = measured.get(user)
+        if size is None:
+            continue
+        if size.filters > MAX_EXPANDED_FILTERS or size.depth > MAX_EXPANDED_DEPTH:
+            names = _names(session, project_id, [user])
+            raise ValidationError.single(
+                "condition",
+                f"segment {names.get(user, '?')} ({user}) references this one and would then "
+                f"hold more than {MAX_EXPANDED_FILTERS} filters or nest more than "
+                f"{MAX_EXPANDED_DEPTH} deep with references expanded",
+                "too_many" if size.filters > MAX_EXPANDED_FILTERS else "too_deep",
+            )
 
 
 def _find_cycle(

@@ -260,7 +260,9 @@ async def _serve(database_url: str, settings: Settings, port: int) -> None:
     log.info("gRPC server listening on %s:%d", settings.host, built.port)
     sweeper = None
     if settings.sweep_seconds > 0:
-        sweeper = Sweeper(engine, make_sessionmaker(engine), settings.sweep_seconds)
+        sweeper = Sweeper(
+            engine, make_sessionmaker(engine), settings.sweep_seconds, settings.background_timeout
+        )
         sweeper.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
