@@ -34,16 +34,21 @@ from tests.conftest import Project, new_project
 
 CONCURRENCY = 8
 STREAMS = 16
+EVALUATIONS = 2
 EXPORTED = 12_000
 
 
 @pytest.fixture(scope="module")
 def server(sessions: sessionmaker[Session]) -> Iterator[ServerThread]:
-    """A server with the default shares (16 workers, 8 requests and 16 streams a project)."""
+    """A server with the default shares (16 workers; a project's 8 requests, 16 streams and
+    2 condition evaluations)."""
     running = ServerThread(
         "127.0.0.1:0",
         sessions,
-        Options(workers=16, limits=Limits(concurrency=CONCURRENCY, streams=STREAMS)),
+        Options(
+            workers=16,
+            limits=Limits(concurrency=CONCURRENCY, streams=STREAMS, evaluations=EVALUATIONS),
+        ),
     )
     yield running
     running.stop(1)
@@ -360,3 +365,40 @@ def test_only_calls_safe_to_repeat_are_retried_after_unavailable() -> None:
     assert not policy.applies(typed._GET_SEGMENT, unavailable, 3)
     assert 2.0 <= policy.delay(refused, 1) <= 2.5
     assert 0 <= policy.delay(unavailable, 2) <= 0.2
+
+
+def test_a_project_evaluates_few_conditions_at_once_and_queues_the_rest(
+    channel: grpc.Channel, sessions: sessionmaker[Session], engine: Engine
+) -> None:
+    a = new_project(sessions, "a")
+    condition = json_format.ParseDict(
+        {
+            "logic": "AND",
+            "groups": [{"filters": [{"field": "email", "operator": "contains", "value": "@"}]}],
+        },
+        resources_pb2.FilterCondition(),
+    )
+    stub = segments_pb2_grpc.SegmentServiceStub(channel)
+    # Every read of contacts waits behind this lock: the counts stay in flight.
+    blocker = engine.connect()
+    blocker.execute(text("LOCK TABLE contacts IN ACCESS EXCLUSIVE MODE"))
+    pool = ThreadPoolExecutor(max_workers=5)
+    try:
+        counts = [
+            pool.submit(
+                stub.CountMatchingContacts,
+                segments_pb2.CountMatchingContactsRequest(condition=condition),
+                metadata=a.auth,
+                timeout=20,
+            )
+            for _ in range(5)
+        ]
+        _wait_until(lambda: _waiting_on_locks(engine) == EVALUATIONS, 5, "counts never ran")
+        time.sleep(0.5)  # the others wait their turn outside the database
+        assert _waiting_on_locks(engine) == EVALUATIONS
+        assert not any(c.done() for c in counts)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert [c.result(timeout=20).count for c in counts] == [0] * 5
+    pool.shutdown()

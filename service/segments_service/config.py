@@ -43,6 +43,7 @@ class Settings:
     rate_limit_per_minute: int
     project_concurrency: int
     project_streams: int
+    project_evaluations: int
     request_timeout: float
     # Seconds one statement of background work (a sweep) may run.
     background_timeout: float
@@ -62,6 +63,7 @@ class Settings:
             rate_limit_per_minute=_int("SEGMENTS_RATE_LIMIT_PER_MINUTE", 1000),
             project_concurrency=_int("SEGMENTS_PROJECT_CONCURRENCY", 8),
             project_streams=_int("SEGMENTS_PROJECT_STREAMS", 16),
+            project_evaluations=_int("SEGMENTS_PROJECT_EVALUATIONS", 2),
             request_timeout=_float("SEGMENTS_REQUEST_TIMEOUT", 30.0),
             background_timeout=_float("SEGMENTS_BACKGROUND_TIMEOUT", 60.0),
         )

@@ -1,6 +1,6 @@
-"""Fair share between projects in one server: in-flight requests, open streams and a
-per-minute rate, each counted per project (SPEC §7), so that one project's load cannot
-take the capacity another project needs.
+"""Fair share between projects in one server: in-flight requests, open streams, a
+per-minute rate and whole-project condition evaluations, each counted per project, so
+that one project's load cannot take the capacity another project needs.
 
 The counters are per process: with several servers behind Envoy each enforces them
 for itself (README, "Limits")."""
@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from segments_service.errors import RateLimited
+from segments_service.errors import DeadlineExceeded, RateLimited
 
 # Token buckets kept at most (least recently used dropped: a dropped bucket starts full).
 MAX_BUCKETS = 100_000
@@ -31,6 +31,10 @@ class Limits:
     concurrency: int = 8
     streams: int = 16
     per_minute: int = 0
+    # Of its requests, how many may evaluate a condition over all of the project's
+    # contacts at once (the rest queue): such statements keep a core busy each, and a
+    # few are all a machine's cores can run while other projects are still served.
+    evaluations: int = 2
 
 
 class _Counter:
@@ -109,3 +113,39 @@ class FairShare:
         self.unary = _Counter(limits.concurrency, "requests")
         self.streams = _Counter(limits.streams, "streams")
         self.rate = _Buckets(limits.per_minute, clock)
+        self.evaluations = _Queue(limits.evaluations)
+
+
+class _Queue:
+    """At most `ceiling` of something running per project; more wait their turn (within
+    their own budget) instead of being refused."""
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.running: dict[uuid.UUID, int] = {}
+        self.turn = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, project_id: uuid.UUID, timeout: float) -> Iterator[None]:
+        if self.ceiling <= 0:
+            yield
+            return
+        with self.turn:
+            if not self.turn.wait_for(
+                lambda: self.running.get(project_id, 0) < self.ceiling, timeout
+            ):
+                raise DeadlineExceeded(
+                    "the request ran out of time waiting for this project's earlier "
+                    "condition evaluations; nothing was changed"
+                )
+            self.running[project_id] = self.running.get(project_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self.turn:
+                left = self.running[project_id] - 1
+                if left:
+                    self.running[project_id] = left
+                else:
+                    del self.running[project_id]
+                self.turn.notify_all()

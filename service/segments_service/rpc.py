@@ -220,15 +220,24 @@ class Runner:
         context: grpc.aio.ServicerContext[Any, Any],
         kind: KeyKind,
         work: Callable[[Session, Caller], tuple[R, int | None]],
+        *,
+        evaluates: bool = False,
     ) -> R:
         """Authenticate, run `work` in one transaction within the budget and the project's
-        share, and map errors; `work` answers (response, HTTP status for REST or None)."""
+        share, and map errors; `work` answers (response, HTTP status for REST or None).
+        `evaluates`: the work evaluates a condition over all of the project's contacts, and
+        waits for the project's turn to (fairness.Limits.evaluations)."""
         meta = Metadata.of(context)
         budget = self.budget(context)
 
         def run(session: Session) -> tuple[R, int | None]:
             caller = self.authenticated(meta, kind, session)
-            with self.fair.unary.hold(caller.project_id):
+            with contextlib.ExitStack() as shares:
+                shares.enter_context(self.fair.unary.hold(caller.project_id))
+                if evaluates:
+                    shares.enter_context(
+                        self.fair.evaluations.hold(caller.project_id, budget.remaining())
+                    )
                 return work(session, caller)
 
         response, http_status = await self.call(

@@ -67,6 +67,7 @@ class Options:
             limits=Limits(
                 concurrency=settings.project_concurrency,
                 streams=settings.project_streams,
+                evaluations=settings.project_evaluations,
                 per_minute=settings.rate_limit_per_minute,
             ),
             request_timeout=settings.request_timeout,

@@ -301,7 +301,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             count = segments.count_matching(session, caller.project_id, condition)
             return segments_pb2.CountMatchingContactsResponse(count=count), None
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, "secret", work, evaluates=True)
 
 
 def _segment_event(event: feed.FeedEvent) -> segments_pb2.SegmentEvent:
