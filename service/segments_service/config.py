@@ -41,6 +41,9 @@ class Settings:
     sweep_seconds: float
     drain_seconds: float
     rate_limit_per_minute: int
+    inline_build_contacts: int
+    background_timeout: float
+    build_slice: int
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -55,4 +58,23 @@ class Settings:
             sweep_seconds=_float("SEGMENTS_SWEEP_SECONDS", 60.0),
             drain_seconds=_float("SEGMENTS_DRAIN_SECONDS", 20.0),
             rate_limit_per_minute=_int("SEGMENTS_RATE_LIMIT_PER_MINUTE", 1000),
+            inline_build_contacts=inline_build_contacts(),
+            background_timeout=background_timeout(),
+            build_slice=_int("SEGMENTS_BUILD_SLICE", DEFAULT_BUILD_SLICE),
         )
+
+
+# Segment builds (builds.py): projects of at most this many contacts build inline.
+DEFAULT_INLINE_BUILD_CONTACTS = 10_000
+# Each background statement's budget, in seconds.
+DEFAULT_BACKGROUND_TIMEOUT = 60.0
+# Contacts per slice of a background build.
+DEFAULT_BUILD_SLICE = 50_000
+
+
+def inline_build_contacts() -> int:
+    return _int("SEGMENTS_INLINE_BUILD_CONTACTS", DEFAULT_INLINE_BUILD_CONTACTS)
+
+
+def background_timeout() -> float:
+    return _float("SEGMENTS_BACKGROUND_TIMEOUT", DEFAULT_BACKGROUND_TIMEOUT)

@@ -80,3 +80,10 @@ class AlreadyExists(ServiceError):
 class Unavailable(ServiceError):
     code = "SERVICE_UNAVAILABLE"
     http_status = 503
+
+
+class SegmentBuilding(Unavailable):
+    """A segment's membership is being built and its live answer did not fit the budget."""
+
+    code = "SEGMENT_BUILDING"
+    http_status = 503

@@ -24,6 +24,7 @@ from segments.v1 import (
     segments_pb2,
     segments_pb2_grpc,
 )
+from segments_service.builds import Builder, BuildSettings
 from segments_service.config import Settings
 from segments_service.database import make_engine, make_sessionmaker
 from segments_service.errors import ValidationError
@@ -59,6 +60,7 @@ class Running:
     health: health.HealthServicer
     engine: Engine
     sweeper: Sweeper | None
+    builder: Builder | None = None
 
     def stop(self, grace: float) -> None:
         """Refuse new RPCs (health NOT_SERVING first, so Envoy stops routing here), end
@@ -68,9 +70,13 @@ class Running:
         STREAMS_STOPPING.set()
         if self.sweeper is not None:
             self.sweeper.stop()
+        if self.builder is not None:
+            self.builder.stop()
         self.server.stop(grace).wait()
         if self.sweeper is not None:
             self.sweeper.join(timeout=grace)
+        if self.builder is not None:
+            self.builder.join(timeout=grace)
         self.engine.dispose()
 
 
@@ -183,7 +189,14 @@ def start(database_url: str, address: str, settings: Settings) -> Running:
     if settings.sweep_seconds > 0:
         sweeper = Sweeper(engine, make_sessionmaker(engine), settings.sweep_seconds)
         sweeper.start()
-    return Running(server, port, health_servicer, engine, sweeper)
+    builder = Builder(
+        make_sessionmaker(engine),
+        BuildSettings(
+            settings.inline_build_contacts, settings.build_slice, settings.background_timeout
+        ),
+    )
+    builder.start()
+    return Running(server, port, health_servicer, engine, sweeper, builder)
 
 
 def serve(database_url: str, settings: Settings, port: int) -> None:

@@ -32,6 +32,7 @@ from segments_service.errors import (
     InvalidApiKey,
     MissingAuth,
     NotFound,
+    SegmentBuilding,
     SegmentInUse,
     ServiceError,
     Unavailable,
@@ -65,6 +66,7 @@ _GRPC_CODES: list[tuple[type[ServiceError], grpc.StatusCode]] = [
     (SegmentInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (SegmentBuilding, grpc.StatusCode.UNAVAILABLE),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
 ]
 
