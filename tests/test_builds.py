@@ -4,7 +4,9 @@ the previous condition serving, fair between projects, resumed after a crash."""
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,7 +24,7 @@ from segments_service import builds, segments, status, tables
 from segments_service.builds import Builder, BuildSettings
 from segments_service.errors import SegmentBuilding
 from segments_service.filters import parse_condition
-from tests.conftest import Project, Stubs, new_project
+from tests.conftest import Project, Replicas, Stubs, new_project
 
 THRESHOLD = 50
 SETTINGS = BuildSettings(inline_contacts=THRESHOLD, slice=20, budget=60.0)
@@ -437,3 +439,183 @@ def test_a_live_count_that_cannot_finish_in_time_is_segment_building(
     details = [v for k, v in mapped.trailing_metadata if k == "grpc-status-details-bin"]
     assert len(details) == 1 and isinstance(details[0], bytes)
     assert b"google.rpc.RetryInfo" in details[0]
+
+
+def test_segments_referencing_a_rebuilt_one_are_rebuilt_too(
+    stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    add_contacts(stubs, project, 60)
+    base = create(stubs, project, "Base", condition([PREMIUM]))
+    Builder(sessions, SETTINGS).run_until_idle()
+    member = {"field": f"segment.{base.id}", "operator": "memberOfSegment"}
+    subscribed = {"field": "subscribed", "operator": "equals", "value": True}
+    uses = create(stubs, project, "Uses base", condition([member, subscribed], logic="AND"))
+    Builder(sessions, SETTINGS).run_until_idle()
+    assert len(stored(engine, project, uses.id)) == 30
+
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(id=base.id, condition=as_proto(condition([BUYERS]))),
+        metadata=project.auth,
+    )
+    assert get(stubs, project, uses.id).status == Status.BUILDING
+    assert get(stubs, project, uses.id).member_count == 0  # live, with the new condition
+    buy(stubs, project, "c1@x.com", "c2@x.com")
+    Builder(sessions, SETTINGS).run_until_idle()
+    for seg in (base, uses):
+        done = get(stubs, project, seg.id)
+        assert done.status == Status.READY
+        assert stored(engine, project, seg.id) == expected(sessions, project, seg.id)
+        assert done.member_count == 2
+    events = entry_exit_events(engine, project, "uses-base")
+    assert_events_follow_membership(events, {"c1@x.com", "c2@x.com"})
+
+
+def test_turning_tracking_on_enters_every_member_once(
+    stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    add_contacts(stubs, project, 60)
+    seg = create(stubs, project, "Premium", condition([PREMIUM]), track=False)
+    Builder(sessions, SETTINGS).run_until_idle()
+    assert entry_exit_events(engine, project, "premium") == []
+
+    on = stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(id=seg.id, track_membership=True),
+        metadata=project.auth,
+    )
+    assert on.status == Status.BUILDING
+    assert on.member_count == 30  # the stored count it had
+    set_plan(stubs, project, "c0@x.com", "free")  # leaves while building
+    set_plan(stubs, project, "c1@x.com", "premium")  # enters while building
+    Builder(sessions, SETTINGS).run_until_idle()
+    members = expected(sessions, project, seg.id)
+    assert get(stubs, project, seg.id).status == Status.READY
+    assert stored(engine, project, seg.id) == members
+    events = entry_exit_events(engine, project, "premium")
+    assert Counter(kind for _, kind in events) == {"entry": 30}
+    assert_events_follow_membership(events, members)
+
+
+def test_builders_of_several_servers_never_build_twice(
+    stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    add_contacts(stubs, project, 60)
+    created = [create(stubs, project, f"Premium {i}", condition([PREMIUM])) for i in range(3)]
+    servers = [Builder(sessions, BuildSettings(THRESHOLD, 7, 60.0), period=0.01) for _ in range(3)]
+    for builder in servers:
+        builder.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(
+            get(stubs, project, seg.id).status != Status.READY for seg in created
+        ):
+            time.sleep(0.05)
+    finally:
+        for builder in servers:
+            builder.stop()
+        for builder in servers:
+            builder.join(timeout=10)
+    for i, seg in enumerate(created):
+        assert get(stubs, project, seg.id).status == Status.READY
+        members = expected(sessions, project, seg.id)
+        assert stored(engine, project, seg.id) == members
+        events = entry_exit_events(engine, project, f"premium-{i}")
+        assert Counter(kind for _, kind in events) == {"entry": 30}
+
+
+def test_a_failed_update_rebuilds_the_segments_referencing_it_with_the_previous_condition(
+    stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    add_contacts(stubs, project, 60)
+    base = create(stubs, project, "Base", condition([PREMIUM]))
+    member = {"field": f"segment.{base.id}", "operator": "memberOfSegment"}
+    uses = create(stubs, project, "Uses base", condition([member]))
+    Builder(sessions, SETTINGS).run_until_idle()
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(id=base.id, condition=as_proto(condition([BUYERS]))),
+        metadata=project.auth,
+    )
+    computed = 0
+
+    def first_compute_over_budget(session: Session, phase: str) -> None:
+        nonlocal computed
+        if phase == builds.COMPUTE:
+            computed += 1
+            if computed == 1:  # the base's build is the oldest
+                over_budget(session, phase)
+
+    Builder(
+        sessions, BuildSettings(THRESHOLD, 20, budget=0.2), hook=first_compute_over_budget
+    ).run_until_idle()
+    assert get(stubs, project, base.id).status == Status.FAILED
+    assert get(stubs, project, uses.id).status == Status.READY
+    for seg in (base, uses):
+        assert stored(engine, project, seg.id) == expected(sessions, project, seg.id)
+        assert get(stubs, project, seg.id).member_count == 30
+    # The dependent's events: 30 entries at its creation, nothing since.
+    events = entry_exit_events(engine, project, "uses-base")
+    assert Counter(kind for _, kind in events) == {"entry": 30}
+
+
+def test_a_server_killed_mid_build_leaves_a_build_another_server_finishes(
+    replicas: Replicas,
+    project: Project,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SEGMENTS_BUILD_SLICE", "500")
+    a = replicas()
+    for start in range(0, 10_000, 1000):
+        a.contacts.BatchUpsertContacts(
+            contacts_pb2.BatchUpsertContactsRequest(
+                contacts=[
+                    contacts_pb2.UpsertContactRequest(email=f"m{i}@x.com")
+                    for i in range(start, start + 1000)
+                ]
+            ),
+            metadata=project.auth,
+        )
+    everyone = {"field": "subscribed", "operator": "equals", "value": True}
+    seg = a.segments.CreateSegment(
+        segments_pb2.CreateSegmentRequest(
+            name="Everyone", condition=as_proto(condition([everyone])), track_membership=True
+        ),
+        metadata=project.auth,
+    )
+    assert seg.status == Status.BUILDING
+    # Kill the server once its Builder has applied part of the build.
+    deadline = time.monotonic() + 60
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            applied = conn.execute(
+                text(
+                    "SELECT count(*) FROM segment_members WHERE project_id = :p AND segment_id = :s"
+                ),
+                {"p": project.id, "s": seg.id},
+            ).scalar_one()
+            conn.commit()
+            if applied:
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail("the build never started applying")
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+    assert build_rows(engine, project)["segment_builds"] == 1
+    assert 0 < len(stored(engine, project, seg.id)) < 10_000
+
+    b = replicas()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = b.segments.GetSegment(
+            segments_pb2.GetSegmentRequest(id=seg.id), metadata=project.auth
+        )
+        if done.status == Status.READY:
+            break
+        time.sleep(0.1)
+    assert done.status == Status.READY
+    assert done.member_count == 10_000
+    assert len(stored(engine, project, seg.id)) == 10_000
+    events = entry_exit_events(engine, project, "everyone")
+    assert len(events) == 10_000 and {kind for _, kind in events} == {"entry"}
+    assert len({email for email, _ in events}) == 10_000

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -664,8 +665,6 @@ class Builder(threading.Thread):
 
     def run_until_idle(self, timeout: float = 60.0) -> None:
         """Rounds until no build is queued (tests and tools)."""
-        import time
-
         deadline = time.monotonic() + timeout
         while self.run_round():
             if time.monotonic() > deadline:
