@@ -44,7 +44,6 @@ from typing import Any
 import psycopg.errors
 from sqlalchemy import (
     Row,
-    any_,
     delete,
     exists,
     func,
@@ -322,21 +321,51 @@ def _compute(session: Session, build: Row[Any], settings: BuildSettings) -> None
             {"scope_0": ids},
         )
     if len(ids) < settings.slice:
+        # Without statistics of the shadow just written the planner takes it for empty
+        # and probes it row by row against whole slices: the apply ran out of budget.
+        session.execute(text("ANALYZE segment_build_shadow"))
         _advance(session, build, phase=APPLY, cursor=None)
     else:
         _advance(session, build, cursor=ids[-1])
 
 
-def _dirty(session: Session, build: Row[Any], ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+def _slice_end(session: Session, build: Row[Any], size: int) -> uuid.UUID | None:
+    """The last contact id of the next slice of `size` after the build's cursor; None
+    when the rest of the contacts fit in it (the slice is then open-ended)."""
+    c = tables.contacts.c
+    query = (
+        select(c.id)
+        .where(c.project_id == build.project_id)
+        .order_by(c.id)
+        .offset(size - 1)
+        .limit(1)
+    )
+    if build.cursor is not None:
+        query = query.where(c.id > build.cursor)
+    end: uuid.UUID | None = session.execute(query).scalar_one_or_none()
+    return end
+
+
+def _in_slice(column: Any, build: Row[Any], end: uuid.UUID | None) -> list[Any]:
+    """`column` within (cursor, end]: a range of the primary keys, where an array of
+    50,000 ids would be compared element by element with every row."""
+    bounds = []
+    if build.cursor is not None:
+        bounds.append(column > build.cursor)
+    if end is not None:
+        bounds.append(column <= end)
+    return bounds
+
+
+def _clean(build: Row[Any], contact_id: Any) -> Any:
+    """The contact is not dirty: no writer touched it since the build started."""
     d = tables.segment_build_dirty.c
-    return set(
-        session.execute(
-            select(d.contact_id).where(
-                d.project_id == build.project_id,
-                d.segment_id == build.segment_id,
-                d.contact_id == tables.any_uuid(ids),
-            )
-        ).scalars()
+    return ~exists(
+        select(literal(1)).where(
+            d.project_id == build.project_id,
+            d.segment_id == build.segment_id,
+            d.contact_id == contact_id,
+        )
     )
 
 
@@ -346,13 +375,14 @@ def _forget_members(session: Session, build: Row[Any], contact_ids: Sequence[uui
     if not contact_ids:
         return 0
     m = tables.segment_members
+    return _forget_where(session, build, m.c.contact_id == tables.any_uuid(contact_ids))
+
+
+def _forget_where(session: Session, build: Row[Any], *where: Any) -> int:
+    m = tables.segment_members
     gone = session.execute(
         delete(m)
-        .where(
-            m.c.project_id == build.project_id,
-            m.c.segment_id == build.segment_id,
-            m.c.contact_id == tables.any_uuid(contact_ids),
-        )
+        .where(m.c.project_id == build.project_id, m.c.segment_id == build.segment_id, *where)
         .returning(m.c.contact_id)
     ).all()
     membership.adjust_count(session, build.project_id, build.segment_id, -len(gone))
@@ -361,36 +391,41 @@ def _forget_members(session: Session, build: Row[Any], contact_ids: Sequence[uui
 
 def _apply_slice(session: Session, build: Row[Any], settings: BuildSettings) -> None:
     """Make the stored memberships of the next slice's clean contacts those of the shadow."""
-    ids = _slice(session, build, settings.slice)
+    end = _slice_end(session, build, settings.slice)
+    seg = _segment(session, build)
     moved = 0
-    if ids:
-        dirty = _dirty(session, build, ids)
-        clean = [i for i in ids if i not in dirty]
-        seg = _segment(session, build)
-        if build.enter_all:
-            moved += _forget_members(session, build, clean)
-        if clean:
-            row = session.execute(_diff_statement(build, seg, clean)).one()._mapping
-            moved += row["entered"] + row["exited"]
+    if build.enter_all:
+        # Every member gets an entry: the stored ones are entered again, with events.
+        m = tables.segment_members.c
+        moved += _forget_where(
+            session, build, *_in_slice(m.contact_id, build, end), _clean(build, m.contact_id)
+        )
+    row = session.execute(_diff_statement(build, seg, end)).one()._mapping
+    moved += row["entered"] + row["exited"]
     values: dict[str, Any] = {"moved": build.moved + moved}
-    if len(ids) < settings.slice:
+    if end is None:
         values.update(phase=CATCHUP, cursor=None)
     else:
-        values["cursor"] = ids[-1]
+        values["cursor"] = end
     _advance(session, build, **values)
 
 
-def _diff_statement(build: Row[Any], seg: membership.Dynamic, clean: Sequence[uuid.UUID]) -> Any:
-    """Entries (shadow, not stored) and exits (stored, not shadow) of these contacts, with
-    the count and, for a tracked segment, the entry/exit events, in one statement."""
+def _diff_statement(build: Row[Any], seg: membership.Dynamic, end: uuid.UUID | None) -> Any:
+    """Entries (shadow, not stored) and exits (stored, not shadow) of the slice's clean
+    contacts, with the count and, for a tracked segment, the entry/exit events, in one
+    statement."""
     project_id, segment_id = build.project_id, build.segment_id
-    ids = any_(literal(list(clean), tables.UUID_ARRAY))
     m = tables.segment_members
     sh = tables.segment_build_shadow
     c = tables.contacts.c
     desired = (
         select(sh.c.contact_id)
-        .where(sh.c.project_id == project_id, sh.c.segment_id == segment_id, sh.c.contact_id == ids)
+        .where(
+            sh.c.project_id == project_id,
+            sh.c.segment_id == segment_id,
+            *_in_slice(sh.c.contact_id, build, end),
+            _clean(build, sh.c.contact_id),
+        )
         .cte("desired")
     )
     stored = select(literal(1)).where(
@@ -425,12 +460,14 @@ def _diff_statement(build: Row[Any], seg: membership.Dynamic, clean: Sequence[uu
         .where(
             m.c.project_id == project_id,
             m.c.segment_id == segment_id,
-            m.c.contact_id == ids,
+            *_in_slice(m.c.contact_id, build, end),
+            _clean(build, m.c.contact_id),
             ~exists(wanted),
         )
         .returning(m.c.segment_id, m.c.contact_id)
         .cte("exited")
     )
+
     n_entered = select(func.count()).select_from(entered).scalar_subquery()
     n_exited = select(func.count()).select_from(exited).scalar_subquery()
     s = tables.segments
