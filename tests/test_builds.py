@@ -20,7 +20,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
-from segments_service import builds, segments, status, tables
+from segments_service import builds, membership, segments, status, tables
 from segments_service.builds import Builder, BuildSettings
 from segments_service.errors import SegmentBuilding
 from segments_service.filters import parse_condition
@@ -619,3 +619,32 @@ def test_a_server_killed_mid_build_leaves_a_build_another_server_finishes(
     events = entry_exit_events(engine, project, "everyone")
     assert len(events) == 10_000 and {kind for _, kind in events} == {"entry"}
     assert len({email for email, _ in events}) == 10_000
+
+
+def test_a_large_build_refreshes_the_members_statistics_before_catching_up(
+    stubs: Stubs,
+    project: Project,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The catch-up runs the writers' scoped statement, which stale statistics misplan.
+    monkeypatch.setattr(membership, "ANALYZE_AFTER_ROWS", 20)
+    add_contacts(stubs, project, 60)
+    create(stubs, project, "Premium", condition([PREMIUM]), track=False)
+    seen: list[tuple[float, int]] = []
+
+    def at_catch_up(session: Session, phase: str) -> None:
+        if phase == builds.CATCHUP:
+            row = session.execute(
+                text(
+                    "SELECT reltuples, (SELECT count(*) FROM segment_members) "
+                    "FROM pg_class WHERE oid = 'segment_members'::regclass"
+                )
+            ).one()
+            seen.append((float(row[0]), int(row[1])))
+
+    Builder(sessions, SETTINGS, hook=at_catch_up).run_until_idle()
+    assert len(seen) == 1
+    estimated, rows = seen[0]
+    assert rows >= 30 and estimated == rows

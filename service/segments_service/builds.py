@@ -195,7 +195,6 @@ class _Current:
     segment_id: uuid.UUID | None = None
     generation: int = 0
     phase: str = ""
-    analyze: bool = False  # a large build finished: refresh the members' statistics
 
 
 def step(
@@ -209,13 +208,7 @@ def step(
     current = _Current()
     try:
         with sessions.begin() as session:
-            did = _step(session, project_id, settings, hook, current)
-        if current.analyze:
-            # Outside the final step's exclusive lock: statistics from before a bulk
-            # change make the planner misjudge the writers' statements (membership.rebuild).
-            with sessions.begin() as session:
-                session.execute(text("ANALYZE segment_members"))
-        return did
+            return _step(session, project_id, settings, hook, current)
     except DBAPIError as exc:
         over_budget = isinstance(exc.orig, psycopg.errors.QueryCanceled)
         if current.segment_id is None or (
@@ -274,7 +267,7 @@ def _step(
     elif build.phase == CATCHUP:
         _catch_up(session, build)
     elif build.phase == FINAL:
-        current.analyze = _finish(session, build)
+        _finish(session, build)
     else:  # pragma: no cover - the table's CHECK allows no other phase
         raise AssertionError(build.phase)
     hook(session, build.phase)
@@ -405,6 +398,11 @@ def _apply_slice(session: Session, build: Row[Any], settings: BuildSettings) -> 
     values: dict[str, Any] = {"moved": build.moved + moved}
     if end is None:
         values.update(phase=CATCHUP, cursor=None)
+        if build.moved + moved >= membership.ANALYZE_AFTER_ROWS:
+            # The catch-up runs the writers' scoped statement: planned with statistics
+            # from before the bulk change, it took 10 s a chunk instead of milliseconds
+            # (see membership.rebuild).
+            session.execute(text("ANALYZE segment_members"))
     else:
         values["cursor"] = end
     _advance(session, build, **values)
@@ -536,10 +534,9 @@ def _reevaluate(session: Session, build: Row[Any], ids: Sequence[uuid.UUID]) -> 
     return moved
 
 
-def _finish(session: Session, build: Row[Any]) -> bool:
+def _finish(session: Session, build: Row[Any]) -> None:
     """Under the exclusive lock: the last dirty contacts, then the switch to stored
-    membership (READY, or FAILED with the previous condition back). Answers whether it
-    moved enough memberships to refresh their statistics."""
+    membership (READY, or FAILED with the previous condition back)."""
     d = tables.segment_build_dirty.c
     ids = list(
         session.execute(
@@ -548,7 +545,7 @@ def _finish(session: Session, build: Row[Any]) -> bool:
             .order_by(d.contact_id)
         ).scalars()
     )
-    moved = build.moved + _reevaluate(session, build, ids)
+    _reevaluate(session, build, ids)
     seg = _segment(session, build)
     s = tables.segments
     session.execute(
@@ -562,7 +559,6 @@ def _finish(session: Session, build: Row[Any]) -> bool:
         )
     )
     _drop_build(session, build.project_id, build.segment_id)
-    return bool(moved >= membership.ANALYZE_AFTER_ROWS)
 
 
 def _drop_build(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> None:
