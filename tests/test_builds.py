@@ -648,3 +648,77 @@ def test_a_large_build_refreshes_the_members_statistics_before_catching_up(
     assert len(seen) == 1
     estimated, rows = seen[0]
     assert rows >= 30 and estimated == rows
+
+
+def first_member(engine: Engine, project: Project, segment_id: str) -> str:
+    """The email of the segment's stored member with the lowest contact id."""
+    with engine.connect() as conn:
+        email: str = conn.execute(
+            text(
+                "SELECT c.email FROM segment_members m JOIN contacts c "
+                "ON c.project_id = m.project_id AND c.id = m.contact_id "
+                "WHERE m.project_id = :p AND m.segment_id = :s ORDER BY m.contact_id LIMIT 1"
+            ),
+            {"p": project.id, "s": segment_id},
+        ).scalar_one()
+        return email
+
+
+def step_until(builder: Builder, phases: list[str], phase: str) -> None:
+    """Rounds until a step of `phase` has committed."""
+    for _ in range(100):
+        builder.run_round()
+        if phase in phases:
+            return
+    pytest.fail(f"no {phase} step")
+
+
+def test_tracking_on_enters_a_member_written_after_its_slice_once(
+    stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    add_contacts(stubs, project, 60)
+    seg = create(stubs, project, "Premium", condition([PREMIUM]), track=False)
+    Builder(sessions, SETTINGS).run_until_idle()
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(id=seg.id, track_membership=True),
+        metadata=project.auth,
+    )
+    phases: list[str] = []
+    builder = Builder(sessions, SETTINGS, hook=lambda _s, phase: phases.append(phase))
+    step_until(builder, phases, builds.APPLY)
+    # Entered by the first apply step, then written: caught up, not entered again.
+    written = first_member(engine, project, seg.id)
+    set_plan(stubs, project, written, "premium")
+    builder.run_until_idle()
+    members = expected(sessions, project, seg.id)
+    events = entry_exit_events(engine, project, "premium")
+    assert Counter(kind for _, kind in events) == {"entry": 30}
+    assert_events_follow_membership(events, members)
+
+
+def test_a_new_condition_during_a_tracking_build_enters_each_member_once(
+    stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    add_contacts(stubs, project, 60)
+    seg = create(stubs, project, "Premium", condition([PREMIUM]), track=False)
+    Builder(sessions, SETTINGS).run_until_idle()
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(id=seg.id, track_membership=True),
+        metadata=project.auth,
+    )
+    phases: list[str] = []
+    builder = Builder(sessions, SETTINGS, hook=lambda _s, phase: phases.append(phase))
+    step_until(builder, phases, builds.APPLY)
+    subscribed = {"field": "subscribed", "operator": "equals", "value": True}
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(
+            id=seg.id, condition=as_proto(condition([PREMIUM, subscribed], logic="AND"))
+        ),
+        metadata=project.auth,
+    )
+    builder.run_until_idle()
+    members = expected(sessions, project, seg.id)
+    assert len(members) == 30
+    events = entry_exit_events(engine, project, "premium")
+    assert Counter(kind for _, kind in events) == {"entry": 30}
+    assert_events_follow_membership(events, members)

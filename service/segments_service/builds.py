@@ -136,8 +136,15 @@ def start_build(
     existing = session.execute(
         select(b).where(b.c.project_id == project_id, b.c.segment_id == segment_id)
     ).first()
+    entered_to = None
+    if existing is not None and existing.enter_all:
+        # Its apply entered every member up to its cursor; after it, all of them.
+        if existing.phase == COMPUTE:
+            enter_all, entered_to = True, existing.entered_to
+        elif existing.phase == APPLY:
+            done = [i for i in (existing.entered_to, existing.cursor) if i is not None]
+            enter_all, entered_to = True, max(done, default=None)
     if existing is not None:
-        enter_all = enter_all or existing.enter_all
         # Before its apply, a build has not touched the stored memberships: they still
         # follow the condition its own predecessor kept.
         untouched = existing.phase == COMPUTE and existing.failure is None
@@ -153,6 +160,7 @@ def start_build(
         "cursor": None,
         "previous_condition": previous_condition,
         "enter_all": enter_all,
+        "entered_to": entered_to,
         "failure": None,
         "attempts": 0,
         "moved": 0,
@@ -388,11 +396,12 @@ def _apply_slice(session: Session, build: Row[Any], settings: BuildSettings) -> 
     seg = _segment(session, build)
     moved = 0
     if build.enter_all:
-        # Every member gets an entry: the stored ones are entered again, with events.
+        # Every member gets an entry: the stored memberships are entered again, with
+        # events, here (clean contacts) or by the catch-up (dirty ones, whatever their
+        # stored membership was when they became dirty).
         m = tables.segment_members.c
-        moved += _forget_where(
-            session, build, *_in_slice(m.contact_id, build, end), _clean(build, m.contact_id)
-        )
+        entered = [] if build.entered_to is None else [m.contact_id > build.entered_to]
+        moved += _forget_where(session, build, *_in_slice(m.contact_id, build, end), *entered)
     row = session.execute(_diff_statement(build, seg, end)).one()._mapping
     moved += row["entered"] + row["exited"]
     values: dict[str, Any] = {"moved": build.moved + moved}
@@ -519,8 +528,6 @@ def _reevaluate(session: Session, build: Row[Any], ids: Sequence[uuid.UUID]) -> 
     seg = _segment(session, build)
     moved = _forget_members(session, build, sorted(set(ids) - set(present)))
     if present:
-        if build.enter_all:
-            moved += _forget_members(session, build, present)
         changes = membership.apply_scoped(session, build.project_id, seg, present)
         moved += changes.entered + changes.exited
     d = tables.segment_build_dirty

@@ -109,6 +109,8 @@ segment_builds = Table(
     Column("cursor", Uuid),
     Column("previous_condition", JSONB(none_as_null=True)),
     Column("enter_all", Boolean, nullable=False),
+    # With enter_all: contacts up to this id were entered by an earlier generation.
+    Column("entered_to", Uuid),
     Column("failure", Text),
     Column("attempts", Integer, nullable=False),
     Column("moved", BigInteger, nullable=False),

@@ -41,6 +41,7 @@ CREATE TABLE segment_builds (
     cursor uuid,
     previous_condition jsonb,
     enter_all boolean NOT NULL,
+    entered_to uuid,
     failure text,
     attempts integer NOT NULL DEFAULT 0,
     moved bigint NOT NULL DEFAULT 0,
