@@ -23,7 +23,10 @@ A compute step over its budget (or refused by the database) fails the build: aft
 update, the previous condition comes back and keeps serving (its memberships were not
 touched before the apply), the dirty contacts are caught up under it, and the segment is
 FAILED with a reason; a failed create is FAILED and answered live. Steps after the
-compute are retried (they apply a difference already known to fit).
+compute are retried (they apply a difference already known to fit), MAX_ATTEMPTS times
+before the build fails without a condition to fall back to. A change of definition
+while a build runs replaces it with a new generation (start_build), in the same
+transaction as the change; a deleted segment takes its build along.
 
 Builds are shared fairly: a Builder's round gives one step to each project with queued
 builds (a project's builds run one at a time, oldest first), so one project's queue
