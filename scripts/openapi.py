@@ -57,6 +57,7 @@ SUCCESS_DESCRIPTIONS = {
 # What the service puts into fields typed google.protobuf.Value (otherwise: any JSON).
 VALUE_SCHEMAS: dict[str, Schema] = {
     f"{PACKAGE}.Segment.description": {"type": "string", "nullable": True},
+    f"{PACKAGE}.Segment.status_reason": {"type": "string", "nullable": True},
     f"{PACKAGE}.Segment.condition": {
         "allOf": [{"$ref": "#/components/schemas/FilterCondition"}],
         "nullable": True,

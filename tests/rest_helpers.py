@@ -22,6 +22,8 @@ SEGMENT_KEYS = {
     "projectId",
     "createdAt",
     "updatedAt",
+    "status",
+    "statusReason",
 }
 CONTACT_KEYS = {"id", "email", "subscribed", "data", "createdAt", "updatedAt"}
 ERROR_KEYS = {"code", "message", "statusCode", "requestId"}
@@ -48,6 +50,8 @@ def check_segment(body: Any, project: Project | None = None) -> dict[str, Any]:
     assert is_uuid(body["id"])
     assert isinstance(body["name"], str) and 1 <= len(body["name"]) <= 100
     assert body["description"] is None or isinstance(body["description"], str)
+    assert body["status"] in ("READY", "BUILDING", "FAILED")
+    assert (body["statusReason"] is None) == (body["status"] != "FAILED")
     assert body["type"] in ("DYNAMIC", "STATIC")
     if body["type"] == "STATIC":
         assert body["condition"] is None

@@ -47,6 +47,8 @@ class Settings:
     request_timeout: float
     # Seconds one statement of background work (a sweep) may run.
     background_timeout: float
+    inline_build_contacts: int
+    build_slice: int
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -65,5 +67,23 @@ class Settings:
             project_streams=_int("SEGMENTS_PROJECT_STREAMS", 16),
             project_evaluations=_int("SEGMENTS_PROJECT_EVALUATIONS", 2),
             request_timeout=_float("SEGMENTS_REQUEST_TIMEOUT", 30.0),
-            background_timeout=_float("SEGMENTS_BACKGROUND_TIMEOUT", 60.0),
+            background_timeout=background_timeout(),
+            inline_build_contacts=inline_build_contacts(),
+            build_slice=_int("SEGMENTS_BUILD_SLICE", DEFAULT_BUILD_SLICE),
         )
+
+
+# Segment builds (builds.py): projects of at most this many contacts build inline.
+DEFAULT_INLINE_BUILD_CONTACTS = 10_000
+# Each background statement's budget, in seconds.
+DEFAULT_BACKGROUND_TIMEOUT = 60.0
+# Contacts per slice of a background build.
+DEFAULT_BUILD_SLICE = 50_000
+
+
+def inline_build_contacts() -> int:
+    return _int("SEGMENTS_INLINE_BUILD_CONTACTS", DEFAULT_INLINE_BUILD_CONTACTS)
+
+
+def background_timeout() -> float:
+    return _float("SEGMENTS_BACKGROUND_TIMEOUT", DEFAULT_BACKGROUND_TIMEOUT)

@@ -157,6 +157,8 @@ def segment_to_proto(view: SegmentView) -> resources_pb2.Segment:
         project_id=str(row.project_id),
         created_at=timestamp(row.created_at),
         updated_at=timestamp(row.updated_at),
+        status=resources_pb2.Segment.Status.Value(row.status),
+        status_reason=py_to_value(row.status_reason),
     )
 
 

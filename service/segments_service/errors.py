@@ -101,3 +101,10 @@ class DeadlineExceeded(ServiceError):
 
     code = "DEADLINE_EXCEEDED"
     http_status = 504
+
+
+class SegmentBuilding(Unavailable):
+    """A segment's membership is being built and its live answer did not fit the budget."""
+
+    code = "SEGMENT_BUILDING"
+    http_status = 503

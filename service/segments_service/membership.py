@@ -12,6 +12,9 @@ Concurrency, without a coordinator of our own:
   evaluate one after the other, and each real entry or exit is recorded exactly once.
 - Changing a definition (create, new condition, tracking on) takes the same lock in
   exclusive mode and rebuilds: no writer evaluates against a half-changed definition.
+  In a large project the rebuild leaves the request (builds.py): the exclusive lock is
+  held only to mark the segment `building`; from then on writers do not evaluate it but
+  note the contacts they lock in `segment_build_dirty`, and the build catches them up.
 - Deleting a contact takes the shared lock and the contact's row; deleting a segment takes
   the exclusive lock. So no membership is written for a contact or segment being deleted,
   and `segment_members` needs no foreign keys (migration 0008), whose per-row checks
@@ -53,7 +56,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from segments_service import tables
+from segments_service import config, tables
 from segments_service.filters import (
     CompileContext,
     Condition,
@@ -103,14 +106,15 @@ def lock_exclusive(session: Session, project_id: uuid.UUID) -> None:
     )
 
 
-# Statements over a whole project (a rebuild, a sweep) may take longer than the 60 s a
-# request's statement gets: a segment of a million members inserts a million rows.
-LONG_STATEMENT_TIMEOUT = "10min"
+# The budget of every background statement (a slice of a build, a sweep's), and of the
+# inline builds of small projects, in seconds: none runs unbounded (SPEC §7).
+BACKGROUND_TIMEOUT = config.background_timeout()
 
 
-def allow_long_statements(session: Session) -> None:
-    """Until the end of this transaction, statements may run for LONG_STATEMENT_TIMEOUT."""
-    session.execute(text(f"SET LOCAL statement_timeout = '{LONG_STATEMENT_TIMEOUT}'"))
+def allow_long_statements(session: Session, seconds: float | None = None) -> None:
+    """Until the end of this transaction, statements may run for the background budget."""
+    budget = BACKGROUND_TIMEOUT if seconds is None else seconds
+    session.execute(text(f"SET LOCAL statement_timeout = {max(1, round(budget * 1000))}"))
 
 
 def db_now(session: Session) -> datetime:
@@ -143,6 +147,8 @@ class Dynamic:
     tracked: bool
     condition: Condition
     references: Mapping[uuid.UUID, SegmentDefinition]
+    # segments.membership_state: writers evaluate `stored` segments only.
+    state: str = "stored"
 
     def filters(self) -> Iterator[Filter]:
         """Every filter of its condition and of the conditions it references."""
@@ -184,16 +190,30 @@ class Dynamic:
         return (self.id, self.name, self.tracked, repr(self.condition), refs)
 
 
+STORED, BUILDING = "stored", "building"
+
+
 def dynamic_segments(
-    session: Session, project_id: uuid.UUID, ids: Iterable[uuid.UUID] | None = None
+    session: Session,
+    project_id: uuid.UUID,
+    ids: Iterable[uuid.UUID] | None = None,
+    *,
+    states: Collection[str] | None = None,
 ) -> list[Dynamic]:
-    """The project's DYNAMIC segments (or those of `ids`), with references loaded."""
+    """The project's DYNAMIC segments (or those of `ids`), with references loaded.
+
+    Without `ids`, those whose membership is stored (and kept current), unless `states`
+    (of segments.membership_state) says otherwise."""
     s = tables.segments.c
-    query = select(s.id, s.name, s.track_membership, s.condition).where(
+    query = select(s.id, s.name, s.track_membership, s.condition, s.membership_state).where(
         s.project_id == project_id, s.type == "DYNAMIC"
     )
     if ids is not None:
         query = query.where(s.id.in_(list(ids)))
+    if states is None and ids is None:
+        states = (STORED,)
+    if states is not None:
+        query = query.where(s.membership_state.in_(list(states)))
     out = []
     cache: dict[uuid.UUID, SegmentDefinition] = {}
 
@@ -206,7 +226,9 @@ def dynamic_segments(
     for row in session.execute(query.order_by(s.id)):
         condition = parse_condition(row.condition)
         refs = load_references(condition, loader)
-        out.append(Dynamic(row.id, row.name, row.track_membership, condition, refs))
+        out.append(
+            Dynamic(row.id, row.name, row.track_membership, condition, refs, row.membership_state)
+        )
     return out
 
 
@@ -443,12 +465,12 @@ def _apply_statement(
             select(entered.c.segment_id, entered.c.contact_id, literal("entry").label("kind")),
             select(exited.c.segment_id, exited.c.contact_id, literal("exit").label("kind")),
         ).subquery("changes")
-        recorded = _record_events(project_id, tracked, changes)
+        recorded = record_events(project_id, tracked, changes)
         outputs.append(select(func.count()).select_from(recorded).scalar_subquery().label("events"))
     return select(*outputs), relative or {}
 
 
-def _record_events(project_id: uuid.UUID, tracked: Sequence[Dynamic], changes: Any) -> Any:
+def record_events(project_id: uuid.UUID, tracked: Sequence[Dynamic], changes: Any) -> Any:
     """A CTE recording `segment.<slug>.<kind>` events for `changes` (segment_id, contact_id,
     kind) of tracked segments, at consecutive positions of the project's feed.
 
@@ -526,6 +548,15 @@ def _record_events(project_id: uuid.UUID, tracked: Sequence[Dynamic], changes: A
     )
 
 
+def apply_scoped(
+    session: Session, project_id: uuid.UUID, segment: Dynamic, contact_ids: Sequence[uuid.UUID]
+) -> Changes:
+    """Re-evaluate these contacts (locked by the caller, lock_contacts) against one
+    segment, recording entry/exit events if it is tracked."""
+    ids = list(contact_ids)
+    return _apply(session, project_id, [segment], {segment.id: ids}, db_now(session))
+
+
 def lock_contacts(
     session: Session, project_id: uuid.UUID, contact_ids: Iterable[uuid.UUID]
 ) -> list[uuid.UUID]:
@@ -581,7 +612,7 @@ def refresh_contacts(
     if not given:
         return Changes(0, 0, 0)
     lock_shared(session, project_id)
-    every = dynamic_segments(session, project_id)
+    every = dynamic_segments(session, project_id, states=(STORED, BUILDING))
     if not every:
         return Changes(0, 0, 0)
 
@@ -598,6 +629,14 @@ def refresh_contacts(
     wanted = {seg.id: wanted_by(seg) for seg in every}
     locked = lock_contacts(session, project_id, set().union(*wanted.values()))
     present = set(locked)
+    # Segments being built are not evaluated: their contacts are noted, after the locks,
+    # for the build to catch up (builds.py).
+    mark_dirty(
+        session,
+        project_id,
+        {seg.id: wanted[seg.id] & present for seg in every if seg.state == BUILDING},
+    )
+    every = [seg for seg in every if seg.state == STORED]
     # Segments wanting the same contacts share one list, hence one array parameter.
     lists: dict[frozenset[uuid.UUID], list[uuid.UUID]] = {}
     scope: dict[uuid.UUID, Sequence[uuid.UUID]] = {}
@@ -678,7 +717,7 @@ def record_entries_for_all(session: Session, project_id: uuid.UUID, segment_id: 
         .where(m.project_id == project_id, m.segment_id == segment_id)
         .subquery("changes")
     )
-    recorded = _record_events(project_id, [segment], changes)
+    recorded = record_events(project_id, [segment], changes)
     return int(session.execute(select(func.count()).select_from(recorded)).scalar_one())
 
 
@@ -687,6 +726,10 @@ def forget_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUI
     events; the contact and its history are gone)."""
     lock_shared(session, project_id)
     s = tables.segments
+    building = session.execute(
+        select(s.c.id).where(s.c.project_id == project_id, s.c.membership_state == BUILDING)
+    ).scalars()
+    mark_dirty(session, project_id, {segment_id: [contact_id] for segment_id in building})
     for table in (tables.segment_members, tables.static_members):
         gone = (
             delete(table)
@@ -711,3 +754,31 @@ def adjust_count(
             .where(s.c.project_id == project_id, s.c.id == segment_id)
             .values(member_count=s.c.member_count + delta)
         )
+
+
+def mark_dirty(
+    session: Session,
+    project_id: uuid.UUID,
+    contacts: Mapping[uuid.UUID, Collection[uuid.UUID]],
+) -> None:
+    """Note contacts a writer touched, per segment being built, for its build's catch-up."""
+    segment_ids = [seg for seg, ids in contacts.items() for _ in ids]
+    if not segment_ids:
+        return
+    d = tables.segment_build_dirty
+    pairs = (
+        func.unnest(
+            literal(segment_ids, tables.UUID_ARRAY),
+            literal([i for ids in contacts.values() for i in ids], tables.UUID_ARRAY),
+        )
+        .table_valued(column("segment_id", Uuid), column("contact_id", Uuid))
+        .render_derived(name="pairs", with_types=False)
+    )
+    session.execute(
+        pg_insert(d)
+        .from_select(
+            ["project_id", "segment_id", "contact_id"],
+            select(literal(project_id, Uuid), pairs.c.segment_id, pairs.c.contact_id),
+        )
+        .on_conflict_do_nothing()
+    )

@@ -9,16 +9,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg.errors
 from sqlalchemy import Row, Select, delete, func, insert, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from segments_service import membership, tables
+from segments_service import builds, membership, tables
 from segments_service.contacts import NUL_MESSAGE, ensure_contacts, normalize_email
 from segments_service.errors import (
     FailedPrecondition,
     FieldViolation,
     NotFound,
+    SegmentBuilding,
     SegmentInUse,
     ValidationError,
 )
@@ -45,15 +48,16 @@ DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 
 
+# How long a create or update waits for the live count of a segment it leaves BUILDING.
+RESPONSE_COUNT_SECONDS = 1.0
+
+
 @dataclass(frozen=True)
 class SegmentView:
     """A segment row with its member count at the time of the request."""
 
     row: Row[Any]
     member_count: int
-
-    def _counted(self) -> SegmentView:
-        return SegmentView(self.row, count_members(self.row))
 
 
 def get_row(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> Row[Any]:
@@ -118,9 +122,62 @@ def count_matching(session: Session, project_id: uuid.UUID, condition_json: Any)
     return int(session.execute(statement).scalar_one())
 
 
-def count_members(row: Row[Any]) -> int:
-    """The maintained count: exact as of this transaction (see membership.py)."""
-    return int(row.member_count)
+def is_stored(row: Row[Any]) -> bool:
+    """Whether the segment's members are stored and current; otherwise (being built, or a
+    failed first build) they are answered live from its condition."""
+    return bool(row.type == STATIC or row.membership_state == membership.STORED)
+
+
+def _live(session: Session, statement: Any) -> Any:
+    """Run a live membership statement under the request's budget; a cancelled one is
+    SEGMENT_BUILDING (retry later), not an internal error."""
+    try:
+        return session.execute(statement)
+    except DBAPIError as exc:
+        if isinstance(exc.orig, psycopg.errors.QueryCanceled):
+            raise SegmentBuilding(
+                "the segment's membership is being built and could not be counted in time; "
+                "retry the request shortly"
+            ) from exc
+        raise
+
+
+def count_members(session: Session, row: Row[Any]) -> int:
+    """The maintained count, exact as of this transaction (see membership.py); live from
+    the condition while the segment is not stored."""
+    if is_stored(row):
+        return int(row.member_count)
+    condition = parse_condition(row.condition)
+    statement = member_count_statement(session, row.project_id, condition)
+    session.execute(COUNT_SETTINGS)
+    return int(_live(session, statement).scalar_one())
+
+
+def _quick_count(session: Session, project_id: uuid.UUID, condition: Condition) -> int | None:
+    """The live count if it takes at most RESPONSE_COUNT_SECONDS, else None (the request
+    carries on; the budget of its later statements is restored)."""
+    before = int(
+        session.execute(
+            text("SELECT setting FROM pg_settings WHERE name = 'statement_timeout'")
+        ).scalar_one()
+    )
+    wait = round(RESPONSE_COUNT_SECONDS * 1000)
+    if before:
+        wait = min(wait, before)  # never longer than the request may take
+    statement = member_count_statement(session, project_id, condition)
+    try:
+        with session.begin_nested():
+            session.execute(
+                text("SELECT set_config('statement_timeout', :t, true)"), {"t": str(wait)}
+            )
+            session.execute(COUNT_SETTINGS)
+            count = int(session.execute(statement).scalar_one())
+    except DBAPIError as exc:
+        if not isinstance(exc.orig, psycopg.errors.QueryCanceled):
+            raise
+        count = None
+    session.execute(text("SELECT set_config('statement_timeout', :t, true)"), {"t": str(before)})
+    return count
 
 
 def list_segments(session: Session, project_id: uuid.UUID) -> list[SegmentView]:
@@ -128,12 +185,12 @@ def list_segments(session: Session, project_id: uuid.UUID) -> list[SegmentView]:
     rows = session.execute(
         select(s).where(s.c.project_id == project_id).order_by(s.c.created_at.desc(), s.c.id.desc())
     ).all()
-    return [SegmentView(r, count_members(r)) for r in rows]
+    return [SegmentView(r, count_members(session, r)) for r in rows]
 
 
 def get_segment(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> SegmentView:
     row = get_row(session, project_id, segment_id)
-    return SegmentView(row, count_members(row))
+    return SegmentView(row, count_members(session, row))
 
 
 def _check_text(name: str | None, description: str | None) -> None:
@@ -312,9 +369,14 @@ def create_segment(
     segment_type: str,
     condition_json: Any,
     track_membership: bool,
+    inline_contacts: int | None = None,
 ) -> SegmentView:
+    """A new segment; a DYNAMIC one of a project above `inline_contacts` contacts (default
+    SEGMENTS_INLINE_BUILD_CONTACTS) is answered BUILDING and built in the background."""
     _check_text(name, description)
     condition: Condition | None = None
+    background = False
+    count: int | None = None
     if segment_type == DYNAMIC:
         if condition_json is None:
             raise ValidationError.single(
@@ -322,6 +384,10 @@ def create_segment(
             )
         condition = parse_condition(condition_json)
         _check_references(session, project_id, condition, None)
+        background = not builds.builds_inline(session, project_id, _inline_limit(inline_contacts))
+        if background:
+            count = _quick_count(session, project_id, condition)
+            membership.lock_exclusive(session, project_id)
     row = session.execute(
         insert(tables.segments)
         .values(
@@ -338,10 +404,17 @@ def create_segment(
         .returning(*tables.segments.c)
     ).one()
     _store_references(session, project_id, row.id, condition)
+    if condition is not None and background:
+        builds.start_build(session, project_id, row.id, previous_condition=None, enter_all=False)
+        return SegmentView(get_row(session, project_id, row.id), count or 0)
     if condition is not None:
         membership.rebuild(session, project_id, [row.id], emit=track_membership)
         row = get_row(session, project_id, row.id)
-    return SegmentView(row, count_members(row))
+    return SegmentView(row, count_members(session, row))
+
+
+def _inline_limit(given: int | None) -> int:
+    return builds.BuildSettings.from_env().inline_contacts if given is None else given
 
 
 def update_segment(
@@ -354,7 +427,27 @@ def update_segment(
     segment_type: str | None,
     condition_json: Any,
     track_membership: bool | None,
+    inline_contacts: int | None = None,
 ) -> SegmentView:
+    """Change a segment. A new condition, or tracking turned on, rebuilds its membership
+    (and that of the segments reaching it): inline in a small project, else in the
+    background, the segments BUILDING meanwhile (see builds.py)."""
+    background = False
+    count: int | None = None
+    if condition_json is not None or track_membership:
+        before = get_row(session, project_id, segment_id)
+        if before.type == DYNAMIC and (condition_json is not None or not before.track_membership):
+            background = not builds.builds_inline(
+                session, project_id, _inline_limit(inline_contacts)
+            )
+        if background and condition_json is not None:
+            # Counted before any lock is taken, so writers never wait on it.
+            condition = parse_condition(condition_json)
+            _check_references(session, project_id, condition, segment_id)
+            count = _quick_count(session, project_id, condition)
+        if background:
+            # Before the segment's row: writers take the lock, then rows.
+            membership.lock_exclusive(session, project_id)
     current = session.execute(
         select(tables.segments)
         .where(tables.segments.c.project_id == project_id, tables.segments.c.id == segment_id)
@@ -385,25 +478,59 @@ def update_segment(
             .where(tables.segments.c.project_id == project_id, tables.segments.c.id == segment_id)
             .values(**changes, updated_at=func.clock_timestamp())
         )
-    if current.type == DYNAMIC:
+    if current.type == DYNAMIC and background:
+        if _start_builds(session, current, changes):
+            row = get_row(session, project_id, segment_id)
+            fallback = 0 if current.membership_state != membership.STORED else current.member_count
+            return SegmentView(row, fallback if count is None else count)
+    elif current.type == DYNAMIC:
         _refresh_definition(session, current, changes)
-    return SegmentView(get_row(session, project_id, segment_id), 0)._counted()
+    return get_segment(session, project_id, segment_id)
+
+
+def _start_builds(session: Session, current: Row[Any], changes: dict[str, Any]) -> bool:
+    """Queue the background builds a changed definition needs (the caller holds the
+    exclusive lock); answers whether there were any."""
+    project_id, segment_id = current.project_id, current.id
+    turning_on = changes.get("track_membership") is True and not current.track_membership
+    if "condition" in changes:
+        builds.start_build(
+            session,
+            project_id,
+            segment_id,
+            previous_condition=current.condition,
+            enter_all=turning_on,
+        )
+        for dependent in sorted(membership.dependents(session, project_id, segment_id)):
+            builds.start_build(
+                session, project_id, dependent, previous_condition=None, enter_all=False
+            )
+        return True
+    if turning_on:
+        builds.start_build(session, project_id, segment_id, previous_condition=None, enter_all=True)
+        return True
+    return False
 
 
 def _refresh_definition(session: Session, current: Row[Any], changes: dict[str, Any]) -> None:
-    """Bring memberships in line with a changed DYNAMIC definition.
+    """Bring memberships in line with a changed DYNAMIC definition, inline.
 
     A new condition rebuilds this segment and every segment that reaches it through
     references (their inlined conditions changed too), recording entry/exit events for the
     difference. Turning tracking on records one entry per current member; turning it off
-    records nothing."""
+    records nothing. A build of these segments under way is replaced by this one."""
     project_id, segment_id = current.project_id, current.id
     turning_on = changes.get("track_membership") is True and not current.track_membership
     if "condition" in changes:
         affected = {segment_id} | membership.dependents(session, project_id, segment_id)
+        membership.lock_exclusive(session, project_id)
+        for rebuilt in sorted(affected):
+            builds.cancel_build(session, project_id, rebuilt)
         membership.rebuild(session, project_id, affected - {segment_id}, emit=True)
         membership.rebuild(session, project_id, [segment_id], emit=not turning_on)
     elif turning_on:
+        membership.lock_exclusive(session, project_id)
+        builds.cancel_build(session, project_id, segment_id)
         membership.rebuild(session, project_id, [segment_id], emit=False)
     if turning_on:
         membership.record_entries_for_all(session, project_id, segment_id)
@@ -432,14 +559,16 @@ def delete_segment(session: Session, project_id: uuid.UUID, segment_id: uuid.UUI
             f"segment is referenced by other segments and cannot be deleted: {listed}",
             [str(u.id) for u in users],
         )
-    session.execute(delete(tables.segments).where(s.project_id == project_id, s.id == segment_id))
     if row.type == DYNAMIC:
+        # With its build, if one is under way: the next step of the project finds none.
+        builds.cancel_build(session, project_id, segment_id)
         m = tables.segment_members.c
         session.execute(
             delete(tables.segment_members).where(
                 m.project_id == project_id, m.segment_id == segment_id
             )
         )
+    session.execute(delete(tables.segments).where(s.project_id == project_id, s.id == segment_id))
 
 
 @dataclass(frozen=True)
@@ -481,6 +610,18 @@ def list_members(
             .limit(page_size)
             .offset(offset)
         )
+    elif not is_stored(row):
+        # Being built: the page is cut from the condition's members, under the budget.
+        live = member_ids(session, project_id, parse_condition(row.condition)).subquery("live")
+        query = (
+            select(c)
+            .join(live, (c.c.project_id == project_id) & (c.c.id == live.c.contact_id))
+            .order_by(c.c.created_at.desc(), c.c.id.desc())
+            .limit(page_size)
+            .offset(offset)
+        )
+        rows = list(_live(session, query).all())
+        return Page(rows, count_members(session, row), page, page_size)
     else:
         # The page is cut from the segment_members_page index, which holds the contacts'
         # order (created_at DESC, id DESC); only the page's contacts are then read.
@@ -499,7 +640,7 @@ def list_members(
             .order_by(c.c.created_at.desc(), c.c.id.desc())
         )
     rows = list(session.execute(query).all())
-    total = count_members(row)
+    total = count_members(session, row)
     return Page(rows, total, page, page_size)
 
 
@@ -613,6 +754,15 @@ def export_members(session: Session, project_id: uuid.UUID, segment_id: uuid.UUI
     stays bounded whatever the segment's size. Ordered by contact id."""
     row = get_row(session, project_id, segment_id)
     c = tables.contacts
+    if not is_stored(row):
+        live = member_ids(session, project_id, parse_condition(row.condition)).subquery("live")
+        return _live(
+            session,
+            select(c)
+            .join(live, (c.c.project_id == project_id) & (c.c.id == live.c.contact_id))
+            .order_by(c.c.id)
+            .execution_options(yield_per=1000),
+        )
     members = tables.static_members if row.type == STATIC else tables.segment_members
     query = (
         select(c)

@@ -30,6 +30,7 @@ from segments.v1 import (
     segments_pb2,
     segments_pb2_grpc,
 )
+from segments_service.builds import Builder, BuildSettings
 from segments_service.config import Settings
 from segments_service.database import make_engine, make_sessionmaker
 from segments_service.errors import ValidationError
@@ -265,6 +266,13 @@ async def _serve(database_url: str, settings: Settings, port: int) -> None:
             engine, make_sessionmaker(engine), settings.sweep_seconds, settings.background_timeout
         )
         sweeper.start()
+    builder = Builder(
+        make_sessionmaker(engine),
+        BuildSettings(
+            settings.inline_build_contacts, settings.build_slice, settings.background_timeout
+        ),
+    )
+    builder.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -273,9 +281,11 @@ async def _serve(database_url: str, settings: Settings, port: int) -> None:
     log.info("draining in-flight RPCs (up to %.0fs)", settings.drain_seconds)
     if sweeper is not None:
         sweeper.stop()
+    builder.stop()
     await built.stop(settings.drain_seconds)
-    if sweeper is not None:
-        await loop.run_in_executor(None, sweeper.join, settings.drain_seconds)
+    for worker in (sweeper, builder):
+        if worker is not None:
+            await loop.run_in_executor(None, worker.join, settings.drain_seconds)
     engine.dispose()
     stream_engine.dispose()
     log.info("gRPC server stopped")

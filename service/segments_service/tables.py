@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Integer,
     LargeBinary,
     MetaData,
     Table,
@@ -88,6 +89,48 @@ segments = Table(
     _ts("updated_at"),
     Column("member_count", BigInteger, nullable=False),
     Column("time_dependent", Boolean, nullable=False),
+    # READY | BUILDING | FAILED, as callers see it; status_reason says why it FAILED.
+    Column("status", Text, nullable=False),
+    Column("status_reason", Text),
+    # What writers do with it: `stored` (evaluate), `building` (note dirty contacts),
+    # `none` (nothing: a failed first build); migration 0009.
+    Column("membership_state", Text, nullable=False),
+    Column("build_generation", BigInteger, nullable=False),
+)
+
+# Builds of segments in the background (builds.py; migration 0009).
+segment_builds = Table(
+    "segment_builds",
+    metadata,
+    Column("project_id", Uuid, primary_key=True),
+    Column("segment_id", Uuid, primary_key=True),
+    Column("generation", BigInteger, nullable=False),
+    Column("phase", Text, nullable=False),
+    Column("cursor", Uuid),
+    Column("previous_condition", JSONB(none_as_null=True)),
+    Column("enter_all", Boolean, nullable=False),
+    # With enter_all: contacts up to this id were entered by an earlier generation.
+    Column("entered_to", Uuid),
+    Column("failure", Text),
+    Column("attempts", Integer, nullable=False),
+    Column("moved", BigInteger, nullable=False),
+    _ts("queued_at"),
+)
+
+segment_build_shadow = Table(
+    "segment_build_shadow",
+    metadata,
+    Column("project_id", Uuid, primary_key=True),
+    Column("segment_id", Uuid, primary_key=True),
+    Column("contact_id", Uuid, primary_key=True),
+)
+
+segment_build_dirty = Table(
+    "segment_build_dirty",
+    metadata,
+    Column("project_id", Uuid, primary_key=True),
+    Column("segment_id", Uuid, primary_key=True),
+    Column("contact_id", Uuid, primary_key=True),
 )
 
 segment_references = Table(

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsegments/v1/resources.proto\x12\x0bsegments.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x01\n\x07\x43ontact\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x12\n\nsubscribed\x18\x03 \x01(\x08\x12%\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xff\x02\n\x07Segment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\x0b\x64\x65scription\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\'\n\x04type\x18\x04 \x01(\x0e\x32\x19.segments.v1.Segment.Type\x12)\n\tcondition\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x18\n\x10track_membership\x18\x06 \x01(\x08\x12\x14\n\x0cmember_count\x18\x07 \x01(\x05\x12\x12\n\nproject_id\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x44YNAMIC\x10\x01\x12\n\n\x06STATIC\x10\x02\"\x9f\x01\n\x0f\x46ilterCondition\x12\x31\n\x05logic\x18\x01 \x01(\x0e\x32\".segments.v1.FilterCondition.Logic\x12(\n\x06groups\x18\x02 \x03(\x0b\x32\x18.segments.v1.FilterGroup\"/\n\x05Logic\x12\x15\n\x11LOGIC_UNSPECIFIED\x10\x00\x12\x07\n\x03\x41ND\x10\x01\x12\x06\n\x02OR\x10\x02\"e\n\x0b\x46ilterGroup\x12$\n\x07\x66ilters\x18\x01 \x03(\x0b\x32\x13.segments.v1.Filter\x12\x30\n\nconditions\x18\x02 \x01(\x0b\x32\x1c.segments.v1.FilterCondition\"\xcc\x04\n\x06\x46ilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12.\n\x08operator\x18\x02 \x01(\x0e\x32\x1c.segments.v1.Filter.Operator\x12%\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12&\n\x04unit\x18\x04 \x01(\x0e\x32\x18.segments.v1.Filter.Unit\"\xf3\x02\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\n\n\x06\x65quals\x10\x01\x12\r\n\tnotEquals\x10\x02\x12\x0c\n\x08\x63ontains\x10\x03\x12\x0f\n\x0bnotContains\x10\x04\x12\x0f\n\x0bgreaterThan\x10\x05\x12\x0c\n\x08lessThan\x10\x06\x12\x16\n\x12greaterThanOrEqual\x10\x07\x12\x13\n\x0flessThanOrEqual\x10\x08\x12\n\n\x06\x65xists\x10\t\x12\r\n\tnotExists\x10\n\x12\n\n\x06within\x10\x0b\x12\r\n\tolderThan\x10\x0c\x12\r\n\ttriggered\x10\r\x12\x13\n\x0ftriggeredWithin\x10\x0e\x12\x16\n\x12triggeredOlderThan\x10\x0f\x12\x10\n\x0cnotTriggered\x10\x10\x12\x16\n\x12notTriggeredWithin\x10\x11\x12\x13\n\x0fmemberOfSegment\x10\x12\x12\x16\n\x12notMemberOfSegment\x10\x13\">\n\x04Unit\x12\x14\n\x10UNIT_UNSPECIFIED\x10\x00\x12\x08\n\x04\x64\x61ys\x10\x01\x12\t\n\x05hours\x10\x02\x12\x0b\n\x07minutes\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsegments/v1/resources.proto\x12\x0bsegments.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x01\n\x07\x43ontact\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x12\n\nsubscribed\x18\x03 \x01(\x08\x12%\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa2\x04\n\x07Segment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\x0b\x64\x65scription\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\'\n\x04type\x18\x04 \x01(\x0e\x32\x19.segments.v1.Segment.Type\x12)\n\tcondition\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x18\n\x10track_membership\x18\x06 \x01(\x08\x12\x14\n\x0cmember_count\x18\x07 \x01(\x05\x12\x12\n\nproject_id\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x06status\x18\x0b \x01(\x0e\x32\x1b.segments.v1.Segment.Status\x12-\n\rstatus_reason\x18\x0c \x01(\x0b\x32\x16.google.protobuf.Value\"5\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x44YNAMIC\x10\x01\x12\n\n\x06STATIC\x10\x02\"E\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\t\n\x05READY\x10\x01\x12\x0c\n\x08\x42UILDING\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"\x9f\x01\n\x0f\x46ilterCondition\x12\x31\n\x05logic\x18\x01 \x01(\x0e\x32\".segments.v1.FilterCondition.Logic\x12(\n\x06groups\x18\x02 \x03(\x0b\x32\x18.segments.v1.FilterGroup\"/\n\x05Logic\x12\x15\n\x11LOGIC_UNSPECIFIED\x10\x00\x12\x07\n\x03\x41ND\x10\x01\x12\x06\n\x02OR\x10\x02\"e\n\x0b\x46ilterGroup\x12$\n\x07\x66ilters\x18\x01 \x03(\x0b\x32\x13.segments.v1.Filter\x12\x30\n\nconditions\x18\x02 \x01(\x0b\x32\x1c.segments.v1.FilterCondition\"\xcc\x04\n\x06\x46ilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12.\n\x08operator\x18\x02 \x01(\x0e\x32\x1c.segments.v1.Filter.Operator\x12%\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12&\n\x04unit\x18\x04 \x01(\x0e\x32\x18.segments.v1.Filter.Unit\"\xf3\x02\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\n\n\x06\x65quals\x10\x01\x12\r\n\tnotEquals\x10\x02\x12\x0c\n\x08\x63ontains\x10\x03\x12\x0f\n\x0bnotContains\x10\x04\x12\x0f\n\x0bgreaterThan\x10\x05\x12\x0c\n\x08lessThan\x10\x06\x12\x16\n\x12greaterThanOrEqual\x10\x07\x12\x13\n\x0flessThanOrEqual\x10\x08\x12\n\n\x06\x65xists\x10\t\x12\r\n\tnotExists\x10\n\x12\n\n\x06within\x10\x0b\x12\r\n\tolderThan\x10\x0c\x12\r\n\ttriggered\x10\r\x12\x13\n\x0ftriggeredWithin\x10\x0e\x12\x16\n\x12triggeredOlderThan\x10\x0f\x12\x10\n\x0cnotTriggered\x10\x10\x12\x16\n\x12notTriggeredWithin\x10\x11\x12\x13\n\x0fmemberOfSegment\x10\x12\x12\x16\n\x12notMemberOfSegment\x10\x13\">\n\x04Unit\x12\x14\n\x10UNIT_UNSPECIFIED\x10\x00\x12\x08\n\x04\x64\x61ys\x10\x01\x12\t\n\x05hours\x10\x02\x12\x0b\n\x07minutes\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTACT']._serialized_start=108
   _globals['_CONTACT']._serialized_end=299
   _globals['_SEGMENT']._serialized_start=302
-  _globals['_SEGMENT']._serialized_end=685
-  _globals['_SEGMENT_TYPE']._serialized_start=632
-  _globals['_SEGMENT_TYPE']._serialized_end=685
-  _globals['_FILTERCONDITION']._serialized_start=688
-  _globals['_FILTERCONDITION']._serialized_end=847
-  _globals['_FILTERCONDITION_LOGIC']._serialized_start=800
-  _globals['_FILTERCONDITION_LOGIC']._serialized_end=847
-  _globals['_FILTERGROUP']._serialized_start=849
-  _globals['_FILTERGROUP']._serialized_end=950
-  _globals['_FILTER']._serialized_start=953
-  _globals['_FILTER']._serialized_end=1541
-  _globals['_FILTER_OPERATOR']._serialized_start=1106
-  _globals['_FILTER_OPERATOR']._serialized_end=1477
-  _globals['_FILTER_UNIT']._serialized_start=1479
-  _globals['_FILTER_UNIT']._serialized_end=1541
+  _globals['_SEGMENT']._serialized_end=848
+  _globals['_SEGMENT_TYPE']._serialized_start=724
+  _globals['_SEGMENT_TYPE']._serialized_end=777
+  _globals['_SEGMENT_STATUS']._serialized_start=779
+  _globals['_SEGMENT_STATUS']._serialized_end=848
+  _globals['_FILTERCONDITION']._serialized_start=851
+  _globals['_FILTERCONDITION']._serialized_end=1010
+  _globals['_FILTERCONDITION_LOGIC']._serialized_start=963
+  _globals['_FILTERCONDITION_LOGIC']._serialized_end=1010
+  _globals['_FILTERGROUP']._serialized_start=1012
+  _globals['_FILTERGROUP']._serialized_end=1113
+  _globals['_FILTER']._serialized_start=1116
+  _globals['_FILTER']._serialized_end=1704
+  _globals['_FILTER_OPERATOR']._serialized_start=1269
+  _globals['_FILTER_OPERATOR']._serialized_end=1640
+  _globals['_FILTER_UNIT']._serialized_start=1642
+  _globals['_FILTER_UNIT']._serialized_end=1704
 # @@protoc_insertion_point(module_scope)

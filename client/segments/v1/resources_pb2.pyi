@@ -98,6 +98,41 @@ class Segment(_message.Message):
     STATIC: Segment.Type.ValueType  # 2
     """Membership is a list managed by email address."""
 
+    class _Status:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Segment._Status.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATUS_UNSPECIFIED: Segment._Status.ValueType  # 0
+        """Not set; never sent."""
+        READY: Segment._Status.ValueType  # 1
+        """Membership is stored and `member_count` exact (always, for STATIC segments)."""
+        BUILDING: Segment._Status.ValueType  # 2
+        """Membership is being built in the background; counts and listings are computed
+        live from the condition meanwhile.
+        """
+        FAILED: Segment._Status.ValueType  # 3
+        """The last build failed (see `status_reason`); after a failed update the previous
+        condition is back and keeps serving.
+        """
+
+    class Status(_Status, metaclass=_StatusEnumTypeWrapper):
+        """Whether the stored membership is ready. The JSON spellings are fixed by the public API."""
+
+    STATUS_UNSPECIFIED: Segment.Status.ValueType  # 0
+    """Not set; never sent."""
+    READY: Segment.Status.ValueType  # 1
+    """Membership is stored and `member_count` exact (always, for STATIC segments)."""
+    BUILDING: Segment.Status.ValueType  # 2
+    """Membership is being built in the background; counts and listings are computed
+    live from the condition meanwhile.
+    """
+    FAILED: Segment.Status.ValueType  # 3
+    """The last build failed (see `status_reason`); after a failed update the previous
+    condition is back and keeps serving.
+    """
+
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
@@ -108,6 +143,8 @@ class Segment(_message.Message):
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned UUID."""
     name: _builtins.str
@@ -117,9 +154,13 @@ class Segment(_message.Message):
     track_membership: _builtins.bool
     """Whether entry/exit events are recorded for this segment."""
     member_count: _builtins.int
-    """Current number of members, exact at the time of the request."""
+    """Current number of members, exact at the time of the request (computed live while
+    BUILDING).
+    """
     project_id: _builtins.str
     """The owning project."""
+    status: Global___Segment.Status.ValueType
+    """READY, BUILDING or FAILED."""
     @_builtins.property
     def description(self) -> _struct_pb2.Value:
         """Free text up to 500 characters, or JSON null. A Value (not an optional
@@ -141,6 +182,12 @@ class Segment(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """When the segment was last changed."""
 
+    @_builtins.property
+    def status_reason(self) -> _struct_pb2.Value:
+        """Why the last build failed, when FAILED; JSON null otherwise. A Value (not an
+        optional string) because the REST contract prints `"statusReason": null`.
+        """
+
     def __init__(
         self,
         *,
@@ -154,10 +201,12 @@ class Segment(_message.Message):
         project_id: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        status: Global___Segment.Status.ValueType = ...,
+        status_reason: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "created_at", b"created_at", "description", b"description", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "created_at", b"created_at", "description", b"description", "status_reason", b"status_reason", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "created_at", b"created_at", "description", b"description", "id", b"id", "member_count", b"member_count", "name", b"name", "project_id", b"project_id", "track_membership", b"track_membership", "type", b"type", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "created_at", b"created_at", "description", b"description", "id", b"id", "member_count", b"member_count", "name", b"name", "project_id", b"project_id", "status", b"status", "status_reason", b"status_reason", "track_membership", b"track_membership", "type", b"type", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

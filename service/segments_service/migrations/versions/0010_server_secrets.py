@@ -8,13 +8,13 @@ The secret is 32 bytes of gen_random_uuid() (122 random bits per UUID) drawn her
 the database, so it never passes through a migration script or its output.
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 """
 
 from alembic import op
 
 revision = "0010"
-down_revision = "0008"
+down_revision = "0009"
 
 UPGRADE = """
 CREATE TABLE server_secrets (
