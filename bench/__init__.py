@@ -1,1 +1,25 @@
-"""The performance benchmark of the segments service: `make bench` (see BENCHMARKS.md)."""
+"""`make bench`: load (or reuse) a seeded dataset on PostgreSQL, run the service as a separate
+process behind Envoy, measure, print a table and write bench/results.json.
+
+Phases, in order (one server process and one Envoy for all of them):
+1. trivial RPCs (GetContact over gRPC and REST): the per-request cost of the stack;
+2. scenarios: each condition becomes a segment (creation timed), the database settles
+   (see settle()), then, side by side in interleaved runs: the compiled count, the
+   hand-written SQL count (same answer asserted), GetSegment over gRPC and REST, the
+   first page and page 100 of contacts;
+3. the scale curve: the same segments in the smaller projects, the database settles, then
+   the compiled and hand counts at 100k / 300k / 1M contacts side by side;
+4. ListSegments with 50 segments in the project;
+5. ExportSegmentContacts of a segment holding every contact;
+6. the cost of one sweep of time-dependent segments (informational);
+7. ingestion with every segment present (informational);
+8. the main project's segments are deleted;
+9. ingestion: five tracked segments, IngestEvents in batches of 1,000 from several
+   clients (throughput), then a paced 1,000 events/s stream whose entry events are timed
+   through WatchSegmentEvents (tracking latency);
+10. noisy neighbour: a small project's REST latency while the main project holds many
+   streams, then runs heavy counts; the main project's upserts during a build of every
+   contact (bench/noisy.py).
+`--phases` runs a subset (e.g. `--phases noisy`); its results go to a file of their own.
+The server's RSS is sampled every 50 ms throughout.
+"""

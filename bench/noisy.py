@@ -37,7 +37,7 @@ from segments.v1 import (
 from segments_service import auth, tables
 
 if TYPE_CHECKING:
-    from bench.run import Env, Stack
+    from bench.context import Env, Stack
 
 B_PROJECT = "bench-noisy-b"
 B_DOMAIN = "noisy-b.example"
