@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bench import load
 from bench.measure import timed
-from bench.stack import Envoy, Rest, Sampler, Server
+from bench.stack import Envoy, Rest, Sampler, Server, status_engine
 from segments.v1 import resources_pb2, segments_pb2
 from segments_service import auth
 
@@ -76,9 +77,40 @@ def db_now(engine: Engine) -> datetime:
 def create_segment(
     stack: Stack, key: str, name: str, condition: dict[str, Any], *, track: bool = False
 ) -> tuple[float, Any]:
+    """Create a segment and wait until its membership is stored: the milliseconds from the
+    request to READY (a large project's segment is built in the background), and the READY
+    segment."""
     request = segments_pb2.CreateSegmentRequest(
         name=name, condition=condition_proto(condition), track_membership=track
     )
-    return timed(
-        lambda: stack.server.segments.CreateSegment(request, metadata=md(key), timeout=900)
+    return timed(lambda: _until_ready(stack, key, request))
+
+
+BUILD_POLL_SECONDS = 0.05
+BUILD_TIMEOUT_SECONDS = 900
+
+
+def _until_ready(stack: Stack, key: str, request: segments_pb2.CreateSegmentRequest) -> Any:
+    """Create, then wait for READY reading the status column (a GetSegment of a BUILDING
+    segment counts it live, which would compete with the build it waits for)."""
+    segment = stack.server.segments.CreateSegment(request, metadata=md(key), timeout=60)
+    if segment.status != resources_pb2.Segment.BUILDING:
+        return segment
+    deadline = time.monotonic() + BUILD_TIMEOUT_SECONDS
+    engine = status_engine(stack.server.database_url)
+    while True:
+        with engine.connect() as conn:
+            status = conn.execute(
+                text("SELECT status FROM segments WHERE id = :id"), {"id": segment.id}
+            ).scalar_one()
+        if status != "BUILDING":
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{segment.name!r} still BUILDING after {BUILD_TIMEOUT_SECONDS} s")
+        time.sleep(BUILD_POLL_SECONDS)
+    segment = stack.server.segments.GetSegment(
+        segments_pb2.GetSegmentRequest(id=segment.id), metadata=md(key), timeout=60
     )
+    if segment.status != resources_pb2.Segment.READY:
+        raise RuntimeError(f"{segment.name!r} failed to build: {segment.status_reason}")
+    return segment

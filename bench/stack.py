@@ -3,6 +3,7 @@ of it, a sampler of their memory, and small gRPC/REST clients."""
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -20,9 +21,11 @@ from typing import Any
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import Engine
 
 from segments.v1 import contacts_pb2_grpc, events_pb2_grpc, segments_pb2_grpc
 from segments_service import envoy_proxy
+from segments_service.database import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTOR = ROOT / "envoy" / "segments.pb"
@@ -56,6 +59,7 @@ class Server:
 
     def __init__(self, database_url: str, sweep_seconds: float, log_path: Path) -> None:
         self.port = free_port()
+        self.database_url = database_url
         env = {
             **os.environ,
             "DATABASE_URL": database_url,
@@ -376,3 +380,10 @@ class Sampler:
                 for name, peaks in self.peaks.items()
                 if process in peaks
             }
+
+
+@functools.cache
+def status_engine(database_url: str) -> Engine:
+    """A connection for reading a segment's build status without asking the server (whose
+    GetSegment of a BUILDING segment counts it live)."""
+    return make_engine(database_url, pool_size=1, application_name="bench:status")
