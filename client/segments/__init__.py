@@ -1,4 +1,5 @@
-"""Python client of the segments service: generated stubs in `segments.v1`, typed client here."""
+"""Python client of the segments service: generated stubs in `segments.v1`, the typed client
+and its condition builder (`F`, `all_of`, `any_of`) here."""
 
 from segments.client import (
     NO_RETRY,
@@ -9,6 +10,7 @@ from segments.client import (
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
+    InvalidRequestError,
     NotFoundError,
     RateLimitedError,
     Retry,
@@ -20,6 +22,14 @@ from segments.client import (
     segment_condition,
     segment_description,
 )
+from segments.conditions import (
+    Expression,
+    F,
+    FilterExpression,
+    LogicalExpression,
+    all_of,
+    any_of,
+)
 
 __all__ = [
     "NO_RETRY",
@@ -27,9 +37,14 @@ __all__ = [
     "AsyncSegmentsClient",
     "Condition",
     "DeadlineExceededError",
+    "Expression",
+    "F",
     "FailedPreconditionError",
     "FieldViolation",
+    "FilterExpression",
     "InvalidArgumentError",
+    "InvalidRequestError",
+    "LogicalExpression",
     "NotFoundError",
     "RateLimitedError",
     "Retry",
@@ -38,6 +53,8 @@ __all__ = [
     "SegmentsError",
     "UnauthenticatedError",
     "UnavailableError",
+    "all_of",
+    "any_of",
     "segment_condition",
     "segment_description",
 ]
