@@ -4,8 +4,10 @@ and its condition builder (`F`, `all_of`, `any_of`) here."""
 from segments.client import (
     NO_RETRY,
     AlreadyExistsError,
+    AsyncContactPager,
     AsyncSegmentsClient,
     Condition,
+    ContactPager,
     DeadlineExceededError,
     FailedPreconditionError,
     FieldViolation,
@@ -34,8 +36,10 @@ from segments.conditions import (
 __all__ = [
     "NO_RETRY",
     "AlreadyExistsError",
+    "AsyncContactPager",
     "AsyncSegmentsClient",
     "Condition",
+    "ContactPager",
     "DeadlineExceededError",
     "Expression",
     "F",

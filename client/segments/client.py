@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import (
     AsyncIterator,
+    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -34,8 +35,10 @@ from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 __all__ = [
     "NO_RETRY",
     "AlreadyExistsError",
+    "AsyncContactPager",
     "AsyncSegmentsClient",
     "Condition",
+    "ContactPager",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "FieldViolation",
@@ -572,6 +575,114 @@ def _ingest(events: Iterable[Mapping[str, Any]]) -> events_pb2.IngestEventsReque
     return events_pb2.IngestEventsRequest(events=_parsed(events, _ingested_event, "events"))
 
 
+# --- paging ---------------------------------------------------------------------------------
+
+_Page = segments_pb2.ListSegmentContactsResponse
+#: Most contacts the service returns in one page.
+MAX_PAGE_SIZE = 100
+
+
+def _page_size(page_size: int) -> int:
+    if isinstance(page_size, bool) or not isinstance(page_size, int):
+        raise TypeError(f"page_size is a number of contacts, got {page_size!r}")
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size must be 1 to {MAX_PAGE_SIZE}, got {page_size}")
+    return page_size
+
+
+class _PageWalk:
+    """The walk over ListSegmentContacts pages both pagers share: which page comes next, and
+    which contacts of a page were not yielded already."""
+
+    def __init__(self) -> None:
+        self.next_page: int | None = 1
+        #: Members in all, as the latest page counted them (None before the first page).
+        self.total: int | None = None
+        self._previous: set[str] = set()
+
+    def take(self, page: _Page) -> list[Contact]:
+        """The contacts of `page` to yield. A member that joins while the walk goes on shifts
+        the later ones back by one place; the one pushed over the page boundary then comes
+        again on the next page, and is skipped."""
+        self.total = page.total
+        fresh = [c for c in page.data if c.id not in self._previous]
+        self._previous = {c.id for c in page.data}
+        done = not page.data or page.page >= page.total_pages
+        self.next_page = None if done else page.page + 1
+        return fresh
+
+
+class ContactPager:
+    """Every member of a segment, fetched a page at a time as the iteration reaches it (in the
+    spirit of google-api-core's page iterators). Iterate for the contacts, or over `pages` for
+    the responses; `total` is known once the first page is read. One walk per pager.
+
+    Pages are numbered, so a member that leaves while the walk goes on may let one that stays
+    slip past a page boundary unseen; export_segment_contacts reads one snapshot instead."""
+
+    def __init__(self, fetch: Callable[[int], _Page]) -> None:
+        self._fetch = fetch
+        self._walk = _PageWalk()
+        self._started = False
+
+    @property
+    def total(self) -> int | None:
+        return self._walk.total
+
+    @property
+    def pages(self) -> Iterator[_Page]:
+        if self._started:
+            raise RuntimeError("this pager has been iterated already; ask the client for another")
+        self._started = True
+        return self._pages()
+
+    def _pages(self) -> Iterator[_Page]:
+        while self._walk.next_page is not None:
+            page = self._fetch(self._walk.next_page)
+            # The contacts already yielded are removed from the page itself.
+            fresh = self._walk.take(page)
+            del page.data[:]
+            page.data.extend(fresh)
+            yield page
+
+    def __iter__(self) -> Iterator[Contact]:
+        for page in self.pages:
+            yield from page.data
+
+
+class AsyncContactPager:
+    """ContactPager for the asyncio client: `async for contact in pager`, or over `pages`."""
+
+    def __init__(self, fetch: Callable[[int], Awaitable[_Page]]) -> None:
+        self._fetch = fetch
+        self._walk = _PageWalk()
+        self._started = False
+
+    @property
+    def total(self) -> int | None:
+        return self._walk.total
+
+    @property
+    def pages(self) -> AsyncIterator[_Page]:
+        if self._started:
+            raise RuntimeError("this pager has been iterated already; ask the client for another")
+        self._started = True
+        return self._pages()
+
+    async def _pages(self) -> AsyncIterator[_Page]:
+        while self._walk.next_page is not None:
+            page = await self._fetch(self._walk.next_page)
+            fresh = self._walk.take(page)
+            del page.data[:]
+            page.data.extend(fresh)
+            yield page
+
+    async def __aiter__(self) -> AsyncIterator[Contact]:
+        async for page in self.pages:
+            for contact in page.data:
+                yield contact
+
+
 # --- the clients ----------------------------------------------------------------------------
 
 
@@ -734,6 +845,12 @@ class SegmentsClient(_Client):
             _LIST_SEGMENT_CONTACTS,
             segments_pb2.ListSegmentContactsRequest(id=id, page=page, page_size=page_size),
         )
+
+    def iter_segment_contacts(self, id: str, *, page_size: int = MAX_PAGE_SIZE) -> ContactPager:
+        """Every current member of the segment, in listing order, fetched page by page as the
+        iteration reaches it: `for contact in client.iter_segment_contacts(id): ...`."""
+        size = _page_size(page_size)
+        return ContactPager(lambda page: self.list_segment_contacts(id, page=page, page_size=size))
 
     def add_segment_members(
         self,
@@ -943,6 +1060,15 @@ class AsyncSegmentsClient(_Client):
         return await self._send(
             _LIST_SEGMENT_CONTACTS,
             segments_pb2.ListSegmentContactsRequest(id=id, page=page, page_size=page_size),
+        )
+
+    def iter_segment_contacts(
+        self, id: str, *, page_size: int = MAX_PAGE_SIZE
+    ) -> AsyncContactPager:
+        """`SegmentsClient.iter_segment_contacts` as an async iterator."""
+        size = _page_size(page_size)
+        return AsyncContactPager(
+            lambda page: self.list_segment_contacts(id, page=page, page_size=size)
         )
 
     async def add_segment_members(
