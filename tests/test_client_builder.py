@@ -194,7 +194,8 @@ def test_the_table_covers_every_operator() -> None:
 
 def test_values_keep_their_json_types() -> None:
     # bool is an int in Python, but true is not 1 in a filter (data equality is type-exact).
-    for value, json_type in [(True, bool), (1, int), (1.5, float), ("1", str)]:
+    cases: list[tuple[str | float, type]] = [(True, bool), (1, int), (1.5, float), ("1", str)]
+    for value, json_type in cases:
         built = (F.data("k") == value).to_dict()
         assert type(built["groups"][0]["filters"][0]["value"]) is json_type
 
@@ -349,11 +350,11 @@ MISTAKES: list[tuple[Any, type[Exception], str]] = [
     (lambda: F.email == 5, TypeError, "takes a string"),
     (lambda: F.data("x").contains(5), TypeError, "takes a string"),  # type: ignore[arg-type]
     (lambda: F.data("x") > True, TypeError, "number or a timestamp"),
-    (lambda: F.data("x") > None, TypeError, "exists"),
+    (lambda: F.data("x") > None, TypeError, "exists"),  # type: ignore[operator]
     (lambda: F.data("x") == None, TypeError, "exists"),  # noqa: E711
     (lambda: F.data("x") == [1, 2], TypeError, "got list"),
     (lambda: F.data("x") == float("inf"), ValueError, "not a finite number"),
-    (lambda: F.created_at > 1.5, TypeError, "epoch"),
+    (lambda: F.created_at > 1.5, TypeError, "epoch"),  # type: ignore[operator]
     (lambda: F.created_at > datetime(2024, 1, 1), ValueError, "has no time zone"),
     # Names.
     (lambda: F.data(""), ValueError, "empty key"),
@@ -363,7 +364,7 @@ MISTAKES: list[tuple[Any, type[Exception], str]] = [
     (lambda: F.event(""), ValueError, "must not be empty"),
     (lambda: F.email_activity("read"), ValueError, "unknown email activity 'read'"),
     (lambda: F.segment(""), TypeError, "segment id or a Segment"),
-    (lambda: F.segment(42), TypeError, "segment id or a Segment"),
+    (lambda: F.segment(42), TypeError, "segment id or a Segment"),  # type: ignore[arg-type]
     # Python's precedence: & binds before ==, so an unparenthesised mix is refused.
     (lambda: F.data("plan") == "pro" & F.subscribed == True, TypeError, "parentheses|bind tighter"),  # noqa: E712
     (lambda: (F.data("a") == 1) & F.subscribed, TypeError, "bind tighter"),

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import uuid
 from typing import Protocol
 
 import pytest
 
-from segments import AsyncSegmentsClient, F, SegmentsClient
+from segments import AsyncSegmentsClient, F, NotFoundError, SegmentsClient
 
 
 class Keys(Protocol):
@@ -97,6 +98,12 @@ def test_page_size_is_checked_before_sending(client: SegmentsClient) -> None:
             client.iter_segment_contacts("any", page_size=bad)
     with pytest.raises(TypeError):
         client.iter_segment_contacts("any", page_size=True)
+
+
+def test_an_unknown_segment_is_not_found_when_the_walk_starts(client: SegmentsClient) -> None:
+    pager = client.iter_segment_contacts(str(uuid.uuid4()))
+    with pytest.raises(NotFoundError):
+        next(iter(pager))
 
 
 def test_a_pager_walks_once(client: SegmentsClient) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any, Literal, NoReturn, TypeAlias, get_args
+from typing import Any, Generic, Literal, NoReturn, Protocol, TypeAlias, TypeVar, get_args
 
 __all__ = [
     "EMAIL_ACTIVITIES",
@@ -384,6 +384,9 @@ class SubscribedField(_Unordered):
 #: What a timestamp comparison takes: an aware datetime, a date (equals: that whole UTC day),
 #: an RFC 3339 string or epoch milliseconds.
 TimestampValue: TypeAlias = datetime | date | str | int
+#: What a data key is compared with: a JSON scalar or a timestamp.
+DataValue: TypeAlias = str | int | float | bool | datetime | date
+_V = TypeVar("_V")
 
 
 class _Windowed(_Field):
@@ -400,52 +403,52 @@ class _Windowed(_Field):
         return self._filter("olderThan", *_window(self, amount, unit))
 
 
-class _Ordered(_Field):
-    """== != < <= > >= with values checked by `_value`."""
+class _Ordered(_Field, Generic[_V]):
+    """== != < <= > >= with values of type _V, checked by `_value` when built too."""
 
     __slots__ = ()
 
     def _value(self, value: object, operator: str) -> Scalar:
         raise NotImplementedError
 
-    def equals(self, value: Any) -> FilterExpression:
+    def equals(self, value: _V) -> FilterExpression:
         return self._filter("equals", self._value(value, "equals"))
 
-    def not_equals(self, value: Any) -> FilterExpression:
+    def not_equals(self, value: _V) -> FilterExpression:
         return self._filter("notEquals", self._value(value, "notEquals"))
 
-    def greater_than(self, value: Any) -> FilterExpression:
+    def greater_than(self, value: _V) -> FilterExpression:
         return self._filter("greaterThan", self._value(value, "greaterThan"))
 
-    def less_than(self, value: Any) -> FilterExpression:
+    def less_than(self, value: _V) -> FilterExpression:
         return self._filter("lessThan", self._value(value, "lessThan"))
 
-    def greater_than_or_equal(self, value: Any) -> FilterExpression:
+    def greater_than_or_equal(self, value: _V) -> FilterExpression:
         return self._filter("greaterThanOrEqual", self._value(value, "greaterThanOrEqual"))
 
-    def less_than_or_equal(self, value: Any) -> FilterExpression:
+    def less_than_or_equal(self, value: _V) -> FilterExpression:
         return self._filter("lessThanOrEqual", self._value(value, "lessThanOrEqual"))
 
-    def __eq__(self, value: Any) -> FilterExpression:  # type: ignore[override]
+    def __eq__(self, value: _V) -> FilterExpression:  # type: ignore[override]
         return self.equals(value)
 
-    def __ne__(self, value: Any) -> FilterExpression:  # type: ignore[override]
+    def __ne__(self, value: _V) -> FilterExpression:  # type: ignore[override]
         return self.not_equals(value)
 
-    def __gt__(self, value: Any) -> FilterExpression:
+    def __gt__(self, value: _V) -> FilterExpression:
         return self.greater_than(value)
 
-    def __lt__(self, value: Any) -> FilterExpression:
+    def __lt__(self, value: _V) -> FilterExpression:
         return self.less_than(value)
 
-    def __ge__(self, value: Any) -> FilterExpression:
+    def __ge__(self, value: _V) -> FilterExpression:
         return self.greater_than_or_equal(value)
 
-    def __le__(self, value: Any) -> FilterExpression:
+    def __le__(self, value: _V) -> FilterExpression:
         return self.less_than_or_equal(value)
 
 
-class TimestampField(_Ordered, _Windowed):
+class TimestampField(_Ordered[TimestampValue], _Windowed):
     """createdAt / updatedAt: compared with timestamps, or tested against a window."""
 
     __slots__ = ()
@@ -454,7 +457,7 @@ class TimestampField(_Ordered, _Windowed):
         return _timestamp(self, value)
 
 
-class DataField(_Ordered, _Windowed):
+class DataField(_Ordered[DataValue], _Windowed):
     """A key (a dotted path for nested objects) of the contact's JSON data. Equality is
     type-exact ("5" is not 5); ordering compares numbers or timestamps; negations never
     match a contact without the key (`not_exists()` selects those)."""
@@ -550,6 +553,13 @@ class SegmentField(_Valueless):
         return self._filter("notMemberOfSegment")
 
 
+class _Identified(Protocol):
+    """A Segment message, or anything else with the id of a segment."""
+
+    @property
+    def id(self) -> str: ...
+
+
 class _Fields:
     """The fields a condition can test: `F.email`, `F.data("plan")`, `F.event("login")`..."""
 
@@ -586,7 +596,7 @@ class _Fields:
             raise ValueError(f"unknown email activity {activity!r}; known: {known}")
         return EmailActivityField(f"email.{activity}")
 
-    def segment(self, segment: Any) -> SegmentField:
+    def segment(self, segment: str | _Identified) -> SegmentField:
         """Membership of a segment, given by id or as a Segment (anything with a str `id`)."""
         id = segment if isinstance(segment, str) else getattr(segment, "id", None)
         if not isinstance(id, str) or not id:
