@@ -452,6 +452,7 @@ class TimestampField(_Ordered[TimestampValue], _Windowed):
     """createdAt / updatedAt: compared with timestamps, or tested against a window."""
 
     __slots__ = ()
+    _use_instead = "compare it with a timestamp, or use .within() / .older_than()"
 
     def _value(self, value: object, operator: str) -> Scalar:
         return _timestamp(self, value)
@@ -463,6 +464,7 @@ class DataField(_Ordered[DataValue], _Windowed):
     match a contact without the key (`not_exists()` selects those)."""
 
     __slots__ = ()
+    _use_instead = "compare it, or use .exists(), .not_exists(), .contains(), .within()..."
 
     def _value(self, value: object, operator: str) -> Scalar:
         if value is None:
