@@ -1,14 +1,18 @@
-"""Python client of the segments service: generated stubs in `segments.v1`, typed client here."""
+"""Python client of the segments service: generated stubs in `segments.v1`, the typed client
+and its condition builder (`F`, `all_of`, `any_of`) here."""
 
 from segments.client import (
     NO_RETRY,
     AlreadyExistsError,
+    AsyncContactPager,
     AsyncSegmentsClient,
     Condition,
+    ContactPager,
     DeadlineExceededError,
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
+    InvalidRequestError,
     NotFoundError,
     RateLimitedError,
     Retry,
@@ -20,16 +24,31 @@ from segments.client import (
     segment_condition,
     segment_description,
 )
+from segments.conditions import (
+    Expression,
+    F,
+    FilterExpression,
+    LogicalExpression,
+    all_of,
+    any_of,
+)
 
 __all__ = [
     "NO_RETRY",
     "AlreadyExistsError",
+    "AsyncContactPager",
     "AsyncSegmentsClient",
     "Condition",
+    "ContactPager",
     "DeadlineExceededError",
+    "Expression",
+    "F",
     "FailedPreconditionError",
     "FieldViolation",
+    "FilterExpression",
     "InvalidArgumentError",
+    "InvalidRequestError",
+    "LogicalExpression",
     "NotFoundError",
     "RateLimitedError",
     "Retry",
@@ -38,6 +57,8 @@ __all__ = [
     "SegmentsError",
     "UnauthenticatedError",
     "UnavailableError",
+    "all_of",
+    "any_of",
     "segment_condition",
     "segment_description",
 ]

@@ -6,7 +6,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -21,17 +29,21 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from grpc_status import rpc_status
 
+from segments.conditions import Expression
 from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 
 __all__ = [
     "NO_RETRY",
     "AlreadyExistsError",
+    "AsyncContactPager",
     "AsyncSegmentsClient",
     "Condition",
+    "ContactPager",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "FieldViolation",
     "InvalidArgumentError",
+    "InvalidRequestError",
     "NotFoundError",
     "RateLimitedError",
     "Retry",
@@ -48,9 +60,10 @@ Segment = resources_pb2.Segment
 Contact = resources_pb2.Contact
 FilterCondition = resources_pb2.FilterCondition
 
-#: A filter condition as a message or in its REST JSON form,
-#: e.g. {"logic": "AND", "groups": [{"filters": [{"field": ..., "operator": ...}]}]}.
-Condition: TypeAlias = Mapping[str, Any] | FilterCondition
+#: A filter condition: built with `segments.F` (`(F.data("plan") == "pro") & ...`), in its REST
+#: JSON form, e.g. {"logic": "AND", "groups": [{"filters": [{"field": ..., "operator": ...}]}]},
+#: or as a message.
+Condition: TypeAlias = Expression | Mapping[str, Any] | FilterCondition
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -105,6 +118,22 @@ class SegmentsError(Exception):
 
 class InvalidArgumentError(SegmentsError):
     """INVALID_ARGUMENT: the request failed validation; see `field_violations`."""
+
+
+class InvalidRequestError(InvalidArgumentError, ValueError, json_format.ParseError):
+    """INVALID_ARGUMENT found by the client, before anything is sent: the request cannot be
+    encoded (a condition with an unknown operator or key, a value that is not JSON).
+    `field_violations` name the fields as the service would. It is a ValueError too, and a
+    json_format.ParseError for callers written when protobuf's own error surfaced here."""
+
+    @classmethod
+    def of(cls, violations: Sequence[FieldViolation]) -> InvalidRequestError:
+        return cls(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the request is invalid",
+            reason="VALIDATION_ERROR",
+            field_violations=violations,
+        )
 
 
 class UnauthenticatedError(SegmentsError):
@@ -341,10 +370,98 @@ _INGEST_EVENTS = _rpc(
 
 
 def _condition(condition: Condition | None) -> FilterCondition | None:
+    """The message for a condition, or InvalidRequestError naming every part that has no place
+    in one (a key, an operator, a logic or unit name); the service validates the rest."""
     if condition is None or isinstance(condition, FilterCondition):
         return condition
-    # Raises json_format.ParseError for keys or enum names a FilterCondition does not have.
-    return json_format.ParseDict(dict(condition), FilterCondition())
+    raw = condition.to_dict() if isinstance(condition, Expression) else condition
+    violations: list[FieldViolation] = []
+    message = _ConditionReader(violations).condition(raw, "condition")
+    if violations:
+        raise InvalidRequestError.of(violations)
+    return message
+
+
+class _ConditionReader:
+    """Reads a condition's JSON form into a FilterCondition, noting what cannot be encoded."""
+
+    _ENUMS: Mapping[str, Any] = {
+        "logic": FilterCondition.Logic,
+        "operator": resources_pb2.Filter.Operator,
+        "unit": resources_pb2.Filter.Unit,
+    }
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self._violations = violations
+
+    def _fail(self, path: str, description: str, reason: str) -> None:
+        self._violations.append(FieldViolation(path, description, reason))
+
+    def _object(self, raw: object, path: str, keys: set[str], what: str) -> Mapping[str, Any]:
+        if not isinstance(raw, Mapping):
+            self._fail(path, f"must be an object with {what}", "invalid_type")
+            return {}
+        for key in raw:
+            if key not in keys:
+                self._fail(
+                    f"{path}.{key}",
+                    f"unknown key; known: {', '.join(sorted(keys))}",
+                    "unknown_field",
+                )
+        # A JSON null is the same as an absent key.
+        return {k: v for k, v in raw.items() if k in keys and v is not None}
+
+    def _list(self, raw: object, path: str) -> Sequence[Any]:
+        if isinstance(raw, Sequence) and not isinstance(raw, str | bytes):
+            return raw
+        self._fail(path, "must be an array", "invalid_type")
+        return ()
+
+    def _enum(self, raw: object, path: str, kind: str) -> int:
+        enum = self._ENUMS[kind]
+        names = [v.name for v in enum.DESCRIPTOR.values if not v.name.endswith("_UNSPECIFIED")]
+        if isinstance(raw, str) and raw in names:
+            return int(enum.Value(raw))
+        self._fail(path, f"unknown {kind} {raw!r}; known: {', '.join(names)}", "invalid_enum")
+        return 0
+
+    def condition(self, raw: object, path: str) -> FilterCondition:
+        fields = self._object(raw, path, {"logic", "groups"}, "`logic` and `groups`")
+        out = FilterCondition()
+        if "logic" in fields:
+            out.logic = self._enum(fields["logic"], f"{path}.logic", "logic")  # type: ignore[assignment]
+        for i, group in enumerate(self._list(fields.get("groups", ()), f"{path}.groups")):
+            out.groups.append(self.group(group, f"{path}.groups.{i}"))
+        return out
+
+    def group(self, raw: object, path: str) -> resources_pb2.FilterGroup:
+        fields = self._object(raw, path, {"filters", "conditions"}, "`filters` and/or `conditions`")
+        out = resources_pb2.FilterGroup()
+        for i, item in enumerate(self._list(fields.get("filters", ()), f"{path}.filters")):
+            out.filters.append(self.filter(item, f"{path}.filters.{i}"))
+        if "conditions" in fields:
+            out.conditions.CopyFrom(self.condition(fields["conditions"], f"{path}.conditions"))
+        return out
+
+    def filter(self, raw: object, path: str) -> resources_pb2.Filter:
+        keys = {"field", "operator", "value", "unit"}
+        fields = self._object(raw, path, keys, "`field` and `operator`")
+        out = resources_pb2.Filter()
+        if "field" in fields:
+            if isinstance(fields["field"], str):
+                out.field = fields["field"]
+            else:
+                self._fail(f"{path}.field", "must be a string", "invalid_type")
+        for kind in ("operator", "unit"):
+            if kind in fields:
+                setattr(out, kind, self._enum(fields[kind], f"{path}.{kind}", kind))
+        if "value" in fields:
+            try:
+                json_format.ParseDict(fields["value"], out.value)
+            except json_format.ParseError:
+                description = "must be a JSON value (string, number or boolean)"
+                self._fail(f"{path}.value", description, "invalid_type")
+        return out
 
 
 def _struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
@@ -402,12 +519,30 @@ def _upsert_contact(
     return contacts_pb2.UpsertContactRequest(email=email, subscribed=subscribed, data=_struct(data))
 
 
+def _parsed(
+    items: Iterable[Mapping[str, Any]], parse: Callable[[Mapping[str, Any]], _Req], path: str
+) -> list[_Req]:
+    """Items of a REST body's list as messages; InvalidRequestError names the ones that are not."""
+    parsed: list[_Req] = []
+    violations: list[FieldViolation] = []
+    for i, item in enumerate(items):
+        try:
+            parsed.append(parse(item))
+        except (json_format.ParseError, TypeError, ValueError) as err:
+            violations.append(FieldViolation(f"{path}.{i}", str(err), "invalid"))
+    if violations:
+        raise InvalidRequestError.of(violations)
+    return parsed
+
+
 def _batch_upsert(contacts: Iterable[Mapping[str, Any]]) -> contacts_pb2.BatchUpsertContactsRequest:
     # The REST body's item shape, {email, subscribed?, data?}, parsed as JSON.
     return contacts_pb2.BatchUpsertContactsRequest(
-        contacts=[
-            json_format.ParseDict(dict(c), contacts_pb2.UpsertContactRequest()) for c in contacts
-        ]
+        contacts=_parsed(
+            contacts,
+            lambda c: json_format.ParseDict(dict(c), contacts_pb2.UpsertContactRequest()),
+            "contacts",
+        )
     )
 
 
@@ -437,7 +572,115 @@ def _rfc3339(moment: datetime) -> str:
 
 
 def _ingest(events: Iterable[Mapping[str, Any]]) -> events_pb2.IngestEventsRequest:
-    return events_pb2.IngestEventsRequest(events=[_ingested_event(e) for e in events])
+    return events_pb2.IngestEventsRequest(events=_parsed(events, _ingested_event, "events"))
+
+
+# --- paging ---------------------------------------------------------------------------------
+
+_Page = segments_pb2.ListSegmentContactsResponse
+#: Most contacts the service returns in one page.
+MAX_PAGE_SIZE = 100
+
+
+def _page_size(page_size: int) -> int:
+    if isinstance(page_size, bool) or not isinstance(page_size, int):
+        raise TypeError(f"page_size is a number of contacts, got {page_size!r}")
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size must be 1 to {MAX_PAGE_SIZE}, got {page_size}")
+    return page_size
+
+
+class _PageWalk:
+    """The walk over ListSegmentContacts pages both pagers share: which page comes next, and
+    which contacts of a page were not yielded already."""
+
+    def __init__(self) -> None:
+        self.next_page: int | None = 1
+        #: Members in all, as the latest page counted them (None before the first page).
+        self.total: int | None = None
+        self._previous: set[str] = set()
+
+    def take(self, page: _Page) -> list[Contact]:
+        """The contacts of `page` to yield. A member that joins while the walk goes on shifts
+        the later ones back by one place; the one pushed over the page boundary then comes
+        again on the next page, and is skipped."""
+        self.total = page.total
+        fresh = [c for c in page.data if c.id not in self._previous]
+        self._previous = {c.id for c in page.data}
+        done = not page.data or page.page >= page.total_pages
+        self.next_page = None if done else page.page + 1
+        return fresh
+
+
+class ContactPager:
+    """Every member of a segment, fetched a page at a time as the iteration reaches it (in the
+    spirit of google-api-core's page iterators). Iterate for the contacts, or over `pages` for
+    the responses; `total` is known once the first page is read. One walk per pager.
+
+    Pages are numbered, so a member that leaves while the walk goes on may let one that stays
+    slip past a page boundary unseen; export_segment_contacts reads one snapshot instead."""
+
+    def __init__(self, fetch: Callable[[int], _Page]) -> None:
+        self._fetch = fetch
+        self._walk = _PageWalk()
+        self._started = False
+
+    @property
+    def total(self) -> int | None:
+        return self._walk.total
+
+    @property
+    def pages(self) -> Iterator[_Page]:
+        if self._started:
+            raise RuntimeError("this pager has been iterated already; ask the client for another")
+        self._started = True
+        return self._pages()
+
+    def _pages(self) -> Iterator[_Page]:
+        while self._walk.next_page is not None:
+            page = self._fetch(self._walk.next_page)
+            # The contacts already yielded are removed from the page itself.
+            fresh = self._walk.take(page)
+            del page.data[:]
+            page.data.extend(fresh)
+            yield page
+
+    def __iter__(self) -> Iterator[Contact]:
+        for page in self.pages:
+            yield from page.data
+
+
+class AsyncContactPager:
+    """ContactPager for the asyncio client: `async for contact in pager`, or over `pages`."""
+
+    def __init__(self, fetch: Callable[[int], Awaitable[_Page]]) -> None:
+        self._fetch = fetch
+        self._walk = _PageWalk()
+        self._started = False
+
+    @property
+    def total(self) -> int | None:
+        return self._walk.total
+
+    @property
+    def pages(self) -> AsyncIterator[_Page]:
+        if self._started:
+            raise RuntimeError("this pager has been iterated already; ask the client for another")
+        self._started = True
+        return self._pages()
+
+    async def _pages(self) -> AsyncIterator[_Page]:
+        while self._walk.next_page is not None:
+            page = await self._fetch(self._walk.next_page)
+            fresh = self._walk.take(page)
+            del page.data[:]
+            page.data.extend(fresh)
+            yield page
+
+    async def __aiter__(self) -> AsyncIterator[Contact]:
+        async for page in self.pages:
+            for contact in page.data:
+                yield contact
 
 
 # --- the clients ----------------------------------------------------------------------------
@@ -602,6 +845,12 @@ class SegmentsClient(_Client):
             _LIST_SEGMENT_CONTACTS,
             segments_pb2.ListSegmentContactsRequest(id=id, page=page, page_size=page_size),
         )
+
+    def iter_segment_contacts(self, id: str, *, page_size: int = MAX_PAGE_SIZE) -> ContactPager:
+        """Every current member of the segment, in listing order, fetched page by page as the
+        iteration reaches it: `for contact in client.iter_segment_contacts(id): ...`."""
+        size = _page_size(page_size)
+        return ContactPager(lambda page: self.list_segment_contacts(id, page=page, page_size=size))
 
     def add_segment_members(
         self,
@@ -811,6 +1060,15 @@ class AsyncSegmentsClient(_Client):
         return await self._send(
             _LIST_SEGMENT_CONTACTS,
             segments_pb2.ListSegmentContactsRequest(id=id, page=page, page_size=page_size),
+        )
+
+    def iter_segment_contacts(
+        self, id: str, *, page_size: int = MAX_PAGE_SIZE
+    ) -> AsyncContactPager:
+        """`SegmentsClient.iter_segment_contacts` as an async iterator."""
+        size = _page_size(page_size)
+        return AsyncContactPager(
+            lambda page: self.list_segment_contacts(id, page=page, page_size=size)
         )
 
     async def add_segment_members(
