@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 from google.protobuf import json_format, struct_pb2
@@ -16,8 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segments.v1 import contacts_pb2, resources_pb2, segments_pb2
 from segments_service import segments
-from segments_service.database import alembic_config
-from tests.conftest import Project, Stubs
+from segments_service.database import alembic_config, make_engine, make_sessionmaker, migrate
+from tests.conftest import Project, Stubs, new_project
 from tests.rest_helpers import cond, flt
 
 PREMIUM = cond(flt("data.plan", "equals", "premium"))
@@ -130,9 +131,26 @@ def plan_nodes(
         yield from plan_nodes(child, (*parents, node["Node Type"]))
 
 
+@pytest.fixture
+def own_database(
+    empty_database_url: str,
+) -> Iterator[tuple[Engine, sessionmaker[Session], Project]]:
+    """A database of this test alone: the planner's statistics describe this test's data,
+    not whatever other tests left in the shared one (many small segments there made a
+    2,000-member segment look small enough for a bitmap scan and a sort)."""
+    migrate(empty_database_url)
+    engine = make_engine(empty_database_url, pool_size=2)
+    sessions = make_sessionmaker(engine)
+    try:
+        yield engine, sessions, new_project(sessions)
+    finally:
+        engine.dispose()
+
+
 def test_dynamic_page_is_read_from_the_listing_index(
-    sessions: sessionmaker[Session], engine: Engine, project: Project
+    own_database: tuple[Engine, sessionmaker[Session], Project],
 ) -> None:
+    engine, sessions, project = own_database
     with engine.begin() as conn:
         conn.execute(
             text(
