@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import importlib
 import json
+import math
 import re
 import shutil
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2
 
+from segments_service.errors import CONTRACT, ERRORS, FALLBACK_CODE, ErrorSpec
 from segments_service.rpc import REST_HEADER
 
 SERVICES = (
@@ -55,8 +57,8 @@ def _any(type_name: str, **fields: Any) -> dict[str, Any]:
 
 
 def _envelope(code: str, message: str = "%LOCAL_REPLY_BODY%") -> dict[str, Any]:
-    """SPEC.md error envelope for Envoy's own replies; json_format keeps a lone
-    %RESPONSE_CODE% a JSON number and `false` a boolean."""
+    """The error envelope (docs/errors.md) of Envoy's own replies; json_format keeps a
+    lone %RESPONSE_CODE% a JSON number and `false` a boolean."""
     return {
         "json_format": {
             "success": False,
@@ -72,9 +74,14 @@ def _envelope(code: str, message: str = "%LOCAL_REPLY_BODY%") -> dict[str, Any]:
     }
 
 
-def _status_mapper(
-    status: int, code: str, message: str | None = None, retry_after: int | None = None
-) -> dict[str, Any]:
+def gateway_codes() -> dict[int, ErrorSpec]:
+    """The contract's code for each HTTP status Envoy may answer without the service's
+    envelope (its own local replies, a gRPC error the service did not explain)."""
+    return {spec.http_status: spec for spec in CONTRACT if spec.gateway_default}
+
+
+def _status_mapper(spec: ErrorSpec, message: str | None = None) -> dict[str, Any]:
+    status = spec.http_status
     mapper: dict[str, Any] = {
         "filter": {
             "status_code_filter": {
@@ -84,10 +91,12 @@ def _status_mapper(
                 }
             }
         },
-        "body_format_override": _envelope(code) if message is None else _envelope(code, message),
+        "body_format_override": (
+            _envelope(spec.code) if message is None else _envelope(spec.code, message)
+        ),
     }
-    if retry_after is not None:
-        mapper["headers_to_add"] = [_header("retry-after", str(retry_after))]
+    if spec.retry_after is not None:
+        mapper["headers_to_add"] = [_header("retry-after", str(math.ceil(spec.retry_after)))]
     return mapper
 
 
@@ -239,7 +248,8 @@ def _shapes(
     """The shape checks of request bodies, for the Lua filter: per message, its fields to
     check by JSON key; and (method, path pattern, request message) of each HTTP rule with
     body "*". Envoy's JSON parser takes strings such as "no" or "1" for a bool, a lone
-    value for a list and flattens nested arrays into one; SPEC §3 makes each a 400.
+    value for a list and flattens nested arrays into one; the API makes each a 400
+    (docs/errors.md).
     Never looks into google.protobuf types: the free-form Struct/Value fields (`data`,
     `value`) may hold anything."""
     messages: dict[str, descriptor_pb2.DescriptorProto] = {}
@@ -321,7 +331,15 @@ def _lua_source(
     unwraps: Sequence[tuple[str, str, str]],
     shapes: tuple[dict[str, dict[str, _Checked]], list[tuple[str, str, str]]],
 ) -> str:
-    lines = ["ENUM_VALUES = {"]
+    gateway = gateway_codes()
+    lines = ["GATEWAY_CODES = {"]
+    for status, spec in sorted(gateway.items()):
+        lines.append(f"  [{status}] = {_lua_string(spec.code)},")
+    lines += ["}", f"FALLBACK_CODE = {_lua_string(ERRORS[FALLBACK_CODE].code)}", "RETRY_AFTER = {"]
+    for status, spec in sorted(gateway.items()):
+        if spec.retry_after is not None:
+            lines.append(f"  [{status}] = {_lua_string(str(math.ceil(spec.retry_after)))},")
+    lines += ["}", "ENUM_VALUES = {"]
     for name, values in sorted(enums.items()):
         lines.append(f"  [{_lua_string(name)}] = {_lua_string(', '.join(values))},")
     lines += ["}", "UNWRAP = {"]
@@ -477,6 +495,7 @@ def render_config(
         },
     ]
 
+    gateway = gateway_codes()
     local_reply_config = {
         "mappers": [
             # The only 200 Envoy answers itself is GET /openapi.json: its body as it is.
@@ -494,15 +513,16 @@ def render_config(
                     "content_type": "application/json",
                 },
             },
-            _status_mapper(400, "VALIDATION_ERROR"),
-            _status_mapper(404, "NOT_FOUND"),
-            _status_mapper(
-                413, "PAYLOAD_TOO_LARGE", f"Request body larger than {max_request_bytes} bytes"
-            ),
-            _status_mapper(503, "SERVICE_UNAVAILABLE", retry_after=1),
-            _status_mapper(504, "DEADLINE_EXCEEDED", "The request did not complete in time"),
+            # Envoy's own errors: bad JSON (400), unknown path (404), body too large
+            # (413), no healthy upstream (503), route timeout (504). Their message is
+            # Envoy's text, or the contract's where Envoy's says nothing useful.
+            _status_mapper(gateway[400]),
+            _status_mapper(gateway[404]),
+            _status_mapper(gateway[413], gateway[413].message.format(limit=max_request_bytes)),
+            _status_mapper(gateway[503]),
+            _status_mapper(gateway[504], gateway[504].message),
         ],
-        "body_format": _envelope("INTERNAL_ERROR"),
+        "body_format": _envelope(FALLBACK_CODE),
     }
 
     hcm = _any(
