@@ -76,7 +76,7 @@ ANALYZE_AFTER_ROWS = 10_000
 
 
 def slugify(name: str) -> str:
-    """The name as used in entry/exit event names (SPEC §5): lower-cased; letters (any
+    """The name as used in entry/exit event names (README.md, Membership): lower-cased; letters (any
     script), digits, _, - and whitespace kept; whitespace runs become one -; repeated -
     collapse; no leading or trailing -."""
     kept = "".join(ch for ch in name.lower() if ch.isalnum() or ch in "_-" or ch.isspace())
