@@ -4,6 +4,7 @@ what it says. No database, no Envoy process: the artifacts themselves are read."
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
@@ -14,7 +15,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from segments_service import envoy_proxy, errors
+from segments_service import envoy_config, envoy_proxy, errors
 from segments_service.errors import (
     CONTRACT,
     ERRORS,
@@ -152,7 +153,7 @@ def test_envoy_local_replies_use_the_contract(tmp_path: Path) -> None:
 
 def test_the_lua_filter_reads_its_codes_from_the_contract(tmp_path: Path) -> None:
     config = _rendered_config(tmp_path)
-    lua = next(f for f in _hcm(config)["http_filters"] if f["name"] == envoy_proxy.LUA_FILTER)
+    lua = next(f for f in _hcm(config)["http_filters"] if f["name"] == envoy_config.LUA_FILTER)
     source = lua["typed_config"]["default_source_code"]["inline_string"]
     gateway = {spec.http_status: spec for spec in CONTRACT if spec.gateway_default}
     assert _lua_table(source, "GATEWAY_CODES") == {s: spec.code for s, spec in gateway.items()}
@@ -212,3 +213,66 @@ def test_errors_module_is_free_of_transport_imports() -> None:
     # The contract is data: the transports read it, it imports none of them.
     source = Path(errors.__file__).read_text()
     assert not re.search(r"^(import|from) (grpc|google)", source, re.M)
+
+
+# -- Envoy's configuration, generated and committed ----------------------------------------
+
+
+def test_the_committed_envoy_config_is_a_working_default() -> None:
+    """envoy/envoy.json as committed, run from the repository root, is a valid Envoy
+    configuration (its paths are relative to the root)."""
+    done = subprocess.run(
+        [
+            envoy_proxy.find_envoy(),
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-c",
+            str(envoy_config.CONFIG_FILE),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = json.loads((ROOT / envoy_config.CONFIG_FILE).read_text())
+    transcoder = next(
+        f for f in _hcm(config)["http_filters"] if f["name"] == envoy_config.TRANSCODER_FILTER
+    )
+    assert transcoder["typed_config"]["proto_descriptor"] == str(envoy_config.DESCRIPTOR_FILE)
+
+
+def test_starting_reads_the_descriptor_as_committed(tmp_path: Path) -> None:
+    """The descriptor set is generated the way Envoy takes it: no `response_body` left,
+    and render_config points Envoy at the committed file instead of rewriting it."""
+    from google.protobuf import descriptor_pb2
+
+    descriptor = ROOT / envoy_config.DESCRIPTOR_FILE
+    before = descriptor.read_bytes()
+    config = _rendered_config(tmp_path)
+    assert descriptor.read_bytes() == before
+    transcoder = next(
+        f for f in _hcm(config)["http_filters"] if f["name"] == envoy_config.TRANSCODER_FILTER
+    )
+    assert transcoder["typed_config"]["proto_descriptor"] == str(descriptor)
+    fds = descriptor_pb2.FileDescriptorSet.FromString(before)
+    annotations = importlib.import_module("google.api.annotations_pb2")
+    for file in fds.file:
+        for service in file.service:
+            for method in service.method:
+                rule = method.options.Extensions[annotations.http]
+                assert not rule.response_body, method.name
+
+
+def test_a_config_older_than_the_lua_filter_is_refused(tmp_path: Path) -> None:
+    for name in (envoy_config.CONFIG_FILE, envoy_config.DESCRIPTOR_FILE, envoy_config.LUA_FILE):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    lua = tmp_path / envoy_config.LUA_FILE
+    lua.write_text(lua.read_text() + "-- edited since generation\n")
+    with pytest.raises(envoy_proxy.StaleConfig, match="make generate"):
+        envoy_proxy.render_config(
+            http_port=1,
+            upstreams=[("127.0.0.1", 2)],
+            descriptor_path=tmp_path / envoy_config.DESCRIPTOR_FILE,
+        )
