@@ -2,15 +2,17 @@
 -- of docs/errors.md.
 --
 -- It sits before the transcoder in the filter chain, so on the way back it sees the
--- already transcoded response (and Envoy's own local replies). envoy_proxy.py prepends,
--- from the error contract (errors.py), GATEWAY_CODES (HTTP status -> public code of an
--- error without the service's envelope), FALLBACK_CODE and RETRY_AFTER (HTTP status ->
--- default Retry-After seconds); and from the descriptor set ENUM_VALUES (enum full name
--- -> accepted JSON spellings), UNWRAP (HTTP rules with a `response_body`: method, Lua path pattern, JSON field),
--- MESSAGES and SHAPE_RULES (the request fields whose JSON shape is checked, and the HTTP
--- rules with body "*" they apply to, see find_bad_shape). On the way in it rejects
--- request bodies whose bool fields hold anything but true, false or null, and whose list
--- fields hold a lone value or nested arrays. Native gRPC callers are left alone.
+-- already transcoded response (and Envoy's own local replies). `make generate` writes it
+-- into envoy/envoy.json after the tables it reads (envoy_tables.py): from the error
+-- contract (errors.py) GATEWAY_CODES (HTTP status -> public code of an error without the
+-- service's envelope), FALLBACK_CODE and RETRY_AFTER (HTTP status -> default Retry-After
+-- seconds); from the descriptor set ENUM_VALUES (enum full name -> accepted JSON
+-- spellings), UNWRAP (HTTP rules with a `response_body`: method, Lua path pattern, JSON
+-- field), MESSAGES and SHAPE_RULES (the request fields whose JSON shape is checked, and
+-- the HTTP rules with body "*" they apply to, see find_bad_shape). On the way in it
+-- rejects request bodies whose bool fields hold anything but true, false or null, and
+-- whose list fields hold a lone value or nested arrays. Native gRPC callers are left
+-- alone.
 --
 -- Contract with the gRPC server (metadata keys, all ASCII values):
 --   x-http-status: 201 | 204   a success status other than 200: initial metadata sent
@@ -150,7 +152,7 @@ end
 -- The transcoder's JSON parser takes the strings "yes", "no", "1", "t", "true", ... for a
 -- bool field, a lone value for a list ("emails": "a@x.com") and flattens nested arrays
 -- into one; the contract wants a 400 naming the field. MESSAGES (prepended by
--- envoy_proxy.py from the descriptor) maps each request message's name to its checked
+-- envoy_tables.py from the descriptor) maps each request message's name to its checked
 -- fields by JSON key (json_name and proto name alike): a node has the field's JSON `name`,
 -- `repeated` for a list, `bool` for a bool, `message` for a message field (its object, or
 -- each object of its list, is checked against that message's fields) and `element`, what

@@ -2,9 +2,10 @@
 
 `CONTRACT` is the one declaration of every public error code: its HTTP status, its gRPC
 status, whether a retry may succeed, and its default message. The service's mapping
-(status.py), Envoy's (envoy_proxy.py and the tables it generates for envoy/filter.lua),
-the OpenAPI document (scripts/openapi.py) and docs/errors.md are all derived from it;
-tests/test_contract.py fails when any of them disagrees.
+(status.py), Envoy's (the local replies of envoy_config.py, the tables envoy_tables.py
+generates for envoy/filter.lua), the OpenAPI document (scripts/openapi.py) and
+docs/errors.md are all derived from it; tests/test_contract.py fails when any of them
+disagrees.
 """
 
 from __future__ import annotations
