@@ -177,6 +177,7 @@ def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
             },
             "request_headers_to_remove": [REST_HEADER],
         },
+        _openapi_route(str(OPENAPI_FILE)),
         {
             # REST: chosen on the request as it came in (the transcoder keeps that route),
             # unknown paths being answered 404 by the transcoder itself.
@@ -187,7 +188,6 @@ def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
             "request_headers_to_add": [_header(REST_HEADER, "1")],
         },
     ]
-    routes.insert(1, _openapi_route(str(OPENAPI_FILE)))
 
     http_filters: list[dict[str, Any]] = [
         {
