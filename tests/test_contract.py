@@ -30,7 +30,19 @@ from segments_service.status import ENVELOPE_HEADER, HTTP_STATUS_HEADER, grpc_co
 from tests.conftest import ROOT
 
 DOCUMENT = ROOT / "openapi" / "openapi.json"
-CITING_DIRECTORIES = ("service", "client", "scripts", "envoy", "openapi", "protos", "tests", "docs")
+CITING_DIRECTORIES = (
+    "service",
+    "client",
+    "scripts",
+    "envoy",
+    "openapi",
+    "protos",
+    "tests",
+    "docs",
+    "bench",
+    "README.md",
+    "BENCHMARKS.md",
+)
 
 
 def _error_classes() -> list[type[ServiceError]]:
