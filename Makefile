@@ -9,12 +9,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PROTOS := $(wildcard protos/segments/v1/*.proto)
-GEN_DIR := client/segments/v1
-DESCRIPTOR := envoy/segments.pb
 REPLICAS ?= 1
 
-.PHONY: help install generate run test check lint typecheck check-generated bench soak clean
+.PHONY: help install generate run test check lint typecheck check-generated check-protos proto-baseline bench soak clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -27,7 +24,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its tools
 
-generate: $(STAMP) ## regenerate Python stubs, type stubs and the Envoy descriptor from protos/
+generate: $(STAMP) ## regenerate stubs, Envoy's descriptor and config, and openapi/openapi.json
 	$(PY) scripts/generate.py
 
 run: $(STAMP) ## start PostgreSQL (embedded unless DATABASE_URL), migrate, gRPC server(s) and Envoy
@@ -36,17 +33,23 @@ run: $(STAMP) ## start PostgreSQL (embedded unless DATABASE_URL), migrate, gRPC 
 test: $(STAMP) ## run the whole suite (real PostgreSQL, real Envoy)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff check and ruff format --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: $(STAMP)
+typecheck: $(STAMP) ## mypy --strict over the service, client, tests, scripts and bench
 	$(VENV)/bin/mypy service client tests scripts bench
 
-check-generated: $(STAMP) ## fail when generated code is stale
+check-generated: $(STAMP) ## fail when generated files are stale
 	$(PY) scripts/generate.py --check
 
-check: lint typecheck check-generated ## what CI checks besides the tests
+check-protos: $(STAMP) ## lint protos/ and fail on breaking changes against protos/baseline.pb
+	$(PY) scripts/protocheck.py
+
+proto-baseline: $(STAMP) ## record protos/ as released: the baseline of the breaking-change check
+	$(PY) scripts/protocheck.py --baseline
+
+check: lint typecheck check-generated check-protos ## what CI checks besides the tests
 
 bench: $(STAMP) ## performance benchmark (BENCHMARKS.md); quick run: BENCH_ARGS="--contacts 100000"
 	$(PY) -m bench $(BENCH_ARGS)

@@ -1,4 +1,4 @@
-"""The noisy-neighbour phase (SPEC.md §7): a small project's REST latency while the main
+"""The noisy-neighbour phase (docs/limits.md, fair share): a small project's REST latency while the main
 project holds many streams, runs heavy counts and builds a segment of every contact; and
 the main project's own writes during that build. See BENCHMARKS.md, "Noisy neighbour"."""
 

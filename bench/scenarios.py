@@ -337,7 +337,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
 )
 
-# The five tracked segments of the ingestion run (SPEC §5): their entries and exits are
+# The five tracked segments of the ingestion run (README.md, Membership): their entries and exits are
 # what WatchSegmentEvents streams. `recent_buyers` is the one whose entries are timed.
 TRACKED: tuple[tuple[str, dict[str, Any]], ...] = (
     ("Bench recent buyers", all_of(f("event.purchase", "triggeredWithin", 1, "days"))),

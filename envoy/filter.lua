@@ -1,18 +1,23 @@
--- Shapes REST responses after gRPC-JSON transcoding into the SPEC.md section 3 contract.
+-- Shapes REST responses after gRPC-JSON transcoding into the error envelope and statuses
+-- of docs/errors.md.
 --
 -- It sits before the transcoder in the filter chain, so on the way back it sees the
--- already transcoded response (and Envoy's own local replies). envoy_proxy.py prepends,
--- from the descriptor set, ENUM_VALUES (enum full name -> accepted JSON spellings),
--- UNWRAP (HTTP rules with a `response_body`: method, Lua path pattern, JSON field),
--- MESSAGES and SHAPE_RULES (the request fields whose JSON shape is checked, and the HTTP
--- rules with body "*" they apply to, see find_bad_shape). On the way in it rejects
--- request bodies whose bool fields hold anything but true, false or null, and whose list
--- fields hold a lone value or nested arrays. Native gRPC callers are left alone.
+-- already transcoded response (and Envoy's own local replies). `make generate` writes it
+-- into envoy/envoy.json after the tables it reads (envoy_tables.py): from the error
+-- contract (errors.py) GATEWAY_CODES (HTTP status -> public code of an error without the
+-- service's envelope), FALLBACK_CODE and RETRY_AFTER (HTTP status -> default Retry-After
+-- seconds); from the descriptor set ENUM_VALUES (enum full name -> accepted JSON
+-- spellings), UNWRAP (HTTP rules with a `response_body`: method, Lua path pattern, JSON
+-- field), MESSAGES and SHAPE_RULES (the request fields whose JSON shape is checked, and
+-- the HTTP rules with body "*" they apply to, see find_bad_shape). On the way in it
+-- rejects request bodies whose bool fields hold anything but true, false or null, and
+-- whose list fields hold a lone value or nested arrays. Native gRPC callers are left
+-- alone.
 --
 -- Contract with the gRPC server (metadata keys, all ASCII values):
 --   x-http-status: 201 | 204   a success status other than 200: initial metadata sent
 --                              just before returning
---   x-http-status: <4xx/5xx>   with x-error-envelope: <JSON of the whole SPEC envelope>
+--   x-http-status: <4xx/5xx>   with x-error-envelope: <JSON of the whole envelope>
 --                              on errors: trailing metadata of the abort (arrives here as
 --                              headers of a trailers-only response, or as trailers when
 --                              initial metadata went first), or initial metadata sent
@@ -26,13 +31,6 @@ local NS = "segments.rest"
 local INTERNAL_HEADERS = {
   "x-http-status", "x-error-envelope", "x-retry-after", "grpc-status", "grpc-message",
   "grpc-status-details-bin", "grpc-accept-encoding", "grpc-encoding",
-}
-
--- Public codes of errors without an envelope (gRPC codes as the transcoder maps them).
-local CODES = {
-  [400] = "VALIDATION_ERROR", [401] = "UNAUTHENTICATED", [404] = "NOT_FOUND",
-  [409] = "CONFLICT", [413] = "PAYLOAD_TOO_LARGE", [429] = "RATE_LIMITED",
-  [503] = "SERVICE_UNAVAILABLE", [504] = "DEADLINE_EXCEEDED",
 }
 
 -- What a proto scalar type means to a JSON client.
@@ -154,7 +152,7 @@ end
 -- The transcoder's JSON parser takes the strings "yes", "no", "1", "t", "true", ... for a
 -- bool field, a lone value for a list ("emails": "a@x.com") and flattens nested arrays
 -- into one; the contract wants a 400 naming the field. MESSAGES (prepended by
--- envoy_proxy.py from the descriptor) maps each request message's name to its checked
+-- envoy_tables.py from the descriptor) maps each request message's name to its checked
 -- fields by JSON key (json_name and proto name alike): a node has the field's JSON `name`,
 -- `repeated` for a list, `bool` for a bool, `message` for a message field (its object, or
 -- each object of its list, is checked against that message's fields) and `element`, what
@@ -568,10 +566,11 @@ function envoy_on_response(handle)
     status = wanted
     headers:replace(":status", tostring(status))
   end
-  -- Whole seconds from the server (its google.rpc.RetryInfo), else 1 s for any 429/503.
-  retry_after = (retry_after or ""):match("^%d+$")
-  if retry_after or status == 429 or status == 503 then
-    headers:replace("retry-after", retry_after or "1")
+  -- Whole seconds from the server (its google.rpc.RetryInfo), else the contract's default
+  -- for the status.
+  retry_after = (retry_after or ""):match("^%d+$") or RETRY_AFTER[status]
+  if retry_after then
+    headers:replace("retry-after", retry_after)
   end
 
   if server_envelope then
@@ -594,7 +593,7 @@ function envoy_on_response(handle)
       end
       local request_id = text:match('"requestId":"([^"]*)"') or meta.request_id
       local timestamp = text:match('"timestamp":"([^"]*)"') or now_rfc3339(handle)
-      set_body(handle, envelope("VALIDATION_ERROR", message, status, request_id, timestamp, errors),
+      set_body(handle, envelope(GATEWAY_CODES[400], message, status, request_id, timestamp, errors),
         "application/json")
     end
     return
@@ -606,6 +605,6 @@ function envoy_on_response(handle)
   if not message or message == "" then
     message = "HTTP " .. tostring(status)
   end
-  set_body(handle, envelope(CODES[status] or "INTERNAL_ERROR", message, status, meta.request_id,
+  set_body(handle, envelope(GATEWAY_CODES[status] or FALLBACK_CODE, message, status, meta.request_id,
     now_rfc3339(handle)), "application/json")
 end

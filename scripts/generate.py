@@ -1,5 +1,7 @@
-"""Generate Python messages, gRPC stubs, type stubs, Envoy's descriptor set and the OpenAPI
-document (scripts/openapi.py) from protos/.
+"""Generate from protos/ (and the error contract, segments_service/errors.py): Python
+messages, gRPC stubs and type stubs; the OpenAPI document (scripts/openapi.py); Envoy's
+descriptor set and its configuration, envoy/envoy.json (segments_service/envoy_config.py,
+which also embeds envoy/filter.lua and the tables it reads).
 
 `--check` generates into a scratch directory and fails when the committed files differ.
 """
@@ -17,11 +19,14 @@ from pathlib import Path
 import google.api
 import grpc_tools
 
+from segments_service import envoy_config
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 GEN_DIR = Path("client/segments/v1")
-DESCRIPTOR = Path("envoy/segments.pb")
-OPENAPI = Path("openapi/openapi.json")
+DESCRIPTOR = envoy_config.DESCRIPTOR_FILE
+ENVOY_CONFIG = envoy_config.CONFIG_FILE
+OPENAPI = envoy_config.OPENAPI_FILE
 # Detail types the server sends must be in Envoy's descriptor pool, or Envoy cannot
 # print the error; they ship in googleapis-common-protos.
 EXTRA_DESCRIPTOR_PROTOS = ["google/rpc/status.proto", "google/rpc/error_details.proto"]
@@ -65,11 +70,12 @@ def _protoc(out: Path) -> None:
     if done.returncode != 0:
         sys.stderr.write(done.stdout + done.stderr)
         raise SystemExit(f"scripts/openapi.py failed ({done.returncode})")
+    envoy_config.generate(out / DESCRIPTOR, ROOT / envoy_config.LUA_FILE, out / OPENAPI, out)
 
 
 def _generated_files(base: Path) -> list[Path]:
     files = [p.relative_to(base) for p in (base / GEN_DIR).iterdir() if p.is_file()]
-    return sorted([*files, DESCRIPTOR, OPENAPI])
+    return sorted([*files, DESCRIPTOR, ENVOY_CONFIG, OPENAPI])
 
 
 def main() -> int:

@@ -5,7 +5,8 @@ the descriptors: every `google.api.http` binding is an operation, request and re
 messages become JSON schemas with the transcoder's camelCase names, enums their JSON
 spellings, and the well-known types their JSON mappings. What the descriptors cannot say
 is in the small tables below: success statuses other than 200, the shape the service puts
-into a few `google.protobuf.Value` fields, and the error envelope of SPEC.md section 3.
+into a few `google.protobuf.Value` fields, and the error contract
+(segments_service/errors.py, docs/errors.md).
 
     python scripts/openapi.py                  # writes openapi/openapi.json
     python scripts/openapi.py --output FILE    # writes FILE instead ("-" for stdout)
@@ -27,6 +28,8 @@ from typing import Any
 import google.api
 import grpc_tools
 from google.protobuf import descriptor_pb2
+
+from segments_service.errors import CONTRACT, ErrorSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
@@ -142,39 +145,28 @@ REQUEST_EXAMPLES: dict[str, Any] = {
     },
 }
 
-ERROR_STATUSES = {
-    "400": "Invalid request (VALIDATION_ERROR), or a members call on a DYNAMIC segment "
-    "(FAILED_PRECONDITION)",
-    "401": "Missing or malformed Authorization (MISSING_AUTH); unknown, revoked or "
-    "wrong-type key (INVALID_API_KEY)",
-    "404": "No such segment or contact in this project (NOT_FOUND)",
-    "409": "The segment is referenced by other segments (SEGMENT_IN_USE)",
-    "413": "Request body larger than 1 MiB (PAYLOAD_TOO_LARGE)",
-    "429": "Over the project's per-minute rate limit or its concurrent requests; retry after "
-    "Retry-After seconds (RATE_LIMITED)",
-    "500": "Unexpected server error (INTERNAL_ERROR)",
-    "503": "Database unreachable (SERVICE_UNAVAILABLE), or a segment's membership still being "
-    "built and not countable in time (SEGMENT_BUILDING); retry after Retry-After seconds",
-    "504": "The request did not complete within its time budget; nothing was written "
-    "(DEADLINE_EXCEEDED)",
-}
-ERROR_CODES = [
-    "VALIDATION_ERROR",
-    "FAILED_PRECONDITION",
-    "MISSING_AUTH",
-    "INVALID_API_KEY",
-    "UNAUTHENTICATED",
-    "NOT_FOUND",
-    "SEGMENT_IN_USE",
-    "ALREADY_EXISTS",
-    "CONFLICT",
-    "PAYLOAD_TOO_LARGE",
-    "RATE_LIMITED",
-    "INTERNAL_ERROR",
-    "SERVICE_UNAVAILABLE",
-    "SEGMENT_BUILDING",
-    "DEADLINE_EXCEEDED",
-]
+
+def _error_statuses() -> dict[str, str]:
+    """Description of each error status: the situations of its codes in the contract."""
+    statuses: dict[int, list[ErrorSpec]] = {}
+    for spec in CONTRACT:
+        statuses.setdefault(spec.http_status, []).append(spec)
+    described = {}
+    for status, specs in sorted(statuses.items()):
+        text = "; ".join(
+            f"{spec.situation[0].lower()}{spec.situation[1:]} ({spec.code})" for spec in specs
+        )
+        text = text[0].upper() + text[1:]
+        if any(spec.retry_after is not None for spec in specs):
+            text += "; retry after Retry-After seconds"
+        described[str(status)] = text
+    return described
+
+
+# The error contract (segments_service/errors.py): every public code and HTTP status.
+ERROR_STATUSES = _error_statuses()
+ERROR_CODES = [spec.code for spec in CONTRACT]
+RETRY_STATUSES = {str(spec.http_status) for spec in CONTRACT if spec.retry_after is not None}
 
 _SCALARS: dict[int, Schema] = {
     FDP.TYPE_DOUBLE: {"type": "number", "format": "double"},
@@ -635,7 +627,7 @@ def _error_schemas() -> dict[str, Schema]:
     return {
         "ErrorEnvelope": {
             "type": "object",
-            "description": "The one shape of every error (SPEC.md section 3).",
+            "description": "The one shape of every error (docs/errors.md).",
             "required": ["success", "error", "timestamp"],
             "additionalProperties": False,
             "properties": {
@@ -681,7 +673,7 @@ def _error_responses() -> dict[str, Schema]:
     responses: dict[str, Schema] = {}
     for status, description in ERROR_STATUSES.items():
         headers: Schema = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
-        if status in ("429", "503"):
+        if status in RETRY_STATUSES:
             headers["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
         responses[f"Error{status}"] = {
             "description": description,

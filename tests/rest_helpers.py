@@ -1,4 +1,4 @@
-"""Assertions and small helpers shared by the REST contract tests (SPEC.md §3 and §4)."""
+"""Assertions and small helpers shared by the REST contract tests (docs/api.md, docs/errors.md)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def is_uuid(value: Any) -> bool:
 
 
 def check_segment(body: Any, project: Project | None = None) -> dict[str, Any]:
-    """The exact Segment shape of SPEC §3."""
+    """The exact Segment shape of docs/api.md."""
     assert isinstance(body, dict), body
     assert set(body) == SEGMENT_KEYS, sorted(body)
     assert is_uuid(body["id"])
@@ -68,7 +68,7 @@ def check_segment(body: Any, project: Project | None = None) -> dict[str, Any]:
 
 
 def check_contact(body: Any) -> dict[str, Any]:
-    """The exact Contact shape of SPEC §3."""
+    """The exact Contact shape of docs/api.md."""
     assert isinstance(body, dict), body
     assert set(body) == CONTACT_KEYS, sorted(body)
     assert is_uuid(body["id"])
@@ -81,7 +81,7 @@ def check_contact(body: Any) -> dict[str, Any]:
 
 
 def check_error(resp: Response, status: int, code: str, field: str | None = None) -> dict[str, Any]:
-    """The one error envelope of SPEC §3, with this HTTP status and code; `field`, when
+    """The one error envelope of docs/errors.md, with this HTTP status and code; `field`, when
     given, must be named by one of the `errors` entries. Answers the `error` object."""
     assert resp.status == status, (resp.status, resp.raw[:500])
     assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers

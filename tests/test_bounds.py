@@ -1,4 +1,4 @@
-"""Bounded conditions and data (SPEC §7): each limit holds at its edge over gRPC and REST,
+"""Bounded conditions and data (docs/limits.md): each limit holds at its edge over gRPC and REST,
 over-long input is a fast 400 naming the field, never a crash, and the compiled statement
 grows linearly with the condition."""
 

@@ -1,4 +1,4 @@
-"""Segment builds leave the request (SPEC §7): BUILDING at once, built in the background in
+"""Segment builds leave the request (README, "Builds"): BUILDING at once, built in the background in
 slices without holding up writers, READY with exact membership and events, FAILED with
 the previous condition serving, fair between projects, resumed after a crash."""
 

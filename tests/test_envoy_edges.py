@@ -1,4 +1,4 @@
-"""Envoy's edges (SPEC §7): native gRPC callers going through Envoy get the service's status
+"""Envoy's edges (docs/limits.md): native gRPC callers going through Envoy get the service's status
 and trailers untouched, server streams outlive the REST route timeout, retry delays and
 deadlines reach REST callers in the envelope, and oversized or too deeply nested bodies
 are answered, never reset."""

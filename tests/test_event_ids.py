@@ -1,4 +1,4 @@
-"""Public event ids (SPEC §7 "Edges"): a project's event ids and stream cursors say
+"""Public event ids (docs/limits.md, Edges): a project's event ids and stream cursors say
 nothing about other projects' volume."""
 
 from __future__ import annotations

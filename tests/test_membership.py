@@ -1,4 +1,4 @@
-"""Membership tracking (SPEC §5): entry/exit events, exactly once, prompt, resumable feed."""
+"""Membership tracking (README.md, Membership): entry/exit events, exactly once, prompt, resumable feed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The REST contract of SPEC.md §3, end to end through Envoy's gRPC-JSON transcoder:
+"""The REST contract of docs/api.md, end to end through Envoy's gRPC-JSON transcoder:
 status codes, exact body shapes, the error envelope, auth, project isolation and limits."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Filter conditions of SPEC.md §4, scenario by scenario through REST: each operator family
+"""Filter conditions (README.md, Filters), scenario by scenario through REST: each operator family
 selects exactly the expected contacts (memberCount and the listed emails agree), the four
 documentation examples of the reference work verbatim, and validation errors name the
 offending field by dot path.

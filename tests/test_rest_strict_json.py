@@ -1,7 +1,7 @@
 """Strict JSON shapes on the REST surface: Envoy's transcoder would read the strings "no",
 "yes", "1", "t", ... as booleans, a lone value as a one-element list and nested arrays as
 one flat list; the Lua filter (envoy/filter.lua) answers a 400 VALIDATION_ERROR naming the
-field instead (SPEC §3: a wrong value type is a 400), for the bool and list fields of each
+field instead (docs/api.md: a wrong value type is a 400), for the bool and list fields of each
 request message (taken from the descriptor), and looks nowhere else, in particular not
 inside free-form `data` objects or filter values."""
 

@@ -1,4 +1,4 @@
-"""The sweeper under SPEC §7's budgets: full comparisons in slices of contacts, every
+"""The sweeper under the budgets of docs/limits.md: full comparisons in slices of contacts, every
 statement under the background budget, projects served round-robin, and a slice over the
 budget failing alone."""
 

@@ -1,4 +1,4 @@
-"""Filter conditions: validation of the JSON tree (SPEC §4) and compilation to one SQL statement.
+"""Filter conditions: validation of the JSON tree (README.md, Filters) and compilation to one SQL statement.
 
 `parse_condition` turns untrusted JSON into a validated `Condition` (errors name the
 offending field by dot path); `compile_members` is a pure function from a validated

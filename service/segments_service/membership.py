@@ -79,7 +79,7 @@ ANALYZE_AFTER_ROWS = 10_000
 
 
 def slugify(name: str) -> str:
-    """The name as used in entry/exit event names (SPEC §5): lower-cased; letters (any
+    """The name as used in entry/exit event names (README.md, Membership): lower-cased; letters (any
     script), digits, _, - and whitespace kept; whitespace runs become one -; repeated -
     collapse; no leading or trailing -."""
     kept = "".join(ch for ch in name.lower() if ch.isalnum() or ch in "_-" or ch.isspace())
@@ -107,7 +107,7 @@ def lock_exclusive(session: Session, project_id: uuid.UUID) -> None:
 
 
 # The budget of every background statement (a slice of a build, a sweep's), and of the
-# inline builds of small projects, in seconds: none runs unbounded (SPEC §7).
+# inline builds of small projects, in seconds: none runs unbounded (docs/limits.md).
 BACKGROUND_TIMEOUT = config.background_timeout()
 
 

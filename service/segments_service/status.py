@@ -18,15 +18,10 @@ from grpc_status import rpc_status
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from segments_service.errors import (
+    ERRORS,
     AlreadyExists,
-    DeadlineExceeded,
-    FailedPrecondition,
     FieldViolation,
-    InvalidApiKey,
-    MissingAuth,
     NotFound,
-    RateLimited,
-    SegmentBuilding,
     SegmentInUse,
     ServiceError,
     Unavailable,
@@ -50,26 +45,11 @@ MAX_VIOLATION_TEXT_BYTES = 200
 MAX_VIOLATIONS_BYTES = 2000
 ELLIPSIS = "\u2026"
 
-_GRPC_CODES: list[tuple[type[ServiceError], grpc.StatusCode]] = [
-    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
-    (MissingAuth, grpc.StatusCode.UNAUTHENTICATED),
-    (InvalidApiKey, grpc.StatusCode.UNAUTHENTICATED),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (SegmentInUse, grpc.StatusCode.FAILED_PRECONDITION),
-    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (SegmentBuilding, grpc.StatusCode.UNAVAILABLE),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-]
-
 
 def grpc_code(err: ServiceError) -> grpc.StatusCode:
-    for cls, code in _GRPC_CODES:
-        if isinstance(err, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+    """The gRPC status of `err`'s code in the error contract (errors.CONTRACT)."""
+    name = ERRORS[err.code].grpc_status
+    return grpc.StatusCode.INTERNAL if name is None else grpc.StatusCode[name]
 
 
 def _escaped_size(text: str) -> int:
@@ -109,7 +89,7 @@ def bounded_violations(err: ValidationError) -> list[FieldViolation]:
 
 
 def envelope(err: ServiceError, request_id: str) -> dict[str, Any]:
-    """The REST error body of SPEC §3."""
+    """The REST error envelope (docs/errors.md)."""
     body: dict[str, Any] = {
         "code": err.code,
         "message": clip(err.message, MAX_MESSAGE_BYTES),

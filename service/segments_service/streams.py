@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # How often the shared poller reads the feed positions of the projects being watched.
 FEED_POLL_SECONDS = 0.2
-# How often a stream checks that its key is still live (SPEC: a revoked key ends it in 5 s).
+# How often a stream checks that its key is still live (docs/limits.md: a revoked key ends it in 5 s).
 REAUTH_SECONDS = 2.0
 # An export whose reader takes nothing for this long is closed and its snapshot released.
 EXPORT_IDLE_SECONDS = 60.0

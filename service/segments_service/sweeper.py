@@ -16,7 +16,7 @@ evaluating every contact against every segment. `since` reaches back OVERLAP fur
 writes that evaluated before the previous sweep and committed after it read; and every
 FULL_EVERY passes a full comparison of stored and computed membership runs anyway.
 
-Budgets and fairness (SPEC §7): every statement of a sweep runs under the background
+Budgets and fairness (docs/limits.md): every statement of a sweep runs under the background
 budget (`SET LOCAL statement_timeout`, SEGMENTS_BACKGROUND_TIMEOUT). A full comparison
 reads the project's contacts in slices by id (SLICE at a time, each slice its own
 transaction), so no statement holds a snapshot over the whole project; the contacts it
