@@ -3,7 +3,10 @@ function of the condition and its CompileContext.
 
 Each part of the condition (filter, nested or referenced condition) compiles to a node: a
 predicate over `contacts` (_Pred), a statement selecting the ids of its members (_Set), or
-everyone but such a set (_Without); the parts combine by the condition's logic.
+everyone but such a set (_Without); the parts combine by the condition's logic. Every
+node can say whether it holds for a contact (`truth`), and CompileContext.parts collects
+the node of each part under its dot path: the truth of every part of a condition can be
+selected beside its members (explaining a match) without compiling anything twice.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def compile_members(
     the condition's logic; see _Compiler.
     """
     compiler = _Compiler(ctx, project_id, scope)
-    return compiler.members(compiler.condition(condition))
+    return compiler.members(compiler.condition(condition, "condition"))
 
 
 def compile_count(condition: Condition, ctx: CompileContext, project_id: uuid.UUID) -> Select[Any]:
@@ -75,7 +78,7 @@ def compile_count(condition: Condition, ctx: CompileContext, project_id: uuid.UU
     probes every contact against the set (twice as long at a million contacts).
     """
     compiler = _Compiler(ctx, project_id, None)
-    node = compiler.condition(condition)
+    node = compiler.condition(condition, "condition")
     if isinstance(node, _Without):
         c = tables.contacts.c
         everyone = (
@@ -99,6 +102,9 @@ class _Pred:
 
     expr: ColumnElement[bool]
 
+    def truth(self) -> ColumnElement[bool]:
+        return func.coalesce(self.expr, false())
+
 
 @dataclass(frozen=True)
 class _Set:
@@ -115,6 +121,9 @@ class _Set:
     def __post_init__(self) -> None:
         object.__setattr__(self, "query", self.query.correlate(None))
 
+    def truth(self) -> ColumnElement[bool]:
+        return tables.contacts.c.id.in_(self.query)
+
 
 @dataclass(frozen=True)
 class _Without:
@@ -125,6 +134,9 @@ class _Without:
     absent: Callable[[ColumnElement[Any]], ColumnElement[bool]]
     # As _Set.size, for the excluded set.
     excluded_size: Select[Any] | None = None
+
+    def truth(self) -> ColumnElement[bool]:
+        return self.absent(tables.contacts.c.id)
 
 
 _Node = _Pred | _Set | _Without
@@ -167,7 +179,13 @@ class _Compiler:
             select(c.id.label("contact_id")).where(c.project_id == self.project_id, where), c.id
         )
 
-    def condition(self, condition: Condition) -> _Node:
+    def record(self, path: str, node: _Node) -> _Node:
+        """The node of the part at `path`, recorded where the context asks (explain)."""
+        if self.ctx.parts is not None:
+            self.ctx.parts[path] = node
+        return node
+
+    def condition(self, condition: Condition, path: str) -> _Node:
         # Nested and referenced conditions alike sit one level below their parent.
         self.ctx.level += 1
         if self.ctx.level > MAX_EXPANDED_DEPTH:
@@ -180,21 +198,24 @@ class _Compiler:
                 "too_deep",
             )
         try:
+            groups = [(f"{path}.groups.{i}", g) for i, g in enumerate(condition.groups)]
             if condition.logic is Logic.AND:
                 # AND of groups, each an AND of its parts: one conjunction of every part.
-                return self.conjunction(
-                    [part for group in condition.groups for part in self.group_parts(group)]
+                node = self.conjunction(
+                    [part for at, g in groups for part in self.group_parts(g, at)]
                 )
-            return self.disjunction(
-                [self.conjunction(self.group_parts(g)) for g in condition.groups]
-            )
+            else:
+                node = self.disjunction(
+                    [self.conjunction(self.group_parts(g, at)) for at, g in groups]
+                )
+            return self.record(path, node)
         finally:
             self.ctx.level -= 1
 
-    def group_parts(self, group: Group) -> list[_Node]:
-        parts = [self.filter(f) for f in group.filters]
+    def group_parts(self, group: Group, path: str) -> list[_Node]:
+        parts = [self.filter(f, f"{path}.filters.{i}") for i, f in enumerate(group.filters)]
         if group.conditions is not None:
-            parts.append(self.condition(group.conditions))
+            parts.append(self.condition(group.conditions, f"{path}.conditions"))
         return parts
 
     def conjunction(self, parts: list[_Node]) -> _Node:
@@ -250,7 +271,7 @@ class _Compiler:
             return _Set(sets[0])
         return _Set(select(union(*sets).subquery().c.contact_id))
 
-    def filter(self, f: Filter) -> _Node:
+    def filter(self, f: Filter, path: str) -> _Node:
         if not expands(f, self.ctx.segments):
             self.ctx.expanded += 1
             if self.ctx.expanded > MAX_EXPANDED_FILTERS:
@@ -259,11 +280,14 @@ class _Compiler:
                     f"with segment references expanded, more than {MAX_EXPANDED_FILTERS} filters",
                     "too_many",
                 )
+        node: _Node
         if isinstance(f, EventFilter):
-            return self.event(f)
-        if isinstance(f, SegmentFilter):
-            return self.segment(f)
-        return _Pred(contact_predicate(f, self.ctx))
+            node = self.event(f)
+        elif isinstance(f, SegmentFilter):
+            node = self.segment(f, path)
+        else:
+            node = _Pred(contact_predicate(f, self.ctx))
+        return self.record(path, node)
 
     def event(self, f: EventFilter) -> _Node:
         op = f.operator
@@ -300,7 +324,7 @@ class _Compiler:
         e = tables.events.c
         return select(func.count(distinct(e.contact_id))).where(*match)
 
-    def segment(self, f: SegmentFilter) -> _Node:
+    def segment(self, f: SegmentFilter, path: str) -> _Node:
         definition = self.ctx.segments.get(f.segment_id)
         member: _Node
         if definition is None:
@@ -319,7 +343,7 @@ class _Compiler:
                 )
             member = _Set(self.scoped(select(s.contact_id).where(*listed), s.contact_id))
         else:
-            member = self.condition(definition.condition)
+            member = self.condition(definition.condition, f"{path}.condition")
         if f.operator is Op.MEMBER_OF_SEGMENT:
             return member
         if isinstance(member, _Pred):

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, bindparam, literal
 from sqlalchemy.types import DateTime
@@ -28,6 +28,15 @@ class SegmentDefinition:
 Derive = Callable[[datetime], Any]
 
 
+class Part(Protocol):
+    """A compiled part of a condition: a filter, or a nested or referenced condition."""
+
+    def truth(self) -> ColumnElement[bool]:
+        """Whether the part holds for the contact of the `contacts` row in scope: TRUE or
+        FALSE, never NULL."""
+        ...
+
+
 @dataclass
 class CompileContext:
     """Inputs of compilation: the evaluation instant and the referenced segments.
@@ -36,11 +45,18 @@ class CompileContext:
     derived from `now` becomes a named parameter recorded there with how to derive it,
     instead of a literal: the statement then serves any instant, given
     relative_values(relative, instant) as parameters.
+
+    With `parts` (a dict), compiling records there each filter and each nested or
+    referenced condition under its dot path (a referenced segment's condition under the
+    path of the filter naming it, plus `.condition`): selecting `part.truth()` from
+    `contacts` tells which parts hold for each contact, which is what explaining a match
+    needs. Recording changes nothing in the statement.
     """
 
     now: datetime
     segments: Mapping[uuid.UUID, SegmentDefinition] = field(default_factory=dict)
     relative: dict[str, Derive] | None = None
+    parts: dict[str, Part] | None = None
     # Filters compiled so far, references expanded, and the current nesting level.
     expanded: int = 0
     level: int = 0
