@@ -18,6 +18,7 @@ from segments_service.filters.compile import compile_count, compile_members
 from segments_service.filters.context import (
     CompileContext,
     Derive,
+    Part,
     SegmentDefinition,
     relative_values,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "Kind",
     "Logic",
     "Op",
+    "Part",
     "Scalar",
     "SegmentDefinition",
     "SegmentFilter",
