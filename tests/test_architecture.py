@@ -422,12 +422,7 @@ def test_no_import_cycles_between_modules() -> None:
     graph: dict[str, set[str]] = {name: set() for name in MODULES}
     for imp in IMPORTS:
         target = ours(imp)
-        # A package's __init__ re-exporting its own modules is no cycle with them.
-        if (
-            target
-            and target != imp.importer.name
-            and not (MODULES[target].is_package and under(imp.importer.name, target))
-        ):
+        if target and target != imp.importer.name:
             graph[imp.importer.name].add(target)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
