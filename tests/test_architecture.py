@@ -46,7 +46,7 @@ SESSION_TYPES = "sqlalchemy.orm"
 SERVICER_SQL_EXCEPTIONS = frozenset(
     {
         # ExportSegmentContacts opens its snapshot and bounds its idle time with one
-        # set_config statement before handing over to segments.export_members.
+        # set_config statement before handing over to the domain's export.
         ("servicers", "sqlalchemy", "text"),
     }
 )
