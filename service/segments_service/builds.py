@@ -410,7 +410,7 @@ def _apply_slice(session: Session, build: Row[Any], settings: BuildSettings) -> 
     values: dict[str, Any] = {"moved": build.moved + moved}
     if end is None:
         values.update(phase=CATCHUP, cursor=None)
-        if build.moved + moved >= membership.ANALYZE_AFTER_ROWS:
+        if build.moved + moved >= membership.refresh.ANALYZE_AFTER_ROWS:
             # The catch-up runs the writers' scoped statement: planned with statistics
             # from before the bulk change, it took 10 s a chunk instead of milliseconds
             # (see membership.rebuild).
