@@ -629,7 +629,7 @@ def test_a_large_build_refreshes_the_members_statistics_before_catching_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The catch-up runs the writers' scoped statement, which stale statistics misplan.
-    monkeypatch.setattr(membership, "ANALYZE_AFTER_ROWS", 20)
+    monkeypatch.setattr(membership.refresh, "ANALYZE_AFTER_ROWS", 20)
     add_contacts(stubs, project, 60)
     create(stubs, project, "Premium", condition([PREMIUM]), track=False)
     seen: list[tuple[float, int]] = []

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, create_engine, event, pool, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments.v1 import contacts_pb2, resources_pb2, segments_pb2
-from segments_service import segments
+from segments_service import members, segments
 from segments_service.database import alembic_config, make_engine, make_sessionmaker, migrate
 from tests.conftest import Project, Stubs, new_project
 from tests.rest_helpers import cond, flt
@@ -186,7 +186,7 @@ def test_dynamic_page_is_read_from_the_listing_index(
 
         conn = session.connection()
         event.listen(conn, "before_cursor_execute", record)
-        page = segments.list_members(session, project_id, view.row.id, page=5, page_size=20)
+        page = members.list_members(session, project_id, view.row.id, page=5, page_size=20)
         event.remove(conn, "before_cursor_execute", record)
         statement, parameters = statements[-1]  # the page; the segment's row was read first
         explained = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters)

@@ -718,7 +718,7 @@ def test_a_large_rebuild_refreshes_the_members_statistics(
 ) -> None:
     # The planner reads pg_class.reltuples; stale after a bulk insert, it chose to hash a
     # whole segment for a batch's exits. ANALYZE counts every row of a small table.
-    monkeypatch.setattr(membership, "ANALYZE_AFTER_ROWS", 20)
+    monkeypatch.setattr(membership.refresh, "ANALYZE_AFTER_ROWS", 20)
     for i in range(25):
         upsert(stubs, project, f"p{i}@x.com", plan="premium")
     create(stubs, project, "Premium", cond(PREMIUM), track=False)
@@ -734,7 +734,7 @@ def test_a_large_rebuild_refreshes_the_members_statistics(
 def test_rebuilds_run_under_the_background_budget(
     sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(membership, "BACKGROUND_TIMEOUT", 90.0)
+    monkeypatch.setattr(membership.locks, "BACKGROUND_TIMEOUT", 90.0)
     with sessions.begin() as session:
         assert session.execute(text("SHOW statement_timeout")).scalar_one() == "1min"
         membership.rebuild(session, uuid.uuid4(), [], emit=False)

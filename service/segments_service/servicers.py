@@ -23,7 +23,7 @@ from segments.v1 import (
     segments_pb2,
     segments_pb2_grpc,
 )
-from segments_service import contacts, events, feed, segments, streams
+from segments_service import contacts, events, feed, members, segments, streams
 from segments_service.auth import Caller, authenticate
 from segments_service.contacts import ContactWrite, check_json, require_email
 from segments_service.convert import (
@@ -139,8 +139,8 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             session: Session, caller: Caller
         ) -> tuple[segments_pb2.ListSegmentContactsResponse, None]:
             segment_id = parse_id(request.id, "segment")
-            page, page_size = segments.normalize_paging(request.page, request.page_size)
-            result = segments.list_members(session, caller.project_id, segment_id, page, page_size)
+            page, page_size = members.normalize_paging(request.page, request.page_size)
+            result = members.list_members(session, caller.project_id, segment_id, page, page_size)
             return segments_pb2.ListSegmentContactsResponse(
                 data=[contact_to_proto(r) for r in result.rows],
                 total=result.total,
@@ -158,7 +158,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             session: Session, caller: Caller
         ) -> tuple[segments_pb2.AddSegmentMembersResponse, None]:
             segment_id = parse_id(request.id, "segment")
-            result = segments.add_members(
+            result = members.add_members(
                 session,
                 caller.project_id,
                 segment_id,
@@ -181,7 +181,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             session: Session, caller: Caller
         ) -> tuple[segments_pb2.RemoveSegmentMembersResponse, None]:
             segment_id = parse_id(request.id, "segment")
-            removed = segments.remove_members(
+            removed = members.remove_members(
                 session, caller.project_id, segment_id, list(request.emails)
             )
             return segments_pb2.RemoveSegmentMembersResponse(removed=removed), None
@@ -254,7 +254,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 {"ms": str(int((streams.EXPORT_IDLE_SECONDS + 10) * 1000))},
             )
             caller = authenticate(session, meta.authorization, "secret")
-            rows = segments.export_members(
+            rows = members.export_members(
                 session, caller.project_id, parse_id(request.id, "segment")
             )
             return caller, map(contact_to_proto, rows)

@@ -1,0 +1,140 @@
+"""The project's DYNAMIC segments loaded ready to evaluate, and the counts of a re-evaluation."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from segments_service import tables
+from segments_service.filters import (
+    CompileContext,
+    Condition,
+    Derive,
+    Filter,
+    SegmentDefinition,
+    compile_members,
+    load_references,
+    parse_condition,
+)
+
+
+def load_definitions(
+    session: Session, project_id: uuid.UUID, ids: set[uuid.UUID]
+) -> dict[uuid.UUID, SegmentDefinition]:
+    s = tables.segments.c
+    rows = session.execute(
+        select(s.id, s.type, s.condition).where(s.project_id == project_id, s.id.in_(ids))
+    )
+    return {
+        r.id: SegmentDefinition(
+            r.id, r.type, parse_condition(r.condition) if r.condition is not None else None
+        )
+        for r in rows
+    }
+
+
+@dataclass(frozen=True)
+class Dynamic:
+    """A DYNAMIC segment ready to evaluate."""
+
+    id: uuid.UUID
+    name: str
+    tracked: bool
+    condition: Condition
+    references: Mapping[uuid.UUID, SegmentDefinition]
+    # segments.membership_state: writers evaluate `stored` segments only.
+    state: str = "stored"
+
+    def filters(self) -> Iterator[Filter]:
+        """Every filter of its condition and of the conditions it references."""
+        yield from self.condition.iter_filters()
+        for d in self.references.values():
+            if d.condition is not None:
+                yield from d.condition.iter_filters()
+
+    @property
+    def time_dependent(self) -> bool:
+        return any(f.window is not None for f in self.filters())
+
+    @property
+    def event_names(self) -> frozenset[str]:
+        """Every event name its condition (with inlined references) looks at."""
+        return frozenset(name for f in self.filters() for name in f.events)
+
+    @property
+    def reads_segment_events(self) -> bool:
+        """Whether entry/exit events (of any segment) can change this one's membership."""
+        return any(name.startswith("segment.") for name in self.event_names)
+
+    def members(
+        self,
+        project_id: uuid.UUID,
+        now: datetime,
+        scope: Any = None,
+        relative: dict[str, Derive] | None = None,
+    ) -> Select[Any]:
+        """The ids of its members at `now` (among `scope`, an `= ANY` array, if given);
+        `relative`: see CompileContext."""
+        ctx = CompileContext(now=now, segments=self.references, relative=relative)
+        return compile_members(self.condition, ctx, project_id, scope)
+
+    @property
+    def signature(self) -> Hashable:
+        """Everything its member statement is built from but the instant and the ids."""
+        refs = tuple(sorted((str(i), repr(d)) for i, d in self.references.items()))
+        return (self.id, self.name, self.tracked, repr(self.condition), refs)
+
+
+STORED, BUILDING = "stored", "building"
+
+
+def dynamic_segments(
+    session: Session,
+    project_id: uuid.UUID,
+    ids: Iterable[uuid.UUID] | None = None,
+    *,
+    states: Collection[str] | None = None,
+) -> list[Dynamic]:
+    """The project's DYNAMIC segments (or those of `ids`), with references loaded.
+
+    Without `ids`, those whose membership is stored (and kept current), unless `states`
+    (of segments.membership_state) says otherwise."""
+    s = tables.segments.c
+    query = select(s.id, s.name, s.track_membership, s.condition, s.membership_state).where(
+        s.project_id == project_id, s.type == "DYNAMIC"
+    )
+    if ids is not None:
+        query = query.where(s.id.in_(list(ids)))
+    if states is None and ids is None:
+        states = (STORED,)
+    if states is not None:
+        query = query.where(s.membership_state.in_(list(states)))
+    out = []
+    cache: dict[uuid.UUID, SegmentDefinition] = {}
+
+    def loader(wanted: set[uuid.UUID]) -> dict[uuid.UUID, SegmentDefinition]:
+        missing = wanted - set(cache)
+        if missing:
+            cache.update(load_definitions(session, project_id, missing))
+        return {i: cache[i] for i in wanted if i in cache}
+
+    for row in session.execute(query.order_by(s.id)):
+        condition = parse_condition(row.condition)
+        refs = load_references(condition, loader)
+        out.append(
+            Dynamic(row.id, row.name, row.track_membership, condition, refs, row.membership_state)
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Changes:
+    entered: int
+    exited: int
+    events: int
