@@ -216,6 +216,10 @@ def _record_failure(
     )
 
 
+# How long the Builder rests after a busy round, as a share of the round's own time.
+REST_AFTER_ROUND = 1.0
+
+
 class Builder(threading.Thread):
     """Runs queued builds, one step per project per round (round-robin), until stopped."""
 
@@ -267,6 +271,7 @@ class Builder(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.is_set():
+            started = time.monotonic()
             try:
                 busy = self.run_round()
             except Exception:
@@ -274,6 +279,11 @@ class Builder(threading.Thread):
                 busy = 0
             if not busy:
                 self.stopping.wait(self.period)
+            else:
+                # Builds are background work: after a busy round, rest as long again, so a
+                # build keeps at most half a core and the requests of every project (the
+                # building one's writes included) keep the rest.
+                self.stopping.wait((time.monotonic() - started) * REST_AFTER_ROUND)
 
     def stop(self) -> None:
         self.stopping.set()
