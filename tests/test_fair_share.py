@@ -40,8 +40,8 @@ EXPORTED = 12_000
 
 @pytest.fixture(scope="module")
 def server(sessions: sessionmaker[Session]) -> Iterator[ServerThread]:
-    """A server with the default shares (16 workers; a project's 8 requests, 16 streams and
-    2 condition evaluations)."""
+    """A server with the default shares (16 workers; a project's 8 requests and 16 streams),
+    and 2 condition evaluations a project, so that the test sees a share of more than one."""
     running = ServerThread(
         "127.0.0.1:0",
         sessions,

@@ -65,7 +65,7 @@ class Settings:
             rate_limit_per_minute=_int("SEGMENTS_RATE_LIMIT_PER_MINUTE", 1000),
             project_concurrency=_int("SEGMENTS_PROJECT_CONCURRENCY", 8),
             project_streams=_int("SEGMENTS_PROJECT_STREAMS", 16),
-            project_evaluations=_int("SEGMENTS_PROJECT_EVALUATIONS", 2),
+            project_evaluations=_int("SEGMENTS_PROJECT_EVALUATIONS", 1),
             request_timeout=_float("SEGMENTS_REQUEST_TIMEOUT", 30.0),
             background_timeout=background_timeout(),
             inline_build_contacts=inline_build_contacts(),

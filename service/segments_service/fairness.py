@@ -32,9 +32,10 @@ class Limits:
     streams: int = 16
     per_minute: int = 0
     # Of its requests, how many may evaluate a condition over all of the project's
-    # contacts at once (the rest queue): such statements keep a core busy each, and a
-    # few are all a machine's cores can run while other projects are still served.
-    evaluations: int = 2
+    # contacts at once (the rest queue): such a statement keeps a core or more busy (with
+    # parallel workers), and on a small machine one is all a project can take while other
+    # projects are still served.
+    evaluations: int = 1
 
 
 class _Counter:
