@@ -175,6 +175,11 @@ async def abort(
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
+def _discard_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class Runner:
     """Runs the RPCs of one server: its pools, its fair share, its default budget."""
 
@@ -265,7 +270,9 @@ class Runner:
                 await loop.run_in_executor(None, budget.cancel)
             result = await future
         except asyncio.CancelledError:
-            # The caller went away: stop its statement; the transaction rolls back.
+            # The caller went away: stop its statement; the transaction rolls back. What the
+            # work then raises has no one to go to.
+            future.add_done_callback(_discard_outcome)
             threading.Thread(target=budget.cancel, name="cancel", daemon=True).start()
             raise
         except Exception as exc:
