@@ -652,7 +652,7 @@ def build_condition(env: Env, stack: Stack, cfg: Config) -> dict[str, Any]:
         "upserts_during": during.to_json(),
         "p95_ratio": round(p95 / base, 2) if during.ms and base > 0 else None,
         "create": created,
-        "measured_while": "the build (create, then GetSegment until READY)"
+        "measured_while": "the build (create, then until its status is READY)"
         if created.get("status_in_response") == "BUILDING"
         else "the create request (the build runs inside it)",
         "drain_s": drain(env),
