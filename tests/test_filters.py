@@ -352,8 +352,14 @@ def test_out_of_range_values_are_validation_errors(bad: dict[str, Any]) -> None:
 
 
 def test_window_limit_is_inclusive() -> None:
-    parse_condition(cond(flt("createdAt", "within", 36525, "days")))
-    parse_condition(cond(flt("createdAt", "within", 36525 * 24 * 60, "minutes")))
+    for value, unit in [(36525, "days"), (36525 * 24 * 60, "minutes")]:
+        parsed = next(parse_condition(cond(flt("createdAt", "within", value, unit))).iter_filters())
+        assert parsed.window == timedelta(days=36525)
+        with pytest.raises(ValidationError) as caught:
+            parse_condition(cond(flt("createdAt", "within", value + 1, unit)))
+        assert [(v.field, v.code) for v in caught.value.violations] == [
+            ("condition.groups.0.filters.0.value", "too_big")
+        ]
 
 
 def test_epoch_milliseconds_are_exact() -> None:
