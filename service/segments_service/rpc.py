@@ -32,12 +32,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from segments_service.auth import Caller, KeyKind, authenticate
 from segments_service.errors import DeadlineExceeded, ServiceError
 from segments_service.fairness import FairShare
-from segments_service.status import to_status, translate_db_error
+from segments_service.status import HTTP_STATUS_HEADER, to_status, translate_db_error
 
 log = logging.getLogger(__name__)
 
-HTTP_STATUS_HEADER = "x-http-status"
-# Set by Envoy's filter on requests that came in over REST (the per-minute rate limit
+# Set by Envoy's REST route on requests that came in over REST (the per-minute rate limit
 # applies to those; internal gRPC callers are bounded by concurrency alone).
 REST_HEADER = "x-segments-rest"
 TRANSACTION_ATTEMPTS = 4
