@@ -23,6 +23,7 @@ from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from segments_service import builds, membership, segments, status, tables
 from segments_service.builds import Builder, BuildSettings
 from segments_service.errors import SegmentBuilding
+from segments_service.fairness import FairShare, Limits
 from segments_service.filters import parse_condition
 from tests.conftest import Project, Replicas, Stubs, new_project
 
@@ -722,3 +723,33 @@ def test_a_new_condition_during_a_tracking_build_enters_each_member_once(
     events = entry_exit_events(engine, project, "premium")
     assert Counter(kind for _, kind in events) == {"entry": 30}
     assert_events_follow_membership(events, members)
+
+
+def test_the_builder_rests_only_while_requests_are_served(
+    sessions: sessionmaker[Session],
+) -> None:
+    """After a busy round the Builder rests as long as the round took if a request started
+    or ran meanwhile, and starts the next round at once on an idle server."""
+    fair = FairShare(Limits(concurrency=2))
+    builder = Builder(sessions, SETTINGS, foreground=fair.activity)
+    project = uuid.uuid4()
+
+    idle = fair.activity()
+    assert builder.rest_after(2.0, idle) == 0.0
+
+    with fair.unary.hold(project):
+        # A request in flight when the round ends.
+        assert builder.rest_after(2.0, idle) == 2.0
+        running = fair.activity()
+    # In flight when the round started, done since.
+    assert builder.rest_after(2.0, running) == 2.0
+    # Started and done within the round.
+    before = fair.activity()
+    with fair.unary.hold(project):
+        pass
+    assert builder.rest_after(0.5, before) == 0.5
+    # Nothing since.
+    quiet = fair.activity()
+    assert builder.rest_after(0.5, quiet) == 0.0
+    # Without a reading of the foreground, the Builder always rests.
+    assert Builder(sessions, SETTINGS).rest_after(1.5, (0, 0)) == 1.5

@@ -39,28 +39,28 @@ class Limits:
 
 
 class _Counter:
-    """How many of something each project holds, with a ceiling."""
+    """How many of something each project holds, with a ceiling (0: none), and how many
+    were ever taken."""
 
     def __init__(self, ceiling: int, what: str) -> None:
         self.ceiling = ceiling
         self.what = what
         self.held: dict[uuid.UUID, int] = {}
+        self.taken = 0
         self.lock = threading.Lock()
 
     @contextlib.contextmanager
     def hold(self, project_id: uuid.UUID) -> Iterator[None]:
-        if self.ceiling <= 0:
-            yield
-            return
         with self.lock:
             now = self.held.get(project_id, 0)
-            if now >= self.ceiling:
+            if 0 < self.ceiling <= now:
                 raise RateLimited(
                     f"this project already has {now} {self.what} in flight (at most "
                     f"{self.ceiling}); retry shortly",
                     BUSY_RETRY_SECONDS,
                 )
             self.held[project_id] = now + 1
+            self.taken += 1
         try:
             yield
         finally:
@@ -74,6 +74,11 @@ class _Counter:
     def count(self, project_id: uuid.UUID) -> int:
         with self.lock:
             return self.held.get(project_id, 0)
+
+    def activity(self) -> tuple[int, int]:
+        """How many were ever taken, and how many are held now, over all projects."""
+        with self.lock:
+            return self.taken, sum(self.held.values())
 
 
 class _Buckets:
@@ -115,6 +120,11 @@ class FairShare:
         self.streams = _Counter(limits.streams, "streams")
         self.rate = _Buckets(limits.per_minute, clock)
         self.evaluations = _Queue(limits.evaluations)
+
+    def activity(self) -> tuple[int, int]:
+        """(requests ever started, requests in flight): background work compares two
+        readings to tell whether requests were served meanwhile."""
+        return self.unary.activity()
 
 
 class _Queue:

@@ -144,6 +144,7 @@ class Built:
     watch: FeedWatch
     stopping: asyncio.Event
     pools: tuple[futures.ThreadPoolExecutor, ...]
+    fair: FairShare
 
     async def stop(self, grace: float) -> None:
         """Refuse new RPCs (health NOT_SERVING first, so Envoy stops routing here), end
@@ -172,12 +173,13 @@ async def create_server(
     )
     unary_pool = futures.ThreadPoolExecutor(options.workers, thread_name_prefix="rpc")
     stream_pool = futures.ThreadPoolExecutor(options.stream_workers, thread_name_prefix="stream")
+    fair = FairShare(options.limits)
     runner = Runner(
         sessions,
         stream_sessions or sessions,
         unary_pool,
         stream_pool,
-        FairShare(options.limits),
+        fair,
         options.request_timeout,
     )
     loop = asyncio.get_running_loop()
@@ -208,7 +210,7 @@ async def create_server(
         raise RuntimeError(f"could not bind {address}")
     await server.start()
     watch.start()
-    return Built(server, port, health_servicer, watch, stopping, (unary_pool, stream_pool))
+    return Built(server, port, health_servicer, watch, stopping, (unary_pool, stream_pool), fair)
 
 
 class ServerThread:
@@ -271,6 +273,7 @@ async def _serve(database_url: str, settings: Settings, port: int) -> None:
         BuildSettings(
             settings.inline_build_contacts, settings.build_slice, settings.background_timeout
         ),
+        foreground=built.fair.activity,
     )
     builder.start()
     stopping = asyncio.Event()

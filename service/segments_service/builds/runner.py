@@ -216,8 +216,16 @@ def _record_failure(
     )
 
 
-# How long the Builder rests after a busy round, as a share of the round's own time.
+# How long the Builder rests after a busy round while requests are being served, as a
+# share of the round's own time.
 REST_AFTER_ROUND = 1.0
+
+# Requests started so far and requests in flight (fairness.FairShare.activity).
+Activity = Callable[[], tuple[int, int]]
+
+
+def _always_busy() -> tuple[int, int]:
+    return 0, 1
 
 
 class Builder(threading.Thread):
@@ -230,12 +238,14 @@ class Builder(threading.Thread):
         *,
         period: float = 0.5,
         hook: StepHook = _no_hook,
+        foreground: Activity = _always_busy,
     ) -> None:
         super().__init__(name="builder", daemon=True)
         self.sessions = sessions
         self.settings = settings or BuildSettings.from_env()
         self.period = period
         self.hook = hook
+        self.foreground = foreground
         self.stopping = threading.Event()
         self._last: uuid.UUID | None = None
 
@@ -269,9 +279,22 @@ class Builder(threading.Thread):
             if time.monotonic() > deadline:
                 raise TimeoutError("builds still queued")
 
+    def rest_after(self, round_seconds: float, before: tuple[int, int]) -> float:
+        """How long to rest after a busy round that took `round_seconds`, given the
+        foreground activity read before it. Builds are background work: while requests are
+        served, rest as long again, so a build keeps at most half a core and the requests
+        of every project (the building one's writes included) keep the rest; with no
+        request started or in flight since, the machine is idle and the next round starts
+        at once."""
+        started, in_flight = self.foreground()
+        if started == before[0] and in_flight == 0 and before[1] == 0:
+            return 0.0
+        return round_seconds * REST_AFTER_ROUND
+
     def run(self) -> None:
         while not self.stopping.is_set():
             started = time.monotonic()
+            before = self.foreground()
             try:
                 busy = self.run_round()
             except Exception:
@@ -280,10 +303,9 @@ class Builder(threading.Thread):
             if not busy:
                 self.stopping.wait(self.period)
             else:
-                # Builds are background work: after a busy round, rest as long again, so a
-                # build keeps at most half a core and the requests of every project (the
-                # building one's writes included) keep the rest.
-                self.stopping.wait((time.monotonic() - started) * REST_AFTER_ROUND)
+                rest = self.rest_after(time.monotonic() - started, before)
+                if rest:
+                    self.stopping.wait(rest)
 
     def stop(self) -> None:
         self.stopping.set()
