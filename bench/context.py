@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from bench import load
 from bench.measure import timed
 from bench.stack import Envoy, Rest, Sampler, Server, status_engine
-from segments.v1 import resources_pb2, segments_pb2
+from segments_api.v1 import resources_pb2, segments_pb2
 from segments_service import auth
 
 

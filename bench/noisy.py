@@ -28,7 +28,7 @@ from sqlalchemy import select, text
 from bench import load, scenarios
 from bench.measure import percentile, summary
 from bench.stack import status_engine
-from segments.v1 import (
+from segments_api.v1 import (
     contacts_pb2,
     events_pb2,
     resources_pb2,

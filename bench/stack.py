@@ -23,7 +23,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine
 
-from segments.v1 import contacts_pb2_grpc, events_pb2_grpc, segments_pb2_grpc
+from segments_api.v1 import contacts_pb2_grpc, events_pb2_grpc, segments_pb2_grpc
 from segments_service import envoy_proxy
 from segments_service.database import make_engine
 

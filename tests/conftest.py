@@ -30,7 +30,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments import SegmentsClient
-from segments.v1 import contacts_pb2_grpc, events_pb2_grpc, segments_pb2_grpc
+from segments_api.v1 import contacts_pb2_grpc, events_pb2_grpc, segments_pb2_grpc
 from segments_service.auth import create_project
 from segments_service.database import (
     create_database,

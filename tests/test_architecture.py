@@ -1,5 +1,5 @@
 """The import rules of docs/ARCHITECTURE.md, checked on the source: every module under
-service/ and client/ is parsed (ast, never imported) and each of its imports, wherever in
+service/, client/ and stubs/ is parsed (ast, never imported) and each of its imports, wherever in
 the module it stands, is held against the rules of its layer.
 
 The rules are about layers and packages, not files: a module belongs to a layer by the
@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE_ROOTS = (ROOT / "service", ROOT / "client")
+SOURCE_ROOTS = (ROOT / "service", ROOT / "client", ROOT / "stubs")
 SERVICE = "segments_service"
 CLIENT = "segments"
+# The generated messages and gRPC stubs: a package of their own, which the service and the
+# client both import.
+STUBS = "segments_api"
 
 # Layers of the service, by the first component of a module's name under segments_service.
 # Foundations: the error contract, the schema, settings, JSON helpers; they import nothing
@@ -209,7 +212,7 @@ def domain_knows_no_wire(imports: list[Import]) -> list[Import]:
     return [
         imp
         for imp in in_layers(imports, "domain", "foundations", "filters")
-        if reaches(imp, GRPC_AND_PROTOBUF) or under(imp.module, CLIENT)
+        if reaches(imp, GRPC_AND_PROTOBUF) or reaches(imp, (CLIENT, STUBS))
     ]
 
 
@@ -282,15 +285,9 @@ def migrations_are_frozen(imports: list[Import]) -> list[Import]:
     return [imp for imp in in_layers(imports, "migrations") if under(imp.module, SERVICE)]
 
 
-def service_uses_only_generated_stubs_of_the_client(imports: list[Import]) -> list[Import]:
-    """The service imports the generated stubs, never the hand-written client."""
-    return [
-        imp
-        for imp in imports
-        if under(imp.importer.name, SERVICE)
-        and under(imp.module, CLIENT)
-        and not ((target := ours(imp)) and is_generated(target))
-    ]
+def service_never_imports_the_client(imports: list[Import]) -> list[Import]:
+    """The service reaches the generated stubs in segments_api, never the client package."""
+    return [imp for imp in imports if under(imp.importer.name, SERVICE) and reaches(imp, (CLIENT,))]
 
 
 def client_never_imports_the_service(imports: list[Import]) -> list[Import]:
@@ -299,13 +296,11 @@ def client_never_imports_the_service(imports: list[Import]) -> list[Import]:
 
 
 def stubs_import_only_stubs(imports: list[Import]) -> list[Import]:
-    """Generated stubs import nothing of ours but other generated stubs."""
+    """Generated stubs import nothing of ours but each other."""
     return [
         imp
         for imp in imports
-        if is_generated(imp.importer.name)
-        and (under(imp.module, CLIENT) or under(imp.module, SERVICE))
-        and not ((target := ours(imp)) and is_generated(target))
+        if under(imp.importer.name, STUBS) and reaches(imp, (CLIENT, SERVICE))
     ]
 
 
@@ -321,7 +316,7 @@ RULES = [
     wiring_imported_from_above,
     envoy_stays_apart,
     migrations_are_frozen,
-    service_uses_only_generated_stubs_of_the_client,
+    service_never_imports_the_client,
     client_never_imports_the_service,
     stubs_import_only_stubs,
 ]
@@ -370,13 +365,13 @@ PLANTED: dict[str, tuple[str, str, str | None]] = {
         "segments_service.tables",
         "metadata",
     ),
-    "service_uses_only_generated_stubs_of_the_client": (
+    "service_never_imports_the_client": (
         "segments_service.servicers",
         "segments.client",
         "SegmentsClient",
     ),
     "client_never_imports_the_service": ("segments.client", "segments_service.errors", None),
-    "stubs_import_only_stubs": ("segments.v1.segments_pb2", "segments.conditions", "F"),
+    "stubs_import_only_stubs": ("segments_api.v1.segments_pb2", "segments.conditions", "F"),
 }
 
 
@@ -404,7 +399,9 @@ def test_the_walk_sees_the_code() -> None:
         "database",
         "migrations",
     }
-    assert any(is_generated(name) for name in MODULES if under(name, CLIENT))
+    assert any(is_generated(name) for name in MODULES if under(name, STUBS))
+    # The generated code lives in segments_api alone: none of it in the client.
+    assert not any(is_generated(name) for name in MODULES if under(name, CLIENT))
     assert any(ours(imp) == f"{SERVICE}.filters" for imp in in_layers(IMPORTS, "domain")), (
         "the domain's imports of the compiler are resolved"
     )

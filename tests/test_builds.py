@@ -19,7 +19,7 @@ from google.protobuf import json_format, struct_pb2
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from segments_service import builds, membership, segments, status, tables
 from segments_service.builds import Builder, BuildSettings
 from segments_service.errors import SegmentBuilding

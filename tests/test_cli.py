@@ -15,7 +15,7 @@ import grpc
 import pytest
 from sqlalchemy import Engine, text
 
-from segments.v1 import segments_pb2
+from segments_api.v1 import segments_pb2
 from tests.conftest import Stubs
 
 SEGMENTS = Path(sys.executable).parent / "segments"
@@ -54,7 +54,7 @@ def status(stubs: Stubs, key: str) -> grpc.StatusCode:
 
 
 def track_status(stubs: Stubs, key: str) -> grpc.StatusCode:
-    from segments.v1 import events_pb2
+    from segments_api.v1 import events_pb2
 
     try:
         stubs.events.Track(

@@ -24,7 +24,7 @@ from segments import (
     segment_condition,
     segment_description,
 )
-from segments.v1 import resources_pb2, segments_pb2
+from segments_api.v1 import resources_pb2, segments_pb2
 
 Segment = resources_pb2.Segment
 

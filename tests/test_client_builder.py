@@ -21,7 +21,7 @@ from segments import (
     any_of,
     segment_condition,
 )
-from segments.v1 import resources_pb2
+from segments_api.v1 import resources_pb2
 
 SEGMENT_ID = "0b7c3f4e-1d2a-4c5b-9e8f-7a6b5c4d3e2f"
 MOMENT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments import AsyncSegmentsClient, InvalidArgumentError, SegmentsClient, UnauthenticatedError
-from segments.v1 import segments_pb2
+from segments_api.v1 import segments_pb2
 from segments_service import segments
 from tests.conftest import Project, Stubs
 

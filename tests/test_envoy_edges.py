@@ -22,7 +22,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_status import rpc_status
 
-from segments.v1 import (
+from segments_api.v1 import (
     contacts_pb2,
     contacts_pb2_grpc,
     events_pb2_grpc,

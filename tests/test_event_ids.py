@@ -13,7 +13,7 @@ from google.protobuf import json_format, struct_pb2
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from segments_service import event_ids
 from segments_service.database import alembic_config
 from tests.conftest import Project, Stubs

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import json_format
 
 from segments.client import AsyncSegmentsClient, SegmentsClient
-from segments.v1 import events_pb2, resources_pb2, segments_pb2
+from segments_api.v1 import events_pb2, resources_pb2, segments_pb2
 from segments_service import streams
 from tests.conftest import Project, Stubs
 

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments import NO_RETRY, RateLimitedError, Retry, SegmentsClient, UnavailableError
-from segments.v1 import (
+from segments_api.v1 import (
     contacts_pb2,
     contacts_pb2_grpc,
     resources_pb2,

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from sqlalchemy import Engine, text
 
-from segments.v1 import contacts_pb2, contacts_pb2_grpc, resources_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, contacts_pb2_grpc, resources_pb2, segments_pb2
 from segments_service.auth import create_project
 from segments_service.database import (
     create_database,

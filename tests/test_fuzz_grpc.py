@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from tests.conftest import Project, Rest, Stubs, new_project
 
 EXAMPLES = 25

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 
-from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from tests.conftest import Project, Stubs
 
 

@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments.v1 import resources_pb2, segments_pb2
+from segments_api.v1 import resources_pb2, segments_pb2
 from segments_service.auth import revoke_key, rotate_key
 from tests.conftest import Project, Rest, Stubs, new_project
 from tests.rest_helpers import check_error

@@ -15,7 +15,7 @@ from google.protobuf import json_format, struct_pb2
 from sqlalchemy import Engine, create_engine, event, pool, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments.v1 import contacts_pb2, resources_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, resources_pb2, segments_pb2
 from segments_service import members, segments
 from segments_service.database import alembic_config, make_engine, make_sessionmaker, migrate
 from tests.conftest import Project, Stubs, new_project

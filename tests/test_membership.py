@@ -15,7 +15,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from segments_service import membership, sweeper
 from segments_service.membership import slugify
 from tests.conftest import Project, Stubs

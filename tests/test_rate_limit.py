@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments.v1 import segments_pb2, segments_pb2_grpc
+from segments_api.v1 import segments_pb2, segments_pb2_grpc
 from segments_service.fairness import Limits
 from segments_service.server import Options, ServerThread
 from tests.conftest import ROOT, Rest, free_port, new_project

@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from sqlalchemy import Engine, text
 
-from segments.v1 import (
+from segments_api.v1 import (
     contacts_pb2,
     events_pb2,
     resources_pb2,

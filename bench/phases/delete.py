@@ -9,7 +9,7 @@ from sqlalchemy import text
 
 from bench.context import Env, Stack, md
 from bench.measure import summary, timed
-from segments.v1 import segments_pb2
+from segments_api.v1 import segments_pb2
 
 
 def delete_segments(env: Env, stack: Stack) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from bench import scenarios
 from bench.context import Env, Stack, create_segment, log, md
-from segments.v1 import segments_pb2, segments_pb2_grpc
+from segments_api.v1 import segments_pb2, segments_pb2_grpc
 
 
 def export(env: Env, stack: Stack) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from bench import load, scenarios
 from bench.context import Env, Stack, create_segment, log, md
 from bench.measure import percentile, summary
-from segments.v1 import events_pb2, events_pb2_grpc, segments_pb2, segments_pb2_grpc
+from segments_api.v1 import events_pb2, events_pb2_grpc, segments_pb2, segments_pb2_grpc
 
 
 def sample_emails(env: Env, tag: str, limit: int, *, descending: bool = False) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 from bench import scenarios
 from bench.context import Env, Stack, create_segment, md
 from bench.measure import summary, timed
-from segments.v1 import contacts_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, segments_pb2
 
 
 def list_segments(

@@ -17,7 +17,7 @@ from bench.phases.counting import (
     settle,
 )
 from bench.targets import LIMITS
-from segments.v1 import segments_pb2
+from segments_api.v1 import segments_pb2
 
 
 def scale_curve(

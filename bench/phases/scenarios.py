@@ -12,7 +12,7 @@ from typing import Any
 from bench.context import Env, Stack, condition_proto, log, md
 from bench.measure import median, timed
 from bench.phases.counting import Measured, count_both, create_scenarios, explain_both, settle
-from segments.v1 import contacts_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, segments_pb2
 
 PAGE_SIZE = 20
 

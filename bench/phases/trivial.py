@@ -8,7 +8,7 @@ from sqlalchemy import text
 
 from bench.context import Env, Stack, md
 from bench.measure import summary, timed
-from segments.v1 import contacts_pb2
+from segments_api.v1 import contacts_pb2
 
 
 def trivial(env: Env, stack: Stack, runs: int) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Python client of the segments service: generated stubs in `segments.v1`, the typed client
-and its condition builder (`F`, `all_of`, `any_of`) here."""
+"""Python client of the segments service: the typed client and its condition builder (`F`,
+`all_of`, `any_of`). The generated messages and stubs it wraps are `segments_api.v1`."""
 
 from segments.client import (
     NO_RETRY,

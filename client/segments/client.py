@@ -30,7 +30,7 @@ from grpc import aio
 from grpc_status import rpc_status
 
 from segments.conditions import Expression
-from segments.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 
 __all__ = [
     "NO_RETRY",

@@ -8,7 +8,7 @@ from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from segments.v1 import resources_pb2
+from segments_api.v1 import resources_pb2
 from segments_service.errors import NotFound, ValidationError
 from segments_service.jsonutil import normalize
 from segments_service.segments import SegmentView

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments.v1 import (
+from segments_api.v1 import (
     contacts_pb2,
     contacts_pb2_grpc,
     events_pb2,

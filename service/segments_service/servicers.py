@@ -14,7 +14,7 @@ from google.protobuf import empty_pb2
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from segments.v1 import (
+from segments_api.v1 import (
     contacts_pb2,
     contacts_pb2_grpc,
     events_pb2,

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import bindparam, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments.v1 import resources_pb2, segments_pb2
+from segments_api.v1 import resources_pb2, segments_pb2
 from segments_service import tables
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@ import grpc
 import warnings
 
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
-from segments.v1 import resources_pb2 as segments_dot_v1_dot_resources__pb2
-from segments.v1 import segments_pb2 as segments_dot_v1_dot_segments__pb2
+from segments_api.v1 import resources_pb2 as segments_dot_v1_dot_resources__pb2
+from segments_api.v1 import segments_pb2 as segments_dot_v1_dot_segments__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -6,8 +6,8 @@ ContactService: contacts of a project, upserted by email."""
 from collections import abc as _abc
 from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
-from segments.v1 import contacts_pb2 as _contacts_pb2
-from segments.v1 import resources_pb2 as _resources_pb2
+from segments_api.v1 import contacts_pb2 as _contacts_pb2
+from segments_api.v1 import resources_pb2 as _resources_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

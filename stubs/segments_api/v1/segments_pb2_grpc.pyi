@@ -12,8 +12,8 @@ the contract wins; each binding says so.
 from collections import abc as _abc
 from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
-from segments.v1 import resources_pb2 as _resources_pb2
-from segments.v1 import segments_pb2 as _segments_pb2
+from segments_api.v1 import resources_pb2 as _resources_pb2
+from segments_api.v1 import segments_pb2 as _segments_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -25,14 +25,14 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
-from segments.v1 import resources_pb2 as segments_dot_v1_dot_resources__pb2
+from segments_api.v1 import resources_pb2 as segments_dot_v1_dot_resources__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asegments/v1/contacts.proto\x12\x0bsegments.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bsegments/v1/resources.proto\"t\n\x14UpsertContactRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x17\n\nsubscribed\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\r\n\x0b_subscribed\"Q\n\x1a\x42\x61tchUpsertContactsRequest\x12\x33\n\x08\x63ontacts\x18\x01 \x03(\x0b\x32!.segments.v1.UpsertContactRequest\"?\n\x1b\x42\x61tchUpsertContactsResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x05\x12\x0f\n\x07updated\x18\x02 \x01(\x05\"\x1f\n\x11GetContactRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14\x44\x65leteContactRequest\x12\n\n\x02id\x18\x01 \x01(\t2\xb7\x03\n\x0e\x43ontactService\x12^\n\rUpsertContact\x12!.segments.v1.UpsertContactRequest\x1a\x14.segments.v1.Contact\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/contacts:\x01*\x12\x84\x01\n\x13\x42\x61tchUpsertContacts\x12\'.segments.v1.BatchUpsertContactsRequest\x1a(.segments.v1.BatchUpsertContactsResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/contacts/batch:\x01*\x12Z\n\nGetContact\x12\x1e.segments.v1.GetContactRequest\x1a\x14.segments.v1.Contact\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/contacts/{id}\x12\x62\n\rDeleteContact\x12!.segments.v1.DeleteContactRequest\x1a\x16.google.protobuf.Empty\"\x16\x82\xd3\xe4\x93\x02\x10*\x0e/contacts/{id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'segments.v1.contacts_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'segments_api.v1.contacts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONTACTSERVICE'].methods_by_name['UpsertContact']._loaded_options = None

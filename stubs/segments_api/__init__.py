@@ -1,0 +1,1 @@
+"""The generated messages and gRPC stubs of the Segments API (make generate)."""
