@@ -7,7 +7,19 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Row, delete, exists, func, insert, literal, select, text, union_all, update
+from sqlalchemy import (
+    Row,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -24,15 +36,6 @@ def _advance(session: Session, build: Row[Any], **values: Any) -> None:
     )
 
 
-def _slice(session: Session, build: Row[Any], size: int) -> list[uuid.UUID]:
-    """The next `size` contact ids after the build's cursor."""
-    c = tables.contacts.c
-    query = select(c.id).where(c.project_id == build.project_id).order_by(c.id).limit(size)
-    if build.cursor is not None:
-        query = query.where(c.id > build.cursor)
-    return list(session.execute(query).scalars())
-
-
 def _segment(session: Session, build: Row[Any]) -> membership.Dynamic:
     (seg,) = membership.dynamic_segments(session, build.project_id, [build.segment_id])
     return seg
@@ -40,27 +43,28 @@ def _segment(session: Session, build: Row[Any]) -> membership.Dynamic:
 
 def _compute(session: Session, build: Row[Any], settings: BuildSettings) -> None:
     """The new members among the next slice of contacts, into the shadow table."""
-    ids = _slice(session, build, settings.slice)
-    if ids:
-        seg = _segment(session, build)
-        desired = membership.desired_members(
-            build.project_id, [seg], {seg.id: ids}, membership.db_now(session)
-        ).subquery()
-        sh = tables.segment_build_shadow
-        session.execute(
-            insert(sh).from_select(
-                ["project_id", "segment_id", "contact_id"],
-                select(literal(build.project_id), desired.c.segment_id, desired.c.contact_id),
-            ),
-            {"scope_0": ids},
+    end = _slice_end(session, build, settings.slice)
+    seg = _segment(session, build)
+    bounds = (
+        (lambda column: and_(*_in_slice(column, build, end)))
+        if build.cursor is not None or end is not None
+        else None  # the whole project fits in one slice
+    )
+    members = seg.members(build.project_id, membership.db_now(session), bounds).subquery()
+    sh = tables.segment_build_shadow
+    session.execute(
+        insert(sh).from_select(
+            ["project_id", "segment_id", "contact_id"],
+            select(literal(build.project_id), literal(seg.id), members.c.contact_id),
         )
-    if len(ids) < settings.slice:
+    )
+    if end is None:
         # Without statistics of the shadow just written the planner takes it for empty
         # and probes it row by row against whole slices: the apply ran out of budget.
         session.execute(text("ANALYZE segment_build_shadow"))
         _advance(session, build, phase=APPLY, cursor=None)
     else:
-        _advance(session, build, cursor=ids[-1])
+        _advance(session, build, cursor=end)
 
 
 def _slice_end(session: Session, build: Row[Any], size: int) -> uuid.UUID | None:
@@ -81,8 +85,10 @@ def _slice_end(session: Session, build: Row[Any], size: int) -> uuid.UUID | None
 
 
 def _in_slice(column: Any, build: Row[Any], end: uuid.UUID | None) -> list[Any]:
-    """`column` within (cursor, end]: a range of the primary keys, where an array of
-    50,000 ids would be compared element by element with every row."""
+    """`column` within (cursor, end]: a range of contact ids, which an index scans as one
+    range (contacts by their primary key, events by project, name and contact), where
+    an array of 50,000 ids was probed id by id or hashed against every event of the
+    project, once per slice."""
     bounds = []
     if build.cursor is not None:
         bounds.append(column > build.cursor)
@@ -168,11 +174,6 @@ def _diff_statement(build: Row[Any], seg: membership.Dynamic, end: uuid.UUID | N
         )
         .cte("desired")
     )
-    stored = select(literal(1)).where(
-        m.c.project_id == project_id,
-        m.c.segment_id == segment_id,
-        m.c.contact_id == desired.c.contact_id,
-    )
     rows = (
         select(literal(project_id), literal(segment_id), desired.c.contact_id, c.created_at)
         .join_from(
@@ -180,9 +181,12 @@ def _diff_statement(build: Row[Any], seg: membership.Dynamic, end: uuid.UUID | N
             tables.contacts,
             (c.project_id == project_id) & (c.id == desired.c.contact_id),
         )
-        .where(~exists(stored))
         .order_by(desired.c.contact_id)
     )
+    # Members already stored are skipped by the conflict on the primary key, and only the
+    # rows inserted are returned: an anti-join against the stored members, planned with
+    # statistics from before the build (a new segment: "1 row"), rescanned all members
+    # stored so far for every desired contact and ran past its budget.
     entered = (
         pg_insert(m)
         .from_select(["project_id", "segment_id", "contact_id", "contact_created_at"], rows)

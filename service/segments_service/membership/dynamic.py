@@ -79,8 +79,9 @@ class Dynamic:
         scope: Any = None,
         relative: dict[str, Derive] | None = None,
     ) -> Select[Any]:
-        """The ids of its members at `now` (among `scope`, an `= ANY` array, if given);
-        `relative`: see CompileContext."""
+        """The ids of its members at `now` (among `scope`, if given: an `= ANY` array, or
+        a function of a contact-id column, see compile_members); `relative`: see
+        CompileContext."""
         ctx = CompileContext(now=now, segments=self.references, relative=relative)
         return compile_members(self.condition, ctx, project_id, scope)
 
