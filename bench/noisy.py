@@ -28,6 +28,7 @@ from sqlalchemy import select, text
 from bench import load, scenarios
 from bench.measure import percentile, summary
 from bench.stack import status_engine
+from segments import F, any_of
 from segments_api.v1 import (
     contacts_pb2,
     events_pb2,
@@ -54,39 +55,26 @@ LIMITS = {
 # An expensive valid condition: frequent events in windows, nested ORs of event filters,
 # email activity, and a latest-occurrence test; every contact is tested against several
 # event subqueries.
-HEAVY_COUNT: dict[str, Any] = {
-    "logic": "OR",
-    "groups": [
-        {
-            "filters": [
-                scenarios.f("event.page_view", "triggeredWithin", 30, "days"),
-                scenarios.f("event.session_start", "notTriggeredWithin", 3, "days"),
-            ],
-            "conditions": scenarios.any_of(
-                [scenarios.f("event.product_viewed", "triggeredWithin", 14, "days")],
-                [scenarios.f("event.search", "triggeredOlderThan", 60, "days")],
-                [
-                    scenarios.f("event.add_to_cart", "triggeredWithin", 7, "days"),
-                    scenarios.f("event.purchase", "notTriggeredWithin", 7, "days"),
-                ],
-            ),
-        },
-        {
-            "filters": [
-                scenarios.f("email.opened", "triggeredWithin", 30, "days"),
-                scenarios.f("email.clicked", "notTriggeredWithin", 30, "days"),
-                scenarios.f("event.login", "triggered"),
-            ],
-            "conditions": scenarios.any_of(
-                [scenarios.f("event.feature_used", "triggeredWithin", 60, "days")],
-                [scenarios.f("event.app_opened", "notTriggeredWithin", 90, "days")],
-            ),
-        },
-    ],
-}
+HEAVY_COUNT: dict[str, Any] = any_of(
+    F.event("page_view").triggered_within(30, "days")
+    & F.event("session_start").not_triggered_within(3, "days")
+    & any_of(
+        F.event("product_viewed").triggered_within(14, "days"),
+        F.event("search").triggered_older_than(60, "days"),
+        F.event("add_to_cart").triggered_within(7, "days")
+        & F.event("purchase").not_triggered_within(7, "days"),
+    ),
+    F.email_activity("opened").triggered_within(30, "days")
+    & F.email_activity("clicked").not_triggered_within(30, "days")
+    & F.event("login").triggered()
+    & any_of(
+        F.event("feature_used").triggered_within(60, "days"),
+        F.event("app_opened").not_triggered_within(90, "days"),
+    ),
+).to_dict()
 # Fewer timed requests than this in a window make a p95 little more than their maximum.
 MIN_SAMPLES = 20
-EVERYONE = scenarios.all_of(scenarios.f("email", "contains", "@"))
+EVERYONE = F.email.contains("@").to_dict()
 
 
 @dataclass(frozen=True)

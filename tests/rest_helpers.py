@@ -7,6 +7,9 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+# cond and flt live in tests.conditions; the strict-JSON tests take them from here too.
+from tests.conditions import cond as cond
+from tests.conditions import flt as flt
 from tests.conftest import Project, Response, Rest
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
@@ -110,20 +113,6 @@ def check_error(resp: Response, status: int, code: str, field: str | None = None
 
 def error_fields(resp: Response) -> list[str]:
     return [e["field"] for e in resp.json["error"].get("errors", [])]
-
-
-def cond(*filters: dict[str, Any], logic: str = "AND") -> dict[str, Any]:
-    """A one-group condition."""
-    return {"logic": logic, "groups": [{"filters": list(filters)}]}
-
-
-def flt(field: str, operator: str, value: Any = None, unit: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"field": field, "operator": operator}
-    if value is not None:
-        out["value"] = value
-    if unit is not None:
-        out["unit"] = unit
-    return out
 
 
 class Api:

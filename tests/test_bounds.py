@@ -29,8 +29,9 @@ from segments_service.filters import (
     compile_members,
     parse_condition,
 )
+from tests.conditions import cond, flt
 from tests.conftest import Project, Rest
-from tests.rest_helpers import Api, check_error, cond, flt
+from tests.rest_helpers import Api, check_error
 
 F0 = "condition.groups.0.filters.0"
 # The service's dialect, to compile statements without a database.

@@ -19,33 +19,27 @@ from google.protobuf import json_format, struct_pb2
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments import Expression, F
 from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from segments_service import builds, membership, segments, status, tables
 from segments_service.builds import Builder, BuildSettings
 from segments_service.errors import SegmentBuilding
 from segments_service.fairness import FairShare, Limits
 from segments_service.filters import parse_condition
+from tests.conditions import as_proto
 from tests.conftest import Project, Replicas, Stubs, new_project
 
 THRESHOLD = 50
 SETTINGS = BuildSettings(inline_contacts=THRESHOLD, slice=20, budget=60.0)
 Status = resources_pb2.Segment.Status
-PREMIUM = {"field": "data.plan", "operator": "equals", "value": "premium"}
-BUYERS = {"field": "purchase", "operator": "triggered"}
+PREMIUM = F.data("plan") == "premium"
+BUYERS = F.event("purchase").triggered()
 
 
 @pytest.fixture(autouse=True)
 def small_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     """Projects above 50 contacts build in the background (the server reads it per call)."""
     monkeypatch.setenv("SEGMENTS_INLINE_BUILD_CONTACTS", str(THRESHOLD))
-
-
-def condition(*groups: list[dict[str, Any]], logic: str = "OR") -> dict[str, Any]:
-    return {"logic": logic, "groups": [{"filters": g} for g in groups]}
-
-
-def as_proto(raw: dict[str, Any]) -> resources_pb2.FilterCondition:
-    return json_format.ParseDict(raw, resources_pb2.FilterCondition())
 
 
 def add_contacts(stubs: Stubs, project: Project, n: int, start: int = 0) -> None:
@@ -81,11 +75,11 @@ def buy(stubs: Stubs, project: Project, *emails: str) -> None:
 
 
 def create(
-    stubs: Stubs, project: Project, name: str, raw: dict[str, Any], track: bool = True
+    stubs: Stubs, project: Project, name: str, condition: Expression, track: bool = True
 ) -> resources_pb2.Segment:
     return stubs.segments.CreateSegment(
         segments_pb2.CreateSegmentRequest(
-            name=name, condition=as_proto(raw), track_membership=track
+            name=name, condition=as_proto(condition), track_membership=track
         ),
         metadata=project.auth,
         timeout=10,
@@ -175,7 +169,7 @@ def test_a_small_project_still_builds_in_the_request(
     stubs: Stubs, project: Project, engine: Engine
 ) -> None:
     add_contacts(stubs, project, THRESHOLD)
-    seg = create(stubs, project, "Premium", condition([PREMIUM]))
+    seg = create(stubs, project, "Premium", PREMIUM)
     assert seg.status == Status.READY
     assert seg.member_count == THRESHOLD // 2
     assert json_format.MessageToDict(seg)["statusReason"] is None
@@ -186,7 +180,7 @@ def test_a_large_project_answers_building_and_the_builder_completes_it(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    seg = create(stubs, project, "Premium", condition([PREMIUM]))
+    seg = create(stubs, project, "Premium", PREMIUM)
     assert seg.status == Status.BUILDING
     assert seg.member_count == 30  # counted live within the response's second
     # Nothing is stored yet: counts and listings are answered from the condition.
@@ -221,7 +215,7 @@ def test_writes_proceed_while_a_build_runs_and_are_caught_up(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    seg = create(stubs, project, "Buyers or premium", condition([PREMIUM], [BUYERS]))
+    seg = create(stubs, project, "Buyers or premium", PREMIUM | BUYERS)
     pid = uuid.UUID(project.id)
     paused, resume = threading.Event(), threading.Event()
 
@@ -294,12 +288,12 @@ def test_a_failed_update_keeps_the_previous_condition_serving(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    seg = create(stubs, project, "Premium", condition([PREMIUM]))
+    seg = create(stubs, project, "Premium", PREMIUM)
     Builder(sessions, SETTINGS).run_until_idle()
     previous = get(stubs, project, seg.id).condition
 
     updated = stubs.segments.UpdateSegment(
-        segments_pb2.UpdateSegmentRequest(id=seg.id, condition=as_proto(condition([BUYERS]))),
+        segments_pb2.UpdateSegmentRequest(id=seg.id, condition=as_proto(BUYERS)),
         metadata=project.auth,
     )
     assert updated.status == Status.BUILDING
@@ -323,7 +317,7 @@ def test_a_failed_update_keeps_the_previous_condition_serving(
     # A later update with a condition tries again.
     buy(stubs, project, "c0@x.com")
     retried = stubs.segments.UpdateSegment(
-        segments_pb2.UpdateSegmentRequest(id=seg.id, condition=as_proto(condition([BUYERS]))),
+        segments_pb2.UpdateSegmentRequest(id=seg.id, condition=as_proto(BUYERS)),
         metadata=project.auth,
     )
     assert retried.status == Status.BUILDING
@@ -339,7 +333,7 @@ def test_a_failed_create_is_answered_live(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    seg = create(stubs, project, "Premium", condition([PREMIUM]))
+    seg = create(stubs, project, "Premium", PREMIUM)
     Builder(sessions, BuildSettings(THRESHOLD, 20, budget=0.2), hook=over_budget).run_until_idle()
     failed = get(stubs, project, seg.id)
     assert failed.status == Status.FAILED
@@ -356,7 +350,7 @@ def test_deleting_a_segment_during_its_build(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    seg = create(stubs, project, "Premium", condition([PREMIUM]))
+    seg = create(stubs, project, "Premium", PREMIUM)
     builder = Builder(sessions, SETTINGS)
     for _ in range(6):  # computed, and partly applied
         builder.run_round()
@@ -379,8 +373,8 @@ def test_one_projects_queue_does_not_delay_anothers_first_build(
     busy, quiet = new_project(sessions, "busy"), new_project(sessions, "quiet")
     add_contacts(stubs, busy, 60)
     add_contacts(stubs, quiet, 60)
-    queued = [create(stubs, busy, f"Busy {i}", condition([PREMIUM])) for i in range(5)]
-    first = create(stubs, quiet, "Quiet", condition([PREMIUM]))
+    queued = [create(stubs, busy, f"Busy {i}", PREMIUM) for i in range(5)]
+    first = create(stubs, quiet, "Quiet", PREMIUM)
     builder = Builder(sessions, SETTINGS)
     while get(stubs, quiet, first.id).status != Status.READY:
         assert builder.run_round()
@@ -398,7 +392,7 @@ def test_a_build_stopped_mid_step_resumes_exactly(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    seg = create(stubs, project, "Premium", condition([PREMIUM]))
+    seg = create(stubs, project, "Premium", PREMIUM)
     applied = 0
 
     def crash_in_the_second_apply(session: Session, phase: str) -> None:
@@ -425,7 +419,7 @@ def test_a_live_count_that_cannot_finish_in_time_is_segment_building(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    seg = create(stubs, project, "Buyers", condition([BUYERS]))
+    seg = create(stubs, project, "Buyers", BUYERS)
     with engine.connect() as blocker:
         blocker.execute(text("LOCK TABLE events IN ACCESS EXCLUSIVE MODE"))
         with sessions.begin() as session:
@@ -446,16 +440,16 @@ def test_segments_referencing_a_rebuilt_one_are_rebuilt_too(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    base = create(stubs, project, "Base", condition([PREMIUM]))
+    base = create(stubs, project, "Base", PREMIUM)
     Builder(sessions, SETTINGS).run_until_idle()
-    member = {"field": f"segment.{base.id}", "operator": "memberOfSegment"}
-    subscribed = {"field": "subscribed", "operator": "equals", "value": True}
-    uses = create(stubs, project, "Uses base", condition([member, subscribed], logic="AND"))
+    member = F.segment(base).member()
+    subscribed = F.subscribed.equals(True)
+    uses = create(stubs, project, "Uses base", member & subscribed)
     Builder(sessions, SETTINGS).run_until_idle()
     assert len(stored(engine, project, uses.id)) == 30
 
     stubs.segments.UpdateSegment(
-        segments_pb2.UpdateSegmentRequest(id=base.id, condition=as_proto(condition([BUYERS]))),
+        segments_pb2.UpdateSegmentRequest(id=base.id, condition=as_proto(BUYERS)),
         metadata=project.auth,
     )
     assert get(stubs, project, uses.id).status == Status.BUILDING
@@ -475,7 +469,7 @@ def test_turning_tracking_on_enters_every_member_once(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    seg = create(stubs, project, "Premium", condition([PREMIUM]), track=False)
+    seg = create(stubs, project, "Premium", PREMIUM, track=False)
     Builder(sessions, SETTINGS).run_until_idle()
     assert entry_exit_events(engine, project, "premium") == []
 
@@ -500,7 +494,7 @@ def test_builders_of_several_servers_never_build_twice(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    created = [create(stubs, project, f"Premium {i}", condition([PREMIUM])) for i in range(3)]
+    created = [create(stubs, project, f"Premium {i}", PREMIUM) for i in range(3)]
     servers = [Builder(sessions, BuildSettings(THRESHOLD, 7, 60.0), period=0.01) for _ in range(3)]
     for builder in servers:
         builder.start()
@@ -527,12 +521,11 @@ def test_a_failed_update_rebuilds_the_segments_referencing_it_with_the_previous_
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    base = create(stubs, project, "Base", condition([PREMIUM]))
-    member = {"field": f"segment.{base.id}", "operator": "memberOfSegment"}
-    uses = create(stubs, project, "Uses base", condition([member]))
+    base = create(stubs, project, "Base", PREMIUM)
+    uses = create(stubs, project, "Uses base", F.segment(base).member())
     Builder(sessions, SETTINGS).run_until_idle()
     stubs.segments.UpdateSegment(
-        segments_pb2.UpdateSegmentRequest(id=base.id, condition=as_proto(condition([BUYERS]))),
+        segments_pb2.UpdateSegmentRequest(id=base.id, condition=as_proto(BUYERS)),
         metadata=project.auth,
     )
     computed = 0
@@ -576,10 +569,10 @@ def test_a_server_killed_mid_build_leaves_a_build_another_server_finishes(
             ),
             metadata=project.auth,
         )
-    everyone = {"field": "subscribed", "operator": "equals", "value": True}
+    everyone = F.subscribed.equals(True)
     seg = a.segments.CreateSegment(
         segments_pb2.CreateSegmentRequest(
-            name="Everyone", condition=as_proto(condition([everyone])), track_membership=True
+            name="Everyone", condition=as_proto(everyone), track_membership=True
         ),
         metadata=project.auth,
     )
@@ -632,7 +625,7 @@ def test_a_large_build_refreshes_the_members_statistics_before_catching_up(
     # The catch-up runs the writers' scoped statement, which stale statistics misplan.
     monkeypatch.setattr(membership.refresh, "ANALYZE_AFTER_ROWS", 20)
     add_contacts(stubs, project, 60)
-    create(stubs, project, "Premium", condition([PREMIUM]), track=False)
+    create(stubs, project, "Premium", PREMIUM, track=False)
     seen: list[tuple[float, int]] = []
 
     def at_catch_up(session: Session, phase: str) -> None:
@@ -678,7 +671,7 @@ def test_tracking_on_enters_a_member_written_after_its_slice_once(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    seg = create(stubs, project, "Premium", condition([PREMIUM]), track=False)
+    seg = create(stubs, project, "Premium", PREMIUM, track=False)
     Builder(sessions, SETTINGS).run_until_idle()
     stubs.segments.UpdateSegment(
         segments_pb2.UpdateSegmentRequest(id=seg.id, track_membership=True),
@@ -701,7 +694,7 @@ def test_a_new_condition_during_a_tracking_build_enters_each_member_once(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
     add_contacts(stubs, project, 60)
-    seg = create(stubs, project, "Premium", condition([PREMIUM]), track=False)
+    seg = create(stubs, project, "Premium", PREMIUM, track=False)
     Builder(sessions, SETTINGS).run_until_idle()
     stubs.segments.UpdateSegment(
         segments_pb2.UpdateSegmentRequest(id=seg.id, track_membership=True),
@@ -710,11 +703,9 @@ def test_a_new_condition_during_a_tracking_build_enters_each_member_once(
     phases: list[str] = []
     builder = Builder(sessions, SETTINGS, hook=lambda _s, phase: phases.append(phase))
     step_until(builder, phases, builds.APPLY)
-    subscribed = {"field": "subscribed", "operator": "equals", "value": True}
+    subscribed = F.subscribed.equals(True)
     stubs.segments.UpdateSegment(
-        segments_pb2.UpdateSegmentRequest(
-            id=seg.id, condition=as_proto(condition([PREMIUM, subscribed], logic="AND"))
-        ),
+        segments_pb2.UpdateSegmentRequest(id=seg.id, condition=as_proto(PREMIUM & subscribed)),
         metadata=project.auth,
     )
     builder.run_until_idle()

@@ -14,6 +14,8 @@ from google.protobuf import json_format
 
 from segments import (
     AsyncSegmentsClient,
+    Expression,
+    F,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -25,6 +27,7 @@ from segments import (
     segment_description,
 )
 from segments_api.v1 import resources_pb2, segments_pb2
+from tests.conditions import as_proto, cond, flt
 
 Segment = resources_pb2.Segment
 
@@ -40,13 +43,8 @@ class Keys(Protocol):
     def public_key(self) -> str: ...
 
 
-def condition(*filters: dict[str, Any]) -> dict[str, Any]:
-    """A one-group AND condition in the REST JSON form."""
-    return {"logic": "AND", "groups": [{"filters": list(filters)}]}
-
-
-PREMIUM = condition({"field": "data.plan", "operator": "equals", "value": "premium"})
-FREE = condition({"field": "data.plan", "operator": "equals", "value": "free"})
+PREMIUM = F.data("plan") == "premium"
+FREE = F.data("plan") == "free"
 
 
 def condition_of(segment: Segment) -> dict[str, Any] | None:
@@ -67,7 +65,7 @@ def test_dynamic_segment_lifecycle(client: SegmentsClient) -> None:
     assert created.type == Segment.DYNAMIC
     assert (created.name, created.member_count, created.track_membership) == ("Premium", 1, False)
     assert segment_description(created) == "paying"
-    assert condition_of(created) == PREMIUM
+    assert condition_of(created) == PREMIUM.to_dict()
 
     fetched = client.get_segment(created.id)
     assert fetched.id == created.id
@@ -79,18 +77,16 @@ def test_dynamic_segment_lifecycle(client: SegmentsClient) -> None:
         created.id,
         name="Free",
         description="",
-        condition=json_format.ParseDict(FREE, resources_pb2.FilterCondition()),
+        condition=as_proto(FREE),
     )
     assert (updated.name, updated.member_count) == ("Free", 1)
     assert segment_description(updated) is None
     assert emails_of(client, created.id) == ["bob@example.com"]
     kept = client.update_segment(created.id, track_membership=True)
     assert (kept.name, kept.track_membership) == ("Free", True)
-    assert condition_of(kept) == FREE
+    assert condition_of(kept) == FREE.to_dict()
 
-    newer = client.create_segment(
-        "Everyone", condition=condition({"field": "email", "operator": "contains", "value": "@"})
-    )
+    newer = client.create_segment("Everyone", condition=F.email.contains("@"))
     assert [s.id for s in client.list_segments()] == [newer.id, created.id]
 
     client.delete_segment(created.id)
@@ -100,6 +96,7 @@ def test_dynamic_segment_lifecycle(client: SegmentsClient) -> None:
 
 
 def test_segment_condition_round_trip(client: SegmentsClient) -> None:
+    # The JSON form, with a nested AND of one filter: a shape the builder never writes.
     nested = {
         "logic": "OR",
         "groups": [
@@ -212,9 +209,7 @@ def test_track_with_public_key(client: SegmentsClient, target: str, project: Key
         "eve@example.com",
         {"plan": "trial"},
     )
-    signed_up = client.create_segment(
-        "Signed up", condition=condition({"field": "event.signup", "operator": "triggered"})
-    )
+    signed_up = client.create_segment("Signed up", condition=F.event("signup").triggered())
     assert emails_of(client, signed_up.id) == ["eve@example.com"]
 
 
@@ -239,16 +234,12 @@ def test_ingest_events(client: SegmentsClient) -> None:
     )
     assert result.accepted == 3
 
-    def members(*filters: dict[str, Any]) -> list[str]:
-        return emails_of(client, client.create_segment("Buyers", condition=condition(*filters)).id)
+    def members(condition: Expression) -> list[str]:
+        return emails_of(client, client.create_segment("Buyers", condition=condition).id)
 
-    assert members(
-        {"field": "event.purchase", "operator": "triggeredWithin", "value": 2, "unit": "days"}
-    ) == ["fay@example.com"]
-    assert members(
-        {"field": "purchase", "operator": "triggeredOlderThan", "value": 5, "unit": "days"}
-    ) == ["gus@example.com"]
-    assert members({"field": "email.open", "operator": "triggered"}) == ["gus@example.com"]
+    assert members(F.event("purchase").triggered_within(2, "days")) == ["fay@example.com"]
+    assert members(F.event("purchase").triggered_older_than(5, "days")) == ["gus@example.com"]
+    assert members(F.email_activity("open").triggered()) == ["gus@example.com"]
 
     # A naive datetime is refused before sending rather than silently taken as UTC.
     with pytest.raises(ValueError, match="time zone"):
@@ -258,7 +249,7 @@ def test_ingest_events(client: SegmentsClient) -> None:
 
 
 def test_invalid_argument_has_field_violations(client: SegmentsClient) -> None:
-    bad = condition({"field": "nonsense", "operator": "equals", "value": "x"})
+    bad = cond(flt("nonsense", "equals", "x"))
     with pytest.raises(InvalidArgumentError) as caught:
         client.create_segment("Bad", condition=bad)
     err = caught.value
@@ -273,9 +264,7 @@ def test_invalid_argument_has_field_violations(client: SegmentsClient) -> None:
 
 def test_client_side_errors_are_raised_before_sending(client: SegmentsClient) -> None:
     with pytest.raises(json_format.ParseError):
-        client.create_segment(
-            "Bad", condition=condition({"field": "email", "operator": "resembles"})
-        )
+        client.create_segment("Bad", condition=cond(flt("email", "resembles")))
     with pytest.raises(ValueError):
         client.create_segment("Bad", type="SMART")
 
@@ -342,9 +331,7 @@ def test_members_on_dynamic_segment_is_failed_precondition(client: SegmentsClien
 
 def test_deleting_a_referenced_segment(client: SegmentsClient) -> None:
     base = client.create_segment("Base", type="STATIC")
-    ref = client.create_segment(
-        "Ref", condition=condition({"field": f"segment.{base.id}", "operator": "memberOfSegment"})
-    )
+    ref = client.create_segment("Ref", condition=F.segment(base).member())
     with pytest.raises(SegmentInUseError) as caught:
         client.delete_segment(base.id)
     err = caught.value
@@ -387,7 +374,7 @@ def test_async_client_flow(target: str, project: Keys) -> None:
                 "Premium", condition=PREMIUM, track_membership=True
             )
             assert (dynamic.member_count, dynamic.track_membership) == (1, True)
-            assert condition_of(dynamic) == PREMIUM
+            assert condition_of(dynamic) == PREMIUM.to_dict()
             assert (await client.get_segment(dynamic.id)).name == "Premium"
             updated = await client.update_segment(
                 dynamic.id, condition=FREE, description="free tier"
@@ -436,7 +423,7 @@ def test_async_client_errors(target: str, project: Keys, other_project: Keys) ->
             assert (not_found.value.reason, not_found.value.http_status) == ("NOT_FOUND", 404)
             assert not_found.value.request_id
 
-            bad = condition({"field": "nonsense", "operator": "equals", "value": "x"})
+            bad = cond(flt("nonsense", "equals", "x"))
             with pytest.raises(InvalidArgumentError) as invalid:
                 await client.create_segment("Bad", condition=bad)
             assert "condition.groups.0.filters.0.field" in [
@@ -446,7 +433,7 @@ def test_async_client_errors(target: str, project: Keys, other_project: Keys) ->
             base = await client.create_segment("Base", type="STATIC")
             ref = await client.create_segment(
                 "Ref",
-                condition=condition({"field": f"segment.{base.id}", "operator": "memberOfSegment"}),
+                condition=F.segment(base).member(),
             )
             with pytest.raises(SegmentInUseError) as in_use:
                 await client.delete_segment(base.id)
@@ -466,12 +453,7 @@ def test_watch_and_export_stream_through_the_client(grpc_port: int, project: Key
     with SegmentsClient(f"127.0.0.1:{grpc_port}", project.secret_key) as client:
         vip = client.create_segment(
             "VIP",
-            condition={
-                "logic": "AND",
-                "groups": [
-                    {"filters": [{"field": "data.plan", "operator": "equals", "value": "premium"}]}
-                ],
-            },
+            condition=PREMIUM,
             track_membership=True,
         )
         events = client.watch_segment_events(timeout=20)

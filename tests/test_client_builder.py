@@ -22,156 +22,143 @@ from segments import (
     segment_condition,
 )
 from segments_api.v1 import resources_pb2
+from tests.conditions import flt, groups_of
 
 SEGMENT_ID = "0b7c3f4e-1d2a-4c5b-9e8f-7a6b5c4d3e2f"
 MOMENT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
-
-
-def one(field: str, operator: str, value: Any = None, unit: str | None = None) -> dict[str, Any]:
-    """A filter in the JSON form, spelled out by hand."""
-    out: dict[str, Any] = {"field": field, "operator": operator}
-    if value is not None:
-        out["value"] = value
-    if unit is not None:
-        out["unit"] = unit
-    return out
-
-
-def cond(logic: str, *groups: dict[str, Any]) -> dict[str, Any]:
-    return {"logic": logic, "groups": list(groups)}
 
 
 # (builder expression, the filter it must build, its repr)
 FILTERS: list[tuple[Expression, dict[str, Any], str]] = [
     (
         F.email == "ann@acme.com",
-        one("email", "equals", "ann@acme.com"),
+        flt("email", "equals", "ann@acme.com"),
         "F.email == 'ann@acme.com'",
     ),
-    (F.email.equals("a@b.co"), one("email", "equals", "a@b.co"), "F.email == 'a@b.co'"),
-    (F.email != "x@y.z", one("email", "notEquals", "x@y.z"), "F.email != 'x@y.z'"),
+    (F.email.equals("a@b.co"), flt("email", "equals", "a@b.co"), "F.email == 'a@b.co'"),
+    (F.email != "x@y.z", flt("email", "notEquals", "x@y.z"), "F.email != 'x@y.z'"),
     (
         F.email.contains("@acme.com"),
-        one("email", "contains", "@acme.com"),
+        flt("email", "contains", "@acme.com"),
         "F.email.contains('@acme.com')",
     ),
     (
         F.email.not_contains("@test"),
-        one("email", "notContains", "@test"),
+        flt("email", "notContains", "@test"),
         "F.email.not_contains('@test')",
     ),
-    (F.subscribed == True, one("subscribed", "equals", True), "F.subscribed == True"),  # noqa: E712
-    (F.subscribed != False, one("subscribed", "notEquals", False), "F.subscribed != False"),  # noqa: E712
-    (F.subscribed.equals(False), one("subscribed", "equals", False), "F.subscribed == False"),
-    (F.data("plan") == "pro", one("data.plan", "equals", "pro"), "F.data('plan') == 'pro'"),
-    (F.data("n") == 5, one("data.n", "equals", 5), "F.data('n') == 5"),
-    (F.data("vip") == True, one("data.vip", "equals", True), "F.data('vip') == True"),  # noqa: E712
-    (F.data("plan") != "free", one("data.plan", "notEquals", "free"), "F.data('plan') != 'free'"),
-    (F.data("age") > 18, one("data.age", "greaterThan", 18), "F.data('age') > 18"),
-    (F.data("age") < 65.5, one("data.age", "lessThan", 65.5), "F.data('age') < 65.5"),
-    (F.data("age") >= 18, one("data.age", "greaterThanOrEqual", 18), "F.data('age') >= 18"),
-    (F.data("age") <= 65, one("data.age", "lessThanOrEqual", 65), "F.data('age') <= 65"),
+    (F.subscribed == True, flt("subscribed", "equals", True), "F.subscribed == True"),  # noqa: E712
+    (F.subscribed != False, flt("subscribed", "notEquals", False), "F.subscribed != False"),  # noqa: E712
+    (F.subscribed.equals(False), flt("subscribed", "equals", False), "F.subscribed == False"),
+    (F.data("plan") == "pro", flt("data.plan", "equals", "pro"), "F.data('plan') == 'pro'"),
+    (F.data("n") == 5, flt("data.n", "equals", 5), "F.data('n') == 5"),
+    (F.data("vip") == True, flt("data.vip", "equals", True), "F.data('vip') == True"),  # noqa: E712
+    (F.data("plan") != "free", flt("data.plan", "notEquals", "free"), "F.data('plan') != 'free'"),
+    (F.data("age") > 18, flt("data.age", "greaterThan", 18), "F.data('age') > 18"),
+    (F.data("age") < 65.5, flt("data.age", "lessThan", 65.5), "F.data('age') < 65.5"),
+    (F.data("age") >= 18, flt("data.age", "greaterThanOrEqual", 18), "F.data('age') >= 18"),
+    (F.data("age") <= 65, flt("data.age", "lessThanOrEqual", 65), "F.data('age') <= 65"),
     # Reflected: 18 <= F.data("age") is F.data("age") >= 18.
     (
         18 <= F.data("age"),  # noqa: SIM300
-        one("data.age", "greaterThanOrEqual", 18),
+        flt("data.age", "greaterThanOrEqual", 18),
         "F.data('age') >= 18",
     ),
     (
         F.data("address", "city").contains("ber"),
-        one("data.address.city", "contains", "ber"),
+        flt("data.address.city", "contains", "ber"),
         "F.data('address.city').contains('ber')",
     ),
     (
         F.data("name").not_contains("bot"),
-        one("data.name", "notContains", "bot"),
+        flt("data.name", "notContains", "bot"),
         "F.data('name').not_contains('bot')",
     ),
-    (F.data("x").exists(), one("data.x", "exists"), "F.data('x').exists()"),
-    (F.data("a.b").not_exists(), one("data.a.b", "notExists"), "F.data('a.b').not_exists()"),
+    (F.data("x").exists(), flt("data.x", "exists"), "F.data('x').exists()"),
+    (F.data("a.b").not_exists(), flt("data.a.b", "notExists"), "F.data('a.b').not_exists()"),
     (
         F.data("renewed") > MOMENT,
-        one("data.renewed", "greaterThan", "2024-05-06T07:08:09+00:00"),
+        flt("data.renewed", "greaterThan", "2024-05-06T07:08:09+00:00"),
         "F.data('renewed') > '2024-05-06T07:08:09+00:00'",
     ),
     (
         F.data("trial").within(timedelta(hours=36)),
-        one("data.trial", "within", 36, "hours"),
+        flt("data.trial", "within", 36, "hours"),
         "F.data('trial').within(36, 'hours')",
     ),
     (
         F.data("trial").older_than(2, "days"),
-        one("data.trial", "olderThan", 2, "days"),
+        flt("data.trial", "olderThan", 2, "days"),
         "F.data('trial').older_than(2, 'days')",
     ),
     (
         F.created_at.within(7, "days"),
-        one("createdAt", "within", 7, "days"),
+        flt("createdAt", "within", 7, "days"),
         "F.created_at.within(7, 'days')",
     ),
     (
         F.updated_at.older_than(90, "minutes"),
-        one("updatedAt", "olderThan", 90, "minutes"),
+        flt("updatedAt", "olderThan", 90, "minutes"),
         "F.updated_at.older_than(90, 'minutes')",
     ),
     (
         F.created_at == date(2024, 5, 6),
-        one("createdAt", "equals", "2024-05-06"),
+        flt("createdAt", "equals", "2024-05-06"),
         "F.created_at == '2024-05-06'",
     ),
     (
         F.created_at < datetime(2024, 5, 6, 9, 8, 9, 123456, tzinfo=timezone(timedelta(hours=2))),
-        one("createdAt", "lessThan", "2024-05-06T09:08:09.123456+02:00"),
+        flt("createdAt", "lessThan", "2024-05-06T09:08:09.123456+02:00"),
         "F.created_at < '2024-05-06T09:08:09.123456+02:00'",
     ),
     (
         F.updated_at >= 1714979289000,
-        one("updatedAt", "greaterThanOrEqual", 1714979289000),
+        flt("updatedAt", "greaterThanOrEqual", 1714979289000),
         "F.updated_at >= 1714979289000",
     ),
     (
         F.event("login").triggered(),
-        one("event.login", "triggered"),
+        flt("event.login", "triggered"),
         "F.event('login').triggered()",
     ),
     (
         F.event("login").triggered_within(30, "minutes"),
-        one("event.login", "triggeredWithin", 30, "minutes"),
+        flt("event.login", "triggeredWithin", 30, "minutes"),
         "F.event('login').triggered_within(30, 'minutes')",
     ),
     (
         F.event("purchase").triggered_older_than(timedelta(days=30)),
-        one("event.purchase", "triggeredOlderThan", 30, "days"),
+        flt("event.purchase", "triggeredOlderThan", 30, "days"),
         "F.event('purchase').triggered_older_than(30, 'days')",
     ),
     (
         F.event("purchase").not_triggered(),
-        one("event.purchase", "notTriggered"),
+        flt("event.purchase", "notTriggered"),
         "F.event('purchase').not_triggered()",
     ),
     (
         F.event("segment.vip.entry").not_triggered_within(1.5, "hours"),
-        one("event.segment.vip.entry", "notTriggeredWithin", 1.5, "hours"),
+        flt("event.segment.vip.entry", "notTriggeredWithin", 1.5, "hours"),
         "F.event('segment.vip.entry').not_triggered_within(1.5, 'hours')",
     ),
     (
         F.email_activity("opened").triggered_within(7, "days"),
-        one("email.opened", "triggeredWithin", 7, "days"),
+        flt("email.opened", "triggeredWithin", 7, "days"),
         "F.email_activity('opened').triggered_within(7, 'days')",
     ),
     (
         F.email_activity("bounce").triggered(),
-        one("email.bounce", "triggered"),
+        flt("email.bounce", "triggered"),
         "F.email_activity('bounce').triggered()",
     ),
     (
         F.segment(SEGMENT_ID).member(),
-        one(f"segment.{SEGMENT_ID}", "memberOfSegment"),
+        flt(f"segment.{SEGMENT_ID}", "memberOfSegment"),
         f"F.segment('{SEGMENT_ID}').member()",
     ),
     (
         F.segment(resources_pb2.Segment(id=SEGMENT_ID)).not_member(),
-        one(f"segment.{SEGMENT_ID}", "notMemberOfSegment"),
+        flt(f"segment.{SEGMENT_ID}", "notMemberOfSegment"),
         f"F.segment('{SEGMENT_ID}').not_member()",
     ),
 ]
@@ -182,7 +169,7 @@ def test_each_filter_builds_its_json(
     built: Expression, expected: dict[str, Any], text: str
 ) -> None:
     assert isinstance(built, FilterExpression)
-    assert built.to_dict() == cond("AND", {"filters": [expected]})
+    assert built.to_dict() == groups_of("AND", {"filters": [expected]})
     assert repr(built) == text
 
 
@@ -204,72 +191,74 @@ A = F.data("a") == 1
 B = F.data("b") == 2
 C = F.data("c") == 3
 D = F.data("d") == 4
-FA, FB, FC, FD = (one(f"data.{k}", "equals", v) for k, v in zip("abcd", (1, 2, 3, 4), strict=True))
+FA, FB, FC, FD = (flt(f"data.{k}", "equals", v) for k, v in zip("abcd", (1, 2, 3, 4), strict=True))
 
 NESTING: list[tuple[Expression, dict[str, Any], str]] = [
-    (A & B, cond("AND", {"filters": [FA, FB]}), "(F.data('a') == 1) & (F.data('b') == 2)"),
+    (A & B, groups_of("AND", {"filters": [FA, FB]}), "(F.data('a') == 1) & (F.data('b') == 2)"),
     (
         A | B,
-        cond("OR", {"filters": [FA]}, {"filters": [FB]}),
+        groups_of("OR", {"filters": [FA]}, {"filters": [FB]}),
         "(F.data('a') == 1) | (F.data('b') == 2)",
     ),
     # Same operator twice is one level, not a nesting per operator.
     (
         (A & B) & C,
-        cond("AND", {"filters": [FA, FB, FC]}),
+        groups_of("AND", {"filters": [FA, FB, FC]}),
         "(F.data('a') == 1) & (F.data('b') == 2) & (F.data('c') == 3)",
     ),
     (
         A & (B & C),
-        cond("AND", {"filters": [FA, FB, FC]}),
+        groups_of("AND", {"filters": [FA, FB, FC]}),
         "(F.data('a') == 1) & (F.data('b') == 2) & (F.data('c') == 3)",
     ),
     (
         A | (B | C),
-        cond("OR", {"filters": [FA]}, {"filters": [FB]}, {"filters": [FC]}),
+        groups_of("OR", {"filters": [FA]}, {"filters": [FB]}, {"filters": [FC]}),
         "(F.data('a') == 1) | (F.data('b') == 2) | (F.data('c') == 3)",
     ),
     # An AND inside an OR is one group of it.
     (
         (A & B) | C,
-        cond("OR", {"filters": [FA, FB]}, {"filters": [FC]}),
+        groups_of("OR", {"filters": [FA, FB]}, {"filters": [FC]}),
         "((F.data('a') == 1) & (F.data('b') == 2)) | (F.data('c') == 3)",
     ),
     # An OR inside an AND is the group's nested condition.
     (
         A & (B | C),
-        cond(
-            "AND", {"filters": [FA], "conditions": cond("OR", {"filters": [FB]}, {"filters": [FC]})}
+        groups_of(
+            "AND",
+            {"filters": [FA], "conditions": groups_of("OR", {"filters": [FB]}, {"filters": [FC]})},
         ),
         "(F.data('a') == 1) & ((F.data('b') == 2) | (F.data('c') == 3))",
     ),
     (
         (B | C) & A,
-        cond(
-            "AND", {"filters": [FA], "conditions": cond("OR", {"filters": [FB]}, {"filters": [FC]})}
+        groups_of(
+            "AND",
+            {"filters": [FA], "conditions": groups_of("OR", {"filters": [FB]}, {"filters": [FC]})},
         ),
         "((F.data('b') == 2) | (F.data('c') == 3)) & (F.data('a') == 1)",
     ),
     # Two ORs under one AND: a group nests one condition, so the second gets a group of its own.
     (
         (A | B) & (C | D),
-        cond(
+        groups_of(
             "AND",
-            {"conditions": cond("OR", {"filters": [FA]}, {"filters": [FB]})},
-            {"conditions": cond("OR", {"filters": [FC]}, {"filters": [FD]})},
+            {"conditions": groups_of("OR", {"filters": [FA]}, {"filters": [FB]})},
+            {"conditions": groups_of("OR", {"filters": [FC]}, {"filters": [FD]})},
         ),
         "((F.data('a') == 1) | (F.data('b') == 2)) & ((F.data('c') == 3) | (F.data('d') == 4))",
     ),
     # ... and such an AND inside an OR is a group holding it as its condition.
     (
         ((A | B) & (C | D)) | A,
-        cond(
+        groups_of(
             "OR",
             {
-                "conditions": cond(
+                "conditions": groups_of(
                     "AND",
-                    {"conditions": cond("OR", {"filters": [FA]}, {"filters": [FB]})},
-                    {"conditions": cond("OR", {"filters": [FC]}, {"filters": [FD]})},
+                    {"conditions": groups_of("OR", {"filters": [FA]}, {"filters": [FB]})},
+                    {"conditions": groups_of("OR", {"filters": [FC]}, {"filters": [FD]})},
                 )
             },
             {"filters": [FA]},
@@ -280,16 +269,16 @@ NESTING: list[tuple[Expression, dict[str, Any], str]] = [
     # Three levels: AND of (OR of (AND with an OR inside)).
     (
         A & (B | (C & (D | A))),
-        cond(
+        groups_of(
             "AND",
             {
                 "filters": [FA],
-                "conditions": cond(
+                "conditions": groups_of(
                     "OR",
                     {"filters": [FB]},
                     {
                         "filters": [FC],
-                        "conditions": cond("OR", {"filters": [FD]}, {"filters": [FA]}),
+                        "conditions": groups_of("OR", {"filters": [FD]}, {"filters": [FA]}),
                     },
                 ),
             },
@@ -298,16 +287,16 @@ NESTING: list[tuple[Expression, dict[str, Any], str]] = [
     ),
     (
         all_of(A, B, C),
-        cond("AND", {"filters": [FA, FB, FC]}),
+        groups_of("AND", {"filters": [FA, FB, FC]}),
         "(F.data('a') == 1) & (F.data('b') == 2) & (F.data('c') == 3)",
     ),
     (
         any_of(A, all_of(B, C)),
-        cond("OR", {"filters": [FA]}, {"filters": [FB, FC]}),
+        groups_of("OR", {"filters": [FA]}, {"filters": [FB, FC]}),
         "(F.data('a') == 1) | ((F.data('b') == 2) & (F.data('c') == 3))",
     ),
-    (all_of(A), cond("AND", {"filters": [FA]}), "F.data('a') == 1"),
-    (any_of(A), cond("AND", {"filters": [FA]}), "F.data('a') == 1"),
+    (all_of(A), groups_of("AND", {"filters": [FA]}), "F.data('a') == 1"),
+    (any_of(A), groups_of("AND", {"filters": [FA]}), "F.data('a') == 1"),
 ]
 
 
@@ -440,15 +429,19 @@ def seed(client: SegmentsClient) -> dict[str, str]:
 def test_built_conditions_count_as_the_same_json(client: SegmentsClient) -> None:
     vip = seed(client)["vip"]
     cases: list[tuple[Expression, dict[str, Any], int]] = [
-        (F.data("plan") == "pro", cond("AND", {"filters": [one("data.plan", "equals", "pro")]}), 2),
+        (
+            F.data("plan") == "pro",
+            groups_of("AND", {"filters": [flt("data.plan", "equals", "pro")]}),
+            2,
+        ),
         (
             F.email.contains("@ACME.com") & (F.subscribed == True),  # noqa: E712
-            cond(
+            groups_of(
                 "AND",
                 {
                     "filters": [
-                        one("email", "contains", "@ACME.com"),
-                        one("subscribed", "equals", True),
+                        flt("email", "contains", "@ACME.com"),
+                        flt("subscribed", "equals", True),
                     ]
                 },
             ),
@@ -457,26 +450,26 @@ def test_built_conditions_count_as_the_same_json(client: SegmentsClient) -> None
         (
             # "40" is a string: ordering compares numbers only.
             (F.data("age") >= 18) | F.data("vip").exists(),
-            cond(
+            groups_of(
                 "OR",
-                {"filters": [one("data.age", "greaterThanOrEqual", 18)]},
-                {"filters": [one("data.vip", "exists")]},
+                {"filters": [flt("data.age", "greaterThanOrEqual", 18)]},
+                {"filters": [flt("data.vip", "exists")]},
             ),
             2,
         ),
         (
             F.event("login").triggered_within(30, "minutes"),
-            cond("AND", {"filters": [one("event.login", "triggeredWithin", 30, "minutes")]}),
+            groups_of("AND", {"filters": [flt("event.login", "triggeredWithin", 30, "minutes")]}),
             1,
         ),
         (
             F.event("purchase").not_triggered() & F.created_at.within(7, "days"),
-            cond(
+            groups_of(
                 "AND",
                 {
                     "filters": [
-                        one("event.purchase", "notTriggered"),
-                        one("createdAt", "within", 7, "days"),
+                        flt("event.purchase", "notTriggered"),
+                        flt("createdAt", "within", 7, "days"),
                     ]
                 },
             ),
@@ -484,22 +477,24 @@ def test_built_conditions_count_as_the_same_json(client: SegmentsClient) -> None
         ),
         (
             F.event("purchase").triggered_older_than(30, "days"),
-            cond("AND", {"filters": [one("event.purchase", "triggeredOlderThan", 30, "days")]}),
+            groups_of(
+                "AND", {"filters": [flt("event.purchase", "triggeredOlderThan", 30, "days")]}
+            ),
             1,
         ),
         (
             F.email_activity("opened").triggered_within(7, "days"),
-            cond("AND", {"filters": [one("email.opened", "triggeredWithin", 7, "days")]}),
+            groups_of("AND", {"filters": [flt("email.opened", "triggeredWithin", 7, "days")]}),
             1,
         ),
         (
             F.segment(vip).member() & (F.data("plan") != "pro"),
-            cond(
+            groups_of(
                 "AND",
                 {
                     "filters": [
-                        one(f"segment.{vip}", "memberOfSegment"),
-                        one("data.plan", "notEquals", "pro"),
+                        flt(f"segment.{vip}", "memberOfSegment"),
+                        flt("data.plan", "notEquals", "pro"),
                     ]
                 },
             ),
@@ -507,12 +502,12 @@ def test_built_conditions_count_as_the_same_json(client: SegmentsClient) -> None
         ),
         (
             F.segment(vip).not_member() & F.data("address", "city").contains("ber"),
-            cond(
+            groups_of(
                 "AND",
                 {
                     "filters": [
-                        one(f"segment.{vip}", "notMemberOfSegment"),
-                        one("data.address.city", "contains", "ber"),
+                        flt(f"segment.{vip}", "notMemberOfSegment"),
+                        flt("data.address.city", "contains", "ber"),
                     ]
                 },
             ),
@@ -521,20 +516,20 @@ def test_built_conditions_count_as_the_same_json(client: SegmentsClient) -> None
         (
             ((F.data("plan") == "pro") | (F.data("plan") == "free"))
             & ((F.subscribed == False) | F.event("purchase").triggered()),  # noqa: E712
-            cond(
+            groups_of(
                 "AND",
                 {
-                    "conditions": cond(
+                    "conditions": groups_of(
                         "OR",
-                        {"filters": [one("data.plan", "equals", "pro")]},
-                        {"filters": [one("data.plan", "equals", "free")]},
+                        {"filters": [flt("data.plan", "equals", "pro")]},
+                        {"filters": [flt("data.plan", "equals", "free")]},
                     )
                 },
                 {
-                    "conditions": cond(
+                    "conditions": groups_of(
                         "OR",
-                        {"filters": [one("subscribed", "equals", False)]},
-                        {"filters": [one("event.purchase", "triggered")]},
+                        {"filters": [flt("subscribed", "equals", False)]},
+                        {"filters": [flt("event.purchase", "triggered")]},
                     )
                 },
             ),
@@ -564,23 +559,23 @@ def test_segments_take_built_conditions(client: SegmentsClient) -> None:
 
 BAD_DICTS: list[tuple[Any, list[str]]] = [
     (
-        cond("AND", {"filters": [{"field": "email", "operator": "resembles"}]}),
+        groups_of("AND", {"filters": [{"field": "email", "operator": "resembles"}]}),
         ["condition.groups.0.filters.0.operator"],
     ),
     (
-        cond("XOR", {"filters": [one("email", "exists")]}),
+        groups_of("XOR", {"filters": [flt("email", "exists")]}),
         ["condition.logic"],
     ),
     (
-        cond(
+        groups_of(
             "OR",
-            {"filters": [one("email", "exists")]},
-            {"conditions": cond("AND", {"filters": [one("data.t", "within", 1, "weeks")]})},
+            {"filters": [flt("email", "exists")]},
+            {"conditions": groups_of("AND", {"filters": [flt("data.t", "within", 1, "weeks")]})},
         ),
         ["condition.groups.1.conditions.groups.0.filters.0.unit"],
     ),
     (
-        cond("AND", {"filters": [{"field": "email", "operator": "exists", "vlaue": 1}]}),
+        groups_of("AND", {"filters": [{"field": "email", "operator": "exists", "vlaue": 1}]}),
         ["condition.groups.0.filters.0.vlaue"],
     ),
     (
@@ -592,11 +587,11 @@ BAD_DICTS: list[tuple[Any, list[str]]] = [
         ["condition.groups"],
     ),
     (
-        cond("AND", {"filters": [{"field": 7, "operator": "equals", "value": object()}]}),
+        groups_of("AND", {"filters": [{"field": 7, "operator": "equals", "value": object()}]}),
         ["condition.groups.0.filters.0.field", "condition.groups.0.filters.0.value"],
     ),
     (
-        cond("AND", {"filters": ["email equals x", {"field": "email", "operator": 3}]}),
+        groups_of("AND", {"filters": ["email equals x", {"field": "email", "operator": 3}]}),
         ["condition.groups.0.filters.0", "condition.groups.0.filters.1.operator"],
     ),
 ]
@@ -626,7 +621,7 @@ def test_bad_dicts_raise_the_typed_error_with_field_paths(
 
 
 def test_the_unknown_operator_message_names_the_known_ones(client: SegmentsClient) -> None:
-    bad = cond("AND", {"filters": [{"field": "email", "operator": "resembles"}]})
+    bad = groups_of("AND", {"filters": [{"field": "email", "operator": "resembles"}]})
     with pytest.raises(InvalidRequestError) as caught:
         client.create_segment("Bad", condition=bad)
     (violation,) = caught.value.field_violations

@@ -5,38 +5,29 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments import AsyncSegmentsClient, InvalidArgumentError, SegmentsClient, UnauthenticatedError
+from segments import (
+    AsyncSegmentsClient,
+    Expression,
+    F,
+    InvalidArgumentError,
+    SegmentsClient,
+    UnauthenticatedError,
+)
 from segments_api.v1 import segments_pb2
 from segments_service import segments
+from tests.conditions import cond, flt
 from tests.conftest import Project, Stubs
 
-
-def condition(*filters: dict[str, Any]) -> dict[str, Any]:
-    """The AND of `filters`."""
-    return {"logic": "AND", "groups": [{"filters": list(filters)}]}
-
-
-def any_of(*filters: dict[str, Any]) -> dict[str, Any]:
-    """The OR of `filters`."""
-    return {"logic": "OR", "groups": [{"filters": [f]} for f in filters]}
-
-
-PREMIUM = {"field": "data.plan", "operator": "equals", "value": "premium"}
-NO_PURCHASE = {"field": "event.purchase", "operator": "notTriggered"}
-NO_RECENT_LOGIN = {
-    "field": "login",
-    "operator": "notTriggeredWithin",
-    "value": 7,
-    "unit": "days",
-}
-BOUGHT = {"field": "purchase", "operator": "triggered"}
+PREMIUM = F.data("plan") == "premium"
+NO_PURCHASE = F.event("purchase").not_triggered()
+NO_RECENT_LOGIN = F.event("login").not_triggered_within(7, "days")
+BOUGHT = F.event("purchase").triggered()
 
 
 @pytest.fixture
@@ -61,56 +52,56 @@ def populate(client: SegmentsClient) -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "expected"),
+    ("condition", "expected"),
     [
-        (condition(PREMIUM), 2),
-        (condition(BOUGHT), 2),
+        (PREMIUM, 2),
+        (BOUGHT, 2),
         # Everyone but a set: counted by subtraction, and still only this project's.
-        (condition(NO_PURCHASE), 3),
-        (condition(NO_RECENT_LOGIN), 2),
-        (condition(PREMIUM, NO_PURCHASE), 1),
-        (any_of(PREMIUM, BOUGHT), 3),
-        (condition({"field": "event.never", "operator": "notTriggered"}), 5),
-        (condition({"field": "event.never", "operator": "triggered"}), 0),
+        (NO_PURCHASE, 3),
+        (NO_RECENT_LOGIN, 2),
+        (PREMIUM & NO_PURCHASE, 1),
+        (PREMIUM | BOUGHT, 3),
+        (F.event("never").not_triggered(), 5),
+        (F.event("never").triggered(), 0),
     ],
 )
 def test_counts_what_a_segment_of_the_condition_holds(
-    client: SegmentsClient, other: SegmentsClient, raw: dict[str, Any], expected: int
+    client: SegmentsClient, other: SegmentsClient, condition: Expression, expected: int
 ) -> None:
     populate(client)
     # Another tenant's contacts and events change nothing here.
     populate(other)
     other.upsert_contact("extra@x.com")
-    assert client.count_matching_contacts(raw) == expected
-    assert client.create_segment("Same", condition=raw).member_count == expected
+    assert client.count_matching_contacts(condition) == expected
+    assert client.create_segment("Same", condition=condition).member_count == expected
     assert (
-        other.count_matching_contacts(raw)
-        == other.create_segment("Same", condition=raw).member_count
+        other.count_matching_contacts(condition)
+        == other.create_segment("Same", condition=condition).member_count
     )
 
 
 def test_segment_references_count_as_the_referenced_condition(client: SegmentsClient) -> None:
     populate(client)
-    premium = client.create_segment("Premium", condition=condition(PREMIUM))
+    premium = client.create_segment("Premium", condition=PREMIUM)
     listed = client.create_segment("List", type="STATIC")
     client.add_segment_members(listed.id, ["c0@x.com", "c4@x.com"])
-    member = {"field": f"segment.{premium.id}", "operator": "memberOfSegment"}
-    not_listed = {"field": f"segment.{listed.id}", "operator": "notMemberOfSegment"}
-    assert client.count_matching_contacts(condition(member)) == 2
-    assert client.count_matching_contacts(condition(not_listed)) == 3
-    assert client.count_matching_contacts(condition(member, not_listed)) == 1
+    member = F.segment(premium).member()
+    not_listed = F.segment(listed).not_member()
+    assert client.count_matching_contacts(member) == 2
+    assert client.count_matching_contacts(not_listed) == 3
+    assert client.count_matching_contacts(member & not_listed) == 1
 
 
 def test_nothing_is_stored(client: SegmentsClient) -> None:
     populate(client)
-    assert client.count_matching_contacts(condition(PREMIUM)) == 2
+    assert client.count_matching_contacts(PREMIUM) == 2
     assert client.list_segments() == []
 
 
 def test_invalid_conditions_are_refused_as_create_refuses_them(
     client: SegmentsClient, other: SegmentsClient, stubs: Stubs, project: Project
 ) -> None:
-    bad = condition({"field": "data.plan", "operator": "within", "value": "x"})
+    bad = cond(flt("data.plan", "within", "x"))
     with pytest.raises(InvalidArgumentError) as caught:
         client.count_matching_contacts(bad)
     assert caught.value.status_code == grpc.StatusCode.INVALID_ARGUMENT
@@ -123,8 +114,8 @@ def test_invalid_conditions_are_refused_as_create_refuses_them(
     assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "condition" in str(missing.value.details())
 
-    foreign = other.create_segment("Theirs", condition=condition(PREMIUM))
-    reference = condition({"field": f"segment.{foreign.id}", "operator": "memberOfSegment"})
+    foreign = other.create_segment("Theirs", condition=PREMIUM)
+    reference = F.segment(foreign).member()
     with pytest.raises(InvalidArgumentError) as cross:
         client.count_matching_contacts(reference)
     assert [v.field for v in cross.value.field_violations] == ["condition.groups.0.filters.0.field"]
@@ -135,7 +126,7 @@ def test_needs_a_secret_key(target: str, project: Project) -> None:
         SegmentsClient(target, project.public_key) as public,
         pytest.raises(UnauthenticatedError),
     ):
-        public.count_matching_contacts(condition(PREMIUM))
+        public.count_matching_contacts(PREMIUM)
 
 
 def test_asyncio_client(target: str, project: Project, client: SegmentsClient) -> None:
@@ -143,7 +134,7 @@ def test_asyncio_client(target: str, project: Project, client: SegmentsClient) -
 
     async def count() -> int:
         async with AsyncSegmentsClient(target, project.secret_key) as aclient:
-            return await aclient.count_matching_contacts(condition(NO_PURCHASE))
+            return await aclient.count_matching_contacts(NO_PURCHASE)
 
     assert asyncio.run(count()) == 3
 
@@ -156,7 +147,7 @@ def test_the_count_runs_with_its_own_work_mem(
     with sessions.begin() as session:
         default = session.execute(text("SHOW work_mem")).scalar_one()
     with sessions.begin() as session:
-        count = segments.count_matching(session, uuid.UUID(project.id), condition(NO_PURCHASE))
+        count = segments.count_matching(session, uuid.UUID(project.id), NO_PURCHASE.to_dict())
         assert count == 0
         assert session.execute(text("SHOW work_mem")).scalar_one() == segments.COUNT_WORK_MEM
     with sessions.begin() as session:

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from typing import Any
 
 import pytest
 from alembic import command
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
+from segments import F
+from segments_api.v1 import contacts_pb2, events_pb2, segments_pb2
 from segments_service import event_ids
 from segments_service.database import alembic_config
+from tests.conditions import as_proto
 from tests.conftest import Project, Stubs
 
 SECRET = bytes(range(32))
@@ -145,14 +146,10 @@ def test_track_shows_the_projects_token_not_the_row_id(
 def test_watch_shows_the_projects_token_not_the_row_id(
     stubs: Stubs, project: Project, sessions: sessionmaker[Session]
 ) -> None:
-    condition: dict[str, Any] = {
-        "logic": "AND",
-        "groups": [{"filters": [{"field": "data.vip", "operator": "equals", "value": True}]}],
-    }
     segment = stubs.segments.CreateSegment(
         segments_pb2.CreateSegmentRequest(
             name="VIP",
-            condition=json_format.ParseDict(condition, resources_pb2.FilterCondition()),
+            condition=as_proto(F.data("vip").equals(True)),
             track_membership=True,
         ),
         metadata=project.auth,

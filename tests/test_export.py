@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from google.protobuf import json_format
 
+from segments import F
 from segments.client import AsyncSegmentsClient, SegmentsClient
 from segments_api.v1 import events_pb2, resources_pb2, segments_pb2
 from segments_service import streams
+from tests.conditions import as_proto
 from tests.conftest import Project, Stubs
 
 MEMBERS = 2100
@@ -18,12 +19,10 @@ MEMBERS = 2100
 
 def signed_up(stubs: Stubs, project: Project, count: int) -> str:
     """A segment of `count` contacts (those with a signup event) and one outsider."""
-    condition = json_format.ParseDict(
-        {"logic": "AND", "groups": [{"filters": [{"field": "signup", "operator": "triggered"}]}]},
-        resources_pb2.FilterCondition(),
-    )
     segment = stubs.segments.CreateSegment(
-        segments_pb2.CreateSegmentRequest(name="Signed up", condition=condition),
+        segments_pb2.CreateSegmentRequest(
+            name="Signed up", condition=as_proto(F.event("signup").triggered())
+        ),
         metadata=project.auth,
     )
     emails = [f"e{i:04d}@x.com" for i in range(count)] + ["outsider@x.com"]

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import Select, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments import F
 from segments_service import tables
 from segments_service.filters import (
     CompileContext,
@@ -28,73 +29,69 @@ from segments_service.filters import (
     compile_members,
     parse_condition,
 )
+from tests.conditions import Condition, as_json, cond, flt
 from tests.reference import RefContact, RefEvent, RefSegment, evaluate
 
 NOW = datetime(2025, 6, 15, 12, 0, tzinfo=UTC)
 SEGMENT = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
 
 
-def flt(field: str, operator: str, value: Any = None, unit: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"field": field, "operator": operator}
-    if value is not None:
-        out["value"] = value
-    if unit is not None:
-        out["unit"] = unit
-    return out
-
-
-def one(f: dict[str, Any]) -> dict[str, Any]:
-    return {"logic": "AND", "groups": [{"filters": [f]}]}
-
-
 @pytest.mark.parametrize(
-    ("raw", "kind_type", "facts"),
+    ("given", "kind_type", "facts"),
     [
-        (flt("email", "contains", "Shop"), EmailFilter, {"value": "Shop"}),
-        (flt("subscribed", "equals", True), SubscribedFilter, {"value": True}),
+        (F.email.contains("Shop"), EmailFilter, {"value": "Shop"}),
+        (F.subscribed.equals(True), SubscribedFilter, {"value": True}),
         (
-            flt("createdAt", "greaterThan", "2025-01-02"),
+            F.created_at > "2025-01-02",
             TimeFilter,
             {"kind": Kind.CREATED_AT, "day": date(2025, 1, 2), "timestamp": None},
         ),
         (
-            flt("updatedAt", "within", 3, "hours"),
+            F.updated_at.within(3, "hours"),
             TimeFilter,
             {"kind": Kind.UPDATED_AT, "window": timedelta(hours=3)},
         ),
         (
-            flt("data.a.b", "lessThan", "2025-01-02T03:04:05Z"),
+            F.data("a", "b") < "2025-01-02T03:04:05Z",
             DataFilter,
             {"path": ("a", "b"), "timestamp": datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)},
         ),
-        (flt("data.vip", "exists"), DataFilter, {"path": ("vip",), "value": None}),
+        (F.data("vip").exists(), DataFilter, {"path": ("vip",), "value": None}),
         (
-            flt("email.open", "triggeredWithin", 2, "days"),
+            F.email_activity("open").triggered_within(2, "days"),
             EventFilter,
             {"events": ("email.opened", "email.open"), "window": timedelta(days=2)},
         ),
-        (flt("purchase", "notTriggered"), EventFilter, {"events": ("purchase",), "window": None}),
+        # A bare name with an event operator: a spelling of the JSON the builder never writes.
         (
-            flt(f"segment.{SEGMENT}", "notMemberOfSegment"),
+            cond(flt("purchase", "notTriggered")),
+            EventFilter,
+            {"events": ("purchase",), "window": None},
+        ),
+        (
+            F.segment(str(SEGMENT)).not_member(),
             SegmentFilter,
             {"segment_id": SEGMENT, "events": (), "window": None},
         ),
     ],
 )
 def test_each_kind_parses_to_its_type_and_round_trips(
-    raw: dict[str, Any], kind_type: type, facts: dict[str, Any]
+    given: Condition, kind_type: type, facts: dict[str, Any]
 ) -> None:
-    condition = parse_condition(one(raw))
+    raw = as_json(given)
+    condition = parse_condition(raw)
     (f,) = condition.iter_filters()
     assert type(f) is kind_type
-    assert f.operator is Op(raw["operator"])
+    assert f.operator is Op(raw["groups"][0]["filters"][0]["operator"])
     for name, expected in facts.items():
         assert getattr(f, name) == expected, name
-    assert condition.to_json() == one(raw)
+    assert condition.to_json() == raw
     assert parse_condition(condition.to_json()) == condition
 
 
 def test_nested_conditions_round_trip() -> None:
+    # The nested AND of one filter is a shape the builder never writes (it would join the
+    # filter to the group's own): spelled as JSON.
     raw = {
         "logic": "OR",
         "groups": [
@@ -113,7 +110,9 @@ def test_nested_conditions_round_trip() -> None:
     assert parse_condition(condition.to_json()) == condition
 
 
-REFERENCED = one(flt("data.plan", "equals", "pro"))
+REFERENCED = (F.data("plan") == "pro").to_dict()
+# Spelled as JSON: the paths below name its groups as written; the builder would merge the
+# nested AND's two one-filter groups, and write `purchase` as event.purchase.
 CONDITION = {
     "logic": "OR",
     "groups": [
@@ -155,7 +154,7 @@ def part_of(path: str) -> dict[str, Any]:
         else:
             node = node[step]
             i += 1
-    return node if "logic" in node else one(node)
+    return node if "logic" in node else cond(node)
 
 
 def statement_text(statement: Select[Any]) -> str:

@@ -13,6 +13,8 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments import Expression, F, all_of, any_of
+from segments.conditions import Unit
 from segments_service import tables
 from segments_service.errors import ValidationError
 from segments_service.filters import (
@@ -26,22 +28,10 @@ from segments_service.filters import (
     parse_condition,
     relative_values,
 )
+from tests.conditions import cond, flt
 from tests.reference import RefContact, RefEvent, evaluate
 
 F0 = "condition.groups.0.filters.0"
-
-
-def cond(*filters: dict[str, Any], logic: str = "AND") -> dict[str, Any]:
-    return {"logic": logic, "groups": [{"filters": list(filters)}]}
-
-
-def flt(field: str, operator: str, value: Any = None, unit: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"field": field, "operator": operator}
-    if value is not None:
-        out["value"] = value
-    if unit is not None:
-        out["unit"] = unit
-    return out
 
 
 def violations(raw: Any) -> list[tuple[str, str]]:
@@ -223,8 +213,8 @@ def test_non_finite_numbers(number: float, make: Any) -> None:
 
 
 def test_string_value_limit() -> None:
-    parse_condition(cond(flt("data.note", "equals", "x" * MAX_STRING_VALUE)))
-    parse_condition(cond(flt("data.note", "contains", "é" * MAX_STRING_VALUE)))
+    parse_condition((F.data("note") == "x" * MAX_STRING_VALUE).to_dict())
+    parse_condition(F.data("note").contains("é" * MAX_STRING_VALUE).to_dict())
     assert violations(cond(flt("data.note", "equals", "x" * (MAX_STRING_VALUE + 1)))) == [
         (f"{F0}.value", "too_long")
     ]
@@ -240,8 +230,9 @@ def test_depth_limit() -> None:
 
 
 def test_filter_count_limit() -> None:
+    at_limit = [F.data("n") == i for i in range(MAX_FILTERS)]
+    parse_condition(any_of(all_of(*at_limit[:120]), all_of(*at_limit[120:])).to_dict())
     many = [flt("data.n", "equals", i) for i in range(MAX_FILTERS)]
-    parse_condition({"logic": "OR", "groups": [{"filters": many[:120]}, {"filters": many[120:]}]})
     over = {
         "logic": "OR",
         "groups": [
@@ -352,8 +343,9 @@ def test_out_of_range_values_are_validation_errors(bad: dict[str, Any]) -> None:
 
 
 def test_window_limit_is_inclusive() -> None:
-    for value, unit in [(36525, "days"), (36525 * 24 * 60, "minutes")]:
-        parsed = next(parse_condition(cond(flt("createdAt", "within", value, unit))).iter_filters())
+    windows: list[tuple[int, Unit]] = [(36525, "days"), (36525 * 24 * 60, "minutes")]
+    for value, unit in windows:
+        parsed = next(parse_condition(F.created_at.within(value, unit).to_dict()).iter_filters())
         assert parsed.window == timedelta(days=36525)
         with pytest.raises(ValidationError) as caught:
             parse_condition(cond(flt("createdAt", "within", value + 1, unit)))
@@ -363,7 +355,8 @@ def test_window_limit_is_inclusive() -> None:
 
 
 def test_epoch_milliseconds_are_exact() -> None:
-    # value / 1000 as a float lost microseconds after about year 2242.
+    # value / 1000 as a float lost microseconds after about year 2242. JSON numbers as the
+    # parser reads them: the builder takes whole milliseconds only, and the last is fractional.
     for millis, expected in [
         (253402300799999, datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)),
         (10413792000001, datetime(2300, 1, 1, 0, 0, 0, 1000, tzinfo=UTC)),
@@ -376,7 +369,7 @@ def test_epoch_milliseconds_are_exact() -> None:
 
 def test_value_timestamps() -> None:
     def parsed(value: str) -> Any:
-        return next(parse_condition(cond(flt("createdAt", "equals", value))).iter_filters())
+        return next(parse_condition((F.created_at == value).to_dict()).iter_filters())
 
     assert parsed("2025-06-15T12:00:00.123456789Z").timestamp == datetime(
         2025, 6, 15, 12, 0, 0, 123456, tzinfo=UTC
@@ -387,9 +380,10 @@ def test_value_timestamps() -> None:
 
 
 def test_bare_event_names_and_aliases() -> None:
+    # The bare name is a spelling of the JSON the builder never writes.
     f = next(parse_condition(cond(flt("purchase", "triggeredWithin", 7, "days"))).iter_filters())
     assert (f.kind, f.events) == (Kind.EVENT, ("purchase",))
-    f = next(parse_condition(cond(flt("email.click", "triggered"))).iter_filters())
+    f = next(parse_condition(F.email_activity("click").triggered().to_dict()).iter_filters())
     assert set(f.events) == {"email.clicked", "email.click"}
 
 
@@ -401,15 +395,15 @@ NOW = datetime(2025, 6, 15, 12, 0, tzinfo=UTC)
 def _select(
     sessions: sessionmaker[Session],
     data: dict[str, dict[str, Any]],
-    raw: dict[str, Any],
+    condition: Expression,
     created: dict[str, datetime] | None = None,
 ) -> set[str]:
-    """Emails the compiled `raw` selects among contacts {email: data}; checked against the
-    reference evaluator too."""
+    """Emails the compiled `condition` selects among contacts {email: data}; checked against
+    the reference evaluator too."""
     created = created or {}
     with sessions() as session:
         try:
-            return _select_in(session, data, raw, created)
+            return _select_in(session, data, condition.to_dict(), created)
         finally:
             session.rollback()
 
@@ -477,18 +471,18 @@ def test_data_paths_walk_objects_not_arrays(sessions: sessionmaker[Session]) -> 
         "deep@x.com": {"a": {"0": {"b": "vip"}}},
         "neg@x.com": {"tags": ["x", "vip"]},
     }
-    assert _select(sessions, data, cond(flt("data.tags.0", "exists"))) == {"object@x.com"}
-    assert _select(sessions, data, cond(flt("data.tags.0", "notExists"))) == {
+    assert _select(sessions, data, F.data("tags.0").exists()) == {"object@x.com"}
+    assert _select(sessions, data, F.data("tags.0").not_exists()) == {
         "array@x.com",
         "nested@x.com",
         "deep@x.com",
         "neg@x.com",
     }
-    assert _select(sessions, data, cond(flt("data.tags.0", "contains", "VIP"))) == {"object@x.com"}
-    assert _select(sessions, data, cond(flt("data.tags.0", "notEquals", "x"))) == {"object@x.com"}
-    assert _select(sessions, data, cond(flt("data.tags.-1", "exists"))) == set()
-    assert _select(sessions, data, cond(flt("data.a.0.b", "equals", "vip"))) == {"deep@x.com"}
-    assert _select(sessions, data, cond(flt("data.a.0.b", "exists"))) == {"deep@x.com"}
+    assert _select(sessions, data, F.data("tags.0").contains("VIP")) == {"object@x.com"}
+    assert _select(sessions, data, F.data("tags.0") != "x") == {"object@x.com"}
+    assert _select(sessions, data, F.data("tags.-1").exists()) == set()
+    assert _select(sessions, data, F.data("a.0.b") == "vip") == {"deep@x.com"}
+    assert _select(sessions, data, F.data("a.0.b").exists()) == {"deep@x.com"}
 
 
 def test_number_comparisons_read_any_key_and_numbers_only(
@@ -506,13 +500,11 @@ def test_number_comparisons_read_any_key_and_numbers_only(
         "nested@x.com": {"o": {key: 6}},
         "nested-arr@x.com": {"o": [{key: 6}]},
     }
-    field = f"data.{key}"
-    assert _select(sessions, data, cond(flt(field, "greaterThan", 4.5))) == {"n@x.com", "big@x.com"}
-    assert _select(sessions, data, cond(flt(field, "lessThanOrEqual", 5))) == {"n@x.com"}
-    assert _select(sessions, data, cond(flt(f"data.o.{key}", "greaterThanOrEqual", 6))) == {
-        "nested@x.com"
-    }
-    assert _select(sessions, data, cond(flt(field, "lessThan", 1e300))) == {"n@x.com", "big@x.com"}
+    field = F.data(key)
+    assert _select(sessions, data, field > 4.5) == {"n@x.com", "big@x.com"}
+    assert _select(sessions, data, field <= 5) == {"n@x.com"}
+    assert _select(sessions, data, F.data("o", key) >= 6) == {"nested@x.com"}
+    assert _select(sessions, data, field < 1e300) == {"n@x.com", "big@x.com"}
 
 
 def test_date_only_bounds_at_the_end_of_time(sessions: sessionmaker[Session]) -> None:
@@ -520,16 +512,17 @@ def test_date_only_bounds_at_the_end_of_time(sessions: sessionmaker[Session]) ->
     last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
     created = {"last@x.com": last, "now@x.com": NOW}
     data: dict[str, dict[str, Any]] = {"last@x.com": {}, "now@x.com": {}}
-    for op, expected in [
-        ("equals", {"last@x.com"}),
-        ("notEquals", {"now@x.com"}),
-        ("greaterThan", set()),
-        ("greaterThanOrEqual", {"last@x.com"}),
-        ("lessThan", {"now@x.com"}),
-        ("lessThanOrEqual", {"last@x.com", "now@x.com"}),
-    ]:
-        raw = cond(flt("createdAt", op, "9999-12-31"))
-        assert _select(sessions, data, raw, created) == expected, op
+    last_day = "9999-12-31"
+    cases: list[tuple[Expression, set[str]]] = [
+        (F.created_at == last_day, {"last@x.com"}),
+        (F.created_at != last_day, {"now@x.com"}),
+        (F.created_at > last_day, set()),
+        (F.created_at >= last_day, {"last@x.com"}),
+        (F.created_at < last_day, {"now@x.com"}),
+        (F.created_at <= last_day, {"last@x.com", "now@x.com"}),
+    ]
+    for condition, expected in cases:
+        assert _select(sessions, data, condition, created) == expected, condition
 
 
 def test_stored_timestamps_beyond_python_range(sessions: sessionmaker[Session]) -> None:
@@ -540,29 +533,20 @@ def test_stored_timestamps_beyond_python_range(sessions: sessionmaker[Session]) 
         "early@x.com": {"at": "0001-01-01T00:00:00+15:00"},
         "now@x.com": {"at": "2025-06-15T12:00:00Z"},
     }
-    assert _select(sessions, data, cond(flt("data.at", "greaterThan", "9999-12-31T23:59Z"))) == {
-        "late@x.com"
-    }
-    assert _select(sessions, data, cond(flt("data.at", "lessThan", "0001-01-01T00:00Z"))) == {
-        "early@x.com"
-    }
-    assert _select(sessions, data, cond(flt("data.at", "olderThan", 1, "days"))) == {"early@x.com"}
-    assert _select(sessions, data, cond(flt("data.at", "within", 1, "minutes"))) == {"now@x.com"}
+    at = F.data("at")
+    assert _select(sessions, data, at > "9999-12-31T23:59Z") == {"late@x.com"}
+    assert _select(sessions, data, at < "0001-01-01T00:00Z") == {"early@x.com"}
+    assert _select(sessions, data, at.older_than(1, "days")) == {"early@x.com"}
+    assert _select(sessions, data, at.within(1, "minutes")) == {"now@x.com"}
 
 
 def test_edges_are_exact(sessions: sessionmaker[Session]) -> None:
     week = NOW - timedelta(days=7)
     created = {"edge@x.com": week, "before@x.com": week - timedelta(microseconds=1)}
     data: dict[str, dict[str, Any]] = {"edge@x.com": {}, "before@x.com": {}}
-    assert _select(sessions, data, cond(flt("createdAt", "within", 7, "days")), created) == {
-        "edge@x.com"
-    }
-    assert _select(sessions, data, cond(flt("createdAt", "olderThan", 7, "days")), created) == {
-        "before@x.com"
-    }
-    assert _select(sessions, data, cond(flt("createdAt", "within", 168, "hours")), created) == {
-        "edge@x.com"
-    }
+    assert _select(sessions, data, F.created_at.within(7, "days"), created) == {"edge@x.com"}
+    assert _select(sessions, data, F.created_at.older_than(7, "days"), created) == {"before@x.com"}
+    assert _select(sessions, data, F.created_at.within(168, "hours"), created) == {"edge@x.com"}
 
 
 def test_data_window_edges_are_exact(sessions: sessionmaker[Session]) -> None:
@@ -576,33 +560,31 @@ def test_data_window_edges_are_exact(sessions: sessionmaker[Session]) -> None:
         "future@x.com": {"at": (NOW + micro).isoformat()},
         "text@x.com": {"at": "last week"},
     }
-    assert _select(sessions, data, cond(flt("data.at", "within", 7, "days"))) == {
-        "start@x.com",
-        "now@x.com",
-    }
-    assert _select(sessions, data, cond(flt("data.at", "olderThan", 7, "days"))) == {"before@x.com"}
+    assert _select(sessions, data, F.data("at").within(7, "days")) == {"start@x.com", "now@x.com"}
+    assert _select(sessions, data, F.data("at").older_than(7, "days")) == {"before@x.com"}
 
 
 # Conditions whose members differ between NOW and ten days before it.
 WINDOWED = [
-    cond(flt("event.login", "triggeredWithin", 7, "days")),
-    cond(flt("event.login", "triggeredOlderThan", 7, "days")),
-    cond(flt("event.login", "notTriggeredWithin", 7, "days")),
-    cond(flt("createdAt", "within", 7, "days")),
-    cond(flt("updatedAt", "olderThan", 7, "days")),
-    cond(flt("data.at", "within", 7, "days")),
-    cond(flt("data.at", "olderThan", 7, "days")),
-    cond(flt("data.at", "within", 7, "days"), flt("event.login", "triggeredWithin", 7, "days")),
+    F.event("login").triggered_within(7, "days"),
+    F.event("login").triggered_older_than(7, "days"),
+    F.event("login").not_triggered_within(7, "days"),
+    F.created_at.within(7, "days"),
+    F.updated_at.older_than(7, "days"),
+    F.data("at").within(7, "days"),
+    F.data("at").older_than(7, "days"),
+    F.data("at").within(7, "days") & F.event("login").triggered_within(7, "days"),
 ]
 
 
-@pytest.mark.parametrize("raw", WINDOWED)
+@pytest.mark.parametrize("condition", WINDOWED)
 def test_a_statement_compiled_relative_to_its_instant_serves_any_instant(
-    sessions: sessionmaker[Session], raw: dict[str, Any]
+    sessions: sessionmaker[Session], condition: Expression
 ) -> None:
     # Compiled once with the instant's values as parameters (what membership does for
     # batches of events), the statement must select, at every instant it is given, what a
     # statement compiled at that instant selects.
+    raw = condition.to_dict()
     earlier = NOW - timedelta(days=10)
     ages = {"fresh@x.com": 3, "recent@x.com": 12, "old@x.com": 25}
     people = [
@@ -676,17 +658,17 @@ def test_data_timestamps_far_from_utc_keep_their_instant(sessions: sessionmaker[
     data["day-next@x.com"] = {"at": (NOW + timedelta(days=1)).strftime("%Y-%m-%d")}
     every = range(len(offsets))
 
-    within = _select(sessions, data, cond(flt("data.at", "within", 7, "days")))
+    within = _select(sessions, data, F.data("at").within(7, "days"))
     assert within == (
         {f"{name}{n}@x.com" for name in ("start", "now", "mid") for n in every} | {"day-now@x.com"}
     )
-    older = _select(sessions, data, cond(flt("data.at", "olderThan", 7, "days")))
+    older = _select(sessions, data, F.data("at").older_than(7, "days"))
     assert older == {f"before{n}@x.com" for n in every} | {"day-start@x.com"}
     # Absolute bounds: the text date is a day off the bound's date on both sides.
     bound = _in_offset(week, "Z")
-    later = _select(sessions, data, cond(flt("data.at", "greaterThanOrEqual", bound)))
+    later = _select(sessions, data, F.data("at") >= bound)
     assert later == within | {f"after{n}@x.com" for n in every} | {"day-next@x.com"}
-    earlier = _select(sessions, data, cond(flt("data.at", "lessThan", bound)))
+    earlier = _select(sessions, data, F.data("at") < bound)
     assert earlier == older
 
 
@@ -698,9 +680,9 @@ def test_data_timestamp_bounds_at_the_calendar_ends(sessions: sessionmaker[Sessi
         "second@x.com": {"at": "0001-01-02"},
         "last@x.com": {"at": "9999-12-31T23:30:00Z"},
     }
-    after = cond(flt("data.at", "greaterThan", "0001-01-01"))
+    after = F.data("at") > "0001-01-01"
     assert _select(sessions, data, after) == {"second@x.com", "last@x.com"}
-    before = cond(flt("data.at", "lessThan", "9999-12-31T23:00:00Z"))
+    before = F.data("at") < "9999-12-31T23:00:00Z"
     assert _select(sessions, data, before) == {"first@x.com", "second@x.com"}
 
 
@@ -712,8 +694,10 @@ def test_nul_characters_are_refused_where_they_are() -> None:
     ]
 
 
-def _tables_read(raw: dict[str, Any]) -> set[str]:
-    statement = compile_members(parse_condition(raw), CompileContext(now=NOW), uuid.uuid4())
+def _tables_read(condition: Expression) -> set[str]:
+    statement = compile_members(
+        parse_condition(condition.to_dict()), CompileContext(now=NOW), uuid.uuid4()
+    )
     sql = str(statement.compile()).lower()
     return {
         name
@@ -723,110 +707,51 @@ def _tables_read(raw: dict[str, Any]) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    ("raw", "reads"),
+    ("condition", "reads"),
     [
         # Positive event filters are sets of ids from `events` alone: every event row
         # references a contact of its project, so `contacts` has nothing to add.
         (
-            {
-                "logic": "AND",
-                "groups": [
-                    {
-                        "filters": [
-                            {
-                                "field": "event.purchase",
-                                "operator": "triggeredWithin",
-                                "value": 30,
-                                "unit": "days",
-                            },
-                            {"field": "email.clicked", "operator": "notTriggered"},
-                        ]
-                    }
-                ],
-            },
+            F.event("purchase").triggered_within(30, "days")
+            & F.email_activity("clicked").not_triggered(),
             {"events"},
         ),
         (
-            {
-                "logic": "OR",
-                "groups": [
-                    {
-                        "filters": [
-                            {
-                                "field": "event.login",
-                                "operator": "triggeredOlderThan",
-                                "value": 9,
-                                "unit": "days",
-                            }
-                        ]
-                    },
-                    {"filters": [{"field": "event.signup", "operator": "triggered"}]},
-                ],
-            },
+            F.event("login").triggered_older_than(9, "days") | F.event("signup").triggered(),
             {"events"},
         ),
         # A contact field brings in `contacts`, joined to the event set.
-        (
-            {
-                "logic": "AND",
-                "groups": [
-                    {
-                        "filters": [
-                            {"field": "event.purchase", "operator": "triggered"},
-                            {"field": "data.plan", "operator": "equals", "value": "pro"},
-                        ]
-                    }
-                ],
-            },
-            {"events", "contacts"},
-        ),
+        (F.event("purchase").triggered() & (F.data("plan") == "pro"), {"events", "contacts"}),
         # Contact fields only: one scan of `contacts`.
-        (
-            {
-                "logic": "OR",
-                "groups": [
-                    {"filters": [{"field": "data.plan", "operator": "equals", "value": "pro"}]},
-                    {"filters": [{"field": "email", "operator": "contains", "value": "x"}]},
-                ],
-            },
-            {"contacts"},
-        ),
+        ((F.data("plan") == "pro") | F.email.contains("x"), {"contacts"}),
         # Everyone without an event: the anti-join needs the contacts.
-        (
-            {
-                "logic": "AND",
-                "groups": [
-                    {
-                        "filters": [
-                            {"field": "event.purchase", "operator": "notTriggered"},
-                        ]
-                    }
-                ],
-            },
-            {"contacts", "events"},
-        ),
+        (F.event("purchase").not_triggered(), {"contacts", "events"}),
     ],
 )
 def test_event_conditions_read_only_the_tables_they_need(
-    raw: dict[str, Any], reads: set[str]
+    condition: Expression, reads: set[str]
 ) -> None:
-    assert _tables_read(raw) == reads
+    assert _tables_read(condition) == reads
 
 
 @pytest.mark.parametrize(
-    ("raw", "subtracts"),
+    ("condition", "subtracts"),
     [
-        (cond(flt("event.purchase", "notTriggered")), True),
-        (cond(flt("event.login", "notTriggeredWithin", 30, "days")), True),
-        (cond(flt(f"segment.{uuid.uuid4()}", "notMemberOfSegment")), False),
-        (cond(flt("event.purchase", "notTriggered"), flt("subscribed", "equals", True)), False),
-        (cond(flt("event.purchase", "triggered")), False),
+        (F.event("purchase").not_triggered(), True),
+        (F.event("login").not_triggered_within(30, "days"), True),
+        (F.segment(str(uuid.uuid4())).not_member(), False),
+        (F.event("purchase").not_triggered() & F.subscribed.equals(True), False),
+        (F.event("purchase").triggered(), False),
     ],
 )
-def test_everyone_but_a_set_is_counted_by_subtraction(raw: dict[str, Any], subtracts: bool) -> None:
+def test_everyone_but_a_set_is_counted_by_subtraction(
+    condition: Expression, subtracts: bool
+) -> None:
     # count(contacts) - count(the set): two index reads, no anti-join probing every contact.
     # An unknown segment reference matches nobody, so its negation is a plain predicate.
-    statement = compile_count(parse_condition(raw), CompileContext(now=NOW), uuid.uuid4())
+    statement = compile_count(
+        parse_condition(condition.to_dict()), CompileContext(now=NOW), uuid.uuid4()
+    )
     sql = " ".join(str(statement.compile()).lower().split())
     assert (" - (select count(" in sql) == subtracts, sql
     if subtracts:
@@ -835,19 +760,21 @@ def test_everyone_but_a_set_is_counted_by_subtraction(raw: dict[str, Any], subtr
 
 
 @pytest.mark.parametrize(
-    ("raw", "distinct_count"),
+    ("condition", "distinct_count"),
     [
-        (cond(flt("event.purchase", "triggered")), True),
-        (cond(flt("email.opened", "triggeredWithin", 7, "days")), True),
+        (F.event("purchase").triggered(), True),
+        (F.email_activity("opened").triggered_within(7, "days"), True),
         # Sets made of several parts are counted as the rows of their statement.
-        (cond(flt("event.purchase", "triggered"), flt("event.login", "triggered")), False),
-        (cond(flt("event.login", "triggeredOlderThan", 9, "days")), False),
+        (F.event("purchase").triggered() & F.event("login").triggered(), False),
+        (F.event("login").triggered_older_than(9, "days"), False),
     ],
 )
 def test_a_lone_event_set_is_counted_as_distinct_contacts(
-    raw: dict[str, Any], distinct_count: bool
+    condition: Expression, distinct_count: bool
 ) -> None:
     # count(DISTINCT contact_id) sorts the ids; counting SELECT DISTINCT hashes them first.
-    statement = compile_count(parse_condition(raw), CompileContext(now=NOW), uuid.uuid4())
+    statement = compile_count(
+        parse_condition(condition.to_dict()), CompileContext(now=NOW), uuid.uuid4()
+    )
     sql = " ".join(str(statement.compile()).lower().split())
     assert ("count(distinct events.contact_id)" in sql) == distinct_count, sql

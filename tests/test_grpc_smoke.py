@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
-from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
+from segments import F
+from segments_api.v1 import contacts_pb2, events_pb2, segments_pb2
+from tests.conditions import as_proto
 from tests.conftest import Project, Stubs
-
-
-def condition(data: dict[str, object]) -> resources_pb2.FilterCondition:
-    return json_format.ParseDict(data, resources_pb2.FilterCondition())
 
 
 def test_flow(stubs: Stubs, project: Project) -> None:
@@ -24,18 +22,7 @@ def test_flow(stubs: Stubs, project: Project) -> None:
     seg = stubs.segments.CreateSegment(
         segments_pb2.CreateSegmentRequest(
             name="Premium",
-            condition=condition(
-                {
-                    "logic": "AND",
-                    "groups": [
-                        {
-                            "filters": [
-                                {"field": "data.plan", "operator": "equals", "value": "premium"}
-                            ]
-                        }
-                    ],
-                }
-            ),
+            condition=as_proto(F.data("plan") == "premium"),
         ),
         metadata=project.auth,
     )

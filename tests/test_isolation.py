@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments import F
 from segments_api.v1 import resources_pb2, segments_pb2
 from segments_service.auth import revoke_key, rotate_key
 from tests.conftest import Project, Rest, Stubs, new_project
@@ -117,10 +118,7 @@ def world(rest: Rest, sessions: sessionmaker[Session]) -> World:
         f"/segments/{static.json['id']}/members", {"emails": ["ada@example.com"]}, key=key
     )
     assert added.status == 200 and added.json["added"] == 1, added.raw
-    condition = {
-        "logic": "AND",
-        "groups": [{"filters": [{"field": "data.vip", "operator": "equals", "value": True}]}],
-    }
+    condition = F.data("vip").equals(True).to_dict()
     dynamic = rest.post(
         "/segments",
         {"name": "VIP", "condition": condition, "trackMembership": True},

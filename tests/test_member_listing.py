@@ -11,26 +11,24 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from sqlalchemy import Engine, create_engine, event, pool, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments import Expression, F
 from segments_api.v1 import contacts_pb2, resources_pb2, segments_pb2
 from segments_service import members, segments
 from segments_service.database import alembic_config, make_engine, make_sessionmaker, migrate
+from tests.conditions import as_proto
 from tests.conftest import Project, Stubs, new_project
-from tests.rest_helpers import cond, flt
 
-PREMIUM = cond(flt("data.plan", "equals", "premium"))
-SUBSCRIBED = cond(flt("subscribed", "equals", True))
+PREMIUM = F.data("plan") == "premium"
+SUBSCRIBED = F.subscribed.equals(True)
 
 
-def create_segment(stubs: Stubs, project: Project, condition: dict[str, Any]) -> str:
+def create_segment(stubs: Stubs, project: Project, condition: Expression) -> str:
     seg = stubs.segments.CreateSegment(
-        segments_pb2.CreateSegmentRequest(
-            name="Listing",
-            condition=json_format.ParseDict(condition, resources_pb2.FilterCondition()),
-        ),
+        segments_pb2.CreateSegmentRequest(name="Listing", condition=as_proto(condition)),
         metadata=project.auth,
     )
     return seg.id
@@ -170,7 +168,7 @@ def test_dynamic_page_is_read_from_the_listing_index(
             name="Premium",
             description=None,
             segment_type=segments.DYNAMIC,
-            condition_json=PREMIUM,
+            condition_json=PREMIUM.to_dict(),
             track_membership=False,
         )
     assert view.member_count == 2000

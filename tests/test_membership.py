@@ -11,20 +11,16 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments import Expression, F
 from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from segments_service import membership, sweeper
 from segments_service.membership import slugify
+from tests.conditions import as_proto
 from tests.conftest import Project, Stubs
-
-
-def cond(*filters: dict[str, Any], logic: str = "AND") -> resources_pb2.FilterCondition:
-    return json_format.ParseDict(
-        {"logic": logic, "groups": [{"filters": list(filters)}]}, resources_pb2.FilterCondition()
-    )
 
 
 def upsert(stubs: Stubs, project: Project, email: str, **data: Any) -> resources_pb2.Contact:
@@ -36,10 +32,12 @@ def upsert(stubs: Stubs, project: Project, email: str, **data: Any) -> resources
 
 
 def create(
-    stubs: Stubs, project: Project, name: str, condition: Any, track: bool = True
+    stubs: Stubs, project: Project, name: str, condition: Expression, track: bool = True
 ) -> resources_pb2.Segment:
     return stubs.segments.CreateSegment(
-        segments_pb2.CreateSegmentRequest(name=name, condition=condition, track_membership=track),
+        segments_pb2.CreateSegmentRequest(
+            name=name, condition=as_proto(condition), track_membership=track
+        ),
         metadata=project.auth,
     )
 
@@ -65,13 +63,13 @@ def member_count(stubs: Stubs, project: Project, segment_id: str) -> int:
     return int(got.member_count)
 
 
-PREMIUM = {"field": "data.plan", "operator": "equals", "value": "premium"}
+PREMIUM = F.data("plan") == "premium"
 
 
 def test_entry_and_exit_follow_contact_upserts(
     stubs: Stubs, project: Project, engine: Engine
 ) -> None:
-    create(stubs, project, "VIP Customers!", cond(PREMIUM))
+    create(stubs, project, "VIP Customers!", PREMIUM)
     upsert(stubs, project, "a@x.com", plan="premium")
     # Recorded in the upsert's own transaction: visible as soon as the call returns.
     assert segment_events(engine, project) == [("segment.vip-customers.entry", "a@x.com")]
@@ -84,7 +82,7 @@ def test_entry_and_exit_follow_contact_upserts(
 
 
 def test_entry_event_data_and_count(stubs: Stubs, project: Project, engine: Engine) -> None:
-    seg = create(stubs, project, "Premium", cond(PREMIUM))
+    seg = create(stubs, project, "Premium", PREMIUM)
     upsert(stubs, project, "a@x.com", plan="premium")
     with engine.connect() as conn:
         data = conn.execute(
@@ -102,7 +100,7 @@ def test_ingested_event_enters_event_segment(
         stubs,
         project,
         "Buyers",
-        cond({"field": "purchase", "operator": "triggeredWithin", "value": 30, "unit": "days"}),
+        F.event("purchase").triggered_within(30, "days"),
     )
     started = time.monotonic()
     stubs.events.IngestEvents(
@@ -125,7 +123,7 @@ def test_time_window_exit_comes_with_the_sweep(
         stubs,
         project,
         "Active",
-        cond({"field": "login", "operator": "triggeredWithin", "value": 1, "unit": "minutes"}),
+        F.event("login").triggered_within(1, "minutes"),
     )
     occurred = timestamp_pb2.Timestamp()
     occurred.FromDatetime(datetime.now(UTC) - timedelta(seconds=58))
@@ -151,7 +149,7 @@ def test_time_window_exit_comes_with_the_sweep(
 def test_tracking_on_off_delete_and_rename(stubs: Stubs, project: Project, engine: Engine) -> None:
     upsert(stubs, project, "a@x.com", plan="premium")
     upsert(stubs, project, "b@x.com", plan="premium")
-    seg = create(stubs, project, "Quiet", cond(PREMIUM), track=False)
+    seg = create(stubs, project, "Quiet", PREMIUM, track=False)
     assert seg.member_count == 2
     assert segment_events(engine, project) == []
     stubs.segments.UpdateSegment(
@@ -181,11 +179,9 @@ def test_condition_change_records_the_difference(
 ) -> None:
     upsert(stubs, project, "a@x.com", plan="premium")
     upsert(stubs, project, "b@x.com", plan="free")
-    seg = create(stubs, project, "Plan", cond(PREMIUM))
+    seg = create(stubs, project, "Plan", PREMIUM)
     stubs.segments.UpdateSegment(
-        segments_pb2.UpdateSegmentRequest(
-            id=seg.id, condition=cond({"field": "data.plan", "operator": "equals", "value": "free"})
-        ),
+        segments_pb2.UpdateSegmentRequest(id=seg.id, condition=as_proto(F.data("plan") == "free")),
         metadata=project.auth,
     )
     assert sorted(segment_events(engine, project)) == [
@@ -203,11 +199,11 @@ def test_a_new_condition_keeps_the_members_that_still_match(
     upsert(stubs, project, "a@x.com", plan="premium", country="US")
     upsert(stubs, project, "b@x.com", plan="premium", country="DE")
     upsert(stubs, project, "c@x.com", plan="free", country="US")
-    seg = create(stubs, project, "Shifting", cond(PREMIUM))
+    seg = create(stubs, project, "Shifting", PREMIUM)
     stubs.segments.UpdateSegment(
         segments_pb2.UpdateSegmentRequest(
             id=seg.id,
-            condition=cond({"field": "data.country", "operator": "equals", "value": "US"}),
+            condition=as_proto(F.data("country") == "US"),
         ),
         metadata=project.auth,
     )
@@ -231,13 +227,8 @@ def test_batches_after_a_definition_change_evaluate_the_new_one(
     # A batch's statement is built once per set of definitions and reused by the batches
     # after it: a new name, or a changed condition of a referenced segment, must reach the
     # next batch. Visits re-evaluate only "Active pro" (the one segment reading them).
-    def within(event: str) -> dict[str, Any]:
-        return {
-            "field": f"event.{event}",
-            "operator": "triggeredWithin",
-            "value": 7,
-            "unit": "days",
-        }
+    def within(event: str) -> Expression:
+        return F.event(event).triggered_within(7, "days")
 
     def ingest(email: str, *names: str) -> None:
         for name in names:
@@ -248,12 +239,12 @@ def test_batches_after_a_definition_change_evaluate_the_new_one(
                 metadata=project.auth,
             )
 
-    inner = create(stubs, project, "Active", cond(within("click")), track=False)
+    inner = create(stubs, project, "Active", within("click"), track=False)
     outer = create(
         stubs,
         project,
         "Active pro",
-        cond({"field": f"segment.{inner.id}", "operator": "memberOfSegment"}, within("visit")),
+        F.segment(inner).member() & within("visit"),
     )
     ingest("a@x.com", "click", "visit")
     stubs.segments.UpdateSegment(
@@ -261,7 +252,7 @@ def test_batches_after_a_definition_change_evaluate_the_new_one(
     )
     ingest("b@x.com", "click", "visit")
     stubs.segments.UpdateSegment(
-        segments_pb2.UpdateSegmentRequest(id=inner.id, condition=cond(within("purchase"))),
+        segments_pb2.UpdateSegmentRequest(id=inner.id, condition=as_proto(within("purchase"))),
         metadata=project.auth,
     )
     ingest("c@x.com", "purchase", "visit")
@@ -302,12 +293,12 @@ def test_static_member_calls_emit_nothing(stubs: Stubs, project: Project, engine
 def test_segments_can_filter_on_entry_events(
     stubs: Stubs, project: Project, engine: Engine
 ) -> None:
-    create(stubs, project, "VIP", cond(PREMIUM))
+    create(stubs, project, "VIP", PREMIUM)
     follow = create(
         stubs,
         project,
         "Ever VIP",
-        cond({"field": "event.segment.vip.entry", "operator": "triggered"}),
+        F.event("segment.vip.entry").triggered(),
     )
     upsert(stubs, project, "a@x.com", plan="premium")
     upsert(stubs, project, "a@x.com", plan="free")  # left VIP, but entered it once
@@ -316,15 +307,12 @@ def test_segments_can_filter_on_entry_events(
 
 
 def test_member_of_segment_follows_referenced_changes(stubs: Stubs, project: Project) -> None:
-    vip = create(stubs, project, "VIP", cond(PREMIUM), track=False)
+    vip = create(stubs, project, "VIP", PREMIUM, track=False)
     subscribed_vip = create(
         stubs,
         project,
         "Subscribed VIP",
-        cond(
-            {"field": f"segment.{vip.id}", "operator": "memberOfSegment"},
-            {"field": "subscribed", "operator": "equals", "value": True},
-        ),
+        F.segment(vip).member() & F.subscribed.equals(True),
         track=False,
     )
     upsert(stubs, project, "a@x.com", plan="premium")
@@ -335,9 +323,7 @@ def test_member_of_segment_follows_referenced_changes(stubs: Stubs, project: Pro
     assert count(subscribed_vip.id) == 1
     # Changing the referenced condition recomputes the referencing segment too.
     stubs.segments.UpdateSegment(
-        segments_pb2.UpdateSegmentRequest(
-            id=vip.id, condition=cond({"field": "data.plan", "operator": "equals", "value": "x"})
-        ),
+        segments_pb2.UpdateSegmentRequest(id=vip.id, condition=as_proto(F.data("plan") == "x")),
         metadata=project.auth,
     )
     assert count(vip.id) == 0
@@ -345,7 +331,7 @@ def test_member_of_segment_follows_referenced_changes(stubs: Stubs, project: Pro
 
 
 def test_contact_delete_keeps_counts_exact(stubs: Stubs, project: Project, engine: Engine) -> None:
-    seg = create(stubs, project, "Premium", cond(PREMIUM))
+    seg = create(stubs, project, "Premium", PREMIUM)
     contact = upsert(stubs, project, "a@x.com", plan="premium")
     upsert(stubs, project, "b@x.com", plan="premium")
     stubs.contacts.DeleteContact(
@@ -355,7 +341,7 @@ def test_contact_delete_keeps_counts_exact(stubs: Stubs, project: Project, engin
 
 
 def test_watch_streams_live_and_resumes_without_gaps(stubs: Stubs, project: Project) -> None:
-    create(stubs, project, "Premium", cond(PREMIUM))
+    create(stubs, project, "Premium", PREMIUM)
     stream = stubs.segments.WatchSegmentEvents(
         segments_pb2.WatchSegmentEventsRequest(), metadata=project.auth
     )
@@ -394,7 +380,7 @@ def test_watch_rejects_bad_cursor_and_other_projects_are_invisible(
             )
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    create(stubs, other_project, "Premium", cond(PREMIUM))
+    create(stubs, other_project, "Premium", PREMIUM)
     stream = stubs.segments.WatchSegmentEvents(
         segments_pb2.WatchSegmentEventsRequest(), metadata=project.auth, timeout=1.5
     )
@@ -446,7 +432,7 @@ def orphan_events(engine: Engine) -> int:
 def test_deleting_a_contact_deletes_its_history(
     stubs: Stubs, project: Project, engine: Engine
 ) -> None:
-    buyers = create(stubs, project, "Buyers", cond({"field": "purchase", "operator": "triggered"}))
+    buyers = create(stubs, project, "Buyers", F.event("purchase").triggered())
     # Events of several names, the segment's entry events among them, and a neighbour's.
     history = [("a@x.com", name) for name in ("purchase", "login", "email.opened", "zz last")]
     assert ingest(stubs, project, *history, ("b@x.com", "login"), ("b@x.com", "purchase")) == 6
@@ -533,8 +519,8 @@ def stored_members(engine: Engine, project: Project) -> dict[str, list[str]]:
 def test_deleting_a_segment_deletes_its_memberships(
     stubs: Stubs, project: Project, engine: Engine
 ) -> None:
-    gone = create(stubs, project, "Gone", cond(PREMIUM), track=False)
-    kept = create(stubs, project, "Kept", cond(PREMIUM), track=False)
+    gone = create(stubs, project, "Gone", PREMIUM, track=False)
+    kept = create(stubs, project, "Kept", PREMIUM, track=False)
     for email in ("a@x.com", "b@x.com"):
         upsert(stubs, project, email, plan="premium")
     upsert(stubs, project, "c@x.com", plan="free")
@@ -555,7 +541,7 @@ def test_deleting_a_segment_waits_for_writers_of_memberships(
 ) -> None:
     # A writer holds the project's membership lock from loading the definitions it
     # evaluates until it commits; the delete must not run in between.
-    seg = create(stubs, project, "Busy", cond(PREMIUM), track=False)
+    seg = create(stubs, project, "Busy", PREMIUM, track=False)
     upsert(stubs, project, "a@x.com", plan="premium")
     with sessions.begin() as writer:
         membership.lock_shared(writer, uuid.UUID(project.id))
@@ -590,13 +576,11 @@ def test_memberships_racing_deletes_leave_no_orphans(
 ) -> None:
     # Each round, batches make a contact enter two segments while one of the segments and
     # the contact are deleted: whatever commits first, no membership may outlive either.
-    steady = create(stubs, project, "Steady", cond({"field": "login", "operator": "triggered"}))
+    steady = create(stubs, project, "Steady", F.event("login").triggered())
     for round_ in range(10):
         email = f"race{round_}@x.com"
         contact_id = upsert(stubs, project, email).id
-        doomed = create(
-            stubs, project, f"Doomed {round_}", cond({"field": "login", "operator": "triggered"})
-        )
+        doomed = create(stubs, project, f"Doomed {round_}", F.event("login").triggered())
         barrier = threading.Barrier(4)
 
         def record(email: str = email, barrier: threading.Barrier = barrier) -> None:
@@ -639,10 +623,7 @@ def test_concurrent_batches_for_one_contact_see_each_others_events(
         stubs,
         project,
         "Both",
-        cond(
-            {"field": "signup", "operator": "triggered"},
-            {"field": "purchase", "operator": "triggered"},
-        ),
+        F.event("signup").triggered() & F.event("purchase").triggered(),
     )
     emails = [f"both{i}@x.com" for i in range(20)]
     for email in emails:
@@ -674,10 +655,7 @@ def test_a_batch_re_evaluates_only_contacts_with_events_a_segment_reads(
         stubs,
         project,
         "Active",
-        cond(
-            {"field": "login", "operator": "triggeredWithin", "value": 1, "unit": "minutes"},
-            {"field": "logout", "operator": "notTriggered"},
-        ),
+        F.event("login").triggered_within(1, "minutes") & F.event("logout").not_triggered(),
     )
     ingest(stubs, project, ("quiet@x.com", "login"), ("busy@x.com", "login"))
     with engine.begin() as conn:
@@ -703,8 +681,8 @@ def test_one_batch_moves_each_segment_for_its_own_contacts(
 ) -> None:
     # Two segments read different events, so one batch re-evaluates different contacts for
     # each: every (segment, contact) pair in question leaves, and no other.
-    create(stubs, project, "No refund", cond({"field": "refund", "operator": "notTriggered"}))
-    create(stubs, project, "No churn", cond({"field": "churn", "operator": "notTriggered"}))
+    create(stubs, project, "No refund", F.event("refund").not_triggered())
+    create(stubs, project, "No churn", F.event("churn").not_triggered())
     ingest(stubs, project, ("a@x.com", "login"), ("b@x.com", "login"), ("c@x.com", "login"))
     ingest(stubs, project, ("a@x.com", "refund"), ("b@x.com", "churn"), ("c@x.com", "login"))
     exits = {(n, e) for n, e in segment_events(engine, project) if n.endswith(".exit")}
@@ -724,7 +702,7 @@ def test_a_large_rebuild_refreshes_the_members_statistics(
     monkeypatch.setattr(membership.refresh, "ANALYZE_AFTER_ROWS", 20)
     for i in range(25):
         upsert(stubs, project, f"p{i}@x.com", plan="premium")
-    create(stubs, project, "Premium", cond(PREMIUM), track=False)
+    create(stubs, project, "Premium", PREMIUM, track=False)
     with engine.connect() as conn:
         estimated = conn.execute(
             text("SELECT reltuples FROM pg_class WHERE oid = 'segment_members'::regclass")
@@ -754,13 +732,13 @@ def test_sweeps_after_the_first_read_only_window_edges(
         stubs,
         project,
         "Pinged",
-        cond({"field": "ping", "operator": "triggeredWithin", "value": 0.05, "unit": "minutes"}),
+        F.event("ping").triggered_within(0.05, "minutes"),
     )
     starting = create(
         stubs,
         project,
         "Starting",
-        cond({"field": "data.startsAt", "operator": "within", "value": 1, "unit": "minutes"}),
+        F.data("startsAt").within(1, "minutes"),
     )
     state = sweeper.SweepState()
     sweeper.sweep_once(engine, sessions, state)  # the first pass compares everything

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments import SegmentsClient
+from segments import F, SegmentsClient
 from segments_service import segments
 from tests.conftest import Project
 
@@ -41,17 +41,8 @@ def test_data_timestamp_filters_count_in_parallel_workers(
     client.batch_upsert_contacts(
         [{"email": f"c{i}@x.com", "data": {"renewed": v}} for i, v in enumerate(values)]
     )
-    condition = {
-        "logic": "OR",
-        "groups": [
-            {
-                "filters": [
-                    {"field": "data.renewed", "operator": "within", "value": 7, "unit": "days"}
-                ]
-            },
-            {"filters": [{"field": "data.renewed", "operator": "lessThan", "value": "2024-03-01"}]},
-        ],
-    }
+    renewed = F.data("renewed")
+    condition = (renewed.within(7, "days") | (renewed < "2024-03-01")).to_dict()
     with sessions.begin() as session:
         serial = segments.count_matching(session, uuid.UUID(project.id), condition)
     with sessions.begin() as session:

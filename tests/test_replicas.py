@@ -11,22 +11,13 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from sqlalchemy import Engine, text
 
-from segments_api.v1 import (
-    contacts_pb2,
-    events_pb2,
-    resources_pb2,
-    segments_pb2,
-)
+from segments import F
+from segments_api.v1 import contacts_pb2, events_pb2, segments_pb2
+from tests.conditions import as_proto
 from tests.conftest import Project, Replica
-
-
-def cond(*filters: dict[str, object]) -> resources_pb2.FilterCondition:
-    return json_format.ParseDict(
-        {"logic": "AND", "groups": [{"filters": list(filters)}]}, resources_pb2.FilterCondition()
-    )
 
 
 def event_history(engine: Engine, project: Project, slug: str) -> dict[str, list[str]]:
@@ -97,7 +88,7 @@ def test_two_replicas_record_each_change_exactly_once(
     flag = a.segments.CreateSegment(
         segments_pb2.CreateSegmentRequest(
             name="Flag",
-            condition=cond({"field": "data.flag", "operator": "equals", "value": True}),
+            condition=as_proto(F.data("flag").equals(True)),
             track_membership=True,
         ),
         metadata=project.auth,
@@ -105,9 +96,7 @@ def test_two_replicas_record_each_change_exactly_once(
     recent = b.segments.CreateSegment(
         segments_pb2.CreateSegmentRequest(
             name="Recent",
-            condition=cond(
-                {"field": "ping", "operator": "triggeredWithin", "value": 1, "unit": "minutes"}
-            ),
+            condition=as_proto(F.event("ping").triggered_within(1, "minutes")),
             track_membership=True,
         ),
         metadata=project.auth,
@@ -202,7 +191,7 @@ def test_killed_mid_recompute_leaves_nothing_and_the_retry_is_exact(
     seg = a.segments.CreateSegment(
         segments_pb2.CreateSegmentRequest(
             name="Everyone",
-            condition=cond({"field": "subscribed", "operator": "equals", "value": True}),
+            condition=as_proto(F.subscribed.equals(True)),
         ),
         metadata=project.auth,
     )

@@ -13,20 +13,20 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments import F
 from segments_service.auth import revoke_key
+from tests.conditions import cond, flt
 from tests.conftest import Project, Rest, new_project
 from tests.rest_helpers import (
     Api,
     check_contact,
     check_error,
     check_segment,
-    cond,
     error_fields,
-    flt,
     parse_time,
 )
 
-PREMIUM = flt("data.plan", "equals", "premium")
+PREMIUM = F.data("plan") == "premium"
 
 
 @pytest.fixture
@@ -69,9 +69,9 @@ def test_list_segments_is_a_bare_array_newest_first(rest: Rest, api: Api, projec
     resp = rest.get("/segments", key=project.secret_key)
     assert resp.status == 200
     assert resp.json == []
-    first = api.create_segment("First", cond(PREMIUM))
+    first = api.create_segment("First", PREMIUM.to_dict())
     second = api.static_segment("Second")
-    third = api.create_segment("Third", cond(flt("email", "contains", "@")))
+    third = api.create_segment("Third", F.email.contains("@").to_dict())
     resp = rest.get("/segments", key=project.secret_key)
     assert resp.status == 200
     assert resp.headers["content-type"].startswith("application/json")
@@ -84,7 +84,7 @@ def test_list_segments_is_a_bare_array_newest_first(rest: Rest, api: Api, projec
 
 
 def test_create_dynamic_is_the_default(rest: Rest, project: Project) -> None:
-    condition = cond(PREMIUM, flt("subscribed", "equals", True))
+    condition = (PREMIUM & F.subscribed.equals(True)).to_dict()
     resp = rest.post(
         "/segments", {"name": "Premium", "condition": condition}, key=project.secret_key
     )
@@ -111,7 +111,7 @@ def test_create_with_every_field(rest: Rest, api: Api, project: Project) -> None
             "name": "VIP",
             "description": "Paying customers",
             "type": "DYNAMIC",
-            "condition": cond(PREMIUM),
+            "condition": PREMIUM.to_dict(),
             "trackMembership": True,
         },
         key=project.secret_key,
@@ -127,7 +127,7 @@ def test_create_with_every_field(rest: Rest, api: Api, project: Project) -> None
 def test_static_ignores_condition(rest: Rest, api: Api, project: Project) -> None:
     resp = rest.post(
         "/segments",
-        {"name": "List", "type": "STATIC", "condition": cond(PREMIUM)},
+        {"name": "List", "type": "STATIC", "condition": PREMIUM.to_dict()},
         key=project.secret_key,
     )
     assert resp.status == 201
@@ -186,7 +186,7 @@ def test_name_and_description_limits_are_inclusive(api: Api) -> None:
 
 
 def test_get_segment_with_member_count(rest: Rest, api: Api, project: Project) -> None:
-    seg = api.create_segment("Premium", cond(PREMIUM))
+    seg = api.create_segment("Premium", PREMIUM.to_dict())
     api.batch([{"email": f"p{i}@x.com", "data": {"plan": "premium"}} for i in range(3)])
     api.upsert("free@x.com", {"plan": "free"})
     resp = rest.get(f"/segments/{seg['id']}", key=project.secret_key)
@@ -201,7 +201,7 @@ def test_get_segment_with_member_count(rest: Rest, api: Api, project: Project) -
 def test_patch_is_partial(api: Api) -> None:
     api.upsert("a@x.com", {"plan": "premium"})
     api.upsert("b@x.com", {"plan": "free"})
-    seg = api.create_segment("Premium", cond(PREMIUM), description="first")
+    seg = api.create_segment("Premium", PREMIUM.to_dict(), description="first")
     assert seg["memberCount"] == 1
 
     renamed = api.patch_segment(seg["id"], {"name": "Renamed"})
@@ -218,7 +218,7 @@ def test_patch_is_partial(api: Api) -> None:
     assert tracked["trackMembership"] is True
     assert tracked["condition"] == seg["condition"]
 
-    free = cond(flt("data.plan", "equals", "free"))
+    free = (F.data("plan") == "free").to_dict()
     changed = api.patch_segment(seg["id"], {"condition": free})
     assert changed["condition"] == free
     assert changed["memberCount"] == 1
@@ -237,7 +237,7 @@ def test_patch_is_partial(api: Api) -> None:
 
 
 def test_patch_type_cannot_change(rest: Rest, api: Api, project: Project) -> None:
-    dynamic = api.create_segment("Dyn", cond(PREMIUM))
+    dynamic = api.create_segment("Dyn", PREMIUM.to_dict())
     static = api.static_segment("Stat")
     resp = rest.patch(f"/segments/{dynamic['id']}", {"type": "STATIC"}, key=project.secret_key)
     check_error(resp, 400, "VALIDATION_ERROR", "type")
@@ -267,7 +267,7 @@ def test_patch_type_cannot_change(rest: Rest, api: Api, project: Project) -> Non
 def test_patch_validation_writes_nothing(
     rest: Rest, api: Api, project: Project, body: dict[str, Any], field: str | None
 ) -> None:
-    seg = api.create_segment("Keep", cond(PREMIUM), description="d")
+    seg = api.create_segment("Keep", PREMIUM.to_dict(), description="d")
     resp = rest.patch(f"/segments/{seg['id']}", body, key=project.secret_key)
     check_error(resp, 400, "VALIDATION_ERROR", field)
     assert api.segment(seg["id"]) == seg
@@ -275,12 +275,12 @@ def test_patch_validation_writes_nothing(
 
 def test_patch_static_ignores_condition(api: Api) -> None:
     seg = api.static_segment("List")
-    patched = api.patch_segment(seg["id"], {"condition": cond(PREMIUM), "name": "List 2"})
+    patched = api.patch_segment(seg["id"], {"condition": PREMIUM.to_dict(), "name": "List 2"})
     assert patched["condition"] is None and patched["name"] == "List 2"
 
 
 def test_delete_segment(rest: Rest, api: Api, project: Project) -> None:
-    seg = api.create_segment("Gone", cond(PREMIUM))
+    seg = api.create_segment("Gone", PREMIUM.to_dict())
     resp = rest.delete(f"/segments/{seg['id']}", key=project.secret_key)
     assert resp.status == 204
     assert resp.raw == b""
@@ -294,10 +294,10 @@ def test_delete_segment(rest: Rest, api: Api, project: Project) -> None:
 
 
 def test_delete_referenced_segment_is_refused(rest: Rest, api: Api, project: Project) -> None:
-    base = api.create_segment("Base", cond(PREMIUM))
+    base = api.create_segment("Base", PREMIUM.to_dict())
     user = api.create_segment(
         "Subscribed premium",
-        cond(flt(f"segment.{base['id']}", "memberOfSegment"), flt("subscribed", "equals", True)),
+        (F.segment(base["id"]).member() & F.subscribed.equals(True)).to_dict(),
     )
     resp = rest.delete(f"/segments/{base['id']}", key=project.secret_key)
     err = check_error(resp, 409, "SEGMENT_IN_USE")
@@ -310,7 +310,7 @@ def test_delete_referenced_segment_is_refused(rest: Rest, api: Api, project: Pro
 
 def test_static_reference_also_blocks_delete(rest: Rest, api: Api, project: Project) -> None:
     base = api.static_segment("Beta")
-    api.create_segment("Not beta", cond(flt(f"segment.{base['id']}", "notMemberOfSegment")))
+    api.create_segment("Not beta", F.segment(base["id"]).not_member().to_dict())
     check_error(
         rest.delete(f"/segments/{base['id']}", key=project.secret_key), 409, "SEGMENT_IN_USE"
     )
@@ -335,7 +335,7 @@ def test_contacts_listing_pagination(
                 ),
                 {"i": i + 1, "p": project.id, "e": email},
             )
-    seg = api.create_segment("Premium", cond(PREMIUM))
+    seg = api.create_segment("Premium", PREMIUM.to_dict())
 
     first = api.page(seg["id"])
     assert (first["total"], first["page"], first["pageSize"], first["totalPages"]) == (25, 1, 20, 2)
@@ -367,7 +367,7 @@ def test_contacts_listing_pagination(
 def test_dynamic_listing_ties_are_ordered_by_id(api: Api) -> None:
     # One batch: one statement, so every contact has the same createdAt.
     api.batch([{"email": f"t{i}@x.com", "data": {"plan": "premium"}} for i in range(9)])
-    seg = api.create_segment("Ties", cond(PREMIUM))
+    seg = api.create_segment("Ties", PREMIUM.to_dict())
     full = api.page(seg["id"], "?pageSize=100")["data"]
     assert len({c["createdAt"] for c in full}) == 1
     ids = [uuid.UUID(c["id"]) for c in full]
@@ -461,7 +461,7 @@ def test_members_limit(rest: Rest, api: Api, project: Project, engine: Engine) -
 
 
 def test_members_on_dynamic_segment(rest: Rest, api: Api, project: Project, engine: Engine) -> None:
-    seg = api.create_segment("Dyn", cond(PREMIUM))
+    seg = api.create_segment("Dyn", PREMIUM.to_dict())
     for method in (rest.post, rest.delete):
         resp = method(
             f"/segments/{seg['id']}/members", {"emails": ["a@x.com"]}, key=project.secret_key
@@ -586,7 +586,7 @@ def test_non_finite_numbers_are_a_400(
 def test_get_and_delete_contact(rest: Rest, api: Api, project: Project) -> None:
     key = project.secret_key
     contact = api.upsert("del@x.com", {"plan": "premium"})
-    seg = api.create_segment("Premium", cond(PREMIUM))
+    seg = api.create_segment("Premium", PREMIUM.to_dict())
     static = api.static_segment()
     api.add(static["id"], ["del@x.com"])
     api.events([{"email": "del@x.com", "event": "signup"}])
@@ -611,7 +611,7 @@ def test_get_and_delete_contact(rest: Rest, api: Api, project: Project) -> None:
 
 
 def test_track(rest: Rest, api: Api, project: Project, engine: Engine) -> None:
-    seg = api.create_segment("Signed up", cond(flt("event.signup", "triggered")))
+    seg = api.create_segment("Signed up", F.event("signup").triggered().to_dict())
     resp = rest.post(
         "/v1/track",
         {"event": "signup", "email": " New@X.com", "data": {"plan": "trial"}},
@@ -692,7 +692,7 @@ def test_track_validation(rest: Rest, project: Project, engine: Engine) -> None:
 
 def test_contacts_batch(rest: Rest, api: Api, project: Project) -> None:
     api.upsert("old@x.com", {"a": 1, "b": 2}, subscribed=False)
-    seg = api.create_segment("Premium", cond(PREMIUM))
+    seg = api.create_segment("Premium", PREMIUM.to_dict())
     resp = rest.post(
         "/contacts/batch",
         {
@@ -752,7 +752,7 @@ def test_contacts_batch_needs_the_secret_key(rest: Rest, project: Project) -> No
 
 def test_events_batch(rest: Rest, api: Api, project: Project, engine: Engine) -> None:
     api.upsert("known@x.com")
-    opened = api.create_segment("Opened", cond(flt("email.opened", "triggered")))
+    opened = api.create_segment("Opened", F.email_activity("opened").triggered().to_dict())
     resp = rest.post(
         "/events/batch",
         {
@@ -976,7 +976,7 @@ def test_other_projects_key_is_not_enough(
 def test_cross_project_dynamic_segment(
     rest: Rest, api: Api, other: Api, other_project: Project
 ) -> None:
-    seg = api.create_segment("Premium", cond(PREMIUM))
+    seg = api.create_segment("Premium", PREMIUM.to_dict())
     api.upsert("p@x.com", {"plan": "premium"})
     # The other project's identical email is another contact, never this segment's member.
     theirs = other.upsert("p@x.com", {"plan": "premium"})
@@ -985,13 +985,13 @@ def test_cross_project_dynamic_segment(
     check_error(rest.get(f"/segments/{seg['id']}/contacts", key=key), 404, "NOT_FOUND")
     check_error(
         rest.patch(
-            f"/segments/{seg['id']}", {"condition": cond(flt("email", "contains", "@"))}, key=key
+            f"/segments/{seg['id']}", {"condition": F.email.contains("@").to_dict()}, key=key
         ),
         404,
         "NOT_FOUND",
     )
     assert api.members(seg["id"]) == ["p@x.com"]
-    assert api.segment(seg["id"])["condition"] == cond(PREMIUM)
+    assert api.segment(seg["id"])["condition"] == PREMIUM.to_dict()
 
 
 @pytest.mark.parametrize(
@@ -1137,15 +1137,12 @@ def test_counts_and_listings_reflect_the_previous_write(
     rest: Rest, api: Api, project: Project
 ) -> None:
     key = project.secret_key
-    premium = api.create_segment("Premium", cond(PREMIUM))
-    buyers = api.create_segment("Buyers", cond(flt("purchase", "triggered")))
+    premium = api.create_segment("Premium", PREMIUM.to_dict())
+    buyers = api.create_segment("Buyers", F.event("purchase").triggered().to_dict())
     static = api.static_segment()
     both = api.create_segment(
         "Premium listed",
-        cond(
-            flt(f"segment.{premium['id']}", "memberOfSegment"),
-            flt(f"segment.{static['id']}", "memberOfSegment"),
-        ),
+        (F.segment(premium["id"]).member() & F.segment(static["id"]).member()).to_dict(),
     )
     a = api.upsert("a@x.com", {"plan": "premium"})
     assert api.segment(premium["id"])["memberCount"] == 1

@@ -15,22 +15,12 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments import SegmentsClient
+from segments import F, SegmentsClient
 from segments_service import membership, sweeper
 from tests.conftest import Project, new_project
 
 # Premium contacts created in the last year: time-dependent, so the sweeper reads it.
-PREMIUM_THIS_YEAR = {
-    "logic": "AND",
-    "groups": [
-        {
-            "filters": [
-                {"field": "data.plan", "operator": "equals", "value": "premium"},
-                {"field": "createdAt", "operator": "within", "value": 365, "unit": "days"},
-            ]
-        }
-    ],
-}
+PREMIUM_THIS_YEAR = (F.data("plan") == "premium") & F.created_at.within(365, "days")
 
 
 def populate(client: SegmentsClient, count: int) -> tuple[str, list[str]]:
