@@ -29,7 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments_service.auth import Caller, KeyKind, authenticate
+from segments_service.auth import Caller, KeyKind, authenticate, bearer_token
 from segments_service.errors import DeadlineExceeded, ServiceError
 from segments_service.fairness import FairShare
 from segments_service.status import HTTP_STATUS_HEADER, to_status, translate_db_error
@@ -208,16 +208,15 @@ class Runner:
         return Budget(seconds)
 
     def authenticated(self, meta: Metadata, kind: KeyKind, session: Session) -> Caller:
-        caller = authenticate(session, meta.authorization, kind)
+        caller = authenticate(session, bearer_token(meta.authorization), kind)
         if meta.rest:
             self.fair.rate.take(caller.project_id)
         return caller
 
     def still_valid(self, meta: Metadata, kind: KeyKind) -> None:
         """Raise InvalidApiKey if a stream's key was revoked since it opened."""
-        in_transaction(
-            self.stream_sessions, lambda session: authenticate(session, meta.authorization, kind)
-        )
+        key = bearer_token(meta.authorization)
+        in_transaction(self.stream_sessions, lambda session: authenticate(session, key, kind))
 
     async def unary(
         self,

@@ -24,7 +24,7 @@ from segments.v1 import (
     segments_pb2_grpc,
 )
 from segments_service import contacts, events, feed, members, segments, streams
-from segments_service.auth import Caller, authenticate
+from segments_service.auth import Caller, authenticate, bearer_token
 from segments_service.contacts import ContactWrite, check_json, require_email
 from segments_service.convert import (
     condition_to_json,
@@ -253,7 +253,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 text("SELECT set_config('idle_in_transaction_session_timeout', :ms, true)"),
                 {"ms": str(int((streams.EXPORT_IDLE_SECONDS + 10) * 1000))},
             )
-            caller = authenticate(session, meta.authorization, "secret")
+            caller = authenticate(session, bearer_token(meta.authorization), "secret")
             rows = members.export_members(
                 session, caller.project_id, parse_id(request.id, "segment")
             )
