@@ -27,9 +27,9 @@ CLIENT = "segments"
 FOUNDATIONS = frozenset({"errors", "tables", "config", "jsonutil"})
 # The filter compiler: a package of its own.
 FILTERS = "filters"
-# The gRPC edge: how RPCs run (rpc, status), the servicers, proto conversion, streams, the
-# server that wires them.
-EDGE = frozenset({"rpc", "status", "servicers", "convert", "streams", "server"})
+# The gRPC edge: what every RPC is given before it runs (interceptors), how RPCs run (rpc,
+# status), the servicers, proto conversion, streams, the server that wires them.
+EDGE = frozenset({"interceptors", "rpc", "status", "servicers", "convert", "streams", "server"})
 # The process around the service: the command line, engines and the embedded server,
 # Envoy's generated configuration and launcher, migrations.
 PROCESS = frozenset({"cli", "database", "migrations"})
@@ -214,8 +214,8 @@ def domain_knows_no_wire(imports: list[Import]) -> list[Import]:
 
 
 def domain_imports_nothing_above_it(imports: list[Import]) -> list[Import]:
-    """The domain never imports the gRPC edge (rpc, status, servicers, convert, streams,
-    server), the database setup, Envoy's modules, migrations or the command line."""
+    """The domain never imports the gRPC edge (interceptors, rpc, status, servicers, convert,
+    streams, server), the database setup, Envoy's modules, migrations or the command line."""
     above = {"edge", "servicers", "envoy", "cli", "database", "migrations"}
     return [
         imp
