@@ -244,6 +244,18 @@ def servicers_go_through_the_domain(imports: list[Import]) -> list[Import]:
     ]
 
 
+def interceptor_does_no_database_work(imports: list[Import]) -> list[Import]:
+    """The request interceptor admits or refuses an RPC before any database work: it imports
+    no SQL construct or driver, and neither the schema, the compiler nor the engines."""
+    data = {"tables", FILTERS, "database"}
+    return [
+        imp
+        for imp in imports
+        if first_component(imp.importer.name) == "interceptors"
+        and (reaches(imp, SQL) or first_component(ours(imp) or "") in data)
+    ]
+
+
 def wiring_imported_from_above(imports: list[Import]) -> list[Import]:
     """Servicers are imported by the server, the server by the command line, the command
     line by nothing."""
@@ -318,6 +330,7 @@ RULES = [
     domain_imports_nothing_above_it,
     servicers_hold_no_sql,
     servicers_go_through_the_domain,
+    interceptor_does_no_database_work,
     wiring_imported_from_above,
     envoy_stays_apart,
     migrations_are_frozen,
@@ -359,6 +372,11 @@ PLANTED: dict[str, tuple[str, str, str | None]] = {
     ),
     "servicers_hold_no_sql": ("segments_service.servicers", "sqlalchemy", "select"),
     "servicers_go_through_the_domain": ("segments_service.servicers", "segments_service", "tables"),
+    "interceptor_does_no_database_work": (
+        "segments_service.interceptors",
+        "sqlalchemy.orm",
+        "Session",
+    ),
     "wiring_imported_from_above": (
         "segments_service.rpc",
         "segments_service.server",
