@@ -30,9 +30,9 @@ STUBS = "segments_api"
 FOUNDATIONS = frozenset({"errors", "tables", "config", "jsonutil"})
 # The filter compiler: a package of its own.
 FILTERS = "filters"
-# The gRPC edge: how RPCs run (rpc, status), the servicers, proto conversion, streams, the
-# server that wires them.
-EDGE = frozenset({"rpc", "status", "servicers", "convert", "streams", "server"})
+# The gRPC edge: what every RPC is given before it runs (interceptors), how RPCs run (rpc,
+# status), the servicers, proto conversion, streams, the server that wires them.
+EDGE = frozenset({"interceptors", "rpc", "status", "servicers", "convert", "streams", "server"})
 # The process around the service: the command line, engines and the embedded server,
 # Envoy's generated configuration and launcher, migrations.
 PROCESS = frozenset({"cli", "database", "migrations"})
@@ -217,8 +217,8 @@ def domain_knows_no_wire(imports: list[Import]) -> list[Import]:
 
 
 def domain_imports_nothing_above_it(imports: list[Import]) -> list[Import]:
-    """The domain never imports the gRPC edge (rpc, status, servicers, convert, streams,
-    server), the database setup, Envoy's modules, migrations or the command line."""
+    """The domain never imports the gRPC edge (interceptors, rpc, status, servicers, convert,
+    streams, server), the database setup, Envoy's modules, migrations or the command line."""
     above = {"edge", "servicers", "envoy", "cli", "database", "migrations"}
     return [
         imp
@@ -244,6 +244,18 @@ def servicers_go_through_the_domain(imports: list[Import]) -> list[Import]:
         imp
         for imp in in_layers(imports, "servicers")
         if (target := ours(imp)) and first_component(target) in {"tables", FILTERS, "database"}
+    ]
+
+
+def interceptor_does_no_database_work(imports: list[Import]) -> list[Import]:
+    """The request interceptor admits or refuses an RPC before any database work: it imports
+    no SQL construct or driver, and neither the schema, the compiler nor the engines."""
+    data = {"tables", FILTERS, "database"}
+    return [
+        imp
+        for imp in imports
+        if first_component(imp.importer.name) == "interceptors"
+        and (reaches(imp, SQL) or first_component(ours(imp) or "") in data)
     ]
 
 
@@ -313,6 +325,7 @@ RULES = [
     domain_imports_nothing_above_it,
     servicers_hold_no_sql,
     servicers_go_through_the_domain,
+    interceptor_does_no_database_work,
     wiring_imported_from_above,
     envoy_stays_apart,
     migrations_are_frozen,
@@ -354,6 +367,11 @@ PLANTED: dict[str, tuple[str, str, str | None]] = {
     ),
     "servicers_hold_no_sql": ("segments_service.servicers", "sqlalchemy", "select"),
     "servicers_go_through_the_domain": ("segments_service.servicers", "segments_service", "tables"),
+    "interceptor_does_no_database_work": (
+        "segments_service.interceptors",
+        "sqlalchemy.orm",
+        "Session",
+    ),
     "wiring_imported_from_above": (
         "segments_service.rpc",
         "segments_service.server",

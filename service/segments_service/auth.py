@@ -37,6 +37,8 @@ class Caller:
 
 
 def bearer_token(authorization: str | None) -> str:
+    """The key of an `Authorization: Bearer <key>` header; MissingAuth when the header is
+    absent or not of that form (nothing is looked up)."""
     if not authorization:
         raise MissingAuth("Authorization header is required: `Authorization: Bearer <key>`")
     scheme, _, token = authorization.strip().partition(" ")
@@ -46,9 +48,8 @@ def bearer_token(authorization: str | None) -> str:
     return token
 
 
-def authenticate(session: Session, authorization: str | None, kind: KeyKind) -> Caller:
-    """Resolve the bearer key; it must exist, be live and be of `kind`."""
-    token = bearer_token(authorization)
+def authenticate(session: Session, token: str, kind: KeyKind) -> Caller:
+    """Resolve a bearer key (`bearer_token`'s); it must exist, be live and be of `kind`."""
     wanted = PREFIX[kind]
     if not token.startswith(("sk_", "pk_")):
         raise InvalidApiKey("Invalid API key")

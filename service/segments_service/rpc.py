@@ -1,12 +1,13 @@
-"""How every RPC runs: authenticate, take the project's fair share, do the domain work in one
-transaction on a worker thread under the request's budget, and map what is raised.
+"""How every RPC runs once the request interceptor (interceptors.py) has admitted it:
+authenticate its key, take the project's fair share, do the domain work in one transaction
+on a worker thread under the request's budget, and map what is raised.
 
 The event loop never blocks on the database: the work runs on a thread of the unary pool
-(streams have their own, fairness.py caps each project's share of both). The budget is the
-caller's gRPC deadline, capped by the server's default (SEGMENTS_REQUEST_TIMEOUT): every
-statement runs with it as its `statement_timeout`, the statement in flight is cancelled when
-it passes or the caller goes away, and a transaction whose budget ran out is rolled back,
-never committed.
+(streams have their own, fairness.py caps each project's share of both). The interceptor
+gives each request its budget (its caller's gRPC deadline, capped by the server's default,
+SEGMENTS_REQUEST_TIMEOUT) in its `RequestScope`; here every statement runs with what is left
+of it as its `statement_timeout`, the statement in flight is cancelled when it passes or the
+caller goes away, and a transaction whose budget ran out is rolled back, never committed.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -46,24 +47,6 @@ _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailu
 ANSWER_MARGIN = 0.05
 
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class Metadata:
-    """What an RPC needs of its invocation metadata, read on the event loop."""
-
-    authorization: str | None
-    request_id: str
-    rest: bool
-
-    @classmethod
-    def of(cls, context: grpc.aio.ServicerContext[Any, Any]) -> Metadata:
-        found: dict[str, str] = {}
-        for key, value in context.invocation_metadata() or ():
-            if isinstance(value, str) and key not in found:
-                found[key] = value
-        request_id = (found.get("x-request-id") or "")[:128] or str(uuid.uuid4())
-        return cls(found.get("authorization"), request_id, found.get(REST_HEADER) == "1")
 
 
 class Budget:
@@ -115,6 +98,49 @@ class Budget:
                 self._connection.cancel_safe(timeout=2.0)
             except Exception as exc:  # the statement still ends by its statement_timeout
                 log.warning("could not cancel a statement: %s", exc)
+
+
+@dataclass(frozen=True)
+class RequestScope:
+    """What the request interceptor (interceptors.py) settled before the handler ran: the
+    invocation metadata, read once, the key kind the method needs, and the request's time."""
+
+    method: str  # the full name, /package.Service/Method
+    kind: KeyKind
+    # The bearer key as sent: well formed, looked up only in the transaction; kept out of
+    # the scope's repr, and so out of logs.
+    key: str = field(repr=False)
+    request_id: str
+    rest: bool  # came through Envoy's REST route: the project's per-minute rate applies
+    budget: Budget  # the request's: its caller's deadline, capped by the server's default
+    # A stream lasts as long as its caller's deadline; each of its database steps has this
+    # long, afresh (the server's default).
+    step_seconds: float
+
+    def authenticate(self, session: Session) -> Caller:
+        """The key looked up now, in `session`'s transaction: live and of the method's kind
+        (a key revoked a moment ago is refused)."""
+        return authenticate(session, self.key, self.kind)
+
+    def step_budget(self) -> Budget:
+        """The budget of one database step of a stream."""
+        return Budget(self.step_seconds)
+
+
+# Set by the interceptor around each handler of our services; read on the event loop (a
+# worker thread does not inherit it: what the work needs of it is passed explicitly).
+SCOPE: ContextVar[RequestScope] = ContextVar("segments_request_scope")
+
+
+def current_scope() -> RequestScope:
+    """The scope of the RPC being handled."""
+    try:
+        return SCOPE.get()
+    except LookupError:
+        raise RuntimeError(
+            "no request scope: the method is not in interceptors.KEY_KINDS, or the server "
+            "was built without the request interceptor"
+        ) from None
 
 
 def set_statement_timeout(session: Session, milliseconds: int) -> None:
@@ -180,7 +206,8 @@ def _discard_outcome(future: asyncio.Future[Any]) -> None:
 
 
 class Runner:
-    """Runs the RPCs of one server: its pools, its fair share, its default budget."""
+    """Runs the RPCs of one server: its pools and its fair share. Each RPC's key kind and
+    budget come from its RequestScope (the interceptor's), never from the servicer."""
 
     def __init__(
         self,
@@ -189,7 +216,6 @@ class Runner:
         unary_pool: Executor,
         stream_pool: Executor,
         fair: FairShare,
-        request_timeout: float,
     ) -> None:
         self.sessions = sessions
         # Streams hold a connection for as long as they read (an export's snapshot): from a
@@ -198,31 +224,22 @@ class Runner:
         self.unary_pool = unary_pool
         self.stream_pool = stream_pool
         self.fair = fair
-        self.request_timeout = request_timeout
 
-    def budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> Budget:
-        remaining = context.time_remaining()
-        seconds = self.request_timeout
-        if remaining is not None and remaining < seconds:
-            seconds = remaining
-        return Budget(seconds)
-
-    def authenticated(self, meta: Metadata, kind: KeyKind, session: Session) -> Caller:
-        caller = authenticate(session, meta.authorization, kind)
-        if meta.rest:
+    def authenticated(self, scope: RequestScope, session: Session) -> Caller:
+        """The request's key looked up in `session`'s transaction; a request that came in
+        over REST also takes one of its project's per-minute tokens."""
+        caller = scope.authenticate(session)
+        if scope.rest:
             self.fair.rate.take(caller.project_id)
         return caller
 
-    def still_valid(self, meta: Metadata, kind: KeyKind) -> None:
+    def still_valid(self, scope: RequestScope) -> None:
         """Raise InvalidApiKey if a stream's key was revoked since it opened."""
-        in_transaction(
-            self.stream_sessions, lambda session: authenticate(session, meta.authorization, kind)
-        )
+        in_transaction(self.stream_sessions, scope.authenticate)
 
     async def unary(
         self,
         context: grpc.aio.ServicerContext[Any, Any],
-        kind: KeyKind,
         work: Callable[[Session, Caller], tuple[R, int | None]],
         *,
         evaluates: bool = False,
@@ -231,11 +248,11 @@ class Runner:
         share, and map errors; `work` answers (response, HTTP status for REST or None).
         `evaluates`: the work evaluates a condition over all of the project's contacts, and
         waits for the project's turn to (fairness.Limits.evaluations)."""
-        meta = Metadata.of(context)
-        budget = self.budget(context)
+        scope = current_scope()
+        budget = scope.budget
 
         def run(session: Session) -> tuple[R, int | None]:
-            caller = self.authenticated(meta, kind, session)
+            caller = self.authenticated(scope, session)
             with contextlib.ExitStack() as shares:
                 shares.enter_context(self.fair.unary.hold(caller.project_id))
                 if evaluates:
@@ -245,7 +262,7 @@ class Runner:
                 return work(session, caller)
 
         response, http_status = await self.call(
-            context, meta, lambda: in_transaction(self.sessions, run, budget), budget
+            context, scope, lambda: in_transaction(self.sessions, run, budget), budget
         )
         if http_status is not None:
             await context.send_initial_metadata(((HTTP_STATUS_HEADER, str(http_status)),))
@@ -254,7 +271,7 @@ class Runner:
     async def call(
         self,
         context: grpc.aio.ServicerContext[Any, Any],
-        meta: Metadata,
+        scope: RequestScope,
         blocking: Callable[[], R],
         budget: Budget,
         pool: Executor | None = None,
@@ -275,11 +292,11 @@ class Runner:
             threading.Thread(target=budget.cancel, name="cancel", daemon=True).start()
             raise
         except Exception as exc:
-            await abort(context, mapped(exc, meta.request_id), meta.request_id)
+            await abort(context, mapped(exc, scope.request_id), scope.request_id)
         return result
 
-    async def blocking(
-        self, context: grpc.aio.ServicerContext[Any, Any], meta: Metadata, fn: Callable[[], R]
-    ) -> R:
-        """`fn()` on the stream pool, its errors mapped: a stream's own database work."""
-        return await self.call(context, meta, fn, Budget(self.request_timeout), self.stream_pool)
+    async def blocking(self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], R]) -> R:
+        """`fn()` on the stream pool within one step's budget, its errors mapped: a stream's
+        own database work."""
+        scope = current_scope()
+        return await self.call(context, scope, fn, scope.step_budget(), self.stream_pool)

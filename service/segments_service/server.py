@@ -12,10 +12,8 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Awaitable, Callable
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,9 +31,9 @@ from segments_api.v1 import (
 from segments_service.builds import Builder, BuildSettings
 from segments_service.config import Settings
 from segments_service.database import make_engine, make_sessionmaker
-from segments_service.errors import ValidationError
 from segments_service.fairness import FairShare, Limits
-from segments_service.rpc import Metadata, Runner, abort
+from segments_service.interceptors import RequestInterceptor
+from segments_service.rpc import Runner
 from segments_service.servicers import ContactServicer, EventServicer, SegmentServicer
 from segments_service.streams import FeedWatch
 from segments_service.sweeper import Sweeper
@@ -75,65 +73,6 @@ class Options:
         )
 
 
-@dataclass(frozen=True)
-class _Undecodable:
-    """A request protobuf could not parse (e.g. nested past its recursion limit)."""
-
-    reason: str
-
-
-def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except Exception as exc:
-            return _Undecodable(str(exc) or type(exc).__name__)
-
-    return parse
-
-
-def _guard(behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
-    async def call(request: Any, context: Any) -> Any:
-        if isinstance(request, _Undecodable):
-            err = ValidationError.single(
-                "",
-                "the request could not be decoded (messages may nest at most about 100 "
-                f"levels deep): {request.reason}",
-                "undecodable",
-            )
-            await abort(context, err, Metadata.of(context).request_id)
-        return await behavior(request, context)
-
-    return call
-
-
-class _GuardedRegistration:
-    """Stands in for the server when the generated add_*_to_server functions register
-    handlers: grpcio answers INTERNAL when a request fails to decode, before any of our
-    code runs; here such a request reaches the error mapping as INVALID_ARGUMENT."""
-
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self._server = server
-
-    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
-        """Replaced by add_registered_method_handlers, which carries the same handlers."""
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        wrapped = {}
-        for name, handler in handlers.items():
-            changes: dict[str, Any] = {
-                "request_deserializer": _safe_deserializer(handler.request_deserializer)
-            }
-            for kind in ("unary_unary", "unary_stream"):
-                if getattr(handler, kind) is not None:
-                    changes[kind] = _guard(getattr(handler, kind))
-            wrapped[name] = handler._replace(**changes)
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(service, wrapped),)
-        )
-        self._server.add_registered_method_handlers(service, wrapped)
-
-
 @dataclass
 class Built:
     """A started server on the running loop and what must be stopped with it."""
@@ -165,6 +104,7 @@ async def create_server(
 ) -> Built:
     """A started server bound to `address` (port 0 picks a free one), on the running loop."""
     server = grpc.aio.server(
+        interceptors=[RequestInterceptor(options.request_timeout)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -180,19 +120,17 @@ async def create_server(
         unary_pool,
         stream_pool,
         fair,
-        options.request_timeout,
     )
     loop = asyncio.get_running_loop()
     watch = FeedWatch(
         stream_sessions or sessions, lambda fn, *a: loop.run_in_executor(stream_pool, fn, *a)
     )
     stopping = asyncio.Event()
-    guarded: Any = _GuardedRegistration(server)  # stands in for grpc.aio.Server
     segments_pb2_grpc.add_SegmentServiceServicer_to_server(
-        SegmentServicer(runner, watch, stopping), guarded
+        SegmentServicer(runner, watch, stopping), server
     )
-    contacts_pb2_grpc.add_ContactServiceServicer_to_server(ContactServicer(runner), guarded)
-    events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(runner), guarded)
+    contacts_pb2_grpc.add_ContactServiceServicer_to_server(ContactServicer(runner), server)
+    events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(runner), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):

@@ -1,5 +1,6 @@
 """gRPC servicers: each RPC validates its request, calls the domain in one transaction
-(rpc.Runner) and converts the result to protobuf. No SQL and no business rule here."""
+(rpc.Runner) and converts the result to protobuf. No SQL and no business rule here; the key
+an RPC needs and its budget are settled before it runs (interceptors.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from segments_api.v1 import (
     segments_pb2_grpc,
 )
 from segments_service import contacts, events, feed, members, segments, streams
-from segments_service.auth import Caller, authenticate
+from segments_service.auth import Caller
 from segments_service.contacts import ContactWrite, check_json, require_email
 from segments_service.convert import (
     condition_to_json,
@@ -37,7 +38,7 @@ from segments_service.convert import (
     timestamp,
 )
 from segments_service.errors import DeadlineExceeded, FieldViolation, ServiceError, ValidationError
-from segments_service.rpc import Metadata, Runner, abort, in_transaction
+from segments_service.rpc import Runner, abort, current_scope, in_transaction
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -67,7 +68,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 segments=[segment_to_proto(v) for v in views]
             ), None
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
 
     async def CreateSegment(
         self, request: segments_pb2.CreateSegmentRequest, context: Context
@@ -88,7 +89,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             )
             return segment_to_proto(view), CREATED
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
 
     async def GetSegment(
         self, request: segments_pb2.GetSegmentRequest, context: Context
@@ -98,7 +99,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             view = segments.get_segment(session, caller.project_id, segment_id)
             return segment_to_proto(view), None
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
 
     async def UpdateSegment(
         self, request: segments_pb2.UpdateSegmentRequest, context: Context
@@ -121,7 +122,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             )
             return segment_to_proto(view), None
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
 
     async def DeleteSegment(
         self, request: segments_pb2.DeleteSegmentRequest, context: Context
@@ -130,7 +131,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             segments.delete_segment(session, caller.project_id, parse_id(request.id, "segment"))
             return empty_pb2.Empty(), NO_CONTENT
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
 
     async def ListSegmentContacts(
         self, request: segments_pb2.ListSegmentContactsRequest, context: Context
@@ -149,7 +150,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 total_pages=result.total_pages,
             ), None
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
 
     async def AddSegmentMembers(
         self, request: segments_pb2.AddSegmentMembersRequest, context: Context
@@ -172,7 +173,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 added=result.added, created=result.created, not_found=result.not_found
             ), None
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
 
     async def RemoveSegmentMembers(
         self, request: segments_pb2.RemoveSegmentMembersRequest, context: Context
@@ -186,16 +187,16 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             )
             return segments_pb2.RemoveSegmentMembersResponse(removed=removed), None
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
 
     async def WatchSegmentEvents(  # type: ignore[override]  # writes through the context
         self, request: segments_pb2.WatchSegmentEventsRequest, context: Context
     ) -> None:
-        meta = Metadata.of(context)
+        scope = current_scope()
         runner = self.runner
 
         def opened(session: Session) -> tuple[Caller, feed.Cursor, list[str]]:
-            caller = runner.authenticated(meta, "secret", session)
+            caller = runner.authenticated(scope, session)
             cursor = (
                 feed.Cursor.parse(request.after)
                 if request.after
@@ -204,14 +205,14 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             return caller, cursor, [str(parse_id(i, "segment")) for i in request.segment_ids]
 
         caller, cursor, segment_ids = await runner.blocking(
-            context, meta, partial(in_transaction, runner.stream_sessions, opened)
+            context, partial(in_transaction, runner.stream_sessions, opened)
         )
         project_id = caller.project_id
         with contextlib.ExitStack() as slot:
             try:
                 slot.enter_context(runner.fair.streams.hold(project_id))
             except ServiceError as err:
-                await abort(context, err, meta.request_id)
+                await abort(context, err, scope.request_id)
             reauthenticate = streams.Reauthenticate()
             while not self.stopping.is_set() and not context.done():
                 seen = self.watch.known(project_id)
@@ -219,15 +220,13 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                     feed.read_after, project_id=project_id, after=cursor, segment_ids=segment_ids
                 )
                 batch = await runner.blocking(
-                    context, meta, partial(in_transaction, runner.stream_sessions, read)
+                    context, partial(in_transaction, runner.stream_sessions, read)
                 )
                 for event in batch:
                     await context.write(_segment_event(event))
                     cursor = event.cursor
                 if reauthenticate.due():
-                    await runner.blocking(
-                        context, meta, partial(runner.still_valid, meta, "secret")
-                    )
+                    await runner.blocking(context, partial(runner.still_valid, scope))
                 if len(batch) < feed.BATCH:
                     await self.watch.wait_beyond(
                         project_id, cursor.seq if seen is None else seen, streams.REAUTH_SECONDS
@@ -236,7 +235,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
     async def ExportSegmentContacts(  # type: ignore[override]  # writes through the context
         self, request: segments_pb2.ExportSegmentContactsRequest, context: Context
     ) -> None:
-        meta = Metadata.of(context)
+        scope = current_scope()
         runner = self.runner
         session = runner.stream_sessions()
 
@@ -253,24 +252,24 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 text("SELECT set_config('idle_in_transaction_session_timeout', :ms, true)"),
                 {"ms": str(int((streams.EXPORT_IDLE_SECONDS + 10) * 1000))},
             )
-            caller = authenticate(session, meta.authorization, "secret")
+            caller = scope.authenticate(session)
             rows = members.export_members(
                 session, caller.project_id, parse_id(request.id, "segment")
             )
             return caller, map(contact_to_proto, rows)
 
         try:
-            caller, contacts_ = await runner.blocking(context, meta, opened)
+            caller, contacts_ = await runner.blocking(context, opened)
             with contextlib.ExitStack() as slot:
                 try:
                     slot.enter_context(runner.fair.streams.hold(caller.project_id))
                 except ServiceError as err:
-                    await abort(context, err, meta.request_id)
+                    await abort(context, err, scope.request_id)
                 pending: list[resources_pb2.Contact] = []
                 reauthenticate = streams.Reauthenticate()
                 while not context.done():
                     message = await runner.blocking(
-                        context, meta, partial(streams.next_export_message, contacts_, pending)
+                        context, partial(streams.next_export_message, contacts_, pending)
                     )
                     if message is None:
                         break
@@ -281,11 +280,9 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                             f"the export was closed: its reader took nothing for "
                             f"{streams.EXPORT_IDLE_SECONDS:.0f} s"
                         )
-                        await abort(context, idle, meta.request_id)
+                        await abort(context, idle, scope.request_id)
                     if reauthenticate.due():
-                        await runner.blocking(
-                            context, meta, partial(runner.still_valid, meta, "secret")
-                        )
+                        await runner.blocking(context, partial(runner.still_valid, scope))
         finally:
             await asyncio.get_running_loop().run_in_executor(runner.stream_pool, session.close)
 
@@ -301,7 +298,7 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             count = segments.count_matching(session, caller.project_id, condition)
             return segments_pb2.CountMatchingContactsResponse(count=count), None
 
-        return await self.runner.unary(context, "secret", work, evaluates=True)
+        return await self.runner.unary(context, work, evaluates=True)
 
 
 def _segment_event(event: feed.FeedEvent) -> segments_pb2.SegmentEvent:
@@ -347,7 +344,7 @@ class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
             row = contacts.get_contact(session, caller.project_id, contact_id)
             return contact_to_proto(row), CREATED if result.created else None
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
 
     async def BatchUpsertContacts(
         self, request: contacts_pb2.BatchUpsertContactsRequest, context: Context
@@ -373,7 +370,7 @@ class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
                 created=len(result.created), updated=len(result.updated)
             ), None
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
 
     async def GetContact(
         self, request: contacts_pb2.GetContactRequest, context: Context
@@ -384,7 +381,7 @@ class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
                 contacts.get_contact(session, caller.project_id, contact_id)
             ), None
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
 
     async def DeleteContact(
         self, request: contacts_pb2.DeleteContactRequest, context: Context
@@ -393,7 +390,7 @@ class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
             contacts.delete_contact(session, caller.project_id, parse_id(request.id, "contact"))
             return empty_pb2.Empty(), NO_CONTENT
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
 
 
 class EventServicer(events_pb2_grpc.EventServiceServicer):
@@ -432,7 +429,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                 ),
             ), None
 
-        return await self.runner.unary(context, "public", work)
+        return await self.runner.unary(context, work)
 
     async def IngestEvents(
         self, request: events_pb2.IngestEventsRequest, context: Context
@@ -471,4 +468,4 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             recorded = events.ingest(session, caller.project_id, items) if items else 0
             return events_pb2.IngestEventsResponse(accepted=recorded), None
 
-        return await self.runner.unary(context, "secret", work)
+        return await self.runner.unary(context, work)
