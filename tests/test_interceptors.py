@@ -19,7 +19,7 @@ from grpc_status import rpc_status
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments.v1 import contacts_pb2, events_pb2, segments_pb2, segments_pb2_grpc
+from segments_api.v1 import contacts_pb2, events_pb2, segments_pb2, segments_pb2_grpc
 from segments_service.auth import KeyKind
 from segments_service.database import make_engine, make_sessionmaker
 from segments_service.interceptors import KEY_KINDS, RequestInterceptor, budget_seconds

@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
-from segments.v1 import contacts_pb2, events_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, events_pb2, segments_pb2
 from segments_service.auth import KeyKind, bearer_token
 from segments_service.errors import MissingAuth, ValidationError
 from segments_service.rpc import REST_HEADER, SCOPE, Budget, RequestScope, abort
