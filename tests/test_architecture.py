@@ -28,8 +28,8 @@ FOUNDATIONS = frozenset({"errors", "tables", "config", "jsonutil"})
 # The filter compiler: a package of its own.
 FILTERS = "filters"
 # The gRPC edge: how RPCs run (rpc, status), the servicers, proto conversion, streams, the
-# server that wires them.
-EDGE = frozenset({"rpc", "status", "servicers", "convert", "streams", "server"})
+# server that wires them, and REST request JSON against the request messages (json_shapes).
+EDGE = frozenset({"rpc", "status", "servicers", "convert", "streams", "server", "json_shapes"})
 # The process around the service: the command line, engines and the embedded server,
 # Envoy's generated configuration and launcher, migrations.
 PROCESS = frozenset({"cli", "database", "migrations"})
