@@ -377,11 +377,11 @@ class Document:
         if description:
             schema["description"] = description
         schema["properties"] = {f.json_name: self.field_schema(full_name, f) for f in fields}
-        if full_name in self.response_only:
-            if fields:
-                schema["required"] = [f.json_name for f in fields]
-            # Responses have no other fields; requests may (the transcoder ignores them).
-            schema["additionalProperties"] = False
+        if full_name in self.response_only and fields:
+            schema["required"] = [f.json_name for f in fields]
+        # Responses have no other fields, and requests may have none (the service refuses
+        # them before the transcoder, which would ignore them, reads the body).
+        schema["additionalProperties"] = False
         return schema
 
     def enum_ref(self, full_name: str) -> Schema:

@@ -31,8 +31,21 @@ FOUNDATIONS = frozenset({"errors", "tables", "config", "jsonutil"})
 # The filter compiler: a package of its own.
 FILTERS = "filters"
 # The gRPC edge: what every RPC is given before it runs (interceptors), how RPCs run (rpc,
-# status), the servicers, proto conversion, streams, the server that wires them.
-EDGE = frozenset({"interceptors", "rpc", "status", "servicers", "convert", "streams", "server"})
+# status), the servicers, proto conversion, streams, the server that wires them, and the
+# check of REST requests against the request messages (rest_check, json_shapes).
+EDGE = frozenset(
+    {
+        "interceptors",
+        "rpc",
+        "status",
+        "servicers",
+        "convert",
+        "streams",
+        "server",
+        "rest_check",
+        "json_shapes",
+    }
+)
 # The process around the service: the command line, engines and the embedded server,
 # Envoy's generated configuration and launcher, migrations.
 PROCESS = frozenset({"cli", "database", "migrations"})

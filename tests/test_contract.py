@@ -26,7 +26,14 @@ from segments_service.errors import (
     ServiceError,
     ValidationError,
 )
-from segments_service.status import ENVELOPE_HEADER, HTTP_STATUS_HEADER, grpc_code, to_status
+from segments_service.rest_check import ENVELOPE_BODY_HEADER
+from segments_service.status import (
+    ENVELOPE_HEADER,
+    HTTP_STATUS_HEADER,
+    RETRY_AFTER_HEADER,
+    grpc_code,
+    to_status,
+)
 from tests.conftest import ROOT
 
 DOCUMENT = ROOT / "openapi" / "openapi.json"
@@ -149,8 +156,8 @@ def test_envoy_local_replies_use_the_contract(tmp_path: Path) -> None:
     gateway = {spec.http_status: spec for spec in CONTRACT if spec.gateway_default}
     seen = set()
     for mapper in local["mappers"]:
-        status = mapper["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]
-        if status < 400:
+        status = envoy_config.mapper_status(mapper)
+        if status is None or status < 400:
             continue
         seen.add(status)
         spec = gateway[status]
@@ -161,6 +168,28 @@ def test_envoy_local_replies_use_the_contract(tmp_path: Path) -> None:
         assert retry.get("retry-after") == expected
     assert {400, 404, 413, 503, 504} <= seen
     assert local["body_format"]["json_format"]["error"]["code"] == FALLBACK_CODE
+    # Every error Envoy answers itself is marked as already enveloped for the Lua filter,
+    # the service's denials of requests it checked passed on as they are.
+    errors = [m for m in local["mappers"] if envoy_config.mapper_status(m) != 200]
+    for mapper in errors:
+        marked = {h["header"]["key"] for h in mapper["headers_to_add"]}
+        assert ENVELOPE_BODY_HEADER in marked, mapper
+    denial, failed_check = errors[:2]
+    for mapper, status in ((denial, 400), (failed_check, 503)):
+        status_filter, flag = mapper["filter"]["and_filter"]["filters"]
+        assert status_filter["status_code_filter"]["comparison"]["value"]["default_value"] == status
+        assert flag == {"response_flag_filter": {"flags": ["UAEX"]}}
+    assert denial["body_format_override"]["text_format_source"] == {
+        "inline_string": "%LOCAL_REPLY_BODY%"
+    }
+    unavailable = gateway[503]
+    error = failed_check["body_format_override"]["json_format"]["error"]
+    assert (error["code"], error["message"]) == (unavailable.code, unavailable.message)
+    retry = {h["header"]["key"]: h["header"]["value"] for h in failed_check["headers_to_add"]}
+    assert retry["retry-after"] == str(int(unavailable.retry_after or 0))
+    catch_all = errors[-1]["filter"]["status_code_filter"]["comparison"]
+    assert (catch_all["op"], catch_all["value"]["default_value"]) == ("GE", 400)
+    assert errors[-1]["body_format_override"]["json_format"]["error"]["code"] == FALLBACK_CODE
 
 
 def test_the_lua_filter_reads_its_codes_from_the_contract(tmp_path: Path) -> None:
@@ -173,9 +202,12 @@ def test_the_lua_filter_reads_its_codes_from_the_contract(tmp_path: Path) -> Non
         s: str(int(spec.retry_after)) for s, spec in gateway.items() if spec.retry_after
     }
     assert f'FALLBACK_CODE = "{FALLBACK_CODE}"' in source
-    # The hand-written part names no public code of its own.
+    # The hand-written part names no public code of its own, and knows the service's
+    # side channel by the names the service uses.
     handwritten = (ROOT / "envoy" / "filter.lua").read_text()
     assert [code for code in ERRORS if f'"{code}"' in handwritten] == []
+    for header in (HTTP_STATUS_HEADER, ENVELOPE_HEADER, RETRY_AFTER_HEADER, ENVELOPE_BODY_HEADER):
+        assert f'"{header}"' in handwritten, header
 
 
 def test_the_openapi_document_lists_the_contract() -> None:
@@ -274,6 +306,45 @@ def test_starting_reads_the_descriptor_as_committed(tmp_path: Path) -> None:
             for method in service.method:
                 rule = method.options.Extensions[annotations.http]
                 assert not rule.response_body, method.name
+
+
+def test_rest_requests_are_checked_by_the_service_before_transcoding(tmp_path: Path) -> None:
+    """Envoy asks the service (ext_authz, on the replicas' cluster) about every REST request
+    with a body or a query string, with the whole body, before the transcoder reads it;
+    and answers none it could not ask about."""
+    text = envoy_proxy.render_config(
+        http_port=1,
+        upstreams=[("127.0.0.1", 2)],
+        descriptor_path=ROOT / "envoy" / "segments.pb",
+        max_request_bytes=3 << 20,
+    )
+    hcm = _hcm(json.loads(text))
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names.index(envoy_config.BUFFER_FILTER) < names.index(envoy_config.CHECK_FILTER)
+    assert names.index(envoy_config.CHECK_FILTER) < names.index(envoy_config.TRANSCODER_FILTER)
+    check = hcm["http_filters"][names.index(envoy_config.CHECK_FILTER)]["typed_config"]
+    assert check["grpc_service"]["envoy_grpc"] == {"cluster_name": envoy_config.CLUSTER}
+    assert check["grpc_service"]["timeout"] == envoy_config.CHECK_TIMEOUT
+    assert (check["failure_mode_allow"], check["transport_api_version"]) == (False, "V3")
+    assert check["with_request_body"] == {
+        "max_request_bytes": 3 << 20,
+        "allow_partial_message": False,
+        "pack_as_bytes": True,
+    }
+    routes = {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    skipped = {
+        name
+        for name, route in routes.items()
+        if envoy_config.CHECK_FILTER in route.get("typed_per_filter_config", {})
+    }
+    assert skipped == {
+        envoy_config.GRPC_ROUTE,
+        envoy_config.OPENAPI_ROUTE,
+        envoy_config.REST_GET_ROUTE,
+    }
+    plain_get = routes[envoy_config.REST_GET_ROUTE]["match"]["headers"]
+    assert {"name": ":path", "string_match": {"contains": "?"}, "invert_match": True} in plain_get
+    assert routes[envoy_config.REST_GET_ROUTE]["route"] == routes[envoy_config.REST_ROUTE]["route"]
 
 
 def test_a_config_older_than_the_lua_filter_is_refused(tmp_path: Path) -> None:

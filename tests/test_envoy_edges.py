@@ -356,6 +356,21 @@ def test_rest_errors_carry_retry_after_and_the_envelope(
     assert not leaked & set(resp.headers), resp.headers
 
 
+def test_requests_the_service_cannot_check_are_refused(scripted_envoy: str) -> None:
+    """The scripted server has no Authorization service: a REST request Envoy must have
+    checked (a body, a query string) is refused 503, never transcoded unchecked; a GET
+    without a query string needs no check and is answered."""
+    rest = Rest(f"http://{scripted_envoy}")
+    for resp in (
+        rest.post("/contacts", {"email": "a@x.com"}, key="sk_any"),
+        rest.get("/segments/exists?expand=1", key="sk_any"),
+    ):
+        check_error(resp, 503, "SERVICE_UNAVAILABLE")
+        assert resp.headers.get("retry-after") == "1", resp.headers
+        assert "x-envelope-body" not in resp.headers, resp.headers
+    check_error(rest.get("/segments/exists", key="sk_any"), 409, "ALREADY_EXISTS")
+
+
 # --- bodies too large or too deep ---------------------------------------------------------
 
 

@@ -1,9 +1,10 @@
 """Strict JSON shapes on the REST surface: Envoy's transcoder would read the strings "no",
 "yes", "1", "t", ... as booleans, a lone value as a one-element list and nested arrays as
-one flat list; the Lua filter (envoy/filter.lua) answers a 400 VALIDATION_ERROR naming the
-field instead (docs/api.md: a wrong value type is a 400), for the bool and list fields of each
-request message (taken from the descriptor), and looks nowhere else, in particular not
-inside free-form `data` objects or filter values."""
+one flat list, and would drop unknown fields; the service's check of REST requests before
+transcoding (rest_check.py, through Envoy's ext_authz) answers a 400 VALIDATION_ERROR naming
+the field instead (docs/api.md: a wrong value type is a 400), against each request message
+(its descriptor), and looks nowhere else, in particular not inside free-form `data` objects
+or filter values."""
 
 from __future__ import annotations
 
@@ -373,13 +374,15 @@ def test_large_body_with_a_bad_last_value(rest: Rest, project: Project, engine: 
         b'{"email":"x@x.com","subscribed":"\xff"}',
     ],
 )
-def test_malformed_json_is_left_to_the_transcoder(
+def test_malformed_json_is_refused_as_a_whole(
     rest: Rest, project: Project, engine: Engine, raw: bytes
 ) -> None:
     err = check_error(
         rest.post("/contacts", raw=raw, key=project.secret_key), 400, "VALIDATION_ERROR"
     )
     assert "true or false" not in err["message"], err
+    assert err["message"].startswith("Malformed JSON: "), err
+    assert err["errors"] == [{"field": "", "message": err["message"], "code": "malformed_json"}]
     assert stored(engine, project)["contacts"] == 0
 
 
@@ -404,3 +407,129 @@ def test_connection_stays_usable_after_a_rejection(rest_url: str, project: Proje
             assert conn.sock is sock, resp.headers
     finally:
         conn.close()
+
+
+def test_unknown_fields_are_refused_on_every_route(
+    rest: Rest, project: Project, targets: Targets
+) -> None:
+    key = project.secret_key
+    static, dynamic = targets.static, targets.dynamic
+    members = f"/segments/{static['id']}/members"
+    filters = [{**PREMIUM, "negate": True}]
+    cases: list[tuple[str, str, Any, str]] = [
+        ("POST", "/contacts", {"email": "u@x.com", "tags": ["vip"]}, "tags"),
+        (
+            "POST",
+            "/contacts/batch",
+            {"contacts": [{"email": "u@x.com", "plan": 1}]},
+            "contacts.0.plan",
+        ),
+        (
+            "POST",
+            "/events/batch",
+            {"events": [{"email": "u@x.com", "event": "e", "at": 1}]},
+            "events.0.at",
+        ),
+        ("POST", "/segments", {"name": "S", "type": "STATIC", "kind": "STATIC"}, "kind"),
+        (
+            "PATCH",
+            f"/segments/{dynamic['id']}",
+            {"condition": {"logic": "AND", "groups": [{"filters": filters}]}},
+            "condition.groups.0.filters.0.negate",
+        ),
+        ("POST", members, {"emails": ["u@x.com"], "createMising": False}, "createMising"),
+        ("DELETE", members, {"emails": ["u@x.com"], "all": True}, "all"),
+    ]
+    for method, path, body, field in cases:
+        err = check_error(rest.request(method, path, body, key=key), 400, "VALIDATION_ERROR")
+        assert err["errors"] == [
+            {"field": field, "message": "unknown field", "code": "unknown_field"}
+        ], err
+    resp = rest.post(
+        "/v1/track", {"event": "e", "email": "u@x.com", "props": {}}, key=project.public_key
+    )
+    check_error(resp, 400, "VALIDATION_ERROR", "props")
+    targets.unchanged()
+
+
+def test_enums_name_their_spellings(rest: Rest, project: Project, targets: Targets) -> None:
+    resp = rest.post("/segments", {"name": "S", "type": "static"}, key=project.secret_key)
+    err = check_error(resp, 400, "VALIDATION_ERROR")
+    message = 'must be one of DYNAMIC, STATIC; got "static"'
+    assert err["errors"] == [{"field": "type", "message": message, "code": "invalid_enum"}]
+    assert err["message"] == f"type: {message}"
+    resp = rest.patch(
+        f"/segments/{targets.dynamic['id']}",
+        {"condition": {"logic": "XOR", "groups": [{"filters": [PREMIUM]}]}},
+        key=project.secret_key,
+    )
+    err = check_error(resp, 400, "VALIDATION_ERROR", "condition.logic")
+    assert err["errors"][0]["message"] == 'must be one of AND, OR; got "XOR"', err
+    targets.unchanged()
+
+
+def test_timestamps_and_strings_are_typed(rest: Rest, project: Project, engine: Engine) -> None:
+    key = project.secret_key
+    resp = rest.post(
+        "/events/batch", {"events": [{"email": "t@x.com", "event": "e", "occurredAt": 5}]}, key=key
+    )
+    err = check_error(resp, 400, "VALIDATION_ERROR")
+    assert err["errors"] == [
+        {
+            "field": "events.0.occurredAt",
+            "message": "must be an RFC 3339 timestamp such as 2024-01-31T12:00:00Z",
+            "code": "invalid_value",
+        }
+    ]
+    resp = rest.post("/contacts", {"email": ["t@x.com"]}, key=key)
+    err = check_error(resp, 400, "VALIDATION_ERROR")
+    assert err["errors"] == [
+        {"field": "email", "message": 'must be a string; got ["t@x.com"]', "code": "invalid_type"}
+    ]
+    assert stored(engine, project)["contacts"] == stored(engine, project)["events"] == 0
+
+
+def test_a_body_may_not_set_what_the_path_sets(
+    rest: Rest, project: Project, targets: Targets
+) -> None:
+    key = project.secret_key
+    static, dynamic = targets.static, targets.dynamic
+    for method, path, body in (
+        ("PATCH", f"/segments/{dynamic['id']}", {"id": static["id"], "name": "Changed"}),
+        ("POST", f"/segments/{dynamic['id']}/members", {"id": static["id"], "emails": ["a@x.com"]}),
+    ):
+        err = check_error(rest.request(method, path, body, key=key), 400, "VALIDATION_ERROR")
+        assert err["errors"] == [
+            {"field": "id", "message": "conflicts with the id in the URL path", "code": "conflict"}
+        ], err
+    targets.unchanged()
+
+
+def test_query_parameters_are_checked(rest: Rest, project: Project, targets: Targets) -> None:
+    contacts = f"/segments/{targets.static['id']}/contacts"
+    resp = rest.get(f"{contacts}?pageSize=ten", key=project.secret_key)
+    err = check_error(resp, 400, "VALIDATION_ERROR")
+    message = 'must be a 32-bit integer; got "ten"'
+    assert err["errors"] == [{"field": "pageSize", "message": message, "code": "invalid_type"}]
+    # The proto name is taken too, as the transcoder takes it.
+    resp = rest.get(f"{contacts}?page_size=5&page=1", key=project.secret_key)
+    assert resp.status == 200 and resp.json["pageSize"] == 5, resp.raw[:300]
+    resp = rest.post("/contacts?subscribed=true", {"email": "q@x.com"}, key=project.secret_key)
+    err = check_error(resp, 400, "VALIDATION_ERROR")
+    assert err["errors"] == [
+        {"field": "subscribed", "message": "unknown query parameter", "code": "unknown_field"}
+    ]
+    targets.unchanged()
+
+
+def test_a_refusal_carries_the_request_id(rest: Rest, project: Project) -> None:
+    resp = rest.post(
+        "/contacts",
+        {"email": "r@x.com", "subscribed": "no"},
+        key=project.secret_key,
+        headers={"X-Request-Id": "trace-strict-1"},
+    )
+    err = check_error(resp, 400, "VALIDATION_ERROR", "subscribed")
+    assert err["requestId"] == "trace-strict-1"
+    leaked = {"x-envelope-body", "x-error-envelope", "x-http-status"}
+    assert not leaked & set(resp.headers), resp.headers

@@ -1,6 +1,7 @@
 """Envoy's configuration as committed in envoy/envoy.json (scripts/generate.py writes it):
-one listener for REST (transcoded to gRPC, errors in the envelope of docs/errors.md) and
-native gRPC (passed through untouched), in front of a cluster of gRPC replicas.
+one listener for REST (checked by the service, transcoded to gRPC, errors in the envelope
+of docs/errors.md) and native gRPC (passed through untouched), in front of a cluster of
+gRPC replicas.
 
 The committed file is a working default (listener 127.0.0.1:8080, one replica on
 127.0.0.1:50051, a 30 s request budget, 1 MiB bodies; paths relative to the repository
@@ -19,6 +20,7 @@ from google.protobuf import descriptor_pb2
 
 from segments_service.envoy_tables import SERVICES, gateway_codes, lua_tables
 from segments_service.errors import FALLBACK_CODE, ErrorSpec
+from segments_service.rest_check import ENVELOPE_BODY_HEADER
 from segments_service.rpc import REST_HEADER
 
 CLUSTER = "segments_grpc"
@@ -29,9 +31,15 @@ LUA_FILE = Path("envoy") / "filter.lua"
 OPENAPI_FILE = Path("openapi") / "openapi.json"
 LUA_FILTER = "envoy.filters.http.lua"
 BUFFER_FILTER = "envoy.filters.http.buffer"
+CHECK_FILTER = "envoy.filters.http.ext_authz"
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
-# Routes by name: native gRPC, GET /openapi.json, and everything else (REST).
-GRPC_ROUTE, OPENAPI_ROUTE, REST_ROUTE = "grpc", "openapi", "rest"
+# Routes by name: native gRPC, GET /openapi.json, REST GETs without a query string (nothing
+# for the service to check before transcoding), and everything else (REST).
+GRPC_ROUTE, OPENAPI_ROUTE, REST_GET_ROUTE, REST_ROUTE = "grpc", "openapi", "rest_get", "rest"
+REST_ROUTES = (REST_GET_ROUTE, REST_ROUTE)
+# How long Envoy waits for the service's check of a REST request (rest_check.py) before
+# answering 503: parsing a 1 MiB body takes milliseconds.
+CHECK_TIMEOUT = "5s"
 # The transcoder buffers each response whole and answers 500 beyond this; GET /segments of
 # a big project, or a page of contacts with large `data`, can exceed its 1 MiB default.
 MAX_RESPONSE_BYTES = 64 << 20
@@ -90,23 +98,34 @@ def _envelope(code: str, message: str = "%LOCAL_REPLY_BODY%") -> dict[str, Any]:
     }
 
 
+def _status_filter(status: int, op: str = "EQ") -> dict[str, Any]:
+    value = {"default_value": status, "runtime_key": f"local_reply.{status}"}
+    return {"status_code_filter": {"comparison": {"op": op, "value": value}}}
+
+
+def _checked(status: int) -> dict[str, Any]:
+    """Local replies of `status` from the ext_authz filter (response flag UAEX)."""
+    flagged = {"response_flag_filter": {"flags": ["UAEX"]}}
+    return {"and_filter": {"filters": [_status_filter(status), flagged]}}
+
+
+def mapper_status(mapper: dict[str, Any]) -> int | None:
+    """The HTTP status a local reply mapper of build_config is for, None for those that
+    are not for one status (the service's denials, every other error)."""
+    comparison = mapper["filter"].get("status_code_filter", {}).get("comparison", {})
+    return int(comparison["value"]["default_value"]) if comparison.get("op") == "EQ" else None
+
+
 def _status_mapper(spec: ErrorSpec, message: str | None = None) -> dict[str, Any]:
-    status = spec.http_status
     mapper: dict[str, Any] = {
-        "filter": {
-            "status_code_filter": {
-                "comparison": {
-                    "op": "EQ",
-                    "value": {"default_value": status, "runtime_key": f"local_reply.{status}"},
-                }
-            }
-        },
+        "filter": _status_filter(spec.http_status),
         "body_format_override": (
             _envelope(spec.code) if message is None else _envelope(spec.code, message)
         ),
+        "headers_to_add": [_header(ENVELOPE_BODY_HEADER, "1")],
     }
     if spec.retry_after is not None:
-        mapper["headers_to_add"] = [_header("retry-after", str(math.ceil(spec.retry_after)))]
+        mapper["headers_to_add"].append(_header("retry-after", str(math.ceil(spec.retry_after))))
     return mapper
 
 
@@ -126,7 +145,9 @@ def _openapi_route(path: str) -> dict[str, Any]:
         },
         "direct_response": {"status": 200, "body": {"filename": path}},
         "response_headers_to_add": [_header("content-type", "application/json")],
-        "typed_per_filter_config": {name: disabled for name in (BUFFER_FILTER, TRANSCODER_FILTER)},
+        "typed_per_filter_config": {
+            name: disabled for name in (BUFFER_FILTER, CHECK_FILTER, TRANSCODER_FILTER)
+        },
     }
 
 
@@ -158,6 +179,17 @@ def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
         },
     }
     disabled = _any("envoy.config.route.v3.FilterConfig", disabled=True)
+
+    def rest_route(name: str, match: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            "match": match,
+            "route": {**upstream, "timeout": rest_timeout(DEFAULT_REQUEST_TIMEOUT)},
+            # Tells the service the request came over REST (its per-minute rate applies).
+            "request_headers_to_add": [_header(REST_HEADER, "1")],
+            **extra,
+        }
+
     routes: list[dict[str, Any]] = [
         {
             # Native gRPC callers (content-type application/grpc*), whatever the service:
@@ -173,26 +205,34 @@ def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
                 "max_stream_duration": {"grpc_timeout_header_max": "0s"},
             },
             "typed_per_filter_config": {
-                name: disabled for name in (LUA_FILTER, BUFFER_FILTER, TRANSCODER_FILTER)
+                name: disabled
+                for name in (LUA_FILTER, BUFFER_FILTER, CHECK_FILTER, TRANSCODER_FILTER)
             },
             "request_headers_to_remove": [REST_HEADER],
         },
         _openapi_route(str(OPENAPI_FILE)),
-        {
-            # REST: chosen on the request as it came in (the transcoder keeps that route),
-            # unknown paths being answered 404 by the transcoder itself.
-            "name": REST_ROUTE,
-            "match": {"prefix": "/"},
-            "route": {**upstream, "timeout": rest_timeout(DEFAULT_REQUEST_TIMEOUT)},
-            # Tells the service the request came over REST (its per-minute rate applies).
-            "request_headers_to_add": [_header(REST_HEADER, "1")],
-        },
+        # A GET without a query string has no body and no parameter to check: it goes to
+        # the transcoder without the service's check, and without its round trip.
+        rest_route(
+            REST_GET_ROUTE,
+            {
+                "prefix": "/",
+                "headers": [
+                    {"name": ":method", "string_match": {"exact": "GET"}},
+                    {"name": ":path", "string_match": {"contains": "?"}, "invert_match": True},
+                ],
+            },
+            typed_per_filter_config={CHECK_FILTER: disabled},
+        ),
+        # REST: chosen on the request as it came in (the transcoder keeps that route),
+        # unknown paths being answered 404 by the transcoder itself.
+        rest_route(REST_ROUTE, {"prefix": "/"}),
     ]
 
     http_filters: list[dict[str, Any]] = [
         {
-            # First, so that on the way back it sees transcoded responses, Envoy's own
-            # local replies (413, 400, 404, 503, 504) and can reshape all of them.
+            # First, so that on the way back it sees transcoded responses and Envoy's own
+            # local replies (413, 400, 404, 503, 504), and can reshape the former.
             "name": LUA_FILTER,
             "typed_config": _any(
                 "envoy.extensions.filters.http.lua.v3.Lua",
@@ -206,6 +246,28 @@ def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
             "typed_config": _any(
                 "envoy.extensions.filters.http.buffer.v3.Buffer",
                 max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
+            ),
+        },
+        {
+            # The service checks the query string and the JSON body against the request
+            # message before the transcoder reads them leniently (rest_check.py); a
+            # request it refuses is answered 400 with its envelope as the body. It sees
+            # the body whole (the buffer filter has held it), and only the request id of
+            # the headers.
+            "name": CHECK_FILTER,
+            "typed_config": _any(
+                "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                grpc_service={"envoy_grpc": {"cluster_name": CLUSTER}, "timeout": CHECK_TIMEOUT},
+                transport_api_version="V3",
+                failure_mode_allow=False,
+                # A check that fails or times out: the service is unavailable (503).
+                status_on_error={"code": "ServiceUnavailable"},
+                with_request_body={
+                    "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES,
+                    "allow_partial_message": False,
+                    "pack_as_bytes": True,
+                },
+                allowed_headers={"patterns": [{"exact": "x-request-id"}]},
             ),
         },
         {
@@ -242,22 +304,32 @@ def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
     ]
 
     gateway = gateway_codes()
+    enveloped = [_header(ENVELOPE_BODY_HEADER, "1")]
     local_reply_config = {
         "mappers": [
             # The only 200 Envoy answers itself is GET /openapi.json: its body as it is.
             {
-                "filter": {
-                    "status_code_filter": {
-                        "comparison": {
-                            "op": "EQ",
-                            "value": {"default_value": 200, "runtime_key": "local_reply.200"},
-                        }
-                    }
-                },
+                "filter": _status_filter(200),
                 "body_format_override": {
                     "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                     "content_type": "application/json",
                 },
+            },
+            # The service's denial of a request it checked (rest_check.py): its envelope,
+            # as it is.
+            {
+                "filter": _checked(400),
+                "body_format_override": {
+                    "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                    "content_type": "application/json",
+                },
+                "headers_to_add": enveloped,
+            },
+            # A check that failed or timed out (same flag, 503 and no text): the
+            # contract's message.
+            {
+                **_status_mapper(gateway[503], gateway[503].message),
+                "filter": _checked(503),
             },
             # Envoy's own errors: bad JSON (400), unknown path (404), body too large
             # (413), no healthy upstream (503), route timeout (504). Their message is
@@ -267,6 +339,12 @@ def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
             _status_mapper(gateway[413], too_large_message(DEFAULT_MAX_REQUEST_BYTES)),
             _status_mapper(gateway[503]),
             _status_mapper(gateway[504], gateway[504].message),
+            # Any other error Envoy answers itself.
+            {
+                "filter": _status_filter(400, "GE"),
+                "body_format_override": _envelope(FALLBACK_CODE),
+                "headers_to_add": enveloped,
+            },
         ],
         "body_format": _envelope(FALLBACK_CODE),
     }
@@ -347,8 +425,8 @@ def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
                 {
                     "name": "rest",
                     "address": {"socket_address": DEFAULT_LISTENER},
-                    # The Lua filter reads request bodies (bool check) before the buffer
-                    # filter raises the stream's limit: HTTP/1.1 bodies up to this size.
+                    # Request bodies up to the limit are read whole before the buffer
+                    # filter raises the stream's own limit.
                     "per_connection_buffer_limit_bytes": connection_buffer_limit(
                         DEFAULT_MAX_REQUEST_BYTES
                     ),

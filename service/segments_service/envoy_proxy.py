@@ -17,15 +17,17 @@ from typing import Any
 from segments_service import envoy_config
 from segments_service.envoy_config import (
     BUFFER_FILTER,
+    CHECK_FILTER,
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_REQUEST_TIMEOUT,
     LUA_FILTER,
     OPENAPI_ROUTE,
-    REST_ROUTE,
+    REST_ROUTES,
     REST_TIMEOUT_MARGIN,
     TRANSCODER_FILTER,
     connection_buffer_limit,
     direct_response_limit,
+    mapper_status,
     rest_timeout,
     too_large_message,
 )
@@ -85,19 +87,21 @@ def render_config(
             f"{root / envoy_config.CONFIG_FILE} is older than {filter_lua}: run `make generate`"
         )
     _by_name(filters, BUFFER_FILTER)["typed_config"]["max_request_bytes"] = max_request_bytes
+    check = _by_name(filters, CHECK_FILTER)["typed_config"]
+    check["with_request_body"]["max_request_bytes"] = max_request_bytes
     transcoder = _by_name(filters, TRANSCODER_FILTER)["typed_config"]
     transcoder["proto_descriptor"] = str(descriptor_path.resolve())
     transcoder["max_request_body_size"] = max_request_bytes
     for mapper in hcm["local_reply_config"]["mappers"]:
-        status = mapper["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]
-        if status == 413:
+        if mapper_status(mapper) == 413:
             mapper["body_format_override"]["json_format"]["error"]["message"] = too_large_message(
                 max_request_bytes
             )
 
     route_config = hcm["route_config"]
     routes = route_config["virtual_hosts"][0]["routes"]
-    _by_name(routes, REST_ROUTE)["route"]["timeout"] = rest_timeout(request_timeout)
+    for name in REST_ROUTES:
+        _by_name(routes, name)["route"]["timeout"] = rest_timeout(request_timeout)
     openapi = root / "openapi" / "openapi.json" if openapi_path is None else openapi_path
     openapi_route = _by_name(routes, OPENAPI_ROUTE)
     if openapi.is_file():

@@ -1,0 +1,192 @@
+"""The check Envoy asks for before its gRPC-JSON transcoder reads a REST request: Envoy's
+ext_authz filter calls `envoy.service.auth.v3.Authorization/Check` with the method, the
+path and query, the request id and the raw body; the HTTP rule the request maps to is
+found (from the google.api.http annotations of the services) and its query string and
+JSON body are held against the request message (json_shapes.py). A request the transcoder
+would read leniently, or not at all, is denied with HTTP 400 and the error envelope
+(status.envelope) in the body; any other is allowed, and the transcoder and the RPC take
+it from there.
+
+It authorizes nothing: the call carries the REST caller's request, not a caller of its
+own, and needs no key; the RPC that follows authenticates as every RPC does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import Descriptor
+from google.rpc import status_pb2
+
+from segments_service import json_shapes
+from segments_service.errors import FieldViolation, ValidationError
+from segments_service.status import envelope
+
+# The RPC Envoy calls; no key, no fair share, no budget of the Runner (rpc.py).
+CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
+# On a denial: the body already is the error envelope, for Envoy's response filter to pass
+# on as it is (it never reaches HTTP clients).
+ENVELOPE_BODY_HEADER = "x-envelope-body"
+# Bodies from this size on are parsed on a worker thread rather than the event loop.
+THREAD_BODY_BYTES = 64 << 10
+
+# Registers the google.api.http option so that method options parse it; imported by name
+# because googleapis-common-protos ships no type information for it.
+_annotations = importlib.import_module("google.api.annotations_pb2")
+
+
+def http_bindings(
+    files: Iterable[descriptor_pb2.FileDescriptorProto],
+) -> Iterator[tuple[str, descriptor_pb2.MethodDescriptorProto, Any, str, str]]:
+    """(service full name, method, google.api.HttpRule, HTTP method, path template) of
+    every HTTP binding of the services in `files`, additional bindings included."""
+    for file in files:
+        for service in file.service:
+            for method in service.method:
+                if not method.options.HasExtension(_annotations.http):
+                    continue
+                rule = method.options.Extensions[_annotations.http]
+                for binding in [rule, *rule.additional_bindings]:
+                    verb = binding.WhichOneof("pattern")
+                    name = f"{file.package}.{service.name}"
+                    if verb == "custom":
+                        yield name, method, binding, binding.custom.kind, binding.custom.path
+                    elif verb is not None:
+                        yield name, method, binding, verb.upper(), getattr(binding, verb)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP binding: which requests it takes and what their JSON must be."""
+
+    method: str
+    pattern: re.Pattern[str]
+    literals: int  # literal path segments: the more, the more specific
+    message: Descriptor  # the request message
+    body: str  # the rule's `body`: "" none, "*" the whole message, else one field
+    bound: tuple[str, ...]  # fields the path sets (proto names, dotted)
+
+
+def route_of(method: str, template: str, message: Descriptor, body: str) -> Route:
+    """The Route of a google.api.http path template such as /segments/{id}/members."""
+
+    def segments(text: str) -> str:
+        parts = []
+        for segment in text.split("/"):
+            if segment == "**":
+                parts.append(".+")
+            elif segment == "*":
+                parts.append("[^/]+")
+            else:
+                parts.append(re.escape(segment))
+        return "/".join(parts)
+
+    pattern, bound = [], []
+    for token in re.split(r"(\{[^}]*\})", template):
+        if token.startswith("{"):
+            field, _, inner = token[1:-1].partition("=")
+            bound.append(field)
+            pattern.append(segments(inner) if inner else "[^/]+")
+        else:
+            pattern.append(segments(token))
+    literals = sum(1 for s in re.sub(r"\{[^}]*\}", "", template).split("/") if s not in ("", "*"))
+    # The transcoder also takes the path with a trailing slash.
+    regex = re.compile("".join(pattern) + "/?")
+    return Route(method, regex, literals, message, body, tuple(bound))
+
+
+def routes(service_names: Iterable[str]) -> list[Route]:
+    """The Routes of these services (full names, in the default descriptor pool), the most
+    specific first."""
+    pool = descriptor_pool.Default()
+    wanted = tuple(service_names)
+    files = []
+    for file in dict.fromkeys(pool.FindServiceByName(name).file for name in wanted):
+        files.append(descriptor_pb2.FileDescriptorProto())
+        file.CopyToProto(files[-1])
+    found = [
+        route_of(verb, template, pool.FindMessageTypeByName(method.input_type[1:]), rule.body)
+        for service, method, rule, verb, template in http_bindings(files)
+        if service in wanted
+    ]
+    return sorted(found, key=lambda r: -r.literals)
+
+
+class RestCheck:
+    """The Authorization servicer: Check answers OK, or a denial with the envelope."""
+
+    def __init__(self, service_names: Iterable[str]) -> None:
+        self.routes = routes(service_names)
+
+    def find(self, method: str, path: str) -> Route | None:
+        return next(
+            (r for r in self.routes if r.method == method and r.pattern.fullmatch(path)), None
+        )
+
+    def violations(self, method: str, target: str, body: bytes) -> list[FieldViolation]:
+        """What is wrong with the request `method target` (path and query) and `body`;
+        nothing for a request no rule takes (the transcoder answers it 404)."""
+        path, _, query = target.partition("?")
+        route = self.find(method, path)
+        if route is None:
+            return []
+        found = json_shapes.query_violations(query, route.message, route.body, route.bound)
+        if route.body:
+            found += json_shapes.body_violations(body, route.message, route.body, route.bound)
+        return found
+
+    async def Check(
+        self,
+        request: external_auth_pb2.CheckRequest,
+        context: grpc.aio.ServicerContext[
+            external_auth_pb2.CheckRequest, external_auth_pb2.CheckResponse
+        ],
+    ) -> external_auth_pb2.CheckResponse:
+        http = request.attributes.request.http
+        method, target = str(http.method), str(http.path)
+        body = bytes(http.raw_body) or str(http.body).encode()
+        if len(body) < THREAD_BODY_BYTES:
+            found = self.violations(method, target, body)
+        else:
+            found = await asyncio.to_thread(self.violations, method, target, body)
+        if not found:
+            return external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=grpc.StatusCode.OK.value[0]),
+                ok_response=external_auth_pb2.OkHttpResponse(),
+            )
+        return denial(ValidationError(found), str(http.headers.get("x-request-id", "")))
+
+
+def denial(err: ValidationError, request_id: str) -> external_auth_pb2.CheckResponse:
+    """A CheckResponse refusing the request: its HTTP status, the envelope as the body."""
+    request_id = request_id[:128] or str(uuid.uuid4())
+    body = json.dumps(envelope(err, request_id), ensure_ascii=True, separators=(",", ":"))
+    headers = [("content-type", "application/json"), (ENVELOPE_BODY_HEADER, "1")]
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0]),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=err.http_status),
+            headers=[
+                base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v))
+                for k, v in headers
+            ],
+            body=body,
+        ),
+    )
+
+
+def add_to_server(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+    """Serves the check of REST requests for these services (full names) on `server`."""
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(RestCheck(service_names), server)
