@@ -114,6 +114,8 @@ async def create_server(
     )
     unary_pool = futures.ThreadPoolExecutor(options.workers, thread_name_prefix="rpc")
     stream_pool = futures.ThreadPoolExecutor(options.stream_workers, thread_name_prefix="stream")
+    # Envoy's checks of REST bodies of 64 KiB and more (rest_check): parsing, no database.
+    check_pool = futures.ThreadPoolExecutor(2, thread_name_prefix="rest-check")
     fair = FairShare(options.limits)
     runner = Runner(
         sessions,
@@ -133,7 +135,7 @@ async def create_server(
     contacts_pb2_grpc.add_ContactServiceServicer_to_server(ContactServicer(runner), server)
     events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(runner), server)
     # Envoy's check of REST requests before transcoding; keyless (the RPC then authenticates).
-    add_rest_check(server, SERVICE_NAMES)
+    add_rest_check(server, SERVICE_NAMES, check_pool)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):
@@ -151,7 +153,9 @@ async def create_server(
         raise RuntimeError(f"could not bind {address}")
     await server.start()
     watch.start()
-    return Built(server, port, health_servicer, watch, stopping, (unary_pool, stream_pool), fair)
+    return Built(
+        server, port, health_servicer, watch, stopping, (unary_pool, stream_pool, check_pool), fair
+    )
 
 
 class ServerThread:
