@@ -240,20 +240,24 @@ def _diff_statement(build: Row[Any], seg: membership.Dynamic, end: uuid.UUID | N
 def _catch_up(session: Session, build: Row[Any]) -> None:
     """Re-evaluate a chunk of the dirty contacts; when fewer than a chunk were left, the
     next step is the final one."""
-    d = tables.segment_build_dirty.c
-    ids = list(
-        session.execute(
-            select(d.contact_id)
-            .where(d.project_id == build.project_id, d.segment_id == build.segment_id)
-            .order_by(d.contact_id)
-            .limit(membership.CHUNK)
-        ).scalars()
-    )
+    ids = _dirty(session, build, membership.CHUNK)
     moved = _reevaluate(session, build, ids)
     values: dict[str, Any] = {"moved": build.moved + moved}
     if len(ids) < membership.CHUNK:
         values["phase"] = FINAL
     _advance(session, build, **values)
+
+
+def _dirty(session: Session, build: Row[Any], limit: int | None = None) -> list[uuid.UUID]:
+    """The contacts writers marked dirty for this build, in id order (the first `limit`)."""
+    d = tables.segment_build_dirty.c
+    query = (
+        select(d.contact_id)
+        .where(d.project_id == build.project_id, d.segment_id == build.segment_id)
+        .order_by(d.contact_id)
+        .limit(limit)
+    )
+    return list(session.execute(query).scalars())
 
 
 def _reevaluate(session: Session, build: Row[Any], ids: Sequence[uuid.UUID]) -> int:
@@ -281,15 +285,7 @@ def _reevaluate(session: Session, build: Row[Any], ids: Sequence[uuid.UUID]) -> 
 def _finish(session: Session, build: Row[Any]) -> None:
     """Under the exclusive lock: the last dirty contacts, then the switch to stored
     membership (READY, or FAILED with the previous condition back)."""
-    d = tables.segment_build_dirty.c
-    ids = list(
-        session.execute(
-            select(d.contact_id)
-            .where(d.project_id == build.project_id, d.segment_id == build.segment_id)
-            .order_by(d.contact_id)
-        ).scalars()
-    )
-    _reevaluate(session, build, ids)
+    _reevaluate(session, build, _dirty(session, build))
     seg = _segment(session, build)
     s = tables.segments
     session.execute(
