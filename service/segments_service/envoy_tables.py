@@ -10,7 +10,7 @@ import re
 from google.protobuf import descriptor_pb2
 
 from segments_service.errors import CONTRACT, ERRORS, FALLBACK_CODE, ErrorSpec
-from segments_service.rest_check import http_bindings
+from segments_service.rest_check import http_bindings, path_pattern
 
 # The API's gRPC services: the ones Envoy transcodes.
 SERVICES = (
@@ -26,29 +26,16 @@ def gateway_codes() -> dict[int, ErrorSpec]:
     return {spec.http_status: spec for spec in CONTRACT if spec.gateway_default}
 
 
+def _lua_escape(text: str) -> str:
+    """`text` as a Lua pattern matching itself (magic characters quoted with %)."""
+    return re.sub(r"([\^$()%.\[\]*+\-?])", r"%\1", text)
+
+
 def _lua_path_pattern(template: str) -> str:
     """Anchored Lua pattern for a google.api.http path template such as /segments/{id}."""
-
-    def segments(text: str) -> str:
-        out = []
-        for segment in text.split("/"):
-            if segment == "**":
-                out.append(".+")
-            elif segment == "*":
-                out.append("[^/]+")
-            else:
-                out.append(re.sub(r"([\^$()%.\[\]*+\-?])", r"%\1", segment))
-        return "/".join(out)
-
-    pattern = []
-    for token in re.split(r"(\{[^}]*\})", template):
-        if token.startswith("{"):
-            _, _, inner = token[1:-1].partition("=")
-            pattern.append(segments(inner) if inner else "[^/]+")
-        else:
-            pattern.append(segments(token))
+    pattern, _ = path_pattern(template, _lua_escape)
     # The transcoder also routes a trailing slash to the method; unwrap that too.
-    return "^" + "".join(pattern) + "/?$"
+    return "^" + pattern + "/?$"
 
 
 def strip_response_bodies(

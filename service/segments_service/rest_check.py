@@ -18,7 +18,7 @@ import importlib
 import json
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -80,8 +80,10 @@ class Route:
     bound: tuple[str, ...]  # fields the path sets (proto names, dotted)
 
 
-def route_of(method: str, template: str, message: Descriptor, body: str) -> Route:
-    """The Route of a google.api.http path template such as /segments/{id}/members."""
+def path_pattern(template: str, escape: Callable[[str], str]) -> tuple[str, tuple[str, ...]]:
+    """The pattern of a google.api.http path template such as /segments/{id}/members,
+    unanchored, with `escape` quoting its literal text (re.escape, or Lua's); and the
+    fields its variables bind. Wildcards are `.+` and `[^/]+`, the same in both."""
 
     def segments(text: str) -> str:
         parts = []
@@ -91,7 +93,7 @@ def route_of(method: str, template: str, message: Descriptor, body: str) -> Rout
             elif segment == "*":
                 parts.append("[^/]+")
             else:
-                parts.append(re.escape(segment))
+                parts.append(escape(segment))
         return "/".join(parts)
 
     pattern, bound = [], []
@@ -102,10 +104,15 @@ def route_of(method: str, template: str, message: Descriptor, body: str) -> Rout
             pattern.append(segments(inner) if inner else "[^/]+")
         else:
             pattern.append(segments(token))
+    return "".join(pattern), tuple(bound)
+
+
+def route_of(method: str, template: str, message: Descriptor, body: str) -> Route:
+    """The Route of a google.api.http path template such as /segments/{id}/members."""
+    pattern, bound = path_pattern(template, re.escape)
     literals = sum(1 for s in re.sub(r"\{[^}]*\}", "", template).split("/") if s not in ("", "*"))
     # The transcoder also takes the path with a trailing slash.
-    regex = re.compile("".join(pattern) + "/?")
-    return Route(method, regex, literals, message, body, tuple(bound))
+    return Route(method, re.compile(pattern + "/?"), literals, message, body, bound)
 
 
 def routes(service_names: Iterable[str]) -> list[Route]:
