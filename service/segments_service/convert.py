@@ -112,13 +112,47 @@ def _filter_to_json(f: resources_pb2.Filter) -> dict[str, Any]:
         out["value"] = value_to_py(f.value)
     if f.unit:
         out["unit"] = _enum_name(resources_pb2.Filter.Unit, f.unit)
+    if f.HasField("count"):
+        count: dict[str, Any] = {}
+        if f.count.operator:
+            count["operator"] = _enum_name(resources_pb2.Filter.Operator, f.count.operator)
+        if f.count.HasField("value"):
+            count["value"] = value_to_py(f.count.value)
+        out["count"] = count
+    if f.where:
+        out["where"] = [_filter_to_json(w) for w in f.where]
+    if f.HasField("aggregate"):
+        a = f.aggregate
+        aggregate: dict[str, Any] = {}
+        if a.function:
+            aggregate["function"] = _enum_name(resources_pb2.Filter.Aggregate.Function, a.function)
+        if a.field:
+            aggregate["field"] = a.field
+        if a.operator:
+            aggregate["operator"] = _enum_name(resources_pb2.Filter.Operator, a.operator)
+        if a.HasField("value"):
+            aggregate["value"] = value_to_py(a.value)
+        out["aggregate"] = aggregate
     return out
 
 
 _KEY_ORDER = {
     k: i
     for i, k in enumerate(
-        ["logic", "groups", "filters", "conditions", "field", "operator", "value", "unit"]
+        [
+            "logic",
+            "groups",
+            "filters",
+            "conditions",
+            "field",
+            "function",
+            "operator",
+            "value",
+            "unit",
+            "count",
+            "where",
+            "aggregate",
+        ]
     )
 }
 

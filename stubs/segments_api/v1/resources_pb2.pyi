@@ -345,6 +345,18 @@ class Filter(_message.Message):
         """Contact is a current member of the segment named in the field."""
         notMemberOfSegment: Filter._Operator.ValueType  # 19
         """Contact is not a current member of the segment named in the field."""
+        notIn: Filter._Operator.ValueType  # 21
+        """Present and equal to none of the values (as notEquals; a missing key never matches)."""
+        startsWith: Filter._Operator.ValueType  # 22
+        """A string starting with the value, case-insensitive."""
+        endsWith: Filter._Operator.ValueType  # 23
+        """A string ending with the value, case-insensitive."""
+        between: Filter._Operator.ValueType  # 24
+        """Between `[low, high]`, inclusive: two numbers or two timestamps."""
+        arrayContains: Filter._Operator.ValueType  # 25
+        """The stored value is a JSON array holding the scalar (type-exact)."""
+        withinNext: Filter._Operator.ValueType  # 26
+        """Timestamp between now and now + N unit."""
 
     class Operator(_Operator, metaclass=_OperatorEnumTypeWrapper):
         """Comparison to apply. JSON spellings are the public API's camelCase names."""
@@ -389,6 +401,18 @@ class Filter(_message.Message):
     """Contact is a current member of the segment named in the field."""
     notMemberOfSegment: Filter.Operator.ValueType  # 19
     """Contact is not a current member of the segment named in the field."""
+    notIn: Filter.Operator.ValueType  # 21
+    """Present and equal to none of the values (as notEquals; a missing key never matches)."""
+    startsWith: Filter.Operator.ValueType  # 22
+    """A string starting with the value, case-insensitive."""
+    endsWith: Filter.Operator.ValueType  # 23
+    """A string ending with the value, case-insensitive."""
+    between: Filter.Operator.ValueType  # 24
+    """Between `[low, high]`, inclusive: two numbers or two timestamps."""
+    arrayContains: Filter.Operator.ValueType  # 25
+    """The stored value is a JSON array holding the scalar (type-exact)."""
+    withinNext: Filter.Operator.ValueType  # 26
+    """Timestamp between now and now + N unit."""
 
     class _Unit:
         ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -404,9 +428,15 @@ class Filter(_message.Message):
         """60 minutes."""
         minutes: Filter._Unit.ValueType  # 3
         """60 seconds."""
+        weeks: Filter._Unit.ValueType  # 4
+        """7 days."""
+        months: Filter._Unit.ValueType  # 5
+        """Calendar months, UTC (the same day of the month, or its last day)."""
 
     class Unit(_Unit, metaclass=_UnitEnumTypeWrapper):
-        """Time unit of window operators. JSON spellings: "days", "hours", "minutes"."""
+        """Time unit of window operators. JSON spellings: "minutes", "hours", "days",
+        "weeks", "months".
+        """
 
     UNIT_UNSPECIFIED: Filter.Unit.ValueType  # 0
     """Not set."""
@@ -416,11 +446,113 @@ class Filter(_message.Message):
     """60 minutes."""
     minutes: Filter.Unit.ValueType  # 3
     """60 seconds."""
+    weeks: Filter.Unit.ValueType  # 4
+    """7 days."""
+    months: Filter.Unit.ValueType  # 5
+    """Calendar months, UTC (the same day of the month, or its last day)."""
+
+    @_typing.final
+    class Count(_message.Message):
+        """How many matching occurrences an event filter needs (`triggered`: all time,
+        `triggeredWithin`: in the window). Absent means at least one.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        OPERATOR_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        operator: Global___Filter.Operator.ValueType
+        """equals, notEquals, greaterThan, greaterThanOrEqual, lessThan or lessThanOrEqual."""
+        @_builtins.property
+        def value(self) -> _struct_pb2.Value:
+            """A non-negative whole number."""
+
+        def __init__(
+            self,
+            *,
+            operator: Global___Filter.Operator.ValueType = ...,
+            value: _struct_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["operator", b"operator", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Aggregate(_message.Message):
+        """A comparison of sum, avg, min or max of a numeric event property over the
+        matching occurrences (other types ignored; none means no match).
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        class _Function:
+            ValueType = _typing.NewType("ValueType", _builtins.int)
+            V: _TypeAlias = ValueType  # noqa: Y015
+
+        class _FunctionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Filter.Aggregate._Function.ValueType], _builtins.type):
+            DESCRIPTOR: _descriptor.EnumDescriptor
+            FUNCTION_UNSPECIFIED: Filter.Aggregate._Function.ValueType  # 0
+            """Not set; rejected by validation."""
+            sum: Filter.Aggregate._Function.ValueType  # 1
+            """The total."""
+            avg: Filter.Aggregate._Function.ValueType  # 2
+            """The mean."""
+            min: Filter.Aggregate._Function.ValueType  # 3
+            """The least value."""
+            max: Filter.Aggregate._Function.ValueType  # 4
+            """The greatest value."""
+
+        class Function(_Function, metaclass=_FunctionEnumTypeWrapper):
+            """The aggregate function. JSON spellings: "sum", "avg", "min", "max"."""
+
+        FUNCTION_UNSPECIFIED: Filter.Aggregate.Function.ValueType  # 0
+        """Not set; rejected by validation."""
+        sum: Filter.Aggregate.Function.ValueType  # 1
+        """The total."""
+        avg: Filter.Aggregate.Function.ValueType  # 2
+        """The mean."""
+        min: Filter.Aggregate.Function.ValueType  # 3
+        """The least value."""
+        max: Filter.Aggregate.Function.ValueType  # 4
+        """The greatest value."""
+
+        FUNCTION_FIELD_NUMBER: _builtins.int
+        FIELD_FIELD_NUMBER: _builtins.int
+        OPERATOR_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        function: Global___Filter.Aggregate.Function.ValueType
+        """The aggregate function."""
+        field: _builtins.str
+        """data.<key> of the occurrences' data."""
+        operator: Global___Filter.Operator.ValueType
+        """equals, notEquals, greaterThan, greaterThanOrEqual, lessThan or lessThanOrEqual."""
+        @_builtins.property
+        def value(self) -> _struct_pb2.Value:
+            """A number."""
+
+        def __init__(
+            self,
+            *,
+            function: Global___Filter.Aggregate.Function.ValueType = ...,
+            field: _builtins.str = ...,
+            operator: Global___Filter.Operator.ValueType = ...,
+            value: _struct_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "function", b"function", "operator", b"operator", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     FIELD_FIELD_NUMBER: _builtins.int
     OPERATOR_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     UNIT_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
+    AGGREGATE_FIELD_NUMBER: _builtins.int
     field: _builtins.str
     """email, subscribed, createdAt, updatedAt, data.<path>, event.<name>,
     email.<activity> or segment.<id>.
@@ -431,7 +563,23 @@ class Filter(_message.Message):
     """Unit of window operators."""
     @_builtins.property
     def value(self) -> _struct_pb2.Value:
-        """A JSON scalar; for window operators the number of units."""
+        """A JSON scalar; for window operators the number of units; for in / notIn an
+        array of scalars, for between an array [low, high].
+        """
+
+    @_builtins.property
+    def count(self) -> Global___Filter.Count:
+        """Event operators `triggered` and `triggeredWithin`: how many occurrences."""
+
+    @_builtins.property
+    def where(self) -> _containers.RepeatedCompositeFieldContainer[Global___Filter]:
+        """Event operators: filters on the occurrence's own data (data.* fields, value
+        operators), all of which an occurrence must match to be considered.
+        """
+
+    @_builtins.property
+    def aggregate(self) -> Global___Filter.Aggregate:
+        """Event operators `triggered` and `triggeredWithin`: an aggregate of a property."""
 
     def __init__(
         self,
@@ -440,10 +588,13 @@ class Filter(_message.Message):
         operator: Global___Filter.Operator.ValueType = ...,
         value: _struct_pb2.Value | None = ...,
         unit: Global___Filter.Unit.ValueType = ...,
+        count: Global___Filter.Count | None = ...,
+        where: _abc.Iterable[Global___Filter] | None = ...,
+        aggregate: Global___Filter.Aggregate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "count", b"count", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "operator", b"operator", "unit", b"unit", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "count", b"count", "field", b"field", "operator", b"operator", "unit", b"unit", "value", b"value", "where", b"where"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
