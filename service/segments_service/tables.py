@@ -163,6 +163,23 @@ segment_members = Table(
     _ts("contact_created_at"),
 )
 
+# When time alone can next change a contact's answer to a data-timestamp window
+# (membership/wakeups.py; migration 0013).
+contact_wakeups = Table(
+    "contact_wakeups",
+    metadata,
+    Column("project_id", Uuid, primary_key=True),
+    Column("contact_id", Uuid, primary_key=True),
+    _ts("wake_at"),
+)
+
+wakeup_definitions = Table(
+    "wakeup_definitions",
+    metadata,
+    Column("project_id", Uuid, primary_key=True),
+    Column("signature", Text, nullable=False),
+)
+
 feed_positions = Table(
     "feed_positions",
     metadata,
