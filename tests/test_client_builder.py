@@ -4,7 +4,10 @@ README's filter cookbook builds what it shows."""
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import UTC, date, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,7 +28,8 @@ from segments import (
     segment_condition,
 )
 from segments_api.v1 import resources_pb2
-from tests.conditions import flt, groups_of
+from segments_service.filters import parse_condition
+from tests.conditions import as_proto, flt, groups_of
 
 SEGMENT_ID = "0b7c3f4e-1d2a-4c5b-9e8f-7a6b5c4d3e2f"
 MOMENT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -998,6 +1002,136 @@ def test_segments_take_built_conditions(client: SegmentsClient) -> None:
     assert client.update_segment(segment.id, condition=narrower).member_count == 1
 
 
+# --- the filter language of SPEC §8, through a real server --------------------------------
+
+
+def seed_language(client: SegmentsClient) -> None:
+    """Five contacts and their events for the tests of SPEC §8, relative to now."""
+    now = datetime.now(UTC)
+    client.batch_upsert_contacts(
+        [
+            {
+                "email": "ann@acme.com",
+                "data": {
+                    "plan": "pro",
+                    "age": 34,
+                    "tags": ["vip", "beta"],
+                    "trialEndsAt": (now + timedelta(days=3)).isoformat(),
+                },
+            },
+            {
+                "email": "bob@acme.com",
+                "data": {
+                    "plan": "team",
+                    "age": 17,
+                    "tags": ["beta"],
+                    "trialEndsAt": (now + timedelta(days=10)).isoformat(),
+                },
+            },
+            {
+                "email": "cat@example.com",
+                "data": {
+                    "plan": "free",
+                    "age": 18,
+                    "tags": "vip",  # a string, not an array holding it
+                    "trialEndsAt": (now - timedelta(days=1)).isoformat(),
+                },
+            },
+            {"email": "dan@example.com", "data": {"plan": "enterprise", "age": "30"}},
+            {"email": "eve@example.org"},
+        ]
+    )
+
+    def event(email: str, name: str, ago: timedelta, **data: Any) -> dict[str, Any]:
+        return {"email": email, "event": name, "occurredAt": now - ago, "data": data}
+
+    client.ingest_events(
+        [
+            event("ann@acme.com", "login", timedelta(minutes=1)),
+            event("ann@acme.com", "login", timedelta(minutes=2)),
+            event("ann@acme.com", "login", timedelta(minutes=10)),
+            event("bob@acme.com", "login", timedelta(minutes=5)),
+            event("ann@acme.com", "purchase", timedelta(days=5), amount=60),
+            event("ann@acme.com", "purchase", timedelta(days=40), amount=50),
+            event("bob@acme.com", "purchase", timedelta(days=2), amount=30),
+            event("bob@acme.com", "purchase", timedelta(days=3), amount=80),
+            event("cat@example.com", "purchase", timedelta(days=100), amount=200),
+            event("dan@example.com", "email.open", timedelta(days=3)),
+            event("dan@example.com", "email.click", timedelta(days=3), url="https://x.io/Pricing"),
+            event("eve@example.org", "email.open", timedelta(days=1)),
+        ]
+    )
+
+
+def test_the_new_language_is_accepted_and_matches(client: SegmentsClient) -> None:
+    seed_language(client)
+    now = datetime.now(UTC)
+    cases: list[tuple[Expression, int]] = [
+        # Value tests on contact data and the email.
+        (F.data("plan").in_(["pro", "team"]), 2),
+        (F.data("plan").not_in(["pro"]), 3),  # eve has no plan: a negation never matches her
+        (F.email.in_(["ANN@acme.com", "eve@example.org"]), 2),
+        (F.email.not_in(["ann@acme.com"]), 4),
+        (F.email.ends_with("@ACME.com"), 2),
+        (F.email.starts_with("D"), 1),
+        (F.data("plan").starts_with("PR"), 1),
+        (F.data("plan").ends_with("e"), 2),
+        (F.data("age").between(18, 34), 2),  # "30" is a string
+        (F.data("tags").array_contains("vip"), 1),  # cat's tags are a string
+        (F.data("trialEndsAt").between(now - timedelta(days=2), now + timedelta(days=5)), 2),
+        # withinNext and the new units.
+        (F.data("trialEndsAt").within_next(7, "days"), 1),
+        (F.data("trialEndsAt").within_next(2, "weeks"), 2),
+        (F.data("trialEndsAt").within_next(1, "months"), 2),
+        (F.created_at.within(1, "weeks"), 5),
+        # Counts: a count zero satisfies also matches the contacts without the event.
+        (F.event("login").triggered_within(30, "minutes", count=F.count >= 3), 1),
+        (F.event("login").triggered(count=F.count < 3), 4),
+        (F.event("login").triggered(count=F.count == 1), 1),
+        # where: only the matching occurrences are considered.
+        (F.event("purchase").triggered(where=[F.data("amount") > 50]), 3),
+        (F.event("purchase").not_triggered(where=[F.data("amount") >= 100]), 4),
+        (F.event("purchase").triggered_older_than(30, "days", where=[F.data("amount") == 50]), 1),
+        (F.email_activity("clicked").triggered(where=[F.data("url").contains("pricing")]), 1),
+        # Aggregates, with where and count.
+        (F.event("purchase").triggered_within(30, "days", aggregate=F.sum("amount") >= 100), 1),
+        (F.event("purchase").triggered(count=F.count == 2, aggregate=F.min("amount") >= 50), 1),
+        (
+            F.event("purchase").triggered_within(
+                30,
+                "days",
+                where=[F.data("amount") >= 50],
+                count=F.count >= 1,
+                aggregate=F.max("amount") > 70,
+            ),
+            1,
+        ),
+        # Calendar months.
+        (F.event("purchase").not_triggered_within(3, "months"), 3),
+        (F.event("purchase").triggered_older_than(3, "months"), 1),
+        (
+            F.email_activity("opened").triggered_within(2, "weeks")
+            & F.email_activity("clicked").not_triggered_within(2, "weeks"),
+            1,
+        ),
+    ]
+    for built, expected in cases:
+        message = as_proto(built)
+        # The message carries every part the builder wrote.
+        assert json_format.MessageToDict(message) == built.to_dict(), repr(built)
+        assert client.count_matching_contacts(message) == expected, repr(built)
+
+    # A segment stores such a condition and gives it back as built.
+    built = F.event("purchase").triggered_within(
+        30, "days", where=[F.data("amount") > 10], aggregate=F.sum("amount") >= 100
+    ) | F.data("tags").array_contains("vip")
+    segment = client.create_segment("Big spenders", condition=as_proto(built))
+    assert segment.member_count == 2
+    stored = segment_condition(segment)
+    assert stored is not None
+    assert json_format.MessageToDict(stored) == built.to_dict()
+
+
 # --- dicts the client cannot encode ----------------------------------------------------------
 
 BAD_DICTS: list[tuple[Any, list[str]]] = [
@@ -1106,3 +1240,41 @@ def test_bad_batch_items_raise_the_typed_error(client: SegmentsClient) -> None:
         )
     assert [v.field for v in events.value.field_violations] == ["events.0"]
     assert "time zone" in str(events.value)
+
+
+# --- the README's filter cookbook -----------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+_RECIPE = re.compile(
+    r"\*\*(?P<question>[^*]+)\*\*.*?```json\n(?P<json>.*?)```\s*```python\n(?P<python>.*?)```",
+    re.DOTALL,
+)
+
+
+def cookbook() -> list[tuple[str, str, str]]:
+    """(question, JSON, Python) of each recipe of README.md's "Filter cookbook" section."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Filter cookbook\n", 1)[1].split("\n## ", 1)[0]
+    return [(m["question"], m["json"], m["python"]) for m in _RECIPE.finditer(section)]
+
+
+def test_the_cookbook_has_its_ten_recipes() -> None:
+    recipes = COOKBOOK
+    assert len(recipes) == 10, [q for q, _, _ in recipes]
+    # Every block of the section belongs to a recipe: none is left unchecked.
+    section = README.read_text(encoding="utf-8").split("\n## Filter cookbook\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    assert section.count("```json") == section.count("```python") == len(recipes)
+
+
+COOKBOOK = cookbook()
+
+
+@pytest.mark.parametrize(("question", "shown", "code"), COOKBOOK, ids=[q for q, _, _ in COOKBOOK])
+def test_each_recipe_builds_the_json_it_shows(question: str, shown: str, code: str) -> None:
+    condition = json.loads(shown)
+    built = eval(code, {"F": F, "all_of": all_of, "any_of": any_of})
+    assert isinstance(built, Expression), question
+    assert built.to_dict() == condition, question
+    # The service's validator accepts it as written.
+    parse_condition(condition)
