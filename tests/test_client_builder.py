@@ -28,6 +28,7 @@ from segments import (
     segment_condition,
 )
 from segments_api.v1 import resources_pb2
+from segments_service.errors import ValidationError
 from segments_service.filters import parse_condition
 from tests.conditions import as_proto, flt, groups_of
 
@@ -458,6 +459,8 @@ def test_each_filter_builds_its_json(
     assert eval(text, {"F": F}) == built
     # Expressions are values: hashable, lists included.
     assert hash(built) == hash(eval(text, {"F": F}))
+    # The service's validator accepts what the builder builds.
+    parse_condition(built.to_dict())
 
 
 def test_the_table_covers_every_operator_unit_and_aggregate() -> None:
@@ -824,6 +827,30 @@ def test_mistakes_are_refused_when_built(
         mistake()
 
 
+# (what the builder takes at a limit of the service, the same one step over it as JSON)
+LIMITS: list[tuple[Expression, dict[str, Any]]] = [
+    (F.created_at.within(36525, "days"), flt("createdAt", "within", 36526, "days")),
+    (F.data("t").within_next(5217, "weeks"), flt("data.t", "withinNext", 5218, "weeks")),
+    (F.data("t").older_than(1200, "months"), flt("data.t", "olderThan", 1201, "months")),
+    (
+        F.event("e").triggered_within(36525 * 24, "hours"),
+        flt("event.e", "triggeredWithin", 36525 * 24 + 1, "hours"),
+    ),
+    (F.data("n").in_(range(100)), flt("data.n", "in", list(range(101)))),
+    (
+        F.event("e").triggered(count=F.count <= 10**9),
+        {**flt("event.e", "triggered"), "count": {"operator": "lessThan", "value": 10**9 + 1}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("at_limit", "over"), LIMITS, ids=[repr(b)[:60] for b, _ in LIMITS])
+def test_the_builder_keeps_the_service_limits(at_limit: Expression, over: dict[str, Any]) -> None:
+    parse_condition(at_limit.to_dict())
+    with pytest.raises(ValidationError):
+        parse_condition(groups_of("AND", {"filters": [over]}))
+
+
 def test_naive_and_aware_times_are_told_apart() -> None:
     # An aware datetime keeps its offset; the service compares instants.
     paris = timezone(timedelta(hours=1))
@@ -1116,16 +1143,17 @@ def test_the_new_language_is_accepted_and_matches(client: SegmentsClient) -> Non
         ),
     ]
     for built, expected in cases:
-        message = as_proto(built)
-        # The message carries every part the builder wrote.
-        assert json_format.MessageToDict(message) == built.to_dict(), repr(built)
-        assert client.count_matching_contacts(message) == expected, repr(built)
+        # The client encodes every part the builder wrote ...
+        assert json_format.MessageToDict(as_proto(built)) == built.to_dict(), repr(built)
+        # ... and the service counts the built condition as it counts its JSON.
+        assert client.count_matching_contacts(built) == expected, repr(built)
+        assert client.count_matching_contacts(built.to_dict()) == expected, repr(built)
 
     # A segment stores such a condition and gives it back as built.
     built = F.event("purchase").triggered_within(
         30, "days", where=[F.data("amount") > 10], aggregate=F.sum("amount") >= 100
     ) | F.data("tags").array_contains("vip")
-    segment = client.create_segment("Big spenders", condition=as_proto(built))
+    segment = client.create_segment("Big spenders", condition=built)
     assert segment.member_count == 2
     stored = segment_condition(segment)
     assert stored is not None
