@@ -1,5 +1,6 @@
 """Python client of the segments service: the typed client and its condition builder (`F`,
-`all_of`, `any_of`). The generated messages and stubs it wraps are `segments_api.v1`."""
+`all_of`, `any_of`; `Count` and `Aggregate` are what `F.count >= 3` and `F.sum("amount") >= 100`
+make for an event filter). The generated messages and stubs it wraps are `segments_api.v1`."""
 
 from segments.client import (
     NO_RETRY,
@@ -25,6 +26,8 @@ from segments.client import (
     segment_description,
 )
 from segments.conditions import (
+    Aggregate,
+    Count,
     Expression,
     F,
     FilterExpression,
@@ -35,11 +38,13 @@ from segments.conditions import (
 
 __all__ = [
     "NO_RETRY",
+    "Aggregate",
     "AlreadyExistsError",
     "AsyncContactPager",
     "AsyncSegmentsClient",
     "Condition",
     "ContactPager",
+    "Count",
     "DeadlineExceededError",
     "Expression",
     "F",
