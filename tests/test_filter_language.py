@@ -17,7 +17,6 @@ import grpc
 import pytest
 from google.protobuf import json_format
 from sqlalchemy import Engine, select, text
-from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments import InvalidArgumentError, SegmentsClient
@@ -699,42 +698,3 @@ def test_where_and_aggregate_stay_exact_on_writes(
     api.events([event("a@x.com", "purchase", amount=40, currency="USD")])
     assert api.member_set(seg["id"]) == {"a@x.com"}
     assert recorded.new() == {("a@x.com", "segment.spent-100.entry")}
-
-
-# --- plans ------------------------------------------------------------------------------
-
-
-def test_counted_event_property_filters_read_one_name_from_its_index(
-    api: Api, sessions: sessionmaker[Session], project: Project
-) -> None:
-    """ "Purchased with amount > 50 at least twice in 30 days" reads the purchases of the
-    window from events_by_name, never every event of the project."""
-    api.upsert("a@x.com")
-    condition = parse_condition(
-        cond(
-            {
-                **flt("event.purchase", "triggeredWithin", 30, "days"),
-                "where": [flt("data.amount", "greaterThan", 50)],
-                "count": {"operator": "greaterThanOrEqual", "value": 2},
-            }
-        )
-    )
-    with sessions.begin() as session:
-        session.execute(text("SET LOCAL enable_seqscan = off"))
-        statement = segments.member_count_statement(session, uuid.UUID(project.id), condition)
-        conn = session.connection()
-
-        def explained(*args: Any) -> tuple[str, Any]:
-            return f"EXPLAIN {args[2]}", args[3]
-
-        sa_event.listen(conn, "before_cursor_execute", explained, retval=True)
-        try:
-            plan = "\n".join(r[0] for r in conn.execute(statement))
-        finally:
-            sa_event.remove(conn, "before_cursor_execute", explained)
-    # With sequential scans priced out, an index that fits is used when there is one: its
-    # condition holds the name and the window. (Which of events_by_name and
-    # events_by_contact is cheaper depends on the data; the bench shows it at scale.)
-    assert "Seq Scan on events" not in plan, plan
-    conditions = [line for line in plan.splitlines() if "Index Cond" in line]
-    assert any("name = 'purchase'" in c and "occurred_at >=" in c for c in conditions), plan
