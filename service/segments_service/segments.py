@@ -104,16 +104,60 @@ COUNT_WORK_MEM = "32MB"
 COUNT_SETTINGS = text(f"SET LOCAL work_mem = '{COUNT_WORK_MEM}'")
 
 
-def count_matching(session: Session, project_id: uuid.UUID, condition_json: Any) -> int:
-    """How many of the project's contacts a condition selects now, computed from the
-    condition itself (nothing is stored): CountMatchingContacts."""
+def _unsaved_condition(session: Session, project_id: uuid.UUID, condition_json: Any) -> Condition:
+    """A condition validated as CreateSegment validates a DYNAMIC segment's."""
     if condition_json is None:
         raise ValidationError.single("condition", "is required", "required")
     condition = parse_condition(condition_json)
     _check_references(session, project_id, condition, None)
+    return condition
+
+
+def count_matching(session: Session, project_id: uuid.UUID, condition_json: Any) -> int:
+    """How many of the project's contacts a condition selects now, computed from the
+    condition itself (nothing is stored): CountMatchingContacts."""
+    condition = _unsaved_condition(session, project_id, condition_json)
     statement = member_count_statement(session, project_id, condition)
     session.execute(COUNT_SETTINGS)
     return int(session.execute(statement).scalar_one())
+
+
+PREVIEW_SAMPLE = 10
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What a condition selects now: how many contacts, and the newest few of them."""
+
+    member_count: int
+    sample: list[Row[Any]]
+
+
+def preview(session: Session, project_id: uuid.UUID, condition_json: Any) -> Preview:
+    """PreviewSegment: the count of count_matching and up to PREVIEW_SAMPLE members, newest
+    first, nothing stored. One statement answers both, so they agree: each sample row
+    carries the count (an InitPlan, run once), and no row means no member."""
+    condition = _unsaved_condition(session, project_id, condition_json)
+    ctx = _context(session, project_id, condition, None)
+    count = compile_count(condition, ctx, project_id).scalar_subquery()
+    members = compile_members(condition, ctx, project_id).subquery("members")
+    # An alias: the compiled statements' own `contacts` must not correlate to it.
+    contact = tables.contacts.alias("contact")
+    newest = (
+        select(contact.c.id)
+        .join(members, contact.c.id == members.c.contact_id)
+        .where(contact.c.project_id == project_id)
+        .order_by(contact.c.created_at.desc(), contact.c.id.desc())
+        .limit(PREVIEW_SAMPLE)
+        .subquery("sample")
+    )
+    session.execute(COUNT_SETTINGS)
+    rows = session.execute(
+        select(count.label("member_count"), contact)
+        .join(newest, (contact.c.project_id == project_id) & (contact.c.id == newest.c.id))
+        .order_by(contact.c.created_at.desc(), contact.c.id.desc())
+    ).all()
+    return Preview(int(rows[0].member_count) if rows else 0, list(rows))
 
 
 def is_stored(row: Row[Any]) -> bool:
