@@ -4,9 +4,11 @@
 from segments.client import (
     NO_RETRY,
     AlreadyExistsError,
+    AsyncContactListPager,
     AsyncContactPager,
     AsyncSegmentsClient,
     Condition,
+    ContactListPager,
     ContactPager,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -21,6 +23,7 @@ from segments.client import (
     SegmentsError,
     UnauthenticatedError,
     UnavailableError,
+    contacts_cursor,
     segment_condition,
     segment_description,
 )
@@ -36,9 +39,11 @@ from segments.conditions import (
 __all__ = [
     "NO_RETRY",
     "AlreadyExistsError",
+    "AsyncContactListPager",
     "AsyncContactPager",
     "AsyncSegmentsClient",
     "Condition",
+    "ContactListPager",
     "ContactPager",
     "DeadlineExceededError",
     "Expression",
@@ -59,6 +64,7 @@ __all__ = [
     "UnavailableError",
     "all_of",
     "any_of",
+    "contacts_cursor",
     "segment_condition",
     "segment_description",
 ]
