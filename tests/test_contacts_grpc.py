@@ -25,6 +25,7 @@ from segments import (
     contacts_cursor,
 )
 from segments_api.v1 import contacts_pb2, resources_pb2, segments_pb2
+from segments_service import segments
 from tests.conditions import as_proto, cond, flt
 from tests.conftest import Project, Stubs
 
@@ -93,10 +94,11 @@ def test_list_contacts_pages_with_a_cursor(stubs: Stubs, project: Project) -> No
 def test_list_contacts_refusals(stubs: Stubs, project: Project, other_project: Project) -> None:
     code, fields = code_of(
         lambda: stubs.contacts.ListContacts(
-            contacts_pb2.ListContactsRequest(limit=-5, search="x" * 300), metadata=project.auth
+            contacts_pb2.ListContactsRequest(limit=-5, search="x" * 300, cursor="?"),
+            metadata=project.auth,
         )
     )
-    assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["limit", "search"])
+    assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["limit", "search", "cursor"])
     stubs.contacts.UpsertContact(
         contacts_pb2.UpsertContactRequest(email="a@example.com"), metadata=project.auth
     )
@@ -352,3 +354,35 @@ def test_the_async_client(client: SegmentsClient, target: str, project: Project)
             assert (preview.member_count, [c.id for c in preview.sample]) == (1, [ada.id])
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("few", "probe"), [(1000, 5000), (2, 12), (2, 3)])
+def test_the_preview_sample_is_the_newest_members_whichever_way_it_is_found(
+    client: SegmentsClient, monkeypatch: pytest.MonkeyPatch, few: int, probe: int
+) -> None:
+    """A few members are collected and sorted; many are looked for among the newest contacts
+    first, then among all (segments.preview): the same sample every way."""
+    monkeypatch.setattr(segments, "PREVIEW_FEW", few)
+    monkeypatch.setattr(segments, "PREVIEW_PROBE", probe)
+    for start in (0, 10, 20):
+        client.batch_upsert_contacts(
+            [{"email": f"n{i:02d}@example.com", "data": {"n": i}} for i in range(start, start + 10)]
+        )
+    listed = list(client.iter_contacts())
+    for condition in (F.data("n") >= 0, F.data("n") < 5, F.data("n") >= 24, F.data("n") > 99):
+        expected = [
+            c.id for c in listed if condition_holds(condition, json_format.MessageToDict(c.data))
+        ]
+        got = client.preview_segment(condition)
+        assert got.member_count == len(expected)
+        assert [c.id for c in got.sample] == expected[:10]
+
+
+def condition_holds(condition: Any, data: dict[str, Any]) -> bool:
+    (item,) = condition.to_dict()["groups"][0]["filters"]
+    n, value = float(data["n"]), float(item["value"])
+    return {
+        "greaterThanOrEqual": n >= value,
+        "lessThan": n < value,
+        "greaterThan": n > value,
+    }[item["operator"]]

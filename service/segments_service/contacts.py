@@ -364,22 +364,17 @@ class ContactPage:
     total: int | None
 
 
-def normalize_listing(limit: int, search: str) -> tuple[int, str]:
-    """The page size (0 means DEFAULT_LIMIT, above MAX_LIMIT means MAX_LIMIT, negative is
-    invalid) and the email substring in the stored form of emails (trimmed, lower-cased)."""
+def _listing_violations(limit: int, search: str) -> list[FieldViolation]:
     violations = []
     if limit < 0:
         violations.append(FieldViolation("limit", "must not be negative", "too_small"))
-    text_ = search.strip().lower()
-    if len(text_) > MAX_EMAIL_LENGTH:
+    if len(search) > MAX_EMAIL_LENGTH:
         violations.append(
             FieldViolation("search", f"must be at most {MAX_EMAIL_LENGTH} characters", "too_long")
         )
-    elif "\x00" in text_:
+    elif "\x00" in search:
         violations.append(FieldViolation("search", NUL_MESSAGE, "invalid_character"))
-    if violations:
-        raise ValidationError(violations)
-    return min(limit or DEFAULT_LIMIT, MAX_LIMIT), text_
+    return violations
 
 
 def _cursor_key(session: Session, project_id: uuid.UUID) -> bytes:
@@ -400,22 +395,21 @@ def encode_cursor(key: bytes, created_at: datetime, contact_id: uuid.UUID) -> st
     return base64.urlsafe_b64encode(position + _cursor_mac(key, position)).decode().rstrip("=")
 
 
-def decode_cursor(key: bytes, raw: str) -> tuple[datetime, uuid.UUID]:
-    """The (created_at, id) a cursor of this project stands for; a 400 naming `cursor` for
-    anything else (malformed, altered, or another project's)."""
-    refused = ValidationError.single("cursor", _CURSOR_MESSAGE, "invalid")
+def decode_cursor(key: bytes, raw: str) -> tuple[datetime, uuid.UUID] | None:
+    """The (created_at, id) a cursor of this project stands for, or None for anything else
+    (malformed, altered, or another project's)."""
     try:
         blob = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
     except (binascii.Error, ValueError):
-        raise refused from None
+        return None
     position, mac = blob[: _CURSOR_POSITION.size], blob[_CURSOR_POSITION.size :]
     if len(position) != _CURSOR_POSITION.size or not hmac.compare_digest(
         mac, _cursor_mac(key, position)
     ):
-        raise refused
+        return None
     version, micros, id_bytes = _CURSOR_POSITION.unpack(position)
     if version != _CURSOR_VERSION:
-        raise refused
+        return None
     return _EPOCH + timedelta(microseconds=micros), uuid.UUID(bytes=id_bytes)
 
 
@@ -434,17 +428,29 @@ def list_contacts(
 
     The walk is an index-only scan of contacts_by_created, which carries email and
     subscribed (migration 0013): an entry that does not match costs no heap visit, and only
-    the page's contacts are read from the table. The first page also counts the matches."""
-    c = tables.contacts
+    the page's contacts are read from the table. The first page also counts the matches.
+
+    `limit` 0 means DEFAULT_LIMIT, above MAX_LIMIT means MAX_LIMIT; `search` is compared in
+    the stored form of emails (trimmed, lower-cased)."""
+    search = search.strip().lower()
+    cursor = cursor.strip()
+    violations = _listing_violations(limit, search)
     key = _cursor_key(session, project_id)
+    after = decode_cursor(key, cursor) if cursor else None
+    if cursor and after is None:
+        violations.append(FieldViolation("cursor", _CURSOR_MESSAGE, "invalid"))
+    if violations:
+        raise ValidationError(violations)
+    limit = min(limit or DEFAULT_LIMIT, MAX_LIMIT)
+    c = tables.contacts
     wanted = [c.c.project_id == project_id]
     if search:
         wanted.append(func.strpos(c.c.email, search) > 0)
     if subscribed is not None:
         wanted.append(c.c.subscribed if subscribed else ~c.c.subscribed)
     keys = select(c.c.id, c.c.created_at).where(*wanted)
-    if cursor:
-        created_at, contact_id = decode_cursor(key, cursor)
+    if after is not None:
+        created_at, contact_id = after
         keys = keys.where(
             tuple_(c.c.created_at, c.c.id)
             < tuple_(literal(created_at, DateTime(timezone=True)), literal(contact_id, Uuid))

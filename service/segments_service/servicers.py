@@ -416,13 +416,12 @@ class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
         def work(
             session: Session, caller: Caller
         ) -> tuple[contacts_pb2.ListContactsResponse, None]:
-            limit, search = contacts.normalize_listing(request.limit, request.search)
             page = contacts.list_contacts(
                 session,
                 caller.project_id,
-                limit=limit,
-                cursor=request.cursor.strip(),
-                search=search,
+                limit=request.limit,
+                cursor=request.cursor,
+                search=request.search,
                 subscribed=request.subscribed if request.HasField("subscribed") else None,
             )
             return contacts_pb2.ListContactsResponse(
