@@ -312,6 +312,12 @@ def rpcs(target: Target) -> dict[str, tuple[str, st.SearchStrategy[Message]]]:
                 )
             ),
         ),
+        "PreviewSegment": (
+            "segments.PreviewSegment",
+            optional(conditions()).map(
+                lambda condition: build(segments_pb2.PreviewSegmentRequest, condition=condition)
+            ),
+        ),
         "UpdateSegment": (
             "segments.UpdateSegment",
             st.builds(
@@ -390,6 +396,42 @@ def rpcs(target: Target) -> dict[str, tuple[str, st.SearchStrategy[Message]]]:
             st.one_of(st.uuids().map(str), hostile_text).map(
                 lambda i: contacts_pb2.DeleteContactRequest(id=i)
             ),
+        ),
+        "ListContacts": (
+            "contacts.ListContacts",
+            st.builds(
+                lambda limit, cursor, search, subscribed: build(
+                    contacts_pb2.ListContactsRequest,
+                    limit=limit,
+                    cursor=cursor,
+                    search=search,
+                    subscribed=subscribed,
+                ),
+                st.integers(-(2**31), 2**31 - 1),
+                st.one_of(st.just(""), hostile_text),
+                st.one_of(st.just(""), hostile_text, hostile_email),
+                optional(st.booleans()),
+            ),
+        ),
+        "UpdateContact": (
+            "contacts.UpdateContact",
+            st.builds(
+                lambda i, email, subscribed, data: build(
+                    contacts_pb2.UpdateContactRequest,
+                    id=i,
+                    email=email,
+                    subscribed=subscribed,
+                    data=None if data is None else to_struct(data),
+                ),
+                some_id,
+                optional(hostile_email),
+                optional(st.booleans()),
+                optional(json_objects),
+            ),
+        ),
+        "ListContactSegments": (
+            "contacts.ListContactSegments",
+            some_id.map(lambda i: contacts_pb2.ListContactSegmentsRequest(id=i)),
         ),
         "Track": (
             "events.Track",
@@ -483,10 +525,14 @@ RPC_NAMES = [
     "AddSegmentMembers",
     "RemoveSegmentMembers",
     "CountMatchingContacts",
+    "PreviewSegment",
     "UpsertContact",
     "BatchUpsertContacts",
     "GetContact",
     "DeleteContact",
+    "ListContacts",
+    "UpdateContact",
+    "ListContactSegments",
     "Track",
     "IngestEvents",
 ]

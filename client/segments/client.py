@@ -35,9 +35,11 @@ from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb
 __all__ = [
     "NO_RETRY",
     "AlreadyExistsError",
+    "AsyncContactListPager",
     "AsyncContactPager",
     "AsyncSegmentsClient",
     "Condition",
+    "ContactListPager",
     "ContactPager",
     "DeadlineExceededError",
     "FailedPreconditionError",
@@ -52,6 +54,7 @@ __all__ = [
     "SegmentsError",
     "UnauthenticatedError",
     "UnavailableError",
+    "contacts_cursor",
     "segment_condition",
     "segment_description",
 ]
@@ -256,6 +259,13 @@ def segment_description(segment: Segment) -> str | None:
     return segment.description.string_value
 
 
+def contacts_cursor(page: contacts_pb2.ListContactsResponse) -> str | None:
+    """The cursor of the page after `page` (ListContacts), or None after the last one."""
+    if page.cursor.WhichOneof("kind") != "string_value":
+        return None
+    return page.cursor.string_value
+
+
 # --- the RPCs and their requests, shared by both clients -------------------------------------
 
 _Req = TypeVar("_Req", bound=Message)
@@ -358,6 +368,23 @@ _BATCH_UPSERT_CONTACTS = _rpc(
 _GET_CONTACT = _rpc(_CONTACTS, "GetContact", contacts_pb2.GetContactRequest, Contact)
 _DELETE_CONTACT = _rpc(
     _CONTACTS, "DeleteContact", contacts_pb2.DeleteContactRequest, empty_pb2.Empty, idempotent=False
+)
+_LIST_CONTACTS = _rpc(
+    _CONTACTS, "ListContacts", contacts_pb2.ListContactsRequest, contacts_pb2.ListContactsResponse
+)
+# Sending the same change twice leaves the contact as sending it once.
+_UPDATE_CONTACT = _rpc(_CONTACTS, "UpdateContact", contacts_pb2.UpdateContactRequest, Contact)
+_LIST_CONTACT_SEGMENTS = _rpc(
+    _CONTACTS,
+    "ListContactSegments",
+    contacts_pb2.ListContactSegmentsRequest,
+    contacts_pb2.ListContactSegmentsResponse,
+)
+_PREVIEW_SEGMENT = _rpc(
+    _SEGMENTS,
+    "PreviewSegment",
+    segments_pb2.PreviewSegmentRequest,
+    segments_pb2.PreviewSegmentResponse,
 )
 _TRACK = _rpc(_EVENTS, "Track", events_pb2.TrackRequest, events_pb2.TrackResponse, idempotent=False)
 _INGEST_EVENTS = _rpc(
@@ -549,6 +576,22 @@ def _upsert_contact(
     return contacts_pb2.UpsertContactRequest(email=email, subscribed=subscribed, data=_struct(data))
 
 
+def _update_contact(
+    id: str, email: str | None, subscribed: bool | None, data: Mapping[str, Any] | None
+) -> contacts_pb2.UpdateContactRequest:
+    return contacts_pb2.UpdateContactRequest(
+        id=id, email=email, subscribed=subscribed, data=_struct(data)
+    )
+
+
+def _list_contacts(
+    limit: int, cursor: str | None, search: str, subscribed: bool | None
+) -> contacts_pb2.ListContactsRequest:
+    return contacts_pb2.ListContactsRequest(
+        limit=limit, cursor=cursor or "", search=search, subscribed=subscribed
+    )
+
+
 def _parsed(
     items: Iterable[Mapping[str, Any]], parse: Callable[[Mapping[str, Any]], _Req], path: str
 ) -> list[_Req]:
@@ -713,6 +756,95 @@ class AsyncContactPager:
                 yield contact
 
 
+_ContactsPage = contacts_pb2.ListContactsResponse
+
+
+class _CursorWalk:
+    """The walk over ListContacts pages both cursor pagers share: the cursor of the next page
+    (keyset pages: a contact inserted meanwhile never shifts the others, so nothing comes
+    twice and nothing that was there is skipped)."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.cursor: str | None = None
+        #: Contacts matching the filters, counted by the first page (None before it).
+        self.total: int | None = None
+
+    @property
+    def more(self) -> bool:
+        return not self.started or self.cursor is not None
+
+    def take(self, page: _ContactsPage) -> None:
+        if not self.started:
+            self.total = page.total
+        self.started = True
+        self.cursor = contacts_cursor(page)
+
+
+class ContactListPager:
+    """Every contact of the project that the filters select, newest first, fetched a page at
+    a time as the iteration reaches it (as ContactPager does for a segment's members).
+    Iterate for the contacts, or over `pages` for the responses; `total` is known once the
+    first page is read. One walk per pager."""
+
+    def __init__(self, fetch: Callable[[str | None], _ContactsPage]) -> None:
+        self._fetch = fetch
+        self._walk = _CursorWalk()
+        self._iterated = False
+
+    @property
+    def total(self) -> int | None:
+        return self._walk.total
+
+    @property
+    def pages(self) -> Iterator[_ContactsPage]:
+        if self._iterated:
+            raise RuntimeError("this pager has been iterated already; ask the client for another")
+        self._iterated = True
+        return self._pages()
+
+    def _pages(self) -> Iterator[_ContactsPage]:
+        while self._walk.more:
+            page = self._fetch(self._walk.cursor)
+            self._walk.take(page)
+            yield page
+
+    def __iter__(self) -> Iterator[Contact]:
+        for page in self.pages:
+            yield from page.data
+
+
+class AsyncContactListPager:
+    """ContactListPager for the asyncio client: `async for contact in pager`, or over `pages`."""
+
+    def __init__(self, fetch: Callable[[str | None], Awaitable[_ContactsPage]]) -> None:
+        self._fetch = fetch
+        self._walk = _CursorWalk()
+        self._iterated = False
+
+    @property
+    def total(self) -> int | None:
+        return self._walk.total
+
+    @property
+    def pages(self) -> AsyncIterator[_ContactsPage]:
+        if self._iterated:
+            raise RuntimeError("this pager has been iterated already; ask the client for another")
+        self._iterated = True
+        return self._pages()
+
+    async def _pages(self) -> AsyncIterator[_ContactsPage]:
+        while self._walk.more:
+            page = await self._fetch(self._walk.cursor)
+            self._walk.take(page)
+            yield page
+
+    async def __aiter__(self) -> AsyncIterator[Contact]:
+        async for page in self.pages:
+            for contact in page.data:
+                yield contact
+
+
 # --- the clients ----------------------------------------------------------------------------
 
 
@@ -848,6 +980,12 @@ class SegmentsClient(_Client):
         request = segments_pb2.CountMatchingContactsRequest(condition=_condition(condition))
         return self._send(_COUNT_MATCHING_CONTACTS, request).count
 
+    def preview_segment(self, condition: Condition) -> segments_pb2.PreviewSegmentResponse:
+        """How many contacts `condition` selects now (`member_count`) and up to 10 of them,
+        newest first (`sample`); nothing is stored."""
+        request = segments_pb2.PreviewSegmentRequest(condition=_condition(condition))
+        return self._send(_PREVIEW_SEGMENT, request)
+
     def update_segment(
         self,
         id: str,
@@ -923,6 +1061,50 @@ class SegmentsClient(_Client):
     def delete_contact(self, id: str) -> None:
         """Delete a contact with its events and memberships."""
         self._send(_DELETE_CONTACT, contacts_pb2.DeleteContactRequest(id=id))
+
+    def update_contact(
+        self,
+        id: str,
+        *,
+        email: str | None = None,
+        subscribed: bool | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> Contact:
+        """Change the given fields of a contact and keep the others; `data` is merged key by
+        key, a None value removes a key. AlreadyExistsError when `email` is another
+        contact's."""
+        return self._send(_UPDATE_CONTACT, _update_contact(id, email, subscribed, data))
+
+    def list_contacts(
+        self,
+        *,
+        limit: int = 20,
+        cursor: str | None = None,
+        search: str = "",
+        subscribed: bool | None = None,
+    ) -> contacts_pb2.ListContactsResponse:
+        """One page (at most 100) of the project's contacts, newest first: those whose email
+        contains `search` (any case) and, unless None, whose subscription is `subscribed`.
+        Pass `contacts_cursor(page)` as `cursor` for the next page; `total` is counted on
+        the first page only."""
+        return self._send(_LIST_CONTACTS, _list_contacts(limit, cursor, search, subscribed))
+
+    def iter_contacts(
+        self, *, search: str = "", subscribed: bool | None = None, page_size: int = MAX_PAGE_SIZE
+    ) -> ContactListPager:
+        """Every contact list_contacts selects, fetched page by page as the iteration reaches
+        it: `for contact in client.iter_contacts(search="@acme.com"): ...`."""
+        size = _page_size(page_size)
+        return ContactListPager(
+            lambda cursor: self.list_contacts(
+                limit=size, cursor=cursor, search=search, subscribed=subscribed
+            )
+        )
+
+    def list_contact_segments(self, id: str) -> list[contacts_pb2.ContactSegment]:
+        """The segments (id, name, type) the contact is a member of now, newest first."""
+        request = contacts_pb2.ListContactSegmentsRequest(id=id)
+        return list(self._send(_LIST_CONTACT_SEGMENTS, request).segments)
 
     def track(
         self,
@@ -1064,6 +1246,11 @@ class AsyncSegmentsClient(_Client):
         response = await self._send(_COUNT_MATCHING_CONTACTS, request)
         return response.count
 
+    async def preview_segment(self, condition: Condition) -> segments_pb2.PreviewSegmentResponse:
+        """`SegmentsClient.preview_segment` as a coroutine."""
+        request = segments_pb2.PreviewSegmentRequest(condition=_condition(condition))
+        return await self._send(_PREVIEW_SEGMENT, request)
+
     async def update_segment(
         self,
         id: str,
@@ -1142,6 +1329,44 @@ class AsyncSegmentsClient(_Client):
     async def delete_contact(self, id: str) -> None:
         """`SegmentsClient.delete_contact` as a coroutine."""
         await self._send(_DELETE_CONTACT, contacts_pb2.DeleteContactRequest(id=id))
+
+    async def update_contact(
+        self,
+        id: str,
+        *,
+        email: str | None = None,
+        subscribed: bool | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> Contact:
+        """`SegmentsClient.update_contact` as a coroutine."""
+        return await self._send(_UPDATE_CONTACT, _update_contact(id, email, subscribed, data))
+
+    async def list_contacts(
+        self,
+        *,
+        limit: int = 20,
+        cursor: str | None = None,
+        search: str = "",
+        subscribed: bool | None = None,
+    ) -> contacts_pb2.ListContactsResponse:
+        """`SegmentsClient.list_contacts` as a coroutine."""
+        return await self._send(_LIST_CONTACTS, _list_contacts(limit, cursor, search, subscribed))
+
+    def iter_contacts(
+        self, *, search: str = "", subscribed: bool | None = None, page_size: int = MAX_PAGE_SIZE
+    ) -> AsyncContactListPager:
+        """`SegmentsClient.iter_contacts` as an async iterator."""
+        size = _page_size(page_size)
+        return AsyncContactListPager(
+            lambda cursor: self.list_contacts(
+                limit=size, cursor=cursor, search=search, subscribed=subscribed
+            )
+        )
+
+    async def list_contact_segments(self, id: str) -> list[contacts_pb2.ContactSegment]:
+        """`SegmentsClient.list_contact_segments` as a coroutine."""
+        request = contacts_pb2.ListContactSegmentsRequest(id=id)
+        return list((await self._send(_LIST_CONTACT_SEGMENTS, request)).segments)
 
     async def track(
         self,

@@ -32,6 +32,7 @@ from segments_service.convert import (
     contact_to_proto,
     from_timestamp,
     parse_id,
+    py_to_value,
     require_type,
     segment_to_proto,
     struct_to_dict,
@@ -300,6 +301,23 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
 
         return await self.runner.unary(context, work, evaluates=True)
 
+    async def PreviewSegment(
+        self, request: segments_pb2.PreviewSegmentRequest, context: Context
+    ) -> segments_pb2.PreviewSegmentResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.PreviewSegmentResponse, None]:
+            condition = (
+                condition_to_json(request.condition) if request.HasField("condition") else None
+            )
+            found = segments.preview(session, caller.project_id, condition)
+            return segments_pb2.PreviewSegmentResponse(
+                member_count=found.member_count,
+                sample=[contact_to_proto(r) for r in found.sample],
+            ), None
+
+        return await self.runner.unary(context, work, evaluates=True)
+
 
 def _segment_event(event: feed.FeedEvent) -> segments_pb2.SegmentEvent:
     return segments_pb2.SegmentEvent(
@@ -389,6 +407,68 @@ class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
         def work(session: Session, caller: Caller) -> tuple[empty_pb2.Empty, int]:
             contacts.delete_contact(session, caller.project_id, parse_id(request.id, "contact"))
             return empty_pb2.Empty(), NO_CONTENT
+
+        return await self.runner.unary(context, work)
+
+    async def ListContacts(
+        self, request: contacts_pb2.ListContactsRequest, context: Context
+    ) -> contacts_pb2.ListContactsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[contacts_pb2.ListContactsResponse, None]:
+            page = contacts.list_contacts(
+                session,
+                caller.project_id,
+                limit=request.limit,
+                cursor=request.cursor,
+                search=request.search,
+                subscribed=request.subscribed if request.HasField("subscribed") else None,
+            )
+            return contacts_pb2.ListContactsResponse(
+                data=[contact_to_proto(r) for r in page.rows],
+                cursor=py_to_value(page.cursor),
+                has_more=page.cursor is not None,
+                total=page.total or 0,
+            ), None
+
+        return await self.runner.unary(context, work)
+
+    async def UpdateContact(
+        self, request: contacts_pb2.UpdateContactRequest, context: Context
+    ) -> resources_pb2.Contact:
+        def work(session: Session, caller: Caller) -> tuple[resources_pb2.Contact, None]:
+            contact_id = parse_id(request.id, "contact")
+            email = require_email(request.email, "email") if request.HasField("email") else None
+            data = struct_to_dict(request.data) if request.HasField("data") else {}
+            _raise(check_json(data, "data"))
+            row = contacts.update_contact(
+                session,
+                caller.project_id,
+                contact_id,
+                email=email,
+                subscribed=request.subscribed if request.HasField("subscribed") else None,
+                patch=data,
+            )
+            return contact_to_proto(row), None
+
+        return await self.runner.unary(context, work)
+
+    async def ListContactSegments(
+        self, request: contacts_pb2.ListContactSegmentsRequest, context: Context
+    ) -> contacts_pb2.ListContactSegmentsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[contacts_pb2.ListContactSegmentsResponse, None]:
+            contact_id = parse_id(request.id, "contact")
+            rows = contacts.contact_segments(session, caller.project_id, contact_id)
+            return contacts_pb2.ListContactSegmentsResponse(
+                segments=[
+                    contacts_pb2.ContactSegment(
+                        id=str(r.id), name=r.name, type=resources_pb2.Segment.Type.Value(r.type)
+                    )
+                    for r in rows
+                ]
+            ), None
 
         return await self.runner.unary(context, work)
 

@@ -615,3 +615,57 @@ class CountMatchingContactsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CountMatchingContactsResponse: _TypeAlias = CountMatchingContactsResponse  # noqa: Y015
+
+@_typing.final
+class PreviewSegmentRequest(_message.Message):
+    """Request of PreviewSegment; the project comes from the API key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONDITION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def condition(self) -> _resources_pb2.FilterCondition:
+        """The condition to evaluate, as a DYNAMIC segment's (same validation and errors)."""
+
+    def __init__(
+        self,
+        *,
+        condition: _resources_pb2.FilterCondition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewSegmentRequest: _TypeAlias = PreviewSegmentRequest  # noqa: Y015
+
+@_typing.final
+class PreviewSegmentResponse(_message.Message):
+    """What a condition selects now; nothing is stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_COUNT_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
+    member_count: _builtins.int
+    """How many of the project's contacts the condition selects."""
+    @_builtins.property
+    def sample(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Contact]:
+        """Up to 10 of them, newest first (createdAt descending, then id), read in the same
+        transaction as the count.
+        """
+
+    def __init__(
+        self,
+        *,
+        member_count: _builtins.int = ...,
+        sample: _abc.Iterable[_resources_pb2.Contact] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_count", b"member_count", "sample", b"sample"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewSegmentResponse: _TypeAlias = PreviewSegmentResponse  # noqa: Y015

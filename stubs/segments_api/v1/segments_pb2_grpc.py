@@ -92,6 +92,11 @@ class SegmentServiceStub:
                 request_serializer=segments_dot_v1_dot_segments__pb2.CountMatchingContactsRequest.SerializeToString,
                 response_deserializer=segments_dot_v1_dot_segments__pb2.CountMatchingContactsResponse.FromString,
                 _registered_method=True)
+        self.PreviewSegment = channel.unary_unary(
+                '/segments.v1.SegmentService/PreviewSegment',
+                request_serializer=segments_dot_v1_dot_segments__pb2.PreviewSegmentRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_segments__pb2.PreviewSegmentResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentServiceServicer:
@@ -183,6 +188,14 @@ class SegmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreviewSegment(self, request, context):
+        """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
+        storing anything: how many contacts it selects now and up to 10 of them, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -240,6 +253,11 @@ def add_SegmentServiceServicer_to_server(servicer, server):
                     servicer.CountMatchingContacts,
                     request_deserializer=segments_dot_v1_dot_segments__pb2.CountMatchingContactsRequest.FromString,
                     response_serializer=segments_dot_v1_dot_segments__pb2.CountMatchingContactsResponse.SerializeToString,
+            ),
+            'PreviewSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewSegment,
+                    request_deserializer=segments_dot_v1_dot_segments__pb2.PreviewSegmentRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_segments__pb2.PreviewSegmentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -540,6 +558,33 @@ class SegmentService:
             '/segments.v1.SegmentService/CountMatchingContacts',
             segments_dot_v1_dot_segments__pb2.CountMatchingContactsRequest.SerializeToString,
             segments_dot_v1_dot_segments__pb2.CountMatchingContactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segments.v1.SegmentService/PreviewSegment',
+            segments_dot_v1_dot_segments__pb2.PreviewSegmentRequest.SerializeToString,
+            segments_dot_v1_dot_segments__pb2.PreviewSegmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

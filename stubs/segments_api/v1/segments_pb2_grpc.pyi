@@ -77,6 +77,10 @@ class SegmentServiceStub:
     """Counts the project's contacts a condition selects now, without creating a segment
     (a segment builder's live count). gRPC only: the REST paths are the public API's.
     """
+    PreviewSegment: _grpc.UnaryUnaryMultiCallable[_segments_pb2.PreviewSegmentRequest, _segments_pb2.PreviewSegmentResponse]
+    """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
+    storing anything: how many contacts it selects now and up to 10 of them, newest first.
+    """
 
 @_typing.type_check_only
 class SegmentServiceAsyncStub(SegmentServiceStub):
@@ -118,6 +122,10 @@ class SegmentServiceAsyncStub(SegmentServiceStub):
     CountMatchingContacts: _aio.UnaryUnaryMultiCallable[_segments_pb2.CountMatchingContactsRequest, _segments_pb2.CountMatchingContactsResponse]  # type: ignore[assignment]
     """Counts the project's contacts a condition selects now, without creating a segment
     (a segment builder's live count). gRPC only: the REST paths are the public API's.
+    """
+    PreviewSegment: _aio.UnaryUnaryMultiCallable[_segments_pb2.PreviewSegmentRequest, _segments_pb2.PreviewSegmentResponse]  # type: ignore[assignment]
+    """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
+    storing anything: how many contacts it selects now and up to 10 of them, newest first.
     """
 
 class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -223,6 +231,16 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_segments_pb2.CountMatchingContactsResponse, _abc.Awaitable[_segments_pb2.CountMatchingContactsResponse]]:
         """Counts the project's contacts a condition selects now, without creating a segment
         (a segment builder's live count). gRPC only: the REST paths are the public API's.
+        """
+
+    @_abc_1.abstractmethod
+    def PreviewSegment(
+        self,
+        request: _segments_pb2.PreviewSegmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_pb2.PreviewSegmentResponse, _abc.Awaitable[_segments_pb2.PreviewSegmentResponse]]:
+        """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
+        storing anything: how many contacts it selects now and up to 10 of them, newest first.
         """
 
 def add_SegmentServiceServicer_to_server(servicer: SegmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
