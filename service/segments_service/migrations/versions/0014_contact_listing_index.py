@@ -11,14 +11,14 @@ the page's contacts (0.5 s and 0.3 s for those two; the first page's count the s
 way). The keys are unchanged, so every other use of the index (createdAt filters, member
 listings of segments being built) reads it as before.
 
-Revision ID: 0013
-Revises: 0012
+Revision ID: 0014
+Revises: 0013
 """
 
 from alembic import op
 
-revision = "0013"
-down_revision = "0012"
+revision = "0014"
+down_revision = "0013"
 
 UPGRADE = """
 CREATE INDEX contacts_by_created_listing ON contacts
