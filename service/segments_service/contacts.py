@@ -427,7 +427,7 @@ def list_contacts(
     and the subscribed flag as filters.
 
     The walk is an index-only scan of contacts_by_created, which carries email and
-    subscribed (migration 0013): an entry that does not match costs no heap visit, and only
+    subscribed (migration 0014): an entry that does not match costs no heap visit, and only
     the page's contacts are read from the table. The first page also counts the matches.
 
     `limit` 0 means DEFAULT_LIMIT, above MAX_LIMIT means MAX_LIMIT; `search` is compared in
