@@ -312,6 +312,14 @@ def rpcs(target: Target) -> dict[str, tuple[str, st.SearchStrategy[Message]]]:
                 )
             ),
         ),
+        "ExplainMembership": (
+            "segments.ExplainMembership",
+            st.builds(
+                lambda i, c: segments_pb2.ExplainMembershipRequest(id=i, contact_id=c),
+                some_id,
+                some_id,
+            ),
+        ),
         "PreviewSegment": (
             "segments.PreviewSegment",
             optional(conditions()).map(
@@ -526,6 +534,7 @@ RPC_NAMES = [
     "RemoveSegmentMembers",
     "CountMatchingContacts",
     "PreviewSegment",
+    "ExplainMembership",
     "UpsertContact",
     "BatchUpsertContacts",
     "GetContact",

@@ -104,6 +104,7 @@ def test_document_covers_every_rest_binding() -> None:
         ("POST", "/segments/{id}/members"),
         ("DELETE", "/segments/{id}/members"),
         ("POST", "/segments/preview"),
+        ("GET", "/segments/{id}/contacts/{contactId}/explain"),
         ("GET", "/contacts"),
         ("POST", "/contacts"),
         ("POST", "/contacts/batch"),

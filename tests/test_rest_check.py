@@ -33,6 +33,7 @@ CHECK = RestCheck(SERVICE_NAMES)
         ("GET", "/contacts/abc/segments", "ListContactSegmentsRequest"),
         ("POST", "/segments/preview", "PreviewSegmentRequest"),
         ("GET", "/segments/preview", "GetSegmentRequest"),
+        ("GET", "/segments/a/contacts/b/explain", "ExplainMembershipRequest"),
         ("PUT", "/segments", None),
         ("GET", "/segments/a/b/c", None),
         ("POST", "/v2/track", None),
@@ -45,7 +46,7 @@ def test_a_request_finds_its_http_rule(method: str, path: str, request_message: 
 
 
 def test_every_http_binding_has_a_route() -> None:
-    assert len(CHECK.routes) == 18
+    assert len(CHECK.routes) == 19
     assert {r.body for r in CHECK.routes} == {"", "*"}
     members = CHECK.find("POST", "/segments/abc/members")
     assert members is not None and members.bound == ("id",)

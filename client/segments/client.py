@@ -42,6 +42,7 @@ __all__ = [
     "ContactListPager",
     "ContactPager",
     "DeadlineExceededError",
+    "Explanation",
     "FailedPreconditionError",
     "FieldViolation",
     "InvalidArgumentError",
@@ -357,6 +358,12 @@ _COUNT_MATCHING_CONTACTS = _rpc(
     "CountMatchingContacts",
     segments_pb2.CountMatchingContactsRequest,
     segments_pb2.CountMatchingContactsResponse,
+)
+_EXPLAIN_MEMBERSHIP = _rpc(
+    _SEGMENTS,
+    "ExplainMembership",
+    segments_pb2.ExplainMembershipRequest,
+    segments_pb2.ExplainMembershipResponse,
 )
 _UPSERT_CONTACT = _rpc(_CONTACTS, "UpsertContact", contacts_pb2.UpsertContactRequest, Contact)
 _BATCH_UPSERT_CONTACTS = _rpc(
@@ -845,6 +852,21 @@ class AsyncContactListPager:
                 yield contact
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """Why a contact is or is not a member of a segment now (explain_membership)."""
+
+    member: bool
+    # The segment's condition as JSON, with `matched: True/False` on every filter, group
+    # and condition; None for a STATIC segment.
+    condition: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, response: segments_pb2.ExplainMembershipResponse) -> Explanation:
+        condition = json_format.MessageToDict(response.condition)
+        return cls(response.member, condition if isinstance(condition, dict) else None)
+
+
 # --- the clients ----------------------------------------------------------------------------
 
 
@@ -985,6 +1007,11 @@ class SegmentsClient(_Client):
         newest first (`sample`); nothing is stored."""
         request = segments_pb2.PreviewSegmentRequest(condition=_condition(condition))
         return self._send(_PREVIEW_SEGMENT, request)
+
+    def explain_membership(self, segment_id: str, contact_id: str) -> Explanation:
+        """Why the contact is or is not a member now: the condition, each part `matched`."""
+        request = segments_pb2.ExplainMembershipRequest(id=segment_id, contact_id=contact_id)
+        return Explanation.of(self._send(_EXPLAIN_MEMBERSHIP, request))
 
     def update_segment(
         self,
@@ -1250,6 +1277,11 @@ class AsyncSegmentsClient(_Client):
         """`SegmentsClient.preview_segment` as a coroutine."""
         request = segments_pb2.PreviewSegmentRequest(condition=_condition(condition))
         return await self._send(_PREVIEW_SEGMENT, request)
+
+    async def explain_membership(self, segment_id: str, contact_id: str) -> Explanation:
+        """`SegmentsClient.explain_membership` as a coroutine."""
+        request = segments_pb2.ExplainMembershipRequest(id=segment_id, contact_id=contact_id)
+        return Explanation.of(await self._send(_EXPLAIN_MEMBERSHIP, request))
 
     async def update_segment(
         self,

@@ -24,13 +24,14 @@ from segments_api.v1 import (
     segments_pb2,
     segments_pb2_grpc,
 )
-from segments_service import contacts, events, feed, members, segments, streams
+from segments_service import contacts, events, explain, feed, members, segments, streams
 from segments_service.auth import Caller
 from segments_service.contacts import ContactWrite, check_json, require_email
 from segments_service.convert import (
     condition_to_json,
     contact_to_proto,
     from_timestamp,
+    ordered_condition,
     parse_id,
     py_to_value,
     require_type,
@@ -314,6 +315,21 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             return segments_pb2.PreviewSegmentResponse(
                 member_count=found.member_count,
                 sample=[contact_to_proto(r) for r in found.sample],
+            ), None
+
+        return await self.runner.unary(context, work, evaluates=True)
+
+    async def ExplainMembership(
+        self, request: segments_pb2.ExplainMembershipRequest, context: Context
+    ) -> segments_pb2.ExplainMembershipResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.ExplainMembershipResponse, None]:
+            segment_id = parse_id(request.id, "segment")
+            contact_id = parse_id(request.contact_id, "contact")
+            found = explain.explain(session, caller.project_id, segment_id, contact_id)
+            return segments_pb2.ExplainMembershipResponse(
+                member=found.member, condition=py_to_value(ordered_condition(found.condition))
             ), None
 
         return await self.runner.unary(context, work, evaluates=True)

@@ -12,6 +12,7 @@ the contract wins; each binding says so.
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -669,3 +670,59 @@ class PreviewSegmentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PreviewSegmentResponse: _TypeAlias = PreviewSegmentResponse  # noqa: Y015
+
+@_typing.final
+class ExplainMembershipRequest(_message.Message):
+    """Request of ExplainMembership."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Segment UUID (from the path)."""
+    contact_id: _builtins.str
+    """Contact UUID (from the path)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        contact_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact_id", b"contact_id", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainMembershipRequest: _TypeAlias = ExplainMembershipRequest  # noqa: Y015
+
+@_typing.final
+class ExplainMembershipResponse(_message.Message):
+    """Answer of ExplainMembership."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
+    member: _builtins.bool
+    """Whether the contact is a member now."""
+    @_builtins.property
+    def condition(self) -> _struct_pb2.Value:
+        """The condition's JSON, each filter, group and condition with `matched: true|false`;
+        JSON null for a STATIC segment.
+        """
+
+    def __init__(
+        self,
+        *,
+        member: _builtins.bool = ...,
+        condition: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainMembershipResponse: _TypeAlias = ExplainMembershipResponse  # noqa: Y015

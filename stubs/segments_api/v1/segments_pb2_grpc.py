@@ -97,6 +97,11 @@ class SegmentServiceStub:
                 request_serializer=segments_dot_v1_dot_segments__pb2.PreviewSegmentRequest.SerializeToString,
                 response_deserializer=segments_dot_v1_dot_segments__pb2.PreviewSegmentResponse.FromString,
                 _registered_method=True)
+        self.ExplainMembership = channel.unary_unary(
+                '/segments.v1.SegmentService/ExplainMembership',
+                request_serializer=segments_dot_v1_dot_segments__pb2.ExplainMembershipRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_segments__pb2.ExplainMembershipResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentServiceServicer:
@@ -196,6 +201,15 @@ class SegmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainMembership(self, request, context):
+        """Why a contact is or is not a member now: the segment's condition with `matched` on
+        every filter, group and condition, computed by the statement membership is computed
+        by (STATIC segments: `condition` is null).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +272,11 @@ def add_SegmentServiceServicer_to_server(servicer, server):
                     servicer.PreviewSegment,
                     request_deserializer=segments_dot_v1_dot_segments__pb2.PreviewSegmentRequest.FromString,
                     response_serializer=segments_dot_v1_dot_segments__pb2.PreviewSegmentResponse.SerializeToString,
+            ),
+            'ExplainMembership': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainMembership,
+                    request_deserializer=segments_dot_v1_dot_segments__pb2.ExplainMembershipRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_segments__pb2.ExplainMembershipResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -585,6 +604,33 @@ class SegmentService:
             '/segments.v1.SegmentService/PreviewSegment',
             segments_dot_v1_dot_segments__pb2.PreviewSegmentRequest.SerializeToString,
             segments_dot_v1_dot_segments__pb2.PreviewSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainMembership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segments.v1.SegmentService/ExplainMembership',
+            segments_dot_v1_dot_segments__pb2.ExplainMembershipRequest.SerializeToString,
+            segments_dot_v1_dot_segments__pb2.ExplainMembershipResponse.FromString,
             options,
             channel_credentials,
             insecure,

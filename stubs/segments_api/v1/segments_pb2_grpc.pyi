@@ -81,6 +81,11 @@ class SegmentServiceStub:
     """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
     storing anything: how many contacts it selects now and up to 10 of them, newest first.
     """
+    ExplainMembership: _grpc.UnaryUnaryMultiCallable[_segments_pb2.ExplainMembershipRequest, _segments_pb2.ExplainMembershipResponse]
+    """Why a contact is or is not a member now: the segment's condition with `matched` on
+    every filter, group and condition, computed by the statement membership is computed
+    by (STATIC segments: `condition` is null).
+    """
 
 @_typing.type_check_only
 class SegmentServiceAsyncStub(SegmentServiceStub):
@@ -126,6 +131,11 @@ class SegmentServiceAsyncStub(SegmentServiceStub):
     PreviewSegment: _aio.UnaryUnaryMultiCallable[_segments_pb2.PreviewSegmentRequest, _segments_pb2.PreviewSegmentResponse]  # type: ignore[assignment]
     """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
     storing anything: how many contacts it selects now and up to 10 of them, newest first.
+    """
+    ExplainMembership: _aio.UnaryUnaryMultiCallable[_segments_pb2.ExplainMembershipRequest, _segments_pb2.ExplainMembershipResponse]  # type: ignore[assignment]
+    """Why a contact is or is not a member now: the segment's condition with `matched` on
+    every filter, group and condition, computed by the statement membership is computed
+    by (STATIC segments: `condition` is null).
     """
 
 class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -241,6 +251,17 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_segments_pb2.PreviewSegmentResponse, _abc.Awaitable[_segments_pb2.PreviewSegmentResponse]]:
         """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
         storing anything: how many contacts it selects now and up to 10 of them, newest first.
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainMembership(
+        self,
+        request: _segments_pb2.ExplainMembershipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_pb2.ExplainMembershipResponse, _abc.Awaitable[_segments_pb2.ExplainMembershipResponse]]:
+        """Why a contact is or is not a member now: the segment's condition with `matched` on
+        every filter, group and condition, computed by the statement membership is computed
+        by (STATIC segments: `condition` is null).
         """
 
 def add_SegmentServiceServicer_to_server(servicer: SegmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
