@@ -86,6 +86,12 @@ class SegmentServiceStub:
     every filter, group and condition, computed by the statement membership is computed
     by (STATIC segments: `condition` is null).
     """
+    ListSegmentEvents: _grpc.UnaryUnaryMultiCallable[_segments_pb2.ListSegmentEventsRequest, _segments_pb2.ListSegmentEventsResponse]
+    """A tracked segment's entries and exits, oldest first, a page at a time; resumable from
+    any cursor (the same positions WatchSegmentEvents streams).
+    """
+    GetSegmentHistory: _grpc.UnaryUnaryMultiCallable[_segments_pb2.GetSegmentHistoryRequest, _segments_pb2.GetSegmentHistoryResponse]
+    """A tracked segment's entries, exits and size per UTC hour or day, from its feed."""
 
 @_typing.type_check_only
 class SegmentServiceAsyncStub(SegmentServiceStub):
@@ -137,6 +143,12 @@ class SegmentServiceAsyncStub(SegmentServiceStub):
     every filter, group and condition, computed by the statement membership is computed
     by (STATIC segments: `condition` is null).
     """
+    ListSegmentEvents: _aio.UnaryUnaryMultiCallable[_segments_pb2.ListSegmentEventsRequest, _segments_pb2.ListSegmentEventsResponse]  # type: ignore[assignment]
+    """A tracked segment's entries and exits, oldest first, a page at a time; resumable from
+    any cursor (the same positions WatchSegmentEvents streams).
+    """
+    GetSegmentHistory: _aio.UnaryUnaryMultiCallable[_segments_pb2.GetSegmentHistoryRequest, _segments_pb2.GetSegmentHistoryResponse]  # type: ignore[assignment]
+    """A tracked segment's entries, exits and size per UTC hour or day, from its feed."""
 
 class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages a project's segments and the members of static segments."""
@@ -263,5 +275,23 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
         every filter, group and condition, computed by the statement membership is computed
         by (STATIC segments: `condition` is null).
         """
+
+    @_abc_1.abstractmethod
+    def ListSegmentEvents(
+        self,
+        request: _segments_pb2.ListSegmentEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_pb2.ListSegmentEventsResponse, _abc.Awaitable[_segments_pb2.ListSegmentEventsResponse]]:
+        """A tracked segment's entries and exits, oldest first, a page at a time; resumable from
+        any cursor (the same positions WatchSegmentEvents streams).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSegmentHistory(
+        self,
+        request: _segments_pb2.GetSegmentHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_pb2.GetSegmentHistoryResponse, _abc.Awaitable[_segments_pb2.GetSegmentHistoryResponse]]:
+        """A tracked segment's entries, exits and size per UTC hour or day, from its feed."""
 
 def add_SegmentServiceServicer_to_server(servicer: SegmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
