@@ -54,7 +54,7 @@ class Settings:
     def from_env(cls) -> Settings:
         return cls(
             database_url=os.environ.get("DATABASE_URL") or None,
-            data_dir=Path(os.environ.get("SEGMENTS_DATA_DIR", ".data")).resolve(),
+            data_dir=data_dir(),
             grpc_port=_int("GRPC_PORT", 50051),
             http_port=_int("HTTP_PORT", 8080),
             host=os.environ.get("SEGMENTS_HOST", "127.0.0.1"),
@@ -71,6 +71,34 @@ class Settings:
             inline_build_contacts=inline_build_contacts(),
             build_slice=_int("SEGMENTS_BUILD_SLICE", DEFAULT_BUILD_SLICE),
         )
+
+
+def checkout_root() -> Path | None:
+    """The repository this code runs from (an editable install, `make run`), else None."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "service" / "segments_service").is_dir():
+        return root
+    return None
+
+
+def data_dir() -> Path:
+    """Where the embedded PostgreSQL and Envoy's files live: SEGMENTS_DATA_DIR, else the
+    checkout's own `.data/`, else (an installed package) the user's data directory,
+    /var/lib/segments for root. Never the current directory: every command of one
+    installation must find the database `make run` serves, wherever it is started."""
+    raw = os.environ.get("SEGMENTS_DATA_DIR")
+    if raw:
+        return Path(raw).expanduser().resolve()
+    checkout = checkout_root()
+    if checkout is not None:
+        return checkout / ".data"
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # root's home is private, and the embedded server runs as another system user
+        # that must traverse every parent (database.start_embedded).
+        return Path("/var/lib/segments")
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("segments", appauthor=False))
 
 
 # Segment builds (builds.py): projects of at most this many contacts build inline.

