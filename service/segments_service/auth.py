@@ -7,13 +7,14 @@ import hmac
 import secrets
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from segments_service import tables
-from segments_service.errors import InvalidApiKey, MissingAuth, NotFound
+from segments_service.errors import FailedPrecondition, InvalidApiKey, MissingAuth, NotFound
 
 KeyKind = Literal["secret", "public"]
 PREFIX: dict[KeyKind, str] = {"secret": "sk_", "public": "pk_"}
@@ -106,3 +107,75 @@ def rotate_key(session: Session, key: str) -> str:
     kind: KeyKind = "secret" if key.startswith("sk_") else "public"
     project_id = revoke_key(session, key)
     return issue_key(session, project_id, kind)
+
+
+@dataclass(frozen=True)
+class Project:
+    id: uuid.UUID
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What is known of a stored key: never the key itself, only its first characters."""
+
+    id: uuid.UUID
+    kind: KeyKind
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def list_projects(session: Session) -> list[Project]:
+    """Every project, oldest first."""
+    p = tables.projects.c
+    rows = session.execute(select(p.id, p.name, p.created_at).order_by(p.created_at, p.id))
+    return [Project(row.id, row.name, row.created_at) for row in rows]
+
+
+def find_project(session: Session, ref: str) -> Project:
+    """The project whose id is `ref`, else the one named exactly `ref`; NotFound when none
+    is, FailedPrecondition when several projects share that name."""
+    p = tables.projects.c
+    query = select(p.id, p.name, p.created_at)
+    try:
+        by_id = session.execute(query.where(p.id == uuid.UUID(ref.strip()))).first()
+    except ValueError:
+        by_id = None
+    if by_id is not None:
+        return Project(by_id.id, by_id.name, by_id.created_at)
+    named = session.execute(query.where(p.name == ref.strip()).order_by(p.created_at)).all()
+    if not named:
+        raise NotFound(f"no project has the id or name {ref!r}")
+    if len(named) > 1:
+        ids = ", ".join(str(row.id) for row in named)
+        raise FailedPrecondition(f"{len(named)} projects are named {ref!r}; use an id: {ids}")
+    (row,) = named
+    return Project(row.id, row.name, row.created_at)
+
+
+def list_keys(session: Session, project_id: uuid.UUID) -> list[KeyInfo]:
+    """The project's keys, live and revoked, oldest first."""
+    k = tables.api_keys.c
+    rows = session.execute(
+        select(k.id, k.kind, k.key_prefix, k.created_at, k.revoked_at)
+        .where(k.project_id == project_id)
+        .order_by(k.created_at, k.id)
+    )
+    return [KeyInfo(r.id, r.kind, r.key_prefix, r.created_at, r.revoked_at) for r in rows]
+
+
+def revoke_key_by_id(session: Session, key_id: uuid.UUID) -> uuid.UUID:
+    """Revoke the live key with this id (as `list_keys` shows it; for a key that is lost);
+    answers its project id."""
+    k = tables.api_keys.c
+    project_id = session.execute(
+        update(tables.api_keys)
+        .where(k.id == key_id, k.revoked_at.is_(None))
+        .values(revoked_at=func.now())
+        .returning(k.project_id)
+    ).scalar_one_or_none()
+    if project_id is None:
+        raise NotFound("no live key matches")
+    return uuid.UUID(str(project_id))

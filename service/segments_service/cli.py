@@ -1,16 +1,22 @@
-"""The `segments` command: run the whole stack, serve one replica, migrate, manage keys."""
+"""The `segments` command: run the whole stack, serve one replica, migrate, list projects and
+manage keys; commands other packages register (the client's `import` and `export`)."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 import warnings
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +55,12 @@ def _database(settings: Settings) -> tuple[str, Any]:
         raise SystemExit(f"segments: {err}") from None
 
 
-def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def _wait_healthy(
+    port: int,
+    proc: subprocess.Popen[bytes],
+    timeout: float = 30.0,
+    stopping: Callable[[], bool] = lambda: False,
+) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -57,6 +68,8 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # its type stub lists no methods
         while time.monotonic() < deadline:
+            if stopping():
+                return
             if proc.poll() is not None:
                 raise SystemExit(f"segments: gRPC server on port {port} exited ({proc.returncode})")
             try:
@@ -94,7 +107,9 @@ class Supervisor:
         for port in self.ports:
             self.start_replica(port)
         for port in self.ports:
-            _wait_healthy(port, self.replicas[port])
+            _wait_healthy(port, self.replicas[port], stopping=lambda: self.stopping)
+        if self.stopping:
+            return
         workdir = self.settings.data_dir / "envoy"
         workdir.mkdir(parents=True, exist_ok=True)
         config = envoy_proxy.render_config(
@@ -112,6 +127,10 @@ class Supervisor:
         """Until a signal: restart dead replicas; if Envoy dies, stop everything."""
         while not self.stopping:
             if self.envoy is not None and self.envoy.poll() is not None:
+                # Ctrl-C reaches Envoy too, and it may exit before our handler runs.
+                time.sleep(0.2)
+                if self.stopping:
+                    break
                 log.error("envoy exited with %s; stopping", self.envoy.returncode)
                 return 1
             for port, proc in list(self.replicas.items()):
@@ -139,7 +158,61 @@ class Supervisor:
                 proc.wait()
 
 
+def _holder(port: int) -> str:
+    """Which process listens on `port`, when the system tells (best effort)."""
+    import psutil
+
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                if conn.pid is None:
+                    return ""
+                proc = psutil.Process(conn.pid)
+                return f" by process {conn.pid} ({' '.join(proc.cmdline()[:3])[:120]})"
+    except (psutil.Error, OSError):
+        pass
+    return ""
+
+
+def check_ports_free(listeners: Sequence[tuple[str, str, int]]) -> None:
+    """Refuse to start when a (variable, host, port) we are to listen on is taken. Envoy binds
+    with SO_REUSEPORT, so a second `segments run` would otherwise share the port with the
+    first and the kernel would split requests between two installations."""
+    taken = []
+    for variable, host, port in listeners:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # Without SO_REUSEPORT a bind fails while anything listens there; SO_REUSEADDR
+            # lets it past connections of a previous run still in TIME_WAIT.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE:
+                    raise SystemExit(f"segments: cannot listen on {host}:{port}: {err}") from None
+                taken.append(f"{host}:{port} ({variable}) is already in use{_holder(port)}")
+    if taken:
+        raise SystemExit(
+            "segments: "
+            + "; ".join(taken)
+            + ". Is another `segments run` (make run) going? Stop it, or choose free ports, "
+            "e.g. GRPC_PORT=50061 HTTP_PORT=8090 make run"
+        )
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    grpc_ports = [settings.grpc_port + i for i in range(args.replicas)]
+    check_ports_free(
+        [
+            ("HTTP_PORT", "127.0.0.1", settings.http_port),
+            *(
+                ("GRPC_PORT" if i == 0 else f"GRPC_PORT+{i}", settings.host, port)
+                for i, port in enumerate(grpc_ports)
+            ),
+        ]
+    )
+    if settings.database_url is None:
+        log.info("data directory: %s", settings.data_dir)
     url, _server = _database(settings)
     migrate(url)
     supervisor = Supervisor(settings, url, args.replicas)
@@ -151,11 +224,15 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         supervisor.start()
-        where = "embedded PostgreSQL" if settings.database_url is None else "DATABASE_URL"
-        grpc_ports = ",".join(str(p) for p in supervisor.ports)
+        where = (
+            f"embedded PostgreSQL in {settings.data_dir}"
+            if settings.database_url is None
+            else "DATABASE_URL"
+        )
+        listening = ",".join(str(p) for p in supervisor.ports)
         print(
             f"segments ready: REST http://127.0.0.1:{settings.http_port}  "
-            f"gRPC 127.0.0.1:{grpc_ports}  database: {where}  (Ctrl-C to stop)",
+            f"gRPC 127.0.0.1:{listening}  database: {where}  (Ctrl-C to stop)",
             flush=True,
         )
         code = supervisor.watch()
@@ -248,9 +325,125 @@ def cmd_revoke_key(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _time(moment: datetime | None) -> str:
+    return "" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _project(session: Any, ref: str) -> Any:
+    from segments_service.auth import find_project
+    from segments_service.errors import FailedPrecondition, NotFound
+
+    try:
+        return find_project(session, ref)
+    except NotFound as err:
+        raise SystemExit(f"segments: {err}; `segments projects` lists them") from None
+    except FailedPrecondition as err:
+        raise SystemExit(f"segments: {err}") from None
+
+
+def cmd_projects(args: argparse.Namespace, settings: Settings) -> int:
+    from segments_service.auth import list_projects
+
+    projects = _with_session(settings, list_projects)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {"id": str(p.id), "name": p.name, "createdAt": _time(p.created_at)}
+                    for p in projects
+                ]
+            )
+        )
+    else:
+        _print_table(
+            ("ID", "NAME", "CREATED"),
+            [(str(p.id), p.name, _time(p.created_at)) for p in projects],
+        )
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    from segments_service.auth import list_keys
+
+    keys = _with_session(settings, lambda s: list_keys(s, _project(s, args.project).id))
+    shown = [
+        {
+            "id": str(k.id),
+            "type": k.kind,
+            # Keys are stored hashed: only their first characters can be shown.
+            "prefix": k.prefix + "…",
+            "createdAt": _time(k.created_at),
+            "revokedAt": _time(k.revoked_at) or None,
+        }
+        for k in keys
+    ]
+    if args.json:
+        print(json.dumps(shown))
+    else:
+        _print_table(
+            ("ID", "TYPE", "KEY", "CREATED", "REVOKED"),
+            [
+                (k["id"], k["type"], k["prefix"], k["createdAt"], k["revokedAt"] or "-")
+                for k in shown
+            ],
+        )
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    from segments_service.auth import issue_key
+
+    key = _with_session(settings, lambda s: issue_key(s, _project(s, args.project).id, args.type))
+    print(json.dumps({"key": key, "type": args.type}))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from segments_service.auth import revoke_key, revoke_key_by_id
+    from segments_service.errors import NotFound
+
+    key = _key_argument(args.key)
+    try:
+        key_id = uuid.UUID(key)
+    except ValueError:
+        key_id = None
+    try:
+        project_id = _with_session(
+            settings,
+            lambda s: revoke_key(s, key) if key_id is None else revoke_key_by_id(s, key_id),
+        )
+    except NotFound:
+        raise SystemExit("segments: no live key matches") from None
+    print(json.dumps({"revoked": True, "projectId": str(project_id)}))
+    return 0
+
+
+def _registered_commands(sub: Any) -> None:
+    """Commands of other installed packages (the client's `import` and `export`), found
+    through the `segments.commands` entry point group: each is a function that adds its
+    sub-parsers and sets `handler` (args -> exit status) on them."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="segments.commands"):
+        entry.load()(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="segments", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="PostgreSQL (embedded unless DATABASE_URL), gRPC, Envoy")
     run.add_argument("--replicas", type=int, default=1, help="gRPC server processes")
     serve = sub.add_parser("serve", help="one gRPC server process")
@@ -261,13 +454,42 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--name", required=True)
     rotate = sub.add_parser("rotate-key", help="revoke a key and print its replacement")
     rotate.add_argument("key", help="the key, or - to read it from standard input")
-    revoke = sub.add_parser("revoke-key", help="revoke a key")
+    revoke = sub.add_parser("revoke-key", help="revoke a key (as `keys revoke`)")
     revoke.add_argument("key", help="the key, or - to read it from standard input")
+    projects = sub.add_parser("projects", help="list the projects: id, name, created")
+    projects.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    keys = sub.add_parser("keys", help="list, create and revoke a project's API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    keys_list = keys_sub.add_parser(
+        "list", help="a project's keys (hashed: their first characters)"
+    )
+    keys_list.add_argument("project", metavar="PROJECT", help="the project's id or name")
+    keys_list.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    keys_create = keys_sub.add_parser("create", help='a new key; prints {"key", "type"} as JSON')
+    keys_create.add_argument("project", metavar="PROJECT", help="the project's id or name")
+    keys_create.add_argument("--type", required=True, choices=("secret", "public"))
+    keys_revoke = keys_sub.add_parser("revoke", help="revoke a key")
+    keys_revoke.add_argument(
+        "key",
+        metavar="KEY",
+        help="the key, its id (`keys list`), or - to read it from standard input",
+    )
+    _registered_commands(sub)
     args = parser.parse_args(argv)
     configure_logging()
     if args.command == "run" and args.replicas < 1:
         parser.error("--replicas must be at least 1")
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        return int(handler(args))
     settings = Settings.from_env()
+    if args.command == "keys":
+        keys_commands = {
+            "list": cmd_keys_list,
+            "create": cmd_keys_create,
+            "revoke": cmd_keys_revoke,
+        }
+        return int(keys_commands[args.keys_command](args, settings))
     commands = {
         "run": cmd_run,
         "serve": cmd_serve,
@@ -275,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         "create-project": cmd_create_project,
         "rotate-key": cmd_rotate_key,
         "revoke-key": cmd_revoke_key,
+        "projects": cmd_projects,
     }
     return int(commands[args.command](args, settings))
 
