@@ -624,14 +624,21 @@ def _list_contacts(
 
 
 def _parsed(
-    items: Iterable[Mapping[str, Any]], parse: Callable[[Mapping[str, Any]], _Req], path: str
+    items: Iterable[Mapping[str, Any] | _Req],
+    parse: Callable[[Mapping[str, Any]], _Req],
+    path: str,
+    message: type[_Req],
 ) -> list[_Req]:
-    """Items of a REST body's list as messages; InvalidRequestError names the ones that are not."""
+    """Items of a REST body's list as messages (an item that is already a `message` is taken
+    as it is); InvalidRequestError names the ones that are not."""
     parsed: list[_Req] = []
     violations: list[FieldViolation] = []
     for i, item in enumerate(items):
+        if isinstance(item, message):
+            parsed.append(item)
+            continue
         try:
-            parsed.append(parse(item))
+            parsed.append(parse(item))  # type: ignore[arg-type]  # a Mapping, not a message
         except (json_format.ParseError, TypeError, ValueError) as err:
             violations.append(FieldViolation(f"{path}.{i}", str(err), "invalid"))
     if violations:
@@ -639,13 +646,16 @@ def _parsed(
     return parsed
 
 
-def _batch_upsert(contacts: Iterable[Mapping[str, Any]]) -> contacts_pb2.BatchUpsertContactsRequest:
+def _batch_upsert(
+    contacts: Iterable[Mapping[str, Any] | contacts_pb2.UpsertContactRequest],
+) -> contacts_pb2.BatchUpsertContactsRequest:
     # The REST body's item shape, {email, subscribed?, data?}, parsed as JSON.
     return contacts_pb2.BatchUpsertContactsRequest(
         contacts=_parsed(
             contacts,
             lambda c: json_format.ParseDict(dict(c), contacts_pb2.UpsertContactRequest()),
             "contacts",
+            contacts_pb2.UpsertContactRequest,
         )
     )
 
@@ -675,8 +685,12 @@ def _rfc3339(moment: datetime) -> str:
     return timestamp.ToJsonString()
 
 
-def _ingest(events: Iterable[Mapping[str, Any]]) -> events_pb2.IngestEventsRequest:
-    return events_pb2.IngestEventsRequest(events=_parsed(events, _ingested_event, "events"))
+def _ingest(
+    events: Iterable[Mapping[str, Any] | events_pb2.IngestedEvent],
+) -> events_pb2.IngestEventsRequest:
+    return events_pb2.IngestEventsRequest(
+        events=_parsed(events, _ingested_event, "events", events_pb2.IngestedEvent)
+    )
 
 
 # --- paging ---------------------------------------------------------------------------------
@@ -1121,9 +1135,10 @@ class SegmentsClient(_Client):
         return self._send(_UPSERT_CONTACT, _upsert_contact(email, subscribed, data))
 
     def batch_upsert_contacts(
-        self, contacts: Iterable[Mapping[str, Any]]
+        self, contacts: Iterable[Mapping[str, Any] | contacts_pb2.UpsertContactRequest]
     ) -> contacts_pb2.BatchUpsertContactsResponse:
-        """Upsert up to 1000 {email, subscribed?, data?} contacts, all or nothing."""
+        """Upsert up to 1000 {email, subscribed?, data?} contacts, all or nothing. Items may
+        also be UpsertContactRequest messages (built directly, they skip the JSON parsing)."""
         return self._send(_BATCH_UPSERT_CONTACTS, _batch_upsert(contacts))
 
     def get_contact(self, id: str) -> Contact:
@@ -1189,8 +1204,11 @@ class SegmentsClient(_Client):
         """Record one event for a contact, creating it if needed; needs the PUBLIC key."""
         return self._send(_TRACK, _track(event, email, subscribed, data))
 
-    def ingest_events(self, events: Iterable[Mapping[str, Any]]) -> events_pb2.IngestEventsResponse:
-        """Record up to 1000 {email, event, occurredAt?, data?} events, all or nothing."""
+    def ingest_events(
+        self, events: Iterable[Mapping[str, Any] | events_pb2.IngestedEvent]
+    ) -> events_pb2.IngestEventsResponse:
+        """Record up to 1000 {email, event, occurredAt?, data?} events, all or nothing. Items
+        may also be IngestedEvent messages (built directly, they skip the JSON parsing)."""
         return self._send(_INGEST_EVENTS, _ingest(events))
 
     def _stream(
@@ -1413,7 +1431,7 @@ class AsyncSegmentsClient(_Client):
         return await self._send(_UPSERT_CONTACT, _upsert_contact(email, subscribed, data))
 
     async def batch_upsert_contacts(
-        self, contacts: Iterable[Mapping[str, Any]]
+        self, contacts: Iterable[Mapping[str, Any] | contacts_pb2.UpsertContactRequest]
     ) -> contacts_pb2.BatchUpsertContactsResponse:
         """`SegmentsClient.batch_upsert_contacts` as a coroutine."""
         return await self._send(_BATCH_UPSERT_CONTACTS, _batch_upsert(contacts))
@@ -1476,7 +1494,7 @@ class AsyncSegmentsClient(_Client):
         return await self._send(_TRACK, _track(event, email, subscribed, data))
 
     async def ingest_events(
-        self, events: Iterable[Mapping[str, Any]]
+        self, events: Iterable[Mapping[str, Any] | events_pb2.IngestedEvent]
     ) -> events_pb2.IngestEventsResponse:
         """`SegmentsClient.ingest_events` as a coroutine."""
         return await self._send(_INGEST_EVENTS, _ingest(events))
