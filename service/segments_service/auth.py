@@ -156,12 +156,13 @@ def find_project(session: Session, ref: str) -> Project:
 
 
 def list_keys(session: Session, project_id: uuid.UUID) -> list[KeyInfo]:
-    """The project's keys, live and revoked, oldest first."""
+    """The project's keys, live and revoked, oldest first (of keys made together, as a
+    project's first two are, the secret one first)."""
     k = tables.api_keys.c
     rows = session.execute(
         select(k.id, k.kind, k.key_prefix, k.created_at, k.revoked_at)
         .where(k.project_id == project_id)
-        .order_by(k.created_at, k.id)
+        .order_by(k.created_at, k.kind.desc(), k.id)
     )
     return [KeyInfo(r.id, r.kind, r.key_prefix, r.created_at, r.revoked_at) for r in rows]
 

@@ -474,7 +474,10 @@ def _main(argv: list[str] | None = None) -> int:
         metavar="KEY",
         help="the key, its id (`keys list`), or - to read it from standard input",
     )
-    _registered_commands(sub)
+    words = sys.argv[1:] if argv is None else argv
+    if not words or words[0] not in sub.choices:
+        # Loaded only when asked for (or for the help): they import gRPC and the client.
+        _registered_commands(sub)
     args = parser.parse_args(argv)
     configure_logging()
     if args.command == "run" and args.replicas < 1:

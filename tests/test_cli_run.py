@@ -1,0 +1,155 @@
+"""`segments run` (what `make run` runs) as a terminal runs it: it refuses a port already in
+use before starting anything, and Ctrl-C leaves no process behind, even after its embedded
+PostgreSQL was restarted underneath it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+SEGMENTS = Path(sys.executable).parent / "segments"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # Not under pytest's tmp_path: as root the embedded server runs as another system user,
+    # which must traverse every parent directory (/tmp/pytest-of-root is private).
+    path = Path(tempfile.mkdtemp(prefix="segments-run-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def environment(data_dir: Path, http_port: int, grpc_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(
+        SEGMENTS_DATA_DIR=str(data_dir),
+        HTTP_PORT=str(http_port),
+        GRPC_PORT=str(grpc_port),
+        SEGMENTS_DRAIN_SECONDS="2",
+        LOG_LEVEL="WARNING",
+    )
+    return env
+
+
+def processes_of(data_dir: Path) -> list[str]:
+    """Processes still running that belong to the stack started on `data_dir`: PostgreSQL
+    (its -D), Envoy (its config), the replicas (SEGMENTS_DATA_DIR in their environment)."""
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            mine = str(data_dir) in cmdline
+            if not mine and "segments" in cmdline:
+                mine = proc.environ().get("SEGMENTS_DATA_DIR") == str(data_dir)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if mine and proc.pid != os.getpid():
+            left.append(f"{proc.pid}: {cmdline}")
+    return left
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(data_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run(
+            [str(SEGMENTS), "run"],
+            env=environment(data_dir, http_port=port, grpc_port=free_port()),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"127.0.0.1:{port} (HTTP_PORT) is already in use" in done.stderr
+    assert f"by process {os.getpid()}" in done.stderr
+    assert "HTTP_PORT=8090 make run" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 30
+    # Nothing was started: no database was made.
+    assert not (data_dir / "postgres").exists()
+
+
+def test_the_grpc_port_too(data_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [str(SEGMENTS), "run", "--replicas", "2"],
+            env=environment(data_dir, http_port=free_port(), grpc_port=port - 1),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"127.0.0.1:{port} (GRPC_PORT+1) is already in use" in done.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_nothing_behind(data_dir: Path) -> None:
+    http_port, grpc_port = free_port(), free_port()
+    env = environment(data_dir, http_port, grpc_port)
+    log = data_dir / "run.log"
+    with log.open("w") as out:
+        # A session of its own: Ctrl-C signals the terminal's whole foreground process group.
+        run = subprocess.Popen(
+            [str(SEGMENTS), "run"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "segments ready" not in log.read_text():
+            assert run.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        assert f"embedded PostgreSQL in {data_dir}" in log.read_text()
+
+        # PostgreSQL goes down and another command starts it again underneath the run.
+        pgdata = data_dir / "postgres"
+        first = int((pgdata / "postmaster.pid").read_text().split()[0])
+        os.kill(first, signal.SIGQUIT)
+        psutil.Process(first).wait(30)
+        migrated = subprocess.run(
+            [str(SEGMENTS), "migrate"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert migrated.returncode == 0, migrated.stderr
+        second = int((pgdata / "postmaster.pid").read_text().split()[0])
+        assert second != first and psutil.pid_exists(second)
+
+        os.killpg(run.pid, signal.SIGINT)
+        assert run.wait(60) == 0, log.read_text()
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert "segments stopped" in log.read_text()
+    deadline = time.monotonic() + 15
+    while (left := processes_of(data_dir)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert left == []
+    # The ports are free again.
+    for port in (http_port, grpc_port):
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
