@@ -22,8 +22,11 @@ from segments.client import (
     SegmentsError,
     UnauthenticatedError,
     UnavailableError,
+    delivery_last_error,
+    delivery_next_attempt_at,
     segment_condition,
     segment_description,
+    verify_webhook_signature,
 )
 from segments.conditions import (
     Aggregate,
@@ -64,6 +67,9 @@ __all__ = [
     "UnavailableError",
     "all_of",
     "any_of",
+    "delivery_last_error",
+    "delivery_next_attempt_at",
     "segment_condition",
     "segment_description",
+    "verify_webhook_signature",
 ]
