@@ -109,6 +109,11 @@ def test_document_covers_every_rest_binding() -> None:
         ("DELETE", "/contacts/{id}"),
         ("POST", "/v1/track"),
         ("POST", "/events/batch"),
+        ("POST", "/webhooks"),
+        ("GET", "/webhooks"),
+        ("GET", "/webhooks/{id}"),
+        ("DELETE", "/webhooks/{id}"),
+        ("GET", "/webhooks/{id}/deliveries"),
         ("GET", "/openapi.json"),
     }
     assert set(operations["POST", "/segments"]["responses"]) >= {"201", "400", "401", "429"}
@@ -116,6 +121,8 @@ def test_document_covers_every_rest_binding() -> None:
     assert "204" in operations["DELETE", "/segments/{id}"]["responses"]
     assert "409" in operations["DELETE", "/segments/{id}"]["responses"]
     assert "204" in operations["DELETE", "/contacts/{id}"]["responses"]
+    assert "201" in operations["POST", "/webhooks"]["responses"]
+    assert "204" in operations["DELETE", "/webhooks/{id}"]["responses"]
     assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     segment = document["components"]["schemas"]["Segment"]["properties"]
     assert segment["createdAt"]["format"] == "date-time"

@@ -111,13 +111,12 @@ def _segment_ids(session: Session, project_id: uuid.UUID, raw: Sequence[str]) ->
             violations.append(FieldViolation(f"segmentIds.{i}", "is not a segment id"))
     if ids:
         s = tables.segments.c
-        tracked = dict(
-            session.execute(
-                select(s.id, s.track_membership).where(
-                    s.project_id == project_id, s.id == tables.any_uuid(ids)
-                )
-            ).tuples()
+        rows = session.execute(
+            select(s.id, s.track_membership).where(
+                s.project_id == project_id, s.id == tables.any_uuid(ids)
+            )
         )
+        tracked = {r.id: r.track_membership for r in rows}
         for segment_id, i in ids.items():
             if segment_id not in tracked:
                 violations.append(

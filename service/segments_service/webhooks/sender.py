@@ -65,12 +65,14 @@ def address_problem(raw: str, allow_private: bool) -> str | None:
             return problem
     if ip.is_link_local:
         return f"{raw} is a link-local address"
+    if ip.is_loopback:
+        if allow_private:
+            return None
+        return f"{raw} is a loopback address (SEGMENTS_WEBHOOK_ALLOW_PRIVATE=1 allows it)"
     if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
         return f"{raw} is not a unicast address"
     if allow_private:
         return None
-    if ip.is_loopback:
-        return f"{raw} is a loopback address (SEGMENTS_WEBHOOK_ALLOW_PRIVATE=1 allows it)"
     if not ip.is_global:
         return f"{raw} is a private address (SEGMENTS_WEBHOOK_ALLOW_PRIVATE=1 allows it)"
     return None
