@@ -51,8 +51,8 @@ SUCCESS_STATUSES: dict[str, tuple[str, ...]] = {
     "UpsertContact": ("201", "200"),
     "CreateWebhook": ("201",),
 }
-# Methods that can answer 409 (SEGMENT_IN_USE).
-CONFLICT_METHODS = {"DeleteSegment"}
+# Methods that can answer 409 (SEGMENT_IN_USE; ALREADY_EXISTS for an email taken).
+CONFLICT_METHODS = {"DeleteSegment", "UpdateContact"}
 SUCCESS_DESCRIPTIONS = {
     "201": "Created",
     "200": "OK",
@@ -72,6 +72,7 @@ VALUE_SCHEMAS: dict[str, Schema] = {
         "format": "date-time",
         "nullable": True,
     },
+    f"{PACKAGE}.ListContactsResponse.cursor": {"type": "string", "nullable": True},
     f"{PACKAGE}.Filter.value": {
         "anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}],
         "description": "A JSON scalar; for window operators the number of units.",
@@ -123,6 +124,15 @@ REQUEST_EXAMPLES: dict[str, Any] = {
         "subscribed": True,
     },
     "RemoveSegmentMembers": {"emails": ["ada@example.com"]},
+    "PreviewSegment": {
+        "condition": {
+            "logic": "AND",
+            "groups": [
+                {"filters": [{"field": "data.plan", "operator": "equals", "value": "premium"}]}
+            ],
+        }
+    },
+    "UpdateContact": {"email": "ada.lovelace@example.com", "data": {"plan": "pro", "seats": None}},
     "UpsertContact": {
         "email": "ada@example.com",
         "subscribed": True,

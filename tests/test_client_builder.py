@@ -170,7 +170,7 @@ FILTERS: list[tuple[Expression, dict[str, Any], str]] = [
         flt(f"segment.{SEGMENT_ID}", "notMemberOfSegment"),
         f"F.segment('{SEGMENT_ID}').not_member()",
     ),
-    # --- the value operators of SPEC §8 --------------------------------------------------
+    # --- the value operators of README's Filters --------------------------------------------------
     (
         F.email.in_(["ann@acme.com", "bob@acme.com"]),
         flt("email", "in", ["ann@acme.com", "bob@acme.com"]),
@@ -1029,11 +1029,11 @@ def test_segments_take_built_conditions(client: SegmentsClient) -> None:
     assert client.update_segment(segment.id, condition=narrower).member_count == 1
 
 
-# --- the filter language of SPEC §8, through a real server --------------------------------
+# --- the extended filter language, through a real server --------------------------------
 
 
 def seed_language(client: SegmentsClient) -> None:
-    """Five contacts and their events for the tests of SPEC §8, relative to now."""
+    """Five contacts and their events for the tests of the extended language, relative to now."""
     now = datetime.now(UTC)
     client.batch_upsert_contacts(
         [

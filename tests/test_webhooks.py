@@ -632,7 +632,7 @@ def test_localhost_is_refused_without_the_flag_and_delivered_with_it(
         with delivering(database_url, project, settings=FAST) as worker:
             # The retry is due in about 5 s; the same event then arrives.
             receiver.wait_for(1, timeout=15)
-            assert worker.stats.delivered == 1
+            wait_until(lambda: worker.stats.delivered == 1, what="the delivery's record")
     assert receiver.events()[0]["email"] == "ada@example.com"
 
 

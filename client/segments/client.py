@@ -37,11 +37,14 @@ from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb
 __all__ = [
     "NO_RETRY",
     "AlreadyExistsError",
+    "AsyncContactListPager",
     "AsyncContactPager",
     "AsyncSegmentsClient",
     "Condition",
+    "ContactListPager",
     "ContactPager",
     "DeadlineExceededError",
+    "Explanation",
     "FailedPreconditionError",
     "FieldViolation",
     "InvalidArgumentError",
@@ -54,6 +57,7 @@ __all__ = [
     "SegmentsError",
     "UnauthenticatedError",
     "UnavailableError",
+    "contacts_cursor",
     "delivery_last_error",
     "delivery_next_attempt_at",
     "segment_condition",
@@ -263,6 +267,13 @@ def segment_description(segment: Segment) -> str | None:
     return segment.description.string_value
 
 
+def contacts_cursor(page: contacts_pb2.ListContactsResponse) -> str | None:
+    """The cursor of the page after `page` (ListContacts), or None after the last one."""
+    if page.cursor.WhichOneof("kind") != "string_value":
+        return None
+    return page.cursor.string_value
+
+
 def delivery_last_error(delivery: WebhookDelivery) -> str | None:
     """Why the delivery's last attempt failed, or None."""
     if delivery.last_error.WhichOneof("kind") != "string_value":
@@ -395,6 +406,24 @@ _COUNT_MATCHING_CONTACTS = _rpc(
     segments_pb2.CountMatchingContactsRequest,
     segments_pb2.CountMatchingContactsResponse,
 )
+_LIST_SEGMENT_EVENTS = _rpc(
+    _SEGMENTS,
+    "ListSegmentEvents",
+    segments_pb2.ListSegmentEventsRequest,
+    segments_pb2.ListSegmentEventsResponse,
+)
+_GET_SEGMENT_HISTORY = _rpc(
+    _SEGMENTS,
+    "GetSegmentHistory",
+    segments_pb2.GetSegmentHistoryRequest,
+    segments_pb2.GetSegmentHistoryResponse,
+)
+_EXPLAIN_MEMBERSHIP = _rpc(
+    _SEGMENTS,
+    "ExplainMembership",
+    segments_pb2.ExplainMembershipRequest,
+    segments_pb2.ExplainMembershipResponse,
+)
 _UPSERT_CONTACT = _rpc(_CONTACTS, "UpsertContact", contacts_pb2.UpsertContactRequest, Contact)
 _BATCH_UPSERT_CONTACTS = _rpc(
     _CONTACTS,
@@ -426,6 +455,23 @@ _LIST_WEBHOOK_DELIVERIES = _rpc(
     "ListWebhookDeliveries",
     webhooks_pb2.ListWebhookDeliveriesRequest,
     webhooks_pb2.ListWebhookDeliveriesResponse,
+)
+_LIST_CONTACTS = _rpc(
+    _CONTACTS, "ListContacts", contacts_pb2.ListContactsRequest, contacts_pb2.ListContactsResponse
+)
+# Sending the same change twice leaves the contact as sending it once.
+_UPDATE_CONTACT = _rpc(_CONTACTS, "UpdateContact", contacts_pb2.UpdateContactRequest, Contact)
+_LIST_CONTACT_SEGMENTS = _rpc(
+    _CONTACTS,
+    "ListContactSegments",
+    contacts_pb2.ListContactSegmentsRequest,
+    contacts_pb2.ListContactSegmentsResponse,
+)
+_PREVIEW_SEGMENT = _rpc(
+    _SEGMENTS,
+    "PreviewSegment",
+    segments_pb2.PreviewSegmentRequest,
+    segments_pb2.PreviewSegmentResponse,
 )
 _TRACK = _rpc(_EVENTS, "Track", events_pb2.TrackRequest, events_pb2.TrackResponse, idempotent=False)
 _INGEST_EVENTS = _rpc(
@@ -562,6 +608,18 @@ class _ConditionReader:
                 self._fail(f"{path}.value", description, "invalid_type")
 
 
+def _history_request(
+    segment_id: str, interval: str, start: datetime | None, end: datetime | None
+) -> segments_pb2.GetSegmentHistoryRequest:
+    request = segments_pb2.GetSegmentHistoryRequest(id=segment_id, interval=interval)
+    for name, moment in (("from", start), ("to", end)):
+        if moment is not None:
+            if moment.tzinfo is None:
+                raise ValueError(f"{name} must be an aware datetime")
+            setattr(request, name, moment.isoformat())
+    return request
+
+
 def _struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
     if data is None:
         return None
@@ -615,6 +673,22 @@ def _upsert_contact(
     email: str, subscribed: bool | None, data: Mapping[str, Any] | None
 ) -> contacts_pb2.UpsertContactRequest:
     return contacts_pb2.UpsertContactRequest(email=email, subscribed=subscribed, data=_struct(data))
+
+
+def _update_contact(
+    id: str, email: str | None, subscribed: bool | None, data: Mapping[str, Any] | None
+) -> contacts_pb2.UpdateContactRequest:
+    return contacts_pb2.UpdateContactRequest(
+        id=id, email=email, subscribed=subscribed, data=_struct(data)
+    )
+
+
+def _list_contacts(
+    limit: int, cursor: str | None, search: str, subscribed: bool | None
+) -> contacts_pb2.ListContactsRequest:
+    return contacts_pb2.ListContactsRequest(
+        limit=limit, cursor=cursor or "", search=search, subscribed=subscribed
+    )
 
 
 def _parsed(
@@ -789,6 +863,110 @@ class AsyncContactPager:
                 yield contact
 
 
+_ContactsPage = contacts_pb2.ListContactsResponse
+
+
+class _CursorWalk:
+    """The walk over ListContacts pages both cursor pagers share: the cursor of the next page
+    (keyset pages: a contact inserted meanwhile never shifts the others, so nothing comes
+    twice and nothing that was there is skipped)."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.cursor: str | None = None
+        #: Contacts matching the filters, counted by the first page (None before it).
+        self.total: int | None = None
+
+    @property
+    def more(self) -> bool:
+        return not self.started or self.cursor is not None
+
+    def take(self, page: _ContactsPage) -> None:
+        if not self.started:
+            self.total = page.total
+        self.started = True
+        self.cursor = contacts_cursor(page)
+
+
+class ContactListPager:
+    """Every contact of the project that the filters select, newest first, fetched a page at
+    a time as the iteration reaches it (as ContactPager does for a segment's members).
+    Iterate for the contacts, or over `pages` for the responses; `total` is known once the
+    first page is read. One walk per pager."""
+
+    def __init__(self, fetch: Callable[[str | None], _ContactsPage]) -> None:
+        self._fetch = fetch
+        self._walk = _CursorWalk()
+        self._iterated = False
+
+    @property
+    def total(self) -> int | None:
+        return self._walk.total
+
+    @property
+    def pages(self) -> Iterator[_ContactsPage]:
+        if self._iterated:
+            raise RuntimeError("this pager has been iterated already; ask the client for another")
+        self._iterated = True
+        return self._pages()
+
+    def _pages(self) -> Iterator[_ContactsPage]:
+        while self._walk.more:
+            page = self._fetch(self._walk.cursor)
+            self._walk.take(page)
+            yield page
+
+    def __iter__(self) -> Iterator[Contact]:
+        for page in self.pages:
+            yield from page.data
+
+
+class AsyncContactListPager:
+    """ContactListPager for the asyncio client: `async for contact in pager`, or over `pages`."""
+
+    def __init__(self, fetch: Callable[[str | None], Awaitable[_ContactsPage]]) -> None:
+        self._fetch = fetch
+        self._walk = _CursorWalk()
+        self._iterated = False
+
+    @property
+    def total(self) -> int | None:
+        return self._walk.total
+
+    @property
+    def pages(self) -> AsyncIterator[_ContactsPage]:
+        if self._iterated:
+            raise RuntimeError("this pager has been iterated already; ask the client for another")
+        self._iterated = True
+        return self._pages()
+
+    async def _pages(self) -> AsyncIterator[_ContactsPage]:
+        while self._walk.more:
+            page = await self._fetch(self._walk.cursor)
+            self._walk.take(page)
+            yield page
+
+    async def __aiter__(self) -> AsyncIterator[Contact]:
+        async for page in self.pages:
+            for contact in page.data:
+                yield contact
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why a contact is or is not a member of a segment now (explain_membership)."""
+
+    member: bool
+    # The segment's condition as JSON, with `matched: True/False` on every filter, group
+    # and condition; None for a STATIC segment.
+    condition: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, response: segments_pb2.ExplainMembershipResponse) -> Explanation:
+        condition = json_format.MessageToDict(response.condition)
+        return cls(response.member, condition if isinstance(condition, dict) else None)
+
+
 # --- the clients ----------------------------------------------------------------------------
 
 
@@ -924,6 +1102,38 @@ class SegmentsClient(_Client):
         request = segments_pb2.CountMatchingContactsRequest(condition=_condition(condition))
         return self._send(_COUNT_MATCHING_CONTACTS, request).count
 
+    def preview_segment(self, condition: Condition) -> segments_pb2.PreviewSegmentResponse:
+        """How many contacts `condition` selects now (`member_count`) and up to 10 of them,
+        newest first (`sample`); nothing is stored."""
+        request = segments_pb2.PreviewSegmentRequest(condition=_condition(condition))
+        return self._send(_PREVIEW_SEGMENT, request)
+
+    def explain_membership(self, segment_id: str, contact_id: str) -> Explanation:
+        """Why the contact is or is not a member now: the condition, each part `matched`."""
+        request = segments_pb2.ExplainMembershipRequest(id=segment_id, contact_id=contact_id)
+        return Explanation.of(self._send(_EXPLAIN_MEMBERSHIP, request))
+
+    def list_segment_events(
+        self, segment_id: str, *, after: str = "", limit: int = 0
+    ) -> segments_pb2.ListSegmentEventsResponse:
+        """A page of a tracked segment's entries and exits after the cursor `after` (""
+        from the oldest), oldest first; the next page starts after `next_cursor`."""
+        request = segments_pb2.ListSegmentEventsRequest(id=segment_id, after=after, limit=limit)
+        return self._send(_LIST_SEGMENT_EVENTS, request)
+
+    def segment_history(
+        self,
+        segment_id: str,
+        *,
+        interval: str = "day",
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> list[segments_pb2.SegmentHistoryBucket]:
+        """A tracked segment's entries, exits and size per UTC hour or day, from the bucket
+        holding `start` to the one holding `end` (defaults: the service's)."""
+        request = _history_request(segment_id, interval, start, end)
+        return list(self._send(_GET_SEGMENT_HISTORY, request).data)
+
     def update_segment(
         self,
         id: str,
@@ -999,6 +1209,50 @@ class SegmentsClient(_Client):
     def delete_contact(self, id: str) -> None:
         """Delete a contact with its events and memberships."""
         self._send(_DELETE_CONTACT, contacts_pb2.DeleteContactRequest(id=id))
+
+    def update_contact(
+        self,
+        id: str,
+        *,
+        email: str | None = None,
+        subscribed: bool | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> Contact:
+        """Change the given fields of a contact and keep the others; `data` is merged key by
+        key, a None value removes a key. AlreadyExistsError when `email` is another
+        contact's."""
+        return self._send(_UPDATE_CONTACT, _update_contact(id, email, subscribed, data))
+
+    def list_contacts(
+        self,
+        *,
+        limit: int = 20,
+        cursor: str | None = None,
+        search: str = "",
+        subscribed: bool | None = None,
+    ) -> contacts_pb2.ListContactsResponse:
+        """One page (at most 100) of the project's contacts, newest first: those whose email
+        contains `search` (any case) and, unless None, whose subscription is `subscribed`.
+        Pass `contacts_cursor(page)` as `cursor` for the next page; `total` is counted on
+        the first page only."""
+        return self._send(_LIST_CONTACTS, _list_contacts(limit, cursor, search, subscribed))
+
+    def iter_contacts(
+        self, *, search: str = "", subscribed: bool | None = None, page_size: int = MAX_PAGE_SIZE
+    ) -> ContactListPager:
+        """Every contact list_contacts selects, fetched page by page as the iteration reaches
+        it: `for contact in client.iter_contacts(search="@acme.com"): ...`."""
+        size = _page_size(page_size)
+        return ContactListPager(
+            lambda cursor: self.list_contacts(
+                limit=size, cursor=cursor, search=search, subscribed=subscribed
+            )
+        )
+
+    def list_contact_segments(self, id: str) -> list[contacts_pb2.ContactSegment]:
+        """The segments (id, name, type) the contact is a member of now, newest first."""
+        request = contacts_pb2.ListContactSegmentsRequest(id=id)
+        return list(self._send(_LIST_CONTACT_SEGMENTS, request).segments)
 
     def track(
         self,
@@ -1164,6 +1418,35 @@ class AsyncSegmentsClient(_Client):
         response = await self._send(_COUNT_MATCHING_CONTACTS, request)
         return response.count
 
+    async def preview_segment(self, condition: Condition) -> segments_pb2.PreviewSegmentResponse:
+        """`SegmentsClient.preview_segment` as a coroutine."""
+        request = segments_pb2.PreviewSegmentRequest(condition=_condition(condition))
+        return await self._send(_PREVIEW_SEGMENT, request)
+
+    async def explain_membership(self, segment_id: str, contact_id: str) -> Explanation:
+        """`SegmentsClient.explain_membership` as a coroutine."""
+        request = segments_pb2.ExplainMembershipRequest(id=segment_id, contact_id=contact_id)
+        return Explanation.of(await self._send(_EXPLAIN_MEMBERSHIP, request))
+
+    async def list_segment_events(
+        self, segment_id: str, *, after: str = "", limit: int = 0
+    ) -> segments_pb2.ListSegmentEventsResponse:
+        """`SegmentsClient.list_segment_events` as a coroutine."""
+        request = segments_pb2.ListSegmentEventsRequest(id=segment_id, after=after, limit=limit)
+        return await self._send(_LIST_SEGMENT_EVENTS, request)
+
+    async def segment_history(
+        self,
+        segment_id: str,
+        *,
+        interval: str = "day",
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> list[segments_pb2.SegmentHistoryBucket]:
+        """`SegmentsClient.segment_history` as a coroutine."""
+        request = _history_request(segment_id, interval, start, end)
+        return list((await self._send(_GET_SEGMENT_HISTORY, request)).data)
+
     async def update_segment(
         self,
         id: str,
@@ -1242,6 +1525,44 @@ class AsyncSegmentsClient(_Client):
     async def delete_contact(self, id: str) -> None:
         """`SegmentsClient.delete_contact` as a coroutine."""
         await self._send(_DELETE_CONTACT, contacts_pb2.DeleteContactRequest(id=id))
+
+    async def update_contact(
+        self,
+        id: str,
+        *,
+        email: str | None = None,
+        subscribed: bool | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> Contact:
+        """`SegmentsClient.update_contact` as a coroutine."""
+        return await self._send(_UPDATE_CONTACT, _update_contact(id, email, subscribed, data))
+
+    async def list_contacts(
+        self,
+        *,
+        limit: int = 20,
+        cursor: str | None = None,
+        search: str = "",
+        subscribed: bool | None = None,
+    ) -> contacts_pb2.ListContactsResponse:
+        """`SegmentsClient.list_contacts` as a coroutine."""
+        return await self._send(_LIST_CONTACTS, _list_contacts(limit, cursor, search, subscribed))
+
+    def iter_contacts(
+        self, *, search: str = "", subscribed: bool | None = None, page_size: int = MAX_PAGE_SIZE
+    ) -> AsyncContactListPager:
+        """`SegmentsClient.iter_contacts` as an async iterator."""
+        size = _page_size(page_size)
+        return AsyncContactListPager(
+            lambda cursor: self.list_contacts(
+                limit=size, cursor=cursor, search=search, subscribed=subscribed
+            )
+        )
+
+    async def list_contact_segments(self, id: str) -> list[contacts_pb2.ContactSegment]:
+        """`SegmentsClient.list_contact_segments` as a coroutine."""
+        request = contacts_pb2.ListContactSegmentsRequest(id=id)
+        return list((await self._send(_LIST_CONTACT_SEGMENTS, request)).segments)
 
     async def track(
         self,

@@ -26,14 +26,27 @@ from segments_api.v1 import (
     webhooks_pb2,
     webhooks_pb2_grpc,
 )
-from segments_service import contacts, events, feed, members, segments, streams, webhooks
+from segments_service import (
+    contacts,
+    events,
+    explain,
+    feed,
+    history,
+    members,
+    membership,
+    segments,
+    streams,
+    webhooks,
+)
 from segments_service.auth import Caller
 from segments_service.contacts import ContactWrite, check_json, require_email
 from segments_service.convert import (
     condition_to_json,
     contact_to_proto,
     from_timestamp,
+    ordered_condition,
     parse_id,
+    py_to_value,
     require_type,
     segment_to_proto,
     struct_to_dict,
@@ -302,6 +315,91 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
 
         return await self.runner.unary(context, work, evaluates=True)
 
+    async def PreviewSegment(
+        self, request: segments_pb2.PreviewSegmentRequest, context: Context
+    ) -> segments_pb2.PreviewSegmentResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.PreviewSegmentResponse, None]:
+            condition = (
+                condition_to_json(request.condition) if request.HasField("condition") else None
+            )
+            found = segments.preview(session, caller.project_id, condition)
+            return segments_pb2.PreviewSegmentResponse(
+                member_count=found.member_count,
+                sample=[contact_to_proto(r) for r in found.sample],
+            ), None
+
+        return await self.runner.unary(context, work, evaluates=True)
+
+    async def ListSegmentEvents(
+        self, request: segments_pb2.ListSegmentEventsRequest, context: Context
+    ) -> segments_pb2.ListSegmentEventsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.ListSegmentEventsResponse, None]:
+            segment_id = parse_id(request.id, "segment")
+            page = history.feed_page(
+                session, caller.project_id, segment_id, request.after, request.limit
+            )
+            return segments_pb2.ListSegmentEventsResponse(
+                data=[
+                    segments_pb2.SegmentFeedEvent(
+                        cursor=str(e.cursor),
+                        type=e.type,
+                        contact_id=str(e.contact_id),
+                        email=e.email,
+                        occurred_at=timestamp(e.occurred_at),
+                    )
+                    for e in page.entries
+                ],
+                next_cursor=str(page.next_cursor),
+            ), None
+
+        return await self.runner.unary(context, work)
+
+    async def GetSegmentHistory(
+        self, request: segments_pb2.GetSegmentHistoryRequest, context: Context
+    ) -> segments_pb2.GetSegmentHistoryResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.GetSegmentHistoryResponse, None]:
+            segment_id = parse_id(request.id, "segment")
+            buckets = history.history(
+                session,
+                caller.project_id,
+                segment_id,
+                request.interval,
+                getattr(request, "from"),
+                request.to,
+                membership.db_now(session),
+            )
+            return segments_pb2.GetSegmentHistoryResponse(
+                data=[
+                    segments_pb2.SegmentHistoryBucket(
+                        start=timestamp(b.start), entries=b.entries, exits=b.exits, size=b.size
+                    )
+                    for b in buckets
+                ]
+            ), None
+
+        return await self.runner.unary(context, work)
+
+    async def ExplainMembership(
+        self, request: segments_pb2.ExplainMembershipRequest, context: Context
+    ) -> segments_pb2.ExplainMembershipResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.ExplainMembershipResponse, None]:
+            segment_id = parse_id(request.id, "segment")
+            contact_id = parse_id(request.contact_id, "contact")
+            found = explain.explain(session, caller.project_id, segment_id, contact_id)
+            return segments_pb2.ExplainMembershipResponse(
+                member=found.member, condition=py_to_value(ordered_condition(found.condition))
+            ), None
+
+        return await self.runner.unary(context, work, evaluates=True)
+
 
 def _segment_event(event: feed.FeedEvent) -> segments_pb2.SegmentEvent:
     return segments_pb2.SegmentEvent(
@@ -391,6 +489,68 @@ class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
         def work(session: Session, caller: Caller) -> tuple[empty_pb2.Empty, int]:
             contacts.delete_contact(session, caller.project_id, parse_id(request.id, "contact"))
             return empty_pb2.Empty(), NO_CONTENT
+
+        return await self.runner.unary(context, work)
+
+    async def ListContacts(
+        self, request: contacts_pb2.ListContactsRequest, context: Context
+    ) -> contacts_pb2.ListContactsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[contacts_pb2.ListContactsResponse, None]:
+            page = contacts.list_contacts(
+                session,
+                caller.project_id,
+                limit=request.limit,
+                cursor=request.cursor,
+                search=request.search,
+                subscribed=request.subscribed if request.HasField("subscribed") else None,
+            )
+            return contacts_pb2.ListContactsResponse(
+                data=[contact_to_proto(r) for r in page.rows],
+                cursor=py_to_value(page.cursor),
+                has_more=page.cursor is not None,
+                total=page.total or 0,
+            ), None
+
+        return await self.runner.unary(context, work)
+
+    async def UpdateContact(
+        self, request: contacts_pb2.UpdateContactRequest, context: Context
+    ) -> resources_pb2.Contact:
+        def work(session: Session, caller: Caller) -> tuple[resources_pb2.Contact, None]:
+            contact_id = parse_id(request.id, "contact")
+            email = require_email(request.email, "email") if request.HasField("email") else None
+            data = struct_to_dict(request.data) if request.HasField("data") else {}
+            _raise(check_json(data, "data"))
+            row = contacts.update_contact(
+                session,
+                caller.project_id,
+                contact_id,
+                email=email,
+                subscribed=request.subscribed if request.HasField("subscribed") else None,
+                patch=data,
+            )
+            return contact_to_proto(row), None
+
+        return await self.runner.unary(context, work)
+
+    async def ListContactSegments(
+        self, request: contacts_pb2.ListContactSegmentsRequest, context: Context
+    ) -> contacts_pb2.ListContactSegmentsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[contacts_pb2.ListContactSegmentsResponse, None]:
+            contact_id = parse_id(request.id, "contact")
+            rows = contacts.contact_segments(session, caller.project_id, contact_id)
+            return contacts_pb2.ListContactSegmentsResponse(
+                segments=[
+                    contacts_pb2.ContactSegment(
+                        id=str(r.id), name=r.name, type=resources_pb2.Segment.Type.Value(r.type)
+                    )
+                    for r in rows
+                ]
+            ), None
 
         return await self.runner.unary(context, work)
 

@@ -187,7 +187,7 @@ feed_positions = Table(
     Column("last_seq", BigInteger, nullable=False),
 )
 
-# Webhooks and their outbox, filled from the feed (webhooks/; migration 0014).
+# Webhooks and their outbox, filled from the feed (webhooks/; migration 0016).
 webhooks = Table(
     "webhooks",
     metadata,

@@ -10,14 +10,14 @@ webhook keeps its row (deleted_at) until a worker has removed its deliveries in 
 
 The secret is kept as created, since signing needs it; no API returns it after creation.
 
-Revision ID: 0014
-Revises: 0013
+Revision ID: 0016
+Revises: 0015
 """
 
 from alembic import op
 
-revision = "0014"
-down_revision = "0013"
+revision = "0016"
+down_revision = "0015"
 
 UPGRADE = """
 CREATE TABLE webhooks (
