@@ -4,6 +4,7 @@ from two replicas at once, and never to forbidden addresses)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -23,6 +24,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments import (
+    AsyncSegmentsClient,
     InvalidArgumentError,
     NotFoundError,
     SegmentsClient,
@@ -772,3 +774,60 @@ def test_two_replicas_deliver_each_event_once(
             r.close()
     for r in receivers:
         assert [e["id"] for e in r.events()] == expected  # each once, in feed order
+
+
+def test_a_project_with_dead_receivers_does_not_hold_up_another(
+    database_url: str, target: str, sessions: sessionmaker[Session]
+) -> None:
+    """Two threads, at most one per project: A's webhooks to a receiver that never answers
+    in time take one thread each attempt, B's deliveries go on at once on the other."""
+    slow, quick = new_project(sessions, "slow"), new_project(sessions, "quick")
+    hanging = Receiver(delay=3.0)
+    fast = Receiver()
+    settings = WebhookSettings(
+        allow_private=True,
+        workers=2,
+        project_workers=1,
+        poll_seconds=0.1,
+        timeout=1.0,
+        retry_first=0.2,
+        retry_longest=0.2,
+    )
+    try:
+        with (
+            SegmentsClient(target, slow.secret_key) as cs,
+            SegmentsClient(target, quick.secret_key) as cq,
+            delivering(database_url, slow, quick, settings=settings),
+        ):
+            tracked_segment(cs)
+            for _ in range(3):
+                cs.create_webhook(hanging.url)
+            tracked_segment(cq)
+            cq.create_webhook(fast.url)
+            enter(cs, *(f"s{i}@example.com" for i in range(5)))
+            hanging.wait_for(1)
+            latencies = []
+            for i in range(5):
+                sent = time.monotonic()
+                enter(cq, f"q{i}@example.com")
+                fast.wait_for(i + 1)
+                latencies.append(time.monotonic() - sent)
+    finally:
+        hanging.close()
+        fast.close()
+    assert max(latencies) < 1.0, latencies
+
+
+def test_the_async_client(target: str, project: Project) -> None:
+    async def scenario() -> None:
+        async with AsyncSegmentsClient(target, project.secret_key) as client:
+            created = await client.create_webhook("https://example.com/async")
+            assert created.secret.startswith("whsec_")
+            assert [w.id for w in await client.list_webhooks()] == [created.id]
+            assert (await client.get_webhook(created.id)).url == "https://example.com/async"
+            assert await client.list_webhook_deliveries(created.id, limit=5) == []
+            await client.delete_webhook(created.id)
+            with pytest.raises(NotFoundError):
+                await client.get_webhook(created.id)
+
+    asyncio.run(scenario())
