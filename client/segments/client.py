@@ -1285,7 +1285,7 @@ class SegmentsClient(_Client):
         return self._send(_GET_WEBHOOK, webhooks_pb2.GetWebhookRequest(id=id))
 
     def delete_webhook(self, id: str) -> None:
-        """Delete a webhook: none of its deliveries starts afterwards."""
+        """Delete a webhook: its deliveries stop within a moment."""
         self._send(_DELETE_WEBHOOK, webhooks_pb2.DeleteWebhookRequest(id=id))
 
     def list_webhook_deliveries(self, id: str, *, limit: int = 20) -> list[WebhookDelivery]:
@@ -1598,7 +1598,7 @@ class AsyncSegmentsClient(_Client):
         return await self._send(_GET_WEBHOOK, webhooks_pb2.GetWebhookRequest(id=id))
 
     async def delete_webhook(self, id: str) -> None:
-        """Delete a webhook: none of its deliveries starts afterwards."""
+        """Delete a webhook: its deliveries stop within a moment."""
         await self._send(_DELETE_WEBHOOK, webhooks_pb2.DeleteWebhookRequest(id=id))
 
     async def list_webhook_deliveries(self, id: str, *, limit: int = 20) -> list[WebhookDelivery]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -237,8 +238,8 @@ _DELIVERED = text(
         UPDATE webhook_deliveries
         SET status = 'DELIVERED', attempts = attempts + 1, next_attempt_at = NULL,
             finished_at = now()
-        WHERE project_id = :project_id AND webhook_id = :id AND feed_seq = :seq
-          AND status = 'PENDING'
+        WHERE project_id = :project_id AND webhook_id = :id
+          AND feed_seq = ANY(CAST(:seqs AS bigint[])) AND status = 'PENDING'
         RETURNING 1
     )
     UPDATE webhooks SET pending = pending - (SELECT count(*) FROM done)
@@ -272,10 +273,10 @@ _FAILED = text(
 )
 
 
-def record_delivered(session: Session, key: WebhookKey, feed_seq: int) -> bool:
-    """Marks a delivery DELIVERED; answers whether the webhook still exists."""
+def record_delivered(session: Session, key: WebhookKey, feed_seqs: Sequence[int]) -> bool:
+    """Marks deliveries DELIVERED; answers whether the webhook still exists."""
     row = session.execute(
-        _DELIVERED, {"project_id": key.project_id, "id": key.id, "seq": feed_seq}
+        _DELIVERED, {"project_id": key.project_id, "id": key.id, "seqs": list(feed_seqs)}
     ).first()
     return bool(row is not None and row.live)
 

@@ -214,8 +214,9 @@ def get_webhook(session: Session, project_id: uuid.UUID, webhook_id: uuid.UUID) 
 
 
 def delete_webhook(session: Session, project_id: uuid.UUID, webhook_id: uuid.UUID) -> None:
-    """Hides the webhook at once; no delivery of it starts after this commits. A worker
-    removes its deliveries afterwards, in slices (worker.py)."""
+    """Hides the webhook at once; a worker delivering it stops at its next record (at most
+    RECORD_BATCH deliveries or RECORD_SECONDS later, worker.py), and removes its deliveries
+    afterwards, in slices."""
     w = tables.webhooks.c
     deleted = session.execute(
         update(tables.webhooks)

@@ -17,9 +17,12 @@ the outbox, then attempts the oldest PENDING deliveries in feed order until one 
 (it is retried after a backoff: the later ones wait behind it), nothing is due, or the
 turn's slice (SLICE_EVENTS, SLICE_SECONDS) is used up.
 
-A delivery is marked DELIVERED in the transaction after its 2xx: an event is POSTed twice
-only when a server stops between the receiver's answer and that commit (or loses its
-database connection meanwhile): at least once, and once in the normal case.
+Deliveries are marked DELIVERED after their 2xx, up to RECORD_BATCH of them together (at
+most RECORD_SECONDS later), and always before the turn ends or the webhook's next
+deliveries are read: an event is POSTed twice only when a server dies between the
+receiver's answer and that commit (at most RECORD_BATCH events), or loses its database
+connection meanwhile. At least once, and once in the normal case (a SIGTERM lets the
+turn finish and record).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -53,6 +56,10 @@ SLICE_EVENTS = 200
 SLICE_SECONDS = 5.0
 # PENDING deliveries read at once, in feed order.
 ATTEMPT_BATCH = 50
+# Deliveries made are marked DELIVERED together, this many or after this long at most: a
+# transaction per delivery would bound a webhook to a few hundred a second.
+RECORD_BATCH = 20
+RECORD_SECONDS = 0.1
 # PENDING deliveries a webhook may have copied ahead of its next attempt; the feed holds
 # the rest of a backlog.
 READ_AHEAD = 1000
@@ -81,6 +88,30 @@ def round_robin(due: Sequence[Due]) -> list[Due]:
         ordered.extend(q.pop(0) for q in queues)
         queues = [q for q in queues if q]
     return ordered
+
+
+@dataclass
+class Unrecorded:
+    """Deliveries made and not yet marked DELIVERED."""
+
+    seqs: list[int] = field(default_factory=list)
+    since: float = 0.0
+
+    def add(self, feed_seq: int) -> None:
+        if not self.seqs:
+            self.since = time.monotonic()
+        self.seqs.append(feed_seq)
+
+    def due(self) -> bool:
+        return len(self.seqs) >= RECORD_BATCH or time.monotonic() - self.since >= RECORD_SECONDS
+
+    def flush(self, session: Session, key: WebhookKey) -> bool:
+        """Marks them DELIVERED in `session`; answers whether the webhook still exists."""
+        if not self.seqs:
+            return True
+        live = outbox.record_delivered(session, key, self.seqs)
+        self.seqs = []
+        return live
 
 
 @dataclass
@@ -225,35 +256,50 @@ class WebhookWorker(threading.Thread):
     def _deliver(self, key: WebhookKey) -> bool:
         started = time.monotonic()
         sent = 0
-        while not self.stopping.is_set():
-            with self._transaction() as session:
-                if outbox.fan_out(session, key, READ_AHEAD) is None:
-                    return True  # deleted meanwhile: the next turn removes its deliveries
-                attempts = outbox.next_attempts(session, key, ATTEMPT_BATCH)
-            if not attempts:
-                return False
-            for attempt in attempts:
-                if self.stopping.is_set():
+        # Delivered, not yet recorded: recorded together, every RECORD_BATCH deliveries or
+        # RECORD_SECONDS, before anything else is read or recorded, and when the turn ends.
+        unrecorded = Unrecorded()
+        try:
+            while not self.stopping.is_set():
+                with self._transaction() as session:
+                    if not unrecorded.flush(session, key):
+                        return True  # deleted meanwhile: the next turn removes its deliveries
+                    if outbox.fan_out(session, key, READ_AHEAD) is None:
+                        return True
+                    attempts = outbox.next_attempts(session, key, ATTEMPT_BATCH)
+                if not attempts:
                     return False
-                if not self._attempt(key, attempt):
-                    return False
-                sent += 1
-                if sent >= SLICE_EVENTS or time.monotonic() - started >= SLICE_SECONDS:
-                    return True
-        return False
+                for attempt in attempts:
+                    if self.stopping.is_set():
+                        return False
+                    if not self._attempt(key, attempt, unrecorded):
+                        return False
+                    sent += 1
+                    if sent >= SLICE_EVENTS or time.monotonic() - started >= SLICE_SECONDS:
+                        return True
+            return False
+        finally:
+            if unrecorded.seqs:
+                with self._transaction() as session:
+                    unrecorded.flush(session, key)
 
-    def _attempt(self, key: WebhookKey, attempt: outbox.Attempt) -> bool:
+    def _attempt(self, key: WebhookKey, attempt: outbox.Attempt, unrecorded: Unrecorded) -> bool:
         """One POST and its record; answers whether the next delivery may follow now."""
         outcome = self.sender.post(attempt.url, attempt.secret, attempt.body.encode())
-        with self._transaction() as session:
-            if outcome.delivered:
-                with self._stats_lock:
-                    self.stats.delivered += 1
-                return outbox.record_delivered(session, key, attempt.feed_seq)
+        if outcome.delivered:
             with self._stats_lock:
-                self.stats.failed_attempts += 1
-            error = outcome.error or "failed"
-            go_on = outbox.record_failed(
+                self.stats.delivered += 1
+            unrecorded.add(attempt.feed_seq)
+            if not unrecorded.due():
+                return True
+            with self._transaction() as session:
+                return unrecorded.flush(session, key)
+        with self._stats_lock:
+            self.stats.failed_attempts += 1
+        error = outcome.error or "failed"
+        with self._transaction() as session:
+            live = unrecorded.flush(session, key)
+            go_on = live and outbox.record_failed(
                 session,
                 key,
                 attempt.feed_seq,

@@ -93,7 +93,8 @@ class WebhookServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteWebhook(self, request, context):
-        """Deletes a webhook: no delivery of it starts afterwards; answers HTTP 204.
+        """Deletes a webhook: its deliveries stop within a moment (those in flight, at most
+        0.1 s of them, may still arrive); answers HTTP 204.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

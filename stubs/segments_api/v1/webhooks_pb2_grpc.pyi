@@ -47,7 +47,9 @@ class WebhookServiceStub:
     GetWebhook: _grpc.UnaryUnaryMultiCallable[_webhooks_pb2.GetWebhookRequest, _webhooks_pb2.Webhook]
     """One webhook, without its secret."""
     DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_webhooks_pb2.DeleteWebhookRequest, _empty_pb2.Empty]
-    """Deletes a webhook: no delivery of it starts afterwards; answers HTTP 204."""
+    """Deletes a webhook: its deliveries stop within a moment (those in flight, at most
+    0.1 s of them, may still arrive); answers HTTP 204.
+    """
     ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_webhooks_pb2.ListWebhookDeliveriesRequest, _webhooks_pb2.ListWebhookDeliveriesResponse]
     """A webhook's most recent deliveries, newest event first: delivered, given up, and
     the ones waiting (the oldest waiting one is the next attempted).
@@ -71,7 +73,9 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     GetWebhook: _aio.UnaryUnaryMultiCallable[_webhooks_pb2.GetWebhookRequest, _webhooks_pb2.Webhook]  # type: ignore[assignment]
     """One webhook, without its secret."""
     DeleteWebhook: _aio.UnaryUnaryMultiCallable[_webhooks_pb2.DeleteWebhookRequest, _empty_pb2.Empty]  # type: ignore[assignment]
-    """Deletes a webhook: no delivery of it starts afterwards; answers HTTP 204."""
+    """Deletes a webhook: its deliveries stop within a moment (those in flight, at most
+    0.1 s of them, may still arrive); answers HTTP 204.
+    """
     ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_webhooks_pb2.ListWebhookDeliveriesRequest, _webhooks_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
     """A webhook's most recent deliveries, newest event first: delivered, given up, and
     the ones waiting (the oldest waiting one is the next attempted).
@@ -116,7 +120,9 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _webhooks_pb2.DeleteWebhookRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
-        """Deletes a webhook: no delivery of it starts afterwards; answers HTTP 204."""
+        """Deletes a webhook: its deliveries stop within a moment (those in flight, at most
+        0.1 s of them, may still arrive); answers HTTP 204.
+        """
 
     @_abc_1.abstractmethod
     def ListWebhookDeliveries(
