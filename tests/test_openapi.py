@@ -116,6 +116,11 @@ def test_document_covers_every_rest_binding() -> None:
         ("GET", "/contacts/{id}/segments"),
         ("POST", "/v1/track"),
         ("POST", "/events/batch"),
+        ("POST", "/webhooks"),
+        ("GET", "/webhooks"),
+        ("GET", "/webhooks/{id}"),
+        ("DELETE", "/webhooks/{id}"),
+        ("GET", "/webhooks/{id}/deliveries"),
         ("GET", "/openapi.json"),
     }
     assert set(operations["POST", "/segments"]["responses"]) >= {"201", "400", "401", "429"}
@@ -123,6 +128,8 @@ def test_document_covers_every_rest_binding() -> None:
     assert "204" in operations["DELETE", "/segments/{id}"]["responses"]
     assert "409" in operations["DELETE", "/segments/{id}"]["responses"]
     assert "204" in operations["DELETE", "/contacts/{id}"]["responses"]
+    assert "201" in operations["POST", "/webhooks"]["responses"]
+    assert "204" in operations["DELETE", "/webhooks/{id}"]["responses"]
     assert "409" in operations["PATCH", "/contacts/{id}"]["responses"]
     listed = operations["GET", "/contacts"]["responses"]["200"]["content"]["application/json"]
     listing = document["components"]["schemas"][listed["schema"]["$ref"].rsplit("/", 1)[1]]
