@@ -11,17 +11,26 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import grpc
 import pytest
 from sqlalchemy import Engine, text
 
-from segments import F, SegmentsClient
-from segments.csv_import import cell_value, detect_layout, parse_occurred_at
+from segments import F, SegmentsClient, UnavailableError
+from segments.csv_import import (
+    CsvImportError,
+    cell_value,
+    detect_layout,
+    import_csv,
+    parse_occurred_at,
+)
+from segments_api.v1 import events_pb2
 from tests.conftest import Project
 
 SEGMENTS = Path(sys.executable).parent / "segments"
@@ -121,6 +130,50 @@ def test_timestamps_of_events() -> None:
     for bad in ("yesterday", "2024-13-01", "01/05/2024", "2024-05-01T25:00"):
         with pytest.raises(ValueError):
             parse_occurred_at(bad)
+
+
+class FailingClient:
+    """Stands in for SegmentsClient: accepts every batch but the one holding `fail_email`,
+    which the service answers UNAVAILABLE (as when its database went away)."""
+
+    def __init__(self, fail_email: str) -> None:
+        self.fail_email = fail_email
+        self.accepted: list[str] = []
+        self.lock = threading.Lock()
+
+    def ingest_events(self, events: list[events_pb2.IngestedEvent]) -> None:
+        emails = [e.email for e in events]
+        if self.fail_email in emails:
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "database unreachable")
+        time.sleep(0.01)
+        with self.lock:
+            self.accepted += emails
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_stopped_import_says_where_to_resume(tmp_path: Path, workers: int) -> None:
+    rows: list[list[Any]] = [["email", "event"]]
+    rows += [[f"user{i}@example.com", "visit"] for i in range(10_000)]
+    rows[5] = ["", "visit"]  # line 6: rejected before sending
+    source = write_csv(tmp_path / "events.csv", rows)
+    fake = FailingClient("user4321@example.com")  # line 4323
+    with pytest.raises(CsvImportError) as stopped:
+        import_csv(cast(SegmentsClient, fake), source, workers=workers)
+    err = stopped.value
+    assert err.result is not None and err.resume_line is not None
+    accepted = {int(email[4:].split("@")[0]) + 2 for email in fake.accepted}  # their lines
+    # Every line before the resume line was imported (or rejected), none at it.
+    assert set(range(2, err.resume_line)) - {6} <= accepted
+    assert err.resume_line not in accepted and err.resume_line <= 4323
+    assert [r.line for r in err.result.rejected] == [6]
+    # What went in past the resume line is named, batch by batch.
+    after = {line for line in accepted if line > err.resume_line}
+    named = {line for a, b in err.imported_after for line in range(a, b + 1)}
+    assert after <= named
+    if workers == 1:
+        # Batches of 1,000 rows sent: lines 2-1002 (line 6 rejected), 1003-2002, …
+        assert err.resume_line == 4003 and err.imported_after == []
+    assert err.result.imported == len(fake.accepted)
 
 
 # --- contacts -------------------------------------------------------------------------------
@@ -227,6 +280,27 @@ def test_strings_and_text_columns_keep_text(
     unknown = segments("import", source, "--text", "zp", "--target", target, key=project.secret_key)
     assert unknown.returncode == 1
     assert "no data column named 'zp'" in unknown.stderr
+
+
+def test_workers_keep_the_order_of_each_contacts_rows(
+    tmp_path: Path, target: str, project: Project, engine: Engine
+) -> None:
+    """With several calls in flight, the rows of one email still apply in file order: the
+    last row of a contact wins, as with one worker."""
+    rows: list[list[Any]] = [["email", "version", "name"]]
+    for version in range(1, 6):
+        rows += [[f"User{i}@Example.com ", version, f"v{version}"] for i in range(1500)]
+    source = write_csv(tmp_path / "versions.csv", rows)
+    done = segments("import", source, "--workers", "3", "--target", target, key=project.secret_key)
+    assert done.returncode == 0, done.stderr
+    assert summary(done)["imported"] == 7500
+    stored = contact_data(engine, project)
+    assert len(stored) == 1500
+    assert {data["version"] for _, data in stored.values()} == {5}
+    too_many = segments(
+        "import", source, "--workers", "9", "--target", target, key=project.secret_key
+    )
+    assert too_many.returncode == 1 and "--workers must be 1 to 8" in too_many.stderr
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -528,7 +602,7 @@ def test_100k_contacts_and_events_end_to_end(
     assert lines == [9, 25_009, 50_009, 75_009]
 
     started = time.monotonic()
-    done = segments("import", events, "--target", target, key=project.secret_key)
+    done = segments("import", events, "--workers", "2", "--target", target, key=project.secret_key)
     events_seconds = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     assert summary(done)["imported"] == n

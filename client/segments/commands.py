@@ -26,6 +26,7 @@ from segments.client import (
 )
 from segments.csv_export import export_csv
 from segments.csv_import import (
+    MAX_WORKERS,
     REPORT_COLUMNS,
     CsvImportError,
     ImportResult,
@@ -94,6 +95,17 @@ def add_commands(commands: Any) -> None:
         default=2,
         metavar="N",
         help="skip the rows before line N, to resume an import that stopped",
+    )
+    imp.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help=(
+            f"calls in flight at once, 1 to {MAX_WORKERS} (default 1); the rows of one email "
+            "keep their order. More is faster, but an import that stops may then have "
+            "imported some rows past the line it resumes from (it names them)"
+        ),
     )
     imp.add_argument("--encoding", default="utf-8-sig", help="the file's text encoding")
     imp.add_argument(
@@ -244,6 +256,8 @@ def run_import(args: argparse.Namespace) -> int:
         raise CommandError(f"no such file: {path}")
     if args.from_line < 2:
         raise CommandError("--from-line must be 2 or more (line 1 is the header)")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise CommandError(f"--workers must be 1 to {MAX_WORKERS}")
     rejects_path: Path = args.rejects or path.with_name(path.stem + ".rejects.csv")
     target = _target(args)
     with _client(args) as client:
@@ -261,6 +275,7 @@ def run_import(args: argparse.Namespace) -> int:
                     text_columns=None if args.strings else args.text,
                     from_line=args.from_line,
                     encoding=args.encoding,
+                    workers=args.workers,
                     on_progress=progress,
                 )
             except CsvImportError as err:
@@ -276,10 +291,18 @@ def run_import(args: argparse.Namespace) -> int:
         if stopped.resume_line is None:
             raise CommandError(f"{path}: {stopped} ({done})")
         again = f"segments import {path} --from-line {stopped.resume_line}"
-        raise CommandError(
+        message = (
             f"{path}: {stopped}\n  {done} before line {stopped.resume_line}; "
             f"to go on from there: {again}"
         )
+        if stopped.imported_after:
+            lines = ", ".join(f"{a}-{b}" for a, b in stopped.imported_after)
+            repeated = "recorded twice" if result.kind == "events" else "merged again"
+            message += (
+                f"\n  (other workers had imported rows between lines {lines} too: resumed "
+                f"as it is, they are {repeated})"
+            )
+        raise CommandError(message)
     return EXIT_REJECTED if result.rejected else 0
 
 

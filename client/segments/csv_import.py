@@ -14,6 +14,7 @@ import queue
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -32,6 +33,7 @@ from segments_api.v1 import contacts_pb2, events_pb2
 
 __all__ = [
     "BATCH_ROWS",
+    "MAX_WORKERS",
     "REPORT_COLUMNS",
     "CsvImportError",
     "ImportResult",
@@ -64,6 +66,9 @@ class CsvImportError(Exception):
         self.resume_line = resume_line
         #: What was done before the import stopped, when it had started.
         self.result: ImportResult | None = None
+        #: Batches (first line, last line) after `resume_line` that were imported all the
+        #: same: with several workers, one may stop while the others go on.
+        self.imported_after: list[tuple[int, int]] = []
 
 
 # --- the header -----------------------------------------------------------------------------
@@ -367,60 +372,80 @@ def _records(text: TextIO, path: Path) -> Iterator[tuple[int, list[str]]]:
 # --- sending ------------------------------------------------------------------------------
 
 
-class _Sender(threading.Thread):
-    """Sends batches in file order, one call at a time, while the reader prepares the next:
-    reading and the server's work overlap, and a later row of a contact still wins."""
+class _Shared:
+    """What the senders of one import share: its result, and whether to stop."""
 
-    def __init__(
-        self,
-        client: SegmentsClient,
-        result: ImportResult,
-        on_batch: Callable[[int], None],
-    ) -> None:
-        super().__init__(name="segments-import", daemon=True)
-        self.client = client
+    def __init__(self, result: ImportResult, on_batch: Callable[[int], None]) -> None:
         self.result = result
         self.on_batch = on_batch
-        self.batches: queue.Queue[list[_Row] | None] = queue.Queue(maxsize=2)
+        self.lock = threading.Lock()
+        # Set to send nothing more: a sender failed, or the import was interrupted. The
+        # calls under way complete.
+        self.stopped = threading.Event()
         self.failure: CsvImportError | None = None
-        # Set to send nothing more (an interrupted import); the call under way completes.
-        self.cancelled = threading.Event()
+        # (first line, last line) of every batch the service accepted.
+        self.acknowledged: list[tuple[int, int]] = []
+
+
+class _Stopped(Exception):
+    """The import stopped while a batch waited to be sent again."""
+
+
+class _Sender(threading.Thread):
+    """Sends one shard's batches in file order, one call at a time, while the reader
+    prepares the next: reading and the server's work overlap. Every row of one email goes to
+    the same shard, so a later row of a contact still wins."""
+
+    def __init__(self, client: SegmentsClient, shared: _Shared) -> None:
+        super().__init__(name="segments-import", daemon=True)
+        self.client = client
+        self.shared = shared
+        self.batches: queue.Queue[list[_Row] | None] = queue.Queue(maxsize=2)
         # The first line of every batch handed over and not yet done, oldest first (of the
         # one being sent, its first row not yet sent): an import that stops resumes there.
         self.outstanding: collections.deque[int] = collections.deque()
-        self.lock = threading.Lock()
 
     def hand_over(self, batch: list[_Row]) -> None:
         self.outstanding.append(batch[0].line)
         self.batches.put(batch)
 
     def run(self) -> None:
+        shared = self.shared
         while (batch := self.batches.get()) is not None:
-            if self.failure is not None or self.cancelled.is_set():
+            if shared.stopped.is_set():
                 continue
             try:
                 self.send(batch)
                 self.outstanding.popleft()
-            except CsvImportError as err:
-                self.failure = err
+            except _Stopped:
+                pass
             except Exception as err:  # keeps draining the queue, so the reader never blocks
-                self.failure = CsvImportError(f"the import failed: {err!r}")
-                self.failure.__cause__ = err
-            self.on_batch(len(batch))
+                with shared.lock:
+                    if shared.failure is None:
+                        if isinstance(err, CsvImportError):
+                            shared.failure = err
+                        else:
+                            shared.failure = CsvImportError(f"the import failed: {err!r}")
+                            shared.failure.__cause__ = err
+                shared.stopped.set()
+            shared.on_batch(len(batch))
 
     def send(self, batch: list[_Row]) -> None:
+        shared, result = self.shared, self.shared.result
         pending = batch
         while pending:
             try:
                 self.call([row.item for row in pending])
-                self.result.imported += len(pending)
+                with shared.lock:
+                    result.imported += len(pending)
+                    shared.acknowledged.append((pending[0].line, pending[-1].line))
                 return
             except InvalidArgumentError as err:
                 bad = _rejected_rows(err, len(pending))
                 if not bad:
                     raise self.stop(pending, err) from None
-                with self.lock:
-                    self.result.rejected.extend(
+                with shared.lock:
+                    result.rejected.extend(
                         Rejected(row.line, bad[i], tuple(row.cells))
                         for i, row in enumerate(pending)
                         if i in bad
@@ -429,18 +454,19 @@ class _Sender(threading.Thread):
                 if pending:
                     self.outstanding[0] = pending[0].line
             except RateLimitedError as err:
-                # The project's requests a minute are spent: wait as long as the service says.
-                if self.cancelled.wait(err.retry_after if err.retry_after is not None else 1.0):
-                    return
+                # Over the project's share (requests at once): wait as long as it says.
+                if shared.stopped.wait(err.retry_after if err.retry_after is not None else 1.0):
+                    raise _Stopped from None
             except SegmentsError as err:
                 raise self.stop(pending, err) from None
 
     def call(self, items: list[Message]) -> None:
-        if self.result.kind == "contacts":
+        if self.shared.result.kind == "contacts":
             contacts = [i for i in items if isinstance(i, contacts_pb2.UpsertContactRequest)]
             response = self.client.batch_upsert_contacts(contacts)
-            self.result.created += response.created
-            self.result.updated += response.updated
+            with self.shared.lock:
+                self.shared.result.created += response.created
+                self.shared.result.updated += response.updated
         else:
             events = [i for i in items if isinstance(i, events_pb2.IngestedEvent)]
             self.client.ingest_events(events)
@@ -453,6 +479,15 @@ class _Sender(threading.Thread):
         )
 
 
+#: Most calls one import has in flight (a project's share of a server is 8 by default).
+MAX_WORKERS = 8
+
+
+def _shard(email: str, workers: int) -> int:
+    # The service trims and lower-cases emails: rows it takes for one contact share a shard.
+    return zlib.crc32(email.strip().lower().encode()) % workers if workers > 1 else 0
+
+
 def import_csv(
     client: SegmentsClient,
     path: Path,
@@ -460,6 +495,7 @@ def import_csv(
     text_columns: Sequence[str] | None = (),
     from_line: int = 2,
     encoding: str = "utf-8-sig",
+    workers: int = 1,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ImportResult:
     """Import the contacts or events of the CSV file at `path` (see `detect_layout`) with
@@ -470,10 +506,16 @@ def import_csv(
     number of fields, no email, an unreadable `subscribed` or `occurredAt`) and rows the
     service refuses (an invalid email, a reserved event name) come back in `rejected`;
     every other row is imported. Records starting before `from_line` are skipped (to resume).
-    `on_progress(bytes read, rows done)` is called after each batch. CsvImportError when
-    the file cannot be read or the service refuses a batch for another reason than its
-    rows; its `resume_line` is the first line not known to be imported."""
+
+    `workers` calls are in flight at once, each for the rows of its share of the emails (so
+    the rows of one contact keep their order). `on_progress(bytes read, rows done)` is
+    called after each batch. CsvImportError when the file cannot be read or the service
+    refuses a batch for another reason than its rows; its `resume_line` is the first line
+    not known to be imported, and its `imported_after` the batches after that line that
+    were (with one worker, none)."""
     started = time.monotonic()
+    if not 1 <= workers <= MAX_WORKERS:
+        raise CsvImportError(f"workers must be 1 to {MAX_WORKERS}, got {workers}")
     try:
         codecs.lookup(encoding)
     except LookupError:
@@ -501,59 +543,73 @@ def import_csv(
 
         def on_batch(rows: int) -> None:
             nonlocal done
-            done += rows
+            with shared.lock:
+                done += rows
+                rows_done = done
             if on_progress is not None:
-                on_progress(counting.count, done)
+                on_progress(counting.count, rows_done)
 
-        sender = _Sender(client, result, on_batch)
-        sender.start()
-        # The first line of the rows read but not handed to the sender yet.
-        unsent: int | None = None
+        shared = _Shared(result, on_batch)
+        senders = [_Sender(client, shared) for _ in range(workers)]
+        for sender in senders:
+            sender.start()
+        # Each shard's rows read but not handed to its sender yet, and their size.
+        batches: list[list[_Row]] = [[] for _ in senders]
+        sizes = [0] * workers
         failure: CsvImportError | None = None
         try:
-            batch: list[_Row] = []
-            size = 0
             for line, cells in records:
                 if line < from_line:
                     continue
-                if sender.failure is not None:
+                if shared.stopped.is_set():
                     break
-                if unsent is None:
-                    unsent = line
                 result.rows += 1
                 try:
                     item, data = _item(layout, cells, wanted)
                 except ValueError as err:
-                    with sender.lock:
+                    with shared.lock:
                         result.rejected.append(Rejected(line, str(err), tuple(cells)))
                     continue
                 _note_types(result, data)
+                shard = _shard(cells[layout.email], workers)
+                batch = batches[shard]
                 batch.append(_Row(line, cells, item))
-                size += sum(map(len, cells))
-                if len(batch) == BATCH_ROWS or size >= BATCH_BYTES:
-                    sender.hand_over(batch)
-                    batch, size, unsent = [], 0, None
-            if batch:
-                sender.hand_over(batch)
-                unsent = None
+                sizes[shard] += sum(map(len, cells))
+                if len(batch) == BATCH_ROWS or sizes[shard] >= BATCH_BYTES:
+                    senders[shard].hand_over(batch)
+                    batches[shard], sizes[shard] = [], 0
+            for shard, sender in enumerate(senders):
+                if batches[shard] and not shared.stopped.is_set():
+                    sender.hand_over(batches[shard])
+                    batches[shard] = []
         except KeyboardInterrupt:
-            sender.cancelled.set()
+            shared.stopped.set()
             failure = CsvImportError("interrupted")
         except CsvImportError as err:
             failure = err
         finally:
-            sender.batches.put(None)
-            sender.join()
-        failure = sender.failure or failure
+            for sender in senders:
+                sender.batches.put(None)
+            for sender in senders:
+                sender.join()
+        failure = shared.failure or failure
     result.seconds = time.monotonic() - started
     if failure is not None:
         # Rows from the resume line on are read again by the import that resumes: the first
         # batch not acknowledged, else the first row not sent, else where reading failed.
-        candidates = [*list(sender.outstanding)[:1], unsent, failure.resume_line]
+        candidates = [
+            *(sender.outstanding[0] for sender in senders if sender.outstanding),
+            *(batch[0].line for batch in batches if batch),
+            failure.resume_line,
+        ]
         stop = min((line for line in candidates if line is not None), default=None)
         failure.resume_line = stop
         if stop is not None:
             result.rejected = [r for r in result.rejected if r.line < stop]
+            # Shards interleave: a batch accepted may span the resume line.
+            failure.imported_after = sorted(
+                (max(first, stop + 1), last) for first, last in shared.acknowledged if last > stop
+            )
         result.rejected.sort(key=lambda r: r.line)
         failure.result = result
         raise failure
