@@ -97,6 +97,7 @@ def phase_scenarios(
         row: dict[str, Any] = {
             "name": m.scenario.name,
             "family": m.scenario.family,
+            "language": m.scenario.language,
             "description": m.scenario.description,
             "filters": m.scenario.filter_count(),
             "condition": m.scenario.resolved(ids),
