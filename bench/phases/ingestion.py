@@ -397,7 +397,8 @@ def phase_ingestion(env: Env, stack: Stack) -> dict[str, Any]:
         out["with_extended_tracked"] = with_extended_tracked(env, stack, pool, rng, tput)
     except Exception as err:  # the figure above stands without this one
         log(traceback.format_exc())
-        out["with_extended_tracked"] = {"error": f"{type(err).__name__}: {err}"}
+        # One line: an RPC error's text spans several.
+        out["with_extended_tracked"] = {"error": " ".join(f"{type(err).__name__}: {err}".split())}
     return out
 
 
