@@ -109,19 +109,21 @@ def target_rest_get(results: dict[str, Any]) -> dict[str, Any]:
 
 def target_rest_get_vs_trivial(results: dict[str, Any]) -> dict[str, Any]:
     """`GET /segments/{id}` (the segment with its memberCount) against the trivial REST
-    call, both timed in the same rounds of api_latencies: the figures the scenario table
-    already has (`rest_get_ms`, `rest_trivial_ms`), read as a ratio."""
+    call, both timed in the same rounds of api_latencies: per scenario, the median of each
+    round's ratio (`rest_get_vs_trivial`; results without it: the ratio of the medians)."""
     limit = LIMITS["rest_get_segment_vs_trivial"]
     sc = _scenario_rows(results)
-    ratios = {s["name"]: s["rest_get_ms"] / s["rest_trivial_ms"] for s in sc}
+    ratios = {
+        s["name"]: s.get("rest_get_vs_trivial", s["rest_get_ms"] / s["rest_trivial_ms"]) for s in sc
+    }
     worst = max(ratios, key=lambda k: ratios[k])
     entry: dict[str, Any] = {
         "measured": round(ratios[worst], 3),
         "limit": limit,
         "met": all(r <= limit for r in ratios.values()),
         "unit": "x",
-        "rule": "median GET /segments/{id} / median GET /contacts/{id}, interleaved in the "
-        "same rounds, every scenario's segment; the worst is shown",
+        "rule": "median over rounds of GET /segments/{id} / GET /contacts/{id} timed in the "
+        "same round, every scenario's segment; the worst is shown",
         "scenario": worst,
         "per_scenario": {k: round(v, 3) for k, v in ratios.items()},
         "grpc_per_scenario": {
