@@ -82,8 +82,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     m.add_argument(
         "--scenarios",
         default="",
-        help="comma-separated scenario names, or 'reference' / 'extended' (the languages of "
-        "SPEC.md §4 and §8), with the scenarios they reference (default: all)",
+        help="comma-separated scenario names, or 'reference' / 'extended' (the reference's "
+        "filter language, the one beyond it), with the scenarios they reference (default: all)",
     )
     m.add_argument(
         "--phases",

@@ -36,8 +36,8 @@ class Scenario:
     condition: dict[str, Any]
     hand_sql: str
     references: tuple[str, ...] = field(default=())
-    # "reference": the reference's language (SPEC.md §4); "extended": the language beyond
-    # it (SPEC.md §8: counts, event properties, aggregates, value operators, withinNext).
+    # "reference": the reference's filter language; "extended": the language beyond it
+    # (counts, event properties, aggregates, value operators, withinNext).
     language: str = "reference"
 
     def resolved(self, ids: dict[str, str]) -> dict[str, Any]:
@@ -327,7 +327,7 @@ def _timestamp(key: str) -> str:
               THEN (data ->> '{key}')::timestamptz END"""
 
 
-# The filter language beyond the reference (SPEC.md §8), a scenario per capability. The
+# The filter language beyond the reference's, a scenario per capability. The
 # JSON is written out: it is the contract's own spelling, which the results record.
 EXTENDED_SCENARIOS: tuple[Scenario, ...] = (
     Scenario(

@@ -405,7 +405,7 @@ def phase_ingestion(env: Env, stack: Stack) -> dict[str, Any]:
 def with_extended_tracked(
     env: Env, stack: Stack, pool: Sequence[str], rng: random.Random, before: dict[str, Any]
 ) -> dict[str, Any]:
-    """The throughput run again with the extended language's scenarios (SPEC.md §8) tracked
+    """The throughput run again with the extended language's scenarios tracked
     beside the five, then once more after deleting them: the figure with them is read
     against the runs on either side of it (`before` is the phase's own run), as the
     machine's pace drifts over minutes."""
