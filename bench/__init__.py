@@ -16,10 +16,12 @@ Phases, in order (one server process and one Envoy for all of them):
 8. the main project's segments are deleted;
 9. ingestion: five tracked segments, IngestEvents in batches of 1,000 from several
    clients (throughput), then a paced 1,000 events/s stream whose entry events are timed
-   through WatchSegmentEvents (tracking latency);
+   through WatchSegmentEvents (tracking latency); then the throughput again with the
+   extended language's scenarios tracked as well, and once more without them;
 10. noisy neighbour: a small project's REST latency while the main project holds many
    streams, then runs heavy counts; the main project's upserts during a build of every
    contact (bench/noisy.py).
-`--phases` runs a subset (e.g. `--phases noisy`); its results go to a file of their own.
+`--phases` runs a subset (e.g. `--phases noisy`), `--scenarios` some scenarios (e.g.
+`--scenarios extended`, the filter language beyond the reference's); their results go to a file of their own.
 The server's RSS is sampled every 50 ms throughout.
 """

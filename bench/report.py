@@ -130,6 +130,17 @@ def render_figures(results: dict[str, Any]) -> str:
             ),
         ),
         line(
+            "IngestEvents throughput, 5 tracked + the extended scenarios tracked",
+            "ingestion",
+            "with_extended_tracked",
+            fmt_=lambda t: (
+                f"{t['throughput']['events_per_second']:,} events/s with {t['tracked']} "
+                f"tracked segments (batch p50 {t['throughput']['batch_ms']['median']} ms), "
+                f"{t['ratio_to_five_tracked']:.2f}x the runs with 5 on either side of it "
+                f"(after: {t['throughput_after']['events_per_second']:,} events/s)"
+            ),
+        ),
+        line(
             "IngestEvents throughput, every segment present",
             "ingestion_all_segments",
             fmt_=lambda t: (

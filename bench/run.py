@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": {**dataset.to_json(), "table_sizes": table_sizes(env)},
         "runs": args.runs,
         "phases": args.phases,
+        "scenario_names": [sc.name for sc in args.scenarios],
     }
     plans: dict[str, tuple[str, str, str]] = {}
     small_plans: dict[str, str] = {}

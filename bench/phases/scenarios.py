@@ -15,6 +15,9 @@ from bench.phases.counting import Measured, count_both, create_scenarios, explai
 from segments_api.v1 import contacts_pb2, segments_pb2
 
 PAGE_SIZE = 20
+# Rounds of the API calls (at least --runs): each call is a few milliseconds, and on a
+# shared machine ten rounds left a scenario's medians at the mercy of one busy second.
+API_ROUNDS = 20
 
 
 def api_latencies(
@@ -55,7 +58,7 @@ def api_latencies(
         "rest_trivial": lambda: rest.get(f"/contacts/{contact_id}"),
     }
     member_count = None
-    for i in range(max(runs, 10) + 1):
+    for i in range(max(runs, API_ROUNDS) + 1):
         for name, call in calls.items():
             ms, reply = timed(call)
             if i > 0:
@@ -64,6 +67,14 @@ def api_latencies(
                 member_count = int(reply.get("memberCount", 0))
     rest.close()
     out: dict[str, Any] = {f"{k}_ms": median(v) for k, v in results.items()}
+    # GET /segments/{id} over the trivial call of the same round: what slows the machine
+    # for a moment slows both.
+    out["rest_get_vs_trivial"] = round(
+        median([g / t for g, t in zip(results["rest_get"], results["rest_trivial"], strict=True)]),
+        3,
+    )
+    out["rest_get_runs_ms"] = [round(x, 2) for x in results["rest_get"]]
+    out["rest_trivial_runs_ms"] = [round(x, 2) for x in results["rest_trivial"]]
     out["rest_member_count"] = member_count
     count = segments_pb2.CountMatchingContactsRequest(
         condition=condition_proto(m.scenario.resolved(ids))
@@ -97,6 +108,7 @@ def phase_scenarios(
         row: dict[str, Any] = {
             "name": m.scenario.name,
             "family": m.scenario.family,
+            "language": m.scenario.language,
             "description": m.scenario.description,
             "filters": m.scenario.filter_count(),
             "condition": m.scenario.resolved(ids),
