@@ -32,7 +32,8 @@ FOUNDATIONS = frozenset({"errors", "tables", "config", "jsonutil"})
 FILTERS = "filters"
 # The gRPC edge: what every RPC is given before it runs (interceptors), how RPCs run (rpc,
 # status), the servicers, proto conversion, streams, the server that wires them, and the
-# check of REST requests against the request messages (rest_check, json_shapes).
+# check of REST requests against the request messages (rest_check, json_shapes), and the
+# end-of-stream check of streamed REST responses (rest_stream_end).
 EDGE = frozenset(
     {
         "interceptors",
@@ -44,6 +45,7 @@ EDGE = frozenset(
         "server",
         "rest_check",
         "json_shapes",
+        "rest_stream_end",
     }
 )
 # The process around the service: the command line, engines and the embedded server,

@@ -105,6 +105,7 @@ def test_document_covers_every_rest_binding() -> None:
         ("DELETE", "/segments/{id}/members"),
         ("POST", "/segments/preview"),
         ("GET", "/segments/{id}/contacts/{contactId}/explain"),
+        ("GET", "/segments/{id}/export"),
         ("GET", "/contacts"),
         ("POST", "/contacts"),
         ("POST", "/contacts/batch"),
@@ -122,6 +123,9 @@ def test_document_covers_every_rest_binding() -> None:
     assert "409" in operations["DELETE", "/segments/{id}"]["responses"]
     assert "204" in operations["DELETE", "/contacts/{id}"]["responses"]
     assert "409" in operations["PATCH", "/contacts/{id}"]["responses"]
+    exported = operations["GET", "/segments/{id}/export"]["responses"]["200"]
+    assert set(exported["content"]) == {"text/csv"}
+    assert "Content-Disposition" in exported["headers"]
     listed = operations["GET", "/contacts"]["responses"]["200"]["content"]["application/json"]
     listing = document["components"]["schemas"][listed["schema"]["$ref"].rsplit("/", 1)[1]]
     assert listing["properties"]["cursor"] == {

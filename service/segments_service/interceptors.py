@@ -67,6 +67,7 @@ KEY_KINDS: Mapping[str, KeyKind] = MappingProxyType(
         "/segments.v1.SegmentService/CountMatchingContacts": "secret",
         "/segments.v1.SegmentService/PreviewSegment": "secret",
         "/segments.v1.SegmentService/ExplainMembership": "secret",
+        "/segments.v1.SegmentService/ExportSegmentCsv": "secret",
         "/segments.v1.ContactService/UpsertContact": "secret",
         "/segments.v1.ContactService/BatchUpsertContacts": "secret",
         "/segments.v1.ContactService/GetContact": "secret",

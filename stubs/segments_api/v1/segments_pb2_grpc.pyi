@@ -10,6 +10,7 @@ the contract wins; each binding says so.
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 from segments_api.v1 import resources_pb2 as _resources_pb2
@@ -86,6 +87,15 @@ class SegmentServiceStub:
     every filter, group and condition, computed by the statement membership is computed
     by (STATIC segments: `condition` is null).
     """
+    ExportSegmentCsv: _grpc.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentCsvRequest, _httpbody_pb2.HttpBody]
+    """Streams every current member of a segment as CSV (RFC 4180, the header row
+    `id,email,subscribed,createdAt,updatedAt,data` first, `data` as compact JSON) from one
+    consistent snapshot, in contact id order, with bounded server memory whatever the
+    segment's size. Over REST the body is the CSV itself (`text/csv; charset=utf-8`),
+    streamed as it is read; each message carries the next whole rows. A stream that ends
+    with an error after rows went out is reset, never ended cleanly: a CSV that arrives
+    whole is the whole segment.
+    """
 
 @_typing.type_check_only
 class SegmentServiceAsyncStub(SegmentServiceStub):
@@ -136,6 +146,15 @@ class SegmentServiceAsyncStub(SegmentServiceStub):
     """Why a contact is or is not a member now: the segment's condition with `matched` on
     every filter, group and condition, computed by the statement membership is computed
     by (STATIC segments: `condition` is null).
+    """
+    ExportSegmentCsv: _aio.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentCsvRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """Streams every current member of a segment as CSV (RFC 4180, the header row
+    `id,email,subscribed,createdAt,updatedAt,data` first, `data` as compact JSON) from one
+    consistent snapshot, in contact id order, with bounded server memory whatever the
+    segment's size. Over REST the body is the CSV itself (`text/csv; charset=utf-8`),
+    streamed as it is read; each message carries the next whole rows. A stream that ends
+    with an error after rows went out is reset, never ended cleanly: a CSV that arrives
+    whole is the whole segment.
     """
 
 class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -262,6 +281,21 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Why a contact is or is not a member now: the segment's condition with `matched` on
         every filter, group and condition, computed by the statement membership is computed
         by (STATIC segments: `condition` is null).
+        """
+
+    @_abc_1.abstractmethod
+    def ExportSegmentCsv(
+        self,
+        request: _segments_pb2.ExportSegmentCsvRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """Streams every current member of a segment as CSV (RFC 4180, the header row
+        `id,email,subscribed,createdAt,updatedAt,data` first, `data` as compact JSON) from one
+        consistent snapshot, in contact id order, with bounded server memory whatever the
+        segment's size. Over REST the body is the CSV itself (`text/csv; charset=utf-8`),
+        streamed as it is read; each message carries the next whole rows. A stream that ends
+        with an error after rows went out is reset, never ended cleanly: a CSV that arrives
+        whole is the whole segment.
         """
 
 def add_SegmentServiceServicer_to_server(servicer: SegmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
