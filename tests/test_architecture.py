@@ -63,8 +63,9 @@ SESSION_TYPES = "sqlalchemy.orm"
 # names its exceptions here rather than weakening itself.
 SERVICER_SQL_EXCEPTIONS = frozenset(
     {
-        # ExportSegmentContacts opens its snapshot and bounds its idle time with one
-        # set_config statement before handing over to the domain's export.
+        # The exports (ExportSegmentContacts, ExportSegmentCsv) open their snapshot and
+        # bound its idle time with one set_config statement before handing over to the
+        # domain's export.
         ("servicers", "sqlalchemy", "text"),
     }
 )
