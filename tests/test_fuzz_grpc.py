@@ -320,6 +320,32 @@ def rpcs(target: Target) -> dict[str, tuple[str, st.SearchStrategy[Message]]]:
                 some_id,
             ),
         ),
+        "ListSegmentEvents": (
+            "segments.ListSegmentEvents",
+            st.builds(
+                lambda i, after, limit: segments_pb2.ListSegmentEventsRequest(
+                    id=i, after=after, limit=limit
+                ),
+                some_id,
+                hostile_text,
+                st.integers(-(2**31), 2**31 - 1),
+            ),
+        ),
+        "GetSegmentHistory": (
+            "segments.GetSegmentHistory",
+            st.builds(
+                lambda i, interval, start, end: build(
+                    segments_pb2.GetSegmentHistoryRequest,
+                    id=i,
+                    interval=interval,
+                    **{"from": start, "to": end},
+                ),
+                some_id,
+                st.sampled_from(["", "hour", "day", "week"]) | hostile_text,
+                hostile_text,
+                hostile_text,
+            ),
+        ),
         "PreviewSegment": (
             "segments.PreviewSegment",
             optional(conditions()).map(
@@ -535,6 +561,8 @@ RPC_NAMES = [
     "CountMatchingContacts",
     "PreviewSegment",
     "ExplainMembership",
+    "ListSegmentEvents",
+    "GetSegmentHistory",
     "UpsertContact",
     "BatchUpsertContacts",
     "GetContact",

@@ -105,6 +105,8 @@ def test_document_covers_every_rest_binding() -> None:
         ("DELETE", "/segments/{id}/members"),
         ("POST", "/segments/preview"),
         ("GET", "/segments/{id}/contacts/{contactId}/explain"),
+        ("GET", "/segments/{id}/events"),
+        ("GET", "/segments/{id}/history"),
         ("GET", "/segments/{id}/export"),
         ("GET", "/contacts"),
         ("POST", "/contacts"),

@@ -34,6 +34,8 @@ CHECK = RestCheck(SERVICE_NAMES)
         ("POST", "/segments/preview", "PreviewSegmentRequest"),
         ("GET", "/segments/preview", "GetSegmentRequest"),
         ("GET", "/segments/a/contacts/b/explain", "ExplainMembershipRequest"),
+        ("GET", "/segments/a/events", "ListSegmentEventsRequest"),
+        ("GET", "/segments/a/history", "GetSegmentHistoryRequest"),
         ("PUT", "/segments", None),
         ("GET", "/segments/a/b/c", None),
         ("POST", "/v2/track", None),
@@ -46,7 +48,7 @@ def test_a_request_finds_its_http_rule(method: str, path: str, request_message: 
 
 
 def test_every_http_binding_has_a_route() -> None:
-    assert len(CHECK.routes) == 20
+    assert len(CHECK.routes) == 22
     assert {r.body for r in CHECK.routes} == {"", "*"}
     members = CHECK.find("POST", "/segments/abc/members")
     assert members is not None and members.bound == ("id",)

@@ -367,6 +367,18 @@ _COUNT_MATCHING_CONTACTS = _rpc(
     segments_pb2.CountMatchingContactsRequest,
     segments_pb2.CountMatchingContactsResponse,
 )
+_LIST_SEGMENT_EVENTS = _rpc(
+    _SEGMENTS,
+    "ListSegmentEvents",
+    segments_pb2.ListSegmentEventsRequest,
+    segments_pb2.ListSegmentEventsResponse,
+)
+_GET_SEGMENT_HISTORY = _rpc(
+    _SEGMENTS,
+    "GetSegmentHistory",
+    segments_pb2.GetSegmentHistoryRequest,
+    segments_pb2.GetSegmentHistoryResponse,
+)
 _EXPLAIN_MEMBERSHIP = _rpc(
     _SEGMENTS,
     "ExplainMembership",
@@ -534,6 +546,18 @@ class _ConditionReader:
             except json_format.ParseError:
                 description = "must be a JSON value (string, number, boolean or array)"
                 self._fail(f"{path}.value", description, "invalid_type")
+
+
+def _history_request(
+    segment_id: str, interval: str, start: datetime | None, end: datetime | None
+) -> segments_pb2.GetSegmentHistoryRequest:
+    request = segments_pb2.GetSegmentHistoryRequest(id=segment_id, interval=interval)
+    for name, moment in (("from", start), ("to", end)):
+        if moment is not None:
+            if moment.tzinfo is None:
+                raise ValueError(f"{name} must be an aware datetime")
+            setattr(request, name, moment.isoformat())
+    return request
 
 
 def _struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
@@ -1021,6 +1045,27 @@ class SegmentsClient(_Client):
         request = segments_pb2.ExplainMembershipRequest(id=segment_id, contact_id=contact_id)
         return Explanation.of(self._send(_EXPLAIN_MEMBERSHIP, request))
 
+    def list_segment_events(
+        self, segment_id: str, *, after: str = "", limit: int = 0
+    ) -> segments_pb2.ListSegmentEventsResponse:
+        """A page of a tracked segment's entries and exits after the cursor `after` (""
+        from the oldest), oldest first; the next page starts after `next_cursor`."""
+        request = segments_pb2.ListSegmentEventsRequest(id=segment_id, after=after, limit=limit)
+        return self._send(_LIST_SEGMENT_EVENTS, request)
+
+    def segment_history(
+        self,
+        segment_id: str,
+        *,
+        interval: str = "day",
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> list[segments_pb2.SegmentHistoryBucket]:
+        """A tracked segment's entries, exits and size per UTC hour or day, from the bucket
+        holding `start` to the one holding `end` (defaults: the service's)."""
+        request = _history_request(segment_id, interval, start, end)
+        return list(self._send(_GET_SEGMENT_HISTORY, request).data)
+
     def update_segment(
         self,
         id: str,
@@ -1304,6 +1349,25 @@ class AsyncSegmentsClient(_Client):
         """`SegmentsClient.explain_membership` as a coroutine."""
         request = segments_pb2.ExplainMembershipRequest(id=segment_id, contact_id=contact_id)
         return Explanation.of(await self._send(_EXPLAIN_MEMBERSHIP, request))
+
+    async def list_segment_events(
+        self, segment_id: str, *, after: str = "", limit: int = 0
+    ) -> segments_pb2.ListSegmentEventsResponse:
+        """`SegmentsClient.list_segment_events` as a coroutine."""
+        request = segments_pb2.ListSegmentEventsRequest(id=segment_id, after=after, limit=limit)
+        return await self._send(_LIST_SEGMENT_EVENTS, request)
+
+    async def segment_history(
+        self,
+        segment_id: str,
+        *,
+        interval: str = "day",
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> list[segments_pb2.SegmentHistoryBucket]:
+        """`SegmentsClient.segment_history` as a coroutine."""
+        request = _history_request(segment_id, interval, start, end)
+        return list((await self._send(_GET_SEGMENT_HISTORY, request)).data)
 
     async def update_segment(
         self,

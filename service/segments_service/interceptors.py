@@ -67,6 +67,8 @@ KEY_KINDS: Mapping[str, KeyKind] = MappingProxyType(
         "/segments.v1.SegmentService/CountMatchingContacts": "secret",
         "/segments.v1.SegmentService/PreviewSegment": "secret",
         "/segments.v1.SegmentService/ExplainMembership": "secret",
+        "/segments.v1.SegmentService/ListSegmentEvents": "secret",
+        "/segments.v1.SegmentService/GetSegmentHistory": "secret",
         "/segments.v1.SegmentService/ExportSegmentCsv": "secret",
         "/segments.v1.ContactService/UpsertContact": "secret",
         "/segments.v1.ContactService/BatchUpsertContacts": "secret",

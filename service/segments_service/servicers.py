@@ -26,7 +26,17 @@ from segments_api.v1 import (
     segments_pb2,
     segments_pb2_grpc,
 )
-from segments_service import contacts, events, explain, feed, members, segments, streams
+from segments_service import (
+    contacts,
+    events,
+    explain,
+    feed,
+    history,
+    members,
+    membership,
+    segments,
+    streams,
+)
 from segments_service.auth import Caller
 from segments_service.contacts import ContactWrite, check_json, require_email
 from segments_service.convert import (
@@ -377,6 +387,59 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             ), None
 
         return await self.runner.unary(context, work, evaluates=True)
+
+    async def ListSegmentEvents(
+        self, request: segments_pb2.ListSegmentEventsRequest, context: Context
+    ) -> segments_pb2.ListSegmentEventsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.ListSegmentEventsResponse, None]:
+            segment_id = parse_id(request.id, "segment")
+            page = history.feed_page(
+                session, caller.project_id, segment_id, request.after, request.limit
+            )
+            return segments_pb2.ListSegmentEventsResponse(
+                data=[
+                    segments_pb2.SegmentFeedEvent(
+                        cursor=str(e.cursor),
+                        type=e.type,
+                        contact_id=str(e.contact_id),
+                        email=e.email,
+                        occurred_at=timestamp(e.occurred_at),
+                    )
+                    for e in page.entries
+                ],
+                next_cursor=str(page.next_cursor),
+            ), None
+
+        return await self.runner.unary(context, work)
+
+    async def GetSegmentHistory(
+        self, request: segments_pb2.GetSegmentHistoryRequest, context: Context
+    ) -> segments_pb2.GetSegmentHistoryResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.GetSegmentHistoryResponse, None]:
+            segment_id = parse_id(request.id, "segment")
+            buckets = history.history(
+                session,
+                caller.project_id,
+                segment_id,
+                request.interval,
+                getattr(request, "from"),
+                request.to,
+                membership.db_now(session),
+            )
+            return segments_pb2.GetSegmentHistoryResponse(
+                data=[
+                    segments_pb2.SegmentHistoryBucket(
+                        start=timestamp(b.start), entries=b.entries, exits=b.exits, size=b.size
+                    )
+                    for b in buckets
+                ]
+            ), None
+
+        return await self.runner.unary(context, work)
 
     async def ExplainMembership(
         self, request: segments_pb2.ExplainMembershipRequest, context: Context

@@ -103,6 +103,16 @@ class SegmentServiceStub:
                 request_serializer=segments_dot_v1_dot_segments__pb2.ExplainMembershipRequest.SerializeToString,
                 response_deserializer=segments_dot_v1_dot_segments__pb2.ExplainMembershipResponse.FromString,
                 _registered_method=True)
+        self.ListSegmentEvents = channel.unary_unary(
+                '/segments.v1.SegmentService/ListSegmentEvents',
+                request_serializer=segments_dot_v1_dot_segments__pb2.ListSegmentEventsRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_segments__pb2.ListSegmentEventsResponse.FromString,
+                _registered_method=True)
+        self.GetSegmentHistory = channel.unary_unary(
+                '/segments.v1.SegmentService/GetSegmentHistory',
+                request_serializer=segments_dot_v1_dot_segments__pb2.GetSegmentHistoryRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_segments__pb2.GetSegmentHistoryResponse.FromString,
+                _registered_method=True)
         self.ExportSegmentCsv = channel.unary_stream(
                 '/segments.v1.SegmentService/ExportSegmentCsv',
                 request_serializer=segments_dot_v1_dot_segments__pb2.ExportSegmentCsvRequest.SerializeToString,
@@ -216,6 +226,21 @@ class SegmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSegmentEvents(self, request, context):
+        """A tracked segment's entries and exits, oldest first, a page at a time; resumable from
+        any cursor (the same positions WatchSegmentEvents streams).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSegmentHistory(self, request, context):
+        """A tracked segment's entries, exits and size per UTC hour or day, from its feed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportSegmentCsv(self, request, context):
         """Streams every current member of a segment as CSV (RFC 4180, the header row
         `id,email,subscribed,createdAt,updatedAt,data` first, `data` as compact JSON) from one
@@ -296,6 +321,16 @@ def add_SegmentServiceServicer_to_server(servicer, server):
                     servicer.ExplainMembership,
                     request_deserializer=segments_dot_v1_dot_segments__pb2.ExplainMembershipRequest.FromString,
                     response_serializer=segments_dot_v1_dot_segments__pb2.ExplainMembershipResponse.SerializeToString,
+            ),
+            'ListSegmentEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSegmentEvents,
+                    request_deserializer=segments_dot_v1_dot_segments__pb2.ListSegmentEventsRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_segments__pb2.ListSegmentEventsResponse.SerializeToString,
+            ),
+            'GetSegmentHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSegmentHistory,
+                    request_deserializer=segments_dot_v1_dot_segments__pb2.GetSegmentHistoryRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_segments__pb2.GetSegmentHistoryResponse.SerializeToString,
             ),
             'ExportSegmentCsv': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportSegmentCsv,
@@ -655,6 +690,60 @@ class SegmentService:
             '/segments.v1.SegmentService/ExplainMembership',
             segments_dot_v1_dot_segments__pb2.ExplainMembershipRequest.SerializeToString,
             segments_dot_v1_dot_segments__pb2.ExplainMembershipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSegmentEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segments.v1.SegmentService/ListSegmentEvents',
+            segments_dot_v1_dot_segments__pb2.ListSegmentEventsRequest.SerializeToString,
+            segments_dot_v1_dot_segments__pb2.ListSegmentEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSegmentHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segments.v1.SegmentService/GetSegmentHistory',
+            segments_dot_v1_dot_segments__pb2.GetSegmentHistoryRequest.SerializeToString,
+            segments_dot_v1_dot_segments__pb2.GetSegmentHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,6 +87,12 @@ class SegmentServiceStub:
     every filter, group and condition, computed by the statement membership is computed
     by (STATIC segments: `condition` is null).
     """
+    ListSegmentEvents: _grpc.UnaryUnaryMultiCallable[_segments_pb2.ListSegmentEventsRequest, _segments_pb2.ListSegmentEventsResponse]
+    """A tracked segment's entries and exits, oldest first, a page at a time; resumable from
+    any cursor (the same positions WatchSegmentEvents streams).
+    """
+    GetSegmentHistory: _grpc.UnaryUnaryMultiCallable[_segments_pb2.GetSegmentHistoryRequest, _segments_pb2.GetSegmentHistoryResponse]
+    """A tracked segment's entries, exits and size per UTC hour or day, from its feed."""
     ExportSegmentCsv: _grpc.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentCsvRequest, _httpbody_pb2.HttpBody]
     """Streams every current member of a segment as CSV (RFC 4180, the header row
     `id,email,subscribed,createdAt,updatedAt,data` first, `data` as compact JSON) from one
@@ -147,6 +153,12 @@ class SegmentServiceAsyncStub(SegmentServiceStub):
     every filter, group and condition, computed by the statement membership is computed
     by (STATIC segments: `condition` is null).
     """
+    ListSegmentEvents: _aio.UnaryUnaryMultiCallable[_segments_pb2.ListSegmentEventsRequest, _segments_pb2.ListSegmentEventsResponse]  # type: ignore[assignment]
+    """A tracked segment's entries and exits, oldest first, a page at a time; resumable from
+    any cursor (the same positions WatchSegmentEvents streams).
+    """
+    GetSegmentHistory: _aio.UnaryUnaryMultiCallable[_segments_pb2.GetSegmentHistoryRequest, _segments_pb2.GetSegmentHistoryResponse]  # type: ignore[assignment]
+    """A tracked segment's entries, exits and size per UTC hour or day, from its feed."""
     ExportSegmentCsv: _aio.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentCsvRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """Streams every current member of a segment as CSV (RFC 4180, the header row
     `id,email,subscribed,createdAt,updatedAt,data` first, `data` as compact JSON) from one
@@ -282,6 +294,24 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
         every filter, group and condition, computed by the statement membership is computed
         by (STATIC segments: `condition` is null).
         """
+
+    @_abc_1.abstractmethod
+    def ListSegmentEvents(
+        self,
+        request: _segments_pb2.ListSegmentEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_pb2.ListSegmentEventsResponse, _abc.Awaitable[_segments_pb2.ListSegmentEventsResponse]]:
+        """A tracked segment's entries and exits, oldest first, a page at a time; resumable from
+        any cursor (the same positions WatchSegmentEvents streams).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSegmentHistory(
+        self,
+        request: _segments_pb2.GetSegmentHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_pb2.GetSegmentHistoryResponse, _abc.Awaitable[_segments_pb2.GetSegmentHistoryResponse]]:
+        """A tracked segment's entries, exits and size per UTC hour or day, from its feed."""
 
     @_abc_1.abstractmethod
     def ExportSegmentCsv(
