@@ -18,6 +18,7 @@ PHASES = (
     "scale",
     "list",
     "export",
+    "export_csv",
     "sweep",
     "ingestion_all",
     "delete",
