@@ -45,6 +45,7 @@ def export_csv(env: Env, stack: Stack) -> dict[str, Any]:
     rows = -1  # the header is a line too
     size = 0
     first = None
+    tail = b""
     start = time.perf_counter()
     with stack.sampler.phase("export_csv_stream"):
         conn.request(
@@ -59,14 +60,18 @@ def export_csv(env: Env, stack: Stack) -> dict[str, Any]:
             if first is None:
                 first = time.perf_counter() - start
             size += len(chunk)
-            # Every row ends in CRLF, and no field holds one (data is JSON, escaped).
-            rows += chunk.count(b"\r\n")
+            # Every row ends in CRLF, and no field holds a line break (data is JSON, which
+            # escapes them); LF alone is counted, as a read may end between CR and LF.
+            rows += chunk.count(b"\n")
+            tail = chunk[-2:]
             if rows >= next_sample:
                 rss_mb.append((rows, round(server.memory_info().rss / 2**20, 1)))
                 next_sample += RSS_EVERY_ROWS
     seconds = time.perf_counter() - start
     conn.close()
     rss_mb.append((rows, round(server.memory_info().rss / 2**20, 1)))
+    if tail != b"\r\n":
+        raise AssertionError(f"the CSV ends in {tail!r}, not a whole row")
     if rows != segment.member_count:
         raise AssertionError(f"the CSV had {rows} rows, the segment {segment.member_count}")
     return {
