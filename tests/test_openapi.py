@@ -117,6 +117,11 @@ def test_document_covers_every_rest_binding() -> None:
         ("GET", "/contacts/{id}/segments"),
         ("POST", "/v1/track"),
         ("POST", "/events/batch"),
+        ("POST", "/webhooks"),
+        ("GET", "/webhooks"),
+        ("GET", "/webhooks/{id}"),
+        ("DELETE", "/webhooks/{id}"),
+        ("GET", "/webhooks/{id}/deliveries"),
         ("GET", "/openapi.json"),
     }
     assert set(operations["POST", "/segments"]["responses"]) >= {"201", "400", "401", "429"}
@@ -124,6 +129,8 @@ def test_document_covers_every_rest_binding() -> None:
     assert "204" in operations["DELETE", "/segments/{id}"]["responses"]
     assert "409" in operations["DELETE", "/segments/{id}"]["responses"]
     assert "204" in operations["DELETE", "/contacts/{id}"]["responses"]
+    assert "201" in operations["POST", "/webhooks"]["responses"]
+    assert "204" in operations["DELETE", "/webhooks/{id}"]["responses"]
     assert "409" in operations["PATCH", "/contacts/{id}"]["responses"]
     exported = operations["GET", "/segments/{id}/export"]["responses"]["200"]
     assert set(exported["content"]) == {"text/csv"}

@@ -48,7 +48,7 @@ def test_a_request_finds_its_http_rule(method: str, path: str, request_message: 
 
 
 def test_every_http_binding_has_a_route() -> None:
-    assert len(CHECK.routes) == 22
+    assert len(CHECK.routes) == 27
     assert {r.body for r in CHECK.routes} == {"", "*"}
     members = CHECK.find("POST", "/segments/abc/members")
     assert members is not None and members.bound == ("id",)

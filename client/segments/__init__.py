@@ -26,8 +26,11 @@ from segments.client import (
     UnauthenticatedError,
     UnavailableError,
     contacts_cursor,
+    delivery_last_error,
+    delivery_next_attempt_at,
     segment_condition,
     segment_description,
+    verify_webhook_signature,
 )
 from segments.conditions import (
     Aggregate,
@@ -72,6 +75,9 @@ __all__ = [
     "all_of",
     "any_of",
     "contacts_cursor",
+    "delivery_last_error",
+    "delivery_next_attempt_at",
     "segment_condition",
     "segment_description",
+    "verify_webhook_signature",
 ]

@@ -4,6 +4,8 @@ returning the generated protobuf messages and raising `SegmentsError` subclasses
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import random
 import time
 from collections.abc import (
@@ -16,7 +18,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeAlias, TypeVar
 
@@ -31,7 +33,7 @@ from grpc import aio
 from grpc_status import rpc_status
 
 from segments.conditions import Expression
-from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2, webhooks_pb2
 
 __all__ = [
     "NO_RETRY",
@@ -57,12 +59,17 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "contacts_cursor",
+    "delivery_last_error",
+    "delivery_next_attempt_at",
     "segment_condition",
     "segment_description",
+    "verify_webhook_signature",
 ]
 
 Segment = resources_pb2.Segment
 Contact = resources_pb2.Contact
+Webhook = webhooks_pb2.Webhook
+WebhookDelivery = webhooks_pb2.WebhookDelivery
 FilterCondition = resources_pb2.FilterCondition
 
 #: A filter condition: built with `segments.F` (`(F.data("plan") == "pro") & ...`), in its REST
@@ -268,6 +275,46 @@ def contacts_cursor(page: contacts_pb2.ListContactsResponse) -> str | None:
     return page.cursor.string_value
 
 
+def delivery_last_error(delivery: WebhookDelivery) -> str | None:
+    """Why the delivery's last attempt failed, or None."""
+    if delivery.last_error.WhichOneof("kind") != "string_value":
+        return None
+    return delivery.last_error.string_value
+
+
+def delivery_next_attempt_at(delivery: WebhookDelivery) -> datetime | None:
+    """When the delivery's next attempt is due (UTC), or None once delivered or failed."""
+    if delivery.next_attempt_at.WhichOneof("kind") != "string_value":
+        return None
+    moment = timestamp_pb2.Timestamp()
+    moment.FromJsonString(delivery.next_attempt_at.string_value)
+    return moment.ToDatetime(tzinfo=UTC)
+
+
+def verify_webhook_signature(
+    secret: str,
+    header: str,
+    body: bytes,
+    *,
+    tolerance: float = 300.0,
+    now: float | None = None,
+) -> bool:
+    """Whether `header` (Segments-Signature: t=<unix seconds>,v1=<hex>) signs `body` with the
+    webhook's `secret`, at most `tolerance` seconds from `now` (default: the clock)."""
+    fields: dict[str, list[str]] = {}
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        fields.setdefault(name, []).append(value)
+    try:
+        sent_at = int(fields["t"][0])
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - sent_at) > tolerance:
+        return False
+    expected = hmac.new(secret.encode(), f"{sent_at}.".encode() + body, hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, v) for v in fields.get("v1", []))
+
+
 # --- the RPCs and their requests, shared by both clients -------------------------------------
 
 _Req = TypeVar("_Req", bound=Message)
@@ -395,6 +442,27 @@ _BATCH_UPSERT_CONTACTS = _rpc(
 _GET_CONTACT = _rpc(_CONTACTS, "GetContact", contacts_pb2.GetContactRequest, Contact)
 _DELETE_CONTACT = _rpc(
     _CONTACTS, "DeleteContact", contacts_pb2.DeleteContactRequest, empty_pb2.Empty, idempotent=False
+)
+_WEBHOOKS = webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"]
+_CREATE_WEBHOOK = _rpc(
+    _WEBHOOKS,
+    "CreateWebhook",
+    webhooks_pb2.CreateWebhookRequest,
+    webhooks_pb2.CreateWebhookResponse,
+    idempotent=False,
+)
+_LIST_WEBHOOKS = _rpc(
+    _WEBHOOKS, "ListWebhooks", webhooks_pb2.ListWebhooksRequest, webhooks_pb2.ListWebhooksResponse
+)
+_GET_WEBHOOK = _rpc(_WEBHOOKS, "GetWebhook", webhooks_pb2.GetWebhookRequest, Webhook)
+_DELETE_WEBHOOK = _rpc(
+    _WEBHOOKS, "DeleteWebhook", webhooks_pb2.DeleteWebhookRequest, empty_pb2.Empty, idempotent=False
+)
+_LIST_WEBHOOK_DELIVERIES = _rpc(
+    _WEBHOOKS,
+    "ListWebhookDeliveries",
+    webhooks_pb2.ListWebhookDeliveriesRequest,
+    webhooks_pb2.ListWebhookDeliveriesResponse,
 )
 _LIST_CONTACTS = _rpc(
     _CONTACTS, "ListContacts", contacts_pb2.ListContactsRequest, contacts_pb2.ListContactsResponse
@@ -672,6 +740,14 @@ def _ingested_event(event: Mapping[str, Any]) -> events_pb2.IngestedEvent:
         if isinstance(fields.get(key), datetime):
             fields[key] = _rfc3339(fields[key])
     return json_format.ParseDict(fields, events_pb2.IngestedEvent())
+
+
+def _create_webhook(
+    url: str, segment_ids: Iterable[str] | None
+) -> webhooks_pb2.CreateWebhookRequest:
+    if isinstance(segment_ids, str):
+        raise TypeError("segment_ids is a list of segment ids, not one string")
+    return webhooks_pb2.CreateWebhookRequest(url=url, segment_ids=list(segment_ids or ()))
 
 
 def _rfc3339(moment: datetime) -> str:
@@ -1201,6 +1277,30 @@ class SegmentsClient(_Client):
         """Record up to 1000 {email, event, occurredAt?, data?} events, all or nothing."""
         return self._send(_INGEST_EVENTS, _ingest(events))
 
+    def create_webhook(
+        self, url: str, *, segment_ids: Iterable[str] | None = None
+    ) -> webhooks_pb2.CreateWebhookResponse:
+        """Register `url` for the entry/exit events of `segment_ids` (tracked segments; None:
+        all of them). The response holds the signing `secret`, which is never shown again."""
+        return self._send(_CREATE_WEBHOOK, _create_webhook(url, segment_ids))
+
+    def list_webhooks(self) -> list[Webhook]:
+        """The project's webhooks, newest first (without secrets)."""
+        return list(self._send(_LIST_WEBHOOKS, webhooks_pb2.ListWebhooksRequest()).webhooks)
+
+    def get_webhook(self, id: str) -> Webhook:
+        """One webhook (without its secret)."""
+        return self._send(_GET_WEBHOOK, webhooks_pb2.GetWebhookRequest(id=id))
+
+    def delete_webhook(self, id: str) -> None:
+        """Delete a webhook: its deliveries stop within a moment."""
+        self._send(_DELETE_WEBHOOK, webhooks_pb2.DeleteWebhookRequest(id=id))
+
+    def list_webhook_deliveries(self, id: str, *, limit: int = 20) -> list[WebhookDelivery]:
+        """The webhook's most recent deliveries (at most 100), newest event first."""
+        request = webhooks_pb2.ListWebhookDeliveriesRequest(id=id, limit=limit)
+        return list(self._send(_LIST_WEBHOOK_DELIVERIES, request).data)
+
     def _stream(
         self, path: str, request: Message, response: type[_Resp], timeout: float | None
     ) -> Iterator[_Resp]:
@@ -1502,6 +1602,31 @@ class AsyncSegmentsClient(_Client):
     ) -> events_pb2.IngestEventsResponse:
         """`SegmentsClient.ingest_events` as a coroutine."""
         return await self._send(_INGEST_EVENTS, _ingest(events))
+
+    async def create_webhook(
+        self, url: str, *, segment_ids: Iterable[str] | None = None
+    ) -> webhooks_pb2.CreateWebhookResponse:
+        """Register `url` for the entry/exit events of `segment_ids` (tracked segments; None:
+        all of them). The response holds the signing `secret`, which is never shown again."""
+        return await self._send(_CREATE_WEBHOOK, _create_webhook(url, segment_ids))
+
+    async def list_webhooks(self) -> list[Webhook]:
+        """The project's webhooks, newest first (without secrets)."""
+        response = await self._send(_LIST_WEBHOOKS, webhooks_pb2.ListWebhooksRequest())
+        return list(response.webhooks)
+
+    async def get_webhook(self, id: str) -> Webhook:
+        """One webhook (without its secret)."""
+        return await self._send(_GET_WEBHOOK, webhooks_pb2.GetWebhookRequest(id=id))
+
+    async def delete_webhook(self, id: str) -> None:
+        """Delete a webhook: its deliveries stop within a moment."""
+        await self._send(_DELETE_WEBHOOK, webhooks_pb2.DeleteWebhookRequest(id=id))
+
+    async def list_webhook_deliveries(self, id: str, *, limit: int = 20) -> list[WebhookDelivery]:
+        """The webhook's most recent deliveries (at most 100), newest event first."""
+        request = webhooks_pb2.ListWebhookDeliveriesRequest(id=id, limit=limit)
+        return list((await self._send(_LIST_WEBHOOK_DELIVERIES, request)).data)
 
     def _stream(
         self, path: str, request: Message, response: type[_Resp], timeout: float | None

@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 import grpc
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, struct_pb2
 from google.protobuf.message import Message
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -25,6 +25,8 @@ from segments_api.v1 import (
     resources_pb2,
     segments_pb2,
     segments_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
 )
 from segments_service import (
     contacts,
@@ -36,6 +38,7 @@ from segments_service import (
     membership,
     segments,
     streams,
+    webhooks,
 )
 from segments_service.auth import Caller
 from segments_service.contacts import ContactWrite, check_json, require_email
@@ -685,5 +688,106 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             _raise(violations)
             recorded = events.ingest(session, caller.project_id, items) if items else 0
             return events_pb2.IngestEventsResponse(accepted=recorded), None
+
+        return await self.runner.unary(context, work)
+
+
+def _webhook(view: webhooks.WebhookView) -> webhooks_pb2.Webhook:
+    return webhooks_pb2.Webhook(
+        id=str(view.id),
+        url=view.url,
+        segment_ids=[str(i) for i in view.segment_ids],
+        created_at=timestamp(view.created_at),
+    )
+
+
+def _delivery(view: webhooks.DeliveryView) -> webhooks_pb2.WebhookDelivery:
+    delivery = webhooks_pb2.WebhookDelivery(
+        event_cursor=str(feed.Cursor(view.feed_seq)),
+        event_id=view.event_id,
+        type=view.type,
+        status=webhooks_pb2.WebhookDelivery.Status.Value(view.status),
+        attempts=view.attempts,
+    )
+    if view.last_error is None:
+        delivery.last_error.null_value = struct_pb2.NULL_VALUE
+    else:
+        delivery.last_error.string_value = view.last_error
+    if view.next_attempt_at is None:
+        delivery.next_attempt_at.null_value = struct_pb2.NULL_VALUE
+    else:
+        delivery.next_attempt_at.string_value = timestamp(view.next_attempt_at).ToJsonString()
+    return delivery
+
+
+class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
+    def __init__(self, runner: Runner, allow_private: bool) -> None:
+        self.runner = runner
+        # Whether URLs with loopback and private address literals are accepted.
+        self.allow_private = allow_private
+
+    async def CreateWebhook(
+        self, request: webhooks_pb2.CreateWebhookRequest, context: Context
+    ) -> webhooks_pb2.CreateWebhookResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[webhooks_pb2.CreateWebhookResponse, int]:
+            view = webhooks.create_webhook(
+                session,
+                caller.project_id,
+                request.url,
+                list(request.segment_ids),
+                allow_private=self.allow_private,
+            )
+            return webhooks_pb2.CreateWebhookResponse(
+                id=str(view.id),
+                url=view.url,
+                segment_ids=[str(i) for i in view.segment_ids],
+                secret=view.secret or "",
+                created_at=timestamp(view.created_at),
+            ), CREATED
+
+        return await self.runner.unary(context, work)
+
+    async def ListWebhooks(
+        self, request: webhooks_pb2.ListWebhooksRequest, context: Context
+    ) -> webhooks_pb2.ListWebhooksResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[webhooks_pb2.ListWebhooksResponse, None]:
+            views = webhooks.list_webhooks(session, caller.project_id)
+            return webhooks_pb2.ListWebhooksResponse(webhooks=[_webhook(v) for v in views]), None
+
+        return await self.runner.unary(context, work)
+
+    async def GetWebhook(
+        self, request: webhooks_pb2.GetWebhookRequest, context: Context
+    ) -> webhooks_pb2.Webhook:
+        def work(session: Session, caller: Caller) -> tuple[webhooks_pb2.Webhook, None]:
+            webhook_id = parse_id(request.id, "webhook")
+            return _webhook(webhooks.get_webhook(session, caller.project_id, webhook_id)), None
+
+        return await self.runner.unary(context, work)
+
+    async def DeleteWebhook(
+        self, request: webhooks_pb2.DeleteWebhookRequest, context: Context
+    ) -> empty_pb2.Empty:
+        def work(session: Session, caller: Caller) -> tuple[empty_pb2.Empty, int]:
+            webhooks.delete_webhook(session, caller.project_id, parse_id(request.id, "webhook"))
+            return empty_pb2.Empty(), NO_CONTENT
+
+        return await self.runner.unary(context, work)
+
+    async def ListWebhookDeliveries(
+        self, request: webhooks_pb2.ListWebhookDeliveriesRequest, context: Context
+    ) -> webhooks_pb2.ListWebhookDeliveriesResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[webhooks_pb2.ListWebhookDeliveriesResponse, None]:
+            webhook_id = parse_id(request.id, "webhook")
+            views = webhooks.list_deliveries(session, caller.project_id, webhook_id, request.limit)
+            return webhooks_pb2.ListWebhookDeliveriesResponse(
+                data=[_delivery(v) for v in views]
+            ), None
 
         return await self.runner.unary(context, work)
