@@ -19,6 +19,7 @@ PHASES = (
     "scale",
     "list",
     "export",
+    "export_csv",
     "sweep",
     "ingestion_all",
     "delete",

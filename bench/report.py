@@ -168,6 +168,18 @@ def render_figures(results: dict[str, Any]) -> str:
             ),
         ),
         line(
+            "GET /segments/{id}/export (CSV through Envoy)",
+            "export_csv",
+            fmt_=lambda t: (
+                f"{t['rows']:,} rows, {t['bytes'] / 2**20:,.0f} MB in {t['seconds']} s "
+                f"({t['rows_per_second']:,} rows/s, {t['megabytes_per_second']} MB/s, first "
+                f"byte {t['first_byte_ms']} ms); server RSS peak {t['server_rss_peak_mb']} MB "
+                f"(from {t['server_rss_mb_by_rows'][0][1]} MB before the first row to "
+                f"{t['server_rss_mb_by_rows'][-1][1]} MB after the last), Envoy "
+                f"{t['envoy_rss_peak_mb']} MB"
+            ),
+        ),
+        line(
             "server RSS peak (all phases / during export)",
             "memory",
             fmt_=lambda t: (
