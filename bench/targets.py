@@ -17,6 +17,9 @@ LIMITS = {
     "tracking_latency_p95_seconds": 2.0,
     "server_rss_mb": 300.0,
     "count_growth": 1.0,
+    "preview_vs_count": 1.2,
+    "explain_vs_trivial": 5.0,
+    "contact_segments_vs_trivial": 3.0,
 }
 
 # The phases each target is measured in.
@@ -29,6 +32,9 @@ TARGET_PHASES = {
     "tracking_latency_p95_seconds": "ingestion",
     "server_rss_mb": "export",
     "count_growth": "scale",
+    "preview_vs_count": "scenarios",
+    "explain_vs_trivial": "scenarios",
+    "contact_segments_vs_trivial": "list",
 }
 
 
@@ -267,6 +273,57 @@ def target_growth(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _worst_scenario(results: dict[str, Any], key: str, rule: str) -> dict[str, Any]:
+    """A per-scenario ratio's worst value against its limit (LIMITS[key])."""
+    rows = [r for r in _scenario_rows(results) if key in r]
+    if not rows:
+        raise ValueError(f"no scenario measured {key}")
+    worst = max(rows, key=lambda r: r[key])
+    limit = LIMITS[key]
+    return {
+        "measured": worst[key],
+        "limit": limit,
+        "met": all(r[key] <= limit for r in rows),
+        "unit": "x",
+        "rule": rule,
+        "scenario": worst["name"],
+        "per_scenario": {r["name"]: r[key] for r in rows},
+    }
+
+
+def target_preview(results: dict[str, Any]) -> dict[str, Any]:
+    return _worst_scenario(
+        results,
+        "preview_vs_count",
+        "PreviewSegment (count and up to 10 members) / CountMatchingContacts of the same "
+        "condition, median of the rounds' paired ratios, every scenario; the worst is shown",
+    )
+
+
+def target_explain(results: dict[str, Any]) -> dict[str, Any]:
+    return _worst_scenario(
+        results,
+        "explain_vs_trivial",
+        "GET /segments/{id}/contacts/{contactId}/explain / the trivial REST call of the same "
+        "round (GET /contacts/{id}), median of paired ratios, every scenario; the worst is shown",
+    )
+
+
+def target_contact_segments(results: dict[str, Any]) -> dict[str, Any]:
+    ls = results.get("list_segments")
+    if not isinstance(ls, dict) or "contact_segments_vs_trivial" not in ls:
+        raise ValueError("the list phase failed")
+    limit = LIMITS["contact_segments_vs_trivial"]
+    return {
+        "measured": ls["contact_segments_vs_trivial"],
+        "limit": limit,
+        "met": ls["contact_segments_vs_trivial"] <= limit,
+        "unit": "x",
+        "rule": f"GET /contacts/{{id}}/segments with {ls['segments']} segments in the project "
+        "/ the trivial REST call of the same round, median of paired ratios",
+    }
+
+
 def compute_targets(
     results: dict[str, Any], plans: dict[str, tuple[str, str, str]], phases: Sequence[str]
 ) -> dict[str, Any]:
@@ -280,6 +337,9 @@ def compute_targets(
         "tracking_latency_p95_seconds": lambda: target_tracking(results),
         "server_rss_mb": lambda: target_rss(results),
         "count_growth": lambda: target_growth(results),
+        "preview_vs_count": lambda: target_preview(results),
+        "explain_vs_trivial": lambda: target_explain(results),
+        "contact_segments_vs_trivial": lambda: target_contact_segments(results),
     }
     limits = {
         "rest_get_segment_vs_query": None,
@@ -290,6 +350,9 @@ def compute_targets(
         "tracking_latency_p95_seconds": LIMITS["tracking_latency_p95_seconds"],
         "server_rss_mb": LIMITS["server_rss_mb"],
         "count_growth": LIMITS["count_growth"],
+        "preview_vs_count": LIMITS["preview_vs_count"],
+        "explain_vs_trivial": LIMITS["explain_vs_trivial"],
+        "contact_segments_vs_trivial": LIMITS["contact_segments_vs_trivial"],
     }
     targets: dict[str, Any] = {}
     for name, make in makers.items():

@@ -39,6 +39,7 @@ def api_latencies(
             "rest_page100",
             "grpc_trivial",
             "rest_trivial",
+            "rest_explain",
         )
     }
     get = segments_pb2.GetSegmentRequest(id=m.segment_id)
@@ -56,6 +57,8 @@ def api_latencies(
         "rest_page100": lambda: rest.get(f"/segments/{m.segment_id}/contacts?page=100&pageSize=20"),
         "grpc_trivial": lambda: stack.server.contacts.GetContact(contact, metadata=md(key)),
         "rest_trivial": lambda: rest.get(f"/contacts/{contact_id}"),
+        # Why the trivial call's contact is or is not a member (one contact's truths).
+        "rest_explain": lambda: rest.get(f"/segments/{m.segment_id}/contacts/{contact_id}/explain"),
     }
     member_count = None
     for i in range(max(runs, API_ROUNDS) + 1):
@@ -73,19 +76,34 @@ def api_latencies(
         median([g / t for g, t in zip(results["rest_get"], results["rest_trivial"], strict=True)]),
         3,
     )
+    out["explain_vs_trivial"] = round(
+        median(
+            [e / t for e, t in zip(results["rest_explain"], results["rest_trivial"], strict=True)]
+        ),
+        3,
+    )
     out["rest_get_runs_ms"] = [round(x, 2) for x in results["rest_get"]]
     out["rest_trivial_runs_ms"] = [round(x, 2) for x in results["rest_trivial"]]
     out["rest_member_count"] = member_count
-    count = segments_pb2.CountMatchingContactsRequest(
-        condition=condition_proto(m.scenario.resolved(ids))
-    )
+    condition = condition_proto(m.scenario.resolved(ids))
+    count = segments_pb2.CountMatchingContactsRequest(condition=condition)
+    preview = segments_pb2.PreviewSegmentRequest(condition=condition)
     count_ms = []
+    preview_ms = []
     for i in range(runs + 1):
         ms, reply = timed(partial(seg.CountMatchingContacts, count, metadata=md(key), timeout=300))
+        # The preview (the count and up to 10 members) in the same round as the count.
+        pms, previewed = timed(partial(seg.PreviewSegment, preview, metadata=md(key), timeout=300))
         if i > 0:
             count_ms.append(ms)
+            preview_ms.append(pms)
     out["grpc_count_matching_ms"] = median(count_ms)
     out["count_matching"] = int(reply.count)
+    out["grpc_preview_ms"] = median(preview_ms)
+    out["preview_vs_count"] = round(
+        median([p / c for p, c in zip(preview_ms, count_ms, strict=True)]), 3
+    )
+    out["preview_member_count"] = int(previewed.member_count)
     return out
 
 

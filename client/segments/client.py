@@ -1112,7 +1112,7 @@ class SegmentsClient(_Client):
 
     def preview_segment(self, condition: Condition) -> segments_pb2.PreviewSegmentResponse:
         """How many contacts `condition` selects now (`member_count`) and up to 10 of them,
-        newest first (`sample`); nothing is stored."""
+        the first the service finds, shown newest first (`sample`); nothing is stored."""
         request = segments_pb2.PreviewSegmentRequest(condition=_condition(condition))
         return self._send(_PREVIEW_SEGMENT, request)
 

@@ -653,8 +653,8 @@ class PreviewSegmentResponse(_message.Message):
     """How many of the project's contacts the condition selects."""
     @_builtins.property
     def sample(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Contact]:
-        """Up to 10 of them, newest first (createdAt descending, then id), read in the same
-        transaction as the count.
+        """Up to 10 of them (whichever the statement finds first; shown createdAt descending,
+        then id), read in the same transaction as the count.
         """
 
     def __init__(

@@ -211,7 +211,7 @@ class SegmentServiceServicer:
 
     def PreviewSegment(self, request, context):
         """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
-        storing anything: how many contacts it selects now and up to 10 of them, newest first.
+        storing anything: how many contacts it selects now and up to 10 of them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

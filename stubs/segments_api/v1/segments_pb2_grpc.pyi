@@ -80,7 +80,7 @@ class SegmentServiceStub:
     """
     PreviewSegment: _grpc.UnaryUnaryMultiCallable[_segments_pb2.PreviewSegmentRequest, _segments_pb2.PreviewSegmentResponse]
     """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
-    storing anything: how many contacts it selects now and up to 10 of them, newest first.
+    storing anything: how many contacts it selects now and up to 10 of them.
     """
     ExplainMembership: _grpc.UnaryUnaryMultiCallable[_segments_pb2.ExplainMembershipRequest, _segments_pb2.ExplainMembershipResponse]
     """Why a contact is or is not a member now: the segment's condition with `matched` on
@@ -146,7 +146,7 @@ class SegmentServiceAsyncStub(SegmentServiceStub):
     """
     PreviewSegment: _aio.UnaryUnaryMultiCallable[_segments_pb2.PreviewSegmentRequest, _segments_pb2.PreviewSegmentResponse]  # type: ignore[assignment]
     """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
-    storing anything: how many contacts it selects now and up to 10 of them, newest first.
+    storing anything: how many contacts it selects now and up to 10 of them.
     """
     ExplainMembership: _aio.UnaryUnaryMultiCallable[_segments_pb2.ExplainMembershipRequest, _segments_pb2.ExplainMembershipResponse]  # type: ignore[assignment]
     """Why a contact is or is not a member now: the segment's condition with `matched` on
@@ -281,7 +281,7 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_segments_pb2.PreviewSegmentResponse, _abc.Awaitable[_segments_pb2.PreviewSegmentResponse]]:
         """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
-        storing anything: how many contacts it selects now and up to 10 of them, newest first.
+        storing anything: how many contacts it selects now and up to 10 of them.
         """
 
     @_abc_1.abstractmethod
