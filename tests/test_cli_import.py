@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -421,6 +422,45 @@ def test_export_writes_the_rest_csv(
     empty = client.create_segment("Nobody", condition=F.data("plan") == "none")
     nobody = segments("export", empty.id, "--target", target, key=project.secret_key)
     assert nobody.stdout.strip() == "id,email,subscribed,createdAt,updatedAt,data"
+
+
+def test_export_is_byte_for_byte_the_rest_export(
+    target: str, rest_url: str, project: Project, client: SegmentsClient
+) -> None:
+    """`segments export` formats on the client what `GET /segments/{id}/export` formats on
+    the server: the same bytes, whatever the data holds."""
+    client.batch_upsert_contacts(
+        [
+            {
+                "email": f"user{i}@example.com",
+                "subscribed": i % 2 == 0,
+                "data": {
+                    "plan": "pro",
+                    "zeta": i,
+                    "a": 1.5,
+                    "long key, with a comma": 'quote " and\nnewline',
+                    "ü": ["x", {"b": True, "a": None}],
+                    "big": 12345678901,
+                },
+            }
+            for i in range(300)
+        ]
+    )
+    segment = client.create_segment("Pro", condition=F.data("plan") == "pro")
+    request = urllib.request.Request(
+        f"{rest_url}/segments/{segment.id}/export",
+        headers={"Authorization": f"Bearer {project.secret_key}"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        rest = response.read()
+    cli = subprocess.run(
+        [str(SEGMENTS), "export", segment.id, "--target", target, "--key", project.secret_key],
+        capture_output=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert rest.count(b"\r\n") == 301
+    assert cli.stdout == rest
 
 
 def rfc3339(moment: datetime) -> str:
