@@ -1,9 +1,11 @@
 """The SQL filter compiler agrees with the reference evaluator (tests/reference.py).
 
-Each example writes a small random project (contacts with odd data, events near window
-edges, two STATIC helper segments and a DYNAMIC one that conditions may reference) inside
-one transaction, evaluates a few random conditions, and each of their filters alone, both in
-PostgreSQL and in Python (tests/reference.py), and rolls everything back.
+Each example writes a small random project (contacts with odd data, events with odd data
+near window edges, two STATIC helper segments and a DYNAMIC one that conditions may
+reference) inside one transaction, evaluates a few random conditions, and each of their
+filters alone, both in PostgreSQL and in Python (tests/reference.py), and rolls everything
+back. An example's "now" is one of two instants: mid-month, or at the end of a month longer
+than the one before it, where calendar months clamp.
 
 FILTER_PROPERTY_EXAMPLES sets the number of examples (default 300); run with -s to see
 what was covered.
@@ -16,19 +18,29 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Context, Decimal, Inexact, localcontext
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments_service.filters import parse_condition
 from segments_service.segments import member_count_statement, member_ids
-from tests.reference import MISSING, RefContact, RefEvent, RefSegment, evaluate, lookup
+from tests.reference import (
+    MISSING,
+    RefContact,
+    RefEvent,
+    RefSegment,
+    evaluate,
+    lookup,
+    value_instant,
+)
 
 EXAMPLES = int(os.environ.get("FILTER_PROPERTY_EXAMPLES", "300"))
 # FILTER_PROPERTY_SHRINK=0 reports the first failing example as found (shrinking a world
@@ -36,45 +48,99 @@ EXAMPLES = int(os.environ.get("FILTER_PROPERTY_EXAMPLES", "300"))
 SHRINK = os.environ.get("FILTER_PROPERTY_SHRINK", "1") != "0"
 
 NOW = datetime(2025, 6, 15, 12, 0, tzinfo=UTC)
+# 2025-03-31 minus one month is 2025-02-28 (clamped); minus 13 months, 2024-02-29.
+MONTH_END_NOW = datetime(2025, 3, 31, 21, 45, tzinfo=UTC)
+NOWS = [NOW, MONTH_END_NOW]
 US = timedelta(microseconds=1)
 STATIC_ID = uuid.UUID("00000000-0000-4000-8000-00000000005a")
 DYNAMIC_ID = uuid.UUID("00000000-0000-4000-8000-00000000d1a0")
 OTHER_STATIC_ID = uuid.UUID("00000000-0000-4000-8000-0000000005b0")
 
-# Instants on and next to the edges of the windows below (N in WINDOW_VALUES x units).
-INSTANTS = [
-    NOW,
-    NOW - US,
-    NOW + US,
-    NOW + timedelta(minutes=1),
-    NOW - timedelta(minutes=1),
-    NOW - timedelta(minutes=30),
-    NOW - timedelta(minutes=30) - US,
-    NOW - timedelta(hours=1),
-    NOW - timedelta(hours=1) - US,
-    NOW - timedelta(hours=1) + US,
-    NOW - timedelta(hours=12),
-    NOW - timedelta(days=1),
-    NOW - timedelta(days=1) - US,
-    NOW - timedelta(days=1) + US,
-    NOW - timedelta(hours=36),
-    NOW - timedelta(days=7),
-    NOW - timedelta(days=7) - US,
-    NOW - timedelta(days=7) + US,
-    NOW - timedelta(days=30),
-    NOW - timedelta(days=90, microseconds=1),
-    datetime(2025, 6, 15, tzinfo=UTC),
-    datetime(2025, 6, 14, 23, 59, 59, 999999, tzinfo=UTC),
-    datetime(2025, 6, 16, tzinfo=UTC),
-    datetime(2025, 6, 15, 12, 0, 0, 123000, tzinfo=UTC),
-    datetime(2025, 6, 15, 12, 0, 0, 123456, tzinfo=UTC),
-    datetime(2000, 1, 1, tzinfo=UTC),
-    datetime(1969, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
-    datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
-    datetime(2300, 1, 1, 0, 0, 0, 1000, tzinfo=UTC),
-]
+# Calendar-month edges of each now, written out by hand (not computed, so that they check
+# the month arithmetic of both sides): N months before and after, for N in MONTH_VALUES.
+MONTH_EDGES = {
+    NOW: [
+        datetime(2025, 5, 15, 12, tzinfo=UTC),  # -1
+        datetime(2025, 4, 15, 12, tzinfo=UTC),  # -2
+        datetime(2025, 3, 15, 12, tzinfo=UTC),  # -3
+        datetime(2024, 6, 15, 12, tzinfo=UTC),  # -12
+        datetime(2024, 5, 15, 12, tzinfo=UTC),  # -13
+        datetime(2025, 7, 15, 12, tzinfo=UTC),  # +1
+        datetime(2025, 8, 15, 12, tzinfo=UTC),  # +2
+        datetime(2025, 9, 15, 12, tzinfo=UTC),  # +3
+    ],
+    MONTH_END_NOW: [
+        datetime(2025, 2, 28, 21, 45, tzinfo=UTC),  # -1, clamped
+        datetime(2025, 1, 31, 21, 45, tzinfo=UTC),  # -2
+        datetime(2024, 12, 31, 21, 45, tzinfo=UTC),  # -3
+        datetime(2024, 3, 31, 21, 45, tzinfo=UTC),  # -12
+        datetime(2024, 2, 29, 21, 45, tzinfo=UTC),  # -13, clamped to a leap day
+        datetime(2025, 4, 30, 21, 45, tzinfo=UTC),  # +1, clamped
+        datetime(2025, 5, 31, 21, 45, tzinfo=UTC),  # +2
+        datetime(2025, 6, 30, 21, 45, tzinfo=UTC),  # +3, clamped
+        datetime(2025, 3, 3, 21, 45, tzinfo=UTC),  # -28 days: what "-1 month" is not
+        datetime(2025, 5, 1, 21, 45, tzinfo=UTC),  # +31 days: what "+1 month" is not
+    ],
+}
+
+
+def instants(now: datetime) -> list[datetime]:
+    """Instants on and next to the edges of the windows below (WINDOW_VALUES x UNITS), in the
+    past and (for withinNext, and future-dated events) in the future."""
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    month_edges = MONTH_EDGES[now]
+    return [
+        now,
+        now - US,
+        now + US,
+        now + timedelta(minutes=1),
+        now - timedelta(minutes=1),
+        now - timedelta(minutes=30),
+        now - timedelta(minutes=30) - US,
+        now - timedelta(hours=1),
+        now - timedelta(hours=1) - US,
+        now - timedelta(hours=1) + US,
+        now - timedelta(hours=12),
+        now - timedelta(days=1),
+        now - timedelta(days=1) - US,
+        now - timedelta(days=1) + US,
+        now - timedelta(hours=36),
+        now - timedelta(days=3, hours=12),  # half a week
+        now - timedelta(days=7),
+        now - timedelta(days=7) - US,
+        now - timedelta(days=7) + US,
+        now - timedelta(days=30),
+        now - timedelta(days=90, microseconds=1),
+        now + timedelta(hours=12),
+        now + timedelta(days=1),
+        now + timedelta(days=1) + US,
+        now + timedelta(days=3, hours=12),
+        now + timedelta(days=7),
+        now + timedelta(days=7) + US,
+        now + timedelta(days=7) - US,
+        now + timedelta(days=30),
+        *month_edges,
+        month_edges[0] - US,
+        month_edges[0] + US,
+        month_edges[5] - US,
+        month_edges[5] + US,
+        midnight,
+        midnight - US,
+        midnight + timedelta(days=1),
+        now.replace(microsecond=123000),
+        now.replace(microsecond=123456),
+        datetime(2000, 1, 1, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
+        datetime(2300, 1, 1, 0, 0, 0, 1000, tzinfo=UTC),
+    ]
+
+
+INSTANTS = {now: instants(now) for now in NOWS}
+ALL_INSTANTS = sorted({m for now in NOWS for m in INSTANTS[now]})
 WINDOW_VALUES = [1, 7, 30, 90, 0.5, 1.5, 12, 24, 36, 60]
-UNITS = ["days", "hours", "minutes"]
+MONTH_VALUES = [1, 1, 2, 3, 12, 13, 2.0]  # whole numbers only (2.0 is one)
+UNITS = ["days", "hours", "minutes", "weeks", "months"]
 OFFSETS = [
     timezone(timedelta(hours=5, minutes=30)),
     timezone(timedelta(hours=-8)),
@@ -236,8 +302,9 @@ def _spellings(moment: datetime, stored: bool) -> list[str]:
     return out
 
 
-STORED_STAMPS = sorted({s for m in INSTANTS for s in _spellings(m, stored=True)})
-VALUE_STAMPS = sorted({s for m in INSTANTS for s in _spellings(m, stored=False)})
+STORED_STAMPS = sorted({s for m in ALL_INSTANTS for s in _spellings(m, stored=True)})
+VALUE_STAMPS = sorted({s for m in ALL_INSTANTS for s in _spellings(m, stored=False)})
+VALUE_STAMP_SET = frozenset(VALUE_STAMPS)
 
 
 def epoch_millis(moment: datetime) -> int | float:
@@ -249,8 +316,8 @@ def epoch_millis(moment: datetime) -> int | float:
 
 TIME_VALUES = st.one_of(
     st.sampled_from(VALUE_STAMPS),
-    st.sampled_from([epoch_millis(m) for m in INSTANTS]),
-    st.sampled_from(sorted({m.date().isoformat() for m in INSTANTS})),  # whole UTC days
+    st.sampled_from([epoch_millis(m) for m in ALL_INSTANTS]),
+    st.sampled_from(sorted({m.date().isoformat() for m in ALL_INSTANTS})),  # whole UTC days
 )
 
 
@@ -297,6 +364,8 @@ WORDS = [
     "ǅemal",
     "\u212a-pop",
     "k-pop",
+    "50%_OFF",  # LIKE's wildcards and escape, for startsWith / endsWith
+    "a_b\\c%",
 ]
 NEEDLES = [
     "prem",
@@ -326,6 +395,14 @@ NEEDLES = [
     "ǆ",
     "ǅ",
     "Ǆ",
+    "%",
+    "_",
+    "\\",
+    "50%",
+    "5_%",
+    "_off",
+    "\\c%",
+    "a%",
 ]
 TEXTS = ["aÄ", "İi", "\u03c3Σ5", "e é", "ÄÖÜ", "ﬁ", "ǅ", "a\u0307", "5 ", "-:T", "ss", "SSß"]
 NESTED: list[Any] = [
@@ -364,26 +441,122 @@ addresses = st.one_of(
         },
     ),
 )
-tag_lists = st.one_of(json_values, st.lists(json_values, max_size=3))
+# Array elements, for arrayContains: type-exact (5 is 5.0, not "5"), case-sensitive.
+ARRAY_ITEMS: list[Any] = [
+    "vip",
+    "VIP",
+    "vip ",
+    "5",
+    5,
+    5.0,
+    0,
+    -0.0,
+    10**16 + 1,
+    1e16,
+    True,
+    False,
+    "true",
+    None,
+    "",
+    "İ",
+    ["vip"],
+    {"vip": True},
+]
+array_items = st.sampled_from(ARRAY_ITEMS)
+tag_lists = st.one_of(
+    st.lists(array_items, min_size=1, max_size=4),
+    st.lists(json_values, max_size=3),
+    array_items,  # a scalar: never "contains" itself
+    json_values,
+)
+# Stored timestamps near the windows of one now.
+NEAR_STAMPS = {
+    now: sorted({s for m in INSTANTS[now] for s in _spellings(m, stored=True)}) for now in NOWS
+}
 # Each key leans to the kind of value filters on it look for, and still takes anything.
 KEY_VALUES = {
-    "plan": st.one_of(st.sampled_from(WORDS), st.sampled_from(COMMON), json_values),
-    "note": st.one_of(
-        st.sampled_from(WORDS), st.sampled_from(WORDS + UNICODE + TEXTS), json_values
-    ),
-    "age": st.one_of(st.sampled_from(NUMBERS), st.sampled_from(COMMON), json_values),
-    "score": st.one_of(st.sampled_from(NUMBERS), json_values),
-    "signup": st.one_of(
-        st.sampled_from(STORED_STAMPS), st.sampled_from(ODD_STAMPS + BAD_STAMPS), json_values
-    ),
-    WEIRD_KEY: st.one_of(st.sampled_from(WORDS), st.sampled_from(COMMON), json_values),
-    "address": addresses,
-    "tags": tag_lists,
+    now: {
+        "plan": st.one_of(st.sampled_from(WORDS), st.sampled_from(COMMON), json_values),
+        "note": st.one_of(
+            st.sampled_from(WORDS), st.sampled_from(WORDS + UNICODE + TEXTS), json_values
+        ),
+        "age": st.one_of(st.sampled_from(NUMBERS), st.sampled_from(COMMON), json_values),
+        "score": st.one_of(st.sampled_from(NUMBERS), json_values),
+        "signup": st.one_of(
+            st.sampled_from(NEAR_STAMPS[now]),
+            st.sampled_from(ODD_STAMPS + BAD_STAMPS),
+            json_values,
+        ),
+        WEIRD_KEY: st.one_of(st.sampled_from(WORDS), st.sampled_from(COMMON), json_values),
+        "address": addresses,
+        "tags": tag_lists,
+    }
+    for now in NOWS
 }
+
+# --- event data ---------------------------------------------------------------------------
+
+# Purchase amounts: numbers (aggregated), and what aggregates must ignore.
+AMOUNT_NUMBERS: list[int | float] = [
+    0,
+    1,
+    2,
+    5,
+    5.0,
+    10,
+    20,
+    40.5,
+    50,
+    60,
+    99.99,
+    100,
+    -5,
+    0.1,
+    0.2,
+    0.30000000000000004,
+    2.5e-7,
+    1e16,
+    10**16 + 1,
+]
+NOT_NUMBERS: list[Any] = ["42", "50", "", True, False, None, {"value": 5}, [5], "5.0"]
+amounts = st.one_of(
+    st.sampled_from(AMOUNT_NUMBERS), st.sampled_from(AMOUNT_NUMBERS), st.sampled_from(NOT_NUMBERS)
+)
+CURRENCIES: list[Any] = ["EUR", "USD", "eur", "Eur", "GBP", "", 5, True, None, "50%_OFF"]
+SKUS: list[Any] = ["AB-1", "ab-2", "XY_9", "straße", "İstanbul", 42, None]
+EVENT_KEY_VALUES = {
+    now: {
+        "amount": amounts,
+        "currency": st.sampled_from(CURRENCIES),
+        "item": st.one_of(
+            st.fixed_dictionaries({}, optional={"sku": st.sampled_from(SKUS), "price": amounts}),
+            st.sampled_from(SKUS),
+        ),
+        "tags": tag_lists,
+        "at": st.one_of(st.sampled_from(NEAR_STAMPS[now]), scalars),
+    }
+    for now in NOWS
+}
+# Half the events are one of these, so that counts, `where` and aggregates find several.
+DATA_EVENT_NAMES = ["purchase", "purchase", "login"]
+DATA_EVENT_FIELDS = ["event.purchase", "purchase", "event.login"]
+EVENT_DATA_FIELDS = [
+    "data.amount",
+    "data.amount",
+    "data.currency",
+    "data.item",
+    "data.item.sku",
+    "data.item.price",
+    "data.tags",
+    "data.at",
+    "data.missing",
+]
+AGGREGATE_FIELDS = ["data.amount", "data.amount", "data.amount", "data.item.price", "data.at"]
 
 
 @dataclass
 class World:
+    now: datetime
     contacts: list[RefContact]
     events: list[RefEvent]
     static_members: frozenset[uuid.UUID]
@@ -400,39 +573,49 @@ class World:
         }
 
 
-LOCALS = ["a", "b", "ann", "bob", "premium", "x.y", "ä", "i\u0307nfo", "straße", "\u03c3"]
+LOCALS = ["a", "b", "ann", "bob", "premium", "x.y", "ä", "i\u0307nfo", "straße", "\u03c3", "a_b%"]
 DOMAINS = ["x.com", "example.org", "mail.de"]
 
 
 @st.composite
-def contacts(draw: st.DrawFn) -> list[RefContact]:
+def contacts(draw: st.DrawFn, now: datetime) -> list[RefContact]:
     out = []
     for i in range(draw(st.integers(10, 30))):
         data = {}
         for key in DATA_KEYS:
             if draw(st.integers(0, 3)):  # a quarter of the keys are missing
-                data[key] = draw(KEY_VALUES[key])
+                data[key] = draw(KEY_VALUES[now][key])
         out.append(
             RefContact(
                 id=uuid.UUID(int=i + 1),
                 email=f"{draw(st.sampled_from(LOCALS))}{i}@{draw(st.sampled_from(DOMAINS))}".lower(),
                 subscribed=draw(st.booleans()),
                 data=data,
-                created_at=draw(st.sampled_from(INSTANTS)),
-                updated_at=draw(st.sampled_from(INSTANTS)),
+                created_at=draw(st.sampled_from(INSTANTS[now])),
+                updated_at=draw(st.sampled_from(INSTANTS[now])),
             )
         )
     return out
 
 
 @st.composite
-def events_for(draw: st.DrawFn, people: list[RefContact]) -> list[RefEvent]:
+def events_for(draw: st.DrawFn, people: list[RefContact], now: datetime) -> list[RefEvent]:
     out = []
     for person in people:
         for _ in range(draw(st.integers(0, 4))):
+            data = {}
+            if draw(st.integers(0, 4)):  # a fifth of the events carry no data at all
+                for key, values in EVENT_KEY_VALUES[now].items():
+                    if draw(st.integers(0, 2)):  # a third of the keys are missing
+                        data[key] = draw(values)
             out.append(
                 RefEvent(
-                    person.id, draw(st.sampled_from(EVENT_NAMES)), draw(st.sampled_from(INSTANTS))
+                    person.id,
+                    draw(
+                        st.one_of(st.sampled_from(DATA_EVENT_NAMES), st.sampled_from(EVENT_NAMES))
+                    ),
+                    draw(st.sampled_from(INSTANTS[now])),
+                    data,
                 )
             )
     return out
@@ -441,106 +624,222 @@ def events_for(draw: st.DrawFn, people: list[RefContact]) -> list[RefEvent]:
 # --- conditions ---------------------------------------------------------------------------
 
 ORDERING = ["greaterThan", "lessThan", "greaterThanOrEqual", "lessThanOrEqual"]
+COMPARISONS = ["equals", "notEquals", *ORDERING]
 
 
 @st.composite
 def windowed(draw: st.DrawFn, field_name: str, op: str) -> dict[str, Any]:
+    unit = draw(st.sampled_from(UNITS))
+    values = MONTH_VALUES if unit == "months" else WINDOW_VALUES
     return {
         "field": field_name,
         "operator": op,
-        "value": draw(st.sampled_from(WINDOW_VALUES)),
-        "unit": draw(st.sampled_from(UNITS)),
+        "value": draw(st.sampled_from(values)),
+        "unit": unit,
     }
+
+
+def _number(amount: Decimal) -> int | float:
+    """A decimal as a JSON number (a float may be the nearest one, not the decimal itself)."""
+    if amount == amount.to_integral_value() and abs(amount) < 2**53:
+        return int(amount)
+    return float(amount)
+
+
+def _exact_average(numbers: list[Decimal]) -> int | float | None:
+    """The average of `numbers` when it is a short decimal that a float holds exactly, else None.
+
+    PostgreSQL's numeric avg keeps about 16 significant digits, so an average such as 4/3
+    comes back rounded, and a comparison value equal to the rounded average would make SQL
+    and the exact reference disagree about nothing but rounding. Aggregate comparison values
+    are therefore such exact averages, exact sums, minima and maxima of the example's data,
+    and the short decimals of AGGREGATE_VALUES: none sits within 1e-12 (relatively) of a
+    non-terminating average without being equal to it.
+    """
+    total = sum(numbers, Decimal(0))
+    try:
+        with localcontext(Context(prec=15, traps=[Inexact])):
+            average = total / len(numbers)
+    except Inexact:
+        return None
+    as_float = _number(average)
+    return as_float if Decimal(repr(as_float)) == average or isinstance(as_float, int) else None
+
+
+def _short(texts: Iterable[str]) -> tuple[str, ...]:
+    """Pieces of `texts` in other cases: needles for contains / startsWith / endsWith."""
+    return tuple(
+        sorted(
+            {
+                variant
+                for leaf in texts
+                for variant in (
+                    leaf,
+                    leaf.upper(),
+                    leaf[1:4],
+                    leaf[:2].swapcase(),
+                    leaf[:3].lower(),
+                    leaf[-3:].upper(),
+                    leaf[:4].upper(),
+                    leaf[-2:],
+                )
+            }
+        )
+    )
+
+
+def _leaves(records: Iterable[dict[str, Any]], fields: list[str]) -> dict[str, list[Any]]:
+    """The values at each data field of `records` (missing keys left out)."""
+    out: dict[str, list[Any]] = {}
+    for name in fields:
+        out[name] = []
+        for record in records:
+            node = lookup(record, name[5:].split("."))
+            if node is not MISSING:
+                out[name].append(node)
+    return out
+
+
+def _scalars_of(values: list[Any]) -> tuple[Any, ...]:
+    found = {json.dumps(v): v for v in values if not isinstance(v, (dict, list, type(None)))}
+    return tuple(found[k] for k in sorted(found))
+
+
+def _elements_of(values: list[Any]) -> tuple[Any, ...]:
+    return _scalars_of([item for v in values if isinstance(v, list) for item in v])
 
 
 @dataclass(frozen=True)
 class Seen:
-    """Values present in an example's contacts, so that equals / contains often hit."""
+    """Values present in an example's contacts and events, so that filters often hit."""
 
     emails: tuple[str, ...] = ()
     scalars: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # by data field
     needles: dict[str, tuple[str, ...]] = field(default_factory=dict)  # by data field
+    elements: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # of arrays, by field
+    # The same for the data of events, by field of a `where` filter.
+    event_scalars: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    event_needles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    event_elements: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # sum / min / max / exact avg of the numbers at a field in one contact's events of a name.
+    aggregates: dict[str, tuple[int | float, ...]] = field(default_factory=dict)
 
     @staticmethod
-    def of(people: list[RefContact]) -> Seen:
-        scalars: dict[str, tuple[Any, ...]] = {}
-        needles: dict[str, tuple[str, ...]] = {}
-        for name in DATA_FIELDS:
-            found: dict[str, Any] = {}
-            for person in people:
-                node = lookup(person.data, name[5:].split("."))
-                if node is not MISSING and not isinstance(node, (dict, list, type(None))):
-                    found.setdefault(json.dumps(node), node)
-            scalars[name] = tuple(found[k] for k in sorted(found))
-            needles[name] = tuple(
-                sorted(
-                    {
-                        variant
-                        for leaf in found.values()
-                        if isinstance(leaf, str)
-                        for variant in (
-                            leaf,
-                            leaf.upper(),
-                            leaf[1:4],
-                            leaf[:2].swapcase(),
-                            leaf[:3].lower(),
-                            leaf[-3:].upper(),
-                        )
-                    }
-                )
-            )
+    def of(people: list[RefContact], events: list[RefEvent]) -> Seen:
+        data = _leaves([p.data for p in people], DATA_FIELDS)
+        event_data = _leaves([e.data for e in events], EVENT_DATA_FIELDS)
+        aggregates: dict[str, set[int | float]] = {}
+        for name in AGGREGATE_FIELDS:
+            found = aggregates.setdefault(name, set())
+            by_contact_and_name: dict[tuple[uuid.UUID, str], list[Decimal]] = {}
+            for e in events:
+                node = lookup(e.data, name[5:].split("."))
+                if isinstance(node, (int, float)) and not isinstance(node, bool):
+                    key = (e.contact_id, e.name)
+                    by_contact_and_name.setdefault(key, []).append(_json_decimal(node))
+            for numbers in by_contact_and_name.values():
+                with localcontext(Context(prec=100)):
+                    found |= {_number(sum(numbers, Decimal(0))), _number(min(numbers))}
+                found.add(_number(max(numbers)))
+                average = _exact_average(numbers)
+                if average is not None:
+                    found.add(average)
         emails = {v for p in people for v in (p.email, p.email.upper(), p.email.title())}
-        return Seen(tuple(sorted(emails)), scalars, needles)
+        return Seen(
+            emails=tuple(sorted(emails)),
+            scalars={k: _scalars_of(v) for k, v in data.items()},
+            needles={k: _short(x for x in v if isinstance(x, str)) for k, v in data.items()},
+            elements={k: _elements_of(v) for k, v in data.items()},
+            event_scalars={k: _scalars_of(v) for k, v in event_data.items()},
+            event_needles={
+                k: _short(x for x in v if isinstance(x, str)) for k, v in event_data.items()
+            },
+            event_elements={k: _elements_of(v) for k, v in event_data.items()},
+            aggregates={k: tuple(sorted(v, key=repr)) for k, v in aggregates.items()},
+        )
 
 
-def _either(seen: tuple[Any, ...], *others: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    """Half the time a value seen in the example's contacts, else one of `others`."""
-    return st.one_of(st.sampled_from(seen), st.one_of(*others)) if seen else st.one_of(*others)
+def _either(
+    seen: tuple[Any, ...] | list[Any], *others: st.SearchStrategy[Any], lean: int = 1
+) -> st.SearchStrategy[Any]:
+    """A value seen in the example's records (lean / (lean + 1) of the time), else one of
+    `others`."""
+    if not seen:
+        return st.one_of(*others)
+    return st.one_of(*[st.sampled_from(seen)] * lean, st.one_of(*others))
+
+
+def _lists(element: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
+    """An `in` / `notIn` list: 1..100 values, mostly short, sometimes repeating one."""
+    return st.one_of(
+        st.lists(element, min_size=1, max_size=4),
+        st.lists(element, min_size=1, max_size=100),
+    )
+
+
+EMAIL_VALUES = [
+    "a0@x.com",
+    "A0@X.COM",
+    "b1@example.org",
+    "I\u0307NFO2@MAIL.DE",
+    "İNFO2@MAIL.DE",
+    "nobody@x.com",
+    "premium3@x.com",
+    "Bob4@Example.Org",
+    "",
+]
+EMAIL_NEEDLES = [
+    "@x.com",
+    "X.COM",
+    "a",
+    "B",
+    "İ",
+    "i\u0307",
+    "ä",
+    "Ä",
+    "STRASSE",
+    "straße",
+    "\u03c3",
+    "Σ",
+    "",
+    "1@",
+    "example",
+    "A_B%",
+    "a_",
+    "_",
+    "%",
+    ".ORG",
+    "x.com",
+    "de",
+]
 
 
 @st.composite
 def email_filters(draw: st.DrawFn, seen: Seen) -> dict[str, Any]:
-    op = draw(st.sampled_from(["equals", "notEquals", "contains", "notContains"]))
+    op = draw(
+        st.sampled_from(
+            [
+                "equals",
+                "notEquals",
+                "contains",
+                "notContains",
+                "in",
+                "notIn",
+                "startsWith",
+                "endsWith",
+            ]
+        )
+    )
+    exact = _either(seen.emails, st.sampled_from(EMAIL_VALUES))
     if op in ("equals", "notEquals"):
-        value = draw(
-            _either(
-                seen.emails,
-                st.sampled_from(
-                    [
-                        "a0@x.com",
-                        "A0@X.COM",
-                        "b1@example.org",
-                        "I\u0307NFO2@MAIL.DE",
-                        "nobody@x.com",
-                        "premium3@x.com",
-                        "Bob4@Example.Org",
-                        "",
-                    ]
-                ),
-            )
-        )
+        value: Any = draw(exact)
+    elif op in ("in", "notIn"):
+        value = draw(_lists(exact))
     else:
-        value = draw(
-            st.sampled_from(
-                [
-                    "@x.com",
-                    "X.COM",
-                    "a",
-                    "B",
-                    "İ",
-                    "i\u0307",
-                    "ä",
-                    "Ä",
-                    "STRASSE",
-                    "straße",
-                    "\u03c3",
-                    "Σ",
-                    "",
-                    "1@",
-                    "example",
-                ]
-            )
+        pieces = tuple(
+            p for e in seen.emails for p in (e[:3], e[-6:], e.split("@")[0], "@" + e.split("@")[1])
         )
+        value = draw(_either(pieces, st.sampled_from(EMAIL_NEEDLES)))
     return {"field": "email", "operator": op, "value": value}
 
 
@@ -553,67 +852,182 @@ def time_filters(draw: st.DrawFn) -> dict[str, Any]:
     return {"field": field_name, "operator": op, "value": draw(TIME_VALUES)}
 
 
+def _instant(value: str) -> int:
+    return value_instant(value)[0]
+
+
+VALUE_OPERATORS = [
+    "equals",
+    "notEquals",
+    "contains",
+    "notContains",
+    "exists",
+    "notExists",
+    *ORDERING,
+    "contains",  # case folding: twice
+    "notContains",
+    "in",
+    "notIn",
+    "startsWith",
+    "endsWith",
+    "between",
+    "arrayContains",
+]
+
+
 @st.composite
-def data_filters(draw: st.DrawFn, seen: Seen) -> dict[str, Any]:
-    op = draw(
-        st.sampled_from(
-            [
-                "equals",
-                "notEquals",
-                "contains",
-                "notContains",
-                "exists",
-                "notExists",
-                *ORDERING,
-                "within",
-                "olderThan",
-                "contains",
-                "notContains",
-            ]
-        )
-    )  # case folding: twice
+def value_filters(
+    draw: st.DrawFn,
+    fields: list[str],
+    scalars: dict[str, tuple[Any, ...]],
+    needles: dict[str, tuple[str, ...]],
+    elements: dict[str, tuple[Any, ...]],
+    operators: list[str],
+    time_field: str,
+    number_field: str,
+    text_field: str,
+    array_field: str,
+    local: tuple[Any, ...] = (),
+    local_needles: tuple[str, ...] = (),
+    lean: int = 1,
+) -> dict[str, Any]:
+    """A filter on a data field, of a contact or (in `where`) of an event: `scalars`,
+    `needles` and `elements` are what the example holds at each field, and values are
+    taken from them lean / (lean + 1) of the time; `local` and `local_needles` are values
+    and needles the records' own kind of data leans to."""
+    op = draw(st.sampled_from(operators))
     # Half the time, windows and comparisons look at the key that mostly holds timestamps,
-    # and contains at the key that mostly holds words.
-    field_name = draw(st.sampled_from(DATA_FIELDS))
-    if op in ("within", "olderThan", *ORDERING) and draw(st.booleans()):
-        field_name = "data.signup"
-    elif op in ("contains", "notContains") and draw(st.booleans()):
-        field_name = "data.note"
+    # contains at the key that mostly holds words, arrayContains at the one holding arrays.
+    field_name = draw(st.sampled_from(fields))
+    fitting = draw(st.integers(0, lean)) > 0
+    if op in ("within", "olderThan", "withinNext") and fitting:
+        field_name = time_field
+    elif op in (*ORDERING, "between") and fitting:
+        field_name = draw(st.sampled_from([time_field, number_field]))
+    elif op in ("contains", "notContains", "startsWith", "endsWith") and fitting:
+        field_name = text_field
+    elif op == "arrayContains" and draw(st.integers(0, 3)):
+        field_name = array_field
+    seen = scalars.get(field_name, ())
     if op in ("exists", "notExists"):
         return {"field": field_name, "operator": op}
-    if op in ("within", "olderThan"):
+    if op in ("within", "olderThan", "withinNext"):
         return draw(windowed(field_name, op))
-    if op in ("contains", "notContains"):
+    if op in ("contains", "notContains", "startsWith", "endsWith"):
         value: Any = draw(
             _either(
-                seen.needles.get(field_name, ()),
+                needles.get(field_name, ()),
+                *[st.sampled_from(local_needles)] * 3 * bool(local_needles),
                 st.sampled_from(NEEDLES),
                 st.sampled_from(WORDS),
                 st.sampled_from(UNICODE + STRINGS + TEXTS),
+                lean=lean,
             )
         )
-    elif op in ORDERING:
-        value = draw(st.one_of(st.sampled_from(NUMBERS), st.sampled_from(VALUE_STAMPS)))
-    else:
+        return {"field": field_name, "operator": op, "value": value}
+    numbers = [v for v in seen if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    stamps = [v for v in seen if isinstance(v, str) and v in VALUE_STAMP_SET]
+    if op in ORDERING:
         value = draw(
             _either(
-                seen.scalars.get(field_name, ()),
-                st.sampled_from(COMMON),
-                st.sampled_from(WORDS),
+                numbers + stamps,
                 st.sampled_from(NUMBERS),
-                st.sampled_from(STRINGS),
-                st.sampled_from(UNICODE),
-                st.booleans(),
-                st.sampled_from(ODD_STAMPS),
-                st.sampled_from(STORED_STAMPS),
+                st.sampled_from(VALUE_STAMPS),
+                lean=lean,
             )
         )
+    elif op == "between":
+        if draw(st.booleans()):
+            pair = draw(
+                st.lists(
+                    _either(numbers, st.sampled_from(NUMBERS + AMOUNT_NUMBERS), lean=lean),
+                    min_size=2,
+                    max_size=2,
+                )
+            )
+            value = sorted(pair, key=_json_decimal)
+        else:
+            pair = draw(
+                st.lists(
+                    _either(stamps, st.sampled_from(VALUE_STAMPS), TIME_DAYS, lean=lean),
+                    min_size=2,
+                    max_size=2,
+                )
+            )
+            value = sorted(pair, key=_instant)
+    elif op == "arrayContains":
+        value = draw(
+            _either(
+                elements.get(field_name, ()),
+                st.sampled_from([v for v in ARRAY_ITEMS if not isinstance(v, (list, dict))]),
+                st.sampled_from(COMMON),
+                lean=lean,
+            ).filter(lambda v: v is not None)
+        )
+    else:
+        exact = _either(
+            seen,
+            *[st.sampled_from(local)] * 3 * bool(local),
+            st.sampled_from(COMMON),
+            st.sampled_from(WORDS),
+            st.sampled_from(NUMBERS),
+            st.sampled_from(STRINGS),
+            st.sampled_from(UNICODE),
+            st.booleans(),
+            st.sampled_from(ODD_STAMPS),
+            st.sampled_from(STORED_STAMPS),
+            lean=lean,
+        )
+        value = draw(_lists(exact)) if op in ("in", "notIn") else draw(exact)
     return {"field": field_name, "operator": op, "value": value}
 
 
+def _json_decimal(number: int | float) -> Decimal:
+    return Decimal(number) if isinstance(number, int) else Decimal(repr(number))
+
+
+TIME_DAYS = st.sampled_from(sorted({m.date().isoformat() for m in ALL_INSTANTS}))
+
+
+def data_filters(seen: Seen) -> st.SearchStrategy[dict[str, Any]]:
+    return value_filters(
+        DATA_FIELDS,
+        seen.scalars,
+        seen.needles,
+        seen.elements,
+        [*VALUE_OPERATORS, "within", "olderThan", "withinNext", "withinNext"],
+        time_field="data.signup",
+        number_field="data.score",
+        text_field="data.note",
+        array_field="data.tags",
+    )
+
+
+def where_filters(seen: Seen) -> st.SearchStrategy[dict[str, Any]]:
+    return value_filters(
+        EVENT_DATA_FIELDS,
+        seen.event_scalars,
+        seen.event_needles,
+        seen.event_elements,
+        VALUE_OPERATORS,
+        time_field="data.at",
+        number_field="data.amount",
+        text_field="data.currency",
+        array_field="data.tags",
+        local=tuple(v for v in AMOUNT_NUMBERS + CURRENCIES + SKUS if v is not None),
+        local_needles=("eu", "EU", "R", "Us", "ab-", "AB", "-1", "_9", "xy", "%", "STR", "bul"),
+        lean=3,
+    )
+
+
+AGGREGATE_VALUES: list[int | float] = [0, 1, 10, 40.5, 50, 60, 100, 150, -5, 0.3, 1e16]
+COUNT_VALUES: list[int | float] = [0, 1, 1, 2, 2, 3, 4, 2.0]
+
+
 @st.composite
-def event_filters(draw: st.DrawFn) -> dict[str, Any]:
-    field_name = draw(st.sampled_from(EVENT_FIELDS))
+def event_filters(draw: st.DrawFn, seen: Seen) -> dict[str, Any]:
+    # Half the time the events that most contacts have, several of, with data.
+    field_name = draw(st.one_of(st.sampled_from(DATA_EVENT_FIELDS), st.sampled_from(EVENT_FIELDS)))
     op = draw(
         st.sampled_from(
             [
@@ -622,12 +1036,36 @@ def event_filters(draw: st.DrawFn) -> dict[str, Any]:
                 "triggeredWithin",
                 "triggeredOlderThan",
                 "notTriggeredWithin",
+                "triggered",  # the operators that take count and aggregate: twice
+                "triggeredWithin",
             ]
         )
     )
     if op in ("triggered", "notTriggered"):
-        return {"field": field_name, "operator": op}
-    return draw(windowed(field_name, op))
+        out: dict[str, Any] = {"field": field_name, "operator": op}
+    else:
+        out = draw(windowed(field_name, op))
+    if draw(st.integers(0, 2)) == 0:
+        out["where"] = [draw(where_filters(seen))]
+        if draw(st.integers(0, 3)) == 0:
+            out["where"].append(draw(where_filters(seen)))
+    if op in ("triggered", "triggeredWithin"):
+        if draw(st.integers(0, 2)) == 0:
+            out["count"] = {
+                "operator": draw(st.sampled_from(COMPARISONS)),
+                "value": draw(st.sampled_from(COUNT_VALUES)),
+            }
+        if draw(st.integers(0, 2)) == 0:
+            name = draw(st.sampled_from(AGGREGATE_FIELDS))
+            out["aggregate"] = {
+                "function": draw(st.sampled_from(["sum", "avg", "min", "max"])),
+                "field": name,
+                "operator": draw(st.sampled_from(COMPARISONS)),
+                "value": draw(
+                    _either(seen.aggregates.get(name, ()), st.sampled_from(AGGREGATE_VALUES))
+                ),
+            }
+    return out
 
 
 @st.composite
@@ -651,6 +1089,7 @@ def filters(draw: st.DrawFn, segment_ids: tuple[uuid.UUID, ...], seen: Seen) -> 
         "data",
         "event",
         "event",
+        "event",
     ] + ["segment"] * bool(segment_ids)
     kind = draw(st.sampled_from(kinds))
     if kind == "email":
@@ -666,7 +1105,7 @@ def filters(draw: st.DrawFn, segment_ids: tuple[uuid.UUID, ...], seen: Seen) -> 
     if kind == "data":
         return draw(data_filters(seen))
     if kind == "event":
-        return draw(event_filters())
+        return draw(event_filters(seen))
     return draw(segment_filters(segment_ids))
 
 
@@ -694,13 +1133,21 @@ def conditions(
     return {"logic": draw(st.sampled_from(["AND", "OR"])), "groups": groups}
 
 
+def _size(condition: dict[str, Any]) -> int:
+    """Filters toward the limit of 200: each `where` filter counts too."""
+    return sum(1 + len(f.get("where") or []) for f in _filters_of(condition))
+
+
 @st.composite
 def worlds(draw: st.DrawFn) -> World:
-    people = draw(contacts())
-    seen = Seen.of(people)
+    now = draw(st.sampled_from(NOWS))
+    people = draw(contacts(now))
+    events = draw(events_for(people, now))
+    seen = Seen.of(people, events)
     world = World(
+        now=now,
         contacts=people,
-        events=draw(events_for(people)),
+        events=events,
         static_members=frozenset(c.id for c in people if draw(st.booleans())),
         other_members=frozenset(c.id for c in people if draw(st.booleans())),
         # The DYNAMIC helper may itself use the STATIC one (a chain of references).
@@ -709,6 +1156,7 @@ def worlds(draw: st.DrawFn) -> World:
     world.conditions = draw(
         st.lists(conditions((STATIC_ID, DYNAMIC_ID, OTHER_STATIC_ID), seen), min_size=1, max_size=3)
     )
+    assume(all(_size(c) <= 200 for c in [world.dynamic_condition, *world.conditions]))
     return world
 
 
@@ -724,8 +1172,10 @@ class Stats:
     events: int = 0
     seconds_in_check: float = 0.0
     filters: int = 0
-    # (field kind, operator) -> filters of that kind that matched some but not all contacts
+    # (field kind, operator) -> filters of that kind that matched some but not all contacts;
+    # an event filter's operator is followed by the clauses it carries (+where, +count, ...).
     discriminating: dict[tuple[str, str], int] = field(default_factory=dict)
+    nows: dict[str, int] = field(default_factory=dict)  # examples by their now
 
 
 STATS = Stats()
@@ -738,6 +1188,14 @@ def _kind(field_name: str) -> str:
         return "time"
     prefix = field_name.split(".", 1)[0]
     return prefix if prefix in ("data", "segment") else "event"
+
+
+def _label(f: dict[str, Any]) -> str:
+    """The operator of a filter, with the clauses of an event filter."""
+    clauses = [f"+{k}" for k in ("where", "count", "aggregate") if k in f]
+    if "aggregate" in f:
+        clauses[-1] += f"({f['aggregate']['function']})"
+    return str(f["operator"]) + "".join(clauses)
 
 
 def _filters_of(condition: dict[str, Any]) -> list[dict[str, Any]]:
@@ -775,11 +1233,17 @@ def _store(session: Session, world: World) -> uuid.UUID:
     if world.events:
         session.execute(
             text(
-                "INSERT INTO events (project_id, contact_id, name, occurred_at) "
-                "VALUES (:p, :contact, :name, :at)"
+                "INSERT INTO events (project_id, contact_id, name, occurred_at, data) "
+                "VALUES (:p, :contact, :name, :at, CAST(:data AS jsonb))"
             ),
             [
-                {"p": project_id, "contact": e.contact_id, "name": e.name, "at": e.occurred_at}
+                {
+                    "p": project_id,
+                    "contact": e.contact_id,
+                    "name": e.name,
+                    "at": e.occurred_at,
+                    "data": json.dumps(e.data),
+                }
                 for e in world.events
             ],
         )
@@ -815,13 +1279,16 @@ def _explain(
     world: World, condition: dict[str, Any], sql: set[uuid.UUID], ref: set[uuid.UUID]
 ) -> str:
     lines = [
+        f"now: {world.now.isoformat()}",
         f"condition: {json.dumps(condition, ensure_ascii=False)}",
         f"dynamic helper: {json.dumps(world.dynamic_condition, ensure_ascii=False)}",
     ]
     for c in world.contacts:
         if (c.id in sql) != (c.id in ref):
             evs = [
-                (e.name, e.occurred_at.isoformat()) for e in world.events if e.contact_id == c.id
+                (e.name, e.occurred_at.isoformat(), json.dumps(e.data, ensure_ascii=False))
+                for e in world.events
+                if e.contact_id == c.id
             ]
             lines.append(
                 f"  {c.id.int}: sql={c.id in sql} reference={c.id in ref} email={c.email} "
@@ -840,16 +1307,16 @@ def check_world(session: Session, world: World) -> None:
     def compare(raw: dict[str, Any]) -> set[uuid.UUID]:
         condition = parse_condition(raw)
         assert parse_condition(condition.to_json()) == condition
-        members = member_ids(session, project_id, condition, now=NOW)
+        members = member_ids(session, project_id, condition, now=world.now)
         sql = set(session.execute(members).scalars())
         ref = {
             person.id
             for person in world.contacts
-            if evaluate(raw, person, world.events, NOW, world.segments)
+            if evaluate(raw, person, world.events, world.now, world.segments)
         }
         assert sql == ref, _explain(world, raw, sql, ref)
         # The count statement (by subtraction where it can) answers the same.
-        counted = session.execute(member_count_statement(session, project_id, condition, NOW))
+        counted = session.execute(member_count_statement(session, project_id, condition, world.now))
         assert counted.scalar_one() == len(ref), raw
         return ref
 
@@ -860,12 +1327,13 @@ def check_world(session: Session, world: World) -> None:
             ref = compare({"logic": "AND", "groups": [{"filters": [f]}]})
             STATS.filters += 1
             if 0 < len(ref) < len(world.contacts):
-                key = (_kind(f["field"]), f["operator"])
+                key = (_kind(f["field"]), _label(f))
                 STATS.discriminating[key] = STATS.discriminating.get(key, 0) + 1
         ref = compare(raw)
         STATS.conditions += 1
         STATS.non_trivial += 0 < len(ref) < len(world.contacts)
     STATS.examples += 1
+    STATS.nows[world.now.isoformat()] = STATS.nows.get(world.now.isoformat(), 0) + 1
     STATS.contacts += len(world.contacts)
     STATS.events += len(world.events)
     STATS.seconds_in_check += time.monotonic() - started
@@ -909,7 +1377,8 @@ def test_sql_agrees_with_reference(
             "operator:"
         )
         for (kind, op), count in sorted(STATS.discriminating.items()):
-            print(f"    {kind:10} {op:22} {count}")
+            print(f"    {kind:10} {op:44} {count}")
+        print(f"    examples by now: {STATS.nows}")
     assert STATS.examples > 0
     if STATS.conditions >= 100:
         assert STATS.non_trivial > STATS.conditions // 10, "conditions rarely discriminate"
