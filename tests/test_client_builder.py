@@ -570,7 +570,11 @@ BAD_DICTS: list[tuple[Any, list[str]]] = [
         groups_of(
             "OR",
             {"filters": [flt("email", "exists")]},
-            {"conditions": groups_of("AND", {"filters": [flt("data.t", "within", 1, "weeks")]})},
+            {
+                "conditions": groups_of(
+                    "AND", {"filters": [flt("data.t", "within", 1, "fortnights")]}
+                )
+            },
         ),
         ["condition.groups.1.conditions.groups.0.filters.0.unit"],
     ),

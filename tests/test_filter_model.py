@@ -26,6 +26,7 @@ from segments_service.filters import (
     SegmentFilter,
     SubscribedFilter,
     TimeFilter,
+    Window,
     compile_members,
     parse_condition,
 )
@@ -49,7 +50,7 @@ SEGMENT = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
         (
             F.updated_at.within(3, "hours"),
             TimeFilter,
-            {"kind": Kind.UPDATED_AT, "window": timedelta(hours=3)},
+            {"kind": Kind.UPDATED_AT, "window": Window(span=timedelta(hours=3))},
         ),
         (
             F.data("a", "b") < "2025-01-02T03:04:05Z",
@@ -60,7 +61,7 @@ SEGMENT = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
         (
             F.email_activity("open").triggered_within(2, "days"),
             EventFilter,
-            {"events": ("email.opened", "email.open"), "window": timedelta(days=2)},
+            {"events": ("email.opened", "email.open"), "window": Window(span=timedelta(days=2))},
         ),
         # A bare name with an event operator: a spelling of the JSON the builder never writes.
         (

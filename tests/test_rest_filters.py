@@ -242,7 +242,7 @@ def test_time_validation(rest: Rest, project: Project) -> None:
     ):
         refused(rest, project, cond(bad), f"{F0}.value")
     refused(rest, project, cond(flt("createdAt", "within", 7)), f"{F0}.unit")
-    refused(rest, project, cond(flt("createdAt", "within", 7, "weeks")), f"{F0}.unit")
+    refused(rest, project, cond(flt("createdAt", "within", 7, "fortnights")), f"{F0}.unit")
     refused(rest, project, cond(flt("createdAt", "exists")), f"{F0}.operator")
 
 

@@ -389,6 +389,7 @@ class _ConditionReader:
         "logic": FilterCondition.Logic,
         "operator": resources_pb2.Filter.Operator,
         "unit": resources_pb2.Filter.Unit,
+        "function": resources_pb2.Filter.Aggregate.Function,
     }
 
     def __init__(self, violations: list[FieldViolation]) -> None:
@@ -444,24 +445,53 @@ class _ConditionReader:
         return out
 
     def filter(self, raw: object, path: str) -> resources_pb2.Filter:
-        keys = {"field", "operator", "value", "unit"}
+        keys = {"field", "operator", "value", "unit", "count", "where", "aggregate"}
         fields = self._object(raw, path, keys, "`field` and `operator`")
         out = resources_pb2.Filter()
+        self._field(fields, path, out)
+        for kind in ("operator", "unit"):
+            if kind in fields:
+                setattr(out, kind, self._enum(fields[kind], f"{path}.{kind}", kind))
+        self._value(fields, path, out.value)
+        if "count" in fields:
+            count = self._object(
+                fields["count"], f"{path}.count", {"operator", "value"}, "`operator` and `value`"
+            )
+            if "operator" in count:
+                out.count.operator = self._enum(  # type: ignore[assignment]
+                    count["operator"], f"{path}.count.operator", "operator"
+                )
+            self._value(count, f"{path}.count", out.count.value)
+            out.count.SetInParent()
+        for i, item in enumerate(self._list(fields.get("where", ()), f"{path}.where")):
+            out.where.append(self.filter(item, f"{path}.where.{i}"))
+        if "aggregate" in fields:
+            at = f"{path}.aggregate"
+            keys = {"function", "field", "operator", "value"}
+            what = "`function`, `field`, `operator` and `value`"
+            aggregate = self._object(fields["aggregate"], at, keys, what)
+            self._field(aggregate, at, out.aggregate)
+            for kind in ("function", "operator"):
+                if kind in aggregate:
+                    setattr(out.aggregate, kind, self._enum(aggregate[kind], f"{at}.{kind}", kind))
+            self._value(aggregate, at, out.aggregate.value)
+            out.aggregate.SetInParent()
+        return out
+
+    def _field(self, fields: Mapping[str, Any], path: str, out: Any) -> None:
         if "field" in fields:
             if isinstance(fields["field"], str):
                 out.field = fields["field"]
             else:
                 self._fail(f"{path}.field", "must be a string", "invalid_type")
-        for kind in ("operator", "unit"):
-            if kind in fields:
-                setattr(out, kind, self._enum(fields[kind], f"{path}.{kind}", kind))
+
+    def _value(self, fields: Mapping[str, Any], path: str, out: struct_pb2.Value) -> None:
         if "value" in fields:
             try:
-                json_format.ParseDict(fields["value"], out.value)
+                json_format.ParseDict(fields["value"], out)
             except json_format.ParseError:
-                description = "must be a JSON value (string, number or boolean)"
+                description = "must be a JSON value (string, number, boolean or array)"
                 self._fail(f"{path}.value", description, "invalid_type")
-        return out
 
 
 def _struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:

@@ -9,8 +9,10 @@ a project while the others skip it.
 Which contacts: a filter with window W (`triggeredWithin`, `notTriggeredWithin`,
 `triggeredOlderThan`, `within`, `olderThan`) can change its answer between two instants
 `since` and `now` only for a contact with a matching event, or a timestamp, in
-[since - W, now - W) (it left the window), or, for `within`, a timestamp in (since, now]
-(it reached it). So after a first full pass a sweep reads those ranges (indexes on event
+[since - W, now - W) (it left the window: an occurrence no longer counted, summed or
+recent), or, for `within`, a timestamp in (since, now] (it reached it); for `withinNext`,
+a timestamp in [since, now] (it passed) or in (since + W, now + W] (it came within
+reach). W may be calendar months: the window's start is computed from each instant. So after a first full pass a sweep reads those ranges (indexes on event
 names and contact timestamps; data timestamps read the project's contacts) rather than
 evaluating every contact against every segment. `since` reaches back OVERLAP further, for
 writes that evaluated before the previous sweep and committed after it read; and every
@@ -172,23 +174,32 @@ def crossed_contacts(
     e = tables.events.c
     for seg in segments:
         for f in seg.filters():
-            if f.window is None:
+            window = f.window
+            if window is None:
                 continue
-            lo, hi = earlier - f.window, now - f.window
             if f.kind is Kind.EVENT:
+                # Occurrences that left the window (or fell below a count, or out of an
+                # aggregate: events leave a window only by its start passing them).
                 parts.append(
                     select(e.contact_id).where(
                         e.project_id == project_id,
                         e.name.in_(f.events),
-                        e.occurred_at >= lo,
-                        e.occurred_at < hi,
+                        e.occurred_at >= window.before(earlier),
+                        e.occurred_at < window.before(now),
                     )
                 )
                 continue
             value = window_value(f)
-            crossed = and_(value >= lo, value < hi)
-            if f.operator is Op.WITHIN:
-                crossed = or_(crossed, and_(value > earlier, value <= now))
+            if f.operator is Op.WITHIN_NEXT:
+                # Passed now (it leaves), or reached the window's end (it enters).
+                crossed = or_(
+                    and_(value >= earlier, value <= now),
+                    and_(value > window.after(earlier), value <= window.after(now)),
+                )
+            else:
+                crossed = and_(value >= window.before(earlier), value < window.before(now))
+                if f.operator is Op.WITHIN:
+                    crossed = or_(crossed, and_(value > earlier, value <= now))
             parts.append(
                 select(c.id.label("contact_id")).where(c.project_id == project_id, crossed)
             )

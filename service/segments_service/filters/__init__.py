@@ -35,7 +35,10 @@ from segments_service.filters.limits import (
 from segments_service.filters.model import (
     APPLICABLE,
     EMAIL_ACTIVITY_EVENTS,
+    Aggregate,
+    Aggregation,
     Condition,
+    Count,
     DataFilter,
     EmailFilter,
     EventFilter,
@@ -50,6 +53,8 @@ from segments_service.filters.model import (
     SubscribedFilter,
     TimeFilter,
     Unit,
+    Window,
+    add_months,
 )
 from segments_service.filters.parse import parse_condition
 from segments_service.filters.predicates import window_value
@@ -74,8 +79,11 @@ __all__ = [
     "MAX_FILTERS",
     "MAX_STRING_VALUE",
     "MAX_WINDOW",
+    "Aggregate",
+    "Aggregation",
     "CompileContext",
     "Condition",
+    "Count",
     "DataFilter",
     "Derive",
     "EmailFilter",
@@ -95,6 +103,8 @@ __all__ = [
     "SubscribedFilter",
     "TimeFilter",
     "Unit",
+    "Window",
+    "add_months",
     "check_expansion",
     "compile_count",
     "compile_members",

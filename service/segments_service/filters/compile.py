@@ -15,12 +15,16 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Numeric,
     Select,
     and_,
+    case,
+    cast,
     distinct,
     exists,
     false,
@@ -37,6 +41,8 @@ from segments_service.errors import ValidationError
 from segments_service.filters.context import CompileContext, window_start
 from segments_service.filters.limits import MAX_EXPANDED_DEPTH, MAX_EXPANDED_FILTERS
 from segments_service.filters.model import (
+    Aggregate,
+    Aggregation,
     Condition,
     EventFilter,
     Filter,
@@ -45,7 +51,12 @@ from segments_service.filters.model import (
     Op,
     SegmentFilter,
 )
-from segments_service.filters.predicates import contact_predicate
+from segments_service.filters.predicates import (
+    contact_predicate,
+    data_node,
+    data_predicate,
+    data_text,
+)
 from segments_service.filters.references import expands
 
 
@@ -273,7 +284,7 @@ class _Compiler:
 
     def filter(self, f: Filter, path: str) -> _Node:
         if not expands(f, self.ctx.segments):
-            self.ctx.expanded += 1
+            self.ctx.expanded += f.size
             if self.ctx.expanded > MAX_EXPANDED_FILTERS:
                 raise ValidationError.single(
                     "condition",
@@ -295,7 +306,7 @@ class _Compiler:
         if op in (Op.NOT_TRIGGERED, Op.NOT_TRIGGERED_WITHIN):
             # An anti-join of the contacts in question against their matching events.
             since = window_start(f, self.ctx) if op is Op.NOT_TRIGGERED_WITHIN else None
-            match = _event_match(f, self.project_id, since)
+            match = self._event_match(f, since)
             return _Without(
                 self.scoped(select(e.contact_id).where(*match).distinct(), e.contact_id),
                 lambda ids: not_(exists(select(literal(1)).where(*match, e.contact_id == ids))),
@@ -305,17 +316,56 @@ class _Compiler:
             # It happened, and the latest occurrence is before the window.
             query = (
                 select(e.contact_id)
-                .where(*_event_match(f, self.project_id))
+                .where(*self._event_match(f))
                 .group_by(e.contact_id)
                 .having(func.max(e.occurred_at) < window_start(f, self.ctx))
             )
             return _Set(self.scoped(query, e.contact_id))
         since = window_start(f, self.ctx) if op is Op.TRIGGERED_WITHIN else None
-        match = _event_match(f, self.project_id, since)
-        return _Set(
-            self.scoped(select(e.contact_id).where(*match).distinct(), e.contact_id),
-            self._distinct_contacts(match),
-        )
+        match = self._event_match(f, since)
+        if f.count is None and f.aggregate is None:
+            return _Set(
+                self.scoped(select(e.contact_id).where(*match).distinct(), e.contact_id),
+                self._distinct_contacts(match),
+            )
+        # Counted or aggregated: the matching occurrences grouped by contact.
+        grouped = select(e.contact_id).where(*match).group_by(e.contact_id)
+        tests = []
+        if f.count is not None:
+            tests.append(_compare(func.count(), f.count.operator, literal(f.count.value)))
+        if f.aggregate is not None:
+            tests.append(_aggregate_test(f.aggregate))
+        count = f.count
+        if count is not None and f.aggregate is None and count.holds_for_none():
+            # Zero occurrences satisfy the count: everyone but the contacts whose number
+            # of occurrences (at least one) does not.
+            return _Without(
+                self.scoped(grouped.having(not_(tests[0])), e.contact_id),
+                lambda ids: _compare(
+                    select(func.count())
+                    .where(*match, e.contact_id == ids)
+                    .correlate_except(tables.events)
+                    .scalar_subquery(),
+                    count.operator,
+                    literal(count.value),
+                ),
+            )
+        return _Set(self.scoped(grouped.having(and_(*tests)), e.contact_id))
+
+    def _event_match(
+        self, f: EventFilter, since: ColumnElement[datetime] | None = None
+    ) -> list[ColumnElement[bool]]:
+        """The occurrences an event filter considers: its names, in its window (from
+        `since`), whose data match its `where` filters."""
+        e = tables.events.c
+        clauses = [
+            e.project_id == self.project_id,
+            e.name == f.events[0] if len(f.events) == 1 else e.name.in_(f.events),
+        ]
+        if since is not None:
+            clauses.append(e.occurred_at >= since)
+        clauses += [data_predicate(w, self.ctx, e.data) for w in f.where]
+        return clauses
 
     def _distinct_contacts(self, match: list[ColumnElement[bool]]) -> Select[Any] | None:
         """count(DISTINCT contact_id) of the matching events, for counts (unscoped) only."""
@@ -358,14 +408,34 @@ class _Compiler:
         )
 
 
-def _event_match(
-    f: EventFilter, project_id: Any, since: ColumnElement[datetime] | None = None
-) -> list[ColumnElement[bool]]:
+def _compare(left: Any, op: Op, right: Any) -> ColumnElement[bool]:
+    """`left <op> right` for the operators of a count or an aggregate."""
+    comparisons: dict[Op, Callable[[Any, Any], ColumnElement[bool]]] = {
+        Op.EQUALS: lambda a, b: a == b,
+        Op.NOT_EQUALS: lambda a, b: a != b,
+        Op.GT: lambda a, b: a > b,
+        Op.GTE: lambda a, b: a >= b,
+        Op.LT: lambda a, b: a < b,
+        Op.LTE: lambda a, b: a <= b,
+    }
+    return comparisons[op](left, right)
+
+
+_AGGREGATES: dict[Aggregation, Callable[[Any], ColumnElement[Any]]] = {
+    Aggregation.SUM: func.sum,
+    Aggregation.AVG: func.avg,
+    Aggregation.MIN: func.min,
+    Aggregation.MAX: func.max,
+}
+
+
+def _aggregate_test(a: Aggregate) -> ColumnElement[bool]:
+    """The aggregate's comparison over a contact's matching occurrences, in numeric: the
+    JSON numbers at its path (other types are NULL, which aggregates skip; with none at
+    all the aggregate is NULL and the test unknown, so the contact does not match)."""
     e = tables.events.c
-    clauses = [
-        e.project_id == project_id,
-        e.name == f.events[0] if len(f.events) == 1 else e.name.in_(f.events),
-    ]
-    if since is not None:
-        clauses.append(e.occurred_at >= since)
-    return clauses
+    node = data_node(e.data, a.path)
+    number = case((func.jsonb_typeof(node) == "number", cast(data_text(e.data, a.path), Numeric)))
+    # The float's shortest repr is the decimal the caller wrote.
+    value = literal(Decimal(repr(a.value)) if isinstance(a.value, float) else a.value, Numeric)
+    return _compare(_AGGREGATES[a.function](number), a.operator, value)

@@ -86,7 +86,20 @@ def window_start(f: Filter, ctx: CompileContext) -> ColumnElement[datetime]:
 
 
 def start_of(f: Filter) -> Derive:
-    """The start of the filter's window as a function of the instant."""
+    """The start of the filter's window (one that ends now) as a function of the instant."""
     window = f.window
     assert window is not None
-    return lambda now: now - window
+    return window.before
+
+
+def end_of(f: Filter) -> Derive:
+    """The end of the filter's window (one that starts now: withinNext) as a function of
+    the instant."""
+    window = f.window
+    assert window is not None
+    return window.after
+
+
+def window_end(f: Filter, ctx: CompileContext) -> ColumnElement[datetime]:
+    """The end of a withinNext filter's window."""
+    return at(ctx, end_of(f), DateTime(timezone=True))

@@ -18,5 +18,11 @@ MAX_FIELD_PARTS = 10
 # Python allows (the server's own calls take under 100).
 MAX_EXPANDED_FILTERS = 1000
 MAX_EXPANDED_DEPTH = 16
-# Window operators accept at most this span (about 100 years), so intervals never overflow.
+# Window operators accept at most this span (about 100 years), so intervals never overflow;
+# in calendar months, at most MAX_WINDOW_MONTHS.
 MAX_WINDOW = timedelta(days=36525)
+MAX_WINDOW_MONTHS = 1200
+# Values of an `in` / `notIn` list.
+MAX_IN_VALUES = 100
+# The largest `count` an event filter may ask for.
+MAX_COUNT = 1_000_000_000

@@ -6,11 +6,12 @@ round-trips.
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -42,19 +43,57 @@ class Op(StrEnum):
     NOT_TRIGGERED_WITHIN = "notTriggeredWithin"
     MEMBER_OF_SEGMENT = "memberOfSegment"
     NOT_MEMBER_OF_SEGMENT = "notMemberOfSegment"
+    IN = "in"
+    NOT_IN = "notIn"
+    STARTS_WITH = "startsWith"
+    ENDS_WITH = "endsWith"
+    BETWEEN = "between"
+    ARRAY_CONTAINS = "arrayContains"
+    WITHIN_NEXT = "withinNext"
 
 
 class Unit(StrEnum):
-    DAYS = "days"
-    HOURS = "hours"
     MINUTES = "minutes"
+    HOURS = "hours"
+    DAYS = "days"
+    WEEKS = "weeks"
+    MONTHS = "months"
 
 
+# The fixed-length units; a month is a calendar month (Window).
 UNIT_SPAN = {
-    Unit.DAYS: timedelta(days=1),
-    Unit.HOURS: timedelta(hours=1),
     Unit.MINUTES: timedelta(minutes=1),
+    Unit.HOURS: timedelta(hours=1),
+    Unit.DAYS: timedelta(days=1),
+    Unit.WEEKS: timedelta(weeks=1),
 }
+
+
+@dataclass(frozen=True)
+class Window:
+    """A window's length: a span of time, or a whole number of calendar months (UTC),
+    which have no fixed length. `before(now)` is where a window ending at `now` starts;
+    `after(now)` where one starting at `now` ends."""
+
+    span: timedelta | None = None
+    months: int = 0
+
+    def before(self, now: datetime) -> datetime:
+        return now - self.span if self.span is not None else add_months(now, -self.months)
+
+    def after(self, now: datetime) -> datetime:
+        return now + self.span if self.span is not None else add_months(now, self.months)
+
+
+def add_months(moment: datetime, months: int) -> datetime:
+    """The same UTC day of the month and time of day `months` later (or earlier), on the
+    month's last day when it has no such day: 2025-03-31 minus one month is 2025-02-28,
+    as PostgreSQL's interval arithmetic has it."""
+    utc = moment.astimezone(UTC)
+    index = utc.year * 12 + utc.month - 1 + months
+    year, month = divmod(index, 12)
+    day = min(utc.day, calendar.monthrange(year, month + 1)[1])
+    return utc.replace(year=year, month=month + 1, day=day)
 
 
 class Kind(StrEnum):
@@ -84,7 +123,14 @@ EMAIL_ACTIVITY_EVENTS: dict[str, tuple[str, ...]] = {
 }
 
 COMPARISONS = {Op.GT, Op.LT, Op.GTE, Op.LTE}
-WINDOWS = {Op.WITHIN, Op.OLDER_THAN}
+# Window operators on contact fields and data: their truth moves with the clock.
+WINDOWS = {Op.WITHIN, Op.OLDER_THAN, Op.WITHIN_NEXT}
+# Operators that take a JSON array of scalars: in / notIn (1 to MAX_IN_VALUES), between.
+LIST_OPS = {Op.IN, Op.NOT_IN, Op.BETWEEN}
+# String tests: the value is a string, compared case-insensitively.
+STRING_OPS = {Op.CONTAINS, Op.NOT_CONTAINS, Op.STARTS_WITH, Op.ENDS_WITH}
+# How a count or an aggregate compares.
+COUNT_OPS = {Op.EQUALS, Op.NOT_EQUALS} | COMPARISONS
 EVENT_OPS = {
     Op.TRIGGERED,
     Op.TRIGGERED_WITHIN,
@@ -96,17 +142,74 @@ WINDOWED_EVENT_OPS = {Op.TRIGGERED_WITHIN, Op.TRIGGERED_OLDER_THAN, Op.NOT_TRIGG
 SEGMENT_OPS = {Op.MEMBER_OF_SEGMENT, Op.NOT_MEMBER_OF_SEGMENT}
 NO_VALUE_OPS = {Op.EXISTS, Op.NOT_EXISTS, Op.TRIGGERED, Op.NOT_TRIGGERED} | SEGMENT_OPS
 
-APPLICABLE: dict[Kind, set[Op]] = {
-    Kind.EMAIL: {Op.EQUALS, Op.NOT_EQUALS, Op.CONTAINS, Op.NOT_CONTAINS},
-    Kind.SUBSCRIBED: {Op.EQUALS, Op.NOT_EQUALS},
-    Kind.CREATED_AT: {Op.EQUALS, Op.NOT_EQUALS} | COMPARISONS | WINDOWS,
-    Kind.UPDATED_AT: {Op.EQUALS, Op.NOT_EQUALS} | COMPARISONS | WINDOWS,
-    Kind.DATA: {Op.EQUALS, Op.NOT_EQUALS, Op.CONTAINS, Op.NOT_CONTAINS, Op.EXISTS, Op.NOT_EXISTS}
+# Operators on the value at a data path, of a contact or (in `where`) of an event.
+VALUE_OPS = (
+    {Op.EQUALS, Op.NOT_EQUALS, Op.EXISTS, Op.NOT_EXISTS, Op.IN, Op.NOT_IN}
+    | {Op.BETWEEN, Op.ARRAY_CONTAINS}
+    | STRING_OPS
     | COMPARISONS
-    | WINDOWS,
+)
+
+APPLICABLE: dict[Kind, set[Op]] = {
+    Kind.EMAIL: {Op.EQUALS, Op.NOT_EQUALS, Op.IN, Op.NOT_IN} | STRING_OPS,
+    Kind.SUBSCRIBED: {Op.EQUALS, Op.NOT_EQUALS},
+    Kind.CREATED_AT: {Op.EQUALS, Op.NOT_EQUALS, Op.WITHIN, Op.OLDER_THAN} | COMPARISONS,
+    Kind.UPDATED_AT: {Op.EQUALS, Op.NOT_EQUALS, Op.WITHIN, Op.OLDER_THAN} | COMPARISONS,
+    Kind.DATA: VALUE_OPS | WINDOWS,
     Kind.EVENT: EVENT_OPS,
     Kind.SEGMENT: SEGMENT_OPS,
 }
+# Event operators that take `count` and `aggregate`.
+COUNTED_EVENT_OPS = {Op.TRIGGERED, Op.TRIGGERED_WITHIN}
+
+
+class Aggregation(StrEnum):
+    SUM = "sum"
+    AVG = "avg"
+    MIN = "min"
+    MAX = "max"
+
+
+@dataclass(frozen=True)
+class Count:
+    """`count` of an event filter: how many matching occurrences it needs."""
+
+    operator: Op
+    value: int
+
+    def holds_for_none(self) -> bool:
+        """Whether a contact without any matching occurrence satisfies it."""
+        return {
+            Op.EQUALS: self.value == 0,
+            Op.NOT_EQUALS: self.value != 0,
+            Op.GT: False,
+            Op.GTE: self.value == 0,
+            Op.LT: self.value > 0,
+            Op.LTE: True,
+        }[self.operator]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"operator": self.operator.value, "value": self.value}
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """`aggregate` of an event filter: a comparison of sum / avg / min / max of the
+    numbers at a path of the matching occurrences' data."""
+
+    function: Aggregation
+    field: str
+    path: tuple[str, ...]
+    operator: Op
+    value: int | float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "function": self.function.value,
+            "field": self.field,
+            "operator": self.operator.value,
+            "value": self.value,
+        }
 
 
 # --- filters --------------------------------------------------------------------------
@@ -121,34 +224,52 @@ class FilterFacts:
     field: str  # the caller's spelling, kept for round trips
     operator: Op
     kind: Kind
-    value: Scalar | None = None
+    # A scalar; for in / notIn / between a tuple of scalars (a JSON array).
+    value: Scalar | tuple[Scalar, ...] | None = None
     unit: Unit | None = None
-    # The span of a window operator: the filter's truth moves with the clock.
-    window: timedelta | None = None
-    # The event names an event filter matches.
+    # The length of a window operator: the filter's truth moves with the clock.
+    window: Window | None = None
+    # The event names an event filter matches, and what it asks of their occurrences.
     events: tuple[str, ...] = ()
+    where: tuple[DataFilter, ...] = ()
+    count: Count | None = None
+    aggregate: Aggregate | None = None
     # The segment a membership filter references.
     segment_id: uuid.UUID | None = None
     # A comparison's value read as an instant, or as a whole calendar day.
     timestamp: datetime | None = None
     day: date | None = None
 
+    @property
+    def size(self) -> int:
+        """Filters it counts as toward the limits: itself and its `where` filters."""
+        return 1 + len(self.where)
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"field": self.field, "operator": self.operator.value}
-        if self.value is not None:
+        if isinstance(self.value, tuple):
+            out["value"] = list(self.value)
+        elif self.value is not None:
             out["value"] = self.value
         if self.unit is not None:
             out["unit"] = self.unit.value
+        if self.count is not None:
+            out["count"] = self.count.to_json()
+        if self.where:
+            out["where"] = [w.to_json() for w in self.where]
+        if self.aggregate is not None:
+            out["aggregate"] = self.aggregate.to_json()
         return out
 
 
 @dataclass(frozen=True, kw_only=True)
 class EmailFilter(FilterFacts):
-    """`email`: equality or substring, compared lower-cased."""
+    """`email`: equality (with one of `value`'s strings, for in / notIn), substring,
+    prefix or suffix, compared lower-cased."""
 
     field: str
     operator: Op
-    value: str
+    value: str | tuple[Scalar, ...]
     kind: Kind = dataclasses.field(default=Kind.EMAIL, init=False)
 
 
@@ -174,35 +295,42 @@ class TimeFilter(FilterFacts):
     unit: Unit | None = None
     timestamp: datetime | None = None
     day: date | None = None
-    window: timedelta | None = None
+    window: Window | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataFilter(FilterFacts):
-    """`data.<a>.<b>`: the value at a path of nested objects of the contact's data. Order
-    comparisons take a number or an instant (`timestamp`); windows read a timestamp string."""
+    """`data.<a>.<b>`: the value at a path of nested objects of the contact's data (or, in
+    an event filter's `where`, of the occurrence's). Order comparisons take a number or an
+    instant (`timestamp`), `between` two numbers or two instants (`bounds`); windows read
+    a timestamp string."""
 
     field: str
     operator: Op
     path: tuple[str, ...]
-    value: Scalar | None = None
+    value: Scalar | tuple[Scalar, ...] | None = None
     unit: Unit | None = None
     timestamp: datetime | None = None
-    window: timedelta | None = None
+    bounds: tuple[datetime, datetime] | None = None
+    window: Window | None = None
     kind: Kind = dataclasses.field(default=Kind.DATA, init=False)
 
 
 @dataclass(frozen=True, kw_only=True)
 class EventFilter(FilterFacts):
     """`event.<name>`, `email.<activity>` or a bare name: whether the contact triggered one
-    of `events`, ever or within / before a window."""
+    of `events`, ever or within / before a window; considering only occurrences whose
+    data match `where`; `count` times, and with an `aggregate` of their data, if given."""
 
     field: str
     operator: Op
     events: tuple[str, ...]
     value: Scalar | None = None
     unit: Unit | None = None
-    window: timedelta | None = None
+    window: Window | None = None
+    where: tuple[DataFilter, ...] = ()
+    count: Count | None = None
+    aggregate: Aggregate | None = None
     kind: Kind = dataclasses.field(default=Kind.EVENT, init=False)
 
 

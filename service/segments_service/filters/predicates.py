@@ -15,11 +15,14 @@ from segments_service.filters.context import (
     CompileContext,
     Derive,
     at,
+    end_of,
     now_of,
     start_of,
+    window_end,
     window_start,
 )
 from segments_service.filters.model import (
+    STRING_OPS,
     WINDOWS,
     DataFilter,
     EmailFilter,
@@ -57,13 +60,21 @@ def contact_predicate(f: ContactFilter, ctx: CompileContext) -> ColumnElement[bo
 
 
 def _compile_email(f: EmailFilter) -> ColumnElement[bool]:
+    """Emails are stored lower-cased: the value is lower-cased to compare."""
     c = tables.contacts.c
     op = f.operator
+    if isinstance(f.value, tuple):  # in / notIn: strings, by validation
+        emails = [str(v).lower() for v in f.value]
+        return c.email.in_(emails) if op is Op.IN else c.email.not_in(emails)
     needle = f.value.lower()
     if op is Op.EQUALS:
         return c.email == needle
     if op is Op.NOT_EQUALS:
         return c.email != needle
+    if op is Op.STARTS_WITH:
+        return func.starts_with(c.email, literal(needle, Text), type_=Boolean)
+    if op is Op.ENDS_WITH:
+        return func.right(c.email, len(needle)) == literal(needle, Text)
     found = func.strpos(c.email, literal(needle, Text)) > 0
     return found if op is Op.CONTAINS else not_(found)
 
@@ -136,27 +147,29 @@ def window_value(f: Filter) -> ColumnElement[datetime]:
     if isinstance(f, TimeFilter):
         return c.created_at if f.kind is Kind.CREATED_AT else c.updated_at
     assert isinstance(f, DataFilter), f.kind
-    return func.segments_timestamp(_data_node(f), type_=DateTime(timezone=True))
+    return func.segments_timestamp(
+        data_node(tables.contacts.c.data, f.path), type_=DateTime(timezone=True)
+    )
 
 
-def _data_node(f: DataFilter) -> ColumnElement[Any]:
-    """The JSON value at the filter's data path, or NULL.
+def data_node(doc: ColumnElement[Any], path: tuple[str, ...]) -> ColumnElement[Any]:
+    """The JSON value at `path` of a JSON document (a contact's or an event's data), or NULL.
 
     One `->` step per key: with a text key it reads an object's member and is NULL on
     anything else, so a data path names keys of nested objects only (data.tags.0 is not
     the first tag, as `#>` would read it). The statement grows by one step per key."""
-    node: ColumnElement[Any] = tables.contacts.c.data
-    for key in f.path:
+    node = doc
+    for key in path:
         node = _member(node, key)
     return node
 
 
-def _data_text(f: DataFilter) -> ColumnElement[str]:
-    """The text of the value at the filter's data path (`->>` at the last step), or NULL."""
-    node: ColumnElement[Any] = tables.contacts.c.data
-    for key in f.path[:-1]:
+def data_text(doc: ColumnElement[Any], path: tuple[str, ...]) -> ColumnElement[str]:
+    """The text of the value at `path` (`->>` at the last step), or NULL."""
+    node = doc
+    for key in path[:-1]:
         node = _member(node, key)
-    return node.op("->>", return_type=Text)(literal(f.path[-1], Text))
+    return node.op("->>", return_type=Text)(literal(path[-1], Text))
 
 
 def _member(node: ColumnElement[Any], key: str) -> ColumnElement[Any]:
@@ -223,8 +236,15 @@ def _utc_day(value: datetime, shift: timedelta) -> str | None:
 
 
 def _compile_data(f: DataFilter, ctx: CompileContext) -> ColumnElement[bool]:
-    c = tables.contacts.c
-    node = _data_node(f)
+    return data_predicate(f, ctx, tables.contacts.c.data)
+
+
+def data_predicate(
+    f: DataFilter, ctx: CompileContext, doc: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """A data filter as a predicate over a JSON document: a contact's data, or an event's
+    (the filters of an event filter's `where`)."""
+    node = data_node(doc, f.path)
     node_type = func.jsonb_typeof(node)
     present = and_(node.is_not(None), node_type != "null")
     op = f.operator
@@ -232,19 +252,35 @@ def _compile_data(f: DataFilter, ctx: CompileContext) -> ColumnElement[bool]:
         return present
     if op is Op.NOT_EXISTS:
         return or_(node.is_(None), node_type == "null")
-    if op in (Op.EQUALS, Op.NOT_EQUALS):
-        if op is Op.EQUALS:
-            # Containment of a scalar at an object path is jsonb equality there, type-exact
-            # ("5" is not 5, true is not "true", an array holding the value is not it), and
-            # the GIN index serves it. Adding `node = value` would say nothing more but make
-            # the planner multiply two selectivities and expect far too few members.
-            return c.data.op("@>", return_type=Boolean)(_jsonb(_nested(f.path, f.value)))
+    if op is Op.EQUALS:
+        # Containment of a scalar at an object path is jsonb equality there, type-exact
+        # ("5" is not 5, true is not "true", an array holding the value is not it), and
+        # the GIN index serves it. Adding `node = value` would say nothing more but make
+        # the planner multiply two selectivities and expect far too few members.
+        return _contains(doc, f.path, f.value)
+    if op is Op.IN:
+        # One containment per value: each served by the GIN index, OR-ed in a bitmap.
+        assert isinstance(f.value, tuple)
+        return or_(*(_contains(doc, f.path, v) for v in f.value))
+    if op is Op.ARRAY_CONTAINS:
+        # An array at the path holding the scalar, compared type-exactly; only an array
+        # contains an array, so a stored scalar equal to the value does not match.
+        return _contains(doc, f.path, [f.value])
+    if op is Op.NOT_EQUALS:
         return and_(present, node != _jsonb(f.value))
-    raw_text = _data_text(f)
-    if op in (Op.CONTAINS, Op.NOT_CONTAINS):
+    if op is Op.NOT_IN:
+        assert isinstance(f.value, tuple)
+        return and_(present, node.not_in([_jsonb(v) for v in f.value]))
+    raw_text = data_text(doc, f.path)
+    if op in STRING_OPS:
         assert isinstance(f.value, str)
-        text = case((node_type == "string", raw_text))
-        found = func.strpos(_fold(text), _fold(literal(f.value, Text)))
+        text = _fold(case((node_type == "string", raw_text)))
+        needle = _fold(literal(f.value, Text))
+        if op is Op.STARTS_WITH:
+            return func.starts_with(text, needle, type_=Boolean)
+        if op is Op.ENDS_WITH:
+            return func.right(text, func.char_length(needle)) == needle
+        found = func.strpos(text, needle)
         return found > 0 if op is Op.CONTAINS else found == 0
     stored_ts = func.segments_timestamp(node, type_=DateTime(timezone=True))
     # window_value() gives the sweeper this same expression.
@@ -259,6 +295,14 @@ def _compile_data(f: DataFilter, ctx: CompileContext) -> ColumnElement[bool]:
             _relative_day(ctx, lambda now: now, _DATE_MARGIN, _NO_LATEST),
             stored_ts.op("<@", return_type=Boolean)(window),
         )
+    if op is Op.WITHIN_NEXT:
+        window = func.tstzrange(now_of(ctx), window_end(f, ctx), literal("[]", Text))
+        return _date_prefix_in(
+            raw_text,
+            _relative_day(ctx, lambda now: now, -_DATE_MARGIN, _NO_EARLIEST),
+            _relative_day(ctx, end_of(f), _DATE_MARGIN, _NO_LATEST),
+            stored_ts.op("<@", return_type=Boolean)(window),
+        )
     if op is Op.OLDER_THAN:
         return _date_prefix_in(
             raw_text,
@@ -266,26 +310,60 @@ def _compile_data(f: DataFilter, ctx: CompileContext) -> ColumnElement[bool]:
             _relative_day(ctx, start_of(f), _DATE_MARGIN, _NO_LATEST),
             stored_ts < window_start(f, ctx),
         )
+    if op is Op.BETWEEN and f.bounds is not None:
+        low, high = f.bounds
+        span = func.tstzrange(_ts(low), _ts(high), literal("[]", Text))
+        return _date_prefix_in(
+            raw_text,
+            _fixed_day(low, -_DATE_MARGIN),
+            _fixed_day(high, _DATE_MARGIN),
+            stored_ts.op("<@", return_type=Boolean)(span),
+        )
+    if op is Op.BETWEEN:
+        assert isinstance(f.value, tuple)
+        low_value, high_value = f.value
+        at_path = _jsonpath(f.path)
+        return _json_number(
+            doc,
+            f"{at_path} >= $low && {at_path} <= $high",
+            {"low": low_value, "high": high_value},
+        )
     if f.timestamp is not None:
         exact = _compare(stored_ts, op, _ts(f.timestamp))
         if op in (Op.GT, Op.GTE):
             return _date_prefix_in(raw_text, _fixed_day(f.timestamp, -_DATE_MARGIN), None, exact)
         return _date_prefix_in(raw_text, None, _fixed_day(f.timestamp, _DATE_MARGIN), exact)
     assert isinstance(f.value, (int, float))
-    # A strict SQL/JSON path comparison is TRUE only for a JSON number at that path of
-    # nested objects: a missing key, an array or other non-object step, a string, a
-    # boolean or an array value make it unknown, and null makes it false; never TRUE, as
-    # the typing rules want. It costs about a quarter less than reading the node, testing
-    # its type and casting it to numeric; comparison is in numeric either way.
-    keys = "".join("." + _jsonpath_key(key) for key in f.path)
+    return _json_number(
+        doc, f"{_jsonpath(f.path)} {_JSONPATH_COMPARISON[op]} $value", {"value": f.value}
+    )
+
+
+def _contains(doc: ColumnElement[Any], path: tuple[str, ...], value: Any) -> ColumnElement[bool]:
+    """`doc @> {"a": {"b": value}}`: the GIN index on contacts' data serves it."""
+    return doc.op("@>", return_type=Boolean)(_jsonb(_nested(path, value)))
+
+
+def _json_number(
+    doc: ColumnElement[Any], predicate: str, values: dict[str, Any]
+) -> ColumnElement[bool]:
+    """A strict SQL/JSON path predicate on numbers at paths of `doc`: TRUE only for JSON
+    numbers at those paths of nested objects. A missing key, an array or other non-object
+    step, a string, a boolean or an array value make it unknown, and null makes it false;
+    never TRUE, as the typing rules want. It costs about a quarter less than reading the
+    node, testing its type and casting it to numeric; comparison is in numeric either way."""
     return func.jsonb_path_match(
-        c.data,
-        literal(f"strict ${keys} {_JSONPATH_COMPARISON[op]} $value", JSONPATH),
+        doc,
+        literal(f"strict {predicate}", JSONPATH),
         # JSON carries the float's shortest repr, read by PostgreSQL as that numeric.
-        _jsonb({"value": f.value}),
+        _jsonb(values),
         True,  # silent: errors are unknown, as for the @@ operator
         type_=Boolean,
     )
+
+
+def _jsonpath(path: tuple[str, ...]) -> str:
+    return "$" + "".join("." + _jsonpath_key(key) for key in path)
 
 
 _JSONPATH_COMPARISON = {Op.GT: ">", Op.GTE: ">=", Op.LT: "<", Op.LTE: "<="}

@@ -76,7 +76,7 @@ def _expansion_of(
             filters += inner.filters
             depth = max(depth, level + inner.depth)
         else:
-            filters += 1
+            filters += f.size
             depth = max(depth, level)
     # Capped: diamonds of references would otherwise grow the numbers exponentially.
     return Expansion(min(filters, _OVER.filters), min(depth, _OVER.depth))
