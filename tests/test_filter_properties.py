@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import time
 import uuid
 from collections.abc import Iterable
@@ -39,6 +40,9 @@ from tests.reference import (
     RefSegment,
     evaluate,
     lookup,
+    shift,
+    stored_instant,
+    ticks,
     value_instant,
 )
 
@@ -307,6 +311,18 @@ VALUE_STAMPS = sorted({s for m in ALL_INSTANTS for s in _spellings(m, stored=Fal
 VALUE_STAMP_SET = frozenset(VALUE_STAMPS)
 
 
+_PICKS: dict[int, tuple[list[Any], st.SearchStrategy[Any]]] = {}
+
+
+def pick(values: list[Any]) -> st.SearchStrategy[Any]:
+    """st.sampled_from(values) for a list that lives as long as the module, built once:
+    building one labels it by hashing every element, which cost more than drawing."""
+    hit = _PICKS.get(id(values))
+    if hit is None or hit[0] is not values:
+        hit = _PICKS[id(values)] = (values, st.sampled_from(values))
+    return hit[1]
+
+
 def epoch_millis(moment: datetime) -> int | float:
     micros = (moment - datetime(1970, 1, 1, tzinfo=UTC)) // US
     if micros % 1000 == 0:
@@ -315,7 +331,7 @@ def epoch_millis(moment: datetime) -> int | float:
 
 
 TIME_VALUES = st.one_of(
-    st.sampled_from(VALUE_STAMPS),
+    pick(VALUE_STAMPS),
     st.sampled_from([epoch_millis(m) for m in ALL_INSTANTS]),
     st.sampled_from(sorted({m.date().isoformat() for m in ALL_INSTANTS})),  # whole UTC days
 )
@@ -421,14 +437,14 @@ NESTED: list[Any] = [
     {"code": 5.0},
 ]
 scalars = st.one_of(
-    st.sampled_from(COMMON),
-    st.sampled_from(WORDS),
-    st.sampled_from(NUMBERS),
+    pick(COMMON),
+    pick(WORDS),
+    pick(NUMBERS),
     st.sampled_from(STRINGS + TEXTS),
-    st.sampled_from(UNICODE),
+    pick(UNICODE),
     st.sampled_from([True, False, None]),
     st.sampled_from(BAD_STAMPS + ODD_STAMPS),
-    st.sampled_from(STORED_STAMPS),
+    pick(STORED_STAMPS),
 )
 json_values = st.one_of(scalars, st.sampled_from(NESTED))
 addresses = st.one_of(
@@ -476,18 +492,16 @@ NEAR_STAMPS = {
 # Each key leans to the kind of value filters on it look for, and still takes anything.
 KEY_VALUES = {
     now: {
-        "plan": st.one_of(st.sampled_from(WORDS), st.sampled_from(COMMON), json_values),
-        "note": st.one_of(
-            st.sampled_from(WORDS), st.sampled_from(WORDS + UNICODE + TEXTS), json_values
-        ),
-        "age": st.one_of(st.sampled_from(NUMBERS), st.sampled_from(COMMON), json_values),
-        "score": st.one_of(st.sampled_from(NUMBERS), json_values),
+        "plan": st.one_of(pick(WORDS), pick(COMMON), json_values),
+        "note": st.one_of(pick(WORDS), st.sampled_from(WORDS + UNICODE + TEXTS), json_values),
+        "age": st.one_of(pick(NUMBERS), pick(COMMON), json_values),
+        "score": st.one_of(pick(NUMBERS), json_values),
         "signup": st.one_of(
-            st.sampled_from(NEAR_STAMPS[now]),
+            pick(NEAR_STAMPS[now]),
             st.sampled_from(ODD_STAMPS + BAD_STAMPS),
             json_values,
         ),
-        WEIRD_KEY: st.one_of(st.sampled_from(WORDS), st.sampled_from(COMMON), json_values),
+        WEIRD_KEY: st.one_of(pick(WORDS), pick(COMMON), json_values),
         "address": addresses,
         "tags": tag_lists,
     }
@@ -519,26 +533,58 @@ AMOUNT_NUMBERS: list[int | float] = [
     10**16 + 1,
 ]
 NOT_NUMBERS: list[Any] = ["42", "50", "", True, False, None, {"value": 5}, [5], "5.0"]
-amounts = st.one_of(
-    st.sampled_from(AMOUNT_NUMBERS), st.sampled_from(AMOUNT_NUMBERS), st.sampled_from(NOT_NUMBERS)
-)
 CURRENCIES: list[Any] = ["EUR", "USD", "eur", "Eur", "GBP", "", 5, True, None, "50%_OFF"]
 SKUS: list[Any] = ["AB-1", "ab-2", "XY_9", "straße", "İstanbul", 42, None]
-EVENT_KEY_VALUES = {
-    now: {
-        "amount": amounts,
-        "currency": st.sampled_from(CURRENCIES),
-        "item": st.one_of(
-            st.fixed_dictionaries({}, optional={"sku": st.sampled_from(SKUS), "price": amounts}),
-            st.sampled_from(SKUS),
-        ),
-        "tags": tag_lists,
-        "at": st.one_of(st.sampled_from(NEAR_STAMPS[now]), scalars),
+
+
+def _event_data(rng: random.Random, now: datetime) -> dict[str, Any]:
+    """One occurrence's data: each key present two times in three, of any JSON type."""
+
+    def amount() -> Any:
+        return rng.choice(AMOUNT_NUMBERS if rng.random() < 0.7 else NOT_NUMBERS)
+
+    def tags() -> Any:
+        if rng.random() < 0.7:
+            return rng.sample(ARRAY_ITEMS, rng.randint(1, 4))
+        return rng.choice(ARRAY_ITEMS + NESTED)
+
+    def item() -> Any:
+        if rng.random() < 0.3:
+            return rng.choice(SKUS)
+        made = {"sku": rng.choice(SKUS), "price": amount()}
+        return {k: v for k, v in made.items() if rng.random() < 0.7}
+
+    def at() -> Any:
+        if rng.random() < 0.7:
+            return rng.choice(NEAR_STAMPS[now])
+        return rng.choice(ODD_STAMPS + BAD_STAMPS + COMMON)
+
+    makers = {
+        "amount": lambda: rng.choice(AMOUNT_NUMBERS if rng.random() < 0.8 else NOT_NUMBERS),
+        "currency": lambda: rng.choice(CURRENCIES),
+        "item": item,
+        "tags": tags,
+        "at": at,
     }
-    for now in NOWS
-}
-# Half the events are one of these, so that counts, `where` and aggregates find several.
-DATA_EVENT_NAMES = ["purchase", "purchase", "login"]
+    if rng.random() < 0.2:
+        return {}  # no data at all
+    presence = {"amount": 0.85}
+    return {key: make() for key, make in makers.items() if rng.random() < presence.get(key, 2 / 3)}
+
+
+# Two events in three are one of these, so that counts, `where` and aggregates find several
+# of a contact's occurrences.
+DATA_EVENT_NAMES = ["purchase", "purchase", "purchase", "login"]
+
+
+def _occurrence(rng: random.Random, now: datetime) -> tuple[str, dict[str, Any]]:
+    names = DATA_EVENT_NAMES if rng.random() < 2 / 3 else EVENT_NAMES
+    return rng.choice(names), _event_data(rng, now)
+
+
+# Events take their name and data from a fixed pool: one choice per event keeps examples
+# cheap to generate (a draw per key would double the time spent generating).
+OCCURRENCES = {now: [_occurrence(random.Random(n), now) for n in range(400)] for now in NOWS}
 DATA_EVENT_FIELDS = ["event.purchase", "purchase", "event.login"]
 EVENT_DATA_FIELDS = [
     "data.amount",
@@ -551,7 +597,8 @@ EVENT_DATA_FIELDS = [
     "data.at",
     "data.missing",
 ]
-AGGREGATE_FIELDS = ["data.amount", "data.amount", "data.amount", "data.item.price", "data.at"]
+AGGREGATES = ["sum", "avg", "min", "max"]
+AGGREGATE_FIELDS = ["data.amount"] * 4 + ["data.item.price", "data.at"]
 
 
 @dataclass
@@ -588,11 +635,11 @@ def contacts(draw: st.DrawFn, now: datetime) -> list[RefContact]:
         out.append(
             RefContact(
                 id=uuid.UUID(int=i + 1),
-                email=f"{draw(st.sampled_from(LOCALS))}{i}@{draw(st.sampled_from(DOMAINS))}".lower(),
+                email=f"{draw(pick(LOCALS))}{i}@{draw(pick(DOMAINS))}".lower(),
                 subscribed=draw(st.booleans()),
                 data=data,
-                created_at=draw(st.sampled_from(INSTANTS[now])),
-                updated_at=draw(st.sampled_from(INSTANTS[now])),
+                created_at=draw(pick(INSTANTS[now])),
+                updated_at=draw(pick(INSTANTS[now])),
             )
         )
     return out
@@ -602,22 +649,9 @@ def contacts(draw: st.DrawFn, now: datetime) -> list[RefContact]:
 def events_for(draw: st.DrawFn, people: list[RefContact], now: datetime) -> list[RefEvent]:
     out = []
     for person in people:
-        for _ in range(draw(st.integers(0, 4))):
-            data = {}
-            if draw(st.integers(0, 4)):  # a fifth of the events carry no data at all
-                for key, values in EVENT_KEY_VALUES[now].items():
-                    if draw(st.integers(0, 2)):  # a third of the keys are missing
-                        data[key] = draw(values)
-            out.append(
-                RefEvent(
-                    person.id,
-                    draw(
-                        st.one_of(st.sampled_from(DATA_EVENT_NAMES), st.sampled_from(EVENT_NAMES))
-                    ),
-                    draw(st.sampled_from(INSTANTS[now])),
-                    data,
-                )
-            )
+        for _ in range(draw(st.integers(0, 5))):
+            name, data = draw(pick(OCCURRENCES[now]))
+            out.append(RefEvent(person.id, name, draw(pick(INSTANTS[now])), data))
     return out
 
 
@@ -627,16 +661,40 @@ ORDERING = ["greaterThan", "lessThan", "greaterThanOrEqual", "lessThanOrEqual"]
 COMPARISONS = ["equals", "notEquals", *ORDERING]
 
 
+WINDOWS: list[tuple[int | float, str]] = [
+    (value, unit)
+    for unit in UNITS
+    for value in (MONTH_VALUES if unit == "months" else WINDOW_VALUES)
+]
+
+
 @st.composite
-def windowed(draw: st.DrawFn, field_name: str, op: str) -> dict[str, Any]:
-    unit = draw(st.sampled_from(UNITS))
-    values = MONTH_VALUES if unit == "months" else WINDOW_VALUES
-    return {
-        "field": field_name,
-        "operator": op,
-        "value": draw(st.sampled_from(values)),
-        "unit": unit,
-    }
+def windowed(
+    draw: st.DrawFn, field_name: str, op: str, edges: tuple[tuple[int | float, str], ...] = ()
+) -> dict[str, Any]:
+    """A window filter; half the time one whose edge is an instant `edges` says is stored."""
+    value, unit = draw(_either(edges, pick(WINDOWS)))
+    return {"field": field_name, "operator": op, "value": value, "unit": unit}
+
+
+def _edge_table(now: datetime) -> dict[int, list[int]]:
+    """For each instant that is now - N unit or now + N unit, the indexes in WINDOWS of
+    those windows."""
+    table: dict[int, list[int]] = {}
+    for index, (value, unit) in enumerate(WINDOWS):
+        for direction in (-1, 1):
+            table.setdefault(shift(ticks(now), value, unit, direction), []).append(index)
+    return table
+
+
+EDGE_TABLES = {now: _edge_table(now) for now in NOWS}
+
+
+def _edges(instants: Iterable[int], now: datetime) -> tuple[tuple[int | float, str], ...]:
+    """The windows of WINDOWS whose edge, now - N unit or now + N unit, is one of `instants`."""
+    table = EDGE_TABLES[now]
+    found = {index for t in set(instants) for index in table.get(t, ())}
+    return tuple(WINDOWS[index] for index in sorted(found))
 
 
 def _number(amount: Decimal) -> int | float:
@@ -722,15 +780,24 @@ class Seen:
     event_needles: dict[str, tuple[str, ...]] = field(default_factory=dict)
     event_elements: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     # sum / min / max / exact avg of the numbers at a field in one contact's events of a name.
-    aggregates: dict[str, tuple[int | float, ...]] = field(default_factory=dict)
+    # Keyed by (field, function); an average's candidates include sums (which an average
+    # computed as a sum would equal).
+    aggregates: dict[tuple[str, str], tuple[int | float, ...]] = field(default_factory=dict)
+    # Windows whose edge is an instant stored at a field (createdAt, updatedAt, data.*), or
+    # when an event occurred ("event").
+    edges: dict[str, tuple[tuple[int | float, str], ...]] = field(default_factory=dict)
+    # The example's records themselves, to aim an aggregate at what one filter aggregates.
+    people: tuple[RefContact, ...] = ()
+    events: tuple[RefEvent, ...] = ()
+    now: datetime = NOW
 
     @staticmethod
-    def of(people: list[RefContact], events: list[RefEvent]) -> Seen:
+    def of(people: list[RefContact], events: list[RefEvent], now: datetime) -> Seen:
         data = _leaves([p.data for p in people], DATA_FIELDS)
         event_data = _leaves([e.data for e in events], EVENT_DATA_FIELDS)
-        aggregates: dict[str, set[int | float]] = {}
+        aggregates: dict[tuple[str, str], set[int | float]] = {}
         for name in AGGREGATE_FIELDS:
-            found = aggregates.setdefault(name, set())
+            found = {f: aggregates.setdefault((name, f), set()) for f in AGGREGATES}
             by_contact_and_name: dict[tuple[uuid.UUID, str], list[Decimal]] = {}
             for e in events:
                 node = lookup(e.data, name[5:].split("."))
@@ -739,12 +806,24 @@ class Seen:
                     by_contact_and_name.setdefault(key, []).append(_json_decimal(node))
             for numbers in by_contact_and_name.values():
                 with localcontext(Context(prec=100)):
-                    found |= {_number(sum(numbers, Decimal(0))), _number(min(numbers))}
-                found.add(_number(max(numbers)))
+                    total = _number(sum(numbers, Decimal(0)))
+                found["sum"].add(total)
+                found["min"].add(_number(min(numbers)))
+                found["max"].add(_number(max(numbers)))
                 average = _exact_average(numbers)
-                if average is not None:
-                    found.add(average)
-        emails = {v for p in people for v in (p.email, p.email.upper(), p.email.title())}
+                found["avg"] |= {total} if average is None else {total, average}
+        # Upper case as people write it: "İ" for the stored "i̇" (whose Python lower() is
+        # the stored form again, and PostgreSQL's lower() is not).
+        emails = {
+            v
+            for p in people
+            for v in (
+                p.email,
+                p.email.upper(),
+                p.email.title(),
+                p.email.upper().replace("I\u0307", "İ"),
+            )
+        }
         return Seen(
             emails=tuple(sorted(emails)),
             scalars={k: _scalars_of(v) for k, v in data.items()},
@@ -756,6 +835,18 @@ class Seen:
             },
             event_elements={k: _elements_of(v) for k, v in event_data.items()},
             aggregates={k: tuple(sorted(v, key=repr)) for k, v in aggregates.items()},
+            people=tuple(people),
+            events=tuple(events),
+            now=now,
+            edges={
+                "createdAt": _edges((ticks(p.created_at) for p in people), now),
+                "updatedAt": _edges((ticks(p.updated_at) for p in people), now),
+                "event": _edges((ticks(e.occurred_at) for e in events), now),
+                **{
+                    k: _edges((t for x in v if (t := stored_instant(x)) is not None), now)
+                    for k, v in data.items()
+                },
+            },
         )
 
 
@@ -830,7 +921,7 @@ def email_filters(draw: st.DrawFn, seen: Seen) -> dict[str, Any]:
             ]
         )
     )
-    exact = _either(seen.emails, st.sampled_from(EMAIL_VALUES))
+    exact = _either(seen.emails, pick(EMAIL_VALUES))
     if op in ("equals", "notEquals"):
         value: Any = draw(exact)
     elif op in ("in", "notIn"):
@@ -839,16 +930,16 @@ def email_filters(draw: st.DrawFn, seen: Seen) -> dict[str, Any]:
         pieces = tuple(
             p for e in seen.emails for p in (e[:3], e[-6:], e.split("@")[0], "@" + e.split("@")[1])
         )
-        value = draw(_either(pieces, st.sampled_from(EMAIL_NEEDLES)))
+        value = draw(_either(pieces, pick(EMAIL_NEEDLES)))
     return {"field": "email", "operator": op, "value": value}
 
 
 @st.composite
-def time_filters(draw: st.DrawFn) -> dict[str, Any]:
+def time_filters(draw: st.DrawFn, seen: Seen) -> dict[str, Any]:
     field_name = draw(st.sampled_from(["createdAt", "updatedAt"]))
     op = draw(st.sampled_from(["equals", "notEquals", *ORDERING, "within", "olderThan"]))
     if op in ("within", "olderThan"):
-        return draw(windowed(field_name, op))
+        return draw(windowed(field_name, op, seen.edges.get(field_name, ())))
     return {"field": field_name, "operator": op, "value": draw(TIME_VALUES)}
 
 
@@ -887,18 +978,19 @@ def value_filters(
     number_field: str,
     text_field: str,
     array_field: str,
-    local: tuple[Any, ...] = (),
-    local_needles: tuple[str, ...] = (),
+    local: list[Any] | None = None,
+    local_needles: list[str] | None = None,
     lean: int = 1,
+    edges: dict[str, tuple[tuple[int | float, str], ...]] | None = None,
 ) -> dict[str, Any]:
     """A filter on a data field, of a contact or (in `where`) of an event: `scalars`,
     `needles` and `elements` are what the example holds at each field, and values are
     taken from them lean / (lean + 1) of the time; `local` and `local_needles` are values
     and needles the records' own kind of data leans to."""
-    op = draw(st.sampled_from(operators))
+    op = draw(pick(operators))
     # Half the time, windows and comparisons look at the key that mostly holds timestamps,
     # contains at the key that mostly holds words, arrayContains at the one holding arrays.
-    field_name = draw(st.sampled_from(fields))
+    field_name = draw(pick(fields))
     fitting = draw(st.integers(0, lean)) > 0
     if op in ("within", "olderThan", "withinNext") and fitting:
         field_name = time_field
@@ -909,18 +1001,19 @@ def value_filters(
     elif op == "arrayContains" and draw(st.integers(0, 3)):
         field_name = array_field
     seen = scalars.get(field_name, ())
+    edges = edges or {}
     if op in ("exists", "notExists"):
         return {"field": field_name, "operator": op}
     if op in ("within", "olderThan", "withinNext"):
-        return draw(windowed(field_name, op))
+        return draw(windowed(field_name, op, edges.get(field_name, ())))
     if op in ("contains", "notContains", "startsWith", "endsWith"):
         value: Any = draw(
             _either(
                 needles.get(field_name, ()),
-                *[st.sampled_from(local_needles)] * 3 * bool(local_needles),
-                st.sampled_from(NEEDLES),
-                st.sampled_from(WORDS),
-                st.sampled_from(UNICODE + STRINGS + TEXTS),
+                *([pick(local_needles)] * 3 if local_needles else []),
+                pick(NEEDLES),
+                pick(WORDS),
+                pick(OTHER_TEXTS),
                 lean=lean,
             )
         )
@@ -931,8 +1024,8 @@ def value_filters(
         value = draw(
             _either(
                 numbers + stamps,
-                st.sampled_from(NUMBERS),
-                st.sampled_from(VALUE_STAMPS),
+                pick(NUMBERS),
+                pick(VALUE_STAMPS),
                 lean=lean,
             )
         )
@@ -940,7 +1033,7 @@ def value_filters(
         if draw(st.booleans()):
             pair = draw(
                 st.lists(
-                    _either(numbers, st.sampled_from(NUMBERS + AMOUNT_NUMBERS), lean=lean),
+                    _either(numbers, pick(BOUNDS), lean=lean),
                     min_size=2,
                     max_size=2,
                 )
@@ -949,7 +1042,7 @@ def value_filters(
         else:
             pair = draw(
                 st.lists(
-                    _either(stamps, st.sampled_from(VALUE_STAMPS), TIME_DAYS, lean=lean),
+                    _either(stamps, pick(VALUE_STAMPS), TIME_DAYS, lean=lean),
                     min_size=2,
                     max_size=2,
                 )
@@ -959,23 +1052,23 @@ def value_filters(
         value = draw(
             _either(
                 elements.get(field_name, ()),
-                st.sampled_from([v for v in ARRAY_ITEMS if not isinstance(v, (list, dict))]),
-                st.sampled_from(COMMON),
+                pick(SCALAR_ITEMS),
+                pick(COMMON),
                 lean=lean,
             ).filter(lambda v: v is not None)
         )
     else:
         exact = _either(
             seen,
-            *[st.sampled_from(local)] * 3 * bool(local),
-            st.sampled_from(COMMON),
-            st.sampled_from(WORDS),
-            st.sampled_from(NUMBERS),
-            st.sampled_from(STRINGS),
-            st.sampled_from(UNICODE),
+            *([pick(local)] * 3 if local else []),
+            pick(COMMON),
+            pick(WORDS),
+            pick(NUMBERS),
+            pick(STRINGS),
+            pick(UNICODE),
             st.booleans(),
-            st.sampled_from(ODD_STAMPS),
-            st.sampled_from(STORED_STAMPS),
+            pick(ODD_STAMPS),
+            pick(STORED_STAMPS),
             lean=lean,
         )
         value = draw(_lists(exact)) if op in ("in", "notIn") else draw(exact)
@@ -989,18 +1082,29 @@ def _json_decimal(number: int | float) -> Decimal:
 TIME_DAYS = st.sampled_from(sorted({m.date().isoformat() for m in ALL_INSTANTS}))
 
 
+DATA_OPERATORS = [*VALUE_OPERATORS, "within", "olderThan", "withinNext", "withinNext"]
+
+
 def data_filters(seen: Seen) -> st.SearchStrategy[dict[str, Any]]:
     return value_filters(
         DATA_FIELDS,
         seen.scalars,
         seen.needles,
         seen.elements,
-        [*VALUE_OPERATORS, "within", "olderThan", "withinNext", "withinNext"],
+        DATA_OPERATORS,
         time_field="data.signup",
         number_field="data.score",
         text_field="data.note",
         array_field="data.tags",
+        edges=seen.edges,
     )
+
+
+OTHER_TEXTS = UNICODE + STRINGS + TEXTS
+BOUNDS = NUMBERS + AMOUNT_NUMBERS
+SCALAR_ITEMS = [v for v in ARRAY_ITEMS if not isinstance(v, (list, dict))]
+WHERE_VALUES = [v for v in AMOUNT_NUMBERS + CURRENCIES + SKUS if v is not None]
+WHERE_NEEDLES = ["eu", "EU", "R", "Us", "ab-", "AB", "-1", "_9", "xy", "%", "STR", "bul"]
 
 
 def where_filters(seen: Seen) -> st.SearchStrategy[dict[str, Any]]:
@@ -1014,8 +1118,8 @@ def where_filters(seen: Seen) -> st.SearchStrategy[dict[str, Any]]:
         number_field="data.amount",
         text_field="data.currency",
         array_field="data.tags",
-        local=tuple(v for v in AMOUNT_NUMBERS + CURRENCIES + SKUS if v is not None),
-        local_needles=("eu", "EU", "R", "Us", "ab-", "AB", "-1", "_9", "xy", "%", "STR", "bul"),
+        local=WHERE_VALUES,
+        local_needles=WHERE_NEEDLES,
         lean=3,
     )
 
@@ -1026,8 +1130,14 @@ COUNT_VALUES: list[int | float] = [0, 1, 1, 2, 2, 3, 4, 2.0]
 
 @st.composite
 def event_filters(draw: st.DrawFn, seen: Seen) -> dict[str, Any]:
-    # Half the time the events that most contacts have, several of, with data.
-    field_name = draw(st.one_of(st.sampled_from(DATA_EVENT_FIELDS), st.sampled_from(EVENT_FIELDS)))
+    # Mostly the events that most contacts have, several of, with data.
+    field_name = draw(
+        st.one_of(
+            pick(DATA_EVENT_FIELDS),
+            pick(DATA_EVENT_FIELDS),
+            pick(EVENT_FIELDS),
+        )
+    )
     op = draw(
         st.sampled_from(
             [
@@ -1044,7 +1154,7 @@ def event_filters(draw: st.DrawFn, seen: Seen) -> dict[str, Any]:
     if op in ("triggered", "notTriggered"):
         out: dict[str, Any] = {"field": field_name, "operator": op}
     else:
-        out = draw(windowed(field_name, op))
+        out = draw(windowed(field_name, op, seen.edges.get("event", ())))
     if draw(st.integers(0, 2)) == 0:
         out["where"] = [draw(where_filters(seen))]
         if draw(st.integers(0, 3)) == 0:
@@ -1052,20 +1162,63 @@ def event_filters(draw: st.DrawFn, seen: Seen) -> dict[str, Any]:
     if op in ("triggered", "triggeredWithin"):
         if draw(st.integers(0, 2)) == 0:
             out["count"] = {
-                "operator": draw(st.sampled_from(COMPARISONS)),
-                "value": draw(st.sampled_from(COUNT_VALUES)),
+                "operator": draw(pick(COMPARISONS)),
+                "value": draw(pick(COUNT_VALUES)),
             }
-        if draw(st.integers(0, 2)) == 0:
-            name = draw(st.sampled_from(AGGREGATE_FIELDS))
+        if draw(st.booleans()):
+            name = draw(pick(AGGREGATE_FIELDS))
+            function = draw(pick(AGGREGATES))
             out["aggregate"] = {
-                "function": draw(st.sampled_from(["sum", "avg", "min", "max"])),
+                "function": function,
                 "field": name,
-                "operator": draw(st.sampled_from(COMPARISONS)),
+                "operator": draw(pick(COMPARISONS)),
                 "value": draw(
-                    _either(seen.aggregates.get(name, ()), st.sampled_from(AGGREGATE_VALUES))
+                    _either(
+                        _aimed(seen, out, name, function),
+                        _either(
+                            seen.aggregates.get((name, function), ()),
+                            pick(AGGREGATE_VALUES),
+                        ),
+                        lean=2,
+                    )
                 ),
             }
     return out
+
+
+def _aimed(seen: Seen, f: dict[str, Any], name: str, function: str) -> list[int | float]:
+    """What `function` of `name` gives for each contact over the occurrences event filter
+    `f` (its names, window and `where`) considers: comparison values on the edge.
+
+    The reference tells which occurrences count (each alone against `f` without its count);
+    this only picks values, it decides no expected result. Averages as in _exact_average."""
+    alone = {k: v for k, v in f.items() if k != "count"}
+    path = name[5:].split(".")
+    out: set[int | float] = set()
+    for person in seen.people:
+        numbers = [
+            _json_decimal(node)
+            for e in seen.events
+            if e.contact_id == person.id
+            and isinstance(node := lookup(e.data, path), (int, float))
+            and not isinstance(node, bool)
+            and evaluate(
+                {"logic": "AND", "groups": [{"filters": [alone]}]}, person, [e], seen.now, {}
+            )
+        ]
+        if not numbers:
+            continue
+        with localcontext(Context(prec=100)):
+            total = sum(numbers, Decimal(0))
+        if function == "sum":
+            out.add(_number(total))
+        elif function == "min":
+            out.add(_number(min(numbers)))
+        elif function == "max":
+            out.add(_number(max(numbers)))
+        elif (average := _exact_average(numbers)) is not None:
+            out.add(average)
+    return sorted(out, key=repr)
 
 
 @st.composite
@@ -1101,7 +1254,7 @@ def filters(draw: st.DrawFn, segment_ids: tuple[uuid.UUID, ...], seen: Seen) -> 
             "value": draw(st.booleans()),
         }
     if kind == "time":
-        return draw(time_filters())
+        return draw(time_filters(seen))
     if kind == "data":
         return draw(data_filters(seen))
     if kind == "event":
@@ -1143,7 +1296,7 @@ def worlds(draw: st.DrawFn) -> World:
     now = draw(st.sampled_from(NOWS))
     people = draw(contacts(now))
     events = draw(events_for(people, now))
-    seen = Seen.of(people, events)
+    seen = Seen.of(people, events, now)
     world = World(
         now=now,
         contacts=people,
