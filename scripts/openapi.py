@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 OUTPUT = ROOT / "openapi" / "openapi.json"
 PACKAGE = "segments.v1"
-SERVICES = ("SegmentService", "ContactService", "EventService")
+SERVICES = ("SegmentService", "ContactService", "EventService", "WebhookService")
 ENVOY_ADDRESS = "http://127.0.0.1:8080"
 
 # Registers the google.api.http extension so that method options parse it.
@@ -49,9 +49,10 @@ Schema = dict[str, Any]
 SUCCESS_STATUSES: dict[str, tuple[str, ...]] = {
     "CreateSegment": ("201",),
     "UpsertContact": ("201", "200"),
+    "CreateWebhook": ("201",),
 }
-# Methods that can answer 409 (SEGMENT_IN_USE).
-CONFLICT_METHODS = {"DeleteSegment"}
+# Methods that can answer 409 (SEGMENT_IN_USE; ALREADY_EXISTS for an email taken).
+CONFLICT_METHODS = {"DeleteSegment", "UpdateContact"}
 SUCCESS_DESCRIPTIONS = {
     "201": "Created",
     "200": "OK",
@@ -65,6 +66,13 @@ VALUE_SCHEMAS: dict[str, Schema] = {
         "allOf": [{"$ref": "#/components/schemas/FilterCondition"}],
         "nullable": True,
     },
+    f"{PACKAGE}.WebhookDelivery.last_error": {"type": "string", "nullable": True},
+    f"{PACKAGE}.WebhookDelivery.next_attempt_at": {
+        "type": "string",
+        "format": "date-time",
+        "nullable": True,
+    },
+    f"{PACKAGE}.ListContactsResponse.cursor": {"type": "string", "nullable": True},
     f"{PACKAGE}.Filter.value": {
         "anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}],
         "description": "A JSON scalar; for window operators the number of units.",
@@ -116,6 +124,15 @@ REQUEST_EXAMPLES: dict[str, Any] = {
         "subscribed": True,
     },
     "RemoveSegmentMembers": {"emails": ["ada@example.com"]},
+    "PreviewSegment": {
+        "condition": {
+            "logic": "AND",
+            "groups": [
+                {"filters": [{"field": "data.plan", "operator": "equals", "value": "premium"}]}
+            ],
+        }
+    },
+    "UpdateContact": {"email": "ada.lovelace@example.com", "data": {"plan": "pro", "seats": None}},
     "UpsertContact": {
         "email": "ada@example.com",
         "subscribed": True,
@@ -143,6 +160,7 @@ REQUEST_EXAMPLES: dict[str, Any] = {
             {"email": "grace@example.com", "event": "purchase", "data": {"amount": 20}},
         ]
     },
+    "CreateWebhook": {"url": "https://hooks.example.com/segments"},
 }
 
 

@@ -274,7 +274,12 @@ Replicas = Callable[[], "Replica"]
 class Replica:
     """One `segments serve` process on the test database."""
 
-    def __init__(self, database_url: str, sweep_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        sweep_seconds: float = 0.5,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         env = {
             **os.environ,
@@ -282,6 +287,7 @@ class Replica:
             "SEGMENTS_SWEEP_SECONDS": str(sweep_seconds),
             "SEGMENTS_DRAIN_SECONDS": "5",
             "LOG_LEVEL": "WARNING",
+            **(env or {}),
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "segments_service.cli", "serve", "--port", str(self.port)],

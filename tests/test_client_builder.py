@@ -1,9 +1,13 @@
 """The condition builder (segments.F): the JSON it builds, how & and | nest, the mistakes it
-refuses, and that the service counts a built condition as it counts the same JSON."""
+refuses, that the service counts a built condition as it counts the same JSON, and that the
+README's filter cookbook builds what it shows."""
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import UTC, date, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,6 +15,8 @@ import pytest
 from google.protobuf import json_format
 
 from segments import (
+    Aggregate,
+    Count,
     Expression,
     F,
     FilterExpression,
@@ -22,10 +28,13 @@ from segments import (
     segment_condition,
 )
 from segments_api.v1 import resources_pb2
-from tests.conditions import flt, groups_of
+from segments_service.errors import ValidationError
+from segments_service.filters import parse_condition
+from tests.conditions import as_proto, flt, groups_of
 
 SEGMENT_ID = "0b7c3f4e-1d2a-4c5b-9e8f-7a6b5c4d3e2f"
 MOMENT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+MOMENT_TEXT = "2024-05-06T07:08:09+00:00"
 
 
 # (builder expression, the filter it must build, its repr)
@@ -161,6 +170,281 @@ FILTERS: list[tuple[Expression, dict[str, Any], str]] = [
         flt(f"segment.{SEGMENT_ID}", "notMemberOfSegment"),
         f"F.segment('{SEGMENT_ID}').not_member()",
     ),
+    # --- the value operators of README's Filters --------------------------------------------------
+    (
+        F.email.in_(["ann@acme.com", "bob@acme.com"]),
+        flt("email", "in", ["ann@acme.com", "bob@acme.com"]),
+        "F.email.in_(['ann@acme.com', 'bob@acme.com'])",
+    ),
+    (F.email.not_in(("x@y.z",)), flt("email", "notIn", ["x@y.z"]), "F.email.not_in(['x@y.z'])"),
+    (F.email.starts_with("ann"), flt("email", "startsWith", "ann"), "F.email.starts_with('ann')"),
+    (
+        F.email.ends_with("@acme.com"),
+        flt("email", "endsWith", "@acme.com"),
+        "F.email.ends_with('@acme.com')",
+    ),
+    (
+        F.data("plan").in_(["pro", "team"]),
+        flt("data.plan", "in", ["pro", "team"]),
+        "F.data('plan').in_(['pro', 'team'])",
+    ),
+    # Each element keeps its JSON type (equality is type-exact); a timestamp is spelled as ==
+    # spells it.
+    (
+        F.data("k").in_(v for v in ("5", 5, 1.5, True, MOMENT)),
+        flt("data.k", "in", ["5", 5, 1.5, True, MOMENT_TEXT]),
+        f"F.data('k').in_(['5', 5, 1.5, True, '{MOMENT_TEXT}'])",
+    ),
+    (
+        F.data("plan").not_in(["free"]),
+        flt("data.plan", "notIn", ["free"]),
+        "F.data('plan').not_in(['free'])",
+    ),
+    (
+        F.data("name").starts_with("Dr "),
+        flt("data.name", "startsWith", "Dr "),
+        "F.data('name').starts_with('Dr ')",
+    ),
+    (
+        F.data("site").ends_with(".de"),
+        flt("data.site", "endsWith", ".de"),
+        "F.data('site').ends_with('.de')",
+    ),
+    (
+        F.data("age").between(18, 30),
+        flt("data.age", "between", [18, 30]),
+        "F.data('age').between(18, 30)",
+    ),
+    (
+        F.data("x").between(0.5, 1),
+        flt("data.x", "between", [0.5, 1]),
+        "F.data('x').between(0.5, 1)",
+    ),
+    # Equal ends are a range of one value.
+    (F.data("x").between(7, 7), flt("data.x", "between", [7, 7]), "F.data('x').between(7, 7)"),
+    (
+        F.data("renewed").between(MOMENT, "2024-06-01T00:00:00Z"),
+        flt("data.renewed", "between", [MOMENT_TEXT, "2024-06-01T00:00:00Z"]),
+        f"F.data('renewed').between('{MOMENT_TEXT}', '2024-06-01T00:00:00Z')",
+    ),
+    (
+        F.data("day").between(date(2024, 5, 1), date(2024, 5, 31)),
+        flt("data.day", "between", ["2024-05-01", "2024-05-31"]),
+        "F.data('day').between('2024-05-01', '2024-05-31')",
+    ),
+    (
+        F.data("tags").array_contains("vip"),
+        flt("data.tags", "arrayContains", "vip"),
+        "F.data('tags').array_contains('vip')",
+    ),
+    (
+        F.data("lucky").array_contains(7),
+        flt("data.lucky", "arrayContains", 7),
+        "F.data('lucky').array_contains(7)",
+    ),
+    (
+        F.data("flags").array_contains(False),
+        flt("data.flags", "arrayContains", False),
+        "F.data('flags').array_contains(False)",
+    ),
+    (
+        F.data("trialEndsAt").within_next(7, "days"),
+        flt("data.trialEndsAt", "withinNext", 7, "days"),
+        "F.data('trialEndsAt').within_next(7, 'days')",
+    ),
+    (
+        F.data("renewsAt").within_next(timedelta(hours=36)),
+        flt("data.renewsAt", "withinNext", 36, "hours"),
+        "F.data('renewsAt').within_next(36, 'hours')",
+    ),
+    # --- weeks and months ------------------------------------------------------------------
+    (
+        F.data("renewsAt").within_next(1, "months"),
+        flt("data.renewsAt", "withinNext", 1, "months"),
+        "F.data('renewsAt').within_next(1, 'months')",
+    ),
+    (
+        F.created_at.within(2, "weeks"),
+        flt("createdAt", "within", 2, "weeks"),
+        "F.created_at.within(2, 'weeks')",
+    ),
+    (
+        F.updated_at.older_than(3, "months"),
+        flt("updatedAt", "olderThan", 3, "months"),
+        "F.updated_at.older_than(3, 'months')",
+    ),
+    # A timedelta keeps its old spelling (14 days, not 2 weeks).
+    (
+        F.data("seen").older_than(timedelta(weeks=2)),
+        flt("data.seen", "olderThan", 14, "days"),
+        "F.data('seen').older_than(14, 'days')",
+    ),
+    (
+        F.event("login").not_triggered_within(1.5, "weeks"),
+        flt("event.login", "notTriggeredWithin", 1.5, "weeks"),
+        "F.event('login').not_triggered_within(1.5, 'weeks')",
+    ),
+    # --- counts, where and aggregates --------------------------------------------------------
+    (
+        F.event("login").triggered_within(30, "minutes", count=F.count >= 3),
+        {
+            **flt("event.login", "triggeredWithin", 30, "minutes"),
+            "count": {"operator": "greaterThanOrEqual", "value": 3},
+        },
+        "F.event('login').triggered_within(30, 'minutes', count=F.count >= 3)",
+    ),
+    (
+        F.event("login").triggered(count=F.count == 0),
+        {**flt("event.login", "triggered"), "count": {"operator": "equals", "value": 0}},
+        "F.event('login').triggered(count=F.count == 0)",
+    ),
+    (
+        F.event("login").triggered(count=F.count != 1),
+        {**flt("event.login", "triggered"), "count": {"operator": "notEquals", "value": 1}},
+        "F.event('login').triggered(count=F.count != 1)",
+    ),
+    (
+        F.event("login").triggered(count=F.count > 1),
+        {**flt("event.login", "triggered"), "count": {"operator": "greaterThan", "value": 1}},
+        "F.event('login').triggered(count=F.count > 1)",
+    ),
+    (
+        F.event("login").triggered(count=F.count < 3),
+        {**flt("event.login", "triggered"), "count": {"operator": "lessThan", "value": 3}},
+        "F.event('login').triggered(count=F.count < 3)",
+    ),
+    # Reflected, as 18 <= F.data("age") is: 5 >= F.count is F.count <= 5.
+    (
+        F.event("login").triggered(count=5 >= F.count),  # noqa: SIM300
+        {
+            **flt("event.login", "triggered"),
+            "count": {"operator": "lessThanOrEqual", "value": 5},
+        },
+        "F.event('login').triggered(count=F.count <= 5)",
+    ),
+    (
+        F.event("purchase").triggered(where=[F.data("amount") > 50]),
+        {
+            **flt("event.purchase", "triggered"),
+            "where": [flt("data.amount", "greaterThan", 50)],
+        },
+        "F.event('purchase').triggered(where=[F.data('amount') > 50])",
+    ),
+    # `where` ANDs its filters: a list, or one expression joined by &.
+    (
+        F.event("purchase").triggered(
+            where=(F.data("amount") > 50) & F.data("currency").in_(["EUR", "USD"])
+        ),
+        {
+            **flt("event.purchase", "triggered"),
+            "where": [
+                flt("data.amount", "greaterThan", 50),
+                flt("data.currency", "in", ["EUR", "USD"]),
+            ],
+        },
+        "F.event('purchase').triggered(where=[F.data('amount') > 50,"
+        " F.data('currency').in_(['EUR', 'USD'])])",
+    ),
+    (
+        F.event("purchase").triggered_older_than(
+            30, "days", where=F.data("sku").starts_with("book-")
+        ),
+        {
+            **flt("event.purchase", "triggeredOlderThan", 30, "days"),
+            "where": [flt("data.sku", "startsWith", "book-")],
+        },
+        "F.event('purchase').triggered_older_than(30, 'days',"
+        " where=[F.data('sku').starts_with('book-')])",
+    ),
+    (
+        F.event("purchase").not_triggered(where=[F.data("coupon").exists()]),
+        {**flt("event.purchase", "notTriggered"), "where": [flt("data.coupon", "exists")]},
+        "F.event('purchase').not_triggered(where=[F.data('coupon').exists()])",
+    ),
+    (
+        F.event("purchase").not_triggered_within(
+            3, "months", where=[F.data("amount").between(10, 20)]
+        ),
+        {
+            **flt("event.purchase", "notTriggeredWithin", 3, "months"),
+            "where": [flt("data.amount", "between", [10, 20])],
+        },
+        "F.event('purchase').not_triggered_within(3, 'months',"
+        " where=[F.data('amount').between(10, 20)])",
+    ),
+    (
+        F.email_activity("clicked").triggered_within(
+            7, "days", where=[F.data("url").contains("pricing")]
+        ),
+        {
+            **flt("email.clicked", "triggeredWithin", 7, "days"),
+            "where": [flt("data.url", "contains", "pricing")],
+        },
+        "F.email_activity('clicked').triggered_within(7, 'days',"
+        " where=[F.data('url').contains('pricing')])",
+    ),
+    (
+        F.event("purchase").triggered_within(30, "days", aggregate=F.sum("amount") >= 100),
+        {
+            **flt("event.purchase", "triggeredWithin", 30, "days"),
+            "aggregate": {
+                "function": "sum",
+                "field": "data.amount",
+                "operator": "greaterThanOrEqual",
+                "value": 100,
+            },
+        },
+        "F.event('purchase').triggered_within(30, 'days', aggregate=F.sum('amount') >= 100)",
+    ),
+    (
+        F.event("rating").triggered(aggregate=F.avg("stars") < 2.5),
+        {
+            **flt("event.rating", "triggered"),
+            "aggregate": {
+                "function": "avg",
+                "field": "data.stars",
+                "operator": "lessThan",
+                "value": 2.5,
+            },
+        },
+        "F.event('rating').triggered(aggregate=F.avg('stars') < 2.5)",
+    ),
+    (
+        F.event("purchase").triggered(aggregate=F.min("order", "total") != 0),
+        {
+            **flt("event.purchase", "triggered"),
+            "aggregate": {
+                "function": "min",
+                "field": "data.order.total",
+                "operator": "notEquals",
+                "value": 0,
+            },
+        },
+        "F.event('purchase').triggered(aggregate=F.min('order.total') != 0)",
+    ),
+    # All three at once: where narrows the occurrences that count and aggregate see.
+    (
+        F.event("purchase").triggered_within(
+            1,
+            "months",
+            where=[F.data("currency") == "EUR"],
+            count=F.count >= 2,
+            aggregate=F.max("amount") > 500,
+        ),
+        {
+            **flt("event.purchase", "triggeredWithin", 1, "months"),
+            "count": {"operator": "greaterThanOrEqual", "value": 2},
+            "where": [flt("data.currency", "equals", "EUR")],
+            "aggregate": {
+                "function": "max",
+                "field": "data.amount",
+                "operator": "greaterThan",
+                "value": 500,
+            },
+        },
+        "F.event('purchase').triggered_within(1, 'months', where=[F.data('currency') == 'EUR'],"
+        " count=F.count >= 2, aggregate=F.max('amount') > 500)",
+    ),
 ]
 
 
@@ -171,12 +455,87 @@ def test_each_filter_builds_its_json(
     assert isinstance(built, FilterExpression)
     assert built.to_dict() == groups_of("AND", {"filters": [expected]})
     assert repr(built) == text
+    # The repr is the builder code that makes the same filter again.
+    assert eval(text, {"F": F}) == built
+    # Expressions are values: hashable, lists included.
+    assert hash(built) == hash(eval(text, {"F": F}))
+    # The service's validator accepts what the builder builds.
+    parse_condition(built.to_dict())
 
 
-def test_the_table_covers_every_operator() -> None:
+def test_the_table_covers_every_operator_unit_and_aggregate() -> None:
     operators = {expected["operator"] for _, expected, _ in FILTERS}
     defined = set(resources_pb2.Filter.Operator.keys()) - {"OPERATOR_UNSPECIFIED"}
     assert operators == defined
+    units = {expected["unit"] for _, expected, _ in FILTERS if "unit" in expected}
+    assert units == set(resources_pb2.Filter.Unit.keys()) - {"UNIT_UNSPECIFIED"}
+    counted = {expected["count"]["operator"] for _, expected, _ in FILTERS if "count" in expected}
+    assert counted == {
+        "equals",
+        "notEquals",
+        "greaterThan",
+        "greaterThanOrEqual",
+        "lessThan",
+        "lessThanOrEqual",
+    }
+    functions = {e["aggregate"]["function"] for _, e, _ in FILTERS if "aggregate" in e}
+    assert functions == set(resources_pb2.Filter.Aggregate.Function.keys()) - {
+        "FUNCTION_UNSPECIFIED"
+    }
+
+
+def test_counts_and_aggregates_are_values_that_read_back() -> None:
+    assert repr(F.count) == "F.count"
+    assert repr(F.sum("order", "total")) == "F.sum('order.total')"
+    made: list[tuple[Count | Aggregate, str]] = [
+        (F.count >= 3, "F.count >= 3"),
+        (0 < F.count, "F.count > 0"),  # noqa: SIM300
+        (F.sum("amount") >= 100, "F.sum('amount') >= 100"),
+        (F.avg("a.b") == 1.5, "F.avg('a.b') == 1.5"),
+        (F.min("amount") <= -1, "F.min('amount') <= -1"),
+        (F.max("amount") != 0, "F.max('amount') != 0"),
+    ]
+    for value, text in made:
+        assert repr(value) == text
+        assert eval(text, {"F": F}) == value
+    assert (F.count >= 3) == Count("greaterThanOrEqual", 3)
+    assert (F.sum("amount") < 5) == Aggregate("sum", "data.amount", "lessThan", 5)
+    assert (F.count >= 3).to_dict() == {"operator": "greaterThanOrEqual", "value": 3}
+
+
+def test_where_takes_a_list_or_an_and() -> None:
+    amount, currency = F.data("amount") > 50, F.data("currency") == "EUR"
+    as_list = F.event("purchase").triggered(where=[amount, currency])
+    assert F.event("purchase").triggered(where=amount & currency) == as_list
+    assert F.event("purchase").triggered(where=(amount,)) == F.event("purchase").triggered(
+        where=amount
+    )
+    # Nested ANDs flatten, as & does.
+    nested = F.event("purchase").triggered(where=[all_of(amount, currency), F.data("x").exists()])
+    assert [w.field for w in nested.where] == ["data.amount", "data.currency", "data.x"]
+
+
+def test_filters_made_directly_show_as_made() -> None:
+    # Parts F never puts on an operator: shown as the constructor call, not as F code.
+    made = FilterExpression("event.x", "notTriggered", count=Count("greaterThan", 1))
+    assert repr(made) == "FilterExpression('event.x', 'notTriggered', count=F.count > 1)"
+    assert made.to_dict() == groups_of(
+        "AND",
+        {
+            "filters": [
+                {
+                    "field": "event.x",
+                    "operator": "notTriggered",
+                    "count": {"operator": "greaterThan", "value": 1},
+                }
+            ]
+        },
+    )
+    # A falsy value is still shown.
+    assert (
+        repr(FilterExpression("score", "equals", 0))
+        == "FilterExpression('score', 'equals', value=0)"
+    )
 
 
 def test_values_keep_their_json_types() -> None:
@@ -313,7 +672,7 @@ def test_expressions_compare_by_structure() -> None:
 
 
 MISTAKES: list[tuple[Any, type[Exception], str]] = [
-    (lambda: F.data("x").within(7, "weeks"), ValueError, "unknown unit 'weeks'"),  # type: ignore[arg-type]
+    (lambda: F.data("x").within(7, "fortnights"), ValueError, "unknown unit 'fortnights'"),  # type: ignore[arg-type]
     (lambda: F.created_at.older_than(1, "Days"), ValueError, "unknown unit"),  # type: ignore[arg-type]
     (lambda: F.event("e").triggered_within(7), ValueError, "unknown unit None"),
     (lambda: F.data("x").within(-1, "days"), ValueError, "must be a positive number"),
@@ -366,6 +725,97 @@ MISTAKES: list[tuple[Any, type[Exception], str]] = [
     (lambda: all_of(), ValueError, "at least one"),
     (lambda: any_of([A, B]), TypeError, "unpack a list with"),  # type: ignore[arg-type]
     (lambda: all_of(A, {"logic": "AND"}), TypeError, "takes conditions, got dict"),  # type: ignore[arg-type]
+    # Windows: months are whole, and no window spans more than 36525 days (1200 months).
+    (lambda: F.created_at.within(1.5, "months"), ValueError, "whole numbers"),
+    (lambda: F.data("x").within_next(1201, "months"), ValueError, "at most 1200 months"),
+    (lambda: F.data("x").within_next(36526, "days"), ValueError, "at most 36525 days"),
+    (lambda: F.data("x").within_next(5219, "weeks"), ValueError, "at most 36525 days"),
+    (lambda: F.created_at.older_than(timedelta(days=36526)), ValueError, "at most 36525 days"),
+    (lambda: F.data("x").within_next(0, "days"), ValueError, "must be a positive number"),
+    (lambda: F.data("x").within_next(7), ValueError, "unknown unit None"),
+    # Value operators: the tests that do not apply are not there.
+    (lambda: F.created_at.within_next(7, "days"), AttributeError, "within_next"),  # type: ignore[attr-defined]
+    (lambda: F.email.between(1, 2), AttributeError, "between"),  # type: ignore[attr-defined]
+    (lambda: F.subscribed.in_([True]), AttributeError, "in_"),  # type: ignore[attr-defined]
+    # in_ / not_in: a list of 1 to 100 scalars.
+    (lambda: F.data("x").in_([]), ValueError, "1 to 100 values, got 0"),
+    (lambda: F.data("x").in_(range(101)), ValueError, "1 to 100 values, got 101"),
+    (lambda: F.data("x").in_("pro"), TypeError, "take a list of values, got str"),
+    (lambda: F.data("x").not_in({"a": 1}), TypeError, "take a list of values, got dict"),
+    (lambda: F.data("x").in_(5), TypeError, "take a list of values, got int"),  # type: ignore[arg-type]
+    (lambda: F.data("x").in_([None]), TypeError, "no None"),  # type: ignore[list-item]
+    (lambda: F.data("x").in_([[1, 2]]), TypeError, "holds scalars, got a list"),  # type: ignore[list-item]
+    (lambda: F.data("x").not_in([{"a": 1}]), TypeError, "holds scalars, got a dict"),  # type: ignore[list-item]
+    (lambda: F.data("x").in_([float("nan")]), ValueError, "not a finite number"),
+    (lambda: F.data("x").in_([datetime(2024, 1, 1)]), ValueError, "has no time zone"),
+    (lambda: F.email.in_(["a@b.co", 1]), TypeError, "takes a string, got int"),  # type: ignore[list-item]
+    (lambda: F.email.not_in([]), ValueError, "1 to 100 values"),
+    (lambda: F.email.starts_with(None), TypeError, "takes a string"),  # type: ignore[arg-type]
+    (lambda: F.data("x").ends_with(5), TypeError, "takes a string"),  # type: ignore[arg-type]
+    # between: two numbers or two timestamps, low <= high.
+    (lambda: F.data("x").between(5, 1), ValueError, "low 5 is above its high 1"),
+    (
+        lambda: F.data("x").between("2024-06-01T00:00:00Z", MOMENT),
+        ValueError,
+        "is above its high",
+    ),
+    (lambda: F.data("x").between(1, MOMENT), TypeError, "two numbers or two timestamps"),
+    (lambda: F.data("x").between(True, 2), TypeError, "numbers or timestamps, got True"),
+    (lambda: F.data("x").between(None, 2), TypeError, "numbers or timestamps, got None"),  # type: ignore[arg-type]
+    (lambda: F.data("x").between("soon", "later"), ValueError, "not an RFC 3339 timestamp"),
+    (lambda: F.data("x").between(0, float("inf")), ValueError, "not a finite number"),
+    (lambda: F.data("x").between([1], 2), TypeError, "got list"),  # type: ignore[arg-type]
+    # array_contains: one scalar.
+    (lambda: F.data("x").array_contains(["vip"]), TypeError, "one scalar, got list"),  # type: ignore[arg-type]
+    (lambda: F.data("x").array_contains(None), TypeError, "not None"),  # type: ignore[arg-type]
+    (lambda: F.data("x").array_contains(MOMENT), TypeError, "got datetime"),  # type: ignore[arg-type]
+    # Counts: a comparison of F.count with a whole number from 0 to 10^9; on triggered and
+    # triggered_within only (the others have no such argument).
+    (lambda: F.event("e").triggered(count=3), TypeError, r"count=F.count >= 3"),  # type: ignore[arg-type]
+    (lambda: F.event("e").triggered(count=(">=", 3)), TypeError, r"comparison of F.count"),  # type: ignore[arg-type]
+    (lambda: F.event("e").not_triggered(count=F.count >= 3), TypeError, "unexpected keyword"),  # type: ignore[call-arg]
+    (
+        lambda: F.event("e").triggered_older_than(1, "days", aggregate=F.sum("a") > 1),  # type: ignore[call-arg]
+        TypeError,
+        "unexpected keyword",
+    ),
+    (lambda: F.count >= -1, ValueError, "0 to 1,000,000,000, got -1"),
+    (lambda: F.count >= 10**9 + 1, ValueError, "0 to 1,000,000,000"),
+    (lambda: F.count >= 2.5, TypeError, "whole number, got 2.5"),
+    (lambda: F.count >= True, TypeError, "whole number, got True"),
+    (lambda: 1 <= F.count <= 5, TypeError, "no truth value"),
+    (lambda: bool(F.count), TypeError, "no truth value"),
+    # Aggregates: a comparison of F.sum/avg/min/max with a finite number.
+    (lambda: F.event("e").triggered(aggregate=F.sum("a")), TypeError, "comparison of F.sum"),  # type: ignore[arg-type]
+    (lambda: F.sum("amount") >= "100", TypeError, "compares with a number"),
+    (lambda: F.avg("amount") > False, TypeError, "compares with a number"),
+    (lambda: F.max("amount") < float("inf"), ValueError, "not a finite number"),
+    (lambda: F.min(""), ValueError, "empty key"),
+    (lambda: F.sum(), ValueError, "empty key"),
+    (lambda: 0 < F.sum("a") < 5, TypeError, "no truth value"),
+    # where: data filters with value tests, ANDed, at least one.
+    (lambda: F.event("e").triggered(where=[]), ValueError, "at least one filter"),
+    (lambda: F.event("e").triggered(where=[F.email == "a@b.co"]), TypeError, "occurrence's data"),
+    (
+        lambda: F.event("e").not_triggered(where=[F.event("x").triggered()]),
+        TypeError,
+        "occurrence's data",
+    ),
+    (
+        lambda: F.event("e").triggered(where=[F.data("at").within(1, "days")]),
+        TypeError,
+        "a value test, not within",
+    ),
+    (
+        lambda: F.event("e").triggered(where=[F.data("at").within_next(1, "days")]),
+        TypeError,
+        "a value test, not withinNext",
+    ),
+    (lambda: F.event("e").triggered(where=A | B), TypeError, "ANDed; .* is an OR"),
+    (lambda: F.event("e").triggered(where=[A, A | B]), TypeError, "is an OR"),
+    (lambda: F.event("e").triggered(where=F.data("a")), TypeError, "got DataField"),  # type: ignore[arg-type]
+    (lambda: F.event("e").triggered(where="data.a"), TypeError, "got str"),  # type: ignore[arg-type]
+    (lambda: F.event("e").triggered(where={"field": "data.a"}), TypeError, "got dict"),  # type: ignore[dict-item]
 ]
 
 
@@ -375,6 +825,30 @@ def test_mistakes_are_refused_when_built(
 ) -> None:
     with pytest.raises(error, match=message):
         mistake()
+
+
+# (what the builder takes at a limit of the service, the same one step over it as JSON)
+LIMITS: list[tuple[Expression, dict[str, Any]]] = [
+    (F.created_at.within(36525, "days"), flt("createdAt", "within", 36526, "days")),
+    (F.data("t").within_next(5217, "weeks"), flt("data.t", "withinNext", 5218, "weeks")),
+    (F.data("t").older_than(1200, "months"), flt("data.t", "olderThan", 1201, "months")),
+    (
+        F.event("e").triggered_within(36525 * 24, "hours"),
+        flt("event.e", "triggeredWithin", 36525 * 24 + 1, "hours"),
+    ),
+    (F.data("n").in_(range(100)), flt("data.n", "in", list(range(101)))),
+    (
+        F.event("e").triggered(count=F.count <= 10**9),
+        {**flt("event.e", "triggered"), "count": {"operator": "lessThan", "value": 10**9 + 1}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("at_limit", "over"), LIMITS, ids=[repr(b)[:60] for b, _ in LIMITS])
+def test_the_builder_keeps_the_service_limits(at_limit: Expression, over: dict[str, Any]) -> None:
+    parse_condition(at_limit.to_dict())
+    with pytest.raises(ValidationError):
+        parse_condition(groups_of("AND", {"filters": [over]}))
 
 
 def test_naive_and_aware_times_are_told_apart() -> None:
@@ -555,6 +1029,137 @@ def test_segments_take_built_conditions(client: SegmentsClient) -> None:
     assert client.update_segment(segment.id, condition=narrower).member_count == 1
 
 
+# --- the extended filter language, through a real server --------------------------------
+
+
+def seed_language(client: SegmentsClient) -> None:
+    """Five contacts and their events for the tests of the extended language, relative to now."""
+    now = datetime.now(UTC)
+    client.batch_upsert_contacts(
+        [
+            {
+                "email": "ann@acme.com",
+                "data": {
+                    "plan": "pro",
+                    "age": 34,
+                    "tags": ["vip", "beta"],
+                    "trialEndsAt": (now + timedelta(days=3)).isoformat(),
+                },
+            },
+            {
+                "email": "bob@acme.com",
+                "data": {
+                    "plan": "team",
+                    "age": 17,
+                    "tags": ["beta"],
+                    "trialEndsAt": (now + timedelta(days=10)).isoformat(),
+                },
+            },
+            {
+                "email": "cat@example.com",
+                "data": {
+                    "plan": "free",
+                    "age": 18,
+                    "tags": "vip",  # a string, not an array holding it
+                    "trialEndsAt": (now - timedelta(days=1)).isoformat(),
+                },
+            },
+            {"email": "dan@example.com", "data": {"plan": "enterprise", "age": "30"}},
+            {"email": "eve@example.org"},
+        ]
+    )
+
+    def event(email: str, name: str, ago: timedelta, **data: Any) -> dict[str, Any]:
+        return {"email": email, "event": name, "occurredAt": now - ago, "data": data}
+
+    client.ingest_events(
+        [
+            event("ann@acme.com", "login", timedelta(minutes=1)),
+            event("ann@acme.com", "login", timedelta(minutes=2)),
+            event("ann@acme.com", "login", timedelta(minutes=10)),
+            event("bob@acme.com", "login", timedelta(minutes=5)),
+            event("ann@acme.com", "purchase", timedelta(days=5), amount=60),
+            event("ann@acme.com", "purchase", timedelta(days=40), amount=50),
+            event("bob@acme.com", "purchase", timedelta(days=2), amount=30),
+            event("bob@acme.com", "purchase", timedelta(days=3), amount=80),
+            event("cat@example.com", "purchase", timedelta(days=100), amount=200),
+            event("dan@example.com", "email.open", timedelta(days=3)),
+            event("dan@example.com", "email.click", timedelta(days=3), url="https://x.io/Pricing"),
+            event("eve@example.org", "email.open", timedelta(days=1)),
+        ]
+    )
+
+
+def test_the_new_language_is_accepted_and_matches(client: SegmentsClient) -> None:
+    seed_language(client)
+    now = datetime.now(UTC)
+    cases: list[tuple[Expression, int]] = [
+        # Value tests on contact data and the email.
+        (F.data("plan").in_(["pro", "team"]), 2),
+        (F.data("plan").not_in(["pro"]), 3),  # eve has no plan: a negation never matches her
+        (F.email.in_(["ANN@acme.com", "eve@example.org"]), 2),
+        (F.email.not_in(["ann@acme.com"]), 4),
+        (F.email.ends_with("@ACME.com"), 2),
+        (F.email.starts_with("D"), 1),
+        (F.data("plan").starts_with("PR"), 1),
+        (F.data("plan").ends_with("e"), 2),
+        (F.data("age").between(18, 34), 2),  # "30" is a string
+        (F.data("tags").array_contains("vip"), 1),  # cat's tags are a string
+        (F.data("trialEndsAt").between(now - timedelta(days=2), now + timedelta(days=5)), 2),
+        # withinNext and the new units.
+        (F.data("trialEndsAt").within_next(7, "days"), 1),
+        (F.data("trialEndsAt").within_next(2, "weeks"), 2),
+        (F.data("trialEndsAt").within_next(1, "months"), 2),
+        (F.created_at.within(1, "weeks"), 5),
+        # Counts: a count zero satisfies also matches the contacts without the event.
+        (F.event("login").triggered_within(30, "minutes", count=F.count >= 3), 1),
+        (F.event("login").triggered(count=F.count < 3), 4),
+        (F.event("login").triggered(count=F.count == 1), 1),
+        # where: only the matching occurrences are considered.
+        (F.event("purchase").triggered(where=[F.data("amount") > 50]), 3),
+        (F.event("purchase").not_triggered(where=[F.data("amount") >= 100]), 4),
+        (F.event("purchase").triggered_older_than(30, "days", where=[F.data("amount") == 50]), 1),
+        (F.email_activity("clicked").triggered(where=[F.data("url").contains("pricing")]), 1),
+        # Aggregates, with where and count.
+        (F.event("purchase").triggered_within(30, "days", aggregate=F.sum("amount") >= 100), 1),
+        (F.event("purchase").triggered(count=F.count == 2, aggregate=F.min("amount") >= 50), 1),
+        (
+            F.event("purchase").triggered_within(
+                30,
+                "days",
+                where=[F.data("amount") >= 50],
+                count=F.count >= 1,
+                aggregate=F.max("amount") > 70,
+            ),
+            1,
+        ),
+        # Calendar months.
+        (F.event("purchase").not_triggered_within(3, "months"), 3),
+        (F.event("purchase").triggered_older_than(3, "months"), 1),
+        (
+            F.email_activity("opened").triggered_within(2, "weeks")
+            & F.email_activity("clicked").not_triggered_within(2, "weeks"),
+            1,
+        ),
+    ]
+    for built, expected in cases:
+        # The client encodes every part the builder wrote ...
+        assert json_format.MessageToDict(as_proto(built)) == built.to_dict(), repr(built)
+        # ... and the service counts the built condition as it counts its JSON.
+        assert client.count_matching_contacts(built) == expected, repr(built)
+        assert client.count_matching_contacts(built.to_dict()) == expected, repr(built)
+
+    # A segment stores such a condition and gives it back as built.
+    built = F.event("purchase").triggered_within(
+        30, "days", where=[F.data("amount") > 10], aggregate=F.sum("amount") >= 100
+    ) | F.data("tags").array_contains("vip")
+    segment = client.create_segment("Big spenders", condition=built)
+    assert segment.member_count == 2
+    stored = segment_condition(segment)
+    assert stored is not None
+    assert json_format.MessageToDict(stored) == built.to_dict()
+
+
 # --- dicts the client cannot encode ----------------------------------------------------------
 
 BAD_DICTS: list[tuple[Any, list[str]]] = [
@@ -663,3 +1268,41 @@ def test_bad_batch_items_raise_the_typed_error(client: SegmentsClient) -> None:
         )
     assert [v.field for v in events.value.field_violations] == ["events.0"]
     assert "time zone" in str(events.value)
+
+
+# --- the README's filter cookbook -----------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+_RECIPE = re.compile(
+    r"\*\*(?P<question>[^*]+)\*\*.*?```json\n(?P<json>.*?)```\s*```python\n(?P<python>.*?)```",
+    re.DOTALL,
+)
+
+
+def cookbook() -> list[tuple[str, str, str]]:
+    """(question, JSON, Python) of each recipe of README.md's "Filter cookbook" section."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Filter cookbook\n", 1)[1].split("\n## ", 1)[0]
+    return [(m["question"], m["json"], m["python"]) for m in _RECIPE.finditer(section)]
+
+
+def test_the_cookbook_has_its_ten_recipes() -> None:
+    recipes = COOKBOOK
+    assert len(recipes) == 10, [q for q, _, _ in recipes]
+    # Every block of the section belongs to a recipe: none is left unchecked.
+    section = README.read_text(encoding="utf-8").split("\n## Filter cookbook\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    assert section.count("```json") == section.count("```python") == len(recipes)
+
+
+COOKBOOK = cookbook()
+
+
+@pytest.mark.parametrize(("question", "shown", "code"), COOKBOOK, ids=[q for q, _, _ in COOKBOOK])
+def test_each_recipe_builds_the_json_it_shows(question: str, shown: str, code: str) -> None:
+    condition = json.loads(shown)
+    built = eval(code, {"F": F, "all_of": all_of, "any_of": any_of})
+    assert isinstance(built, Expression), question
+    assert built.to_dict() == condition, question
+    # The service's validator accepts it as written.
+    parse_condition(condition)

@@ -157,13 +157,19 @@ def test_both_clients_have_one_shape() -> None:
         ], name
         method = getattr(AsyncSegmentsClient, name)
         returns = str(signature.return_annotation)
-        if returns.startswith(("Iterator", "ContactPager")):
+        if returns.startswith(("Iterator", "ContactPager", "ContactListPager")):
             # Iterating methods stay plain methods returning async iterators.
             assert not inspect.iscoroutinefunction(method), name
-            assert str(other.return_annotation).startswith(("AsyncIterator", "AsyncContactPager"))
+            assert str(other.return_annotation).startswith(
+                ("AsyncIterator", "AsyncContactPager", "AsyncContactListPager")
+            )
         else:
             assert inspect.iscoroutinefunction(method), name
             assert str(other.return_annotation) == returns, name
-    assert {"iter_segment_contacts", "list_segment_contacts", "count_matching_contacts"} <= (
-        blocking.keys()
-    )
+    assert {
+        "iter_segment_contacts",
+        "list_segment_contacts",
+        "count_matching_contacts",
+        "iter_contacts",
+        "list_contacts",
+    } <= blocking.keys()

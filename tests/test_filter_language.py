@@ -16,13 +16,13 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import json_format
-from sqlalchemy import Engine, text
-from sqlalchemy import event as sa_event
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments import InvalidArgumentError, SegmentsClient
-from segments_service import segments, sweeper
+from segments_service import segments, sweeper, tables
 from segments_service.filters import add_months, parse_condition
+from segments_service.membership import wakeups
 from tests.conditions import cond, flt, groups_of
 from tests.conftest import Project, Rest
 from tests.rest_helpers import Api, check_error
@@ -564,12 +564,24 @@ def test_tracked_counts_enter_on_writes_and_exit_as_occurrences_age(
     assert recorded.new() == {("a@x.com", "segment.busy.exit"), ("a@x.com", "segment.quiet.entry")}
 
 
+def time_passes(engine: Engine, project: Project, delta: timedelta) -> None:
+    """The instants at which the project's contacts turn come `delta` closer (as the
+    clock moving on would bring them); the contacts' data is moved by the test."""
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE contact_wakeups SET wake_at = wake_at - :d WHERE project_id = :p"),
+            {"d": delta, "p": project.id},
+        )
+
+
 def test_tracked_within_next_follows_the_clock(
     api: Api, engine: Engine, sessions: sessionmaker[Session], project: Project
 ) -> None:
     recorded = Recorded(engine, project)
-    api.upsert("soon@x.com", {"trialEndsAt": iso(ahead(days=2))})
-    api.upsert("later@x.com", {"trialEndsAt": iso(ahead(days=9))})
+    start = datetime.now(UTC)
+    ends = {"soon@x.com": start + timedelta(days=2), "later@x.com": start + timedelta(days=9)}
+    for email, at in ends.items():
+        api.upsert(email, {"trialEndsAt": iso(at)})
     seg = api.create_segment(
         "Trial ending", cond(flt("data.trialEndsAt", "withinNext", 7, "days")), trackMembership=True
     )
@@ -578,15 +590,88 @@ def test_tracked_within_next_follows_the_clock(
     pid = uuid.UUID(project.id)
     state = sweeper.SweepState()
     sweeper.sweep_once(engine, sessions, state, projects=[pid])
-    # Minutes pass: soon@'s date has just passed, later@'s has just come within reach.
-    set_data(engine, project, "soon@x.com", {"trialEndsAt": iso(ago(minutes=1))})
-    set_data(engine, project, "later@x.com", {"trialEndsAt": iso(ahead(days=7, minutes=-1))})
+    assert state.since(pid) is not None  # the next pass is incremental
+    # Two days and a minute pass: soon@'s date has just passed, later@'s has just come
+    # within reach of the seven days.
+    delta = timedelta(days=2, minutes=1)
+    for email, at in ends.items():
+        set_data(engine, project, email, {"trialEndsAt": iso(at - delta)})
+    time_passes(engine, project, delta)
     sweeper.sweep_once(engine, sessions, state, projects=[pid])
     assert api.member_set(seg["id"]) == {"later@x.com"}
     assert recorded.new() == {
         ("soon@x.com", "segment.trial-ending.exit"),
         ("later@x.com", "segment.trial-ending.entry"),
     }
+    # A write moves a contact's instant with its data.
+    api.upsert("soon@x.com", {"trialEndsAt": iso(start + timedelta(days=1))})
+    assert recorded.new() == {("soon@x.com", "segment.trial-ending.entry")}
+    with engine.connect() as conn:
+        wake = conn.execute(
+            text(
+                "SELECT w.wake_at FROM contact_wakeups w JOIN contacts c "
+                "ON c.project_id = w.project_id AND c.id = w.contact_id "
+                "WHERE c.project_id = :p AND c.email = 'soon@x.com'"
+            ),
+            {"p": project.id},
+        ).scalar_one()
+    assert abs(wake - (start + timedelta(days=1))) < timedelta(seconds=1)
+
+
+def test_a_sweep_reads_only_the_contacts_due(
+    api: Api, engine: Engine, sessions: sessionmaker[Session], project: Project
+) -> None:
+    """After the pass that computes them, a sweep re-evaluates the contacts whose instant
+    has come, not every contact with a timestamp."""
+    start = datetime.now(UTC)
+    api.batch(
+        [
+            {"email": f"c{i}@x.com", "data": {"renewed": iso(start - timedelta(days=i))}}
+            for i in range(20)
+        ]
+    )
+    seg = api.create_segment("Renewed", cond(flt("data.renewed", "within", 30, "days")))
+    assert len(api.member_set(seg["id"])) == 20
+    pid = uuid.UUID(project.id)
+    state = sweeper.SweepState()
+    sweeper.sweep_once(engine, sessions, state, projects=[pid])  # full: computes them
+    assert sweeper.sweep_once(engine, sessions, state, projects=[pid]) == 0
+    # 25 days pass: c5@ .. c19@ (renewed 5 to 19 days before) are now over 30 days old.
+    delta = timedelta(days=25)
+    for i in range(20):
+        set_data(
+            engine, project, f"c{i}@x.com", {"renewed": iso(start - timedelta(days=i) - delta)}
+        )
+    time_passes(engine, project, delta)
+    assert sweeper.sweep_once(engine, sessions, state, projects=[pid]) == 15
+    assert api.member_set(seg["id"]) == {f"c{i}@x.com" for i in range(5)}
+
+
+def test_wakeups_of_calendar_months_err_early_never_late(
+    sessions: sessionmaker[Session], project: Project, api: Api
+) -> None:
+    """A month-long window on 2025-01-31T10:00Z turns when its start passes that instant:
+    at 2025-03-01T00:00Z, since a month before any moment of late February is still in
+    January. The wake instants are the shifted date and the next month's first instant."""
+    api.upsert("a@x.com", {"renewed": "2025-01-31T10:00:00Z"})
+    condition = parse_condition(cond(flt("data.renewed", "olderThan", 1, "months")))
+    (f,) = condition.iter_filters()
+    t = datetime(2025, 1, 31, 10, tzinfo=UTC)
+    # Where the compiler's answer turns.
+    assert add_months(datetime(2025, 2, 28, 23, 59, tzinfo=UTC), -1) < t
+    assert add_months(datetime(2025, 3, 1, tzinfo=UTC), -1) > t
+
+    def wake(now: datetime) -> datetime | None:
+        c = tables.contacts.c
+        query = select(wakeups.next_change([f], now)).where(c.project_id == uuid.UUID(project.id))
+        with sessions.begin() as session:
+            session.execute(text("SET LOCAL timezone = 'Pacific/Chatham'"))  # no effect
+            found: datetime | None = session.execute(query).scalar_one()
+            return found
+
+    assert wake(datetime(2025, 2, 1, tzinfo=UTC)) == datetime(2025, 2, 28, 10, tzinfo=UTC)
+    assert wake(datetime(2025, 2, 28, 11, tzinfo=UTC)) == datetime(2025, 3, 1, tzinfo=UTC)
+    assert wake(datetime(2025, 3, 1, 0, 0, 1, tzinfo=UTC)) is None
 
 
 def test_where_and_aggregate_stay_exact_on_writes(
@@ -613,42 +698,3 @@ def test_where_and_aggregate_stay_exact_on_writes(
     api.events([event("a@x.com", "purchase", amount=40, currency="USD")])
     assert api.member_set(seg["id"]) == {"a@x.com"}
     assert recorded.new() == {("a@x.com", "segment.spent-100.entry")}
-
-
-# --- plans ------------------------------------------------------------------------------
-
-
-def test_counted_event_property_filters_read_one_name_from_its_index(
-    api: Api, sessions: sessionmaker[Session], project: Project
-) -> None:
-    """ "Purchased with amount > 50 at least twice in 30 days" reads the purchases of the
-    window from events_by_name, never every event of the project."""
-    api.upsert("a@x.com")
-    condition = parse_condition(
-        cond(
-            {
-                **flt("event.purchase", "triggeredWithin", 30, "days"),
-                "where": [flt("data.amount", "greaterThan", 50)],
-                "count": {"operator": "greaterThanOrEqual", "value": 2},
-            }
-        )
-    )
-    with sessions.begin() as session:
-        session.execute(text("SET LOCAL enable_seqscan = off"))
-        statement = segments.member_count_statement(session, uuid.UUID(project.id), condition)
-        conn = session.connection()
-
-        def explained(*args: Any) -> tuple[str, Any]:
-            return f"EXPLAIN {args[2]}", args[3]
-
-        sa_event.listen(conn, "before_cursor_execute", explained, retval=True)
-        try:
-            plan = "\n".join(r[0] for r in conn.execute(statement))
-        finally:
-            sa_event.remove(conn, "before_cursor_execute", explained)
-    # With sequential scans priced out, an index that fits is used when there is one: its
-    # condition holds the name and the window. (Which of events_by_name and
-    # events_by_contact is cheaper depends on the data; the bench shows it at scale.)
-    assert "Seq Scan on events" not in plan, plan
-    conditions = [line for line in plan.splitlines() if "Index Cond" in line]
-    assert any("name = 'purchase'" in c and "occurred_at >=" in c for c in conditions), plan

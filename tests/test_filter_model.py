@@ -139,7 +139,8 @@ CONDITION = {
 
 
 def part_of(path: str) -> dict[str, Any]:
-    """The condition (a filter as a one-filter condition) at a dot path of CONDITION."""
+    """The condition (a filter as a one-filter condition, a group as a one-group one) at
+    a dot path of CONDITION."""
     steps = path.split(".")
     assert steps[0] == "condition"
     node: Any = CONDITION
@@ -155,7 +156,11 @@ def part_of(path: str) -> dict[str, Any]:
         else:
             node = node[step]
             i += 1
-    return node if "logic" in node else cond(node)
+    if "logic" in node:
+        return dict(node)
+    if "field" in node:
+        return cond(node)
+    return {"logic": "AND", "groups": [node]}  # a group
 
 
 def statement_text(statement: Select[Any]) -> str:
@@ -188,6 +193,13 @@ def test_each_part_of_a_condition_says_which_contacts_it_holds_for(
     assert statement_text(members) == statement_text(plain)
     assert set(ctx.parts) == {
         "condition",
+        "condition.groups.0",
+        "condition.groups.1",
+        "condition.groups.2",
+        "condition.groups.1.conditions.groups.0",
+        "condition.groups.1.conditions.groups.1",
+        "condition.groups.1.conditions.groups.1.filters.0.condition.groups.0",
+        "condition.groups.2.filters.0.condition.groups.0",
         "condition.groups.0.filters.0",
         "condition.groups.0.filters.1",
         "condition.groups.1.filters.0",

@@ -312,6 +312,46 @@ def rpcs(target: Target) -> dict[str, tuple[str, st.SearchStrategy[Message]]]:
                 )
             ),
         ),
+        "ExplainMembership": (
+            "segments.ExplainMembership",
+            st.builds(
+                lambda i, c: segments_pb2.ExplainMembershipRequest(id=i, contact_id=c),
+                some_id,
+                some_id,
+            ),
+        ),
+        "ListSegmentEvents": (
+            "segments.ListSegmentEvents",
+            st.builds(
+                lambda i, after, limit: segments_pb2.ListSegmentEventsRequest(
+                    id=i, after=after, limit=limit
+                ),
+                some_id,
+                hostile_text,
+                st.integers(-(2**31), 2**31 - 1),
+            ),
+        ),
+        "GetSegmentHistory": (
+            "segments.GetSegmentHistory",
+            st.builds(
+                lambda i, interval, start, end: build(
+                    segments_pb2.GetSegmentHistoryRequest,
+                    id=i,
+                    interval=interval,
+                    **{"from": start, "to": end},
+                ),
+                some_id,
+                st.sampled_from(["", "hour", "day", "week"]) | hostile_text,
+                hostile_text,
+                hostile_text,
+            ),
+        ),
+        "PreviewSegment": (
+            "segments.PreviewSegment",
+            optional(conditions()).map(
+                lambda condition: build(segments_pb2.PreviewSegmentRequest, condition=condition)
+            ),
+        ),
         "UpdateSegment": (
             "segments.UpdateSegment",
             st.builds(
@@ -390,6 +430,42 @@ def rpcs(target: Target) -> dict[str, tuple[str, st.SearchStrategy[Message]]]:
             st.one_of(st.uuids().map(str), hostile_text).map(
                 lambda i: contacts_pb2.DeleteContactRequest(id=i)
             ),
+        ),
+        "ListContacts": (
+            "contacts.ListContacts",
+            st.builds(
+                lambda limit, cursor, search, subscribed: build(
+                    contacts_pb2.ListContactsRequest,
+                    limit=limit,
+                    cursor=cursor,
+                    search=search,
+                    subscribed=subscribed,
+                ),
+                st.integers(-(2**31), 2**31 - 1),
+                st.one_of(st.just(""), hostile_text),
+                st.one_of(st.just(""), hostile_text, hostile_email),
+                optional(st.booleans()),
+            ),
+        ),
+        "UpdateContact": (
+            "contacts.UpdateContact",
+            st.builds(
+                lambda i, email, subscribed, data: build(
+                    contacts_pb2.UpdateContactRequest,
+                    id=i,
+                    email=email,
+                    subscribed=subscribed,
+                    data=None if data is None else to_struct(data),
+                ),
+                some_id,
+                optional(hostile_email),
+                optional(st.booleans()),
+                optional(json_objects),
+            ),
+        ),
+        "ListContactSegments": (
+            "contacts.ListContactSegments",
+            some_id.map(lambda i: contacts_pb2.ListContactSegmentsRequest(id=i)),
         ),
         "Track": (
             "events.Track",
@@ -483,10 +559,17 @@ RPC_NAMES = [
     "AddSegmentMembers",
     "RemoveSegmentMembers",
     "CountMatchingContacts",
+    "PreviewSegment",
+    "ExplainMembership",
+    "ListSegmentEvents",
+    "GetSegmentHistory",
     "UpsertContact",
     "BatchUpsertContacts",
     "GetContact",
     "DeleteContact",
+    "ListContacts",
+    "UpdateContact",
+    "ListContactSegments",
     "Track",
     "IngestEvents",
 ]

@@ -19,7 +19,7 @@ from grpc_status import rpc_status
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments_api.v1 import contacts_pb2, events_pb2, segments_pb2, segments_pb2_grpc
+from segments_api.v1 import contacts_pb2, events_pb2, segments_pb2, segments_pb2_grpc, webhooks_pb2
 from segments_service.auth import KeyKind
 from segments_service.database import make_engine, make_sessionmaker
 from segments_service.interceptors import KEY_KINDS, RequestInterceptor, budget_seconds
@@ -34,11 +34,13 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 def our_methods() -> dict[str, MethodDescriptor]:
-    """Every method of SegmentService, ContactService and EventService, by full name."""
+    """Every method of SegmentService, ContactService, EventService and WebhookService, by
+    full name."""
     services = (
         segments_pb2.DESCRIPTOR.services_by_name["SegmentService"],
         contacts_pb2.DESCRIPTOR.services_by_name["ContactService"],
         events_pb2.DESCRIPTOR.services_by_name["EventService"],
+        webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"],
     )
     return {f"/{s.full_name}/{m.name}": m for s in services for m in s.methods}
 

@@ -103,12 +103,24 @@ def test_document_covers_every_rest_binding() -> None:
         ("GET", "/segments/{id}/contacts"),
         ("POST", "/segments/{id}/members"),
         ("DELETE", "/segments/{id}/members"),
+        ("POST", "/segments/preview"),
+        ("GET", "/segments/{id}/contacts/{contactId}/explain"),
+        ("GET", "/segments/{id}/events"),
+        ("GET", "/segments/{id}/history"),
+        ("GET", "/contacts"),
         ("POST", "/contacts"),
         ("POST", "/contacts/batch"),
         ("GET", "/contacts/{id}"),
+        ("PATCH", "/contacts/{id}"),
         ("DELETE", "/contacts/{id}"),
+        ("GET", "/contacts/{id}/segments"),
         ("POST", "/v1/track"),
         ("POST", "/events/batch"),
+        ("POST", "/webhooks"),
+        ("GET", "/webhooks"),
+        ("GET", "/webhooks/{id}"),
+        ("DELETE", "/webhooks/{id}"),
+        ("GET", "/webhooks/{id}/deliveries"),
         ("GET", "/openapi.json"),
     }
     assert set(operations["POST", "/segments"]["responses"]) >= {"201", "400", "401", "429"}
@@ -116,6 +128,24 @@ def test_document_covers_every_rest_binding() -> None:
     assert "204" in operations["DELETE", "/segments/{id}"]["responses"]
     assert "409" in operations["DELETE", "/segments/{id}"]["responses"]
     assert "204" in operations["DELETE", "/contacts/{id}"]["responses"]
+    assert "201" in operations["POST", "/webhooks"]["responses"]
+    assert "204" in operations["DELETE", "/webhooks/{id}"]["responses"]
+    assert "409" in operations["PATCH", "/contacts/{id}"]["responses"]
+    listed = operations["GET", "/contacts"]["responses"]["200"]["content"]["application/json"]
+    listing = document["components"]["schemas"][listed["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert listing["properties"]["cursor"] == {
+        "type": "string",
+        "nullable": True,
+        "description": listing["properties"]["cursor"]["description"],
+    }
+    assert [p["name"] for p in operations["GET", "/contacts"]["parameters"]] == [
+        "limit",
+        "cursor",
+        "search",
+        "subscribed",
+    ]
+    segments_of = operations["GET", "/contacts/{id}/segments"]["responses"]["200"]
+    assert segments_of["content"]["application/json"]["schema"]["type"] == "array"
     assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     segment = document["components"]["schemas"]["Segment"]["properties"]
     assert segment["createdAt"]["format"] == "date-time"

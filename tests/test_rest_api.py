@@ -1015,7 +1015,7 @@ def test_unknown_and_non_uuid_ids_are_404(rest: Rest, project: Project, bad_id: 
         ("GET", "/segments/a/b/c"),
         ("POST", "/v2/track"),
         ("PUT", "/segments"),
-        ("GET", "/contacts"),
+        ("GET", "/contacts/a/b"),
     ],
 )
 def test_unknown_path_is_a_404_envelope(

@@ -28,6 +28,14 @@ CHECK = RestCheck(SERVICE_NAMES)
         ("POST", "/contacts/batch", "BatchUpsertContactsRequest"),
         ("GET", "/contacts/batch", "GetContactRequest"),
         ("POST", "/v1/track", "TrackRequest"),
+        ("GET", "/contacts", "ListContactsRequest"),
+        ("PATCH", "/contacts/abc", "UpdateContactRequest"),
+        ("GET", "/contacts/abc/segments", "ListContactSegmentsRequest"),
+        ("POST", "/segments/preview", "PreviewSegmentRequest"),
+        ("GET", "/segments/preview", "GetSegmentRequest"),
+        ("GET", "/segments/a/contacts/b/explain", "ExplainMembershipRequest"),
+        ("GET", "/segments/a/events", "ListSegmentEventsRequest"),
+        ("GET", "/segments/a/history", "GetSegmentHistoryRequest"),
         ("PUT", "/segments", None),
         ("GET", "/segments/a/b/c", None),
         ("POST", "/v2/track", None),
@@ -40,7 +48,7 @@ def test_a_request_finds_its_http_rule(method: str, path: str, request_message: 
 
 
 def test_every_http_binding_has_a_route() -> None:
-    assert len(CHECK.routes) == 14
+    assert len(CHECK.routes) == 26
     assert {r.body for r in CHECK.routes} == {"", "*"}
     members = CHECK.find("POST", "/segments/abc/members")
     assert members is not None and members.bound == ("id",)

@@ -1,14 +1,18 @@
 """Python client of the segments service: the typed client and its condition builder (`F`,
-`all_of`, `any_of`). The generated messages and stubs it wraps are `segments_api.v1`."""
+`all_of`, `any_of`; `Count` and `Aggregate` are what `F.count >= 3` and `F.sum("amount") >= 100`
+make for an event filter). The generated messages and stubs it wraps are `segments_api.v1`."""
 
 from segments.client import (
     NO_RETRY,
     AlreadyExistsError,
+    AsyncContactListPager,
     AsyncContactPager,
     AsyncSegmentsClient,
     Condition,
+    ContactListPager,
     ContactPager,
     DeadlineExceededError,
+    Explanation,
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
@@ -21,10 +25,16 @@ from segments.client import (
     SegmentsError,
     UnauthenticatedError,
     UnavailableError,
+    contacts_cursor,
+    delivery_last_error,
+    delivery_next_attempt_at,
     segment_condition,
     segment_description,
+    verify_webhook_signature,
 )
 from segments.conditions import (
+    Aggregate,
+    Count,
     Expression,
     F,
     FilterExpression,
@@ -35,12 +45,17 @@ from segments.conditions import (
 
 __all__ = [
     "NO_RETRY",
+    "Aggregate",
     "AlreadyExistsError",
+    "AsyncContactListPager",
     "AsyncContactPager",
     "AsyncSegmentsClient",
     "Condition",
+    "ContactListPager",
     "ContactPager",
+    "Count",
     "DeadlineExceededError",
+    "Explanation",
     "Expression",
     "F",
     "FailedPreconditionError",
@@ -59,6 +74,10 @@ __all__ = [
     "UnavailableError",
     "all_of",
     "any_of",
+    "contacts_cursor",
+    "delivery_last_error",
+    "delivery_next_attempt_at",
     "segment_condition",
     "segment_description",
+    "verify_webhook_signature",
 ]

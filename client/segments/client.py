@@ -4,6 +4,8 @@ returning the generated protobuf messages and raising `SegmentsError` subclasses
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import random
 import time
 from collections.abc import (
@@ -16,7 +18,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Generic, Self, TypeAlias, TypeVar
 
@@ -30,16 +32,19 @@ from grpc import aio
 from grpc_status import rpc_status
 
 from segments.conditions import Expression
-from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2, webhooks_pb2
 
 __all__ = [
     "NO_RETRY",
     "AlreadyExistsError",
+    "AsyncContactListPager",
     "AsyncContactPager",
     "AsyncSegmentsClient",
     "Condition",
+    "ContactListPager",
     "ContactPager",
     "DeadlineExceededError",
+    "Explanation",
     "FailedPreconditionError",
     "FieldViolation",
     "InvalidArgumentError",
@@ -52,12 +57,18 @@ __all__ = [
     "SegmentsError",
     "UnauthenticatedError",
     "UnavailableError",
+    "contacts_cursor",
+    "delivery_last_error",
+    "delivery_next_attempt_at",
     "segment_condition",
     "segment_description",
+    "verify_webhook_signature",
 ]
 
 Segment = resources_pb2.Segment
 Contact = resources_pb2.Contact
+Webhook = webhooks_pb2.Webhook
+WebhookDelivery = webhooks_pb2.WebhookDelivery
 FilterCondition = resources_pb2.FilterCondition
 
 #: A filter condition: built with `segments.F` (`(F.data("plan") == "pro") & ...`), in its REST
@@ -256,6 +267,53 @@ def segment_description(segment: Segment) -> str | None:
     return segment.description.string_value
 
 
+def contacts_cursor(page: contacts_pb2.ListContactsResponse) -> str | None:
+    """The cursor of the page after `page` (ListContacts), or None after the last one."""
+    if page.cursor.WhichOneof("kind") != "string_value":
+        return None
+    return page.cursor.string_value
+
+
+def delivery_last_error(delivery: WebhookDelivery) -> str | None:
+    """Why the delivery's last attempt failed, or None."""
+    if delivery.last_error.WhichOneof("kind") != "string_value":
+        return None
+    return delivery.last_error.string_value
+
+
+def delivery_next_attempt_at(delivery: WebhookDelivery) -> datetime | None:
+    """When the delivery's next attempt is due (UTC), or None once delivered or failed."""
+    if delivery.next_attempt_at.WhichOneof("kind") != "string_value":
+        return None
+    moment = timestamp_pb2.Timestamp()
+    moment.FromJsonString(delivery.next_attempt_at.string_value)
+    return moment.ToDatetime(tzinfo=UTC)
+
+
+def verify_webhook_signature(
+    secret: str,
+    header: str,
+    body: bytes,
+    *,
+    tolerance: float = 300.0,
+    now: float | None = None,
+) -> bool:
+    """Whether `header` (Segments-Signature: t=<unix seconds>,v1=<hex>) signs `body` with the
+    webhook's `secret`, at most `tolerance` seconds from `now` (default: the clock)."""
+    fields: dict[str, list[str]] = {}
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        fields.setdefault(name, []).append(value)
+    try:
+        sent_at = int(fields["t"][0])
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - sent_at) > tolerance:
+        return False
+    expected = hmac.new(secret.encode(), f"{sent_at}.".encode() + body, hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, v) for v in fields.get("v1", []))
+
+
 # --- the RPCs and their requests, shared by both clients -------------------------------------
 
 _Req = TypeVar("_Req", bound=Message)
@@ -348,6 +406,24 @@ _COUNT_MATCHING_CONTACTS = _rpc(
     segments_pb2.CountMatchingContactsRequest,
     segments_pb2.CountMatchingContactsResponse,
 )
+_LIST_SEGMENT_EVENTS = _rpc(
+    _SEGMENTS,
+    "ListSegmentEvents",
+    segments_pb2.ListSegmentEventsRequest,
+    segments_pb2.ListSegmentEventsResponse,
+)
+_GET_SEGMENT_HISTORY = _rpc(
+    _SEGMENTS,
+    "GetSegmentHistory",
+    segments_pb2.GetSegmentHistoryRequest,
+    segments_pb2.GetSegmentHistoryResponse,
+)
+_EXPLAIN_MEMBERSHIP = _rpc(
+    _SEGMENTS,
+    "ExplainMembership",
+    segments_pb2.ExplainMembershipRequest,
+    segments_pb2.ExplainMembershipResponse,
+)
 _UPSERT_CONTACT = _rpc(_CONTACTS, "UpsertContact", contacts_pb2.UpsertContactRequest, Contact)
 _BATCH_UPSERT_CONTACTS = _rpc(
     _CONTACTS,
@@ -358,6 +434,44 @@ _BATCH_UPSERT_CONTACTS = _rpc(
 _GET_CONTACT = _rpc(_CONTACTS, "GetContact", contacts_pb2.GetContactRequest, Contact)
 _DELETE_CONTACT = _rpc(
     _CONTACTS, "DeleteContact", contacts_pb2.DeleteContactRequest, empty_pb2.Empty, idempotent=False
+)
+_WEBHOOKS = webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"]
+_CREATE_WEBHOOK = _rpc(
+    _WEBHOOKS,
+    "CreateWebhook",
+    webhooks_pb2.CreateWebhookRequest,
+    webhooks_pb2.CreateWebhookResponse,
+    idempotent=False,
+)
+_LIST_WEBHOOKS = _rpc(
+    _WEBHOOKS, "ListWebhooks", webhooks_pb2.ListWebhooksRequest, webhooks_pb2.ListWebhooksResponse
+)
+_GET_WEBHOOK = _rpc(_WEBHOOKS, "GetWebhook", webhooks_pb2.GetWebhookRequest, Webhook)
+_DELETE_WEBHOOK = _rpc(
+    _WEBHOOKS, "DeleteWebhook", webhooks_pb2.DeleteWebhookRequest, empty_pb2.Empty, idempotent=False
+)
+_LIST_WEBHOOK_DELIVERIES = _rpc(
+    _WEBHOOKS,
+    "ListWebhookDeliveries",
+    webhooks_pb2.ListWebhookDeliveriesRequest,
+    webhooks_pb2.ListWebhookDeliveriesResponse,
+)
+_LIST_CONTACTS = _rpc(
+    _CONTACTS, "ListContacts", contacts_pb2.ListContactsRequest, contacts_pb2.ListContactsResponse
+)
+# Sending the same change twice leaves the contact as sending it once.
+_UPDATE_CONTACT = _rpc(_CONTACTS, "UpdateContact", contacts_pb2.UpdateContactRequest, Contact)
+_LIST_CONTACT_SEGMENTS = _rpc(
+    _CONTACTS,
+    "ListContactSegments",
+    contacts_pb2.ListContactSegmentsRequest,
+    contacts_pb2.ListContactSegmentsResponse,
+)
+_PREVIEW_SEGMENT = _rpc(
+    _SEGMENTS,
+    "PreviewSegment",
+    segments_pb2.PreviewSegmentRequest,
+    segments_pb2.PreviewSegmentResponse,
 )
 _TRACK = _rpc(_EVENTS, "Track", events_pb2.TrackRequest, events_pb2.TrackResponse, idempotent=False)
 _INGEST_EVENTS = _rpc(
@@ -494,6 +608,18 @@ class _ConditionReader:
                 self._fail(f"{path}.value", description, "invalid_type")
 
 
+def _history_request(
+    segment_id: str, interval: str, start: datetime | None, end: datetime | None
+) -> segments_pb2.GetSegmentHistoryRequest:
+    request = segments_pb2.GetSegmentHistoryRequest(id=segment_id, interval=interval)
+    for name, moment in (("from", start), ("to", end)):
+        if moment is not None:
+            if moment.tzinfo is None:
+                raise ValueError(f"{name} must be an aware datetime")
+            setattr(request, name, moment.isoformat())
+    return request
+
+
 def _struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
     if data is None:
         return None
@@ -549,6 +675,22 @@ def _upsert_contact(
     return contacts_pb2.UpsertContactRequest(email=email, subscribed=subscribed, data=_struct(data))
 
 
+def _update_contact(
+    id: str, email: str | None, subscribed: bool | None, data: Mapping[str, Any] | None
+) -> contacts_pb2.UpdateContactRequest:
+    return contacts_pb2.UpdateContactRequest(
+        id=id, email=email, subscribed=subscribed, data=_struct(data)
+    )
+
+
+def _list_contacts(
+    limit: int, cursor: str | None, search: str, subscribed: bool | None
+) -> contacts_pb2.ListContactsRequest:
+    return contacts_pb2.ListContactsRequest(
+        limit=limit, cursor=cursor or "", search=search, subscribed=subscribed
+    )
+
+
 def _parsed(
     items: Iterable[Mapping[str, Any]], parse: Callable[[Mapping[str, Any]], _Req], path: str
 ) -> list[_Req]:
@@ -590,6 +732,14 @@ def _ingested_event(event: Mapping[str, Any]) -> events_pb2.IngestedEvent:
         if isinstance(fields.get(key), datetime):
             fields[key] = _rfc3339(fields[key])
     return json_format.ParseDict(fields, events_pb2.IngestedEvent())
+
+
+def _create_webhook(
+    url: str, segment_ids: Iterable[str] | None
+) -> webhooks_pb2.CreateWebhookRequest:
+    if isinstance(segment_ids, str):
+        raise TypeError("segment_ids is a list of segment ids, not one string")
+    return webhooks_pb2.CreateWebhookRequest(url=url, segment_ids=list(segment_ids or ()))
 
 
 def _rfc3339(moment: datetime) -> str:
@@ -711,6 +861,110 @@ class AsyncContactPager:
         async for page in self.pages:
             for contact in page.data:
                 yield contact
+
+
+_ContactsPage = contacts_pb2.ListContactsResponse
+
+
+class _CursorWalk:
+    """The walk over ListContacts pages both cursor pagers share: the cursor of the next page
+    (keyset pages: a contact inserted meanwhile never shifts the others, so nothing comes
+    twice and nothing that was there is skipped)."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.cursor: str | None = None
+        #: Contacts matching the filters, counted by the first page (None before it).
+        self.total: int | None = None
+
+    @property
+    def more(self) -> bool:
+        return not self.started or self.cursor is not None
+
+    def take(self, page: _ContactsPage) -> None:
+        if not self.started:
+            self.total = page.total
+        self.started = True
+        self.cursor = contacts_cursor(page)
+
+
+class ContactListPager:
+    """Every contact of the project that the filters select, newest first, fetched a page at
+    a time as the iteration reaches it (as ContactPager does for a segment's members).
+    Iterate for the contacts, or over `pages` for the responses; `total` is known once the
+    first page is read. One walk per pager."""
+
+    def __init__(self, fetch: Callable[[str | None], _ContactsPage]) -> None:
+        self._fetch = fetch
+        self._walk = _CursorWalk()
+        self._iterated = False
+
+    @property
+    def total(self) -> int | None:
+        return self._walk.total
+
+    @property
+    def pages(self) -> Iterator[_ContactsPage]:
+        if self._iterated:
+            raise RuntimeError("this pager has been iterated already; ask the client for another")
+        self._iterated = True
+        return self._pages()
+
+    def _pages(self) -> Iterator[_ContactsPage]:
+        while self._walk.more:
+            page = self._fetch(self._walk.cursor)
+            self._walk.take(page)
+            yield page
+
+    def __iter__(self) -> Iterator[Contact]:
+        for page in self.pages:
+            yield from page.data
+
+
+class AsyncContactListPager:
+    """ContactListPager for the asyncio client: `async for contact in pager`, or over `pages`."""
+
+    def __init__(self, fetch: Callable[[str | None], Awaitable[_ContactsPage]]) -> None:
+        self._fetch = fetch
+        self._walk = _CursorWalk()
+        self._iterated = False
+
+    @property
+    def total(self) -> int | None:
+        return self._walk.total
+
+    @property
+    def pages(self) -> AsyncIterator[_ContactsPage]:
+        if self._iterated:
+            raise RuntimeError("this pager has been iterated already; ask the client for another")
+        self._iterated = True
+        return self._pages()
+
+    async def _pages(self) -> AsyncIterator[_ContactsPage]:
+        while self._walk.more:
+            page = await self._fetch(self._walk.cursor)
+            self._walk.take(page)
+            yield page
+
+    async def __aiter__(self) -> AsyncIterator[Contact]:
+        async for page in self.pages:
+            for contact in page.data:
+                yield contact
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why a contact is or is not a member of a segment now (explain_membership)."""
+
+    member: bool
+    # The segment's condition as JSON, with `matched: True/False` on every filter, group
+    # and condition; None for a STATIC segment.
+    condition: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, response: segments_pb2.ExplainMembershipResponse) -> Explanation:
+        condition = json_format.MessageToDict(response.condition)
+        return cls(response.member, condition if isinstance(condition, dict) else None)
 
 
 # --- the clients ----------------------------------------------------------------------------
@@ -848,6 +1102,38 @@ class SegmentsClient(_Client):
         request = segments_pb2.CountMatchingContactsRequest(condition=_condition(condition))
         return self._send(_COUNT_MATCHING_CONTACTS, request).count
 
+    def preview_segment(self, condition: Condition) -> segments_pb2.PreviewSegmentResponse:
+        """How many contacts `condition` selects now (`member_count`) and up to 10 of them,
+        newest first (`sample`); nothing is stored."""
+        request = segments_pb2.PreviewSegmentRequest(condition=_condition(condition))
+        return self._send(_PREVIEW_SEGMENT, request)
+
+    def explain_membership(self, segment_id: str, contact_id: str) -> Explanation:
+        """Why the contact is or is not a member now: the condition, each part `matched`."""
+        request = segments_pb2.ExplainMembershipRequest(id=segment_id, contact_id=contact_id)
+        return Explanation.of(self._send(_EXPLAIN_MEMBERSHIP, request))
+
+    def list_segment_events(
+        self, segment_id: str, *, after: str = "", limit: int = 0
+    ) -> segments_pb2.ListSegmentEventsResponse:
+        """A page of a tracked segment's entries and exits after the cursor `after` (""
+        from the oldest), oldest first; the next page starts after `next_cursor`."""
+        request = segments_pb2.ListSegmentEventsRequest(id=segment_id, after=after, limit=limit)
+        return self._send(_LIST_SEGMENT_EVENTS, request)
+
+    def segment_history(
+        self,
+        segment_id: str,
+        *,
+        interval: str = "day",
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> list[segments_pb2.SegmentHistoryBucket]:
+        """A tracked segment's entries, exits and size per UTC hour or day, from the bucket
+        holding `start` to the one holding `end` (defaults: the service's)."""
+        request = _history_request(segment_id, interval, start, end)
+        return list(self._send(_GET_SEGMENT_HISTORY, request).data)
+
     def update_segment(
         self,
         id: str,
@@ -924,6 +1210,50 @@ class SegmentsClient(_Client):
         """Delete a contact with its events and memberships."""
         self._send(_DELETE_CONTACT, contacts_pb2.DeleteContactRequest(id=id))
 
+    def update_contact(
+        self,
+        id: str,
+        *,
+        email: str | None = None,
+        subscribed: bool | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> Contact:
+        """Change the given fields of a contact and keep the others; `data` is merged key by
+        key, a None value removes a key. AlreadyExistsError when `email` is another
+        contact's."""
+        return self._send(_UPDATE_CONTACT, _update_contact(id, email, subscribed, data))
+
+    def list_contacts(
+        self,
+        *,
+        limit: int = 20,
+        cursor: str | None = None,
+        search: str = "",
+        subscribed: bool | None = None,
+    ) -> contacts_pb2.ListContactsResponse:
+        """One page (at most 100) of the project's contacts, newest first: those whose email
+        contains `search` (any case) and, unless None, whose subscription is `subscribed`.
+        Pass `contacts_cursor(page)` as `cursor` for the next page; `total` is counted on
+        the first page only."""
+        return self._send(_LIST_CONTACTS, _list_contacts(limit, cursor, search, subscribed))
+
+    def iter_contacts(
+        self, *, search: str = "", subscribed: bool | None = None, page_size: int = MAX_PAGE_SIZE
+    ) -> ContactListPager:
+        """Every contact list_contacts selects, fetched page by page as the iteration reaches
+        it: `for contact in client.iter_contacts(search="@acme.com"): ...`."""
+        size = _page_size(page_size)
+        return ContactListPager(
+            lambda cursor: self.list_contacts(
+                limit=size, cursor=cursor, search=search, subscribed=subscribed
+            )
+        )
+
+    def list_contact_segments(self, id: str) -> list[contacts_pb2.ContactSegment]:
+        """The segments (id, name, type) the contact is a member of now, newest first."""
+        request = contacts_pb2.ListContactSegmentsRequest(id=id)
+        return list(self._send(_LIST_CONTACT_SEGMENTS, request).segments)
+
     def track(
         self,
         event: str,
@@ -938,6 +1268,30 @@ class SegmentsClient(_Client):
     def ingest_events(self, events: Iterable[Mapping[str, Any]]) -> events_pb2.IngestEventsResponse:
         """Record up to 1000 {email, event, occurredAt?, data?} events, all or nothing."""
         return self._send(_INGEST_EVENTS, _ingest(events))
+
+    def create_webhook(
+        self, url: str, *, segment_ids: Iterable[str] | None = None
+    ) -> webhooks_pb2.CreateWebhookResponse:
+        """Register `url` for the entry/exit events of `segment_ids` (tracked segments; None:
+        all of them). The response holds the signing `secret`, which is never shown again."""
+        return self._send(_CREATE_WEBHOOK, _create_webhook(url, segment_ids))
+
+    def list_webhooks(self) -> list[Webhook]:
+        """The project's webhooks, newest first (without secrets)."""
+        return list(self._send(_LIST_WEBHOOKS, webhooks_pb2.ListWebhooksRequest()).webhooks)
+
+    def get_webhook(self, id: str) -> Webhook:
+        """One webhook (without its secret)."""
+        return self._send(_GET_WEBHOOK, webhooks_pb2.GetWebhookRequest(id=id))
+
+    def delete_webhook(self, id: str) -> None:
+        """Delete a webhook: its deliveries stop within a moment."""
+        self._send(_DELETE_WEBHOOK, webhooks_pb2.DeleteWebhookRequest(id=id))
+
+    def list_webhook_deliveries(self, id: str, *, limit: int = 20) -> list[WebhookDelivery]:
+        """The webhook's most recent deliveries (at most 100), newest event first."""
+        request = webhooks_pb2.ListWebhookDeliveriesRequest(id=id, limit=limit)
+        return list(self._send(_LIST_WEBHOOK_DELIVERIES, request).data)
 
     def _stream(
         self, path: str, request: Message, response: type[_Resp], timeout: float | None
@@ -1064,6 +1418,35 @@ class AsyncSegmentsClient(_Client):
         response = await self._send(_COUNT_MATCHING_CONTACTS, request)
         return response.count
 
+    async def preview_segment(self, condition: Condition) -> segments_pb2.PreviewSegmentResponse:
+        """`SegmentsClient.preview_segment` as a coroutine."""
+        request = segments_pb2.PreviewSegmentRequest(condition=_condition(condition))
+        return await self._send(_PREVIEW_SEGMENT, request)
+
+    async def explain_membership(self, segment_id: str, contact_id: str) -> Explanation:
+        """`SegmentsClient.explain_membership` as a coroutine."""
+        request = segments_pb2.ExplainMembershipRequest(id=segment_id, contact_id=contact_id)
+        return Explanation.of(await self._send(_EXPLAIN_MEMBERSHIP, request))
+
+    async def list_segment_events(
+        self, segment_id: str, *, after: str = "", limit: int = 0
+    ) -> segments_pb2.ListSegmentEventsResponse:
+        """`SegmentsClient.list_segment_events` as a coroutine."""
+        request = segments_pb2.ListSegmentEventsRequest(id=segment_id, after=after, limit=limit)
+        return await self._send(_LIST_SEGMENT_EVENTS, request)
+
+    async def segment_history(
+        self,
+        segment_id: str,
+        *,
+        interval: str = "day",
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> list[segments_pb2.SegmentHistoryBucket]:
+        """`SegmentsClient.segment_history` as a coroutine."""
+        request = _history_request(segment_id, interval, start, end)
+        return list((await self._send(_GET_SEGMENT_HISTORY, request)).data)
+
     async def update_segment(
         self,
         id: str,
@@ -1143,6 +1526,44 @@ class AsyncSegmentsClient(_Client):
         """`SegmentsClient.delete_contact` as a coroutine."""
         await self._send(_DELETE_CONTACT, contacts_pb2.DeleteContactRequest(id=id))
 
+    async def update_contact(
+        self,
+        id: str,
+        *,
+        email: str | None = None,
+        subscribed: bool | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> Contact:
+        """`SegmentsClient.update_contact` as a coroutine."""
+        return await self._send(_UPDATE_CONTACT, _update_contact(id, email, subscribed, data))
+
+    async def list_contacts(
+        self,
+        *,
+        limit: int = 20,
+        cursor: str | None = None,
+        search: str = "",
+        subscribed: bool | None = None,
+    ) -> contacts_pb2.ListContactsResponse:
+        """`SegmentsClient.list_contacts` as a coroutine."""
+        return await self._send(_LIST_CONTACTS, _list_contacts(limit, cursor, search, subscribed))
+
+    def iter_contacts(
+        self, *, search: str = "", subscribed: bool | None = None, page_size: int = MAX_PAGE_SIZE
+    ) -> AsyncContactListPager:
+        """`SegmentsClient.iter_contacts` as an async iterator."""
+        size = _page_size(page_size)
+        return AsyncContactListPager(
+            lambda cursor: self.list_contacts(
+                limit=size, cursor=cursor, search=search, subscribed=subscribed
+            )
+        )
+
+    async def list_contact_segments(self, id: str) -> list[contacts_pb2.ContactSegment]:
+        """`SegmentsClient.list_contact_segments` as a coroutine."""
+        request = contacts_pb2.ListContactSegmentsRequest(id=id)
+        return list((await self._send(_LIST_CONTACT_SEGMENTS, request)).segments)
+
     async def track(
         self,
         event: str,
@@ -1159,6 +1580,31 @@ class AsyncSegmentsClient(_Client):
     ) -> events_pb2.IngestEventsResponse:
         """`SegmentsClient.ingest_events` as a coroutine."""
         return await self._send(_INGEST_EVENTS, _ingest(events))
+
+    async def create_webhook(
+        self, url: str, *, segment_ids: Iterable[str] | None = None
+    ) -> webhooks_pb2.CreateWebhookResponse:
+        """Register `url` for the entry/exit events of `segment_ids` (tracked segments; None:
+        all of them). The response holds the signing `secret`, which is never shown again."""
+        return await self._send(_CREATE_WEBHOOK, _create_webhook(url, segment_ids))
+
+    async def list_webhooks(self) -> list[Webhook]:
+        """The project's webhooks, newest first (without secrets)."""
+        response = await self._send(_LIST_WEBHOOKS, webhooks_pb2.ListWebhooksRequest())
+        return list(response.webhooks)
+
+    async def get_webhook(self, id: str) -> Webhook:
+        """One webhook (without its secret)."""
+        return await self._send(_GET_WEBHOOK, webhooks_pb2.GetWebhookRequest(id=id))
+
+    async def delete_webhook(self, id: str) -> None:
+        """Delete a webhook: its deliveries stop within a moment."""
+        await self._send(_DELETE_WEBHOOK, webhooks_pb2.DeleteWebhookRequest(id=id))
+
+    async def list_webhook_deliveries(self, id: str, *, limit: int = 20) -> list[WebhookDelivery]:
+        """The webhook's most recent deliveries (at most 100), newest event first."""
+        request = webhooks_pb2.ListWebhookDeliveriesRequest(id=id, limit=limit)
+        return list((await self._send(_LIST_WEBHOOK_DELIVERIES, request)).data)
 
     def _stream(
         self, path: str, request: Message, response: type[_Resp], timeout: float | None

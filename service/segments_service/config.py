@@ -27,6 +27,54 @@ def _float(name: str, default: float) -> float:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
 
 
+def _flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SystemExit(f"{name} must be 1 or 0, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """How webhook deliveries are made (webhooks/worker.py); SEGMENTS_WEBHOOK_* variables."""
+
+    # Loopback and private addresses may be delivered to (local development, tests);
+    # link-local ones never.
+    allow_private: bool = False
+    # Deliveries in flight at once in one server, and at most this many of one project.
+    workers: int = 4
+    project_workers: int = 2
+    # How often the workers look for due deliveries.
+    poll_seconds: float = 0.5
+    # An attempt's limit: connecting, sending and the response's status line.
+    timeout: float = 10.0
+    # Backoff: the n-th retry after about first * 2**(n-1) seconds (at most `longest`),
+    # each delay drawn between half and all of it (jitter).
+    retry_first: float = 10.0
+    retry_longest: float = 300.0
+    # An event not delivered this long after it happened is given up (FAILED).
+    give_up: float = 24 * 3600.0
+    # Finished deliveries are kept this long for the deliveries listing.
+    retention: float = 7 * 24 * 3600.0
+
+    @classmethod
+    def from_env(cls) -> WebhookSettings:
+        default = cls()
+        return cls(
+            allow_private=_flag("SEGMENTS_WEBHOOK_ALLOW_PRIVATE"),
+            workers=_int("SEGMENTS_WEBHOOK_WORKERS", default.workers),
+            project_workers=_int("SEGMENTS_WEBHOOK_PROJECT_WORKERS", default.project_workers),
+            poll_seconds=_float("SEGMENTS_WEBHOOK_POLL_SECONDS", default.poll_seconds),
+            timeout=_float("SEGMENTS_WEBHOOK_TIMEOUT", default.timeout),
+            retry_first=_float("SEGMENTS_WEBHOOK_RETRY_FIRST", default.retry_first),
+            retry_longest=_float("SEGMENTS_WEBHOOK_RETRY_LONGEST", default.retry_longest),
+            give_up=_float("SEGMENTS_WEBHOOK_GIVE_UP", default.give_up),
+            retention=_float("SEGMENTS_WEBHOOK_RETENTION", default.retention),
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, one field per environment variable."""
@@ -49,6 +97,7 @@ class Settings:
     background_timeout: float
     inline_build_contacts: int
     build_slice: int
+    webhooks: WebhookSettings
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -70,6 +119,7 @@ class Settings:
             background_timeout=background_timeout(),
             inline_build_contacts=inline_build_contacts(),
             build_slice=_int("SEGMENTS_BUILD_SLICE", DEFAULT_BUILD_SLICE),
+            webhooks=WebhookSettings.from_env(),
         )
 
 

@@ -1,21 +1,50 @@
-"""Contacts: email normalisation, upsert by email with key-by-key data merge, reads, deletes."""
+"""Contacts: email normalisation, upsert by email with key-by-key data merge, changes by
+id, reads (one, or pages of a project's), deletes, and the segments a contact is in."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import math
 import re
+import struct
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, bindparam, delete, func, select, text
+import psycopg.errors
+from sqlalchemy import (
+    DateTime,
+    Row,
+    Uuid,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal,
+    select,
+    text,
+    tuple_,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.types import Text
 
-from segments_service import membership, tables
-from segments_service.errors import FieldViolation, NotFound, Unavailable, ValidationError
+from segments_service import event_ids, membership, tables
+from segments_service.errors import (
+    AlreadyExists,
+    FieldViolation,
+    NotFound,
+    Unavailable,
+    ValidationError,
+)
 
 MAX_BATCH = 1000
 MAX_EMAIL_LENGTH = 254
@@ -262,3 +291,228 @@ def delete_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUI
     )
     membership.forget_contact(session, project_id, contact_id)
     session.execute(delete(tables.contacts).where(c.project_id == project_id, c.id == contact_id))
+
+
+def update_contact(
+    session: Session,
+    project_id: uuid.UUID,
+    contact_id: uuid.UUID,
+    *,
+    email: str | None,
+    subscribed: bool | None,
+    patch: dict[str, Any] | None,
+) -> Row[Any]:
+    """Change a contact by id: a new (normalised) email, subscription, and `patch` merged
+    into its data as an upsert merges it; then its memberships are brought up to date, as
+    after any contact write. Nothing given changes nothing. AlreadyExists when `email` is
+    another contact's of the project."""
+    if email is None and subscribed is None and not patch:
+        return get_contact(session, project_id, contact_id)
+    c = tables.contacts.c
+    changes: dict[str, Any] = {"updated_at": func.now()}
+    if email is not None:
+        changes["email"] = email
+    if subscribed is not None:
+        changes["subscribed"] = subscribed
+    if patch:
+        changes["data"] = func.segments_merge_data(c.data, literal(patch, JSONB))
+    statement = (
+        update(tables.contacts)
+        .where(c.project_id == project_id, c.id == contact_id)
+        .values(**changes)
+        .returning(c.id)
+    )
+    if email is None:
+        changed = session.execute(statement).first()
+    else:
+        # The unique (project_id, email) key decides, also against a contact inserted
+        # concurrently; the savepoint keeps the transaction usable to report it.
+        try:
+            with session.begin_nested():
+                changed = session.execute(statement).first()
+        except IntegrityError as exc:
+            if not isinstance(exc.orig, psycopg.errors.UniqueViolation):
+                raise
+            raise AlreadyExists(
+                f"email {email} is already used by another contact of this project"
+            ) from exc
+    if changed is None:
+        raise NotFound(f"contact {contact_id} not found")
+    membership.refresh_contacts(session, project_id, [contact_id])
+    return get_contact(session, project_id, contact_id)
+
+
+# -- the listing of a project's contacts ------------------------------------------------------
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A cursor: version, the last contact's created_at (microseconds since the epoch) and id,
+# then the first bytes of an HMAC under a key of the project's own.
+_CURSOR_VERSION = 1
+_CURSOR_POSITION = struct.Struct(">Bq16s")
+_CURSOR_MAC_BYTES = 8
+_CURSOR_MESSAGE = "is not a cursor returned by this listing"
+
+
+@dataclass(frozen=True)
+class ContactPage:
+    rows: list[Row[Any]]
+    # Where the next page starts, None after the last one.
+    cursor: str | None
+    # Contacts matching the filters; counted on the first page only (None on later ones).
+    total: int | None
+
+
+def _listing_violations(limit: int, search: str) -> list[FieldViolation]:
+    violations = []
+    if limit < 0:
+        violations.append(FieldViolation("limit", "must not be negative", "too_small"))
+    if len(search) > MAX_EMAIL_LENGTH:
+        violations.append(
+            FieldViolation("search", f"must be at most {MAX_EMAIL_LENGTH} characters", "too_long")
+        )
+    elif "\x00" in search:
+        violations.append(FieldViolation("search", NUL_MESSAGE, "invalid_character"))
+    return violations
+
+
+def _cursor_key(session: Session, project_id: uuid.UUID) -> bytes:
+    """The key of the project's cursors: one project's cursors are refused by another, and
+    none can be made without the database's secret."""
+    return hmac.new(
+        event_ids.server_secret(session), b"contact-cursor:" + project_id.bytes, hashlib.sha256
+    ).digest()
+
+
+def _cursor_mac(key: bytes, position: bytes) -> bytes:
+    return hmac.new(key, position, hashlib.sha256).digest()[:_CURSOR_MAC_BYTES]
+
+
+def encode_cursor(key: bytes, created_at: datetime, contact_id: uuid.UUID) -> str:
+    micros = (created_at - _EPOCH) // timedelta(microseconds=1)
+    position = _CURSOR_POSITION.pack(_CURSOR_VERSION, micros, contact_id.bytes)
+    return base64.urlsafe_b64encode(position + _cursor_mac(key, position)).decode().rstrip("=")
+
+
+def decode_cursor(key: bytes, raw: str) -> tuple[datetime, uuid.UUID] | None:
+    """The (created_at, id) a cursor of this project stands for, or None for anything else
+    (malformed, altered, or another project's)."""
+    try:
+        blob = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    position, mac = blob[: _CURSOR_POSITION.size], blob[_CURSOR_POSITION.size :]
+    if len(position) != _CURSOR_POSITION.size or not hmac.compare_digest(
+        mac, _cursor_mac(key, position)
+    ):
+        return None
+    version, micros, id_bytes = _CURSOR_POSITION.unpack(position)
+    if version != _CURSOR_VERSION:
+        return None
+    return _EPOCH + timedelta(microseconds=micros), uuid.UUID(bytes=id_bytes)
+
+
+def list_contacts(
+    session: Session,
+    project_id: uuid.UUID,
+    *,
+    limit: int,
+    cursor: str,
+    search: str,
+    subscribed: bool | None,
+) -> ContactPage:
+    """A page of the project's contacts, newest first (created_at DESC, id DESC), after
+    `cursor` (keyset paging: no page costs more than the first), with an email substring
+    and the subscribed flag as filters.
+
+    The walk is an index-only scan of contacts_by_created, which carries email and
+    subscribed (migration 0014): an entry that does not match costs no heap visit, and only
+    the page's contacts are read from the table. The first page also counts the matches.
+
+    `limit` 0 means DEFAULT_LIMIT, above MAX_LIMIT means MAX_LIMIT; `search` is compared in
+    the stored form of emails (trimmed, lower-cased)."""
+    search = search.strip().lower()
+    cursor = cursor.strip()
+    violations = _listing_violations(limit, search)
+    key = _cursor_key(session, project_id)
+    after = decode_cursor(key, cursor) if cursor else None
+    if cursor and after is None:
+        violations.append(FieldViolation("cursor", _CURSOR_MESSAGE, "invalid"))
+    if violations:
+        raise ValidationError(violations)
+    limit = min(limit or DEFAULT_LIMIT, MAX_LIMIT)
+    c = tables.contacts
+    wanted = [c.c.project_id == project_id]
+    if search:
+        wanted.append(func.strpos(c.c.email, search) > 0)
+    if subscribed is not None:
+        wanted.append(c.c.subscribed if subscribed else ~c.c.subscribed)
+    keys = select(c.c.id, c.c.created_at).where(*wanted)
+    if after is not None:
+        created_at, contact_id = after
+        keys = keys.where(
+            tuple_(c.c.created_at, c.c.id)
+            < tuple_(literal(created_at, DateTime(timezone=True)), literal(contact_id, Uuid))
+        )
+    page = keys.order_by(c.c.created_at.desc(), c.c.id.desc()).limit(limit + 1).subquery("page")
+    contact = c.alias("contact")
+    rows = list(
+        session.execute(
+            select(contact)
+            .join(page, (contact.c.project_id == project_id) & (contact.c.id == page.c.id))
+            .order_by(page.c.created_at.desc(), page.c.id.desc())
+        ).all()
+    )
+    following = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        following = encode_cursor(key, rows[-1].created_at, rows[-1].id)
+    total = None
+    if not cursor:
+        total = int(
+            session.execute(select(func.count()).select_from(c).where(*wanted)).scalar_one()
+        )
+    return ContactPage(rows, following, total)
+
+
+# -- the segments a contact is in --------------------------------------------------------------
+
+
+def contact_segments(
+    session: Session, project_id: uuid.UUID, contact_id: uuid.UUID
+) -> list[Row[Any, Any, Any]]:
+    """(id, name, type) of the segments the contact is a member of now, newest first.
+
+    STATIC lists and DYNAMIC segments whose membership is stored answer from their tables;
+    a DYNAMIC segment being built (or whose first build failed) has no current membership
+    stored, so the contact is evaluated against its condition, in the same statement."""
+    get_contact(session, project_id, contact_id)
+    live = membership.dynamic_segments(
+        session, project_id, states=(membership.BUILDING, membership.NOT_STORED)
+    )
+    now = datetime.now(UTC)
+    scope = tables.any_uuid([contact_id])
+    sm, st = tables.segment_members.c, tables.static_members.c
+    stored = select(sm.segment_id).where(sm.project_id == project_id, sm.contact_id == contact_id)
+    if live:
+        # Stored rows of a segment being rebuilt are its previous condition's.
+        stored = stored.where(sm.segment_id.not_in([seg.id for seg in live]))
+    parts: list[Any] = [
+        stored,
+        select(st.segment_id).where(st.project_id == project_id, st.contact_id == contact_id),
+    ]
+    parts.extend(
+        select(literal(seg.id, Uuid).label("segment_id")).where(
+            exists(seg.members(project_id, now, scope))
+        )
+        for seg in live
+    )
+    s = tables.segments.c
+    return list(
+        session.execute(
+            select(s.id, s.name, s.type)
+            .where(s.project_id == project_id, s.id.in_(union_all(*parts)))
+            .order_by(s.created_at.desc(), s.id.desc())
+        ).all()
+    )

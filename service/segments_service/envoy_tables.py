@@ -17,6 +17,7 @@ SERVICES = (
     "segments.v1.SegmentService",
     "segments.v1.ContactService",
     "segments.v1.EventService",
+    "segments.v1.WebhookService",
 )
 
 

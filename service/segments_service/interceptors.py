@@ -1,9 +1,9 @@
-"""The request interceptor: what every RPC of our three services is given before its handler
-runs, decided in one place.
+"""The request interceptor: what every RPC of our services is given before its handler runs,
+decided in one place.
 
-For each method of SegmentService, ContactService and EventService, the interceptor reads
-the invocation metadata once (the Authorization header, the request id, Envoy's REST mark),
-refuses a missing or malformed Authorization header (UNAUTHENTICATED, MISSING_AUTH) before
+For each method of SegmentService, ContactService, EventService and WebhookService, the
+interceptor reads the invocation metadata once (the Authorization header, the request id,
+Envoy's REST mark), refuses a missing or malformed Authorization header (UNAUTHENTICATED, MISSING_AUTH) before
 any thread or database work, takes the key kind the method needs from KEY_KINDS, gives the
 request its budget (`budget_seconds`) and hands all of it to the handler as an
 `rpc.RequestScope`, through the context variable `rpc.SCOPE`. The key itself is looked up
@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
-from segments_api.v1 import contacts_pb2, events_pb2, segments_pb2
+from segments_api.v1 import contacts_pb2, events_pb2, segments_pb2, webhooks_pb2
 from segments_service.auth import KeyKind, bearer_token
 from segments_service.errors import MissingAuth, ValidationError
 from segments_service.rpc import REST_HEADER, SCOPE, Budget, RequestScope, abort
@@ -45,6 +45,7 @@ SERVICES: Mapping[str, ServiceDescriptor] = MappingProxyType(
             segments_pb2.DESCRIPTOR.services_by_name["SegmentService"],
             contacts_pb2.DESCRIPTOR.services_by_name["ContactService"],
             events_pb2.DESCRIPTOR.services_by_name["EventService"],
+            webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"],
         )
     }
 )
@@ -65,12 +66,24 @@ KEY_KINDS: Mapping[str, KeyKind] = MappingProxyType(
         "/segments.v1.SegmentService/WatchSegmentEvents": "secret",
         "/segments.v1.SegmentService/ExportSegmentContacts": "secret",
         "/segments.v1.SegmentService/CountMatchingContacts": "secret",
+        "/segments.v1.SegmentService/PreviewSegment": "secret",
+        "/segments.v1.SegmentService/ExplainMembership": "secret",
+        "/segments.v1.SegmentService/ListSegmentEvents": "secret",
+        "/segments.v1.SegmentService/GetSegmentHistory": "secret",
         "/segments.v1.ContactService/UpsertContact": "secret",
         "/segments.v1.ContactService/BatchUpsertContacts": "secret",
         "/segments.v1.ContactService/GetContact": "secret",
         "/segments.v1.ContactService/DeleteContact": "secret",
+        "/segments.v1.ContactService/ListContacts": "secret",
+        "/segments.v1.ContactService/UpdateContact": "secret",
+        "/segments.v1.ContactService/ListContactSegments": "secret",
         "/segments.v1.EventService/Track": "public",
         "/segments.v1.EventService/IngestEvents": "secret",
+        "/segments.v1.WebhookService/CreateWebhook": "secret",
+        "/segments.v1.WebhookService/ListWebhooks": "secret",
+        "/segments.v1.WebhookService/GetWebhook": "secret",
+        "/segments.v1.WebhookService/DeleteWebhook": "secret",
+        "/segments.v1.WebhookService/ListWebhookDeliveries": "secret",
     }
 )
 

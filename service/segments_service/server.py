@@ -27,6 +27,8 @@ from segments_api.v1 import (
     events_pb2_grpc,
     segments_pb2,
     segments_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
 )
 from segments_service.builds import Builder, BuildSettings
 from segments_service.config import Settings
@@ -35,9 +37,15 @@ from segments_service.fairness import FairShare, Limits
 from segments_service.interceptors import RequestInterceptor
 from segments_service.rest_check import add_to_server as add_rest_check
 from segments_service.rpc import Runner
-from segments_service.servicers import ContactServicer, EventServicer, SegmentServicer
+from segments_service.servicers import (
+    ContactServicer,
+    EventServicer,
+    SegmentServicer,
+    WebhookServicer,
+)
 from segments_service.streams import FeedWatch
 from segments_service.sweeper import Sweeper
+from segments_service.webhooks import WebhookWorker
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ SERVICE_NAMES = (
     segments_pb2.DESCRIPTOR.services_by_name["SegmentService"].full_name,
     contacts_pb2.DESCRIPTOR.services_by_name["ContactService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 # Envoy limits REST bodies to 1 MiB of JSON, which can transcode to more protobuf bytes
 # (numbers as doubles); 8 MiB leaves room for that and for direct gRPC callers.
@@ -59,6 +68,8 @@ class Options:
     stream_workers: int = 8  # threads for streams' database work (short reads)
     limits: Limits = field(default_factory=Limits)
     request_timeout: float = 30.0  # a request's budget when its caller sets no deadline
+    # Webhook URLs may name loopback and private address literals (SEGMENTS_WEBHOOK_ALLOW_PRIVATE).
+    allow_private_webhooks: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Options:
@@ -71,6 +82,7 @@ class Options:
                 per_minute=settings.rate_limit_per_minute,
             ),
             request_timeout=settings.request_timeout,
+            allow_private_webhooks=settings.webhooks.allow_private,
         )
 
 
@@ -134,6 +146,9 @@ async def create_server(
     )
     contacts_pb2_grpc.add_ContactServiceServicer_to_server(ContactServicer(runner), server)
     events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(runner), server)
+    webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(
+        WebhookServicer(runner, options.allow_private_webhooks), server
+    )
     # Envoy's check of REST requests before transcoding; keyless (the RPC then authenticates).
     add_rest_check(server, SERVICE_NAMES, check_pool)
     health_servicer = health.aio.HealthServicer()
@@ -221,6 +236,20 @@ async def _serve(database_url: str, settings: Settings, port: int) -> None:
         foreground=built.fair.activity,
     )
     builder.start()
+    # Deliveries: a lock connection and a working one per delivery thread, one to dispatch.
+    webhook_engine = make_engine(
+        database_url,
+        pool_size=2 * settings.webhooks.workers + 1,
+        max_overflow=2,
+        application_name=f"segments:{port}:webhooks",
+    )
+    deliveries = WebhookWorker(
+        webhook_engine,
+        make_sessionmaker(webhook_engine),
+        settings.webhooks,
+        settings.background_timeout,
+    )
+    deliveries.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -230,10 +259,12 @@ async def _serve(database_url: str, settings: Settings, port: int) -> None:
     if sweeper is not None:
         sweeper.stop()
     builder.stop()
+    deliveries.stop()
     await built.stop(settings.drain_seconds)
-    for worker in (sweeper, builder):
+    for worker in (sweeper, builder, deliveries):
         if worker is not None:
             await loop.run_in_executor(None, worker.join, settings.drain_seconds)
     engine.dispose()
     stream_engine.dispose()
+    webhook_engine.dispose()
     log.info("gRPC server stopped")

@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any
 
 import grpc
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, struct_pb2
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -23,15 +23,30 @@ from segments_api.v1 import (
     resources_pb2,
     segments_pb2,
     segments_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
 )
-from segments_service import contacts, events, feed, members, segments, streams
+from segments_service import (
+    contacts,
+    events,
+    explain,
+    feed,
+    history,
+    members,
+    membership,
+    segments,
+    streams,
+    webhooks,
+)
 from segments_service.auth import Caller
 from segments_service.contacts import ContactWrite, check_json, require_email
 from segments_service.convert import (
     condition_to_json,
     contact_to_proto,
     from_timestamp,
+    ordered_condition,
     parse_id,
+    py_to_value,
     require_type,
     segment_to_proto,
     struct_to_dict,
@@ -300,6 +315,91 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
 
         return await self.runner.unary(context, work, evaluates=True)
 
+    async def PreviewSegment(
+        self, request: segments_pb2.PreviewSegmentRequest, context: Context
+    ) -> segments_pb2.PreviewSegmentResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.PreviewSegmentResponse, None]:
+            condition = (
+                condition_to_json(request.condition) if request.HasField("condition") else None
+            )
+            found = segments.preview(session, caller.project_id, condition)
+            return segments_pb2.PreviewSegmentResponse(
+                member_count=found.member_count,
+                sample=[contact_to_proto(r) for r in found.sample],
+            ), None
+
+        return await self.runner.unary(context, work, evaluates=True)
+
+    async def ListSegmentEvents(
+        self, request: segments_pb2.ListSegmentEventsRequest, context: Context
+    ) -> segments_pb2.ListSegmentEventsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.ListSegmentEventsResponse, None]:
+            segment_id = parse_id(request.id, "segment")
+            page = history.feed_page(
+                session, caller.project_id, segment_id, request.after, request.limit
+            )
+            return segments_pb2.ListSegmentEventsResponse(
+                data=[
+                    segments_pb2.SegmentFeedEvent(
+                        cursor=str(e.cursor),
+                        type=e.type,
+                        contact_id=str(e.contact_id),
+                        email=e.email,
+                        occurred_at=timestamp(e.occurred_at),
+                    )
+                    for e in page.entries
+                ],
+                next_cursor=str(page.next_cursor),
+            ), None
+
+        return await self.runner.unary(context, work)
+
+    async def GetSegmentHistory(
+        self, request: segments_pb2.GetSegmentHistoryRequest, context: Context
+    ) -> segments_pb2.GetSegmentHistoryResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.GetSegmentHistoryResponse, None]:
+            segment_id = parse_id(request.id, "segment")
+            buckets = history.history(
+                session,
+                caller.project_id,
+                segment_id,
+                request.interval,
+                getattr(request, "from"),
+                request.to,
+                membership.db_now(session),
+            )
+            return segments_pb2.GetSegmentHistoryResponse(
+                data=[
+                    segments_pb2.SegmentHistoryBucket(
+                        start=timestamp(b.start), entries=b.entries, exits=b.exits, size=b.size
+                    )
+                    for b in buckets
+                ]
+            ), None
+
+        return await self.runner.unary(context, work)
+
+    async def ExplainMembership(
+        self, request: segments_pb2.ExplainMembershipRequest, context: Context
+    ) -> segments_pb2.ExplainMembershipResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[segments_pb2.ExplainMembershipResponse, None]:
+            segment_id = parse_id(request.id, "segment")
+            contact_id = parse_id(request.contact_id, "contact")
+            found = explain.explain(session, caller.project_id, segment_id, contact_id)
+            return segments_pb2.ExplainMembershipResponse(
+                member=found.member, condition=py_to_value(ordered_condition(found.condition))
+            ), None
+
+        return await self.runner.unary(context, work, evaluates=True)
+
 
 def _segment_event(event: feed.FeedEvent) -> segments_pb2.SegmentEvent:
     return segments_pb2.SegmentEvent(
@@ -392,6 +492,68 @@ class ContactServicer(contacts_pb2_grpc.ContactServiceServicer):
 
         return await self.runner.unary(context, work)
 
+    async def ListContacts(
+        self, request: contacts_pb2.ListContactsRequest, context: Context
+    ) -> contacts_pb2.ListContactsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[contacts_pb2.ListContactsResponse, None]:
+            page = contacts.list_contacts(
+                session,
+                caller.project_id,
+                limit=request.limit,
+                cursor=request.cursor,
+                search=request.search,
+                subscribed=request.subscribed if request.HasField("subscribed") else None,
+            )
+            return contacts_pb2.ListContactsResponse(
+                data=[contact_to_proto(r) for r in page.rows],
+                cursor=py_to_value(page.cursor),
+                has_more=page.cursor is not None,
+                total=page.total or 0,
+            ), None
+
+        return await self.runner.unary(context, work)
+
+    async def UpdateContact(
+        self, request: contacts_pb2.UpdateContactRequest, context: Context
+    ) -> resources_pb2.Contact:
+        def work(session: Session, caller: Caller) -> tuple[resources_pb2.Contact, None]:
+            contact_id = parse_id(request.id, "contact")
+            email = require_email(request.email, "email") if request.HasField("email") else None
+            data = struct_to_dict(request.data) if request.HasField("data") else {}
+            _raise(check_json(data, "data"))
+            row = contacts.update_contact(
+                session,
+                caller.project_id,
+                contact_id,
+                email=email,
+                subscribed=request.subscribed if request.HasField("subscribed") else None,
+                patch=data,
+            )
+            return contact_to_proto(row), None
+
+        return await self.runner.unary(context, work)
+
+    async def ListContactSegments(
+        self, request: contacts_pb2.ListContactSegmentsRequest, context: Context
+    ) -> contacts_pb2.ListContactSegmentsResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[contacts_pb2.ListContactSegmentsResponse, None]:
+            contact_id = parse_id(request.id, "contact")
+            rows = contacts.contact_segments(session, caller.project_id, contact_id)
+            return contacts_pb2.ListContactSegmentsResponse(
+                segments=[
+                    contacts_pb2.ContactSegment(
+                        id=str(r.id), name=r.name, type=resources_pb2.Segment.Type.Value(r.type)
+                    )
+                    for r in rows
+                ]
+            ), None
+
+        return await self.runner.unary(context, work)
+
 
 class EventServicer(events_pb2_grpc.EventServiceServicer):
     def __init__(self, runner: Runner) -> None:
@@ -467,5 +629,106 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             _raise(violations)
             recorded = events.ingest(session, caller.project_id, items) if items else 0
             return events_pb2.IngestEventsResponse(accepted=recorded), None
+
+        return await self.runner.unary(context, work)
+
+
+def _webhook(view: webhooks.WebhookView) -> webhooks_pb2.Webhook:
+    return webhooks_pb2.Webhook(
+        id=str(view.id),
+        url=view.url,
+        segment_ids=[str(i) for i in view.segment_ids],
+        created_at=timestamp(view.created_at),
+    )
+
+
+def _delivery(view: webhooks.DeliveryView) -> webhooks_pb2.WebhookDelivery:
+    delivery = webhooks_pb2.WebhookDelivery(
+        event_cursor=str(feed.Cursor(view.feed_seq)),
+        event_id=view.event_id,
+        type=view.type,
+        status=webhooks_pb2.WebhookDelivery.Status.Value(view.status),
+        attempts=view.attempts,
+    )
+    if view.last_error is None:
+        delivery.last_error.null_value = struct_pb2.NULL_VALUE
+    else:
+        delivery.last_error.string_value = view.last_error
+    if view.next_attempt_at is None:
+        delivery.next_attempt_at.null_value = struct_pb2.NULL_VALUE
+    else:
+        delivery.next_attempt_at.string_value = timestamp(view.next_attempt_at).ToJsonString()
+    return delivery
+
+
+class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
+    def __init__(self, runner: Runner, allow_private: bool) -> None:
+        self.runner = runner
+        # Whether URLs with loopback and private address literals are accepted.
+        self.allow_private = allow_private
+
+    async def CreateWebhook(
+        self, request: webhooks_pb2.CreateWebhookRequest, context: Context
+    ) -> webhooks_pb2.CreateWebhookResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[webhooks_pb2.CreateWebhookResponse, int]:
+            view = webhooks.create_webhook(
+                session,
+                caller.project_id,
+                request.url,
+                list(request.segment_ids),
+                allow_private=self.allow_private,
+            )
+            return webhooks_pb2.CreateWebhookResponse(
+                id=str(view.id),
+                url=view.url,
+                segment_ids=[str(i) for i in view.segment_ids],
+                secret=view.secret or "",
+                created_at=timestamp(view.created_at),
+            ), CREATED
+
+        return await self.runner.unary(context, work)
+
+    async def ListWebhooks(
+        self, request: webhooks_pb2.ListWebhooksRequest, context: Context
+    ) -> webhooks_pb2.ListWebhooksResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[webhooks_pb2.ListWebhooksResponse, None]:
+            views = webhooks.list_webhooks(session, caller.project_id)
+            return webhooks_pb2.ListWebhooksResponse(webhooks=[_webhook(v) for v in views]), None
+
+        return await self.runner.unary(context, work)
+
+    async def GetWebhook(
+        self, request: webhooks_pb2.GetWebhookRequest, context: Context
+    ) -> webhooks_pb2.Webhook:
+        def work(session: Session, caller: Caller) -> tuple[webhooks_pb2.Webhook, None]:
+            webhook_id = parse_id(request.id, "webhook")
+            return _webhook(webhooks.get_webhook(session, caller.project_id, webhook_id)), None
+
+        return await self.runner.unary(context, work)
+
+    async def DeleteWebhook(
+        self, request: webhooks_pb2.DeleteWebhookRequest, context: Context
+    ) -> empty_pb2.Empty:
+        def work(session: Session, caller: Caller) -> tuple[empty_pb2.Empty, int]:
+            webhooks.delete_webhook(session, caller.project_id, parse_id(request.id, "webhook"))
+            return empty_pb2.Empty(), NO_CONTENT
+
+        return await self.runner.unary(context, work)
+
+    async def ListWebhookDeliveries(
+        self, request: webhooks_pb2.ListWebhookDeliveriesRequest, context: Context
+    ) -> webhooks_pb2.ListWebhookDeliveriesResponse:
+        def work(
+            session: Session, caller: Caller
+        ) -> tuple[webhooks_pb2.ListWebhookDeliveriesResponse, None]:
+            webhook_id = parse_id(request.id, "webhook")
+            views = webhooks.list_deliveries(session, caller.project_id, webhook_id, request.limit)
+            return webhooks_pb2.ListWebhookDeliveriesResponse(
+                data=[_delivery(v) for v in views]
+            ), None
 
         return await self.runner.unary(context, work)

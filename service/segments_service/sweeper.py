@@ -10,11 +10,14 @@ Which contacts: a filter with window W (`triggeredWithin`, `notTriggeredWithin`,
 `triggeredOlderThan`, `within`, `olderThan`) can change its answer between two instants
 `since` and `now` only for a contact with a matching event, or a timestamp, in
 [since - W, now - W) (it left the window: an occurrence no longer counted, summed or
-recent), or, for `within`, a timestamp in (since, now] (it reached it); for `withinNext`,
-a timestamp in [since, now] (it passed) or in (since + W, now + W] (it came within
-reach). W may be calendar months: the window's start is computed from each instant. So after a first full pass a sweep reads those ranges (indexes on event
-names and contact timestamps; data timestamps read the project's contacts) rather than
-evaluating every contact against every segment. `since` reaches back OVERLAP further, for
+recent), or, for `within`, a timestamp in (since, now] (it reached it); W may be calendar
+months, the window's start computed from each instant. So after a first full pass a sweep
+reads those ranges from indexes on event names and contact timestamps, rather than
+evaluating every contact against every segment; windows on data timestamps (`within`,
+`olderThan`, `withinNext` on data.*) are read from the instant each contact's answer can
+next turn, kept in `contact_wakeups` (membership/wakeups.py). A pass is full, and
+recomputes those instants for every contact, when the project's data windows changed
+since they were computed. `since` reaches back OVERLAP further, for
 writes that evaluated before the previous sweep and committed after it read; and every
 FULL_EVERY passes a full comparison of stored and computed membership runs anyway.
 
@@ -62,7 +65,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments_service import membership, tables
-from segments_service.filters import Kind, Op, window_value
+from segments_service.filters import Filter, Kind, Op, window_value
+from segments_service.membership import wakeups
 
 log = logging.getLogger(__name__)
 
@@ -189,20 +193,18 @@ def crossed_contacts(
                     )
                 )
                 continue
+            if f.kind is Kind.DATA:
+                continue  # read below, from the contacts' wakeups
             value = window_value(f)
-            if f.operator is Op.WITHIN_NEXT:
-                # Passed now (it leaves), or reached the window's end (it enters).
-                crossed = or_(
-                    and_(value >= earlier, value <= now),
-                    and_(value > window.after(earlier), value <= window.after(now)),
-                )
-            else:
-                crossed = and_(value >= window.before(earlier), value < window.before(now))
-                if f.operator is Op.WITHIN:
-                    crossed = or_(crossed, and_(value > earlier, value <= now))
+            crossed = and_(value >= window.before(earlier), value < window.before(now))
+            if f.operator is Op.WITHIN:
+                crossed = or_(crossed, and_(value > earlier, value <= now))
             parts.append(
                 select(c.id.label("contact_id")).where(c.project_id == project_id, crossed)
             )
+    if any(f.kind is Kind.DATA and f.window is not None for s in segments for f in s.filters()):
+        w = tables.contact_wakeups.c
+        parts.append(select(w.contact_id).where(w.project_id == project_id, w.wake_at <= now))
     if not parts:
         return []
     found = union(*parts).subquery()
@@ -222,10 +224,16 @@ class ProjectPass:
     now: datetime | None = None
     # A step exceeded the budget: the pass is incomplete.
     failed: bool = False
+    # The project's windows on data timestamps, and whether its contacts' wakeups were
+    # computed for other ones (then the pass is full and recomputes them).
+    windows: list[Filter] = field(default_factory=list)
+    rewake: bool = False
 
     @property
     def full(self) -> bool:
-        return self.since is None or (self.now is not None and self.since >= self.now)
+        return (
+            self.rewake or self.since is None or (self.now is not None and self.since >= self.now)
+        )
 
     def steps(self, sessions: sessionmaker[Session]) -> Iterator[None]:
         """Each step is one slice: its comparison (full passes) and re-evaluation, each
@@ -237,6 +245,12 @@ class ProjectPass:
             segments = time_dependent_segments(session, self.project_id)
             if segments:
                 now = self.now = membership.db_now(session)
+                every = membership.dynamic_segments(
+                    session, self.project_id, states=(membership.STORED, membership.BUILDING)
+                )
+                self.windows = wakeups.data_windows(every)
+                recorded = wakeups.recorded(session, self.project_id)
+                self.rewake = recorded != wakeups.signature(self.windows)
                 if not self.full:
                     assert self.since is not None
                     crossed = crossed_contacts(session, self.project_id, self.since, now)
@@ -256,6 +270,10 @@ class ProjectPass:
                     set_budget(session, self.budget)
                     ids = contact_slice(session, self.project_id, after, self.size)
                     stale = stale_among(session, self.project_id, segments, now, ids) if ids else []
+                    if self.rewake and ids:
+                        wakeups.refresh(
+                            session, self.project_id, self.windows, now, first=ids[0], last=ids[-1]
+                        )
                 self._refresh(sessions, stale)
             if ids is None:
                 # Not even the slice's ids were read: read them alone to go past it.
@@ -265,6 +283,10 @@ class ProjectPass:
                 if ids is None:
                     return
             if len(ids) < self.size:
+                if self.rewake and not self.failed:
+                    with self._step(), sessions.begin() as session:
+                        set_budget(session, self.budget)
+                        wakeups.record(session, self.project_id, self.windows)
                 return
             after = ids[-1]
             yield

@@ -163,11 +163,63 @@ segment_members = Table(
     _ts("contact_created_at"),
 )
 
+# When time alone can next change a contact's answer to a data-timestamp window
+# (membership/wakeups.py; migration 0013).
+contact_wakeups = Table(
+    "contact_wakeups",
+    metadata,
+    Column("project_id", Uuid, primary_key=True),
+    Column("contact_id", Uuid, primary_key=True),
+    _ts("wake_at"),
+)
+
+wakeup_definitions = Table(
+    "wakeup_definitions",
+    metadata,
+    Column("project_id", Uuid, primary_key=True),
+    Column("signature", Text, nullable=False),
+)
+
 feed_positions = Table(
     "feed_positions",
     metadata,
     Column("project_id", Uuid, primary_key=True),
     Column("last_seq", BigInteger, nullable=False),
+)
+
+# Webhooks and their outbox, filled from the feed (webhooks/; migration 0016).
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("project_id", Uuid, primary_key=True),
+    Column("id", Uuid, primary_key=True, server_default=func.gen_random_uuid()),
+    Column("url", Text, nullable=False),
+    Column("segment_ids", ARRAY(Uuid())),  # NULL: every tracked segment
+    Column("secret", Text, nullable=False),
+    _ts("created_at"),
+    _ts("deleted_at", nullable=True),
+    # The feed position up to which the webhook's events are in webhook_deliveries.
+    Column("fanned_seq", BigInteger, nullable=False),
+    Column("pending", Integer, nullable=False),
+    # When the oldest PENDING delivery's next attempt is due; NULL: none pending.
+    _ts("due_at", nullable=True),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("project_id", Uuid, primary_key=True),
+    Column("webhook_id", Uuid, primary_key=True),
+    Column("feed_seq", BigInteger, primary_key=True),
+    Column("event_id", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("body", Text, nullable=False),  # the JSON POSTed, the same on every attempt
+    _ts("occurred_at"),
+    Column("status", Text, nullable=False),  # PENDING | DELIVERED | FAILED
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text),
+    _ts("next_attempt_at", nullable=True),
+    _ts("finished_at", nullable=True),
 )
 
 

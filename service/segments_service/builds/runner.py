@@ -207,7 +207,7 @@ def _record_failure(
     session.execute(
         update(s)
         .where(s.c.project_id == project_id, s.c.id == build.segment_id)
-        .values(status=FAILED, status_reason=reason, membership_state="none")
+        .values(status=FAILED, status_reason=reason, membership_state=membership.NOT_STORED)
     )
     _drop_build(session, project_id, build.segment_id)
     d = tables.segment_build_dirty

@@ -66,7 +66,11 @@ from segments_service.filters.references import (
     expansions,
     load_references,
 )
-from segments_service.filters.timestamps import is_date_only, parse_stored_timestamp
+from segments_service.filters.timestamps import (
+    is_date_only,
+    parse_stored_timestamp,
+    parse_value_timestamp,
+)
 
 __all__ = [
     "APPLICABLE",
@@ -114,6 +118,7 @@ __all__ = [
     "load_references",
     "parse_condition",
     "parse_stored_timestamp",
+    "parse_value_timestamp",
     "relative_values",
     "window_value",
 ]

@@ -153,6 +153,16 @@ class _Without:
 _Node = _Pred | _Set | _Without
 
 
+@dataclass(frozen=True)
+class _AllOf:
+    """A group, as explaining a match sees it: TRUE when each of its parts holds."""
+
+    parts: tuple[_Node, ...]
+
+    def truth(self) -> ColumnElement[bool]:
+        return and_(*(p.truth() for p in self.parts))
+
+
 @dataclass
 class _Compiler:
     """Compiles a condition to a set of contacts, by the TRUE-sets of its parts.
@@ -209,16 +219,14 @@ class _Compiler:
                 "too_deep",
             )
         try:
-            groups = [(f"{path}.groups.{i}", g) for i, g in enumerate(condition.groups)]
+            groups = [
+                self.group_parts(g, f"{path}.groups.{i}") for i, g in enumerate(condition.groups)
+            ]
             if condition.logic is Logic.AND:
                 # AND of groups, each an AND of its parts: one conjunction of every part.
-                node = self.conjunction(
-                    [part for at, g in groups for part in self.group_parts(g, at)]
-                )
+                node = self.conjunction([part for parts in groups for part in parts])
             else:
-                node = self.disjunction(
-                    [self.conjunction(self.group_parts(g, at)) for at, g in groups]
-                )
+                node = self.disjunction([self.conjunction(parts) for parts in groups])
             return self.record(path, node)
         finally:
             self.ctx.level -= 1
@@ -227,6 +235,9 @@ class _Compiler:
         parts = [self.filter(f, f"{path}.filters.{i}") for i, f in enumerate(group.filters)]
         if group.conditions is not None:
             parts.append(self.condition(group.conditions, f"{path}.conditions"))
+        if self.ctx.parts is not None:
+            # A group holds when all its parts do (whatever node the logic makes of them).
+            self.ctx.parts[path] = _AllOf(tuple(parts))
         return parts
 
     def conjunction(self, parts: list[_Node]) -> _Node:

@@ -24,6 +24,7 @@ Concurrency, without a coordinator of our own:
 
 from segments_service.membership.dynamic import (
     BUILDING,
+    NOT_STORED,
     STORED,
     Changes,
     Dynamic,
@@ -68,6 +69,7 @@ __all__ = [
     "BUILDING",
     "CHUNK",
     "MAX_EVENT_ROUNDS",
+    "NOT_STORED",
     "STATEMENT_CACHE_SIZE",
     "STORED",
     "Changes",

@@ -92,7 +92,9 @@ class Dynamic:
         return (self.id, self.name, self.tracked, repr(self.condition), refs)
 
 
-STORED, BUILDING = "stored", "building"
+# segments.membership_state (migration 0009): stored and kept current by writers; being
+# built (writers note the contacts they touch); nothing stored (a failed first build).
+STORED, BUILDING, NOT_STORED = "stored", "building", "none"
 
 
 def dynamic_segments(

@@ -12,6 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from segments_service import tables
+from segments_service.membership import wakeups
 from segments_service.membership.dynamic import BUILDING, STORED, Changes, Dynamic, dynamic_segments
 from segments_service.membership.locks import (
     allow_long_statements,
@@ -83,6 +84,10 @@ def refresh_contacts(
     wanted = {seg.id: wanted_by(seg) for seg in every}
     locked = lock_contacts(session, project_id, set().union(*wanted.values()))
     present = set(locked)
+    windows = wakeups.data_windows(every)
+    if windows and event_contacts is None and static_segment is None:
+        # The contacts' data may have changed: so may when time next turns their answer.
+        wakeups.refresh(session, project_id, windows, db_now(session), ids=sorted(present))
     # Segments being built are not evaluated: their contacts are noted, after the locks,
     # for the build to catch up (builds.py).
     mark_dirty(
@@ -184,6 +189,10 @@ def forget_contact(session: Session, project_id: uuid.UUID, contact_id: uuid.UUI
         select(s.c.id).where(s.c.project_id == project_id, s.c.membership_state == BUILDING)
     ).scalars()
     mark_dirty(session, project_id, {segment_id: [contact_id] for segment_id in building})
+    w = tables.contact_wakeups.c
+    session.execute(
+        delete(tables.contact_wakeups).where(w.project_id == project_id, w.contact_id == contact_id)
+    )
     for table in (tables.segment_members, tables.static_members):
         gone = (
             delete(table)

@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from segments_api.v1 import resources_pb2 as segments_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asegments/v1/contacts.proto\x12\x0bsegments.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bsegments/v1/resources.proto\"t\n\x14UpsertContactRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x17\n\nsubscribed\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\r\n\x0b_subscribed\"Q\n\x1a\x42\x61tchUpsertContactsRequest\x12\x33\n\x08\x63ontacts\x18\x01 \x03(\x0b\x32!.segments.v1.UpsertContactRequest\"?\n\x1b\x42\x61tchUpsertContactsResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x05\x12\x0f\n\x07updated\x18\x02 \x01(\x05\"\x1f\n\x11GetContactRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14\x44\x65leteContactRequest\x12\n\n\x02id\x18\x01 \x01(\t2\xb7\x03\n\x0e\x43ontactService\x12^\n\rUpsertContact\x12!.segments.v1.UpsertContactRequest\x1a\x14.segments.v1.Contact\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/contacts:\x01*\x12\x84\x01\n\x13\x42\x61tchUpsertContacts\x12\'.segments.v1.BatchUpsertContactsRequest\x1a(.segments.v1.BatchUpsertContactsResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/contacts/batch:\x01*\x12Z\n\nGetContact\x12\x1e.segments.v1.GetContactRequest\x1a\x14.segments.v1.Contact\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/contacts/{id}\x12\x62\n\rDeleteContact\x12!.segments.v1.DeleteContactRequest\x1a\x16.google.protobuf.Empty\"\x16\x82\xd3\xe4\x93\x02\x10*\x0e/contacts/{id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asegments/v1/contacts.proto\x12\x0bsegments.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bsegments/v1/resources.proto\"t\n\x14UpsertContactRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x17\n\nsubscribed\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\r\n\x0b_subscribed\"Q\n\x1a\x42\x61tchUpsertContactsRequest\x12\x33\n\x08\x63ontacts\x18\x01 \x03(\x0b\x32!.segments.v1.UpsertContactRequest\"?\n\x1b\x42\x61tchUpsertContactsResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x05\x12\x0f\n\x07updated\x18\x02 \x01(\x05\"\x1f\n\x11GetContactRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14\x44\x65leteContactRequest\x12\n\n\x02id\x18\x01 \x01(\t\"l\n\x13ListContactsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x0e\n\x06search\x18\x03 \x01(\t\x12\x17\n\nsubscribed\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\r\n\x0b_subscribed\"\x83\x01\n\x14ListContactsResponse\x12\"\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x14.segments.v1.Contact\x12&\n\x06\x63ursor\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x10\n\x08has_more\x18\x03 \x01(\x08\x12\r\n\x05total\x18\x04 \x01(\x05\"\x8f\x01\n\x14UpdateContactRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\x05\x65mail\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nsubscribed\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12%\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x08\n\x06_emailB\r\n\x0b_subscribed\"(\n\x1aListContactSegmentsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"S\n\x0e\x43ontactSegment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x04type\x18\x03 \x01(\x0e\x32\x19.segments.v1.Segment.Type\"L\n\x1bListContactSegmentsResponse\x12-\n\x08segments\x18\x01 \x03(\x0b\x32\x1b.segments.v1.ContactSegment2\x9a\x06\n\x0e\x43ontactService\x12^\n\rUpsertContact\x12!.segments.v1.UpsertContactRequest\x1a\x14.segments.v1.Contact\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/contacts:\x01*\x12\x84\x01\n\x13\x42\x61tchUpsertContacts\x12\'.segments.v1.BatchUpsertContactsRequest\x1a(.segments.v1.BatchUpsertContactsResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/contacts/batch:\x01*\x12Z\n\nGetContact\x12\x1e.segments.v1.GetContactRequest\x1a\x14.segments.v1.Contact\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/contacts/{id}\x12\x62\n\rDeleteContact\x12!.segments.v1.DeleteContactRequest\x1a\x16.google.protobuf.Empty\"\x16\x82\xd3\xe4\x93\x02\x10*\x0e/contacts/{id}\x12\x66\n\x0cListContacts\x12 .segments.v1.ListContactsRequest\x1a!.segments.v1.ListContactsResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/contacts\x12\x63\n\rUpdateContact\x12!.segments.v1.UpdateContactRequest\x1a\x14.segments.v1.Contact\"\x19\x82\xd3\xe4\x93\x02\x13\x32\x0e/contacts/{id}:\x01*\x12\x93\x01\n\x13ListContactSegments\x12\'.segments.v1.ListContactSegmentsRequest\x1a(.segments.v1.ListContactSegmentsResponse\")\x82\xd3\xe4\x93\x02#\x12\x17/contacts/{id}/segmentsb\x08segmentsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTACTSERVICE'].methods_by_name['GetContact']._serialized_options = b'\202\323\344\223\002\020\022\016/contacts/{id}'
   _globals['_CONTACTSERVICE'].methods_by_name['DeleteContact']._loaded_options = None
   _globals['_CONTACTSERVICE'].methods_by_name['DeleteContact']._serialized_options = b'\202\323\344\223\002\020*\016/contacts/{id}'
+  _globals['_CONTACTSERVICE'].methods_by_name['ListContacts']._loaded_options = None
+  _globals['_CONTACTSERVICE'].methods_by_name['ListContacts']._serialized_options = b'\202\323\344\223\002\013\022\t/contacts'
+  _globals['_CONTACTSERVICE'].methods_by_name['UpdateContact']._loaded_options = None
+  _globals['_CONTACTSERVICE'].methods_by_name['UpdateContact']._serialized_options = b'\202\323\344\223\002\0232\016/contacts/{id}:\001*'
+  _globals['_CONTACTSERVICE'].methods_by_name['ListContactSegments']._loaded_options = None
+  _globals['_CONTACTSERVICE'].methods_by_name['ListContactSegments']._serialized_options = b'\202\323\344\223\002#\022\027/contacts/{id}/segmentsb\010segments'
   _globals['_UPSERTCONTACTREQUEST']._serialized_start=161
   _globals['_UPSERTCONTACTREQUEST']._serialized_end=277
   _globals['_BATCHUPSERTCONTACTSREQUEST']._serialized_start=279
@@ -53,6 +59,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCONTACTREQUEST']._serialized_end=458
   _globals['_DELETECONTACTREQUEST']._serialized_start=460
   _globals['_DELETECONTACTREQUEST']._serialized_end=494
-  _globals['_CONTACTSERVICE']._serialized_start=497
-  _globals['_CONTACTSERVICE']._serialized_end=936
+  _globals['_LISTCONTACTSREQUEST']._serialized_start=496
+  _globals['_LISTCONTACTSREQUEST']._serialized_end=604
+  _globals['_LISTCONTACTSRESPONSE']._serialized_start=607
+  _globals['_LISTCONTACTSRESPONSE']._serialized_end=738
+  _globals['_UPDATECONTACTREQUEST']._serialized_start=741
+  _globals['_UPDATECONTACTREQUEST']._serialized_end=884
+  _globals['_LISTCONTACTSEGMENTSREQUEST']._serialized_start=886
+  _globals['_LISTCONTACTSEGMENTSREQUEST']._serialized_end=926
+  _globals['_CONTACTSEGMENT']._serialized_start=928
+  _globals['_CONTACTSEGMENT']._serialized_end=1011
+  _globals['_LISTCONTACTSEGMENTSRESPONSE']._serialized_start=1013
+  _globals['_LISTCONTACTSEGMENTSRESPONSE']._serialized_end=1089
+  _globals['_CONTACTSERVICE']._serialized_start=1092
+  _globals['_CONTACTSERVICE']._serialized_end=1886
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
+from segments_api.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -146,3 +147,200 @@ class DeleteContactRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteContactRequest: _TypeAlias = DeleteContactRequest  # noqa: Y015
+
+@_typing.final
+class ListContactsRequest(_message.Message):
+    """Request of ListContacts; the project comes from the API key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    SEARCH_FIELD_NUMBER: _builtins.int
+    SUBSCRIBED_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Page size; 0 or unset means 20, above 100 means 100, negative is invalid."""
+    cursor: _builtins.str
+    """The `cursor` of the previous page; empty for the first page."""
+    search: _builtins.str
+    """Only contacts whose email contains this text (case-insensitive); empty means all."""
+    subscribed: _builtins.bool
+    """Only subscribed (true) or unsubscribed (false) contacts; unset means both."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        cursor: _builtins.str = ...,
+        search: _builtins.str = ...,
+        subscribed: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_subscribed", b"_subscribed", "subscribed", b"subscribed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_subscribed", b"_subscribed", "cursor", b"cursor", "limit", b"limit", "search", b"search", "subscribed", b"subscribed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__subscribed: _TypeAlias = _typing.Literal["subscribed"]  # noqa: Y015
+    _WhichOneofArgType__subscribed: _TypeAlias = _typing.Literal["_subscribed", b"_subscribed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__subscribed) -> _WhichOneofReturnType__subscribed | None: ...
+
+Global___ListContactsRequest: _TypeAlias = ListContactsRequest  # noqa: Y015
+
+@_typing.final
+class ListContactsResponse(_message.Message):
+    """One page of a project's contacts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    HAS_MORE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    has_more: _builtins.bool
+    """Whether another page follows."""
+    total: _builtins.int
+    """Contacts matching the filters, counted on the first page only (0 on later pages,
+    as the public API does, to spare the recount).
+    """
+    @_builtins.property
+    def data(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Contact]:
+        """The contacts on this page, newest first (createdAt descending, then id)."""
+
+    @_builtins.property
+    def cursor(self) -> _struct_pb2.Value:
+        """Where the next page starts, or JSON null after the last page. A Value (not an
+        optional string) because the REST contract prints `"cursor": null`.
+        """
+
+    def __init__(
+        self,
+        *,
+        data: _abc.Iterable[_resources_pb2.Contact] | None = ...,
+        cursor: _struct_pb2.Value | None = ...,
+        has_more: _builtins.bool = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "data", b"data", "has_more", b"has_more", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListContactsResponse: _TypeAlias = ListContactsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateContactRequest(_message.Message):
+    """Request of UpdateContact: only the fields present are changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    SUBSCRIBED_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Contact UUID (from the path)."""
+    email: _builtins.str
+    """New email address; trimmed and lower-cased; must not be another contact's."""
+    subscribed: _builtins.bool
+    """New subscription state."""
+    @_builtins.property
+    def data(self) -> _struct_pb2.Struct:
+        """Data merged key by key into the stored data; a null value removes the key."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        email: _builtins.str | None = ...,
+        subscribed: _builtins.bool | None = ...,
+        data: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "_subscribed", b"_subscribed", "data", b"data", "email", b"email", "subscribed", b"subscribed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "_subscribed", b"_subscribed", "data", b"data", "email", b"email", "id", b"id", "subscribed", b"subscribed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__email: _TypeAlias = _typing.Literal["email"]  # noqa: Y015
+    _WhichOneofArgType__email: _TypeAlias = _typing.Literal["_email", b"_email"]  # noqa: Y015
+    _WhichOneofReturnType__subscribed: _TypeAlias = _typing.Literal["subscribed"]  # noqa: Y015
+    _WhichOneofArgType__subscribed: _TypeAlias = _typing.Literal["_subscribed", b"_subscribed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__email) -> _WhichOneofReturnType__email | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__subscribed) -> _WhichOneofReturnType__subscribed | None: ...
+
+Global___UpdateContactRequest: _TypeAlias = UpdateContactRequest  # noqa: Y015
+
+@_typing.final
+class ListContactSegmentsRequest(_message.Message):
+    """Request of ListContactSegments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Contact UUID."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListContactSegmentsRequest: _TypeAlias = ListContactSegmentsRequest  # noqa: Y015
+
+@_typing.final
+class ContactSegment(_message.Message):
+    """A segment a contact is a member of."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The segment's id."""
+    name: _builtins.str
+    """The segment's name."""
+    type: _resources_pb2.Segment.Type.ValueType
+    """DYNAMIC or STATIC."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        type: _resources_pb2.Segment.Type.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "name", b"name", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContactSegment: _TypeAlias = ContactSegment  # noqa: Y015
+
+@_typing.final
+class ListContactSegmentsResponse(_message.Message):
+    """The segments a contact is a member of."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContactSegment]:
+        """The segments, newest first."""
+
+    def __init__(
+        self,
+        *,
+        segments: _abc.Iterable[Global___ContactSegment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["segments", b"segments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListContactSegmentsResponse: _TypeAlias = ListContactSegmentsResponse  # noqa: Y015

@@ -57,6 +57,21 @@ class ContactServiceStub:
                 request_serializer=segments_dot_v1_dot_contacts__pb2.DeleteContactRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.ListContacts = channel.unary_unary(
+                '/segments.v1.ContactService/ListContacts',
+                request_serializer=segments_dot_v1_dot_contacts__pb2.ListContactsRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_contacts__pb2.ListContactsResponse.FromString,
+                _registered_method=True)
+        self.UpdateContact = channel.unary_unary(
+                '/segments.v1.ContactService/UpdateContact',
+                request_serializer=segments_dot_v1_dot_contacts__pb2.UpdateContactRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_resources__pb2.Contact.FromString,
+                _registered_method=True)
+        self.ListContactSegments = channel.unary_unary(
+                '/segments.v1.ContactService/ListContactSegments',
+                request_serializer=segments_dot_v1_dot_contacts__pb2.ListContactSegmentsRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_contacts__pb2.ListContactSegmentsResponse.FromString,
+                _registered_method=True)
 
 
 class ContactServiceServicer:
@@ -92,6 +107,31 @@ class ContactServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListContacts(self, request, context):
+        """Pages through the project's contacts, newest first, by an opaque cursor. The query
+        (limit, cursor, search, subscribed) and the `{data, cursor, hasMore, total}` body are
+        the public API's rather than AIP-132's page_size/page_token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateContact(self, request, context):
+        """Changes a contact's email, subscription or data (merged as UpsertContact merges it);
+        absent fields are kept. The body is the flat request, as the public API defines it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContactSegments(self, request, context):
+        """The segments, STATIC and DYNAMIC, the contact is a member of now. Not paginated: the
+        REST body is the bare array (response_body), as the public API's listings are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContactServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +154,21 @@ def add_ContactServiceServicer_to_server(servicer, server):
                     servicer.DeleteContact,
                     request_deserializer=segments_dot_v1_dot_contacts__pb2.DeleteContactRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ListContacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContacts,
+                    request_deserializer=segments_dot_v1_dot_contacts__pb2.ListContactsRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_contacts__pb2.ListContactsResponse.SerializeToString,
+            ),
+            'UpdateContact': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateContact,
+                    request_deserializer=segments_dot_v1_dot_contacts__pb2.UpdateContactRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_resources__pb2.Contact.SerializeToString,
+            ),
+            'ListContactSegments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContactSegments,
+                    request_deserializer=segments_dot_v1_dot_contacts__pb2.ListContactSegmentsRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_contacts__pb2.ListContactSegmentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +280,87 @@ class ContactService:
             '/segments.v1.ContactService/DeleteContact',
             segments_dot_v1_dot_contacts__pb2.DeleteContactRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segments.v1.ContactService/ListContacts',
+            segments_dot_v1_dot_contacts__pb2.ListContactsRequest.SerializeToString,
+            segments_dot_v1_dot_contacts__pb2.ListContactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateContact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segments.v1.ContactService/UpdateContact',
+            segments_dot_v1_dot_contacts__pb2.UpdateContactRequest.SerializeToString,
+            segments_dot_v1_dot_resources__pb2.Contact.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContactSegments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segments.v1.ContactService/ListContactSegments',
+            segments_dot_v1_dot_contacts__pb2.ListContactSegmentsRequest.SerializeToString,
+            segments_dot_v1_dot_contacts__pb2.ListContactSegmentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,19 @@ class ContactServiceStub:
     """Returns one contact."""
     DeleteContact: _grpc.UnaryUnaryMultiCallable[_contacts_pb2.DeleteContactRequest, _empty_pb2.Empty]
     """Deletes a contact with its events and memberships; answers HTTP 204."""
+    ListContacts: _grpc.UnaryUnaryMultiCallable[_contacts_pb2.ListContactsRequest, _contacts_pb2.ListContactsResponse]
+    """Pages through the project's contacts, newest first, by an opaque cursor. The query
+    (limit, cursor, search, subscribed) and the `{data, cursor, hasMore, total}` body are
+    the public API's rather than AIP-132's page_size/page_token.
+    """
+    UpdateContact: _grpc.UnaryUnaryMultiCallable[_contacts_pb2.UpdateContactRequest, _resources_pb2.Contact]
+    """Changes a contact's email, subscription or data (merged as UpsertContact merges it);
+    absent fields are kept. The body is the flat request, as the public API defines it.
+    """
+    ListContactSegments: _grpc.UnaryUnaryMultiCallable[_contacts_pb2.ListContactSegmentsRequest, _contacts_pb2.ListContactSegmentsResponse]
+    """The segments, STATIC and DYNAMIC, the contact is a member of now. Not paginated: the
+    REST body is the bare array (response_body), as the public API's listings are.
+    """
 
 @_typing.type_check_only
 class ContactServiceAsyncStub(ContactServiceStub):
@@ -61,6 +74,19 @@ class ContactServiceAsyncStub(ContactServiceStub):
     """Returns one contact."""
     DeleteContact: _aio.UnaryUnaryMultiCallable[_contacts_pb2.DeleteContactRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a contact with its events and memberships; answers HTTP 204."""
+    ListContacts: _aio.UnaryUnaryMultiCallable[_contacts_pb2.ListContactsRequest, _contacts_pb2.ListContactsResponse]  # type: ignore[assignment]
+    """Pages through the project's contacts, newest first, by an opaque cursor. The query
+    (limit, cursor, search, subscribed) and the `{data, cursor, hasMore, total}` body are
+    the public API's rather than AIP-132's page_size/page_token.
+    """
+    UpdateContact: _aio.UnaryUnaryMultiCallable[_contacts_pb2.UpdateContactRequest, _resources_pb2.Contact]  # type: ignore[assignment]
+    """Changes a contact's email, subscription or data (merged as UpsertContact merges it);
+    absent fields are kept. The body is the flat request, as the public API defines it.
+    """
+    ListContactSegments: _aio.UnaryUnaryMultiCallable[_contacts_pb2.ListContactSegmentsRequest, _contacts_pb2.ListContactSegmentsResponse]  # type: ignore[assignment]
+    """The segments, STATIC and DYNAMIC, the contact is a member of now. Not paginated: the
+    REST body is the bare array (response_body), as the public API's listings are.
+    """
 
 class ContactServiceServicer(metaclass=_abc_1.ABCMeta):
     """Creates, updates, reads and deletes contacts."""
@@ -98,5 +124,36 @@ class ContactServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
         """Deletes a contact with its events and memberships; answers HTTP 204."""
+
+    @_abc_1.abstractmethod
+    def ListContacts(
+        self,
+        request: _contacts_pb2.ListContactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_contacts_pb2.ListContactsResponse, _abc.Awaitable[_contacts_pb2.ListContactsResponse]]:
+        """Pages through the project's contacts, newest first, by an opaque cursor. The query
+        (limit, cursor, search, subscribed) and the `{data, cursor, hasMore, total}` body are
+        the public API's rather than AIP-132's page_size/page_token.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateContact(
+        self,
+        request: _contacts_pb2.UpdateContactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_resources_pb2.Contact, _abc.Awaitable[_resources_pb2.Contact]]:
+        """Changes a contact's email, subscription or data (merged as UpsertContact merges it);
+        absent fields are kept. The body is the flat request, as the public API defines it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListContactSegments(
+        self,
+        request: _contacts_pb2.ListContactSegmentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_contacts_pb2.ListContactSegmentsResponse, _abc.Awaitable[_contacts_pb2.ListContactSegmentsResponse]]:
+        """The segments, STATIC and DYNAMIC, the contact is a member of now. Not paginated: the
+        REST body is the bare array (response_body), as the public API's listings are.
+        """
 
 def add_ContactServiceServicer_to_server(servicer: ContactServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

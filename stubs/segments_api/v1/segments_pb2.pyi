@@ -12,6 +12,7 @@ the contract wins; each binding says so.
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -615,3 +616,306 @@ class CountMatchingContactsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CountMatchingContactsResponse: _TypeAlias = CountMatchingContactsResponse  # noqa: Y015
+
+@_typing.final
+class PreviewSegmentRequest(_message.Message):
+    """Request of PreviewSegment; the project comes from the API key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONDITION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def condition(self) -> _resources_pb2.FilterCondition:
+        """The condition to evaluate, as a DYNAMIC segment's (same validation and errors)."""
+
+    def __init__(
+        self,
+        *,
+        condition: _resources_pb2.FilterCondition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewSegmentRequest: _TypeAlias = PreviewSegmentRequest  # noqa: Y015
+
+@_typing.final
+class PreviewSegmentResponse(_message.Message):
+    """What a condition selects now; nothing is stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_COUNT_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
+    member_count: _builtins.int
+    """How many of the project's contacts the condition selects."""
+    @_builtins.property
+    def sample(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Contact]:
+        """Up to 10 of them, newest first (createdAt descending, then id), read in the same
+        transaction as the count.
+        """
+
+    def __init__(
+        self,
+        *,
+        member_count: _builtins.int = ...,
+        sample: _abc.Iterable[_resources_pb2.Contact] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_count", b"member_count", "sample", b"sample"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewSegmentResponse: _TypeAlias = PreviewSegmentResponse  # noqa: Y015
+
+@_typing.final
+class ExplainMembershipRequest(_message.Message):
+    """Request of ExplainMembership."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Segment UUID (from the path)."""
+    contact_id: _builtins.str
+    """Contact UUID (from the path)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        contact_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact_id", b"contact_id", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainMembershipRequest: _TypeAlias = ExplainMembershipRequest  # noqa: Y015
+
+@_typing.final
+class ExplainMembershipResponse(_message.Message):
+    """Answer of ExplainMembership."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
+    member: _builtins.bool
+    """Whether the contact is a member now."""
+    @_builtins.property
+    def condition(self) -> _struct_pb2.Value:
+        """The condition's JSON, each filter, group and condition with `matched: true|false`;
+        JSON null for a STATIC segment.
+        """
+
+    def __init__(
+        self,
+        *,
+        member: _builtins.bool = ...,
+        condition: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainMembershipResponse: _TypeAlias = ExplainMembershipResponse  # noqa: Y015
+
+@_typing.final
+class ListSegmentEventsRequest(_message.Message):
+    """Request of ListSegmentEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Segment UUID (from the path); the segment must track membership."""
+    after: _builtins.str
+    """Start after this cursor (a `cursor` or `nextCursor` of an earlier answer, or of
+    WatchSegmentEvents); empty: from the oldest event retained.
+    """
+    limit: _builtins.int
+    """Events per page: default 100, at most 1,000."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        after: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "id", b"id", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSegmentEventsRequest: _TypeAlias = ListSegmentEventsRequest  # noqa: Y015
+
+@_typing.final
+class SegmentFeedEvent(_message.Message):
+    """One entry or exit of a segment's feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Its position: resume after it with `after`."""
+    type: _builtins.str
+    """"entry" or "exit"."""
+    contact_id: _builtins.str
+    """The contact's UUID."""
+    email: _builtins.str
+    """The contact's email."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When the contact entered or left."""
+
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.str = ...,
+        type: _builtins.str = ...,
+        contact_id: _builtins.str = ...,
+        email: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact_id", b"contact_id", "cursor", b"cursor", "email", b"email", "occurred_at", b"occurred_at", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SegmentFeedEvent: _TypeAlias = SegmentFeedEvent  # noqa: Y015
+
+@_typing.final
+class ListSegmentEventsResponse(_message.Message):
+    """A page of a segment's feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
+    next_cursor: _builtins.str
+    """Where the next page starts: the last event's cursor, or `after` when the page is
+    empty (ask again later with it).
+    """
+    @_builtins.property
+    def data(self) -> _containers.RepeatedCompositeFieldContainer[Global___SegmentFeedEvent]:
+        """The events, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        data: _abc.Iterable[Global___SegmentFeedEvent] | None = ...,
+        next_cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "next_cursor", b"next_cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSegmentEventsResponse: _TypeAlias = ListSegmentEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetSegmentHistoryRequest(_message.Message):
+    """Request of GetSegmentHistory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    FROM_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Segment UUID (from the path); the segment must track membership."""
+    interval: _builtins.str
+    """"hour" or "day" (the default): the buckets' length, aligned to UTC."""
+    to: _builtins.str
+    """RFC 3339: the last bucket is the one holding it (default: now)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        interval: _builtins.str = ...,
+        to: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "id", b"id", "interval", b"interval", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSegmentHistoryRequest: _TypeAlias = GetSegmentHistoryRequest  # noqa: Y015
+
+@_typing.final
+class SegmentHistoryBucket(_message.Message):
+    """One hour or day of a segment's history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    EXITS_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    entries: _builtins.int
+    """Contacts that entered during it."""
+    exits: _builtins.int
+    """Contacts that left during it."""
+    size: _builtins.int
+    """Members at its end."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """The bucket's first instant (UTC)."""
+
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        entries: _builtins.int = ...,
+        exits: _builtins.int = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "exits", b"exits", "size", b"size", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SegmentHistoryBucket: _TypeAlias = SegmentHistoryBucket  # noqa: Y015
+
+@_typing.final
+class GetSegmentHistoryResponse(_message.Message):
+    """A segment's history, oldest bucket first (at most 1,000 buckets)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def data(self) -> _containers.RepeatedCompositeFieldContainer[Global___SegmentHistoryBucket]:
+        """The buckets, every one of the range, empty ones included."""
+
+    def __init__(
+        self,
+        *,
+        data: _abc.Iterable[Global___SegmentHistoryBucket] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSegmentHistoryResponse: _TypeAlias = GetSegmentHistoryResponse  # noqa: Y015

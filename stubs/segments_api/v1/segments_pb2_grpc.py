@@ -92,6 +92,26 @@ class SegmentServiceStub:
                 request_serializer=segments_dot_v1_dot_segments__pb2.CountMatchingContactsRequest.SerializeToString,
                 response_deserializer=segments_dot_v1_dot_segments__pb2.CountMatchingContactsResponse.FromString,
                 _registered_method=True)
+        self.PreviewSegment = channel.unary_unary(
+                '/segments.v1.SegmentService/PreviewSegment',
+                request_serializer=segments_dot_v1_dot_segments__pb2.PreviewSegmentRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_segments__pb2.PreviewSegmentResponse.FromString,
+                _registered_method=True)
+        self.ExplainMembership = channel.unary_unary(
+                '/segments.v1.SegmentService/ExplainMembership',
+                request_serializer=segments_dot_v1_dot_segments__pb2.ExplainMembershipRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_segments__pb2.ExplainMembershipResponse.FromString,
+                _registered_method=True)
+        self.ListSegmentEvents = channel.unary_unary(
+                '/segments.v1.SegmentService/ListSegmentEvents',
+                request_serializer=segments_dot_v1_dot_segments__pb2.ListSegmentEventsRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_segments__pb2.ListSegmentEventsResponse.FromString,
+                _registered_method=True)
+        self.GetSegmentHistory = channel.unary_unary(
+                '/segments.v1.SegmentService/GetSegmentHistory',
+                request_serializer=segments_dot_v1_dot_segments__pb2.GetSegmentHistoryRequest.SerializeToString,
+                response_deserializer=segments_dot_v1_dot_segments__pb2.GetSegmentHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentServiceServicer:
@@ -183,6 +203,38 @@ class SegmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreviewSegment(self, request, context):
+        """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
+        storing anything: how many contacts it selects now and up to 10 of them, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainMembership(self, request, context):
+        """Why a contact is or is not a member now: the segment's condition with `matched` on
+        every filter, group and condition, computed by the statement membership is computed
+        by (STATIC segments: `condition` is null).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSegmentEvents(self, request, context):
+        """A tracked segment's entries and exits, oldest first, a page at a time; resumable from
+        any cursor (the same positions WatchSegmentEvents streams).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSegmentHistory(self, request, context):
+        """A tracked segment's entries, exits and size per UTC hour or day, from its feed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -240,6 +292,26 @@ def add_SegmentServiceServicer_to_server(servicer, server):
                     servicer.CountMatchingContacts,
                     request_deserializer=segments_dot_v1_dot_segments__pb2.CountMatchingContactsRequest.FromString,
                     response_serializer=segments_dot_v1_dot_segments__pb2.CountMatchingContactsResponse.SerializeToString,
+            ),
+            'PreviewSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewSegment,
+                    request_deserializer=segments_dot_v1_dot_segments__pb2.PreviewSegmentRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_segments__pb2.PreviewSegmentResponse.SerializeToString,
+            ),
+            'ExplainMembership': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainMembership,
+                    request_deserializer=segments_dot_v1_dot_segments__pb2.ExplainMembershipRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_segments__pb2.ExplainMembershipResponse.SerializeToString,
+            ),
+            'ListSegmentEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSegmentEvents,
+                    request_deserializer=segments_dot_v1_dot_segments__pb2.ListSegmentEventsRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_segments__pb2.ListSegmentEventsResponse.SerializeToString,
+            ),
+            'GetSegmentHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSegmentHistory,
+                    request_deserializer=segments_dot_v1_dot_segments__pb2.GetSegmentHistoryRequest.FromString,
+                    response_serializer=segments_dot_v1_dot_segments__pb2.GetSegmentHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -540,6 +612,114 @@ class SegmentService:
             '/segments.v1.SegmentService/CountMatchingContacts',
             segments_dot_v1_dot_segments__pb2.CountMatchingContactsRequest.SerializeToString,
             segments_dot_v1_dot_segments__pb2.CountMatchingContactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segments.v1.SegmentService/PreviewSegment',
+            segments_dot_v1_dot_segments__pb2.PreviewSegmentRequest.SerializeToString,
+            segments_dot_v1_dot_segments__pb2.PreviewSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainMembership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segments.v1.SegmentService/ExplainMembership',
+            segments_dot_v1_dot_segments__pb2.ExplainMembershipRequest.SerializeToString,
+            segments_dot_v1_dot_segments__pb2.ExplainMembershipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSegmentEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segments.v1.SegmentService/ListSegmentEvents',
+            segments_dot_v1_dot_segments__pb2.ListSegmentEventsRequest.SerializeToString,
+            segments_dot_v1_dot_segments__pb2.ListSegmentEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSegmentHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segments.v1.SegmentService/GetSegmentHistory',
+            segments_dot_v1_dot_segments__pb2.GetSegmentHistoryRequest.SerializeToString,
+            segments_dot_v1_dot_segments__pb2.GetSegmentHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,21 @@ class SegmentServiceStub:
     """Counts the project's contacts a condition selects now, without creating a segment
     (a segment builder's live count). gRPC only: the REST paths are the public API's.
     """
+    PreviewSegment: _grpc.UnaryUnaryMultiCallable[_segments_pb2.PreviewSegmentRequest, _segments_pb2.PreviewSegmentResponse]
+    """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
+    storing anything: how many contacts it selects now and up to 10 of them, newest first.
+    """
+    ExplainMembership: _grpc.UnaryUnaryMultiCallable[_segments_pb2.ExplainMembershipRequest, _segments_pb2.ExplainMembershipResponse]
+    """Why a contact is or is not a member now: the segment's condition with `matched` on
+    every filter, group and condition, computed by the statement membership is computed
+    by (STATIC segments: `condition` is null).
+    """
+    ListSegmentEvents: _grpc.UnaryUnaryMultiCallable[_segments_pb2.ListSegmentEventsRequest, _segments_pb2.ListSegmentEventsResponse]
+    """A tracked segment's entries and exits, oldest first, a page at a time; resumable from
+    any cursor (the same positions WatchSegmentEvents streams).
+    """
+    GetSegmentHistory: _grpc.UnaryUnaryMultiCallable[_segments_pb2.GetSegmentHistoryRequest, _segments_pb2.GetSegmentHistoryResponse]
+    """A tracked segment's entries, exits and size per UTC hour or day, from its feed."""
 
 @_typing.type_check_only
 class SegmentServiceAsyncStub(SegmentServiceStub):
@@ -119,6 +134,21 @@ class SegmentServiceAsyncStub(SegmentServiceStub):
     """Counts the project's contacts a condition selects now, without creating a segment
     (a segment builder's live count). gRPC only: the REST paths are the public API's.
     """
+    PreviewSegment: _aio.UnaryUnaryMultiCallable[_segments_pb2.PreviewSegmentRequest, _segments_pb2.PreviewSegmentResponse]  # type: ignore[assignment]
+    """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
+    storing anything: how many contacts it selects now and up to 10 of them, newest first.
+    """
+    ExplainMembership: _aio.UnaryUnaryMultiCallable[_segments_pb2.ExplainMembershipRequest, _segments_pb2.ExplainMembershipResponse]  # type: ignore[assignment]
+    """Why a contact is or is not a member now: the segment's condition with `matched` on
+    every filter, group and condition, computed by the statement membership is computed
+    by (STATIC segments: `condition` is null).
+    """
+    ListSegmentEvents: _aio.UnaryUnaryMultiCallable[_segments_pb2.ListSegmentEventsRequest, _segments_pb2.ListSegmentEventsResponse]  # type: ignore[assignment]
+    """A tracked segment's entries and exits, oldest first, a page at a time; resumable from
+    any cursor (the same positions WatchSegmentEvents streams).
+    """
+    GetSegmentHistory: _aio.UnaryUnaryMultiCallable[_segments_pb2.GetSegmentHistoryRequest, _segments_pb2.GetSegmentHistoryResponse]  # type: ignore[assignment]
+    """A tracked segment's entries, exits and size per UTC hour or day, from its feed."""
 
 class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages a project's segments and the members of static segments."""
@@ -224,5 +254,44 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Counts the project's contacts a condition selects now, without creating a segment
         (a segment builder's live count). gRPC only: the REST paths are the public API's.
         """
+
+    @_abc_1.abstractmethod
+    def PreviewSegment(
+        self,
+        request: _segments_pb2.PreviewSegmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_pb2.PreviewSegmentResponse, _abc.Awaitable[_segments_pb2.PreviewSegmentResponse]]:
+        """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
+        storing anything: how many contacts it selects now and up to 10 of them, newest first.
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainMembership(
+        self,
+        request: _segments_pb2.ExplainMembershipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_pb2.ExplainMembershipResponse, _abc.Awaitable[_segments_pb2.ExplainMembershipResponse]]:
+        """Why a contact is or is not a member now: the segment's condition with `matched` on
+        every filter, group and condition, computed by the statement membership is computed
+        by (STATIC segments: `condition` is null).
+        """
+
+    @_abc_1.abstractmethod
+    def ListSegmentEvents(
+        self,
+        request: _segments_pb2.ListSegmentEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_pb2.ListSegmentEventsResponse, _abc.Awaitable[_segments_pb2.ListSegmentEventsResponse]]:
+        """A tracked segment's entries and exits, oldest first, a page at a time; resumable from
+        any cursor (the same positions WatchSegmentEvents streams).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSegmentHistory(
+        self,
+        request: _segments_pb2.GetSegmentHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_pb2.GetSegmentHistoryResponse, _abc.Awaitable[_segments_pb2.GetSegmentHistoryResponse]]:
+        """A tracked segment's entries, exits and size per UTC hour or day, from its feed."""
 
 def add_SegmentServiceServicer_to_server(servicer: SegmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
