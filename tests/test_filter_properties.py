@@ -19,7 +19,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Context, Decimal, Inexact, localcontext
@@ -137,13 +137,25 @@ def instants(now: datetime) -> list[datetime]:
         datetime(1969, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
         datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
         datetime(2300, 1, 1, 0, 0, 0, 1000, tzinfo=UTC),
+        # The edges of the longest windows: a century, leap days included.
+        now - timedelta(days=36525),
+        now - timedelta(days=36525) - US,
+        now + timedelta(days=36525),
+        now + timedelta(days=36525) + US,
+        now - timedelta(weeks=5217),
+        now + timedelta(weeks=5217),
+        now.replace(year=now.year - 100),  # 1200 months (neither now is on a Feb 29)
+        now.replace(year=now.year + 100),
+        now.replace(year=now.year + 100) + US,
     ]
 
 
 INSTANTS = {now: instants(now) for now in NOWS}
 ALL_INSTANTS = sorted({m for now in NOWS for m in INSTANTS[now]})
 WINDOW_VALUES = [1, 7, 30, 90, 0.5, 1.5, 12, 24, 36, 60]
-MONTH_VALUES = [1, 1, 2, 3, 12, 13, 2.0]  # whole numbers only (2.0 is one)
+MONTH_VALUES = [1, 1, 2, 3, 12, 13, 2.0, 1200]  # whole numbers only (2.0 is one)
+# The longest windows each unit allows (36525 days; 1200 months).
+LONGEST = {"minutes": 52_596_000, "hours": 876_600, "days": 36525, "weeks": 5217}
 UNITS = ["days", "hours", "minutes", "weeks", "months"]
 OFFSETS = [
     timezone(timedelta(hours=5, minutes=30)),
@@ -559,16 +571,17 @@ def _event_data(rng: random.Random, now: datetime) -> dict[str, Any]:
             return rng.choice(NEAR_STAMPS[now])
         return rng.choice(ODD_STAMPS + BAD_STAMPS + COMMON)
 
-    makers = {
+    makers: dict[str, Callable[[], Any]] = {
         "amount": lambda: rng.choice(AMOUNT_NUMBERS if rng.random() < 0.8 else NOT_NUMBERS),
         "currency": lambda: rng.choice(CURRENCIES),
         "item": item,
         "tags": tags,
         "at": at,
+        WEIRD_KEY: lambda: rng.choice(AMOUNT_NUMBERS + CURRENCIES),
     }
     if rng.random() < 0.2:
         return {}  # no data at all
-    presence = {"amount": 0.85}
+    presence = {"amount": 0.85, WEIRD_KEY: 1 / 3}
     return {key: make() for key, make in makers.items() if rng.random() < presence.get(key, 2 / 3)}
 
 
@@ -596,9 +609,10 @@ EVENT_DATA_FIELDS = [
     "data.tags",
     "data.at",
     "data.missing",
+    f"data.{WEIRD_KEY}",
 ]
 AGGREGATES = ["sum", "avg", "min", "max"]
-AGGREGATE_FIELDS = ["data.amount"] * 4 + ["data.item.price", "data.at"]
+AGGREGATE_FIELDS = ["data.amount"] * 4 + ["data.item.price", "data.at", f"data.{WEIRD_KEY}"]
 
 
 @dataclass
@@ -664,7 +678,7 @@ COMPARISONS = ["equals", "notEquals", *ORDERING]
 WINDOWS: list[tuple[int | float, str]] = [
     (value, unit)
     for unit in UNITS
-    for value in (MONTH_VALUES if unit == "months" else WINDOW_VALUES)
+    for value in (MONTH_VALUES if unit == "months" else [*WINDOW_VALUES, LONGEST[unit]])
 ]
 
 
