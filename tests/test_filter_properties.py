@@ -721,15 +721,20 @@ def _number(amount: Decimal) -> int | float:
 def _exact_average(numbers: list[Decimal]) -> int | float | None:
     """The average of `numbers` when it is a short decimal that a float holds exactly, else None.
 
-    PostgreSQL's numeric avg keeps about 16 significant digits, so an average such as 4/3
-    comes back rounded, and a comparison value equal to the rounded average would make SQL
-    and the exact reference disagree about nothing but rounding. Aggregate comparison values
-    are therefore such exact averages, exact sums, minima and maxima of the example's data,
-    and the short decimals of AGGREGATE_VALUES: none sits within 1e-12 (relatively) of a
-    non-terminating average without being equal to it.
+    PostgreSQL's numeric avg rounds an average such as 4/3 (to at least 16 significant
+    digits) where the reference compares it exactly, so a comparison value between an
+    average and its rounding would make the two disagree about nothing but rounding.
+    Aggregate comparison values are therefore such exact averages (at most 15 significant
+    digits, which PostgreSQL keeps), sums, minima and maxima of AMOUNT_NUMBERS, and the
+    short decimals of AGGREGATE_VALUES. To fall between a repeating average and its
+    rounding, a value would have to match the average's first 16 significant digits and
+    then lie on the far side of the rounding; with these values that is possible in
+    principle near 1e16 (a sum of 10**16 + 1 becomes the float 1e16) but has not been
+    seen, and a disagreement it caused would show an `avg` filter and such a value.
     """
-    total = sum(numbers, Decimal(0))
     try:
+        with localcontext(Context(prec=100, traps=[Inexact])):
+            total = sum(numbers, Decimal(0))
         with localcontext(Context(prec=15, traps=[Inexact])):
             average = total / len(numbers)
     except Inexact:
