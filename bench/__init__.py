@@ -11,15 +11,19 @@ Phases, in order (one server process and one Envoy for all of them):
    the compiled and hand counts at 100k / 300k / 1M contacts side by side;
 4. ListSegments with 50 segments in the project;
 5. ExportSegmentContacts of a segment holding every contact;
-6. the cost of one sweep of time-dependent segments (informational);
-7. ingestion with every segment present (informational);
-8. the main project's segments are deleted;
-9. ingestion: five tracked segments, IngestEvents in batches of 1,000 from several
+6. GET /segments/{id}/export of that segment through Envoy (CSV), with the server's RSS
+   along the way;
+7. the cost of one sweep of time-dependent segments (informational);
+8. ingestion with every segment present (informational);
+9. the main project's segments are deleted;
+10. ingestion: five tracked segments, IngestEvents in batches of 1,000 from several
    clients (throughput), then a paced 1,000 events/s stream whose entry events are timed
-   through WatchSegmentEvents (tracking latency);
-10. noisy neighbour: a small project's REST latency while the main project holds many
+    through WatchSegmentEvents (tracking latency); then the throughput again with the
+    extended language's scenarios tracked as well, and once more without them;
+11. noisy neighbour: a small project's REST latency while the main project holds many
    streams, then runs heavy counts; the main project's upserts during a build of every
    contact (bench/noisy.py).
-`--phases` runs a subset (e.g. `--phases noisy`); its results go to a file of their own.
+`--phases` runs a subset (e.g. `--phases noisy`), `--scenarios` some scenarios (e.g.
+`--scenarios extended`, the filter language beyond the reference's); their results go to a file of their own.
 The server's RSS is sampled every 50 ms throughout.
 """

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import bench
+from bench import scenarios
 from bench.context import size_label
 from bench.stack import ROOT
 
@@ -18,6 +19,7 @@ PHASES = (
     "scale",
     "list",
     "export",
+    "export_csv",
     "sweep",
     "ingestion_all",
     "delete",
@@ -79,6 +81,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the server's SEGMENTS_SWEEP_SECONDS (60, the product default)",
     )
     m.add_argument(
+        "--scenarios",
+        default="",
+        help="comma-separated scenario names, or 'reference' / 'extended' (the reference's "
+        "filter language, the one beyond it), with the scenarios they reference (default: all)",
+    )
+    m.add_argument(
         "--phases",
         default=",".join(PHASES),
         help="comma-separated phases to run, with those they need (default: all): "
@@ -108,6 +116,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         phases |= extra
     args.phases = [name for name in PHASES if name in phases]
     args.subset = "" if len(args.phases) == len(PHASES) else "-".join(requested)
+    wanted = [x.strip() for x in args.scenarios.split(",") if x.strip()]
+    try:
+        args.scenarios = scenarios.select_scenarios(wanted)
+    except ValueError as err:
+        p.error(f"--scenarios: {err}; languages: {', '.join(scenarios.LANGUAGES)}")
+    if wanted:
+        # A subset of the scenarios is a subset of the run, in a file of its own.
+        args.subset = "-".join(filter(None, (args.subset, *wanted)))
     n = args.contacts
     args.events = args.events if args.events is not None else 10 * n
     args.email_events = args.email_events if args.email_events is not None else 3 * n

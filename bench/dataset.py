@@ -16,7 +16,7 @@ from bench.context import log
 from bench.stack import ROOT
 from segments_service import auth, database
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 
 def with_database(url: str, name: str) -> str:

@@ -256,12 +256,35 @@ SELECT %(project)s,
                 'industry', (%(industries)s::text[])[1 + floor(r.r13 * %(nindustries)s)::int]) END,
            'phone', CASE WHEN r.r14 < 0.3
                          THEN '+1555' || lpad(floor(r.r15 * 1e7)::int::text, 7, '0') END,
-           'ltv', CASE WHEN r.r2 >= 0.55 THEN round((power(r.r5, 2) * 5000)::numeric, 2) END
+           'ltv', CASE WHEN r.r2 >= 0.55 THEN round((power(r.r5, 2) * 5000)::numeric, 2) END,
+           -- an array of tags for three quarters of the contacts (vip in one array in 25:
+           -- 3 contacts in 100; many arrays empty), the bare string "vip" for 1 in 200
+           -- (a string, never an array holding it)
+           'tags', CASE WHEN r.h0 < 0.25 THEN NULL
+                        WHEN r.h0 < 0.255 THEN to_jsonb('vip'::text)
+                        ELSE to_jsonb(array_remove(ARRAY[
+                            CASE WHEN r.h1 < 0.04 THEN 'vip' END,
+                            CASE WHEN r.h2 < 0.35 THEN 'newsletter' END,
+                            CASE WHEN r.h3 < 0.12 THEN 'beta' END,
+                            CASE WHEN r.h4 < 0.08 THEN 'churn-risk' END,
+                            CASE WHEN r.h5 < 0.05 THEN 'partner' END], NULL)) END,
+           -- a fifth are on a trial ending between 30 days before the anchor and 60 after
+           'trialEndsAt', CASE WHEN r.h6 < 0.2 THEN to_char(
+                %(anchor)s::timestamptz + (r.h7 * 90 - 30) * interval '1 day',
+                'YYYY-MM-DD"T"HH24:MI:SS"Z"') END
        )) || CASE WHEN r.r16 < 0.05 THEN '{"nickname": null}'::jsonb ELSE '{}'::jsonb END,
        r.created_at,
        r.created_at + r.r17 * (%(anchor)s::timestamptz - r.created_at)
 FROM (
     SELECT n,
+           ('x' || substr(m.m0, 1, 8))::bit(32)::bigint / 4294967296.0 AS h0,
+           ('x' || substr(m.m0, 9, 8))::bit(32)::bigint / 4294967296.0 AS h1,
+           ('x' || substr(m.m0, 17, 8))::bit(32)::bigint / 4294967296.0 AS h2,
+           ('x' || substr(m.m0, 25, 8))::bit(32)::bigint / 4294967296.0 AS h3,
+           ('x' || substr(m.m1, 1, 8))::bit(32)::bigint / 4294967296.0 AS h4,
+           ('x' || substr(m.m1, 9, 8))::bit(32)::bigint / 4294967296.0 AS h5,
+           ('x' || substr(m.m1, 17, 8))::bit(32)::bigint / 4294967296.0 AS h6,
+           ('x' || substr(m.m1, 25, 8))::bit(32)::bigint / 4294967296.0 AS h7,
            random() AS r0, random() AS r1, random() AS r2, random() AS r3, random() AS r4,
            random() AS r5, random() AS r6, random() AS r7, random() AS r8, random() AS r9,
            random() AS r10, random() AS r11, random() AS r12, random() AS r13, random() AS r14,
@@ -269,7 +292,11 @@ FROM (
            -- higher numbers are newer contacts
            %(anchor)s::timestamptz - interval '1 day' * %(contact_days)s
                * (1 - (n - 0.5 * random()) / %(total)s) AS created_at
-    FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS n
+    FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS n,
+         -- keys added after generator 3 draw from a hash of the contact, not from random():
+         -- the random() stream, and so every other value of every row, stays as it was
+         LATERAL (SELECT md5(%(seed)s::text || ':' || %(tag)s || ':' || n) AS m0,
+                         md5(%(seed)s::text || ':' || %(tag)s || ':' || n || ':1') AS m1) AS m
     OFFSET 0
 ) AS r
 """
@@ -287,7 +314,11 @@ SELECT %(project{p})s AS project_id,
        r.name,
        CASE r.name
            WHEN 'purchase' THEN jsonb_build_object(
-               'amount', round((5 + power(r.c, 2) * 495)::numeric, 2),
+               -- a number, but a string for 1 in 50 (a legacy integration): other types
+               -- are ignored by comparisons and aggregates
+               'amount', CASE WHEN floor(r.c * 1e6)::int %% 50 = 0
+                              THEN to_jsonb(round((5 + power(r.c, 2) * 495)::numeric, 2)::text)
+                              ELSE to_jsonb(round((5 + power(r.c, 2) * 495)::numeric, 2)) END,
                'currency', CASE WHEN r.c < 0.7 THEN 'USD' ELSE 'EUR' END,
                'items', 1 + floor(r.c * 5)::int)
            WHEN 'page_view' THEN jsonb_build_object('path', '/p/' || floor(r.c * 200)::int)
@@ -391,7 +422,7 @@ def load(
                 )
             pairs = list(zip(specs, [project.id for project in loaded], strict=True))
             t0 = time.perf_counter()
-            _load_contacts(conn, pairs, anchor)
+            _load_contacts(conn, pairs, anchor, seed)
             rows_total += sum(spec.contacts for spec in specs)
             phases["contacts"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -431,7 +462,10 @@ def _shares(total: int, slices: int, i: int) -> tuple[int, int]:
 
 
 def _load_contacts(
-    conn: psycopg.Connection[Any], projects: Sequence[tuple[ProjectSpec, str]], anchor: datetime
+    conn: psycopg.Connection[Any],
+    projects: Sequence[tuple[ProjectSpec, str]],
+    anchor: datetime,
+    seed: float,
 ) -> None:
     """Every project's contacts, oldest first, the projects taking turns slice by slice:
     a shared table fills with all tenants' sign-ups interleaved."""
@@ -455,6 +489,7 @@ def _load_contacts(
                     "industries": list(INDUSTRIES),
                     "nindustries": len(INDUSTRIES),
                     "anchor": anchor,
+                    "seed": seed,
                     "contact_days": CONTACT_DAYS,
                     "total": spec.contacts,
                     "first": first,

@@ -324,7 +324,8 @@ def setup_small(env: Env, stack: Stack, cfg: Config) -> Small:
             metadata=md(secret),
             timeout=120,
         )
-    conditions = [(s.name, s.condition) for s in scenarios.SCENARIOS if not s.references]
+    # The reference language's conditions, as before the extended scenarios were added.
+    conditions = [(s.name, s.condition) for s in scenarios.REFERENCE_SCENARIOS if not s.references]
     conditions += [scenarios.filler(i) for i in range(max(0, cfg.b_segments - len(conditions)))]
     for name, condition in conditions[: cfg.b_segments]:
         server.segments.CreateSegment(

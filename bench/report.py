@@ -130,6 +130,17 @@ def render_figures(results: dict[str, Any]) -> str:
             ),
         ),
         line(
+            "IngestEvents throughput, 5 tracked + the extended scenarios tracked",
+            "ingestion",
+            "with_extended_tracked",
+            fmt_=lambda t: (
+                f"{t['throughput']['events_per_second']:,} events/s with {t['tracked']} "
+                f"tracked segments (batch p50 {t['throughput']['batch_ms']['median']} ms), "
+                f"{t['ratio_to_five_tracked']:.2f}x the runs with 5 on either side of it "
+                f"(after: {t['throughput_after']['events_per_second']:,} events/s)"
+            ),
+        ),
+        line(
             "IngestEvents throughput, every segment present",
             "ingestion_all_segments",
             fmt_=lambda t: (
@@ -154,6 +165,18 @@ def render_figures(results: dict[str, Any]) -> str:
                 f"{t['rows']:,} contacts in {t['seconds']} s "
                 f"({t['rows_per_second']:,}/s, first row {t['first_row_ms']} ms); "
                 f"creating the segment took {t['create_seconds']} s"
+            ),
+        ),
+        line(
+            "GET /segments/{id}/export (CSV through Envoy)",
+            "export_csv",
+            fmt_=lambda t: (
+                f"{t['rows']:,} rows, {t['bytes'] / 2**20:,.0f} MB in {t['seconds']} s "
+                f"({t['rows_per_second']:,} rows/s, {t['megabytes_per_second']} MB/s, first "
+                f"byte {t['first_byte_ms']} ms); server RSS peak {t['server_rss_peak_mb']} MB "
+                f"(from {t['server_rss_mb_by_rows'][0][1]} MB before the first row to "
+                f"{t['server_rss_mb_by_rows'][-1][1]} MB after the last), Envoy "
+                f"{t['envoy_rss_peak_mb']} MB"
             ),
         ),
         line(

@@ -23,6 +23,7 @@ from bench.machine import machine, source_state, table_sizes
 from bench.phases.counting import Measured
 from bench.phases.delete import delete_segments
 from bench.phases.export import export
+from bench.phases.export_csv import export_csv
 from bench.phases.ingestion import phase_ingestion, phase_ingestion_all
 from bench.phases.list_segments import list_segments
 from bench.phases.scale import scale_curve
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": {**dataset.to_json(), "table_sizes": table_sizes(env)},
         "runs": args.runs,
         "phases": args.phases,
+        "scenario_names": [sc.name for sc in args.scenarios],
     }
     plans: dict[str, tuple[str, str, str]] = {}
     small_plans: dict[str, str] = {}
@@ -139,30 +141,40 @@ def run(args: argparse.Namespace) -> int:
                     f"server RSS peak {ex['server_rss_peak_mb']} MB"
                 )
 
+        if "export_csv" in wanted:
+            log(f"[6/{total}] GET /segments/{{id}}/export of every contact, through Envoy")
+            with sampler.phase("export_csv"):
+                ec = guarded(results, "export_csv", lambda: export_csv(env, stack))
+            if ec:
+                log(
+                    f"    {ec['rows']:,} rows ({ec['bytes'] / 2**20:,.0f} MB of CSV) in "
+                    f"{ec['seconds']} s, server RSS peak {ec['server_rss_peak_mb']} MB"
+                )
+
         if "sweep" in wanted:
-            log(f"[6/{total}] one sweep with every segment present (informational)")
+            log(f"[7/{total}] one sweep with every segment present (informational)")
             with sampler.phase("sweep"):
                 sw = guarded(results, "sweep", lambda: sweep_cost(env))
             if sw:
                 log(f"    one sweep of the main project: {sw['seconds']} s")
 
         if "ingestion_all" in wanted:
-            log(f"[7/{total}] ingestion with every segment present (informational)")
+            log(f"[8/{total}] ingestion with every segment present (informational)")
             with sampler.phase("ingestion_all_segments"):
                 guarded(results, "ingestion_all_segments", lambda: phase_ingestion_all(env, stack))
 
         if "delete" in wanted:
-            log(f"[8/{total}] deleting the main project's segments")
+            log(f"[9/{total}] deleting the main project's segments")
             with sampler.phase("delete_segments"):
                 guarded(results, "delete_segments", lambda: delete_segments(env, stack))
 
         if "ingestion" in wanted:
-            log(f"[9/{total}] ingestion with five tracked segments")
+            log(f"[10/{total}] ingestion with five tracked segments")
             with sampler.phase("ingestion"):
                 guarded(results, "ingestion", lambda: phase_ingestion(env, stack))
 
         if "noisy" in wanted:
-            log(f"[10/{total}] noisy neighbour")
+            log(f"[11/{total}] noisy neighbour")
             config = noisy.Config(
                 seconds=args.noisy_seconds,
                 streams=args.noisy_streams,

@@ -11,22 +11,30 @@ from bench.context import size_label
 LIMITS = {
     "compiled_vs_hand_sql": 1.5,
     "rest_get_segment_factor": 1.2,
+    "rest_get_segment_vs_trivial": 1.2,
     "list_segments_vs_trivial": 20.0,
     "ingest_events_per_second": 20_000.0,
     "tracking_latency_p95_seconds": 2.0,
     "server_rss_mb": 300.0,
     "count_growth": 1.0,
+    "preview_vs_count": 1.2,
+    "explain_vs_trivial": 5.0,
+    "contact_segments_vs_trivial": 3.0,
 }
 
 # The phases each target is measured in.
 TARGET_PHASES = {
     "compiled_vs_hand_sql": "scenarios",
     "rest_get_segment_vs_query": "scenarios",
+    "rest_get_segment_vs_trivial": "scenarios",
     "list_segments_vs_trivial": "list",
     "ingest_events_per_second": "ingestion",
     "tracking_latency_p95_seconds": "ingestion",
     "server_rss_mb": "export",
     "count_growth": "scale",
+    "preview_vs_count": "scenarios",
+    "explain_vs_trivial": "scenarios",
+    "contact_segments_vs_trivial": "list",
 }
 
 
@@ -59,6 +67,13 @@ def target_compiled_vs_hand(
         "runs, same answer asserted; every scenario; the worst is shown. The count over the "
         "member ids (what a create or rebuild computes) is in ids_ratio, not in this target",
         "worst_scenario": worst["name"],
+        "worst_by_language": {
+            language: max(
+                ((s["ratio"], s["name"]) for s in sc if s.get("language") == language),
+                default=None,
+            )
+            for language in sorted({s.get("language", "reference") for s in sc})
+        },
         "per_scenario": {s["name"]: s["ratio"] for s in sc},
     }
     if failed:
@@ -96,6 +111,39 @@ def target_rest_get(results: dict[str, Any]) -> dict[str, Any]:
             for r in rows
         },
     }
+
+
+def target_rest_get_vs_trivial(results: dict[str, Any]) -> dict[str, Any]:
+    """`GET /segments/{id}` (the segment with its memberCount) against the trivial REST
+    call, both timed in the same rounds of api_latencies: per scenario, the median of each
+    round's ratio (`rest_get_vs_trivial`; results without it: the ratio of the medians)."""
+    limit = LIMITS["rest_get_segment_vs_trivial"]
+    sc = _scenario_rows(results)
+    ratios = {
+        s["name"]: s.get("rest_get_vs_trivial", s["rest_get_ms"] / s["rest_trivial_ms"]) for s in sc
+    }
+    worst = max(ratios, key=lambda k: ratios[k])
+    entry: dict[str, Any] = {
+        "measured": round(ratios[worst], 3),
+        "limit": limit,
+        "met": all(r <= limit for r in ratios.values()),
+        "unit": "x",
+        "rule": "median over rounds of GET /segments/{id} / GET /contacts/{id} timed in the "
+        "same round, every scenario's segment; the worst is shown",
+        "scenario": worst,
+        "per_scenario": {k: round(v, 3) for k, v in ratios.items()},
+        "grpc_per_scenario": {
+            s["name"]: round(s["grpc_get_ms"] / s["grpc_trivial_ms"], 3) for s in sc
+        },
+    }
+    over = {k: v for k, v in ratios.items() if v > limit}
+    if over:
+        entry["note"] = {
+            k: f"{v:.2f}x: {next(s for s in sc if s['name'] == k)['rest_get_ms']:.2f} ms "
+            f"against {next(s for s in sc if s['name'] == k)['rest_trivial_ms']:.2f} ms"
+            for k, v in over.items()
+        }
+    return entry
 
 
 def target_list(results: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +273,57 @@ def target_growth(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _worst_scenario(results: dict[str, Any], key: str, rule: str) -> dict[str, Any]:
+    """A per-scenario ratio's worst value against its limit (LIMITS[key])."""
+    rows = [r for r in _scenario_rows(results) if key in r]
+    if not rows:
+        raise ValueError(f"no scenario measured {key}")
+    worst = max(rows, key=lambda r: r[key])
+    limit = LIMITS[key]
+    return {
+        "measured": worst[key],
+        "limit": limit,
+        "met": all(r[key] <= limit for r in rows),
+        "unit": "x",
+        "rule": rule,
+        "scenario": worst["name"],
+        "per_scenario": {r["name"]: r[key] for r in rows},
+    }
+
+
+def target_preview(results: dict[str, Any]) -> dict[str, Any]:
+    return _worst_scenario(
+        results,
+        "preview_vs_count",
+        "PreviewSegment (count and up to 10 members) / CountMatchingContacts of the same "
+        "condition, median of the rounds' paired ratios, every scenario; the worst is shown",
+    )
+
+
+def target_explain(results: dict[str, Any]) -> dict[str, Any]:
+    return _worst_scenario(
+        results,
+        "explain_vs_trivial",
+        "GET /segments/{id}/contacts/{contactId}/explain / the trivial REST call of the same "
+        "round (GET /contacts/{id}), median of paired ratios, every scenario; the worst is shown",
+    )
+
+
+def target_contact_segments(results: dict[str, Any]) -> dict[str, Any]:
+    ls = results.get("list_segments")
+    if not isinstance(ls, dict) or "contact_segments_vs_trivial" not in ls:
+        raise ValueError("the list phase failed")
+    limit = LIMITS["contact_segments_vs_trivial"]
+    return {
+        "measured": ls["contact_segments_vs_trivial"],
+        "limit": limit,
+        "met": ls["contact_segments_vs_trivial"] <= limit,
+        "unit": "x",
+        "rule": f"GET /contacts/{{id}}/segments with {ls['segments']} segments in the project "
+        "/ the trivial REST call of the same round, median of paired ratios",
+    }
+
+
 def compute_targets(
     results: dict[str, Any], plans: dict[str, tuple[str, str, str]], phases: Sequence[str]
 ) -> dict[str, Any]:
@@ -232,20 +331,28 @@ def compute_targets(
     makers: dict[str, Callable[[], dict[str, Any]]] = {
         "compiled_vs_hand_sql": lambda: target_compiled_vs_hand(results, plans),
         "rest_get_segment_vs_query": lambda: target_rest_get(results),
+        "rest_get_segment_vs_trivial": lambda: target_rest_get_vs_trivial(results),
         "list_segments_vs_trivial": lambda: target_list(results),
         "ingest_events_per_second": lambda: target_ingest(results),
         "tracking_latency_p95_seconds": lambda: target_tracking(results),
         "server_rss_mb": lambda: target_rss(results),
         "count_growth": lambda: target_growth(results),
+        "preview_vs_count": lambda: target_preview(results),
+        "explain_vs_trivial": lambda: target_explain(results),
+        "contact_segments_vs_trivial": lambda: target_contact_segments(results),
     }
     limits = {
         "rest_get_segment_vs_query": None,
+        "rest_get_segment_vs_trivial": LIMITS["rest_get_segment_vs_trivial"],
         "compiled_vs_hand_sql": LIMITS["compiled_vs_hand_sql"],
         "list_segments_vs_trivial": LIMITS["list_segments_vs_trivial"],
         "ingest_events_per_second": LIMITS["ingest_events_per_second"],
         "tracking_latency_p95_seconds": LIMITS["tracking_latency_p95_seconds"],
         "server_rss_mb": LIMITS["server_rss_mb"],
         "count_growth": LIMITS["count_growth"],
+        "preview_vs_count": LIMITS["preview_vs_count"],
+        "explain_vs_trivial": LIMITS["explain_vs_trivial"],
+        "contact_segments_vs_trivial": LIMITS["contact_segments_vs_trivial"],
     }
     targets: dict[str, Any] = {}
     for name, make in makers.items():

@@ -58,6 +58,31 @@ SUCCESS_DESCRIPTIONS = {
     "200": "OK",
 }
 
+# Methods answering google.api.HttpBody: the HTTP body is the message's `data` as it is, of
+# this media type (the message's `content_type`), with these response headers (the
+# server's initial metadata, passed on by the transcoder).
+HTTP_BODIES: dict[str, tuple[str, Schema, dict[str, Schema]]] = {
+    "ExportSegmentCsv": (
+        "text/csv",
+        {
+            "type": "string",
+            "description": "RFC 4180 CSV in UTF-8 (`text/csv; charset=utf-8`), CRLF line ends: "
+            "the header row `id,email,subscribed,createdAt,updatedAt,data`, then one row per "
+            "member in contact id order; `subscribed` is `true` or `false`, timestamps are "
+            "RFC 3339 UTC as in the JSON, `data` is the contact's data as compact JSON. "
+            "Streamed; a response that ends early (a stream reset, a connection closed "
+            "before the last chunk) is incomplete and must be discarded.",
+        },
+        {
+            "Content-Disposition": {
+                "description": '`attachment; filename="segment-<id>.csv"`',
+                "required": True,
+                "schema": {"type": "string"},
+            }
+        },
+    ),
+}
+
 # What the service puts into fields typed google.protobuf.Value (otherwise: any JSON).
 VALUE_SCHEMAS: dict[str, Schema] = {
     f"{PACKAGE}.Segment.description": {"type": "string", "nullable": True},
@@ -518,6 +543,13 @@ class Document:
         responses: Schema = {}
         if method.output_type == ".google.protobuf.Empty":
             responses["204"] = {"description": "No Content", "headers": request_id}
+        elif method.output_type == ".google.api.HttpBody":
+            media_type, body, headers = HTTP_BODIES[method.name]
+            responses["200"] = {
+                "description": SUCCESS_DESCRIPTIONS["200"],
+                "headers": {**request_id, **headers},
+                "content": {media_type: {"schema": body}},
+            }
         else:
             output = self.messages[method.output_type]
             if binding.response_body:

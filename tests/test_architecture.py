@@ -32,7 +32,8 @@ FOUNDATIONS = frozenset({"errors", "tables", "config", "jsonutil"})
 FILTERS = "filters"
 # The gRPC edge: what every RPC is given before it runs (interceptors), how RPCs run (rpc,
 # status), the servicers, proto conversion, streams, the server that wires them, and the
-# check of REST requests against the request messages (rest_check, json_shapes).
+# check of REST requests against the request messages (rest_check, json_shapes), and the
+# end-of-stream check of streamed REST responses (rest_stream_end).
 EDGE = frozenset(
     {
         "interceptors",
@@ -44,6 +45,7 @@ EDGE = frozenset(
         "server",
         "rest_check",
         "json_shapes",
+        "rest_stream_end",
     }
 )
 # The process around the service: the command line, engines and the embedded server,
@@ -61,8 +63,9 @@ SESSION_TYPES = "sqlalchemy.orm"
 # names its exceptions here rather than weakening itself.
 SERVICER_SQL_EXCEPTIONS = frozenset(
     {
-        # ExportSegmentContacts opens its snapshot and bounds its idle time with one
-        # set_config statement before handing over to the domain's export.
+        # The exports (ExportSegmentContacts, ExportSegmentCsv) open their snapshot and
+        # bound its idle time with one set_config statement before handing over to the
+        # domain's export.
         ("servicers", "sqlalchemy", "text"),
     }
 )

@@ -107,6 +107,7 @@ def test_document_covers_every_rest_binding() -> None:
         ("GET", "/segments/{id}/contacts/{contactId}/explain"),
         ("GET", "/segments/{id}/events"),
         ("GET", "/segments/{id}/history"),
+        ("GET", "/segments/{id}/export"),
         ("GET", "/contacts"),
         ("POST", "/contacts"),
         ("POST", "/contacts/batch"),
@@ -131,6 +132,9 @@ def test_document_covers_every_rest_binding() -> None:
     assert "201" in operations["POST", "/webhooks"]["responses"]
     assert "204" in operations["DELETE", "/webhooks/{id}"]["responses"]
     assert "409" in operations["PATCH", "/contacts/{id}"]["responses"]
+    exported = operations["GET", "/segments/{id}/export"]["responses"]["200"]
+    assert set(exported["content"]) == {"text/csv"}
+    assert "Content-Disposition" in exported["headers"]
     listed = operations["GET", "/contacts"]["responses"]["200"]["content"]["application/json"]
     listing = document["components"]["schemas"][listed["schema"]["$ref"].rsplit("/", 1)[1]]
     assert listing["properties"]["cursor"] == {

@@ -48,10 +48,12 @@ def test_a_request_finds_its_http_rule(method: str, path: str, request_message: 
 
 
 def test_every_http_binding_has_a_route() -> None:
-    assert len(CHECK.routes) == 26
+    assert len(CHECK.routes) == 27
     assert {r.body for r in CHECK.routes} == {"", "*"}
     members = CHECK.find("POST", "/segments/abc/members")
     assert members is not None and members.bound == ("id",)
+    export = CHECK.find("GET", "/segments/abc/export")
+    assert export is not None and export.message.name == "ExportSegmentCsvRequest"
 
 
 def test_what_no_rule_takes_is_left_to_the_transcoder() -> None:

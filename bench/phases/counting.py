@@ -59,7 +59,7 @@ def create_scenarios(env: Env, stack: Stack, tag: str, now: datetime) -> list[Me
     key = env.keys[tag]
     ids: dict[str, str] = {}
     out = []
-    for sc in scenarios.SCENARIOS:
+    for sc in env.args.scenarios:
         condition = sc.resolved(ids)
         ms, segment = create_segment(stack, key, f"Scenario {sc.name}", condition)
         ids[sc.name] = segment.id

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -390,4 +391,65 @@ def phase_ingestion(env: Env, stack: Stack) -> dict[str, Any]:
         f"p50 {track['latency_s']['median']} s, p95 {track['latency_s']['p95']} s, "
         f"missing {track['missing']}"
     )
-    return {"tracked_segments": tracked_create, "throughput": tput, "tracking": track}
+    out: dict[str, Any] = {"tracked_segments": tracked_create, "throughput": tput}
+    out["tracking"] = track
+    try:
+        out["with_extended_tracked"] = with_extended_tracked(env, stack, pool, rng, tput)
+    except Exception as err:  # the figure above stands without this one
+        log(traceback.format_exc())
+        # One line: an RPC error's text spans several.
+        out["with_extended_tracked"] = {"error": " ".join(f"{type(err).__name__}: {err}".split())}
+    return out
+
+
+def with_extended_tracked(
+    env: Env, stack: Stack, pool: Sequence[str], rng: random.Random, before: dict[str, Any]
+) -> dict[str, Any]:
+    """The throughput run again with the extended language's scenarios tracked
+    beside the five, then once more after deleting them: the figure with them is read
+    against the runs on either side of it (`before` is the phase's own run), as the
+    machine's pace drifts over minutes."""
+    key = env.keys["main"]
+    seg = stack.server.segments
+    created: dict[str, Any] = {}
+    for sc in scenarios.EXTENDED_SCENARIOS:
+        ms, segment = create_segment(
+            stack, key, f"Bench tracked {sc.name}", sc.resolved({}), track=True
+        )
+        created[sc.name] = {
+            "id": segment.id,
+            "members": segment.member_count,
+            "create_ms": round(ms, 1),
+        }
+        log(f"    created tracked {sc.name!r}: {segment.member_count:,} members in {ms:.0f} ms")
+    workers = env.args.ingest_workers
+    throughput(stack, key, build_batches(pool, 5_000, 1000, rng, "warm-x"), workers)
+    batches = build_batches(pool, env.args.ingest_events, 1000, rng, "tput-x")
+    wal = wal_totals(env)
+    tracked = throughput(stack, key, batches, workers)
+    tracked["wal_per_1000_events"] = wal_per_1000(wal, wal_totals(env), tracked["events"])
+    for entry in created.values():
+        seg.DeleteSegment(
+            segments_pb2.DeleteSegmentRequest(id=entry["id"]), metadata=md(key), timeout=600
+        )
+    throughput(stack, key, build_batches(pool, 5_000, 1000, rng, "warm-y"), workers)
+    batches = build_batches(pool, env.args.ingest_events, 1000, rng, "tput-y")
+    wal = wal_totals(env)
+    after = throughput(stack, key, batches, workers)
+    after["wal_per_1000_events"] = wal_per_1000(wal, wal_totals(env), after["events"])
+    eps = tracked["events_per_second"]
+    baseline = (before["events_per_second"] + after["events_per_second"]) / 2
+    log(
+        f"    throughput with {len(scenarios.TRACKED) + len(created)} tracked segments: {eps:,} "
+        f"events/s, against {before['events_per_second']:,} before and "
+        f"{after['events_per_second']:,} after with {len(scenarios.TRACKED)}"
+    )
+    return {
+        "tracked_segments": {
+            name: {k: v for k, v in entry.items() if k != "id"} for name, entry in created.items()
+        },
+        "tracked": len(scenarios.TRACKED) + len(created),
+        "throughput": tracked,
+        "throughput_after": after,
+        "ratio_to_five_tracked": round(eps / baseline, 3),
+    }

@@ -7,7 +7,7 @@ from typing import Any
 
 from bench import scenarios
 from bench.context import Env, Stack, create_segment, md
-from bench.measure import summary, timed
+from bench.measure import median, summary, timed
 from segments_api.v1 import contacts_pb2, segments_pb2
 
 
@@ -28,6 +28,7 @@ def list_segments(
     rest_ms: list[float] = []
     trivial_grpc: list[float] = []
     trivial_rest: list[float] = []
+    contact_segments: list[float] = []
     contact = contacts_pb2.GetContactRequest(id=contact_id)
     count = 0
     for i in range(runs + 5):
@@ -38,7 +39,10 @@ def list_segments(
         )
         r, body = timed(lambda: rest.get("/segments"))
         count = len(body)
+        # The segments one contact is in, every one of the project's checked.
+        cs, _ = timed(lambda: rest.get(f"/contacts/{contact_id}/segments"))
         if i >= 5:
+            contact_segments.append(cs)
             grpc_ms.append(g)
             rest_ms.append(r)
             trivial_grpc.append(tg)
@@ -52,4 +56,8 @@ def list_segments(
         "trivial_grpc_ms": summary(trivial_grpc),
         "trivial_rest_ms": summary(trivial_rest),
         "response_bytes": len(json.dumps(body)),
+        "rest_contact_segments_ms": summary(contact_segments),
+        "contact_segments_vs_trivial": round(
+            median([c / t for c, t in zip(contact_segments, trivial_rest, strict=True)]), 3
+        ),
     }

@@ -6,7 +6,6 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from bench import scenarios
 from bench.context import Env, Stack, log, md, size_label
 from bench.measure import median, timed
 from bench.phases.counting import (
@@ -35,18 +34,18 @@ def scale_curve(
     by_size: dict[int, str] = {}
     for project in env.dataset.projects:
         by_size.setdefault(project.contacts, project.tag)
-    compiled: dict[str, dict[str, float]] = {sc.name: {} for sc in scenarios.SCENARIOS}
-    hand: dict[str, dict[str, float]] = {sc.name: {} for sc in scenarios.SCENARIOS}
-    ids: dict[str, dict[str, float]] = {sc.name: {} for sc in scenarios.SCENARIOS}
-    runs: dict[str, dict[str, list[float]]] = {sc.name: {} for sc in scenarios.SCENARIOS}
-    create: dict[str, dict[str, float]] = {sc.name: {} for sc in scenarios.SCENARIOS}
+    compiled: dict[str, dict[str, float]] = {sc.name: {} for sc in env.args.scenarios}
+    hand: dict[str, dict[str, float]] = {sc.name: {} for sc in env.args.scenarios}
+    ids: dict[str, dict[str, float]] = {sc.name: {} for sc in env.args.scenarios}
+    runs: dict[str, dict[str, list[float]]] = {sc.name: {} for sc in env.args.scenarios}
+    create: dict[str, dict[str, float]] = {sc.name: {} for sc in env.args.scenarios}
     measured: dict[int, list[Measured]] = {}
     for size in sizes:
         tag = by_size[size]
         measured[size] = main_measured if tag == "main" else create_scenarios(env, stack, tag, now)
     settled["scale"] = settle(env)
     # Per scenario, every size side by side: the growth is a ratio of these.
-    for n, sc in enumerate(scenarios.SCENARIOS):
+    for n, sc in enumerate(env.args.scenarios):
         cases = [(env.dataset.project(by_size[size]).id, measured[size][n]) for size in sizes]
         for size, counts in zip(
             sizes, count_side_by_side(env, cases, now, env.args.runs), strict=True
@@ -74,7 +73,7 @@ def scale_curve(
     # compiler's.
     hand_growth = {n: round(hand[n][hi] / hand[n][lo] / factor, 3) for n in hand}
     with env.engine.connect() as conn:
-        for n, sc in enumerate(scenarios.SCENARIOS):
+        for n, sc in enumerate(env.args.scenarios):
             if growth[sc.name] > LIMITS["count_growth"]:
                 small_plans[sc.name] = explain_compiled(conn, measured[sizes[0]][n])
     total_lo = sum(compiled[n][lo] for n in compiled)
@@ -111,7 +110,7 @@ def served_counts(
     rest_ms: dict[int, list[float]] = {size: [] for size in sizes}
     try:
         for _ in range(env.args.runs):
-            for n in range(len(scenarios.SCENARIOS)):
+            for n in range(len(env.args.scenarios)):
                 for size in sizes:
                     segment_id = measured[size][n].segment_id
                     request = segments_pb2.GetSegmentRequest(id=segment_id)

@@ -15,6 +15,9 @@ from bench.phases.counting import Measured, count_both, create_scenarios, explai
 from segments_api.v1 import contacts_pb2, segments_pb2
 
 PAGE_SIZE = 20
+# Rounds of the API calls (at least --runs): each call is a few milliseconds, and on a
+# shared machine ten rounds left a scenario's medians at the mercy of one busy second.
+API_ROUNDS = 20
 
 
 def api_latencies(
@@ -36,6 +39,7 @@ def api_latencies(
             "rest_page100",
             "grpc_trivial",
             "rest_trivial",
+            "rest_explain",
         )
     }
     get = segments_pb2.GetSegmentRequest(id=m.segment_id)
@@ -53,9 +57,11 @@ def api_latencies(
         "rest_page100": lambda: rest.get(f"/segments/{m.segment_id}/contacts?page=100&pageSize=20"),
         "grpc_trivial": lambda: stack.server.contacts.GetContact(contact, metadata=md(key)),
         "rest_trivial": lambda: rest.get(f"/contacts/{contact_id}"),
+        # Why the trivial call's contact is or is not a member (one contact's truths).
+        "rest_explain": lambda: rest.get(f"/segments/{m.segment_id}/contacts/{contact_id}/explain"),
     }
     member_count = None
-    for i in range(max(runs, 10) + 1):
+    for i in range(max(runs, API_ROUNDS) + 1):
         for name, call in calls.items():
             ms, reply = timed(call)
             if i > 0:
@@ -64,17 +70,40 @@ def api_latencies(
                 member_count = int(reply.get("memberCount", 0))
     rest.close()
     out: dict[str, Any] = {f"{k}_ms": median(v) for k, v in results.items()}
-    out["rest_member_count"] = member_count
-    count = segments_pb2.CountMatchingContactsRequest(
-        condition=condition_proto(m.scenario.resolved(ids))
+    # GET /segments/{id} over the trivial call of the same round: what slows the machine
+    # for a moment slows both.
+    out["rest_get_vs_trivial"] = round(
+        median([g / t for g, t in zip(results["rest_get"], results["rest_trivial"], strict=True)]),
+        3,
     )
+    out["explain_vs_trivial"] = round(
+        median(
+            [e / t for e, t in zip(results["rest_explain"], results["rest_trivial"], strict=True)]
+        ),
+        3,
+    )
+    out["rest_get_runs_ms"] = [round(x, 2) for x in results["rest_get"]]
+    out["rest_trivial_runs_ms"] = [round(x, 2) for x in results["rest_trivial"]]
+    out["rest_member_count"] = member_count
+    condition = condition_proto(m.scenario.resolved(ids))
+    count = segments_pb2.CountMatchingContactsRequest(condition=condition)
+    preview = segments_pb2.PreviewSegmentRequest(condition=condition)
     count_ms = []
+    preview_ms = []
     for i in range(runs + 1):
         ms, reply = timed(partial(seg.CountMatchingContacts, count, metadata=md(key), timeout=300))
+        # The preview (the count and up to 10 members) in the same round as the count.
+        pms, previewed = timed(partial(seg.PreviewSegment, preview, metadata=md(key), timeout=300))
         if i > 0:
             count_ms.append(ms)
+            preview_ms.append(pms)
     out["grpc_count_matching_ms"] = median(count_ms)
     out["count_matching"] = int(reply.count)
+    out["grpc_preview_ms"] = median(preview_ms)
+    out["preview_vs_count"] = round(
+        median([p / c for p, c in zip(preview_ms, count_ms, strict=True)]), 3
+    )
+    out["preview_member_count"] = int(previewed.member_count)
     return out
 
 
@@ -97,6 +126,7 @@ def phase_scenarios(
         row: dict[str, Any] = {
             "name": m.scenario.name,
             "family": m.scenario.family,
+            "language": m.scenario.language,
             "description": m.scenario.description,
             "filters": m.scenario.filter_count(),
             "condition": m.scenario.resolved(ids),

@@ -20,10 +20,11 @@ from collections.abc import (
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Generic, Self, TypeAlias, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeAlias, TypeVar
 
 # grpcio ships no annotations; with types-grpcio installed the ignore is simply unused.
 import grpc
+from google.api import httpbody_pb2
 from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
@@ -320,6 +321,12 @@ _Req = TypeVar("_Req", bound=Message)
 _Resp = TypeVar("_Resp", bound=Message)
 
 
+class BytesOut(Protocol):
+    """Where export_segment_csv writes: a binary file, sys.stdout.buffer, io.BytesIO..."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
 # One table of typed RPCs instead of the generated *_pb2_grpc stubs: it binds to blocking and
 # asyncio channels alike, and types every call even where grpc itself has no annotations.
 @dataclass(frozen=True)
@@ -367,6 +374,7 @@ _SEGMENTS = segments_pb2.DESCRIPTOR.services_by_name["SegmentService"]
 # Server-streaming RPCs: (path, response type).
 _WATCH_PATH = f"/{_SEGMENTS.full_name}/WatchSegmentEvents"
 _EXPORT_PATH = f"/{_SEGMENTS.full_name}/ExportSegmentContacts"
+_EXPORT_CSV_PATH = f"/{_SEGMENTS.full_name}/ExportSegmentCsv"
 _CONTACTS = contacts_pb2.DESCRIPTOR.services_by_name["ContactService"]
 _EVENTS = events_pb2.DESCRIPTOR.services_by_name["EventService"]
 
@@ -1104,7 +1112,7 @@ class SegmentsClient(_Client):
 
     def preview_segment(self, condition: Condition) -> segments_pb2.PreviewSegmentResponse:
         """How many contacts `condition` selects now (`member_count`) and up to 10 of them,
-        newest first (`sample`); nothing is stored."""
+        the first the service finds, shown newest first (`sample`); nothing is stored."""
         request = segments_pb2.PreviewSegmentRequest(condition=_condition(condition))
         return self._send(_PREVIEW_SEGMENT, request)
 
@@ -1333,6 +1341,20 @@ class SegmentsClient(_Client):
             _EXPORT_PATH, request, segments_pb2.ExportSegmentContactsResponse, timeout
         )
         return (contact for batch in batches for contact in batch.contacts)
+
+    def export_segment_csv(self, id: str, out: BytesOut, *, timeout: float | None = None) -> int:
+        """Write every current member of a segment to `out` as CSV, as the server streams
+        it: the bytes of `GET /segments/{id}/export` (UTF-8, the header row
+        `id,email,subscribed,createdAt,updatedAt,data`, then one row per member in contact
+        id order, from one snapshot). Returns the number of bytes written. An error raises
+        as from any call, also after some rows were written: `out` then holds an incomplete
+        CSV, to be discarded."""
+        request = segments_pb2.ExportSegmentCsvRequest(id=id)
+        written = 0
+        for chunk in self._stream(_EXPORT_CSV_PATH, request, httpbody_pb2.HttpBody, timeout):
+            out.write(chunk.data)
+            written += len(chunk.data)
+        return written
 
 
 class AsyncSegmentsClient(_Client):
@@ -1650,3 +1672,15 @@ class AsyncSegmentsClient(_Client):
                     yield contact
 
         return contacts()
+
+    async def export_segment_csv(
+        self, id: str, out: BytesOut, *, timeout: float | None = None
+    ) -> int:
+        """`SegmentsClient.export_segment_csv` as a coroutine (`out.write` is called on the
+        event loop, between chunks)."""
+        request = segments_pb2.ExportSegmentCsvRequest(id=id)
+        written = 0
+        async for chunk in self._stream(_EXPORT_CSV_PATH, request, httpbody_pb2.HttpBody, timeout):
+            out.write(chunk.data)
+            written += len(chunk.data)
+        return written

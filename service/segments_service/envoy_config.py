@@ -18,7 +18,12 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2
 
-from segments_service.envoy_tables import SERVICES, gateway_codes, lua_tables
+from segments_service.envoy_tables import (
+    SERVICES,
+    gateway_codes,
+    lua_tables,
+    streamed_bindings,
+)
 from segments_service.errors import FALLBACK_CODE, ErrorSpec
 from segments_service.rest_check import ENVELOPE_BODY_HEADER
 from segments_service.rpc import REST_HEADER
@@ -33,16 +38,40 @@ LUA_FILTER = "envoy.filters.http.lua"
 BUFFER_FILTER = "envoy.filters.http.buffer"
 CHECK_FILTER = "envoy.filters.http.ext_authz"
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
+STREAM_END_FILTER = "envoy.filters.http.ext_proc"
 # Routes by name: native gRPC, GET /openapi.json, REST GETs without a query string (nothing
-# for the service to check before transcoding), and everything else (REST).
+# for the service to check before transcoding), and everything else (REST). Streamed REST
+# responses (server-streaming RPCs with an HTTP binding) have one route each, named
+# STREAM_ROUTE_PREFIX + the RPC's name, before those.
 GRPC_ROUTE, OPENAPI_ROUTE, REST_GET_ROUTE, REST_ROUTE = "grpc", "openapi", "rest_get", "rest"
 REST_ROUTES = (REST_GET_ROUTE, REST_ROUTE)
+STREAM_ROUTE_PREFIX = "rest_stream:"
+# How long Envoy waits for the service's answer to a streamed response's trailers
+# (rest_stream_end.py) before resetting the stream as if it had ended in an error.
+STREAM_END_TIMEOUT = "5s"
+# A streamed REST response with nothing moving either way for this long is reset. The
+# service closes an export whose reader took nothing for 60 s (streams.EXPORT_IDLE_SECONDS)
+# itself, but its status can only follow the rows the reader has not taken: this ends a
+# stream whose reader never reads again (and its call, and the call's stream share).
+STREAM_IDLE_TIMEOUT = "90s"
+# What the service is sent of a streamed response: its trailers, nothing else.
+STREAM_END_MODE = {
+    "request_header_mode": "SKIP",
+    "response_header_mode": "SKIP",
+    "request_body_mode": "NONE",
+    "response_body_mode": "NONE",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SEND",
+}
 # How long Envoy waits for the service's check of a REST request (rest_check.py) before
 # answering 503: parsing a 1 MiB body takes milliseconds.
 CHECK_TIMEOUT = "5s"
 # The transcoder buffers each response whole and answers 500 beyond this; GET /segments of
 # a big project, or a page of contacts with large `data`, can exceed its 1 MiB default.
 MAX_RESPONSE_BYTES = 64 << 20
+# The HTTP/2 window of each upstream stream (see the cluster below): as much as Envoy buffers
+# of a response for its caller (per_connection_buffer_limit_bytes' default).
+UPSTREAM_STREAM_WINDOW = 1 << 20
 # The service answers 504 DEADLINE_EXCEEDED itself when its budget (SEGMENTS_REQUEST_TIMEOUT)
 # runs out; Envoy's own timeout of REST requests waits this much longer, so that the
 # service's answer, with its request id, is the one the caller gets.
@@ -151,14 +180,18 @@ def _openapi_route(path: str) -> dict[str, Any]:
     }
 
 
-def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
+def build_config(
+    lua_source: str, openapi_size: int, streamed: list[tuple[str, str, str]] | None = None
+) -> dict[str, Any]:
     """The Envoy bootstrap with the defaults above; `lua_source` is the Lua filter's whole
     source (generated tables, then envoy/filter.lua), `openapi_size` the size in bytes
-    of the OpenAPI document served at GET /openapi.json.
+    of the OpenAPI document served at GET /openapi.json, `streamed` the HTTP bindings of
+    server-streaming RPCs (envoy_tables.streamed_bindings).
 
     REST requests time out in Envoy a little after the service's budget per request
-    (REST_TIMEOUT_MARGIN), native gRPC calls only by their own deadline."""
-    upstream = {
+    (REST_TIMEOUT_MARGIN), native gRPC calls and streamed REST responses only by their own
+    deadline (the service closes an export whose reader stalls)."""
+    upstream: dict[str, Any] = {
         "cluster": CLUSTER,
         "retry_policy": {
             # Only failures where the request never reached a server: a POST is not
@@ -190,6 +223,29 @@ def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
             **extra,
         }
 
+    def stream_route(rpc: str, http_method: str, pattern: str) -> dict[str, Any]:
+        return {
+            "name": STREAM_ROUTE_PREFIX + rpc,
+            "match": {
+                "safe_regex": {"regex": pattern},
+                "headers": [{"name": ":method", "string_match": {"exact": http_method}}],
+            },
+            "route": {**upstream, "timeout": "0s", "idle_timeout": STREAM_IDLE_TIMEOUT},
+            "request_headers_to_add": [_header(REST_HEADER, "1")],
+            "typed_per_filter_config": {
+                # Enabled here (disabled by default); Envoy wants a per-route config to
+                # enable it with, which restates the filter's processing mode.
+                STREAM_END_FILTER: _any(
+                    "envoy.config.route.v3.FilterConfig",
+                    disabled=False,
+                    config=_any(
+                        "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                        overrides={"processing_mode": STREAM_END_MODE},
+                    ),
+                )
+            },
+        }
+
     routes: list[dict[str, Any]] = [
         {
             # Native gRPC callers (content-type application/grpc*), whatever the service:
@@ -211,6 +267,14 @@ def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
             "request_headers_to_remove": [REST_HEADER],
         },
         _openapi_route(str(OPENAPI_FILE)),
+        # Streamed REST responses (CSV exports): no route timeout, which would cut a long
+        # export; the transcoder passes each message on as it comes (an HttpBody stream is
+        # never buffered whole), and Envoy's buffers hold about a connection buffer's worth
+        # (flow control holds the server back beyond it). How the stream ends is decided by
+        # the service (ext_proc, rest_stream_end.py): a stream that ended in an error is
+        # reset, so that a cut-short body never looks whole. The request is checked as
+        # every REST request is.
+        *(stream_route(*binding) for binding in streamed or ()),
         # A GET without a query string has no body and no parameter to check: it goes to
         # the transcoder without the service's check, and without its round trip.
         rest_route(
@@ -268,6 +332,22 @@ def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
                     "pack_as_bytes": True,
                 },
                 allowed_headers={"patterns": [{"exact": "x-request-id"}]},
+            ),
+        },
+        {
+            # After the transcoder on the way back: it sees the gRPC trailers of a streamed
+            # REST response (the transcoder passes them on once the body has started), and
+            # the service says whether the stream ended well (rest_stream_end.py). Enabled
+            # only on the routes of streamed responses; the service is asked at the end of
+            # the stream only, never about the headers or the body.
+            "name": STREAM_END_FILTER,
+            "disabled": True,
+            "typed_config": _any(
+                "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                grpc_service={"envoy_grpc": {"cluster_name": CLUSTER}},
+                failure_mode_allow=False,
+                message_timeout=STREAM_END_TIMEOUT,
+                processing_mode=STREAM_END_MODE,
             ),
         },
         {
@@ -380,7 +460,17 @@ def build_config(lua_source: str, openapi_size: int) -> dict[str, Any]:
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                explicit_http_config={"http2_protocol_options": {}},
+                explicit_http_config={
+                    "http2_protocol_options": {
+                        # How much of one response a server may send ahead of what Envoy
+                        # has passed on. Envoy's default (256 MiB) would let a streamed
+                        # export run that far ahead of a slow reader, in Envoy's memory,
+                        # and keep the server from noticing the reader stalled. The
+                        # connection's window keeps its default, so that a stalled stream
+                        # holds up none of the others on the connection.
+                        "initial_stream_window_size": UPSTREAM_STREAM_WINDOW
+                    }
+                },
             )
         },
         "load_assignment": {
@@ -470,5 +560,5 @@ def generate(descriptor: Path, filter_lua: Path, openapi: Path, out_dir: Path) -
     lua_source = lua_tables(fds) + filter_lua.read_text()
     (out_dir / DESCRIPTOR_FILE).parent.mkdir(parents=True, exist_ok=True)
     (out_dir / DESCRIPTOR_FILE).write_bytes(fds.SerializeToString(deterministic=True))
-    config = build_config(lua_source, openapi.stat().st_size)
+    config = build_config(lua_source, openapi.stat().st_size, streamed_bindings(fds))
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

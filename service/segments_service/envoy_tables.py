@@ -68,6 +68,19 @@ def strip_response_bodies(
     return unwraps
 
 
+def streamed_bindings(fds: descriptor_pb2.FileDescriptorSet) -> list[tuple[str, str, str]]:
+    """(RPC name, HTTP method, anchored RE2 path pattern) of every HTTP binding of a
+    server-streaming method (GET /segments/{id}/export): each gets a route of its own,
+    without the request timeout of the other REST routes (envoy_config)."""
+    found = []
+    for _, method, _, http_method, template in http_bindings(fds.file):
+        if method.server_streaming:
+            pattern, _ = path_pattern(template, re.escape)
+            # The transcoder also routes a trailing slash to the method.
+            found.append((method.name, http_method, f"{pattern}/?"))
+    return found
+
+
 def _lua_string(text: str) -> str:
     # Decimal byte escapes for anything but printable ASCII keep the literal valid Lua 5.1.
     return (

@@ -70,6 +70,7 @@ KEY_KINDS: Mapping[str, KeyKind] = MappingProxyType(
         "/segments.v1.SegmentService/ExplainMembership": "secret",
         "/segments.v1.SegmentService/ListSegmentEvents": "secret",
         "/segments.v1.SegmentService/GetSegmentHistory": "secret",
+        "/segments.v1.SegmentService/ExportSegmentCsv": "secret",
         "/segments.v1.ContactService/UpsertContact": "secret",
         "/segments.v1.ContactService/BatchUpsertContacts": "secret",
         "/segments.v1.ContactService/GetContact": "secret",

@@ -36,6 +36,7 @@ from segments_service.database import make_engine, make_sessionmaker
 from segments_service.fairness import FairShare, Limits
 from segments_service.interceptors import RequestInterceptor
 from segments_service.rest_check import add_to_server as add_rest_check
+from segments_service.rest_stream_end import add_to_server as add_rest_stream_end
 from segments_service.rpc import Runner
 from segments_service.servicers import (
     ContactServicer,
@@ -151,6 +152,8 @@ async def create_server(
     )
     # Envoy's check of REST requests before transcoding; keyless (the RPC then authenticates).
     add_rest_check(server, SERVICE_NAMES, check_pool)
+    # Envoy's question at the end of a streamed REST response: did it end well?
+    add_rest_stream_end(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2, struct_pb2
+from google.protobuf.message import Message
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -53,7 +55,13 @@ from segments_service.convert import (
     timestamp,
 )
 from segments_service.errors import DeadlineExceeded, FieldViolation, ServiceError, ValidationError
-from segments_service.rpc import Runner, abort, current_scope, in_transaction
+from segments_service.rpc import (
+    Runner,
+    abort,
+    current_scope,
+    in_transaction,
+    set_statement_timeout,
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -250,12 +258,45 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
     async def ExportSegmentContacts(  # type: ignore[override]  # writes through the context
         self, request: segments_pb2.ExportSegmentContactsRequest, context: Context
     ) -> None:
+        await self._export(
+            context,
+            request.id,
+            lambda rows: streams.export_messages(map(contact_to_proto, rows)),
+        )
+
+    async def ExportSegmentCsv(  # type: ignore[override]  # writes through the context
+        self, request: segments_pb2.ExportSegmentCsvRequest, context: Context
+    ) -> None:
+        await self._export(
+            context,
+            request.id,
+            streams.csv_messages,
+            # Over REST: the transcoder passes initial metadata on as response headers.
+            lambda segment_id: (
+                ("content-disposition", f'attachment; filename="segment-{segment_id}.csv"'),
+            ),
+        )
+
+    async def _export(
+        self,
+        context: Context,
+        raw_id: str,
+        render: Callable[[Iterator[Any]], Iterator[Message]],
+        headers: Callable[[uuid.UUID], tuple[tuple[str, str], ...]] | None = None,
+    ) -> None:
+        """Stream the segment's members, as `render` makes messages of its rows (contacts
+        in id order), from one snapshot, within the project's stream share. The first
+        message is made before anything is sent, so that what goes wrong up to there (an
+        unknown segment, a BUILDING segment that cannot be read in time) is the call's
+        status; an error after that ends the call with its status, which Envoy turns into
+        a reset of the REST response (never a clean end)."""
         scope = current_scope()
         runner = self.runner
         session = runner.stream_sessions()
 
-        def opened() -> tuple[Caller, Iterator[resources_pb2.Contact]]:
-            # One snapshot for the whole export: a consistent member list.
+        def authenticated() -> Caller:
+            # One snapshot for the whole export, taken by this first statement: a
+            # consistent member list.
             session.connection(
                 execution_options={
                     "isolation_level": "REPEATABLE READ",
@@ -267,30 +308,47 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 text("SELECT set_config('idle_in_transaction_session_timeout', :ms, true)"),
                 {"ms": str(int((streams.EXPORT_IDLE_SECONDS + 10) * 1000))},
             )
-            caller = scope.authenticate(session)
-            rows = members.export_members(
-                session, caller.project_id, parse_id(request.id, "segment")
-            )
-            return caller, map(contact_to_proto, rows)
+            return runner.authenticated(scope, session)
+
+        def opened(caller: Caller) -> tuple[uuid.UUID, Message | None, Iterator[Message]]:
+            segment_id = parse_id(raw_id, "segment")
+            # The statement that reads the first rows does the work (a BUILDING segment's
+            # members are selected live, and sorted): it gets one step's budget, after which
+            # that segment is SEGMENT_BUILDING. Each later read is a short FETCH.
+            set_statement_timeout(session, int(scope.step_seconds * 1000))
+            messages = render(members.export_members(session, caller.project_id, segment_id))
+            return segment_id, next(messages, None), messages
+
+        loop = asyncio.get_running_loop()
+        held = [True]
+
+        async def release() -> None:
+            """Ends the snapshot's transaction and gives its connection back (once)."""
+            if held[0]:
+                held[0] = False
+                await loop.run_in_executor(runner.stream_pool, session.close)
 
         try:
-            caller, contacts_ = await runner.blocking(context, opened)
+            caller = await runner.blocking(context, authenticated)
             with contextlib.ExitStack() as slot:
                 try:
                     slot.enter_context(runner.fair.streams.hold(caller.project_id))
                 except ServiceError as err:
                     await abort(context, err, scope.request_id)
-                pending: list[resources_pb2.Contact] = []
+                segment_id, message, messages = await runner.blocking(
+                    context, partial(opened, caller)
+                )
+                if headers is not None:
+                    await context.send_initial_metadata(headers(segment_id))
                 reauthenticate = streams.Reauthenticate()
-                while not context.done():
-                    message = await runner.blocking(
-                        context, partial(streams.next_export_message, contacts_, pending)
-                    )
-                    if message is None:
-                        break
+                while message is not None and not context.done():
                     try:
                         await asyncio.wait_for(context.write(message), streams.EXPORT_IDLE_SECONDS)
                     except TimeoutError:
+                        # The status goes out behind the messages the reader has not taken,
+                        # i.e. once it reads again or goes away: the snapshot is released
+                        # now, not then. The call keeps its stream share until it ends.
+                        await release()
                         idle = DeadlineExceeded(
                             f"the export was closed: its reader took nothing for "
                             f"{streams.EXPORT_IDLE_SECONDS:.0f} s"
@@ -298,8 +356,9 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                         await abort(context, idle, scope.request_id)
                     if reauthenticate.due():
                         await runner.blocking(context, partial(runner.still_valid, scope))
+                    message = await runner.blocking(context, partial(next, messages, None))
         finally:
-            await asyncio.get_running_loop().run_in_executor(runner.stream_pool, session.close)
+            await release()
 
     async def CountMatchingContacts(
         self, request: segments_pb2.CountMatchingContactsRequest, context: Context

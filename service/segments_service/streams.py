@@ -1,4 +1,5 @@
-"""Server streams on the event loop: the membership feed (WatchSegmentEvents) and exports.
+"""Server streams on the event loop: the membership feed (WatchSegmentEvents) and exports
+(ExportSegmentContacts, and ExportSegmentCsv: the same rows as CSV).
 
 A stream holds no worker thread while it waits. Watch streams sleep until the one shared
 poller of this server (FeedWatch) sees their project's feed move; exports wait on the
@@ -10,18 +11,23 @@ key ends it within that time, and counts against its project's stream limit (fai
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+from google.api import httpbody_pb2
 from sqlalchemy import bindparam, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments_api.v1 import resources_pb2, segments_pb2
 from segments_service import tables
+from segments_service.jsonutil import dumps
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,9 @@ EXPORT_IDLE_SECONDS = 60.0
 # (a message is sent before the contact that would take it past; one contact alone may).
 EXPORT_BATCH_CONTACTS = 1000
 EXPORT_BATCH_BYTES = 1 << 20
+# ExportSegmentCsv: the header row of GET /segments/{id}/export and the type of its body.
+CSV_COLUMNS = ("id", "email", "subscribed", "createdAt", "updatedAt", "data")
+CSV_CONTENT_TYPE = "text/csv; charset=utf-8"
 
 _POSITIONS = text(
     "SELECT project_id, last_seq FROM feed_positions WHERE project_id = ANY(:ids)"
@@ -147,3 +156,70 @@ def next_export_message(
         batch.append(contact)
         size += contact_size
     return segments_pb2.ExportSegmentContactsResponse(contacts=batch) if batch else None
+
+
+def export_messages(
+    contacts: Iterator[resources_pb2.Contact],
+) -> Iterator[segments_pb2.ExportSegmentContactsResponse]:
+    """ExportSegmentContacts' messages, one per next_export_message."""
+    pending: list[resources_pb2.Contact] = []
+    while (message := next_export_message(contacts, pending)) is not None:
+        yield message
+
+
+def rfc3339(moment: datetime) -> str:
+    """`moment` in UTC as the REST JSON writes a timestamp (protobuf's JSON mapping: no
+    fraction, or 3 or 6 digits, whichever holds it exactly), so that a value read from the
+    CSV compares equal to the API's."""
+    utc = moment.astimezone(UTC)
+    text = utc.strftime("%Y-%m-%dT%H:%M:%S")
+    micros = utc.microsecond
+    if micros == 0:
+        return text + "Z"
+    if micros % 1000 == 0:
+        return f"{text}.{micros // 1000:03d}Z"
+    return f"{text}.{micros:06d}Z"
+
+
+def csv_row(row: Any) -> tuple[str, str, str, str, str, str]:
+    """A contact (a row of the contacts table) as CSV_COLUMNS: `subscribed` as true/false,
+    `data` as compact JSON (keys as stored, integral numbers without a fraction)."""
+    return (
+        str(row.id),
+        row.email,
+        "true" if row.subscribed else "false",
+        rfc3339(row.created_at),
+        rfc3339(row.updated_at),
+        dumps(row.data),
+    )
+
+
+def csv_messages(rows: Iterable[Any]) -> Iterator[httpbody_pb2.HttpBody]:
+    """ExportSegmentCsv's messages: the header row, then the rows of `rows` (contacts), each
+    message holding whole rows, up to EXPORT_BATCH_CONTACTS of them and (unless one row
+    alone is larger) about EXPORT_BATCH_BYTES. Quoting is the csv module's (the excel
+    dialect of RFC 4180: CRLF line ends, a field quoted when it holds a comma, a quote or
+    a line break, quotes doubled). The first message always comes, with the header alone
+    for a segment without members; every message carries the content type."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    in_buffer = 0
+
+    def take() -> httpbody_pb2.HttpBody:
+        data = buffer.getvalue().encode()
+        buffer.seek(0)
+        buffer.truncate()
+        return httpbody_pb2.HttpBody(content_type=CSV_CONTENT_TYPE, data=data)
+
+    sent = False
+    for row in rows:
+        writer.writerow(csv_row(row))
+        in_buffer += 1
+        # tell() counts characters, not bytes: "about" the bound, as for the other export.
+        if in_buffer == EXPORT_BATCH_CONTACTS or buffer.tell() >= EXPORT_BATCH_BYTES:
+            yield take()
+            sent = True
+            in_buffer = 0
+    if in_buffer or not sent:
+        yield take()

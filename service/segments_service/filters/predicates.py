@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Boolean, ColumnElement, and_, case, func, literal, not_, or_
+from sqlalchemy import Boolean, ColumnElement, and_, case, func, literal, not_, or_, select
 from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
 from sqlalchemy.types import DateTime, Interval, Text
 
@@ -285,23 +285,18 @@ def data_predicate(
     stored_ts = func.segments_timestamp(node, type_=DateTime(timezone=True))
     # window_value() gives the sweeper this same expression.
     if op is Op.WITHIN:
-        # One containment test parses the string once, where `>= start AND <= now` would
-        # parse it twice: a third less time for a window over a million contacts. (Columns
-        # keep two comparisons, which their btree indexes serve.)
-        window = func.tstzrange(window_start(f, ctx), now_of(ctx), literal("[]", Text))
         return _date_prefix_in(
             raw_text,
             _relative_day(ctx, start_of(f), -_DATE_MARGIN, _NO_EARLIEST),
             _relative_day(ctx, lambda now: now, _DATE_MARGIN, _NO_LATEST),
-            stored_ts.op("<@", return_type=Boolean)(window),
+            _in_range(stored_ts, window_start(f, ctx), now_of(ctx)),
         )
     if op is Op.WITHIN_NEXT:
-        window = func.tstzrange(now_of(ctx), window_end(f, ctx), literal("[]", Text))
         return _date_prefix_in(
             raw_text,
             _relative_day(ctx, lambda now: now, -_DATE_MARGIN, _NO_EARLIEST),
             _relative_day(ctx, end_of(f), _DATE_MARGIN, _NO_LATEST),
-            stored_ts.op("<@", return_type=Boolean)(window),
+            _in_range(stored_ts, now_of(ctx), window_end(f, ctx)),
         )
     if op is Op.OLDER_THAN:
         return _date_prefix_in(
@@ -312,12 +307,11 @@ def data_predicate(
         )
     if op is Op.BETWEEN and f.bounds is not None:
         low, high = f.bounds
-        span = func.tstzrange(_ts(low), _ts(high), literal("[]", Text))
         return _date_prefix_in(
             raw_text,
             _fixed_day(low, -_DATE_MARGIN),
             _fixed_day(high, _DATE_MARGIN),
-            stored_ts.op("<@", return_type=Boolean)(span),
+            _in_range(stored_ts, _ts(low), _ts(high)),
         )
     if op is Op.BETWEEN:
         assert isinstance(f.value, tuple)
@@ -337,6 +331,18 @@ def data_predicate(
     return _json_number(
         doc, f"{_jsonpath(f.path)} {_JSONPATH_COMPARISON[op]} $value", {"value": f.value}
     )
+
+
+def _in_range(
+    stored: ColumnElement[datetime], low: ColumnElement[datetime], high: ColumnElement[datetime]
+) -> ColumnElement[bool]:
+    """`low <= stored <= high` as one containment test, so the stored string is parsed once
+    where `>= AND <=` would parse it twice: a third less time for a window over a million
+    contacts. The range is a scalar subquery (an InitPlan, computed once per statement):
+    PostgreSQL 18 would otherwise rewrite containment in a constant range back into the
+    two comparisons. (Columns keep two comparisons, which their btree indexes serve.)"""
+    span = select(func.tstzrange(low, high, literal("[]", Text))).scalar_subquery()
+    return stored.op("<@", return_type=Boolean)(span)
 
 
 def _contains(doc: ColumnElement[Any], path: tuple[str, ...], value: Any) -> ColumnElement[bool]:

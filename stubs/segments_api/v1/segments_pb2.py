@@ -23,13 +23,14 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from segments_api.v1 import resources_pb2 as segments_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asegments/v1/segments.proto\x12\x0bsegments.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bsegments/v1/resources.proto\"\x15\n\x13ListSegmentsRequest\">\n\x14ListSegmentsResponse\x12&\n\x08segments\x18\x01 \x03(\x0b\x32\x14.segments.v1.Segment\"\xdc\x01\n\x14\x43reateSegmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x0b\x64\x65scription\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\'\n\x04type\x18\x03 \x01(\x0e\x32\x19.segments.v1.Segment.Type\x12/\n\tcondition\x18\x04 \x01(\x0b\x32\x1c.segments.v1.FilterCondition\x12\x1d\n\x10track_membership\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x0e\n\x0c_descriptionB\x13\n\x11_track_membership\"\x1f\n\x11GetSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xf6\x01\n\x14UpdateSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x04name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0b\x64\x65scription\x18\x03 \x01(\tH\x01\x88\x01\x01\x12/\n\tcondition\x18\x04 \x01(\x0b\x32\x1c.segments.v1.FilterCondition\x12\x1d\n\x10track_membership\x18\x05 \x01(\x08H\x02\x88\x01\x01\x12\'\n\x04type\x18\x06 \x01(\x0e\x32\x19.segments.v1.Segment.TypeB\x07\n\x05_nameB\x0e\n\x0c_descriptionB\x13\n\x11_track_membership\"\"\n\x14\x44\x65leteSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"I\n\x1aListSegmentContactsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04page\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"\x86\x01\n\x1bListSegmentContactsResponse\x12\"\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x14.segments.v1.Contact\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0c\n\x04page\x18\x03 \x01(\x05\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x13\n\x0btotal_pages\x18\x05 \x01(\x05\"\x8e\x01\n\x18\x41\x64\x64SegmentMembersRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x65mails\x18\x02 \x03(\t\x12\x1b\n\x0e\x63reate_missing\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\nsubscribed\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x11\n\x0f_create_missingB\r\n\x0b_subscribed\"N\n\x19\x41\x64\x64SegmentMembersResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x05\x12\x11\n\tnot_found\x18\x03 \x03(\t\"9\n\x1bRemoveSegmentMembersRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x65mails\x18\x02 \x03(\t\"/\n\x1cRemoveSegmentMembersResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x05\"?\n\x19WatchSegmentEventsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\x12\x13\n\x0bsegment_ids\x18\x02 \x03(\t\"\xa3\x02\n\x0cSegmentEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.segments.v1.SegmentEvent.Kind\x12\x12\n\nsegment_id\x18\x03 \x01(\t\x12\x14\n\x0csegment_name\x18\x04 \x01(\t\x12\x12\n\nevent_name\x18\x05 \x01(\t\x12\x12\n\ncontact_id\x18\x06 \x01(\t\x12\r\n\x05\x65mail\x18\x07 \x01(\t\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vent_id\x18\t \x01(\t\"1\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x45NTRY\x10\x01\x12\x08\n\x04\x45XIT\x10\x02\"*\n\x1c\x45xportSegmentContactsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"G\n\x1d\x45xportSegmentContactsResponse\x12&\n\x08\x63ontacts\x18\x01 \x03(\x0b\x32\x14.segments.v1.Contact\"O\n\x1c\x43ountMatchingContactsRequest\x12/\n\tcondition\x18\x01 \x01(\x0b\x32\x1c.segments.v1.FilterCondition\".\n\x1d\x43ountMatchingContactsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"H\n\x15PreviewSegmentRequest\x12/\n\tcondition\x18\x01 \x01(\x0b\x32\x1c.segments.v1.FilterCondition\"T\n\x16PreviewSegmentResponse\x12\x14\n\x0cmember_count\x18\x01 \x01(\x05\x12$\n\x06sample\x18\x02 \x03(\x0b\x32\x14.segments.v1.Contact\":\n\x18\x45xplainMembershipRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncontact_id\x18\x02 \x01(\t\"V\n\x19\x45xplainMembershipResponse\x12\x0e\n\x06member\x18\x01 \x01(\x08\x12)\n\tcondition\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"D\n\x18ListSegmentEventsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\"\x84\x01\n\x10SegmentFeedEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\ncontact_id\x18\x03 \x01(\t\x12\r\n\x05\x65mail\x18\x04 \x01(\t\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x19ListSegmentEventsResponse\x12+\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x1d.segments.v1.SegmentFeedEvent\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"R\n\x18GetSegmentHistoryRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08interval\x18\x02 \x01(\t\x12\x0c\n\x04\x66rom\x18\x03 \x01(\t\x12\n\n\x02to\x18\x04 \x01(\t\"o\n\x14SegmentHistoryBucket\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x05\x12\r\n\x05\x65xits\x18\x03 \x01(\x05\x12\x0c\n\x04size\x18\x04 \x01(\x05\"L\n\x19GetSegmentHistoryResponse\x12/\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32!.segments.v1.SegmentHistoryBucket2\x86\x0e\n\x0eSegmentService\x12p\n\x0cListSegments\x12 .segments.v1.ListSegmentsRequest\x1a!.segments.v1.ListSegmentsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\t/segmentsb\x08segments\x12^\n\rCreateSegment\x12!.segments.v1.CreateSegmentRequest\x1a\x14.segments.v1.Segment\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/segments:\x01*\x12Z\n\nGetSegment\x12\x1e.segments.v1.GetSegmentRequest\x1a\x14.segments.v1.Segment\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/segments/{id}\x12\x63\n\rUpdateSegment\x12!.segments.v1.UpdateSegmentRequest\x1a\x14.segments.v1.Segment\"\x19\x82\xd3\xe4\x93\x02\x13\x32\x0e/segments/{id}:\x01*\x12\x62\n\rDeleteSegment\x12!.segments.v1.DeleteSegmentRequest\x1a\x16.google.protobuf.Empty\"\x16\x82\xd3\xe4\x93\x02\x10*\x0e/segments/{id}\x12\x89\x01\n\x13ListSegmentContacts\x12\'.segments.v1.ListSegmentContactsRequest\x1a(.segments.v1.ListSegmentContactsResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/segments/{id}/contacts\x12\x85\x01\n\x11\x41\x64\x64SegmentMembers\x12%.segments.v1.AddSegmentMembersRequest\x1a&.segments.v1.AddSegmentMembersResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/segments/{id}/members:\x01*\x12\x8e\x01\n\x14RemoveSegmentMembers\x12(.segments.v1.RemoveSegmentMembersRequest\x1a).segments.v1.RemoveSegmentMembersResponse\"!\x82\xd3\xe4\x93\x02\x1b*\x16/segments/{id}/members:\x01*\x12Y\n\x12WatchSegmentEvents\x12&.segments.v1.WatchSegmentEventsRequest\x1a\x19.segments.v1.SegmentEvent0\x01\x12p\n\x15\x45xportSegmentContacts\x12).segments.v1.ExportSegmentContactsRequest\x1a*.segments.v1.ExportSegmentContactsResponse0\x01\x12n\n\x15\x43ountMatchingContacts\x12).segments.v1.CountMatchingContactsRequest\x1a*.segments.v1.CountMatchingContactsResponse\x12w\n\x0ePreviewSegment\x12\".segments.v1.PreviewSegmentRequest\x1a#.segments.v1.PreviewSegmentResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/segments/preview:\x01*\x12\x98\x01\n\x11\x45xplainMembership\x12%.segments.v1.ExplainMembershipRequest\x1a&.segments.v1.ExplainMembershipResponse\"4\x82\xd3\xe4\x93\x02.\x12,/segments/{id}/contacts/{contact_id}/explain\x12\x81\x01\n\x11ListSegmentEvents\x12%.segments.v1.ListSegmentEventsRequest\x1a&.segments.v1.ListSegmentEventsResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/segments/{id}/events\x12\x82\x01\n\x11GetSegmentHistory\x12%.segments.v1.GetSegmentHistoryRequest\x1a&.segments.v1.GetSegmentHistoryResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/segments/{id}/historyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asegments/v1/segments.proto\x12\x0bsegments.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bsegments/v1/resources.proto\"\x15\n\x13ListSegmentsRequest\">\n\x14ListSegmentsResponse\x12&\n\x08segments\x18\x01 \x03(\x0b\x32\x14.segments.v1.Segment\"\xdc\x01\n\x14\x43reateSegmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x0b\x64\x65scription\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\'\n\x04type\x18\x03 \x01(\x0e\x32\x19.segments.v1.Segment.Type\x12/\n\tcondition\x18\x04 \x01(\x0b\x32\x1c.segments.v1.FilterCondition\x12\x1d\n\x10track_membership\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x0e\n\x0c_descriptionB\x13\n\x11_track_membership\"\x1f\n\x11GetSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xf6\x01\n\x14UpdateSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x04name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0b\x64\x65scription\x18\x03 \x01(\tH\x01\x88\x01\x01\x12/\n\tcondition\x18\x04 \x01(\x0b\x32\x1c.segments.v1.FilterCondition\x12\x1d\n\x10track_membership\x18\x05 \x01(\x08H\x02\x88\x01\x01\x12\'\n\x04type\x18\x06 \x01(\x0e\x32\x19.segments.v1.Segment.TypeB\x07\n\x05_nameB\x0e\n\x0c_descriptionB\x13\n\x11_track_membership\"\"\n\x14\x44\x65leteSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"I\n\x1aListSegmentContactsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04page\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"\x86\x01\n\x1bListSegmentContactsResponse\x12\"\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x14.segments.v1.Contact\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0c\n\x04page\x18\x03 \x01(\x05\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x13\n\x0btotal_pages\x18\x05 \x01(\x05\"\x8e\x01\n\x18\x41\x64\x64SegmentMembersRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x65mails\x18\x02 \x03(\t\x12\x1b\n\x0e\x63reate_missing\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\nsubscribed\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x11\n\x0f_create_missingB\r\n\x0b_subscribed\"N\n\x19\x41\x64\x64SegmentMembersResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x05\x12\x11\n\tnot_found\x18\x03 \x03(\t\"9\n\x1bRemoveSegmentMembersRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x65mails\x18\x02 \x03(\t\"/\n\x1cRemoveSegmentMembersResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x05\"?\n\x19WatchSegmentEventsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\x12\x13\n\x0bsegment_ids\x18\x02 \x03(\t\"\xa3\x02\n\x0cSegmentEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.segments.v1.SegmentEvent.Kind\x12\x12\n\nsegment_id\x18\x03 \x01(\t\x12\x14\n\x0csegment_name\x18\x04 \x01(\t\x12\x12\n\nevent_name\x18\x05 \x01(\t\x12\x12\n\ncontact_id\x18\x06 \x01(\t\x12\r\n\x05\x65mail\x18\x07 \x01(\t\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vent_id\x18\t \x01(\t\"1\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x45NTRY\x10\x01\x12\x08\n\x04\x45XIT\x10\x02\"*\n\x1c\x45xportSegmentContactsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"G\n\x1d\x45xportSegmentContactsResponse\x12&\n\x08\x63ontacts\x18\x01 \x03(\x0b\x32\x14.segments.v1.Contact\"O\n\x1c\x43ountMatchingContactsRequest\x12/\n\tcondition\x18\x01 \x01(\x0b\x32\x1c.segments.v1.FilterCondition\".\n\x1d\x43ountMatchingContactsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"H\n\x15PreviewSegmentRequest\x12/\n\tcondition\x18\x01 \x01(\x0b\x32\x1c.segments.v1.FilterCondition\"T\n\x16PreviewSegmentResponse\x12\x14\n\x0cmember_count\x18\x01 \x01(\x05\x12$\n\x06sample\x18\x02 \x03(\x0b\x32\x14.segments.v1.Contact\":\n\x18\x45xplainMembershipRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncontact_id\x18\x02 \x01(\t\"V\n\x19\x45xplainMembershipResponse\x12\x0e\n\x06member\x18\x01 \x01(\x08\x12)\n\tcondition\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"D\n\x18ListSegmentEventsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\"\x84\x01\n\x10SegmentFeedEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\ncontact_id\x18\x03 \x01(\t\x12\r\n\x05\x65mail\x18\x04 \x01(\t\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x19ListSegmentEventsResponse\x12+\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x1d.segments.v1.SegmentFeedEvent\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"R\n\x18GetSegmentHistoryRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08interval\x18\x02 \x01(\t\x12\x0c\n\x04\x66rom\x18\x03 \x01(\t\x12\n\n\x02to\x18\x04 \x01(\t\"o\n\x14SegmentHistoryBucket\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x05\x12\r\n\x05\x65xits\x18\x03 \x01(\x05\x12\x0c\n\x04size\x18\x04 \x01(\x05\"L\n\x19GetSegmentHistoryResponse\x12/\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32!.segments.v1.SegmentHistoryBucket\"%\n\x17\x45xportSegmentCsvRequest\x12\n\n\x02id\x18\x01 \x01(\t2\xf7\x0e\n\x0eSegmentService\x12p\n\x0cListSegments\x12 .segments.v1.ListSegmentsRequest\x1a!.segments.v1.ListSegmentsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\t/segmentsb\x08segments\x12^\n\rCreateSegment\x12!.segments.v1.CreateSegmentRequest\x1a\x14.segments.v1.Segment\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/segments:\x01*\x12Z\n\nGetSegment\x12\x1e.segments.v1.GetSegmentRequest\x1a\x14.segments.v1.Segment\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/segments/{id}\x12\x63\n\rUpdateSegment\x12!.segments.v1.UpdateSegmentRequest\x1a\x14.segments.v1.Segment\"\x19\x82\xd3\xe4\x93\x02\x13\x32\x0e/segments/{id}:\x01*\x12\x62\n\rDeleteSegment\x12!.segments.v1.DeleteSegmentRequest\x1a\x16.google.protobuf.Empty\"\x16\x82\xd3\xe4\x93\x02\x10*\x0e/segments/{id}\x12\x89\x01\n\x13ListSegmentContacts\x12\'.segments.v1.ListSegmentContactsRequest\x1a(.segments.v1.ListSegmentContactsResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/segments/{id}/contacts\x12\x85\x01\n\x11\x41\x64\x64SegmentMembers\x12%.segments.v1.AddSegmentMembersRequest\x1a&.segments.v1.AddSegmentMembersResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/segments/{id}/members:\x01*\x12\x8e\x01\n\x14RemoveSegmentMembers\x12(.segments.v1.RemoveSegmentMembersRequest\x1a).segments.v1.RemoveSegmentMembersResponse\"!\x82\xd3\xe4\x93\x02\x1b*\x16/segments/{id}/members:\x01*\x12Y\n\x12WatchSegmentEvents\x12&.segments.v1.WatchSegmentEventsRequest\x1a\x19.segments.v1.SegmentEvent0\x01\x12p\n\x15\x45xportSegmentContacts\x12).segments.v1.ExportSegmentContactsRequest\x1a*.segments.v1.ExportSegmentContactsResponse0\x01\x12n\n\x15\x43ountMatchingContacts\x12).segments.v1.CountMatchingContactsRequest\x1a*.segments.v1.CountMatchingContactsResponse\x12w\n\x0ePreviewSegment\x12\".segments.v1.PreviewSegmentRequest\x1a#.segments.v1.PreviewSegmentResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/segments/preview:\x01*\x12\x98\x01\n\x11\x45xplainMembership\x12%.segments.v1.ExplainMembershipRequest\x1a&.segments.v1.ExplainMembershipResponse\"4\x82\xd3\xe4\x93\x02.\x12,/segments/{id}/contacts/{contact_id}/explain\x12\x81\x01\n\x11ListSegmentEvents\x12%.segments.v1.ListSegmentEventsRequest\x1a&.segments.v1.ListSegmentEventsResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/segments/{id}/events\x12\x82\x01\n\x11GetSegmentHistory\x12%.segments.v1.GetSegmentHistoryRequest\x1a&.segments.v1.GetSegmentHistoryResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/segments/{id}/history\x12o\n\x10\x45xportSegmentCsv\x12$.segments.v1.ExportSegmentCsvRequest\x1a\x14.google.api.HttpBody\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/segments/{id}/export0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,64 +61,68 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENTSERVICE'].methods_by_name['ListSegmentEvents']._serialized_options = b'\202\323\344\223\002\027\022\025/segments/{id}/events'
   _globals['_SEGMENTSERVICE'].methods_by_name['GetSegmentHistory']._loaded_options = None
   _globals['_SEGMENTSERVICE'].methods_by_name['GetSegmentHistory']._serialized_options = b'\202\323\344\223\002\030\022\026/segments/{id}/history'
-  _globals['_LISTSEGMENTSREQUEST']._serialized_start=194
-  _globals['_LISTSEGMENTSREQUEST']._serialized_end=215
-  _globals['_LISTSEGMENTSRESPONSE']._serialized_start=217
-  _globals['_LISTSEGMENTSRESPONSE']._serialized_end=279
-  _globals['_CREATESEGMENTREQUEST']._serialized_start=282
-  _globals['_CREATESEGMENTREQUEST']._serialized_end=502
-  _globals['_GETSEGMENTREQUEST']._serialized_start=504
-  _globals['_GETSEGMENTREQUEST']._serialized_end=535
-  _globals['_UPDATESEGMENTREQUEST']._serialized_start=538
-  _globals['_UPDATESEGMENTREQUEST']._serialized_end=784
-  _globals['_DELETESEGMENTREQUEST']._serialized_start=786
-  _globals['_DELETESEGMENTREQUEST']._serialized_end=820
-  _globals['_LISTSEGMENTCONTACTSREQUEST']._serialized_start=822
-  _globals['_LISTSEGMENTCONTACTSREQUEST']._serialized_end=895
-  _globals['_LISTSEGMENTCONTACTSRESPONSE']._serialized_start=898
-  _globals['_LISTSEGMENTCONTACTSRESPONSE']._serialized_end=1032
-  _globals['_ADDSEGMENTMEMBERSREQUEST']._serialized_start=1035
-  _globals['_ADDSEGMENTMEMBERSREQUEST']._serialized_end=1177
-  _globals['_ADDSEGMENTMEMBERSRESPONSE']._serialized_start=1179
-  _globals['_ADDSEGMENTMEMBERSRESPONSE']._serialized_end=1257
-  _globals['_REMOVESEGMENTMEMBERSREQUEST']._serialized_start=1259
-  _globals['_REMOVESEGMENTMEMBERSREQUEST']._serialized_end=1316
-  _globals['_REMOVESEGMENTMEMBERSRESPONSE']._serialized_start=1318
-  _globals['_REMOVESEGMENTMEMBERSRESPONSE']._serialized_end=1365
-  _globals['_WATCHSEGMENTEVENTSREQUEST']._serialized_start=1367
-  _globals['_WATCHSEGMENTEVENTSREQUEST']._serialized_end=1430
-  _globals['_SEGMENTEVENT']._serialized_start=1433
-  _globals['_SEGMENTEVENT']._serialized_end=1724
-  _globals['_SEGMENTEVENT_KIND']._serialized_start=1675
-  _globals['_SEGMENTEVENT_KIND']._serialized_end=1724
-  _globals['_EXPORTSEGMENTCONTACTSREQUEST']._serialized_start=1726
-  _globals['_EXPORTSEGMENTCONTACTSREQUEST']._serialized_end=1768
-  _globals['_EXPORTSEGMENTCONTACTSRESPONSE']._serialized_start=1770
-  _globals['_EXPORTSEGMENTCONTACTSRESPONSE']._serialized_end=1841
-  _globals['_COUNTMATCHINGCONTACTSREQUEST']._serialized_start=1843
-  _globals['_COUNTMATCHINGCONTACTSREQUEST']._serialized_end=1922
-  _globals['_COUNTMATCHINGCONTACTSRESPONSE']._serialized_start=1924
-  _globals['_COUNTMATCHINGCONTACTSRESPONSE']._serialized_end=1970
-  _globals['_PREVIEWSEGMENTREQUEST']._serialized_start=1972
-  _globals['_PREVIEWSEGMENTREQUEST']._serialized_end=2044
-  _globals['_PREVIEWSEGMENTRESPONSE']._serialized_start=2046
-  _globals['_PREVIEWSEGMENTRESPONSE']._serialized_end=2130
-  _globals['_EXPLAINMEMBERSHIPREQUEST']._serialized_start=2132
-  _globals['_EXPLAINMEMBERSHIPREQUEST']._serialized_end=2190
-  _globals['_EXPLAINMEMBERSHIPRESPONSE']._serialized_start=2192
-  _globals['_EXPLAINMEMBERSHIPRESPONSE']._serialized_end=2278
-  _globals['_LISTSEGMENTEVENTSREQUEST']._serialized_start=2280
-  _globals['_LISTSEGMENTEVENTSREQUEST']._serialized_end=2348
-  _globals['_SEGMENTFEEDEVENT']._serialized_start=2351
-  _globals['_SEGMENTFEEDEVENT']._serialized_end=2483
-  _globals['_LISTSEGMENTEVENTSRESPONSE']._serialized_start=2485
-  _globals['_LISTSEGMENTEVENTSRESPONSE']._serialized_end=2578
-  _globals['_GETSEGMENTHISTORYREQUEST']._serialized_start=2580
-  _globals['_GETSEGMENTHISTORYREQUEST']._serialized_end=2662
-  _globals['_SEGMENTHISTORYBUCKET']._serialized_start=2664
-  _globals['_SEGMENTHISTORYBUCKET']._serialized_end=2775
-  _globals['_GETSEGMENTHISTORYRESPONSE']._serialized_start=2777
-  _globals['_GETSEGMENTHISTORYRESPONSE']._serialized_end=2853
-  _globals['_SEGMENTSERVICE']._serialized_start=2856
-  _globals['_SEGMENTSERVICE']._serialized_end=4654
+  _globals['_SEGMENTSERVICE'].methods_by_name['ExportSegmentCsv']._loaded_options = None
+  _globals['_SEGMENTSERVICE'].methods_by_name['ExportSegmentCsv']._serialized_options = b'\202\323\344\223\002\027\022\025/segments/{id}/export'
+  _globals['_LISTSEGMENTSREQUEST']._serialized_start=221
+  _globals['_LISTSEGMENTSREQUEST']._serialized_end=242
+  _globals['_LISTSEGMENTSRESPONSE']._serialized_start=244
+  _globals['_LISTSEGMENTSRESPONSE']._serialized_end=306
+  _globals['_CREATESEGMENTREQUEST']._serialized_start=309
+  _globals['_CREATESEGMENTREQUEST']._serialized_end=529
+  _globals['_GETSEGMENTREQUEST']._serialized_start=531
+  _globals['_GETSEGMENTREQUEST']._serialized_end=562
+  _globals['_UPDATESEGMENTREQUEST']._serialized_start=565
+  _globals['_UPDATESEGMENTREQUEST']._serialized_end=811
+  _globals['_DELETESEGMENTREQUEST']._serialized_start=813
+  _globals['_DELETESEGMENTREQUEST']._serialized_end=847
+  _globals['_LISTSEGMENTCONTACTSREQUEST']._serialized_start=849
+  _globals['_LISTSEGMENTCONTACTSREQUEST']._serialized_end=922
+  _globals['_LISTSEGMENTCONTACTSRESPONSE']._serialized_start=925
+  _globals['_LISTSEGMENTCONTACTSRESPONSE']._serialized_end=1059
+  _globals['_ADDSEGMENTMEMBERSREQUEST']._serialized_start=1062
+  _globals['_ADDSEGMENTMEMBERSREQUEST']._serialized_end=1204
+  _globals['_ADDSEGMENTMEMBERSRESPONSE']._serialized_start=1206
+  _globals['_ADDSEGMENTMEMBERSRESPONSE']._serialized_end=1284
+  _globals['_REMOVESEGMENTMEMBERSREQUEST']._serialized_start=1286
+  _globals['_REMOVESEGMENTMEMBERSREQUEST']._serialized_end=1343
+  _globals['_REMOVESEGMENTMEMBERSRESPONSE']._serialized_start=1345
+  _globals['_REMOVESEGMENTMEMBERSRESPONSE']._serialized_end=1392
+  _globals['_WATCHSEGMENTEVENTSREQUEST']._serialized_start=1394
+  _globals['_WATCHSEGMENTEVENTSREQUEST']._serialized_end=1457
+  _globals['_SEGMENTEVENT']._serialized_start=1460
+  _globals['_SEGMENTEVENT']._serialized_end=1751
+  _globals['_SEGMENTEVENT_KIND']._serialized_start=1702
+  _globals['_SEGMENTEVENT_KIND']._serialized_end=1751
+  _globals['_EXPORTSEGMENTCONTACTSREQUEST']._serialized_start=1753
+  _globals['_EXPORTSEGMENTCONTACTSREQUEST']._serialized_end=1795
+  _globals['_EXPORTSEGMENTCONTACTSRESPONSE']._serialized_start=1797
+  _globals['_EXPORTSEGMENTCONTACTSRESPONSE']._serialized_end=1868
+  _globals['_COUNTMATCHINGCONTACTSREQUEST']._serialized_start=1870
+  _globals['_COUNTMATCHINGCONTACTSREQUEST']._serialized_end=1949
+  _globals['_COUNTMATCHINGCONTACTSRESPONSE']._serialized_start=1951
+  _globals['_COUNTMATCHINGCONTACTSRESPONSE']._serialized_end=1997
+  _globals['_PREVIEWSEGMENTREQUEST']._serialized_start=1999
+  _globals['_PREVIEWSEGMENTREQUEST']._serialized_end=2071
+  _globals['_PREVIEWSEGMENTRESPONSE']._serialized_start=2073
+  _globals['_PREVIEWSEGMENTRESPONSE']._serialized_end=2157
+  _globals['_EXPLAINMEMBERSHIPREQUEST']._serialized_start=2159
+  _globals['_EXPLAINMEMBERSHIPREQUEST']._serialized_end=2217
+  _globals['_EXPLAINMEMBERSHIPRESPONSE']._serialized_start=2219
+  _globals['_EXPLAINMEMBERSHIPRESPONSE']._serialized_end=2305
+  _globals['_LISTSEGMENTEVENTSREQUEST']._serialized_start=2307
+  _globals['_LISTSEGMENTEVENTSREQUEST']._serialized_end=2375
+  _globals['_SEGMENTFEEDEVENT']._serialized_start=2378
+  _globals['_SEGMENTFEEDEVENT']._serialized_end=2510
+  _globals['_LISTSEGMENTEVENTSRESPONSE']._serialized_start=2512
+  _globals['_LISTSEGMENTEVENTSRESPONSE']._serialized_end=2605
+  _globals['_GETSEGMENTHISTORYREQUEST']._serialized_start=2607
+  _globals['_GETSEGMENTHISTORYREQUEST']._serialized_end=2689
+  _globals['_SEGMENTHISTORYBUCKET']._serialized_start=2691
+  _globals['_SEGMENTHISTORYBUCKET']._serialized_end=2802
+  _globals['_GETSEGMENTHISTORYRESPONSE']._serialized_start=2804
+  _globals['_GETSEGMENTHISTORYRESPONSE']._serialized_end=2880
+  _globals['_EXPORTSEGMENTCSVREQUEST']._serialized_start=2882
+  _globals['_EXPORTSEGMENTCSVREQUEST']._serialized_end=2919
+  _globals['_SEGMENTSERVICE']._serialized_start=2922
+  _globals['_SEGMENTSERVICE']._serialized_end=4833
 # @@protoc_insertion_point(module_scope)

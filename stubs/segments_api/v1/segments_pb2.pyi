@@ -653,8 +653,8 @@ class PreviewSegmentResponse(_message.Message):
     """How many of the project's contacts the condition selects."""
     @_builtins.property
     def sample(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Contact]:
-        """Up to 10 of them, newest first (createdAt descending, then id), read in the same
-        transaction as the count.
+        """Up to 10 of them (whichever the statement finds first; shown createdAt descending,
+        then id), read in the same transaction as the count.
         """
 
     def __init__(
@@ -919,3 +919,25 @@ class GetSegmentHistoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSegmentHistoryResponse: _TypeAlias = GetSegmentHistoryResponse  # noqa: Y015
+
+@_typing.final
+class ExportSegmentCsvRequest(_message.Message):
+    """Request of ExportSegmentCsv."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Segment UUID (from the path)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSegmentCsvRequest: _TypeAlias = ExportSegmentCsvRequest  # noqa: Y015

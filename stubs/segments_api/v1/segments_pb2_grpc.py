@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from segments_api.v1 import resources_pb2 as segments_dot_v1_dot_resources__pb2
 from segments_api.v1 import segments_pb2 as segments_dot_v1_dot_segments__pb2
@@ -112,6 +113,11 @@ class SegmentServiceStub:
                 request_serializer=segments_dot_v1_dot_segments__pb2.GetSegmentHistoryRequest.SerializeToString,
                 response_deserializer=segments_dot_v1_dot_segments__pb2.GetSegmentHistoryResponse.FromString,
                 _registered_method=True)
+        self.ExportSegmentCsv = channel.unary_stream(
+                '/segments.v1.SegmentService/ExportSegmentCsv',
+                request_serializer=segments_dot_v1_dot_segments__pb2.ExportSegmentCsvRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
 
 
 class SegmentServiceServicer:
@@ -205,7 +211,7 @@ class SegmentServiceServicer:
 
     def PreviewSegment(self, request, context):
         """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
-        storing anything: how many contacts it selects now and up to 10 of them, newest first.
+        storing anything: how many contacts it selects now and up to 10 of them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,6 +236,19 @@ class SegmentServiceServicer:
 
     def GetSegmentHistory(self, request, context):
         """A tracked segment's entries, exits and size per UTC hour or day, from its feed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSegmentCsv(self, request, context):
+        """Streams every current member of a segment as CSV (RFC 4180, the header row
+        `id,email,subscribed,createdAt,updatedAt,data` first, `data` as compact JSON) from one
+        consistent snapshot, in contact id order, with bounded server memory whatever the
+        segment's size. Over REST the body is the CSV itself (`text/csv; charset=utf-8`),
+        streamed as it is read; each message carries the next whole rows. A stream that ends
+        with an error after rows went out is reset, never ended cleanly: a CSV that arrives
+        whole is the whole segment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -312,6 +331,11 @@ def add_SegmentServiceServicer_to_server(servicer, server):
                     servicer.GetSegmentHistory,
                     request_deserializer=segments_dot_v1_dot_segments__pb2.GetSegmentHistoryRequest.FromString,
                     response_serializer=segments_dot_v1_dot_segments__pb2.GetSegmentHistoryResponse.SerializeToString,
+            ),
+            'ExportSegmentCsv': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSegmentCsv,
+                    request_deserializer=segments_dot_v1_dot_segments__pb2.ExportSegmentCsvRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -720,6 +744,33 @@ class SegmentService:
             '/segments.v1.SegmentService/GetSegmentHistory',
             segments_dot_v1_dot_segments__pb2.GetSegmentHistoryRequest.SerializeToString,
             segments_dot_v1_dot_segments__pb2.GetSegmentHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSegmentCsv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/segments.v1.SegmentService/ExportSegmentCsv',
+            segments_dot_v1_dot_segments__pb2.ExportSegmentCsvRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,6 +10,7 @@ the contract wins; each binding says so.
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 from segments_api.v1 import resources_pb2 as _resources_pb2
@@ -79,7 +80,7 @@ class SegmentServiceStub:
     """
     PreviewSegment: _grpc.UnaryUnaryMultiCallable[_segments_pb2.PreviewSegmentRequest, _segments_pb2.PreviewSegmentResponse]
     """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
-    storing anything: how many contacts it selects now and up to 10 of them, newest first.
+    storing anything: how many contacts it selects now and up to 10 of them.
     """
     ExplainMembership: _grpc.UnaryUnaryMultiCallable[_segments_pb2.ExplainMembershipRequest, _segments_pb2.ExplainMembershipResponse]
     """Why a contact is or is not a member now: the segment's condition with `matched` on
@@ -92,6 +93,15 @@ class SegmentServiceStub:
     """
     GetSegmentHistory: _grpc.UnaryUnaryMultiCallable[_segments_pb2.GetSegmentHistoryRequest, _segments_pb2.GetSegmentHistoryResponse]
     """A tracked segment's entries, exits and size per UTC hour or day, from its feed."""
+    ExportSegmentCsv: _grpc.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentCsvRequest, _httpbody_pb2.HttpBody]
+    """Streams every current member of a segment as CSV (RFC 4180, the header row
+    `id,email,subscribed,createdAt,updatedAt,data` first, `data` as compact JSON) from one
+    consistent snapshot, in contact id order, with bounded server memory whatever the
+    segment's size. Over REST the body is the CSV itself (`text/csv; charset=utf-8`),
+    streamed as it is read; each message carries the next whole rows. A stream that ends
+    with an error after rows went out is reset, never ended cleanly: a CSV that arrives
+    whole is the whole segment.
+    """
 
 @_typing.type_check_only
 class SegmentServiceAsyncStub(SegmentServiceStub):
@@ -136,7 +146,7 @@ class SegmentServiceAsyncStub(SegmentServiceStub):
     """
     PreviewSegment: _aio.UnaryUnaryMultiCallable[_segments_pb2.PreviewSegmentRequest, _segments_pb2.PreviewSegmentResponse]  # type: ignore[assignment]
     """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
-    storing anything: how many contacts it selects now and up to 10 of them, newest first.
+    storing anything: how many contacts it selects now and up to 10 of them.
     """
     ExplainMembership: _aio.UnaryUnaryMultiCallable[_segments_pb2.ExplainMembershipRequest, _segments_pb2.ExplainMembershipResponse]  # type: ignore[assignment]
     """Why a contact is or is not a member now: the segment's condition with `matched` on
@@ -149,6 +159,15 @@ class SegmentServiceAsyncStub(SegmentServiceStub):
     """
     GetSegmentHistory: _aio.UnaryUnaryMultiCallable[_segments_pb2.GetSegmentHistoryRequest, _segments_pb2.GetSegmentHistoryResponse]  # type: ignore[assignment]
     """A tracked segment's entries, exits and size per UTC hour or day, from its feed."""
+    ExportSegmentCsv: _aio.UnaryStreamMultiCallable[_segments_pb2.ExportSegmentCsvRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """Streams every current member of a segment as CSV (RFC 4180, the header row
+    `id,email,subscribed,createdAt,updatedAt,data` first, `data` as compact JSON) from one
+    consistent snapshot, in contact id order, with bounded server memory whatever the
+    segment's size. Over REST the body is the CSV itself (`text/csv; charset=utf-8`),
+    streamed as it is read; each message carries the next whole rows. A stream that ends
+    with an error after rows went out is reset, never ended cleanly: a CSV that arrives
+    whole is the whole segment.
+    """
 
 class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages a project's segments and the members of static segments."""
@@ -262,7 +281,7 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_segments_pb2.PreviewSegmentResponse, _abc.Awaitable[_segments_pb2.PreviewSegmentResponse]]:
         """Evaluates a condition as a DYNAMIC segment would (same validation and errors) without
-        storing anything: how many contacts it selects now and up to 10 of them, newest first.
+        storing anything: how many contacts it selects now and up to 10 of them.
         """
 
     @_abc_1.abstractmethod
@@ -293,5 +312,20 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_segments_pb2.GetSegmentHistoryResponse, _abc.Awaitable[_segments_pb2.GetSegmentHistoryResponse]]:
         """A tracked segment's entries, exits and size per UTC hour or day, from its feed."""
+
+    @_abc_1.abstractmethod
+    def ExportSegmentCsv(
+        self,
+        request: _segments_pb2.ExportSegmentCsvRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """Streams every current member of a segment as CSV (RFC 4180, the header row
+        `id,email,subscribed,createdAt,updatedAt,data` first, `data` as compact JSON) from one
+        consistent snapshot, in contact id order, with bounded server memory whatever the
+        segment's size. Over REST the body is the CSV itself (`text/csv; charset=utf-8`),
+        streamed as it is read; each message carries the next whole rows. A stream that ends
+        with an error after rows went out is reset, never ended cleanly: a CSV that arrives
+        whole is the whole segment.
+        """
 
 def add_SegmentServiceServicer_to_server(servicer: SegmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
