@@ -1,4 +1,4 @@
-"""A reference evaluator of filter conditions (README.md, Filters), written for obviousness, not speed.
+"""A reference evaluator of filter conditions (SPEC.md §4 and §8), written for obviousness, not speed.
 
 It works on the JSON form of a condition and on plain Python contacts and events, and
 shares no code with the service (the SQL compiler is what it checks). Conditions given to
@@ -6,6 +6,8 @@ it are expected to be valid: it does not repeat the validator's error reporting.
 
 Time is handled as integer microseconds since 0001-01-01T00:00:00Z ("ticks"), so a stored
 timestamp whose offset moves it outside Python's datetime range is still an instant.
+Numbers are compared as the decimals they are written as, aggregates included (exactly:
+an average is compared through its sum, never divided).
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal, Inexact, Rounded, localcontext
 from typing import Any
 
 SECOND = 1_000_000
 MINUTE = 60 * SECOND
 HOUR = 60 * MINUTE
 DAY = 24 * HOUR
-UNIT = {"days": DAY, "hours": HOUR, "minutes": MINUTE}
+WEEK = 7 * DAY
+UNIT = {"weeks": WEEK, "days": DAY, "hours": HOUR, "minutes": MINUTE}  # months: see shift()
 
 # `email.<activity>`: every spelling of one activity matches the events of all its spellings.
 ACTIVITIES: dict[str, set[str]] = {
@@ -45,7 +48,39 @@ EVENT_OPERATORS = {
     "notTriggeredWithin",
 }
 
+# Operators of `where` filters and of `count` / `aggregate` comparisons.
+WHERE_OPERATORS = {
+    "equals",
+    "notEquals",
+    "contains",
+    "notContains",
+    "greaterThan",
+    "greaterThanOrEqual",
+    "lessThan",
+    "lessThanOrEqual",
+    "exists",
+    "notExists",
+    "in",
+    "notIn",
+    "startsWith",
+    "endsWith",
+    "between",
+    "arrayContains",
+}
+COMPARISON_OPERATORS = {
+    "equals",
+    "notEquals",
+    "greaterThan",
+    "greaterThanOrEqual",
+    "lessThan",
+    "lessThanOrEqual",
+}
+
 MISSING = object()
+
+# Decimal arithmetic that never rounds (an inexact result raises instead): sums of numbers
+# such as 1e16 + 2.5e-7 need more than the default 28 digits.
+EXACT = Context(prec=100_000, Emax=10**9, Emin=-(10**9), traps=[Inexact, Rounded])
 
 
 @dataclass(frozen=True)
@@ -63,6 +98,7 @@ class RefEvent:
     contact_id: uuid.UUID
     name: str
     occurred_at: datetime  # aware
+    data: dict[str, Any] = field(default_factory=dict)  # the occurrence's properties
 
 
 @dataclass(frozen=True)
@@ -139,7 +175,33 @@ def _micros(amount: Decimal) -> int:
 
 
 def window(value: int | float, unit: str) -> int:
+    """A fixed-length window (every unit but months) in microseconds."""
     return _micros(_decimal(value) * UNIT[unit])
+
+
+def days_in_month(year: int, month: int) -> int:
+    following = date(year + 1, 1, 1) if month == 12 else date(year, month + 1, 1)
+    return (following - date(year, month, 1)).days
+
+
+def add_months(moment: int, months: int) -> int:
+    """`moment` moved by whole calendar months in UTC: the same day of the month and time of
+    day, clamped to the last day of a shorter month (Mar 31 - 1 month = Feb 28 or 29)."""
+    day_number, time_of_day = divmod(moment, DAY)
+    day = date.fromordinal(day_number + 1)
+    index = day.year * 12 + (day.month - 1) + months
+    year, month = index // 12, index % 12 + 1
+    moved = date(year, month, min(day.day, days_in_month(year, month)))
+    return (moved.toordinal() - 1) * DAY + time_of_day
+
+
+def shift(now: int, value: int | float, unit: str, direction: int) -> int:
+    """now + N unit (direction 1) or now - N unit (direction -1)."""
+    if unit == "months":
+        months = _decimal(value)
+        assert months == months.to_integral_value(), "months take a whole number"
+        return add_months(now, direction * int(months))
+    return now + direction * window(value, unit)
 
 
 def value_instant(value: Any) -> tuple[int, bool]:
@@ -203,6 +265,10 @@ def lookup(data: Mapping[str, Any], path: list[str]) -> Any:
 
 
 def compare(left: Any, op: str, right: Any) -> bool:
+    if op == "equals":
+        return bool(left == right)
+    if op == "notEquals":
+        return bool(left != right)
     if op == "greaterThan":
         return bool(left > right)
     if op == "greaterThanOrEqual":
@@ -272,9 +338,9 @@ def _filter(f: Mapping[str, Any], env: _Env) -> bool:
     if name.startswith("data."):
         return _data(lookup(contact.data, name[5:].split(".")), op, value, unit, env.now)
     if name.startswith("event."):
-        return _events({name[6:]}, op, value, unit, env)
+        return _events({name[6:]}, f, env)
     if name.startswith("email."):
-        return _events(ACTIVITIES[name[6:]], op, value, unit, env)
+        return _events(ACTIVITIES[name[6:]], f, env)
     if name.startswith("segment."):
         segment = env.segments[uuid.UUID(name[8:])]
         if segment.type == "STATIC":
@@ -288,12 +354,17 @@ def _filter(f: Mapping[str, Any], env: _Env) -> bool:
             return not member
         raise ValueError(op)
     if op in EVENT_OPERATORS:
-        return _events({name}, op, value, unit, env)
+        return _events({name}, f, env)
     raise ValueError(f"unknown field {name!r}")
 
 
-def _email(email: str, op: str, value: str) -> bool:
-    needle = value.lower()
+def _email(email: str, op: str, value: Any) -> bool:
+    """The stored email is lower-case; a value is lower-cased as Python does (as for equals
+    and contains since §4), so every operator on email compares the same two strings."""
+    if op in ("in", "notIn"):
+        listed = any(isinstance(v, str) and email == v.lower() for v in value)
+        return listed if op == "in" else not listed
+    needle: str = value.lower()
     if op == "equals":
         return email == needle
     if op == "notEquals":
@@ -302,13 +373,17 @@ def _email(email: str, op: str, value: str) -> bool:
         return needle in email
     if op == "notContains":
         return needle not in email
+    if op == "startsWith":
+        return email.startswith(needle)
+    if op == "endsWith":
+        return email.endswith(needle)
     raise ValueError(op)
 
 
 def _time(moment: int, op: str, value: Any, unit: str | None, now: int) -> bool:
     if op in ("within", "olderThan"):
         assert unit is not None
-        start = now - window(value, unit)
+        start = shift(now, value, unit, -1)
         return start <= moment <= now if op == "within" else moment < start
     instant, date_only = value_instant(value)
     if date_only:
@@ -330,29 +405,47 @@ def _time(moment: int, op: str, value: Any, unit: str | None, now: int) -> bool:
 
 
 def _data(node: Any, op: str, value: Any, unit: str | None, now: int) -> bool:
+    """A filter on the JSON value `node` (MISSING when the key is absent), of a contact's data
+    or of an event's data (a `where` filter)."""
     present = node is not MISSING and node is not None
     if op == "exists":
         return present
     if op == "notExists":
         return not present
-    if op in ("equals", "notEquals"):
-        if not present:
+    if op in ("equals", "notEquals", "in", "notIn"):
+        if not present:  # negations too: a missing key or null never matches
             return False
-        equal = json_equal(node, value)
-        return equal if op == "equals" else not equal
-    if op in ("contains", "notContains"):
+        equal = any(json_equal(node, v) for v in (value if op in ("in", "notIn") else [value]))
+        return equal if op in ("equals", "in") else not equal
+    if op in ("contains", "notContains", "startsWith", "endsWith"):
         if not isinstance(node, str):
             return False
-        found = fold(value) in fold(node)
+        text, needle = fold(node), fold(value)
+        if op == "startsWith":
+            return text.startswith(needle)
+        if op == "endsWith":
+            return text.endswith(needle)
+        found = needle in text
         return found if op == "contains" else not found
-    if op in ("within", "olderThan"):
+    if op == "arrayContains":
+        return isinstance(node, list) and any(json_equal(item, value) for item in node)
+    if op in ("within", "olderThan", "withinNext"):
         assert unit is not None
         moment = stored_instant(node)
         if moment is None:
             return False
-        start = now - window(value, unit)
+        if op == "withinNext":
+            return now <= moment <= shift(now, value, unit, 1)
+        start = shift(now, value, unit, -1)
         return start <= moment <= now if op == "within" else moment < start
-    # ordering: numbers with numbers, timestamps with timestamps
+    if op == "between":
+        low, high = value
+        return _ordered(node, "greaterThanOrEqual", low) and _ordered(node, "lessThanOrEqual", high)
+    return _ordered(node, op, value)
+
+
+def _ordered(node: Any, op: str, value: Any) -> bool:
+    """An ordering comparison: numbers with numbers, timestamps with timestamps."""
     if is_number(value):
         return is_number(node) and compare(_decimal(node), op, _decimal(value))
     instant, _date_only = value_instant(value)  # a date alone is midnight UTC here
@@ -360,19 +453,76 @@ def _data(node: Any, op: str, value: Any, unit: str | None, now: int) -> bool:
     return moment is not None and compare(moment, op, instant)
 
 
-def _events(names: set[str], op: str, value: Any, unit: str | None, env: _Env) -> bool:
-    times = [ticks(e.occurred_at) for e in env.events if e.name in names]
-    if op == "triggered":
-        return bool(times)
+def _events(names: set[str], f: Mapping[str, Any], env: _Env) -> bool:
+    """An event filter: only the occurrences of `names` whose data match every `where` filter
+    count, for existence, counts, aggregates, the latest occurrence and "never" alike."""
+    op: str = f["operator"]
+    value: Any = f.get("value")
+    unit: str | None = f.get("unit")
+    where = f.get("where") or []
+    for w in where:
+        assert w["field"].startswith("data.") and w["operator"] in WHERE_OPERATORS, w
+    matching = [
+        e
+        for e in env.events
+        if e.name in names
+        and all(
+            _data(
+                lookup(e.data, w["field"][5:].split(".")),
+                w["operator"],
+                w.get("value"),
+                None,
+                env.now,
+            )
+            for w in where
+        )
+    ]
+    times = [ticks(e.occurred_at) for e in matching]
     if op == "notTriggered":
         return not times
+    if op in ("triggered", "triggeredWithin"):
+        considered = matching
+        if op == "triggeredWithin":
+            assert unit is not None
+            since = shift(env.now, value, unit, -1)
+            considered = [e for e in matching if ticks(e.occurred_at) >= since]
+        count = f.get("count")
+        if count is None:
+            ok = len(considered) >= 1
+        else:
+            ok = compare(Decimal(len(considered)), count["operator"], _decimal(count["value"]))
+        aggregate = f.get("aggregate")
+        if aggregate is not None:
+            ok = ok and _aggregate(aggregate, considered)
+        return ok
     assert unit is not None
-    since = env.now - window(value, unit)
+    since = shift(env.now, value, unit, -1)
     recent = any(t >= since for t in times)
-    if op == "triggeredWithin":
-        return recent
     if op == "notTriggeredWithin":
         return not recent
     if op == "triggeredOlderThan":
         return bool(times) and max(times) < since
     raise ValueError(op)
+
+
+def _aggregate(aggregate: Mapping[str, Any], occurrences: list[RefEvent]) -> bool:
+    """sum / avg / min / max of the JSON numbers at `field` in `occurrences`, compared with a
+    number; other types and missing keys are ignored, and no number at all never matches.
+    Exact: avg op v is decided as sum op v * n, so no division rounds."""
+    path = aggregate["field"][5:].split(".")
+    numbers = [_decimal(node) for e in occurrences if is_number(node := lookup(e.data, path))]
+    if not numbers:
+        return False
+    function, op = aggregate["function"], aggregate["operator"]
+    assert op in COMPARISON_OPERATORS, op
+    target = _decimal(aggregate["value"])
+    with localcontext(EXACT):
+        if function == "sum":
+            return compare(sum(numbers, Decimal(0)), op, target)
+        if function == "avg":
+            return compare(sum(numbers, Decimal(0)), op, target * len(numbers))
+    if function == "min":
+        return compare(min(numbers), op, target)
+    if function == "max":
+        return compare(max(numbers), op, target)
+    raise ValueError(function)

@@ -698,3 +698,28 @@ def test_where_and_aggregate_stay_exact_on_writes(
     api.events([event("a@x.com", "purchase", amount=40, currency="USD")])
     assert api.member_set(seg["id"]) == {"a@x.com"}
     assert recorded.new() == {("a@x.com", "segment.spent-100.entry")}
+
+
+def test_an_average_is_compared_exactly(api: Api) -> None:
+    """4/3 is more than 1.3333333333333333 and not equal to it, though a numeric average
+    rounded to its scale would say otherwise."""
+    api.upsert("a@x.com")
+    api.events([event("a@x.com", "purchase", ago(days=1), amount=n) for n in (1, 1, 2)])
+    third = 1.3333333333333333
+
+    def avg(op: str) -> dict[str, Any]:
+        return cond(
+            {
+                **flt("event.purchase", "triggered"),
+                "aggregate": {
+                    "function": "avg",
+                    "field": "data.amount",
+                    "operator": op,
+                    "value": third,
+                },
+            }
+        )
+
+    assert selected(api, avg("greaterThan")) == {"a@x.com"}
+    assert selected(api, avg("equals")) == set()
+    assert selected(api, avg("notEquals")) == {"a@x.com"}

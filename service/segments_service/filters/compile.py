@@ -434,7 +434,6 @@ def _compare(left: Any, op: Op, right: Any) -> ColumnElement[bool]:
 
 _AGGREGATES: dict[Aggregation, Callable[[Any], ColumnElement[Any]]] = {
     Aggregation.SUM: func.sum,
-    Aggregation.AVG: func.avg,
     Aggregation.MIN: func.min,
     Aggregation.MAX: func.max,
 }
@@ -443,10 +442,14 @@ _AGGREGATES: dict[Aggregation, Callable[[Any], ColumnElement[Any]]] = {
 def _aggregate_test(a: Aggregate) -> ColumnElement[bool]:
     """The aggregate's comparison over a contact's matching occurrences, in numeric: the
     JSON numbers at its path (other types are NULL, which aggregates skip; with none at
-    all the aggregate is NULL and the test unknown, so the contact does not match)."""
+    all the aggregate is NULL and the test unknown, so the contact does not match). An
+    average is compared exactly, through its sum: avg(x) > v is sum(x) > v * count(x)
+    (PostgreSQL's avg would round 4/3 to a number some values fall on either side of)."""
     e = tables.events.c
     node = data_node(e.data, a.path)
     number = case((func.jsonb_typeof(node) == "number", cast(data_text(e.data, a.path), Numeric)))
     # The float's shortest repr is the decimal the caller wrote.
     value = literal(Decimal(repr(a.value)) if isinstance(a.value, float) else a.value, Numeric)
+    if a.function is Aggregation.AVG:
+        return _compare(func.sum(number), a.operator, value * func.count(number))
     return _compare(_AGGREGATES[a.function](number), a.operator, value)
