@@ -156,6 +156,36 @@ def test_ctrl_c_leaves_nothing_behind(data_dir: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_closed_terminal_stops_everything(data_dir: Path) -> None:
+    """SIGHUP (the terminal went away) stops the stack as Ctrl-C does."""
+    env = environment(data_dir, free_port(), free_port())
+    log = data_dir / "run.log"
+    with log.open("w") as out:
+        run = subprocess.Popen(
+            [str(SEGMENTS), "run"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "segments ready" not in log.read_text():
+            assert run.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        os.killpg(run.pid, signal.SIGHUP)
+        assert run.wait(60) == 0, log.read_text()
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while (left := processes_of(data_dir)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert left == []
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("after", [1.0, 3.0])
 def test_ctrl_c_while_starting_leaves_nothing_behind(data_dir: Path, after: float) -> None:
     """Whatever it is doing (initdb, migrating, starting replicas or Envoy), Ctrl-C ends the

@@ -212,8 +212,9 @@ def _interrupt(signum: int, _frame: Any) -> None:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     # Until the supervisor runs, Ctrl-C or SIGTERM ends the start at once (the embedded
     # PostgreSQL is stopped at exit), even when SIGINT was inherited ignored (`make run &`).
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # A closed terminal (SIGHUP) too: the replicas are not in its process group.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     grpc_ports = [settings.grpc_port + i for i in range(args.replicas)]
     check_ports_free(
         [
@@ -233,8 +234,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         supervisor.stopping = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     try:
         supervisor.start()
         if supervisor.stopping:  # stopped while starting
