@@ -1,4 +1,4 @@
-"""A reference evaluator of filter conditions (SPEC.md §4 and §8), written for obviousness, not speed.
+"""A reference evaluator of filter conditions (README.md, Filters), written for obviousness, not speed.
 
 It works on the JSON form of a condition and on plain Python contacts and events, and
 shares no code with the service (the SQL compiler is what it checks). Conditions given to

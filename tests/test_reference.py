@@ -1,5 +1,6 @@
-"""The reference evaluator (tests/reference.py) on hand-checked cases of SPEC.md §8, so that a
-mistake there is caught here instead of being mirrored by the property test."""
+"""The reference evaluator (tests/reference.py) on hand-checked cases of the extended
+filter language (README.md, Filters), so that a mistake there is caught here instead of
+being mirrored by the property test."""
 
 from __future__ import annotations
 
