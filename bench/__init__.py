@@ -22,7 +22,10 @@ Phases, in order (one server process and one Envoy for all of them):
     extended language's scenarios tracked as well, and once more without them;
 11. noisy neighbour: a small project's REST latency while the main project holds many
    streams, then runs heavy counts; the main project's upserts during a build of every
-   contact (bench/noisy.py).
+   contact (bench/noisy.py);
+12. webhooks: a server and database of their own (bench/webhooks.py): a 2,000-event backlog
+   drained to a local receiver (events/s), then 1,000 membership changes/s for 10 s
+   (entry -> delivery p95).
 `--phases` runs a subset (e.g. `--phases noisy`), `--scenarios` some scenarios (e.g.
 `--scenarios extended`, the filter language beyond the reference's); their results go to a file of their own.
 The server's RSS is sampled every 50 ms throughout.

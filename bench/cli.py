@@ -25,6 +25,7 @@ PHASES = (
     "delete",
     "ingestion",
     "noisy",
+    "webhooks",
 )
 
 # What a phase takes from an earlier one: run along with it.

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.orm import sessionmaker
 
 from bench import noisy
+from bench import webhooks as webhook_bench
 from bench.cli import PHASES, parse_args
 from bench.context import Env, Stack, db_now, issue_keys, log
 from bench.dataset import bench_engine, prepare_dataset
@@ -185,6 +186,28 @@ def run(args: argparse.Namespace) -> int:
             )
             with sampler.phase("noisy"):
                 guarded(results, "noisy", lambda: noisy.run(env, stack, config, log))
+
+        if "webhooks" in wanted:
+            log(f"[12/{total}] webhook deliveries to a local receiver (a server of their own)")
+            with sampler.phase("webhooks"):
+                wh = guarded(
+                    results,
+                    "webhooks",
+                    lambda: webhook_bench.run(
+                        argparse.Namespace(
+                            backlog=2000, rate=1000, seconds=10.0, webhooks=1, timeout=120.0
+                        ),
+                        env.url,
+                    ),
+                )
+            if wh:
+                steady = wh["steady"]
+                log(
+                    f"    backlog of {wh['backlog']['events']:,}: "
+                    f"{wh['backlog']['events_per_second_per_webhook']:,} events/s; "
+                    f"{steady['achieved_changes_per_second']:,} changes/s: entry -> delivery "
+                    f"p95 {steady['entry_to_delivery_ms']['p95']} ms"
+                )
 
         results["memory"] = {
             "server_rss_peak_mb": sampler.peak_mb("server"),

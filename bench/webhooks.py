@@ -120,8 +120,10 @@ def _entries(server: Server, metadata: Any, prefix: str, start: int, count: int)
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    admin = os.environ.get("DATABASE_URL") or os.environ.get("TEST_DATABASE_URL")
+def run(args: argparse.Namespace, admin: str | None = None) -> dict[str, Any]:
+    """Both phases against a server of its own, on a new database of `admin`'s server
+    (default: DATABASE_URL or TEST_DATABASE_URL), dropped afterwards."""
+    admin = admin or os.environ.get("DATABASE_URL") or os.environ.get("TEST_DATABASE_URL")
     if not admin:
         raise SystemExit("set DATABASE_URL (or TEST_DATABASE_URL) to a PostgreSQL server")
     name = f"segments_bench_webhooks_{uuid.uuid4().hex[:8]}"
