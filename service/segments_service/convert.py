@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -178,6 +180,28 @@ def contact_to_proto(row: Any) -> resources_pb2.Contact:
     )
 
 
+# Conditions as messages, by (segment id, updated_at): a segment read again and again (a UI
+# polling its count) is not converted again; a change of condition changes updated_at.
+_CONDITIONS: OrderedDict[tuple[Any, Any], struct_pb2.Value] = OrderedDict()
+_CONDITIONS_KEPT = 1024
+_CONDITIONS_LOCK = threading.Lock()
+
+
+def _condition_value(row: Any) -> struct_pb2.Value:
+    key = (row.id, row.updated_at)
+    with _CONDITIONS_LOCK:
+        found = _CONDITIONS.get(key)
+        if found is not None:
+            _CONDITIONS.move_to_end(key)
+            return found
+    value = py_to_value(ordered_condition(row.condition))
+    with _CONDITIONS_LOCK:
+        _CONDITIONS[key] = value
+        if len(_CONDITIONS) > _CONDITIONS_KEPT:
+            _CONDITIONS.popitem(last=False)
+    return value
+
+
 def segment_to_proto(view: SegmentView) -> resources_pb2.Segment:
     row = view.row
     return resources_pb2.Segment(
@@ -185,7 +209,7 @@ def segment_to_proto(view: SegmentView) -> resources_pb2.Segment:
         name=row.name,
         description=py_to_value(row.description),
         type=resources_pb2.Segment.Type.Value(row.type),
-        condition=py_to_value(ordered_condition(row.condition)),
+        condition=_condition_value(row),
         track_membership=row.track_membership,
         member_count=view.member_count,
         project_id=str(row.project_id),

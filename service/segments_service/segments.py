@@ -6,10 +6,10 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import psycopg.errors
-from sqlalchemy import Row, Select, delete, func, insert, select, text, update
+from sqlalchemy import Row, Select, Uuid, and_, delete, func, insert, literal, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -133,30 +133,60 @@ class Preview:
     sample: list[Row[Any]]
 
 
+# The sample is looked for in growing slices of the contact id space (ids are random
+# UUIDs, so a slice holds about that share of the project's contacts), until it has
+# PREVIEW_SAMPLE members: the cumulative shares of each step.
+PREVIEW_STEPS = (0.001, 0.01, 0.1, 1.0)
+_UUID_SPACE = 2**128
+
+
 def preview(session: Session, project_id: uuid.UUID, condition_json: Any) -> Preview:
     """PreviewSegment: the count of count_matching and up to PREVIEW_SAMPLE of the members,
     in one transaction; nothing is stored.
 
-    The sample is the first members the member statement yields under a LIMIT, whichever
-    they are (shown newest first): the planner then picks a plan that starts fast and
-    stops early, so the sample costs a small part of the count. Asking for the newest
-    members instead costs a pass over every member (or a walk of the contacts newest
-    first, 12 s at a million contacts for a condition of 11 members)."""
+    The sample is the first members found in growing slices of the contacts, taken in id
+    order (PREVIEW_STEPS: a thousandth of them, a hundredth, a tenth, all): each slice is
+    the condition evaluated for a range of contact ids, as a build evaluates it, read from
+    the indexes on contact ids, so a condition that many contacts meet is sampled from a
+    thousandth of the project, and one few meet costs at most about a tenth more than its
+    count. The members found are shown newest first. (The newest members instead cost a
+    pass over every member; a LIMIT on the member statement, whatever plan the planner
+    guesses for it, up to 40 % of the count at a million contacts.)"""
     condition = _unsaved_condition(session, project_id, condition_json)
     ctx = _context(session, project_id, condition, None)
     session.execute(COUNT_SETTINGS)
     count = int(session.execute(compile_count(condition, ctx, project_id)).scalar_one())
     if count == 0:
         return Preview(0, [])
-    found = compile_members(condition, ctx, project_id).limit(PREVIEW_SAMPLE).subquery("found")
-    # An alias: the compiled statement's own `contacts` must not correlate to it.
-    contact = tables.contacts.alias("contact")
+    found: list[uuid.UUID] = []
+    low: uuid.UUID | None = None
+    for share in PREVIEW_STEPS:
+        high = uuid.UUID(int=min(int(share * _UUID_SPACE), _UUID_SPACE - 1))
+        # A context of its own per statement: compiling counts the filters it expands.
+        fresh = CompileContext(now=ctx.now, segments=ctx.segments)
+        members = compile_members(condition, fresh, project_id, _id_range(low, high))
+        wanted = PREVIEW_SAMPLE - len(found)
+        found += [cast(uuid.UUID, row[0]) for row in session.execute(members.limit(wanted))]
+        if len(found) >= PREVIEW_SAMPLE:
+            break
+        low = high
+    contact = tables.contacts.c
     sample = session.execute(
-        select(contact)
-        .where(contact.c.project_id == project_id, contact.c.id.in_(select(found.c.contact_id)))
-        .order_by(contact.c.created_at.desc(), contact.c.id.desc())
+        select(tables.contacts)
+        .where(contact.project_id == project_id, contact.id == tables.any_uuid(found))
+        .order_by(contact.created_at.desc(), contact.id.desc())
     ).all()
     return Preview(count, list(sample))
+
+
+def _id_range(low: uuid.UUID | None, high: uuid.UUID) -> Any:
+    """The scope of the contact ids in (low, high] (from the first when low is None)."""
+
+    def within(column: Any) -> Any:
+        upper = column <= literal(high, Uuid)
+        return upper if low is None else and_(column > literal(low, Uuid), upper)
+
+    return within
 
 
 def is_stored(row: Row[Any]) -> bool:
