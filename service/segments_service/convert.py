@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections import OrderedDict
@@ -180,15 +181,16 @@ def contact_to_proto(row: Any) -> resources_pb2.Contact:
     )
 
 
-# Conditions as messages, by (segment id, updated_at): a segment read again and again (a UI
-# polling its count) is not converted again; a change of condition changes updated_at.
+# Conditions as messages, by their JSON text: a segment read again and again (a UI polling
+# its count) is not converted again (the text costs a twentieth of the conversion). Not by
+# updated_at: a failed build puts the previous condition back without changing it.
 _CONDITIONS: OrderedDict[tuple[Any, Any], struct_pb2.Value] = OrderedDict()
 _CONDITIONS_KEPT = 1024
 _CONDITIONS_LOCK = threading.Lock()
 
 
 def _condition_value(row: Any) -> struct_pb2.Value:
-    key = (row.id, row.updated_at)
+    key = (row.id, json.dumps(row.condition))
     with _CONDITIONS_LOCK:
         found = _CONDITIONS.get(key)
         if found is not None:
