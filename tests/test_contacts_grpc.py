@@ -13,6 +13,7 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from sqlalchemy import Engine, text
 
 from segments import (
     AlreadyExistsError,
@@ -387,3 +388,37 @@ def condition_holds(condition: Any, data: dict[str, Any]) -> bool:
         "lessThan": n < value,
         "greaterThan": n > value,
     }[item["operator"]]
+
+
+def test_the_preview_samples_its_first_slice_of_contacts_then_the_rest(
+    client: SegmentsClient, project: Project, engine: Engine
+) -> None:
+    """Members whose ids lie in the first thousandth of the id space are sampled from that
+    slice alone; when it holds fewer than ten, the rest come from the other contacts."""
+    low = [uuid.UUID(int=i + 1) for i in range(12)]  # ids at the very start of the space
+    with engine.begin() as conn:
+        for i, contact_id in enumerate(low):
+            conn.execute(
+                text(
+                    "INSERT INTO contacts (project_id, id, email, subscribed, data, created_at, "
+                    "updated_at) VALUES (:p, :id, :e, true, CAST(:d AS jsonb), now(), now())"
+                ),
+                {"p": project.id, "id": contact_id, "e": f"low{i}@x.com", "d": '{"plan": "pro"}'},
+            )
+    for i in range(5):
+        client.upsert_contact(f"high{i}@x.com", data={"plan": "pro"})
+    # Twelve members in the slice: the sample is ten of them.
+    got = client.preview_segment(F.data("plan") == "pro")
+    assert got.member_count == 17
+    assert len(got.sample) == 10
+    assert {uuid.UUID(c.id) for c in got.sample} <= set(low)
+    # Three in the slice: those three and seven of the others.
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE contacts SET data = '{}' WHERE project_id = :p AND id = ANY(:ids)"),
+            {"p": project.id, "ids": low[3:]},
+        )
+    got = client.preview_segment(F.data("plan") == "pro")
+    assert got.member_count == 8
+    ids = {uuid.UUID(c.id) for c in got.sample}
+    assert len(ids) == 8 and set(low[:3]) <= ids
