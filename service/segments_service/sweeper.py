@@ -167,11 +167,17 @@ FULL_EVERY = 60
 
 
 def crossed_contacts(
-    session: Session, project_id: uuid.UUID, since: datetime, now: datetime
+    session: Session,
+    project_id: uuid.UUID,
+    since: datetime,
+    now: datetime,
+    segments: Sequence[membership.Dynamic] | None = None,
 ) -> list[uuid.UUID]:
     """Contacts that may have crossed a window edge of a time-dependent segment between
-    `since` and `now` (see the module doc)."""
-    segments = time_dependent_segments(session, project_id)
+    `since` and `now` (see the module doc); `segments`: the project's time-dependent
+    segments, when the caller has them already."""
+    if segments is None:
+        segments = time_dependent_segments(session, project_id)
     earlier = since - OVERLAP
     parts: list[Select[Any]] = []
     c = tables.contacts.c
@@ -202,9 +208,8 @@ def crossed_contacts(
             parts.append(
                 select(c.id.label("contact_id")).where(c.project_id == project_id, crossed)
             )
-    if any(f.kind is Kind.DATA and f.window is not None for s in segments for f in s.filters()):
-        w = tables.contact_wakeups.c
-        parts.append(select(w.contact_id).where(w.project_id == project_id, w.wake_at <= now))
+    if wakeups.data_windows(segments):
+        parts.append(wakeups.due(project_id, now))
     if not parts:
         return []
     found = union(*parts).subquery()
@@ -253,7 +258,7 @@ class ProjectPass:
                 self.rewake = recorded != wakeups.signature(self.windows)
                 if not self.full:
                     assert self.since is not None
-                    crossed = crossed_contacts(session, self.project_id, self.since, now)
+                    crossed = crossed_contacts(session, self.project_id, self.since, now, segments)
         if not segments or self.failed:
             return
         if crossed is not None:

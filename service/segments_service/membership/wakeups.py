@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, delete, func, literal, select
+from sqlalchemy import ColumnElement, Select, and_, case, delete, func, literal, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 from sqlalchemy.types import DateTime, Interval
@@ -123,11 +123,10 @@ def refresh(
     )
 
 
-def due(session: Session, project_id: uuid.UUID, now: datetime) -> list[uuid.UUID]:
-    """The contacts whose answer may have turned by `now`."""
+def due(project_id: uuid.UUID, now: datetime) -> Select[Any]:
+    """The ids (`contact_id`) of the contacts whose answer may have turned by `now`."""
     w = tables.contact_wakeups.c
-    query = select(w.contact_id).where(w.project_id == project_id, w.wake_at <= now)
-    return list(session.execute(query).scalars())
+    return select(w.contact_id).where(w.project_id == project_id, w.wake_at <= now)
 
 
 def recorded(session: Session, project_id: uuid.UUID) -> str | None:
