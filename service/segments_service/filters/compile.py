@@ -52,6 +52,7 @@ from segments_service.filters.model import (
     SegmentFilter,
 )
 from segments_service.filters.predicates import (
+    compare,
     contact_predicate,
     data_node,
     data_predicate,
@@ -343,7 +344,7 @@ class _Compiler:
         grouped = select(e.contact_id).where(*match).group_by(e.contact_id)
         tests = []
         if f.count is not None:
-            tests.append(_compare(func.count(), f.count.operator, literal(f.count.value)))
+            tests.append(compare(func.count(), f.count.operator, literal(f.count.value)))
         if f.aggregate is not None:
             tests.append(_aggregate_test(f.aggregate))
         count = f.count
@@ -352,7 +353,7 @@ class _Compiler:
             # of occurrences (at least one) does not.
             return _Without(
                 self.scoped(grouped.having(not_(tests[0])), e.contact_id),
-                lambda ids: _compare(
+                lambda ids: compare(
                     select(func.count())
                     .where(*match, e.contact_id == ids)
                     .correlate_except(tables.events)
@@ -419,19 +420,6 @@ class _Compiler:
         )
 
 
-def _compare(left: Any, op: Op, right: Any) -> ColumnElement[bool]:
-    """`left <op> right` for the operators of a count or an aggregate."""
-    comparisons: dict[Op, Callable[[Any, Any], ColumnElement[bool]]] = {
-        Op.EQUALS: lambda a, b: a == b,
-        Op.NOT_EQUALS: lambda a, b: a != b,
-        Op.GT: lambda a, b: a > b,
-        Op.GTE: lambda a, b: a >= b,
-        Op.LT: lambda a, b: a < b,
-        Op.LTE: lambda a, b: a <= b,
-    }
-    return comparisons[op](left, right)
-
-
 _AGGREGATES: dict[Aggregation, Callable[[Any], ColumnElement[Any]]] = {
     Aggregation.SUM: func.sum,
     Aggregation.MIN: func.min,
@@ -451,5 +439,5 @@ def _aggregate_test(a: Aggregate) -> ColumnElement[bool]:
     # The float's shortest repr is the decimal the caller wrote.
     value = literal(Decimal(repr(a.value)) if isinstance(a.value, float) else a.value, Numeric)
     if a.function is Aggregation.AVG:
-        return _compare(func.sum(number), a.operator, value * func.count(number))
-    return _compare(_AGGREGATES[a.function](number), a.operator, value)
+        return compare(func.sum(number), a.operator, value * func.count(number))
+    return compare(_AGGREGATES[a.function](number), a.operator, value)

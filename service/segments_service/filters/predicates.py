@@ -3,6 +3,8 @@ filter of those kinds to one boolean SQL expression (NULL where the filter is un
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -119,16 +121,20 @@ def _compile_time(f: TimeFilter, ctx: CompileContext) -> ColumnElement[bool]:
     return comparisons[op]
 
 
-def _compare(left: Any, op: Op, right: Any) -> ColumnElement[bool]:
-    result: ColumnElement[bool]
-    if op is Op.GT:
-        result = left > right
-    elif op is Op.GTE:
-        result = left >= right
-    elif op is Op.LT:
-        result = left < right
-    else:
-        result = left <= right
+_COMPARISONS: dict[Op, Callable[[Any, Any], Any]] = {
+    Op.EQUALS: operator.eq,
+    Op.NOT_EQUALS: operator.ne,
+    Op.GT: operator.gt,
+    Op.GTE: operator.ge,
+    Op.LT: operator.lt,
+    Op.LTE: operator.le,
+}
+
+
+def compare(left: Any, op: Op, right: Any) -> ColumnElement[bool]:
+    """`left <op> right` for equals, notEquals and the four orderings (the comparisons of
+    values, of counts and of aggregates)."""
+    result: ColumnElement[bool] = _COMPARISONS[op](left, right)
     return result
 
 
@@ -323,7 +329,7 @@ def data_predicate(
             {"low": low_value, "high": high_value},
         )
     if f.timestamp is not None:
-        exact = _compare(stored_ts, op, _ts(f.timestamp))
+        exact = compare(stored_ts, op, _ts(f.timestamp))
         if op in (Op.GT, Op.GTE):
             return _date_prefix_in(raw_text, _fixed_day(f.timestamp, -_DATE_MARGIN), None, exact)
         return _date_prefix_in(raw_text, None, _fixed_day(f.timestamp, _DATE_MARGIN), exact)
