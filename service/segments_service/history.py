@@ -24,6 +24,7 @@ from segments_service import segments
 from segments_service.errors import ValidationError
 from segments_service.feed import Cursor
 from segments_service.filters import parse_value_timestamp
+from segments_service.members import bounded_limit
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -63,12 +64,6 @@ def _tracked(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) -> 
     return row
 
 
-def normalize_limit(limit: int) -> int:
-    if limit < 0:
-        raise ValidationError.single("limit", f"must be positive, got {limit}", "invalid")
-    return min(limit or DEFAULT_LIMIT, MAX_LIMIT)
-
-
 _PAGE = text(
     """
     SELECT e.feed_seq, e.name, e.occurred_at, e.contact_id, c.email
@@ -92,7 +87,7 @@ def feed_page(
     """The segment's entries and exits after the cursor `after` ("": the oldest
     retained), oldest first; resuming from any cursor neither repeats nor misses one."""
     start = Cursor.parse(after) if after.strip() else Cursor(0)
-    size = normalize_limit(limit)
+    size = bounded_limit(limit, DEFAULT_LIMIT, MAX_LIMIT)
     _tracked(session, project_id, segment_id)
     rows = session.execute(
         _PAGE,

@@ -47,6 +47,14 @@ def normalize_paging(page: int, page_size: int) -> tuple[int, int]:
     return page or 1, min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
+def bounded_limit(limit: int, default: int, maximum: int) -> int:
+    """A listing's `limit`: unset (0) is `default`, above `maximum` is `maximum`, negative
+    is a 400 naming `limit`."""
+    if limit < 0:
+        raise ValidationError.single("limit", "must not be negative", "too_small")
+    return min(limit or default, maximum)
+
+
 def list_members(
     session: Session, project_id: uuid.UUID, segment_id: uuid.UUID, page: int, page_size: int
 ) -> Page:

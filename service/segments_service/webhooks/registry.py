@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from segments_service import tables
 from segments_service.errors import FailedPrecondition, FieldViolation, NotFound, ValidationError
+from segments_service.members import bounded_limit
 from segments_service.webhooks.sender import address_problem, literal_address
 
 MAX_URL = 2048
@@ -229,9 +230,7 @@ def delete_webhook(session: Session, project_id: uuid.UUID, webhook_id: uuid.UUI
 
 
 def deliveries_limit(limit: int) -> int:
-    if limit < 0:
-        raise ValidationError.single("limit", "must not be negative", "too_small")
-    return min(limit or DEFAULT_DELIVERIES, MAX_DELIVERIES)
+    return bounded_limit(limit, DEFAULT_DELIVERIES, MAX_DELIVERIES)
 
 
 def list_deliveries(
