@@ -313,6 +313,7 @@ def test_watch_stream_through_envoy_outlives_the_rest_timeout(
         stream = segments_pb2_grpc.SegmentServiceStub(channel).WatchSegmentEvents(
             segments_pb2.WatchSegmentEventsRequest(), metadata=project.auth, timeout=30
         )
+        stream.initial_metadata()  # open, from now
         opened = time.monotonic()
         join("first@example.com")
         assert next(stream).email == "first@example.com"

@@ -506,7 +506,7 @@ def test_exports_count_against_the_projects_streams(
     watch = segments_pb2_grpc.SegmentServiceStub(narrow.channel).WatchSegmentEvents(
         segments_pb2.WatchSegmentEventsRequest(), metadata=project.auth
     )
-    time.sleep(0.5)
+    watch.initial_metadata()  # open: it holds the project's second stream
     refused = narrow.rest.get(path, key=project.secret_key)
     check_error(refused, 429, "RATE_LIMITED")
     assert int(refused.headers["retry-after"]) >= 1

@@ -225,7 +225,7 @@ def test_idle_streams_take_no_worker_and_are_capped_per_project(
             _upsert(channel, b, f"b{i}@x.com", timeout=5)
         assert time.monotonic() - started < 10
         own = segments.WatchSegmentEvents(segments_pb2.WatchSegmentEventsRequest(), metadata=b.auth)
-        time.sleep(0.3)
+        own.initial_metadata()  # open: past the cap's check
         assert not own.done()  # type: ignore[attr-defined]
         own.cancel()
     finally:
@@ -233,7 +233,7 @@ def test_idle_streams_take_no_worker_and_are_capped_per_project(
             c.cancel()
     # Closed streams give their places back.
     again = segments.WatchSegmentEvents(segments_pb2.WatchSegmentEventsRequest(), metadata=a.auth)
-    time.sleep(0.3)
+    again.initial_metadata()  # open: past the cap's check
     assert not again.done()  # type: ignore[attr-defined]
     again.cancel()
 
@@ -244,7 +244,7 @@ def test_a_revoked_key_ends_its_open_stream(
     a = new_project(sessions, "a")
     segments = segments_pb2_grpc.SegmentServiceStub(channel)
     call = segments.WatchSegmentEvents(segments_pb2.WatchSegmentEventsRequest(), metadata=a.auth)
-    time.sleep(0.3)
+    call.initial_metadata()  # open and authenticated
     assert not call.done()  # type: ignore[attr-defined]
     with sessions.begin() as session:
         auth.revoke_key(session, a.secret_key)

@@ -345,6 +345,7 @@ def test_watch_streams_live_and_resumes_without_gaps(stubs: Stubs, project: Proj
     stream = stubs.segments.WatchSegmentEvents(
         segments_pb2.WatchSegmentEventsRequest(), metadata=project.auth
     )
+    stream.initial_metadata()  # open: its start is fixed, so no change below is missed
     sent_at = time.monotonic()
     for i in range(5):
         upsert(stubs, project, f"u{i}@x.com", plan="premium")

@@ -236,6 +236,9 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 slot.enter_context(runner.fair.streams.hold(project_id))
             except ServiceError as err:
                 await abort(context, err, scope.request_id)
+            # The headers tell the caller the stream is open and its start fixed: every
+            # change committed after they arrive is sent (Watch from now loses none).
+            await context.send_initial_metadata(())
             reauthenticate = streams.Reauthenticate()
             while not self.stopping.is_set() and not context.done():
                 seen = self.watch.known(project_id)
