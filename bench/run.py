@@ -195,7 +195,12 @@ def run(args: argparse.Namespace) -> int:
                     "webhooks",
                     lambda: webhook_bench.run(
                         argparse.Namespace(
-                            backlog=2000, rate=1000, seconds=10.0, webhooks=1, timeout=120.0
+                            backlog=2000,
+                            rate=1000,
+                            seconds=10.0,
+                            webhooks=1,
+                            senders=4,
+                            timeout=120.0,
                         ),
                         env.url,
                     ),
