@@ -422,3 +422,48 @@ def test_the_preview_samples_its_first_slice_of_contacts_then_the_rest(
     assert got.member_count == 8
     ids = {uuid.UUID(c.id) for c in got.sample}
     assert len(ids) == 8 and set(low[:3]) <= ids
+
+
+def _insert_at(engine: Engine, project: Project, ids: list[uuid.UUID], prefix: str) -> None:
+    """Contacts with chosen ids (where in the id space they lie), each with plan "pro"."""
+    with engine.begin() as conn:
+        for i, contact_id in enumerate(ids):
+            conn.execute(
+                text(
+                    "INSERT INTO contacts (project_id, id, email, subscribed, data, created_at, "
+                    "updated_at) VALUES (:p, :id, :e, true, CAST(:d AS jsonb), now(), now())"
+                ),
+                {
+                    "p": project.id,
+                    "id": contact_id,
+                    "e": f"{prefix}{i}@x.com",
+                    "d": '{"plan": "pro"}',
+                },
+            )
+
+
+def test_the_preview_samples_the_second_slice_in_the_counts_own_pass(
+    client: SegmentsClient, project: Project, engine: Engine
+) -> None:
+    """From PostgreSQL 16 on, the count's pass gathers the members of two slices (a
+    thousandth and a twentieth of the id space): with too few in the first, the sample
+    comes from the second; before 16, from the first slice and then any other members."""
+    space = 2**128
+    first = [uuid.UUID(int=i + 1) for i in range(2)]
+    second = [uuid.UUID(int=int(0.01 * space) + i) for i in range(11)]
+    beyond = [uuid.UUID(int=int(0.5 * space) + i) for i in range(11)]
+    _insert_at(engine, project, first + second + beyond, "c")
+    got = client.preview_segment(F.data("plan") == "pro")
+    assert got.member_count == 24
+    ids = {uuid.UUID(c.id) for c in got.sample}
+    assert len(ids) == 10
+    with engine.connect() as conn:
+        version = int(conn.execute(text("SHOW server_version_num")).scalar_one())
+    if version >= 160000:
+        assert ids <= set(first + second)
+    else:
+        assert set(first) <= ids
+    # Everyone but a set is counted by subtraction, and sampled by a statement of its own.
+    without = client.preview_segment(F.event("never").not_triggered())
+    assert without.member_count == 24 and len(without.sample) == 10
+    assert set(first) <= {uuid.UUID(c.id) for c in without.sample}

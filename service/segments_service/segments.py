@@ -31,6 +31,7 @@ from segments_service.filters import (
     check_expansion,
     compile_count,
     compile_members,
+    compile_sampled_count,
     expansions,
     load_references,
     parse_condition,
@@ -133,41 +134,58 @@ class Preview:
     sample: list[Row[Any]]
 
 
-# The sample is looked for first in a slice of the contact id space (ids are random UUIDs,
-# so the slice holds about this share of the project's contacts), then, if that slice
-# holds too few members, in all of them.
-PREVIEW_SLICE = 0.001
+# The sample is looked for in slices of the contact id space: ids are random UUIDs, so the
+# contacts with ids up to a bound are about that share of the project's (a thousandth,
+# then a twentieth); past them, in all of them.
+PREVIEW_SLICES = (0.001, 0.05)
 _UUID_SPACE = 2**128
+# array_agg's partial states combine across parallel workers from this server version on.
+_PARALLEL_ARRAY_AGG = (16,)
+
+
+def _slice_bound(share: float) -> uuid.UUID:
+    return uuid.UUID(int=int(share * _UUID_SPACE))
 
 
 def preview(session: Session, project_id: uuid.UUID, condition_json: Any) -> Preview:
     """PreviewSegment: the count of count_matching and up to PREVIEW_SAMPLE of the members,
     in one transaction; nothing is stored.
 
-    The sample is the members found first in a thousandth of the contacts (a range of
-    contact ids, read from the indexes on contact ids as a build reads a slice): a
-    condition that one contact in a hundred meets is sampled from there at a small part of
-    its count. When that slice holds too few, the rest come from the member statement
-    under a LIMIT, planned to start fast. The members found are shown newest first.
-    Measured at a million contacts (BENCHMARKS.md): a LIMIT alone cost up to 40 % of the
-    count for common conditions, growing slices up to 5.7 times the count for a rare one
-    of twenty filters; the newest members instead would cost a pass over every member."""
+    The count's own pass gathers the members found in each slice (compile_sampled_count):
+    the smallest slice holding enough gives the sample, at no extra statement. Where the
+    count is taken by subtraction (everyone but a set), or on a server before PostgreSQL 16,
+    a second statement reads the first slice, as a build reads one, from the indexes on
+    contact ids. Either way, when the slices hold too
+    few (a condition that fewer than about two hundred contacts meet), the rest come from
+    the member statement under a LIMIT, planned to start fast. The members found are shown
+    newest first. Measured at a million contacts: BENCHMARKS.md, "Preview"."""
     condition = _unsaved_condition(session, project_id, condition_json)
     ctx = _context(session, project_id, condition, None)
     session.execute(COUNT_SETTINGS)
-    count = int(session.execute(compile_count(condition, ctx, project_id)).scalar_one())
+    bounds = [_slice_bound(share) for share in PREVIEW_SLICES]
+    sampled = None
+    if (session.connection().dialect.server_version_info or ()) >= _PARALLEL_ARRAY_AGG:
+        sampled = compile_sampled_count(condition, _fresh(ctx), project_id, bounds, PREVIEW_SAMPLE)
+    if sampled is not None:
+        count, *slices = session.execute(sampled).one()
+        wanted = min(PREVIEW_SAMPLE, count)
+        found: list[uuid.UUID] = list(slices[-1] or [])
+        high = bounds[-1]
+        for bound, ids in zip(bounds, slices, strict=True):
+            if ids is not None and len(ids) >= wanted:
+                found, high = list(ids), bound
+                break
+    else:
+        count = int(session.execute(compile_count(condition, _fresh(ctx), project_id)).scalar_one())
+        if count == 0:
+            return Preview(0, [])
+        high = bounds[0]
+        sliced = compile_members(condition, _fresh(ctx), project_id, _id_range(high))
+        found = [cast(uuid.UUID, row[0]) for row in session.execute(sliced.limit(PREVIEW_SAMPLE))]
     if count == 0:
         return Preview(0, [])
-    high = uuid.UUID(int=int(PREVIEW_SLICE * _UUID_SPACE))
-    # A context of its own per statement: compiling counts the filters it expands.
-    sliced = compile_members(
-        condition, CompileContext(now=ctx.now, segments=ctx.segments), project_id, _id_range(high)
-    )
-    found = [cast(uuid.UUID, row[0]) for row in session.execute(sliced.limit(PREVIEW_SAMPLE))]
     if len(found) < min(PREVIEW_SAMPLE, count):
-        rest = compile_members(
-            condition, CompileContext(now=ctx.now, segments=ctx.segments), project_id
-        ).subquery("rest")
+        rest = compile_members(condition, _fresh(ctx), project_id).subquery("rest")
         more = (
             select(rest.c.contact_id)
             .where(rest.c.contact_id > high)
@@ -181,6 +199,11 @@ def preview(session: Session, project_id: uuid.UUID, condition_json: Any) -> Pre
         .order_by(contact.created_at.desc(), contact.id.desc())
     ).all()
     return Preview(count, list(sample))
+
+
+def _fresh(ctx: CompileContext) -> CompileContext:
+    """A context of its own per statement (compiling counts the filters it expands)."""
+    return CompileContext(now=ctx.now, segments=ctx.segments)
 
 
 def _id_range(high: uuid.UUID) -> Any:

@@ -14,7 +14,7 @@ A reader's path through the package, each file one job:
 Everything other modules use is importable from here.
 """
 
-from segments_service.filters.compile import compile_count, compile_members
+from segments_service.filters.compile import compile_count, compile_members, compile_sampled_count
 from segments_service.filters.context import (
     CompileContext,
     Derive,
@@ -112,6 +112,7 @@ __all__ = [
     "check_expansion",
     "compile_count",
     "compile_members",
+    "compile_sampled_count",
     "expansion",
     "expansions",
     "is_date_only",
