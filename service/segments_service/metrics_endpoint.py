@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -57,16 +58,27 @@ def envoy_stats(admin_socket: Path, timeout: float = ENVOY_TIMEOUT) -> bytes:
         connection.close()
 
 
-def render(registry: CollectorRegistry, admin_socket: Path | None = None) -> bytes:
-    """One scrape: the registry's series, then Envoy's (a comment if Envoy cannot answer)."""
-    ours = generate_latest(registry)
-    if admin_socket is None:
-        return ours
+def _envoy_part(admin_socket: Path) -> bytes:
     try:
-        theirs = envoy_stats(admin_socket)
+        return envoy_stats(admin_socket)
     except OSError as err:
-        theirs = f"# Envoy's statistics are unavailable: {err}\n".encode()
-    return ours + theirs
+        return f"# Envoy's statistics are unavailable: {err}\n".encode()
+
+
+def render(
+    registry: CollectorRegistry,
+    admin_socket: Path | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> bytes:
+    """One scrape: the registry's series, then Envoy's (a comment if Envoy cannot answer);
+    with `pool`, Envoy is asked while the registry is read."""
+    if admin_socket is None:
+        return generate_latest(registry)
+    if pool is None:
+        return generate_latest(registry) + _envoy_part(admin_socket)
+    theirs = pool.submit(_envoy_part, admin_socket)
+    ours = generate_latest(registry)
+    return ours + theirs.result()
 
 
 class _Server(ThreadingHTTPServer):
@@ -90,6 +102,7 @@ class MetricsEndpoint:
         endpoint = self
         self.registry = registry
         self.admin_socket = admin_socket
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="metrics-envoy")
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -98,7 +111,7 @@ class MetricsEndpoint:
                 if self.path.split("?", 1)[0] != "/metrics":
                     self._answer(404, b"not found; the metrics are at /metrics\n")
                     return
-                self._answer(200, render(endpoint.registry, endpoint.admin_socket))
+                self._answer(200, render(endpoint.registry, endpoint.admin_socket, endpoint.pool))
 
             def _answer(self, status: int, body: bytes) -> None:
                 self.send_response(status)
@@ -124,3 +137,4 @@ class MetricsEndpoint:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self.pool.shutdown(wait=False)
