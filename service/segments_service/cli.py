@@ -22,13 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from segments_service.config import Settings
-from segments_service.database import (
-    DatabaseSetupError,
-    make_engine,
-    make_sessionmaker,
-    migrate,
-    resolve_database_url,
-)
 
 log = logging.getLogger("segments")
 DESCRIPTOR = Path(__file__).resolve().parents[2] / "envoy" / "segments.pb"
@@ -42,7 +35,14 @@ def configure_logging() -> None:
     logs.configure()
 
 
+# The database module (SQLAlchemy, psycopg, the embedded server) is imported where it is
+# used: it takes most of a start's import time, and `segments run` must take Ctrl-C from
+# its first moments (its handlers are installed first thing).
+
+
 def _database(settings: Settings) -> tuple[str, Any]:
+    from segments_service.database import DatabaseSetupError, resolve_database_url
+
     try:
         return resolve_database_url(settings.database_url, settings.data_dir)
     except DatabaseSetupError as err:
@@ -268,12 +268,18 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.database_url is None:
         log.info("data directory: %s", settings.data_dir)
     url, _server = _database(settings)
-    migrate(url)
+    _migrate(url)
     run_dir = Path(tempfile.mkdtemp(prefix="segments-run-"))
     try:
         return _supervise(settings, url, args.replicas, run_dir)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _migrate(url: str) -> None:
+    from segments_service.database import migrate
+
+    migrate(url)
 
 
 def _supervise(settings: Settings, url: str, replicas: int, run_dir: Path) -> int:
@@ -354,7 +360,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     url, _server = _database(settings)
     if args.migrate:
-        migrate(url)
+        _migrate(url)
     _serve_metrics(settings)
     serve(url, settings, args.port if args.port is not None else settings.grpc_port)
     return 0
@@ -362,14 +368,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
     url, _server = _database(settings)
-    migrate(url)
+    _migrate(url)
     print("schema is up to date")
     return 0
 
 
 def _with_session(settings: Settings, work: Any) -> Any:
     url, _server = _database(settings)
-    migrate(url)
+    from segments_service.database import make_engine, make_sessionmaker
+
+    _migrate(url)
     engine = make_engine(url, pool_size=1)
     try:
         with make_sessionmaker(engine).begin() as session:
