@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -128,12 +129,14 @@ def stack_with(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
     """Starts stacks, each on a database of its own; stops them and drops the databases."""
     started: list[Stack] = []
     databases: list[Any] = []
+    run_dirs: list[Path] = []
 
     def start(**env: str) -> Stack:
         database = _new_database()
         url = database.__enter__()
         databases.append(database)
         run_dir = Path(tempfile.mkdtemp(prefix="segments-metrics-", dir="/tmp"))
+        run_dirs.append(run_dir)
         stack = start_stack(url, run_dir, **env)
         started.append(stack)
         return stack
@@ -143,6 +146,8 @@ def stack_with(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
         stop_stack(stack)
     for database in databases:
         database.__exit__(None, None, None)
+    for run_dir in run_dirs:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def eventually(check: Callable[[], Any], timeout: float = 30.0) -> Any:
