@@ -25,7 +25,9 @@ Phases, in order (one server process and one Envoy for all of them):
    contact (bench/noisy.py);
 12. webhooks: a server and database of their own (bench/webhooks.py): a 2,000-event backlog
    drained to a local receiver (events/s), then 1,000 membership changes/s for 10 s
-   (entry -> delivery p95).
+   (entry -> delivery p95);
+13. metrics: a `segments run` stack of its own on the same database (two replicas and
+   Envoy), 50 segments and some traffic, then the median of 60 scrapes of /metrics.
 `--phases` runs a subset (e.g. `--phases noisy`), `--scenarios` some scenarios (e.g.
 `--scenarios extended`, the filter language beyond the reference's); their results go to a file of their own.
 The server's RSS is sampled every 50 ms throughout.

@@ -26,6 +26,7 @@ PHASES = (
     "ingestion",
     "noisy",
     "webhooks",
+    "metrics",
 )
 
 # What a phase takes from an earlier one: run along with it.

@@ -27,6 +27,7 @@ from bench.phases.export import export
 from bench.phases.export_csv import export_csv
 from bench.phases.ingestion import phase_ingestion, phase_ingestion_all
 from bench.phases.list_segments import list_segments
+from bench.phases.metrics import metrics_scrape
 from bench.phases.scale import scale_curve
 from bench.phases.scenarios import phase_scenarios
 from bench.phases.sweep import sweep_cost
@@ -212,6 +213,16 @@ def run(args: argparse.Namespace) -> int:
                     f"{wh['backlog']['events_per_second_per_webhook']:,} events/s; "
                     f"{steady['achieved_changes_per_second']:,} changes/s: entry -> delivery "
                     f"p95 {steady['entry_to_delivery_ms']['p95']} ms"
+                )
+
+        if "metrics" in wanted:
+            log(f"[13/{total}] /metrics of a `segments run` stack (two replicas and Envoy)")
+            with sampler.phase("metrics"):
+                mx = guarded(results, "metrics", lambda: metrics_scrape(env))
+            if mx:
+                log(
+                    f"    {mx['samples']:,} samples ({mx['scrape_bytes']:,} bytes): "
+                    f"median {mx['scrape_ms']['median']} ms a scrape"
                 )
 
         results["memory"] = {

@@ -20,6 +20,7 @@ LIMITS = {
     "preview_vs_count": 1.2,
     "explain_vs_trivial": 5.0,
     "contact_segments_vs_trivial": 3.0,
+    "metrics_scrape_ms": 5.0,
 }
 
 # The phases each target is measured in.
@@ -35,6 +36,7 @@ TARGET_PHASES = {
     "preview_vs_count": "scenarios",
     "explain_vs_trivial": "scenarios",
     "contact_segments_vs_trivial": "list",
+    "metrics_scrape_ms": "metrics",
 }
 
 
@@ -324,6 +326,23 @@ def target_contact_segments(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def target_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    mx = results.get("metrics")
+    if not isinstance(mx, dict) or "scrape_ms" not in mx:
+        raise ValueError("the metrics phase failed")
+    limit = LIMITS["metrics_scrape_ms"]
+    measured = mx["scrape_ms"]["median"]
+    return {
+        "measured": measured,
+        "limit": limit,
+        "met": measured <= limit,
+        "unit": "ms",
+        "rule": f"GET /metrics of a `segments run` stack ({mx['replicas']} replicas, Envoy's "
+        f"statistics included, {mx['segments']} segments in a project, after traffic), median "
+        f"of {mx['scrape_ms']['n']} scrapes",
+    }
+
+
 def compute_targets(
     results: dict[str, Any], plans: dict[str, tuple[str, str, str]], phases: Sequence[str]
 ) -> dict[str, Any]:
@@ -340,6 +359,7 @@ def compute_targets(
         "preview_vs_count": lambda: target_preview(results),
         "explain_vs_trivial": lambda: target_explain(results),
         "contact_segments_vs_trivial": lambda: target_contact_segments(results),
+        "metrics_scrape_ms": lambda: target_metrics(results),
     }
     limits = {
         "rest_get_segment_vs_query": None,
@@ -353,6 +373,7 @@ def compute_targets(
         "preview_vs_count": LIMITS["preview_vs_count"],
         "explain_vs_trivial": LIMITS["explain_vs_trivial"],
         "contact_segments_vs_trivial": LIMITS["contact_segments_vs_trivial"],
+        "metrics_scrape_ms": LIMITS["metrics_scrape_ms"],
     }
     targets: dict[str, Any] = {}
     for name, make in makers.items():

@@ -43,6 +43,8 @@ def environment(data_dir: Path, http_port: int, grpc_port: int) -> dict[str, str
         HTTP_PORT=str(http_port),
         GRPC_PORT=str(grpc_port),
         SEGMENTS_DRAIN_SECONDS="2",
+        # Not the default 9464: other stacks may run on this machine meanwhile.
+        SEGMENTS_METRICS_PORT=str(free_port()),
         LOG_LEVEL="WARNING",
     )
     return env
@@ -102,6 +104,25 @@ def test_the_grpc_port_too(data_dir: Path) -> None:
         )
     assert done.returncode == 1
     assert f"127.0.0.1:{port} (GRPC_PORT+1) is already in use" in done.stderr
+
+
+def test_the_metrics_port_too(data_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = environment(data_dir, http_port=free_port(), grpc_port=free_port())
+        done = subprocess.run(
+            [str(SEGMENTS), "run"],
+            env={**env, "SEGMENTS_METRICS_PORT": str(port)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"127.0.0.1:{port} (SEGMENTS_METRICS_PORT) is already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (data_dir / "postgres").exists()
 
 
 @pytest.mark.slow

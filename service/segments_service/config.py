@@ -98,6 +98,11 @@ class Settings:
     inline_build_contacts: int
     build_slice: int
     webhooks: WebhookSettings
+    # The /metrics endpoint: `segments run` serves it on this port (default 9464, 0: none);
+    # `segments serve` alone only when SEGMENTS_METRICS_PORT is set (metrics_port_set).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    metrics_port_set: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -120,6 +125,9 @@ class Settings:
             inline_build_contacts=inline_build_contacts(),
             build_slice=_int("SEGMENTS_BUILD_SLICE", DEFAULT_BUILD_SLICE),
             webhooks=WebhookSettings.from_env(),
+            metrics_host=os.environ.get("SEGMENTS_METRICS_HOST") or "127.0.0.1",
+            metrics_port=_int("SEGMENTS_METRICS_PORT", DEFAULT_METRICS_PORT),
+            metrics_port_set=bool(os.environ.get("SEGMENTS_METRICS_PORT")),
         )
 
 
@@ -150,6 +158,9 @@ def data_dir() -> Path:
 
     return Path(platformdirs.user_data_dir("segments", appauthor=False))
 
+
+# Where `segments run` serves /metrics (Prometheus exporters' customary port range).
+DEFAULT_METRICS_PORT = 9464
 
 # Segment builds (builds.py): projects of at most this many contacts build inline.
 DEFAULT_INLINE_BUILD_CONTACTS = 10_000

@@ -62,6 +62,7 @@ def render_config(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     listen_host: str = "127.0.0.1",
     openapi_path: Path | None = None,
+    admin_socket: Path | None = None,
 ) -> str:
     """Envoy bootstrap (JSON) for the listener in front of the gRPC `upstreams`: the
     committed envoy/envoy.json of the repository holding `descriptor_path`, with the
@@ -69,7 +70,9 @@ def render_config(
     (SEGMENTS_REQUEST_TIMEOUT) of this start, and absolute paths.
 
     `GET /openapi.json` answers the file at `openapi_path` (default: openapi/openapi.json
-    of that repository) when it exists."""
+    of that repository) when it exists. With `admin_socket`, Envoy's admin interface (its
+    statistics, for /metrics) listens on that Unix socket, readable by this user alone;
+    without, Envoy has none."""
     if not upstreams:
         raise ValueError("at least one upstream gRPC server is required")
     root = descriptor_path.resolve().parent.parent
@@ -116,6 +119,8 @@ def render_config(
         {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
         for host, port in upstreams
     ]
+    if admin_socket is not None:
+        config["admin"] = {"address": {"pipe": {"path": str(admin_socket), "mode": 0o600}}}
     return json.dumps(config, indent=2) + "\n"
 
 

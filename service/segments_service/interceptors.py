@@ -15,11 +15,18 @@ where grpcio would end the call with a crash status before any of our code ran: 
 decodes a request with the deserializer of the handler the interceptors return, so the
 handler returned here carries a deserializer that answers a marker instead of raising.
 
+Around each such RPC it also sets the request id that log lines carry (logs.REQUEST_ID),
+counts the RPC and times it by method and status code (metrics.RPC_REQUESTS,
+RPC_DURATION), and logs one access line at DEBUG.
+
 Methods without a kind here (health, reflection, any other service) pass through untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -30,9 +37,13 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from segments_api.v1 import contacts_pb2, events_pb2, segments_pb2, webhooks_pb2
+from segments_service import logs, metrics
 from segments_service.auth import KeyKind, bearer_token
 from segments_service.errors import MissingAuth, ValidationError
 from segments_service.rpc import REST_HEADER, SCOPE, Budget, RequestScope, abort
+
+# One line per RPC of our services at DEBUG: method, status code, time (LOG_LEVEL=DEBUG).
+access = logging.getLogger("segments_service.access")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Behavior = Callable[[Any, Context], Awaitable[Any]]
@@ -209,6 +220,36 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         for a decoded request with a well-formed Authorization header, within its scope."""
 
         async def admitted(request: Any, context: Context) -> Any:
+            # Logs written while handling it carry its id; entries and exits it writes are
+            # measured from its arrival (metrics.TRACKER_LAG).
+            request_token = logs.REQUEST_ID.set(headers.request_id)
+            origin_token = metrics.set_tracking("write", time.time())
+            started = time.perf_counter()
+            code = "UNKNOWN"
+            try:
+                result = await admit(request, context)
+                code = status_name(context.code(), "OK")
+                return result
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = status_name(context.code(), "UNKNOWN")
+                raise
+            finally:
+                seconds = time.perf_counter() - started
+                metrics.observe_rpc(method[1:], code, seconds)
+                access.debug(
+                    "%s %s %.1f ms",
+                    method,
+                    code,
+                    seconds * 1000,
+                    extra={"rpc": method, "code": code, "duration_ms": round(seconds * 1000, 3)},
+                )
+                metrics.reset_tracking(origin_token)
+                logs.REQUEST_ID.reset(request_token)
+
+        async def admit(request: Any, context: Context) -> Any:
             # An undecodable request is refused whatever its header says: the order the
             # service has always answered in.
             if isinstance(request, _Undecodable):
@@ -233,3 +274,15 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 SCOPE.reset(token)
 
         return admitted
+
+
+def status_name(code: Any, default: str) -> str:
+    """The name of a gRPC status code as the servicer context holds it (an enum or an int)."""
+    if code is None:
+        return default
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    for known in grpc.StatusCode:
+        if known.value[0] == code:
+            return known.name
+    return default

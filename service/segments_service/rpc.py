@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -128,7 +129,8 @@ class RequestScope:
 
 
 # Set by the interceptor around each handler of our services; read on the event loop (a
-# worker thread does not inherit it: what the work needs of it is passed explicitly).
+# worker thread runs in a copy of the context, but what the work needs of the scope is
+# passed explicitly).
 SCOPE: ContextVar[RequestScope] = ContextVar("segments_request_scope")
 
 
@@ -279,7 +281,11 @@ class Runner:
         """`blocking()` on a worker thread; cancelled when the budget passes or the caller
         goes away; errors abort the RPC with their mapped status."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(pool or self.unary_pool, blocking)
+        # In a copy of the request's context: the thread's log lines carry its request id,
+        # and the entries and exits it writes are measured from its arrival.
+        future = loop.run_in_executor(
+            pool or self.unary_pool, contextvars.copy_context().run, blocking
+        )
         try:
             done, _ = await asyncio.wait({future}, timeout=max(0.0, budget.remaining()))
             if not done:

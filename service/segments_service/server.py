@@ -30,6 +30,7 @@ from segments_api.v1 import (
     webhooks_pb2,
     webhooks_pb2_grpc,
 )
+from segments_service import metrics
 from segments_service.builds import Builder, BuildSettings
 from segments_service.config import Settings
 from segments_service.database import make_engine, make_sessionmaker
@@ -218,6 +219,8 @@ async def _serve(database_url: str, settings: Settings, port: int) -> None:
         max_overflow=2 * settings.project_streams,
         application_name=f"segments:{port}:streams",
     )
+    metrics.PoolWatch(engine, "requests")
+    metrics.PoolWatch(stream_engine, "streams")
     built = await create_server(
         f"{settings.host}:{port}",
         make_sessionmaker(engine),
@@ -246,6 +249,7 @@ async def _serve(database_url: str, settings: Settings, port: int) -> None:
         max_overflow=2,
         application_name=f"segments:{port}:webhooks",
     )
+    metrics.PoolWatch(webhook_engine, "webhooks")
     deliveries = WebhookWorker(
         webhook_engine,
         make_sessionmaker(webhook_engine),

@@ -38,6 +38,7 @@ import contextlib
 import logging
 import random
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -64,7 +65,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments_service import membership, tables
+from segments_service import membership, metrics, tables
 from segments_service.filters import Filter, Kind, Op, window_value
 from segments_service.membership import wakeups
 
@@ -297,14 +298,20 @@ class ProjectPass:
             yield
 
     def _refresh(self, sessions: sessionmaker[Session], contacts: Sequence[uuid.UUID]) -> None:
-        """Re-evaluate contacts through the writers' locked path, CHUNK per transaction."""
-        for start in range(0, len(contacts), membership.CHUNK):
-            with sessions.begin() as session:
-                set_budget(session, self.budget)
-                membership.refresh_contacts(
-                    session, self.project_id, contacts[start : start + membership.CHUNK]
-                )
+        """Re-evaluate contacts through the writers' locked path, CHUNK per transaction.
+        Their entries and exits are measured (metrics.TRACKER_LAG) from the instant the
+        previous pass covered: the earliest a contact can have crossed an edge since."""
+        origin = self.since or self.now
+        since = origin.timestamp() if origin is not None else time.time()
+        with metrics.tracking("sweep", since):
+            for start in range(0, len(contacts), membership.CHUNK):
+                with sessions.begin() as session:
+                    set_budget(session, self.budget)
+                    membership.refresh_contacts(
+                        session, self.project_id, contacts[start : start + membership.CHUNK]
+                    )
         self.moved += len(contacts)
+        metrics.SWEEP_CONTACTS.inc(len(contacts))
 
     @contextlib.contextmanager
     def _step(self) -> Iterator[None]:
@@ -451,6 +458,7 @@ class Sweeper(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.wait(self.period * random.uniform(0.8, 1.2)):
+            started = time.perf_counter()
             try:
                 moved = sweep_once(
                     self.engine, self.sessions, self.state, budget=self.background_timeout
@@ -459,10 +467,11 @@ class Sweeper(threading.Thread):
                 # The database may be restarting; the next period tries again.
                 log.exception("sweep failed")
                 continue
-            # A quiet sweep is not news: a healthy idle server logs nothing.
-            log.log(
-                logging.INFO if moved else logging.DEBUG, "sweep re-evaluated %d contacts", moved
-            )
+            seconds = time.perf_counter() - started
+            metrics.SWEEP_DURATION.observe(seconds)
+            # Routine work is not news: a healthy server's log stays quiet, and the metrics
+            # (segments_sweep_*) tell how much each pass did.
+            log.debug("sweep re-evaluated %d contacts in %.3f s", moved, seconds)
 
     def stop(self) -> None:
         self.stopping.set()

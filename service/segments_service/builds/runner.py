@@ -15,7 +15,7 @@ from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from segments_service import membership, tables
+from segments_service import membership, metrics, tables
 from segments_service.builds.queue import (
     APPLY,
     CATCHUP,
@@ -56,6 +56,8 @@ class _Current:
     segment_id: uuid.UUID | None = None
     generation: int = 0
     phase: str = ""
+    # When the build the step finished was queued (Unix seconds); None: it goes on.
+    finished_queued_at: float | None = None
 
 
 def step(
@@ -69,7 +71,12 @@ def step(
     current = _Current()
     try:
         with sessions.begin() as session:
-            return _step(session, project_id, settings, hook, current)
+            stepped = _step(session, project_id, settings, hook, current)
+        if current.finished_queued_at is not None:
+            metrics.BUILD_DURATION.labels("background").observe(
+                max(0.0, time.time() - current.finished_queued_at)
+            )
+        return stepped
     except DBAPIError as exc:
         over_budget = isinstance(exc.orig, psycopg.errors.QueryCanceled)
         if current.segment_id is None or (
@@ -121,16 +128,20 @@ def _step(
         build.phase,
     )
     membership.allow_long_statements(session, settings.budget)
-    if build.phase == COMPUTE:
-        _compute(session, build, settings)
-    elif build.phase == APPLY:
-        _apply_slice(session, build, settings)
-    elif build.phase == CATCHUP:
-        _catch_up(session, build)
-    elif build.phase == FINAL:
-        _finish(session, build)
-    else:  # pragma: no cover - the table's CHECK allows no other phase
-        raise AssertionError(build.phase)
+    queued_at = build.queued_at.timestamp()
+    # Entries and exits a build writes are measured from its queueing (metrics.TRACKER_LAG).
+    with metrics.tracking("build", queued_at):
+        if build.phase == COMPUTE:
+            _compute(session, build, settings)
+        elif build.phase == APPLY:
+            _apply_slice(session, build, settings)
+        elif build.phase == CATCHUP:
+            _catch_up(session, build)
+        elif build.phase == FINAL:
+            _finish(session, build)
+            current.finished_queued_at = queued_at
+        else:  # pragma: no cover - the table's CHECK allows no other phase
+            raise AssertionError(build.phase)
     hook(session, build.phase)
     return True
 

@@ -23,7 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from segments_service import membership, tables
+from segments_service import membership, metrics, tables
 from segments_service.builds.queue import APPLY, CATCHUP, FAILED, FINAL, READY, BuildSettings
 
 
@@ -143,6 +143,7 @@ def _apply_slice(session: Session, build: Row[Any], settings: BuildSettings) -> 
         moved += _forget_where(session, build, *_in_slice(m.contact_id, build, end), *entered)
     row = session.execute(_diff_statement(build, seg, end)).one()._mapping
     moved += row["entered"] + row["exited"]
+    metrics.events_written(row.get("events", 0))
     values: dict[str, Any] = {"moved": build.moved + moved}
     if end is None:
         values.update(phase=CATCHUP, cursor=None)

@@ -31,7 +31,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from segments_service import tables
+from segments_service import metrics, tables
 from segments_service.filters import Derive, relative_values
 from segments_service.membership.dynamic import Changes, Dynamic
 
@@ -159,7 +159,9 @@ def _apply(
     params.update(relative_values(relative, now))
     row = session.execute(statement, params).one()._mapping
     # The events recorded are an output only when a tracked segment is there.
-    return Changes(entered=row["entered"], exited=row["exited"], events=row.get("events", 0))
+    events = row.get("events", 0)
+    metrics.events_written(events)
+    return Changes(entered=row["entered"], exited=row["exited"], events=events)
 
 
 def _apply_statement(

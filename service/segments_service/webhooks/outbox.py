@@ -55,6 +55,27 @@ _DUE = text(
 ).bindparams(bindparam("projects", type_=tables.UUID_ARRAY))
 
 
+_BACKLOG = text(
+    """
+    SELECT coalesce(sum(w.pending + greatest(coalesce(f.last_seq, 0) - w.fanned_seq, 0)), 0)
+    FROM webhooks w
+    LEFT JOIN feed_positions f ON f.project_id = w.project_id
+    WHERE w.deleted_at IS NULL
+      AND (CAST(:projects AS uuid[]) IS NULL OR w.project_id = ANY(:projects))
+    """
+).bindparams(bindparam("projects", type_=tables.UUID_ARRAY))
+
+
+def backlog(session: Session, projects: Sequence[uuid.UUID] | None = None) -> int:
+    """Deliveries of live webhooks waiting (PENDING: not yet attempted, or to be retried),
+    plus the feed positions they have not fanned out yet (some may be of segments a
+    webhook does not follow: the fan-out passes over those at once)."""
+    found = session.execute(
+        _BACKLOG, {"projects": list(projects) if projects is not None else None}
+    ).scalar_one()
+    return int(found)
+
+
 def due_webhooks(
     session: Session,
     read_ahead: int,

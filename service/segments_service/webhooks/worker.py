@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments_service import metrics
 from segments_service.config import WebhookSettings
 from segments_service.membership import advisory_key
 from segments_service.sweeper import set_budget
@@ -65,6 +66,8 @@ RECORD_SECONDS = 0.1
 READ_AHEAD = 1000
 # Deliveries of a deleted webhook removed per transaction.
 PURGE_SLICE = 5000
+# How often the worker counts the deliveries waiting (metrics.WEBHOOK_BACKLOG).
+BACKLOG_SECONDS = 1.0
 # How often finished deliveries past their retention are removed, and how many at once.
 PRUNE_SECONDS = 60.0
 PRUNE_SLICE = 5000
@@ -159,6 +162,7 @@ class WebhookWorker(threading.Thread):
         pool = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="webhook")
         running: dict[WebhookKey, Future[bool]] = {}
         pruned = time.monotonic()
+        counted = 0.0
         try:
             while not self.stopping.is_set():
                 for key, future in list(running.items()):
@@ -167,6 +171,9 @@ class WebhookWorker(threading.Thread):
                 free = self.settings.workers - len(running)
                 if free > 0:
                     self._dispatch(pool, running, free)
+                if time.monotonic() - counted >= BACKLOG_SECONDS:
+                    counted = time.monotonic()
+                    self._count_backlog()
                 if time.monotonic() - pruned > PRUNE_SECONDS:
                     pruned = time.monotonic()
                     self._prune()
@@ -204,6 +211,14 @@ class WebhookWorker(threading.Thread):
         # wait for the next poll (a webhook locked by another server would spin).
         if not future.cancelled() and future.exception() is None and future.result():
             self.wake.set()
+
+    def _count_backlog(self) -> None:
+        try:
+            with self._transaction() as session:
+                backlog = outbox.backlog(session, self.projects)
+        except Exception:
+            return  # the database may be restarting: the dispatch says so, once a poll
+        metrics.WEBHOOK_BACKLOG.set(backlog)
 
     def _prune(self) -> None:
         try:
@@ -287,6 +302,7 @@ class WebhookWorker(threading.Thread):
         """One POST and its record; answers whether the next delivery may follow now."""
         outcome = self.sender.post(attempt.url, attempt.secret, attempt.body.encode())
         if outcome.delivered:
+            metrics.WEBHOOK_DELIVERED.inc()
             with self._stats_lock:
                 self.stats.delivered += 1
             unrecorded.add(attempt.feed_seq)
@@ -294,6 +310,7 @@ class WebhookWorker(threading.Thread):
                 return True
             with self._transaction() as session:
                 return unrecorded.flush(session, key)
+        metrics.WEBHOOK_FAILURES.inc()
         with self._stats_lock:
             self.stats.failed_attempts += 1
         error = outcome.error or "failed"
@@ -308,6 +325,7 @@ class WebhookWorker(threading.Thread):
                 self.settings.give_up,
             )
         if go_on:
+            metrics.WEBHOOK_GIVEN_UP.inc()
             log.warning(
                 "webhook %s: gave up on event %s after %d attempts: %s",
                 key.id,
