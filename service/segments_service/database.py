@@ -335,11 +335,14 @@ _LIBRARY_DIRS = tuple(
 class _StatementRecorder:
     """A before_cursor_execute listener: one set lookup per statement once it was seen."""
 
-    seen: set[str] = set()  # per process, shared by its engines
+    # The statements written to each file by this process, whichever engine ran them.
+    written: dict[str, set[str]] = {}
     lock = threading.Lock()
 
     def __init__(self, path: str) -> None:
         self.path = path
+        with self.lock:
+            self.seen = self.written.setdefault(path, set())
 
     def __call__(
         self, _conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _many: bool
