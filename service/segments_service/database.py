@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
 import stat
 import subprocess
 import sys
-import sysconfig
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -318,18 +318,22 @@ def make_engine(
 # statement reading or writing tenant data names its project.
 STATEMENT_LOG = "SEGMENTS_STATEMENT_LOG"
 _SERVICE_DIR = str(Path(__file__).resolve().parent) + os.sep
-_LIBRARY_DIRS = tuple(
-    sorted(
-        {
-            str(path) + os.sep
-            for key in ("stdlib", "platstdlib", "purelib", "platlib")
-            for path in (
-                Path(sysconfig.get_paths()[key]),
-                Path(sysconfig.get_paths()[key]).resolve(),
-            )
-        }
-    )
-)
+
+
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    """The standard library's and the installed packages' directories (found when a recorder
+    is made, not at import: `segments run` imports this before handling Ctrl-C)."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    keys = ("stdlib", "platstdlib", "purelib", "platlib")
+    found = {
+        str(path) + os.sep
+        for key in keys
+        for path in (Path(paths[key]), Path(paths[key]).resolve())
+    }
+    return tuple(sorted(found))
 
 
 class _StatementRecorder:
@@ -341,6 +345,7 @@ class _StatementRecorder:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.libraries = _library_dirs()
         with self.lock:
             self.seen = self.written.setdefault(path, set())
 
@@ -351,7 +356,7 @@ class _StatementRecorder:
         # that one statement of the code is one entry whatever its number of values.
         compiled = getattr(context, "compiled", None)
         text = compiled.string if compiled is not None else statement
-        if text in self.seen or not _issued_by_service():
+        if text in self.seen or not _issued_by_service(self.libraries):
             return
         with self.lock:
             if text in self.seen:
@@ -364,13 +369,13 @@ class _StatementRecorder:
                 os.close(fd)
 
 
-def _issued_by_service() -> bool:
+def _issued_by_service(libraries: tuple[str, ...]) -> bool:
     """Whether the innermost caller outside the libraries (SQLAlchemy, psycopg, the standard
     library) is the service's code, not a test's own SQL."""
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
-        if not name.startswith("<") and not name.startswith(_LIBRARY_DIRS):
+        if not name.startswith("<") and not name.startswith(libraries):
             return name.startswith(_SERVICE_DIR)
         frame = frame.f_back  # type: ignore[assignment]
     return False
