@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +34,7 @@ from segments import SegmentsClient
 from segments_api.v1 import contacts_pb2_grpc, events_pb2_grpc, segments_pb2_grpc
 from segments_service.auth import create_project
 from segments_service.database import (
+    STATEMENT_LOG,
     create_database,
     drop_database,
     make_engine,
@@ -43,9 +45,47 @@ from segments_service.database import (
 )
 from segments_service.fairness import Limits
 from segments_service.server import Options, ServerThread
+from tests import statement_scope
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Every distinct statement the service runs during the session, in-process or in the
+# servers the tests start as subprocesses (they inherit the environment), is appended to
+# one file; at the end of the session each is checked for its project scope
+# (tests/statement_scope.py) and the session fails on any that is not.
+_unscoped = pytest.StashKey[list[statement_scope.Violation]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if STATEMENT_LOG not in os.environ:
+        fd, path = tempfile.mkstemp(prefix="segments-statements-", suffix=".jsonl")
+        os.close(fd)
+        os.environ[STATEMENT_LOG] = path
+        config.add_cleanup(lambda: Path(path).unlink(missing_ok=True))
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures (and servers) are torn down
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    recorded = statement_scope.read_log(Path(os.environ[STATEMENT_LOG]))
+    violations = statement_scope.check(recorded)
+    session.config.stash[_unscoped] = violations
+    if violations and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    violations = config.stash.get(_unscoped, [])
+    if not violations:
+        return
+    terminalreporter.section("statements not scoped to a project", sep="=", red=True)
+    for violation in violations:
+        terminalreporter.line(f"{', '.join(violation.tables)}: {violation.statement}")
+    terminalreporter.line(
+        f"{len(violations)} statement(s) read or write tenant tables without comparing their "
+        "project_id; scope them, or list them in tests/statement_scope.py ALLOWED with why"
+    )
 
 
 def _admin_url() -> tuple[str, Any]:

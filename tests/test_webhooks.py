@@ -37,7 +37,7 @@ from segments_service import event_ids
 from segments_service.config import WebhookSettings
 from segments_service.database import make_engine, make_sessionmaker
 from segments_service.errors import ValidationError
-from segments_service.webhooks import Sender, WebhookWorker, address_problem, check_url
+from segments_service.webhooks import Sender, WebhookWorker, address_problem, check_url, outbox
 from segments_service.webhooks.sender import signature
 from tests.conditions import as_proto
 from tests.conftest import Project, Replica, Rest, new_project
@@ -847,3 +847,45 @@ def test_the_async_client(target: str, project: Project) -> None:
                 await client.get_webhook(created.id)
 
     asyncio.run(scenario())
+
+
+def test_finished_deliveries_past_their_retention_are_removed_in_every_project(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The prune reads across projects and removes, a slice at a time, the deliveries
+    finished before the retention: of every project, and those only."""
+    projects = [new_project(sessions, "prune-a"), new_project(sessions, "prune-b")]
+    webhook = uuid.uuid4()
+    rows = [
+        # (feed_seq, status, finished how long ago)
+        (1, "DELIVERED", "2 days"),
+        (2, "FAILED", "2 days"),
+        (3, "DELIVERED", "1 minute"),
+        (4, "PENDING", None),
+    ]
+    insert = text(
+        "INSERT INTO webhook_deliveries (project_id, webhook_id, feed_seq, event_id, type, body,"
+        " occurred_at, status, finished_at) VALUES (:p, :w, :seq, 'e', 't', '{}', now(),"
+        " :status, now() - CAST(:ago AS interval))"
+    )
+    with sessions.begin() as session:
+        for project in projects:
+            for seq, status, ago in rows:
+                session.execute(
+                    insert,
+                    {"p": project.id, "w": webhook, "seq": seq, "status": status, "ago": ago},
+                )
+    removed = []
+    with sessions.begin() as session:
+        while step := outbox.prune_finished(session, age=3600, slice_rows=3):
+            removed.append(step)
+    assert removed == [3, 1]
+    with sessions.begin() as session:
+        left = session.execute(
+            text(
+                "SELECT project_id, feed_seq FROM webhook_deliveries WHERE webhook_id = :w"
+                " ORDER BY project_id, feed_seq"
+            ),
+            {"w": webhook},
+        ).all()
+    assert left == sorted((uuid.UUID(p.id), seq) for p in projects for seq in (3, 4))

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import json
 import os
 import stat
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -302,7 +306,79 @@ def make_engine(
 
         set_json_dumps(dumps, dbapi_connection)
 
+    log = os.environ.get(STATEMENT_LOG)
+    if log:
+        event.listen(engine, "before_cursor_execute", _StatementRecorder(log))
     return engine
+
+
+# When set to a file's path, every engine appends to that file each distinct statement the
+# service's own code issues, one JSON string a line (processes may share the file). The test
+# suite sets it for its servers, in-process and subprocess alike, and then checks that every
+# statement reading or writing tenant data names its project.
+STATEMENT_LOG = "SEGMENTS_STATEMENT_LOG"
+_SERVICE_DIR = str(Path(__file__).resolve().parent) + os.sep
+
+
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    """The standard library's and the installed packages' directories (found when a recorder
+    is made, not at import: `segments run` imports this before handling Ctrl-C)."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    keys = ("stdlib", "platstdlib", "purelib", "platlib")
+    found = {
+        str(path) + os.sep
+        for key in keys
+        for path in (Path(paths[key]), Path(paths[key]).resolve())
+    }
+    return tuple(sorted(found))
+
+
+class _StatementRecorder:
+    """A before_cursor_execute listener: one set lookup per statement once it was seen."""
+
+    # The statements written to each file by this process, whichever engine ran them.
+    written: dict[str, set[str]] = {}
+    lock = threading.Lock()
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.libraries = _library_dirs()
+        with self.lock:
+            self.seen = self.written.setdefault(path, set())
+
+    def __call__(
+        self, _conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _many: bool
+    ) -> None:
+        # The statement as compiled, before expanding IN lists and batching VALUES rows, so
+        # that one statement of the code is one entry whatever its number of values.
+        compiled = getattr(context, "compiled", None)
+        text = compiled.string if compiled is not None else statement
+        if text in self.seen or not _issued_by_service(self.libraries):
+            return
+        with self.lock:
+            if text in self.seen:
+                return
+            self.seen.add(text)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (json.dumps(text) + "\n").encode())
+            finally:
+                os.close(fd)
+
+
+def _issued_by_service(libraries: tuple[str, ...]) -> bool:
+    """Whether the innermost caller outside the libraries (SQLAlchemy, psycopg, the standard
+    library) is the service's code, not a test's own SQL."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith("<") and not name.startswith(libraries):
+            return name.startswith(_SERVICE_DIR)
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
