@@ -35,6 +35,8 @@ from sqlalchemy import (
     select,
     union,
 )
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BooleanClauseList
 
 from segments_service import tables
 from segments_service.errors import ValidationError
@@ -57,6 +59,7 @@ from segments_service.filters.predicates import (
     data_node,
     data_predicate,
     data_text,
+    parses_timestamps,
 )
 from segments_service.filters.references import expands
 
@@ -105,7 +108,45 @@ def compile_count(condition: Condition, ctx: CompileContext, project_id: uuid.UU
         return select((everyone - excluded.scalar_subquery()).label("count"))
     if isinstance(node, _Set) and node.size is not None:
         return select(node.size.scalar_subquery().label("count"))
+    if isinstance(node, _Pred):
+        scanned, parsed = _split_parsing(node.expr)
+        if parsed:
+            c = tables.contacts.c
+            return select(func.count().filter(and_(*parsed)).label("count")).where(
+                c.project_id == project_id, *scanned
+            )
     return select(func.count().label("count")).select_from(compiler.members(node).subquery())
+
+
+def _split_parsing(
+    expr: ColumnElement[bool],
+) -> tuple[list[ColumnElement[bool]], list[ColumnElement[bool]]]:
+    """The conjuncts of a predicate over contacts: those the scan tests, and those that read
+    a data value as a timestamp, which a count tests in its aggregate's FILTER instead.
+
+    The rows are the same (count(*) FILTER (WHERE p) counts the rows where p is TRUE) and
+    the executor does the same work: the scan's cheap tests (the project, a timestamp's
+    leading date) still run first and leave the parse about one row in ten, for a 30-day
+    window over a year of dates. The plan is what changes. PostgreSQL charges every qual of a scan for every row it reads, as if none
+    ran before it: in the WHERE clause the parse was charged for every contact of every
+    project in a sequential scan, and an index scan over the project's prefix of the
+    smallest index (`contacts_by_updated`) looked cheaper, for it skips the other
+    projects' rows. That scan reads the project's contacts in `updated_at` order, a buffer
+    access for each: about twice as slow as the sequential scan at 100k contacts. In the FILTER the parse is charged
+    only for the rows the scan returns, to either plan alike, and the scan is chosen by
+    what it reads."""
+    conjuncts: list[ColumnElement[bool]] = []
+
+    def flatten(e: ColumnElement[bool]) -> None:
+        if isinstance(e, BooleanClauseList) and e.operator is operators.and_:
+            for clause in e.clauses:
+                flatten(clause)
+        else:
+            conjuncts.append(e)
+
+    flatten(expr)
+    parsed = [e for e in conjuncts if parses_timestamps(e)]
+    return [e for e in conjuncts if not parses_timestamps(e)], parsed
 
 
 @dataclass(frozen=True)
