@@ -34,7 +34,7 @@ from bench.phases.sweep import sweep_cost
 from bench.phases.trivial import trivial
 from bench.report import write_outputs
 from bench.stack import ROOT, Envoy, Sampler, Server
-from bench.targets import compute_targets
+from bench.targets import compute_targets, failures, misses
 
 
 def guarded(results: dict[str, Any], key: str, fn: Callable[[], Any]) -> Any:
@@ -246,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
             )
         results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         results["targets"] = compute_targets(results, plans, args.phases)
+        results["targets_enforced"] = not args.no_enforce
     finally:
         if sampler is not None:
             sampler.stop()
@@ -255,7 +256,31 @@ def run(args: argparse.Namespace) -> int:
         engine.dispose()
 
     write_outputs(args, results, plans, small_plans)
-    return 0
+    return verdict(results, args.no_enforce)
+
+
+def verdict(results: dict[str, Any], no_enforce: bool) -> int:
+    """The exit status: 1 when a phase failed or a target was not measured; 1 when a target
+    was missed, at whatever size ran, unless --no-enforce; 0 otherwise."""
+    targets = results.get("targets", {})
+    failed = failures(results, targets)
+    missed = misses(targets)
+    if failed:
+        print(f"\nFAILED ({len(failed)}):", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+    if missed:
+        print(
+            f"\nTARGETS MISSED ({len(missed)} of {len(targets)})"
+            + (": not enforced (--no-enforce)" if no_enforce else "")
+            + ":",
+            file=sys.stderr,
+        )
+        for line in missed:
+            print(f"  {line}", file=sys.stderr)
+    elif targets:
+        print(f"\nall {len(targets)} targets met", file=sys.stderr)
+    return 1 if failed or (missed and not no_enforce) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

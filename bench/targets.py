@@ -391,3 +391,61 @@ def compute_targets(
     if "noisy" in phases:
         targets.update(noisy.targets(results.get("noisy") or {}))
     return targets
+
+
+def misses(targets: dict[str, Any]) -> list[str]:
+    """One line for every target not met (a target whose phase failed is not met either),
+    whatever the size measured: what `make bench` lists before it exits non-zero."""
+    lines = []
+    for name, t in targets.items():
+        if t.get("met"):
+            continue
+        unit = t.get("unit", "")
+        if t.get("measured") is None:
+            figure = "not measured"
+        else:
+            figure = f"{t['measured']:,.2f} {unit}".rstrip()
+        limit = "" if t.get("limit") is None else f"{t['limit']:,.2f} {unit}".rstrip()
+        where = next(
+            (f" ({key} {t[key]})" for key in ("worst_scenario", "scenario") if t.get(key)), ""
+        )
+        line = f"{name}: {figure}{where}" + (
+            f", limit {t.get('comparison', '<=')} {limit}" if limit else ""
+        )
+        note = t.get("note")
+        if isinstance(note, str):
+            line += f"; {note}"
+        elif isinstance(note, dict):
+            line += "; over: " + ", ".join(
+                f"{k} {v['by'] if isinstance(v, dict) and 'by' in v else v}"
+                for k, v in note.items()
+            )
+        lines.append(line)
+    return lines
+
+
+def failures(results: dict[str, Any], targets: dict[str, Any]) -> list[str]:
+    """What did not run to the end, at any size and enforced or not: a phase or a part of
+    one that failed (an `error` recorded in the results) and a target left unmeasured."""
+    found: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("error"), str):
+                # The first line: a database error goes on with its statement.
+                found.append(f"{path}: {node['error'].splitlines()[0]}")
+                return
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                name = value.get("name") if isinstance(value, dict) else None
+                walk(value, f"{path}[{name or i}]")
+
+    for key, value in results.items():
+        if key not in ("machine", "source", "dataset", "targets"):
+            walk(value, key)
+    found.extend(
+        f"{name}: not measured" for name, t in targets.items() if t.get("measured") is None
+    )
+    return found

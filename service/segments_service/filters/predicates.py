@@ -10,6 +10,8 @@ from typing import Any
 
 from sqlalchemy import Boolean, ColumnElement, and_, case, func, literal, not_, or_, select
 from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import DateTime, Interval, Text
 
 from segments_service import tables
@@ -153,8 +155,28 @@ def window_value(f: Filter) -> ColumnElement[datetime]:
     if isinstance(f, TimeFilter):
         return c.created_at if f.kind is Kind.CREATED_AT else c.updated_at
     assert isinstance(f, DataFilter), f.kind
-    return func.segments_timestamp(
-        data_node(tables.contacts.c.data, f.path), type_=DateTime(timezone=True)
+    return _stored_timestamp(data_node(tables.contacts.c.data, f.path))
+
+
+_PARSE_TIMESTAMP = "segments_timestamp"
+
+
+def _stored_timestamp(node: ColumnElement[Any]) -> ColumnElement[datetime]:
+    """A JSON value read as a timestamp by the SQL function segments_timestamp() (NULL for
+    anything that is not a string of timestamp shape that parses)."""
+    result: ColumnElement[datetime] = getattr(func, _PARSE_TIMESTAMP)(
+        node, type_=DateTime(timezone=True)
+    )
+    return result
+
+
+def parses_timestamps(expr: ColumnElement[Any]) -> bool:
+    """Whether the predicate reads a data value as a timestamp (segments_timestamp(), a
+    PL/pgSQL call costing many built-in operators, run only on the strings whose leading
+    date passed the cheap test before it: see _date_prefix_in)."""
+    return any(
+        isinstance(element, FunctionElement) and element.name == _PARSE_TIMESTAMP
+        for element in visitors.iterate(expr)
     )
 
 
@@ -288,7 +310,7 @@ def data_predicate(
             return func.right(text, func.char_length(needle)) == needle
         found = func.strpos(text, needle)
         return found > 0 if op is Op.CONTAINS else found == 0
-    stored_ts = func.segments_timestamp(node, type_=DateTime(timezone=True))
+    stored_ts = _stored_timestamp(node)
     # window_value() gives the sweeper this same expression.
     if op is Op.WITHIN:
         return _date_prefix_in(

@@ -1,0 +1,135 @@
+"""The benchmark's verdict: every target it measured applies, whatever the size it ran at,
+and a smoke run of the whole benchmark at a tiny size on the test server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.run import verdict
+from segments_service.database import drop_database, sqlalchemy_url
+from tests.conftest import ROOT, _admin_url
+
+MET = {"measured": 1.1, "limit": 1.5, "met": True, "unit": "x"}
+MISSED = {
+    "measured": 2.29,
+    "limit": 1.5,
+    "met": False,
+    "unit": "x",
+    "worst_scenario": "data_timestamp_within",
+    "note": {"data_timestamp_within": {"by": "2.29x, 1.53 times the limit"}},
+}
+
+
+def _results(**targets: dict[str, Any]) -> dict[str, Any]:
+    return {"dataset": {"contacts": 1_000}, "scenarios": [{"name": "a"}], "targets": targets}
+
+
+def test_targets_met_pass(capsys: pytest.CaptureFixture[str]) -> None:
+    assert verdict(_results(compiled_vs_hand_sql=MET), no_enforce=False) == 0
+    assert "all 1 targets met" in capsys.readouterr().err
+
+
+def test_a_missed_target_fails_the_run_and_is_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    results = _results(compiled_vs_hand_sql=MISSED, preview_vs_count=MET)
+    assert verdict(results, no_enforce=False) == 1
+    err = capsys.readouterr().err
+    assert "TARGETS MISSED (1 of 2):" in err
+    assert (
+        "compiled_vs_hand_sql: 2.29 x (worst_scenario data_timestamp_within), limit <= 1.50 x"
+        in err
+    )
+    assert "preview_vs_count" not in err
+
+
+def test_no_enforce_lists_misses_but_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert verdict(_results(compiled_vs_hand_sql=MISSED), no_enforce=True) == 0
+    err = capsys.readouterr().err
+    assert "TARGETS MISSED (1 of 1): not enforced (--no-enforce):" in err
+    assert "compiled_vs_hand_sql: 2.29 x" in err
+
+
+@pytest.mark.parametrize("no_enforce", [False, True])
+def test_a_failure_fails_the_run_even_unenforced(
+    no_enforce: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    failed_phase = {**_results(compiled_vs_hand_sql=MET), "scale": {"error": "KeyError: 'x'"}}
+    assert verdict(failed_phase, no_enforce=no_enforce) == 1
+    assert "scale: KeyError: 'x'" in capsys.readouterr().err
+    failed_scenario = {
+        **_results(compiled_vs_hand_sql=MET),
+        "scenarios": [{"name": "a", "error": "ValueError: answers differ"}],
+    }
+    assert verdict(failed_scenario, no_enforce=no_enforce) == 1
+    assert "scenarios[a]: ValueError: answers differ" in capsys.readouterr().err
+    unmeasured = _results(count_growth={"measured": None, "limit": 1.0, "met": False})
+    assert verdict(unmeasured, no_enforce=no_enforce) == 1
+    assert "count_growth: not measured" in capsys.readouterr().err
+
+
+def _server_version(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        row = conn.execute("SHOW server_version_num").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.slow
+def test_the_whole_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    """`make bench` end to end at 2,000 contacts, every phase, with the knobs at their
+    smallest: it runs, every phase finishes and every target is measured. Timing limits
+    are not enforced (--no-enforce): at this size the ratios are noise."""
+    admin, _handle = _admin_url()
+    if _server_version(admin) < 160000:
+        pytest.skip("the benchmark's hand-written SQL needs PostgreSQL 16 (pg_input_is_valid)")
+    name = f"segments_bench_smoke_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    output = tmp_path / "results.json"
+    # The bench's own server and Envoy, and its database on the suite's PostgreSQL.
+    command = [
+        *(sys.executable, "-m", "bench", "--database-url", admin, "--database-name", name),
+        *("--contacts", "2000", "--runs", "1", "--count-seconds", "0"),
+        *("--ingest-events", "2000", "--tracking-seconds", "2", "--tracking-rate", "200"),
+        *("--noisy-seconds", "1", "--noisy-streams", "2", "--noisy-counts", "2"),
+        *("--noisy-build-timeout", "60", "--no-enforce", "--output", str(output)),
+    ]
+    try:
+        run = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False
+        )
+    finally:
+        drop_database(sqlalchemy_url(admin), name)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads(output.read_text())
+    assert results["targets_enforced"] is False
+    targets = results["targets"]
+    assert set(targets) == {
+        "compiled_vs_hand_sql",
+        "rest_get_segment_vs_query",
+        "rest_get_segment_vs_trivial",
+        "list_segments_vs_trivial",
+        "ingest_events_per_second",
+        "tracking_latency_p95_seconds",
+        "server_rss_mb",
+        "count_growth",
+        "preview_vs_count",
+        "explain_vs_trivial",
+        "contact_segments_vs_trivial",
+        "noisy_neighbour_streams",
+        "noisy_neighbour_counts",
+        "build_concurrent_writes",
+        "build_response_s",
+    }
+    for target, entry in targets.items():
+        assert isinstance(entry["measured"], (int, float)), (target, entry)
+        assert isinstance(entry["met"], bool), (target, entry)
+    assert {s["name"] for s in results["scenarios"]} == set(results["scenario_names"])
+    assert "webhooks" in results and "error" not in results["webhooks"]
