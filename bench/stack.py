@@ -54,6 +54,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive ports that are free now (replicas of `segments
+    run` listen on GRPC_PORT, GRPC_PORT+1, ...)."""
+    import socket
+
+    while True:
+        base = free_port()
+        if base + count > 65536:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+
+
 class Server:
     """`python -m segments_service.cli serve` on the benchmark database."""
 

@@ -23,7 +23,7 @@ import grpc
 from bench import scenarios
 from bench.context import Env, condition_proto, md
 from bench.measure import summary, timed
-from bench.stack import free_port
+from bench.stack import free_port, free_ports
 from segments_api.v1 import contacts_pb2, contacts_pb2_grpc, segments_pb2, segments_pb2_grpc
 from segments_service import auth
 from segments_service.errors import NotFound
@@ -46,9 +46,10 @@ def _project_key(env: Env) -> str:
 
 
 def _start(env: Env, run_dir: Path) -> tuple[subprocess.Popen[bytes], int, int, int]:
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    while grpc_port + 1 in (http_port, metrics_port):
-        grpc_port = free_port()
+    grpc_port = free_ports(2)  # two replicas
+    http_port, metrics_port = free_port(), free_port()
+    while {http_port, metrics_port} & {grpc_port, grpc_port + 1} or http_port == metrics_port:
+        http_port, metrics_port = free_port(), free_port()
     environment = {
         **os.environ,
         "DATABASE_URL": env.url,
