@@ -175,9 +175,19 @@ def test_envoy_local_replies_use_the_contract(tmp_path: Path) -> None:
         marked = {h["header"]["key"] for h in mapper["headers_to_add"]}
         assert ENVELOPE_BODY_HEADER in marked, mapper
     denial, failed_check = errors[:2]
-    for mapper, status in ((denial, 400), (failed_check, 503)):
-        status_filter, flag = mapper["filter"]["and_filter"]["filters"]
-        assert status_filter["status_code_filter"]["comparison"]["value"]["default_value"] == status
+    # The service's denials (400, 405: any 4xx it answers), and a check that failed (503).
+    for mapper, statuses in (
+        (denial, [("GE", 400), ("LE", 499)]),
+        (failed_check, [("EQ", 503)]),
+    ):
+        *status_filters, flag = mapper["filter"]["and_filter"]["filters"]
+        assert [
+            (
+                f["status_code_filter"]["comparison"]["op"],
+                f["status_code_filter"]["comparison"]["value"]["default_value"],
+            )
+            for f in status_filters
+        ] == statuses
         assert flag == {"response_flag_filter": {"flags": ["UAEX"]}}
     assert denial["body_format_override"]["text_format_source"] == {
         "inline_string": "%LOCAL_REPLY_BODY%"
