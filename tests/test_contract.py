@@ -354,6 +354,18 @@ def test_rest_requests_are_checked_by_the_service_before_transcoding(tmp_path: P
     }
     plain_get = routes[envoy_config.REST_GET_ROUTE]["match"]["headers"]
     assert {"name": ":path", "string_match": {"contains": "?"}, "invert_match": True} in plain_get
+    # Unchecked: only paths GET is bound on, and not the literal paths another template
+    # also takes (their own route, before it, is checked): any other GET may be a 405.
+    get_paths = re.compile(routes[envoy_config.REST_GET_ROUTE]["match"]["safe_regex"]["regex"])
+    literal = re.compile(routes[envoy_config.REST_SHADOWING_ROUTE]["match"]["safe_regex"]["regex"])
+    names = [r["name"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]]
+    assert names.index(envoy_config.REST_SHADOWING_ROUTE) < names.index(envoy_config.REST_GET_ROUTE)
+    for path in ("/segments", "/segments/abc/", "/contacts/abc/segments", "/webhooks/a/deliveries"):
+        assert get_paths.fullmatch(path) and not literal.fullmatch(path), path
+    for path in ("/v1/track", "/events/batch", "/segments/abc/members", "/nowhere"):
+        assert not get_paths.fullmatch(path), path
+    for path in ("/contacts/batch", "/segments/preview/"):
+        assert literal.fullmatch(path), path
     assert routes[envoy_config.REST_GET_ROUTE]["route"] == routes[envoy_config.REST_ROUTE]["route"]
 
 

@@ -46,8 +46,8 @@ STREAM_END_FILTER = "envoy.filters.http.ext_proc"
 # responses (server-streaming RPCs with an HTTP binding) have one route each, named
 # STREAM_ROUTE_PREFIX + the RPC's name, before those.
 GRPC_ROUTE, OPENAPI_ROUTE, REST_GET_ROUTE, REST_ROUTE = "grpc", "openapi", "rest_get", "rest"
-# Literal paths a less specific binding also takes (/contacts/batch, /segments/{id}): every
-# request of them is checked, a GET without a query string too.
+# Literal paths a less specific binding also takes (/contacts/batch, also a
+# /contacts/{id}): every request of them is checked, a GET without a query string too.
 REST_SHADOWING_ROUTE = "rest_literal"
 REST_ROUTES = (REST_SHADOWING_ROUTE, REST_GET_ROUTE, REST_ROUTE)
 STREAM_ROUTE_PREFIX = "rest_stream:"
@@ -200,8 +200,9 @@ def build_config(
     source (generated tables, then envoy/filter.lua), `openapi_size` the size in bytes
     of the OpenAPI document served at GET /openapi.json, `streamed` the HTTP bindings of
     server-streaming RPCs (envoy_tables.streamed_bindings), `get_paths` an RE2 pattern of
-    the paths GET is bound on (envoy_tables.get_paths_pattern), `shadowing_paths` one of
-    the literal paths less specific bindings also take (envoy_tables.shadowing_paths_pattern).
+    the paths GET is bound on (envoy_tables.get_paths_pattern), `shadowing_paths` an RE2
+    pattern of the literal paths less specific bindings also take, if any
+    (envoy_tables.shadowing_paths_pattern).
 
     REST requests time out in Envoy a little after the service's budget per request
     (REST_TIMEOUT_MARGIN), native gRPC calls and streamed REST responses only by their own
