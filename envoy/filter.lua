@@ -8,9 +8,11 @@
 -- pass them on. `make generate` writes it into envoy/envoy.json after the tables it reads
 -- (envoy_tables.py): from the error contract (errors.py) GATEWAY_CODES (HTTP status ->
 -- public code of an error without the service's envelope), FALLBACK_CODE and RETRY_AFTER
--- (HTTP status -> default Retry-After seconds); from the descriptor set UNWRAP (HTTP rules
--- with a `response_body`: method, Lua path pattern, JSON field). Native gRPC callers are
--- left alone.
+-- (HTTP status -> default Retry-After seconds); OPENAPI_PATH, where Envoy serves the OpenAPI
+-- document, and OPENAPI_SERVER, the JSON string of its `servers` URL as generated, which is
+-- replaced by the URL the caller fetched it from; from the descriptor set UNWRAP (HTTP
+-- rules with a `response_body`: method, Lua path pattern, JSON field). Native gRPC callers
+-- are left alone.
 --
 -- Contract with the gRPC server (metadata keys, all ASCII values):
 --   x-http-status: 201 | 204   a success status other than 200: initial metadata sent
@@ -117,6 +119,26 @@ local function drop_non_metadata_headers(headers)
   end
 end
 
+-- The URL the caller reached this listener at, from the request's Host (:authority) and
+-- x-forwarded-proto (https when it says so, else http); nil when the Host is not a plain
+-- host[:port], which then is not repeated to the caller.
+local function served_from(headers)
+  local host = headers:get(":authority") or ""
+  if not host:match("^[%w%.%-_:%[%]]+$") then return nil end
+  local proto = (headers:get("x-forwarded-proto") or ""):match("^%s*([^,%s]+)") or ""
+  return (proto:lower() == "https" and "https" or "http") .. "://" .. host
+end
+
+-- The OpenAPI document with `servers` naming `url`: the generated URL is replaced where it
+-- first follows the "servers" key (the document is generated, so it is there once).
+local function with_server(text, url)
+  local at = text:find('"servers"', 1, true)
+  local from, to = nil, nil
+  if at then from, to = text:find(OPENAPI_SERVER, at, true) end
+  if not from then return nil end
+  return text:sub(1, from - 1) .. '"' .. json_escape(url) .. '"' .. text:sub(to + 1)
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local meta = handle:streamInfo():dynamicMetadata()
@@ -126,9 +148,14 @@ function envoy_on_request(handle)
   drop_non_metadata_headers(headers)
   local method = headers:get(":method") or ""
   meta:set(NS, "request_id", headers:get("x-request-id") or "")
+  local bare_path = (headers:get(":path") or ""):match("^[^?]*")
+  if method == "GET" and bare_path == OPENAPI_PATH then
+    local url = served_from(headers)
+    if url then meta:set(NS, "openapi_server", url) end
+    return
+  end
   -- Envoy's transcoder cannot apply `response_body` to a non-HttpBody field (GET
   -- /segments answers a bare array), so that field is unwrapped in envoy_on_response.
-  local bare_path = (headers:get(":path") or ""):match("^[^?]*")
   for _, rule in ipairs(UNWRAP) do
     if rule.method == method and bare_path:match(rule.pattern) then
       meta:set(NS, "unwrap", rule.field)
@@ -162,6 +189,11 @@ function envoy_on_response(handle)
     end
     if wanted and wanted >= 200 and wanted < 300 then
       headers:replace(":status", tostring(wanted))
+    end
+    if meta.openapi_server and status == 200 then
+      local text = with_server(body_text(handle), meta.openapi_server)
+      if text then set_body(handle, text, "application/json") end
+      return
     end
     if meta.unwrap then
       local text = body_text(handle)

@@ -29,6 +29,7 @@ import google.api
 import grpc_tools
 from google.protobuf import descriptor_pb2
 
+from segments_service.envoy_tables import OPENAPI_SERVER
 from segments_service.errors import CONTRACT, ErrorSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,8 @@ PROTO_ROOT = ROOT / "protos"
 OUTPUT = ROOT / "openapi" / "openapi.json"
 PACKAGE = "segments.v1"
 SERVICES = ("SegmentService", "ContactService", "EventService", "WebhookService")
-ENVOY_ADDRESS = "http://127.0.0.1:8080"
+# Envoy's default listener; Envoy serves the document with the URL it was fetched from.
+ENVOY_ADDRESS = OPENAPI_SERVER
 
 # Registers the google.api.http extension so that method options parse it.
 _annotations = importlib.import_module("google.api.annotations_pb2")
@@ -210,6 +212,9 @@ def _error_statuses() -> dict[str, str]:
 ERROR_STATUSES = _error_statuses()
 ERROR_CODES = [spec.code for spec in CONTRACT]
 RETRY_STATUSES = {str(spec.http_status) for spec in CONTRACT if spec.retry_after is not None}
+# The answer to a method a path does not serve (no operation to list it under): described
+# in the document's description and by the component response Error405, with `Allow`.
+METHOD_NOT_ALLOWED = "405"
 
 _SCALARS: dict[int, Schema] = {
     FDP.TYPE_DOUBLE: {"type": "number", "format": "double"},
@@ -615,7 +620,11 @@ class Document:
                     "transcoder), generated from protos/ by scripts/openapi.py. Secret keys "
                     "(`sk_...`) authorize every operation except `POST /v1/track`, which "
                     "takes a public key (`pk_...`). Every error has the one envelope "
-                    "`ErrorEnvelope`."
+                    "`ErrorEnvelope`. A method a path does not serve (`PUT /segments/{id}`) "
+                    "is answered 405 `METHOD_NOT_ALLOWED` with the path's methods in the "
+                    "`Allow` header (the response `Error405`); an unknown path 404. Query "
+                    "parameters are spelled as documented (`pageSize`, not `page_size`). "
+                    "`servers` names the address the document was fetched from."
                 ),
             },
             "servers": [{"url": ENVOY_ADDRESS}],
@@ -641,6 +650,11 @@ class Document:
                         "description": "Seconds to wait before retrying.",
                         "required": True,
                         "schema": {"type": "integer", "minimum": 0},
+                    },
+                    "Allow": {
+                        "description": "The methods the path serves, e.g. `DELETE, GET, PATCH`.",
+                        "required": True,
+                        "schema": {"type": "string"},
                     },
                 },
                 "responses": _error_responses(),
@@ -725,6 +739,8 @@ def _error_responses() -> dict[str, Schema]:
         headers: Schema = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
         if status in RETRY_STATUSES:
             headers["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
+        if status == METHOD_NOT_ALLOWED:
+            headers["Allow"] = {"$ref": "#/components/headers/Allow"}
         responses[f"Error{status}"] = {
             "description": description,
             "headers": headers,

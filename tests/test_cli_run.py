@@ -4,6 +4,7 @@ PostgreSQL was restarted underneath it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,6 +125,65 @@ def test_the_metrics_port_too(data_dir: Path) -> None:
     assert f"127.0.0.1:{port} (SEGMENTS_METRICS_PORT) is already in use" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (data_dir / "postgres").exists()
+
+
+def test_the_rest_listener_is_checked_where_it_listens(data_dir: Path) -> None:
+    """SEGMENTS_HTTP_HOST moves Envoy's REST listener (here to another loopback address),
+    and the port is checked there."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.2", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [str(SEGMENTS), "run"],
+            env={
+                **environment(data_dir, http_port=port, grpc_port=free_port()),
+                "SEGMENTS_HTTP_HOST": "127.0.0.2",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"127.0.0.2:{port} (HTTP_PORT) is already in use" in done.stderr
+
+
+@pytest.mark.slow
+def test_listen_addresses_follow_segments_host(data_dir: Path) -> None:
+    """SEGMENTS_HOST moves the gRPC servers and, unless SEGMENTS_HTTP_HOST says otherwise,
+    Envoy's REST listener; the OpenAPI document served there names that address."""
+    http_port, grpc_port = free_port(), free_port()
+    env = {**environment(data_dir, http_port, grpc_port), "SEGMENTS_HOST": "127.0.0.3"}
+    log = data_dir / "run.log"
+    with log.open("w") as out:
+        run = subprocess.Popen(
+            [str(SEGMENTS), "run"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "segments ready" not in log.read_text():
+            assert run.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        ready = log.read_text()
+        assert f"REST http://127.0.0.3:{http_port}  gRPC 127.0.0.3:{grpc_port}" in ready, ready
+        with urllib.request.urlopen(f"http://127.0.0.3:{http_port}/openapi.json") as resp:
+            document = json.loads(resp.read())
+        assert document["servers"] == [{"url": f"http://127.0.0.3:{http_port}"}]
+        for port in (http_port, grpc_port):
+            with socket.socket() as probe:
+                assert probe.connect_ex(("127.0.0.3", port)) == 0
+            with socket.socket() as probe:
+                assert probe.connect_ex(("127.0.0.1", port)) != 0, port
+        os.killpg(run.pid, signal.SIGINT)
+        assert run.wait(60) == 0, log.read_text()
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

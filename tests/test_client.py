@@ -471,3 +471,59 @@ def test_watch_and_export_stream_through_the_client(grpc_port: int, project: Key
         assert exported == ["v0@x.com", "v1@x.com", "v2@x.com"]
         with pytest.raises(NotFoundError):
             list(client.export_segment_contacts("00000000-0000-0000-0000-000000000000"))
+
+
+# --- a Watch bounded by the caller's own deadline ------------------------------------------
+
+
+def _watched_segment(client: SegmentsClient) -> Segment:
+    return client.create_segment("Watched", condition=PREMIUM, track_membership=True)
+
+
+@pytest.mark.parametrize("through", ["server", "envoy"])
+def test_a_watch_ends_cleanly_when_its_deadline_passes(
+    through: str, grpc_port: int, rest_url: str, project: Keys
+) -> None:
+    """The timeout the caller bounded a Watch with ends the iteration, no exception, after
+    the events that came before it; directly and through Envoy (which enforces the deadline
+    too)."""
+    target = f"127.0.0.1:{grpc_port}" if through == "server" else rest_url.removeprefix("http://")
+    with SegmentsClient(target, project.secret_key) as client:
+        _watched_segment(client)
+        events = client.watch_segment_events(timeout=3)
+        client.upsert_contact("w0@x.com", data={"plan": "premium"})
+        client.upsert_contact("w1@x.com", data={"plan": "premium"})
+        assert [e.email for e in events] == ["w0@x.com", "w1@x.com"]
+        assert list(events) == []  # ended, and stays ended
+
+
+def test_an_async_watch_ends_cleanly_when_its_deadline_passes(
+    grpc_port: int, project: Keys
+) -> None:
+    async def scenario() -> list[str]:
+        async with AsyncSegmentsClient(f"127.0.0.1:{grpc_port}", project.secret_key) as client:
+            await client.create_segment("Watched", condition=PREMIUM, track_membership=True)
+            events = client.watch_segment_events(timeout=3)
+            await client.upsert_contact("a0@x.com", data={"plan": "premium"})
+            return [e.email async for e in events]
+
+    assert asyncio.run(scenario()) == ["a0@x.com"]
+
+
+def test_other_watch_errors_still_raise(grpc_port: int, project: Keys) -> None:
+    target = f"127.0.0.1:{grpc_port}"
+    with (
+        SegmentsClient(target, "sk_not_a_real_key") as stranger,
+        pytest.raises(UnauthenticatedError),
+    ):
+        list(stranger.watch_segment_events(timeout=3))
+    with SegmentsClient(target, project.secret_key) as client, pytest.raises(InvalidArgumentError):
+        list(client.watch_segment_events(after="not a cursor", timeout=3))
+
+    async def scenario() -> None:
+        async with AsyncSegmentsClient(f"127.0.0.1:{grpc_port}", "sk_not_a_real_key") as client:
+            with pytest.raises(UnauthenticatedError):
+                async for _ in client.watch_segment_events(timeout=3):
+                    pass
+
+    asyncio.run(scenario())

@@ -175,9 +175,19 @@ def test_envoy_local_replies_use_the_contract(tmp_path: Path) -> None:
         marked = {h["header"]["key"] for h in mapper["headers_to_add"]}
         assert ENVELOPE_BODY_HEADER in marked, mapper
     denial, failed_check = errors[:2]
-    for mapper, status in ((denial, 400), (failed_check, 503)):
-        status_filter, flag = mapper["filter"]["and_filter"]["filters"]
-        assert status_filter["status_code_filter"]["comparison"]["value"]["default_value"] == status
+    # The service's denials (400, 405: any 4xx it answers), and a check that failed (503).
+    for mapper, statuses in (
+        (denial, [("GE", 400), ("LE", 499)]),
+        (failed_check, [("EQ", 503)]),
+    ):
+        *status_filters, flag = mapper["filter"]["and_filter"]["filters"]
+        assert [
+            (
+                f["status_code_filter"]["comparison"]["op"],
+                f["status_code_filter"]["comparison"]["value"]["default_value"],
+            )
+            for f in status_filters
+        ] == statuses
         assert flag == {"response_flag_filter": {"flags": ["UAEX"]}}
     assert denial["body_format_override"]["text_format_source"] == {
         "inline_string": "%LOCAL_REPLY_BODY%"
@@ -344,6 +354,18 @@ def test_rest_requests_are_checked_by_the_service_before_transcoding(tmp_path: P
     }
     plain_get = routes[envoy_config.REST_GET_ROUTE]["match"]["headers"]
     assert {"name": ":path", "string_match": {"contains": "?"}, "invert_match": True} in plain_get
+    # Unchecked: only paths GET is bound on, and not the literal paths another template
+    # also takes (their own route, before it, is checked): any other GET may be a 405.
+    get_paths = re.compile(routes[envoy_config.REST_GET_ROUTE]["match"]["safe_regex"]["regex"])
+    literal = re.compile(routes[envoy_config.REST_SHADOWING_ROUTE]["match"]["safe_regex"]["regex"])
+    names = [r["name"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]]
+    assert names.index(envoy_config.REST_SHADOWING_ROUTE) < names.index(envoy_config.REST_GET_ROUTE)
+    for path in ("/segments", "/segments/abc/", "/contacts/abc/segments", "/webhooks/a/deliveries"):
+        assert get_paths.fullmatch(path) and not literal.fullmatch(path), path
+    for path in ("/v1/track", "/events/batch", "/segments/abc/members", "/nowhere"):
+        assert not get_paths.fullmatch(path), path
+    for path in ("/contacts/batch", "/segments/preview/"):
+        assert literal.fullmatch(path), path
     assert routes[envoy_config.REST_GET_ROUTE]["route"] == routes[envoy_config.REST_ROUTE]["route"]
 
 

@@ -273,9 +273,7 @@ def test_batches_after_a_definition_change_evaluate_the_new_one(
 
 def test_static_member_calls_emit_nothing(stubs: Stubs, project: Project, engine: Engine) -> None:
     seg = stubs.segments.CreateSegment(
-        segments_pb2.CreateSegmentRequest(
-            name="List", type=resources_pb2.Segment.STATIC, track_membership=True
-        ),
+        segments_pb2.CreateSegmentRequest(name="List", type=resources_pb2.Segment.STATIC),
         metadata=project.auth,
     )
     stubs.segments.AddSegmentMembers(

@@ -1014,7 +1014,7 @@ def test_unknown_and_non_uuid_ids_are_404(rest: Rest, project: Project, bad_id: 
         ("GET", "/nope"),
         ("GET", "/segments/a/b/c"),
         ("POST", "/v2/track"),
-        ("PUT", "/segments"),
+        ("PUT", "/nope"),
         ("GET", "/contacts/a/b"),
     ],
 )

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from sqlalchemy import Engine, text
 
-from tests.conftest import Project, Rest
+from segments_api.v1 import resources_pb2, segments_pb2
+from tests.conftest import ROOT, Project, Rest, Stubs
 from tests.rest_helpers import Api, check_contact, check_error, check_segment, cond, flt
 
 LENIENT_SPELLINGS = ["no", "yes", "1", "0", "t", "f", "true", "false", ""]
@@ -230,8 +236,6 @@ def test_arrays_and_values_inside_free_form_fields_are_accepted(
 ) -> None:
     key = project.secret_key
     static = api.static_segment("List")
-    resp = rest.post(f"/segments/{static['id']}/members", {"emails": []}, key=key)
-    assert resp.status == 200 and resp.json == {"added": 0, "created": 0, "notFound": []}
     resp = rest.post(f"/segments/{static['id']}/members", {"emails": ["a@x.com"]}, key=key)
     assert resp.status == 200 and resp.json["added"] == 1, resp.raw[:500]
     # `data` and a filter's `value` are free-form: arrays in them are data, not lists.
@@ -511,8 +515,14 @@ def test_query_parameters_are_checked(rest: Rest, project: Project, targets: Tar
     err = check_error(resp, 400, "VALIDATION_ERROR")
     message = 'must be a 32-bit integer; got "ten"'
     assert err["errors"] == [{"field": "pageSize", "message": message, "code": "invalid_type"}]
-    # The proto name is taken too, as the transcoder takes it.
+    # Only the JSON name: the proto name, which the transcoder alone would take, is an
+    # unknown parameter, named as it was sent.
     resp = rest.get(f"{contacts}?page_size=5&page=1", key=project.secret_key)
+    err = check_error(resp, 400, "VALIDATION_ERROR")
+    assert err["errors"] == [
+        {"field": "page_size", "message": "unknown query parameter", "code": "unknown_field"}
+    ]
+    resp = rest.get(f"{contacts}?pageSize=5&page=1", key=project.secret_key)
     assert resp.status == 200 and resp.json["pageSize"] == 5, resp.raw[:300]
     resp = rest.post("/contacts?subscribed=true", {"email": "q@x.com"}, key=project.secret_key)
     err = check_error(resp, 400, "VALIDATION_ERROR")
@@ -533,3 +543,229 @@ def test_a_refusal_carries_the_request_id(rest: Rest, project: Project) -> None:
     assert err["requestId"] == "trace-strict-1"
     leaked = {"x-envelope-body", "x-error-envelope", "x-http-status"}
     assert not leaked & set(resp.headers), resp.headers
+
+
+# --- methods a path does not serve ------------------------------------------------------
+
+
+def test_a_method_a_path_does_not_serve_is_405_with_allow(
+    rest: Rest, project: Project, targets: Targets
+) -> None:
+    key = project.secret_key
+    static, dynamic = targets.static, targets.dynamic
+    contact = targets.api.upsert("m@x.com")
+    before = stored(targets.engine, project)
+    cases: list[tuple[str, str, Any, str]] = [
+        ("PUT", f"/segments/{dynamic['id']}", {"name": "Changed"}, "DELETE, GET, PATCH"),
+        ("POST", f"/contacts/{contact['id']}", {"email": "n@x.com"}, "DELETE, GET, PATCH"),
+        ("PUT", "/segments", {"name": "S", "type": "STATIC"}, "GET, POST"),
+        ("DELETE", "/segments", None, "GET, POST"),
+        ("PATCH", f"/segments/{static['id']}/members", {"emails": ["a@x.com"]}, "DELETE, POST"),
+        # A literal path is its own binding's alone: not a contact or segment id.
+        ("PUT", "/contacts/batch", {"contacts": []}, "POST"),
+        ("GET", "/contacts/batch", None, "POST"),
+        ("DELETE", "/segments/preview", None, "POST"),
+        ("GET", "/segments/preview/", None, "POST"),
+        ("POST", "/openapi.json", {}, "GET"),
+        ("TRACE", "/webhooks", None, "GET, POST"),
+        # A GET without a query string too, of a path GET is not bound on.
+        ("GET", "/v1/track", None, "POST"),
+        ("GET", f"/segments/{static['id']}/members", None, "DELETE, POST"),
+        ("GET", "/events/batch", None, "POST"),
+        ("GET", "/v1/track?x=1", None, "POST"),
+    ]
+    for method, path, body, allow in cases:
+        resp = rest.request(method, path, body, key=key, headers={"X-Request-Id": "m-405"})
+        err = check_error(resp, 405, "METHOD_NOT_ALLOWED")
+        assert resp.headers["allow"] == allow, (method, path, resp.headers)
+        bare = path.partition("?")[0]
+        assert err == {
+            "code": "METHOD_NOT_ALLOWED",
+            "message": f"{method} is not allowed on {bare}; allowed: {allow}",
+            "statusCode": 405,
+            "requestId": "m-405",
+        }, (method, path)
+        assert not {"x-envelope-body", "x-error-envelope"} & set(resp.headers)
+    # Before any key is looked at: the method is wrong whoever asks.
+    resp = rest.request("PUT", f"/segments/{dynamic['id']}")
+    check_error(resp, 405, "METHOD_NOT_ALLOWED")
+    # HEAD has no body, only the status and Allow.
+    resp = rest.request("HEAD", "/segments", key=key)
+    assert (resp.status, resp.headers["allow"], resp.raw) == (405, "GET, POST", b"")
+    assert stored(targets.engine, project) == before
+    assert targets.api.segment(dynamic["id"]) == dynamic
+    assert rest.get(f"/contacts/{contact['id']}", key=key).json == contact
+
+
+def test_unknown_paths_stay_404(rest: Rest, project: Project) -> None:
+    for method, path in (
+        ("GET", "/nowhere"),
+        ("PUT", "/nowhere"),
+        ("POST", "/v2/track"),
+        ("GET", "/segments/a/b/c"),
+        ("GET", "/segments/a/b/c?page=1"),
+        ("DELETE", "/openapi.json/x"),
+    ):
+        resp = rest.request(method, path, key=project.secret_key)
+        check_error(resp, 404, "NOT_FOUND")
+        assert "allow" not in resp.headers, (method, path)
+
+
+# --- query parameters go by their JSON names ----------------------------------------------
+
+
+def _query_operations() -> list[tuple[str, str, str]]:
+    """(method, path template, JSON name) of every query parameter of the REST surface, as
+    the OpenAPI document lists them."""
+    document = json.loads((ROOT / "openapi" / "openapi.json").read_text())
+    return [
+        (method.upper(), path, parameter["name"])
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        for parameter in operation.get("parameters", [])
+        if parameter["in"] == "query"
+    ]
+
+
+# A value each query parameter takes.
+QUERY_VALUES = {
+    "limit": "5",
+    "cursor": "",
+    "search": "a",
+    "subscribed": "true",
+    "page": "1",
+    "pageSize": "5",
+    "after": "",
+    "interval": "day",
+    "from": "2026-01-01T00:00:00Z",
+    "to": "2026-01-02T00:00:00Z",
+}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"([A-Z])", lambda m: "_" + m[1].lower(), name)
+
+
+def test_every_query_parameter_goes_by_its_json_name_only(
+    rest: Rest, project: Project, targets: Targets
+) -> None:
+    """Each route's query parameters: the JSON name is taken; the proto name (`page_size`)
+    and any other spelling (`Limit`) is an unknown parameter, named as it was sent."""
+    operations = _query_operations()
+    assert {name for _, _, name in operations} == set(QUERY_VALUES)
+    assert ("GET", "/segments/{id}/contacts", "pageSize") in operations
+    tracked = targets.api.create_segment("Tracked", cond(PREMIUM), trackMembership=True)
+    for method, template, name in operations:
+        path = template.replace("{id}", tracked["id"])
+        value = QUERY_VALUES[name]
+        resp = rest.request(method, f"{path}?{name}={value}", key=project.secret_key)
+        # 404 for a webhook this project does not have: past the check either way.
+        assert resp.status in (200, 404), (method, path, name, resp.raw[:300])
+        for spelling in {_snake(name), name[0].upper() + name[1:]} - {name}:
+            resp = rest.request(method, f"{path}?{spelling}={value}", key=project.secret_key)
+            err = check_error(resp, 400, "VALIDATION_ERROR")
+            assert err["errors"] == [
+                {"field": spelling, "message": "unknown query parameter", "code": "unknown_field"}
+            ], (method, path, spelling)
+
+
+# --- members calls take 1 to 500 emails ----------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["POST", "DELETE"])
+def test_members_calls_take_1_to_500_emails(
+    rest: Rest, project: Project, targets: Targets, method: str
+) -> None:
+    members = f"/segments/{targets.static['id']}/members"
+    for emails, message in (
+        ([], "must hold 1 to 500 emails, got none"),
+        ([f"e{i}@x.com" for i in range(501)], "at most 500 emails per call, got 501"),
+    ):
+        resp = rest.request(method, members, {"emails": emails}, key=project.secret_key)
+        err = check_error(resp, 400, "VALIDATION_ERROR", "emails")
+        assert [(e["field"], e["message"]) for e in err["errors"]] == [("emails", message)]
+    # Absent is empty.
+    resp = rest.request(method, members, {}, key=project.secret_key)
+    check_error(resp, 400, "VALIDATION_ERROR", "emails")
+    targets.unchanged()
+    emails = [f"e{i}@x.com" for i in range(500)]
+    resp = rest.request(method, members, {"emails": emails}, key=project.secret_key)
+    assert resp.status == 200, resp.raw[:300]
+
+
+def test_members_email_count_over_grpc(stubs: Stubs, project: Project, targets: Targets) -> None:
+    static = targets.static["id"]
+
+    def add(emails: list[str]) -> object:
+        request = segments_pb2.AddSegmentMembersRequest(id=static, emails=emails)
+        return stubs.segments.AddSegmentMembers(request, metadata=project.auth)
+
+    def remove(emails: list[str]) -> object:
+        request = segments_pb2.RemoveSegmentMembersRequest(id=static, emails=emails)
+        return stubs.segments.RemoveSegmentMembers(request, metadata=project.auth)
+
+    calls: list[Callable[[list[str]], object]] = [add, remove]
+    for call in calls:
+        for emails in ([], [f"e{i}@x.com" for i in range(501)]):
+            with pytest.raises(grpc.RpcError) as failed:
+                call(emails)
+            assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert bad_fields(failed.value) == ["emails"]
+    targets.unchanged()
+
+
+def bad_fields(err: grpc.RpcError) -> list[str]:
+    """The fields of the google.rpc.BadRequest of a failed call."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    fields = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+# --- only DYNAMIC segments track membership ------------------------------------------------
+
+
+def test_a_static_segment_cannot_track_membership(
+    rest: Rest, project: Project, targets: Targets
+) -> None:
+    key = project.secret_key
+    resp = rest.post("/segments", {"name": "x", "type": "STATIC", "trackMembership": True}, key=key)
+    err = check_error(resp, 400, "VALIDATION_ERROR", "trackMembership")
+    assert err["errors"][0]["code"] == "invalid_value"
+    static = targets.static["id"]
+    for body in ({"trackMembership": True}, {"name": "Renamed", "trackMembership": True}):
+        resp = rest.patch(f"/segments/{static}", body, key=key)
+        check_error(resp, 400, "VALIDATION_ERROR", "trackMembership")
+    assert targets.api.segment(static) == targets.static
+    targets.unchanged()
+    # false is what a STATIC segment is anyway.
+    resp = rest.post(
+        "/segments", {"name": "y", "type": "STATIC", "trackMembership": False}, key=key
+    )
+    assert resp.status == 201 and resp.json["trackMembership"] is False, resp.raw[:300]
+    assert targets.api.patch_segment(static, {"trackMembership": False})["name"] == "List"
+
+
+def test_a_static_segment_cannot_track_membership_over_grpc(
+    stubs: Stubs, project: Project, targets: Targets
+) -> None:
+    STATIC = resources_pb2.Segment.STATIC
+    with pytest.raises(grpc.RpcError) as failed:
+        stubs.segments.CreateSegment(
+            segments_pb2.CreateSegmentRequest(name="x", type=STATIC, track_membership=True),
+            metadata=project.auth,
+        )
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(failed.value) == ["trackMembership"]
+    with pytest.raises(grpc.RpcError) as failed:
+        stubs.segments.UpdateSegment(
+            segments_pb2.UpdateSegmentRequest(id=targets.static["id"], track_membership=True),
+            metadata=project.auth,
+        )
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(failed.value) == ["trackMembership"]
+    targets.unchanged()

@@ -373,6 +373,24 @@ def _rpc(
 _SEGMENTS = segments_pb2.DESCRIPTOR.services_by_name["SegmentService"]
 # Server-streaming RPCs: (path, response type).
 _WATCH_PATH = f"/{_SEGMENTS.full_name}/WatchSegmentEvents"
+
+
+def _stream_ended(error: SegmentsError, timeout: float | None, ends_at_deadline: bool) -> bool:
+    """Whether `error` ends a stream's iteration quietly instead of raising: cancelled by
+    the caller; and for a stream with no end of its own (Watch), the caller's own `timeout`
+    running out. Only that deadline: the service's DEADLINE_EXCEEDED (its budget of a step,
+    which carries its ErrorInfo) still raises, and so does an export cut short by its
+    deadline, which is incomplete."""
+    if error.status_code == grpc.StatusCode.CANCELLED:
+        return True
+    return (
+        ends_at_deadline
+        and timeout is not None
+        and error.status_code == grpc.StatusCode.DEADLINE_EXCEEDED
+        and not error.reason
+    )
+
+
 _EXPORT_PATH = f"/{_SEGMENTS.full_name}/ExportSegmentContacts"
 _EXPORT_CSV_PATH = f"/{_SEGMENTS.full_name}/ExportSegmentCsv"
 _CONTACTS = contacts_pb2.DESCRIPTOR.services_by_name["ContactService"]
@@ -1320,7 +1338,13 @@ class SegmentsClient(_Client):
         return list(self._send(_LIST_WEBHOOK_DELIVERIES, request).data)
 
     def _stream(
-        self, path: str, request: Message, response: type[_Resp], timeout: float | None
+        self,
+        path: str,
+        request: Message,
+        response: type[_Resp],
+        timeout: float | None,
+        *,
+        ends_at_deadline: bool = False,
     ) -> Iterator[_Resp]:
         # The call starts here, not at the first next(): "from now on" means now.
         call = self._channel.unary_stream(
@@ -1333,8 +1357,9 @@ class SegmentsClient(_Client):
             try:
                 yield from call
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.CANCELLED:
-                    raise _error_from_call(err) from err
+                error = _error_from_call(err)
+                if not _stream_ended(error, timeout, ends_at_deadline):
+                    raise error from err
             finally:
                 call.cancel()
 
@@ -1344,10 +1369,13 @@ class SegmentsClient(_Client):
         self, *, after: str = "", segment_ids: Sequence[str] = (), timeout: float | None = None
     ) -> Iterator[segments_pb2.SegmentEvent]:
         """Entry/exit events of tracked segments, live, from the moment of this call (or after
-        the `cursor` given as `after`, to resume without gaps or repeats); `timeout` ends the
-        stream, none by default."""
+        the `cursor` given as `after`, to resume without gaps or repeats); none by default.
+        `timeout` (seconds) bounds the stream: when it runs out the iteration simply stops,
+        as it does when the stream is cancelled; any other error raises."""
         request = segments_pb2.WatchSegmentEventsRequest(after=after, segment_ids=segment_ids)
-        return self._stream(_WATCH_PATH, request, segments_pb2.SegmentEvent, timeout)
+        return self._stream(
+            _WATCH_PATH, request, segments_pb2.SegmentEvent, timeout, ends_at_deadline=True
+        )
 
     def export_segment_contacts(
         self, id: str, *, timeout: float | None = None
@@ -1647,7 +1675,13 @@ class AsyncSegmentsClient(_Client):
         return list((await self._send(_LIST_WEBHOOK_DELIVERIES, request)).data)
 
     def _stream(
-        self, path: str, request: Message, response: type[_Resp], timeout: float | None
+        self,
+        path: str,
+        request: Message,
+        response: type[_Resp],
+        timeout: float | None,
+        *,
+        ends_at_deadline: bool = False,
     ) -> AsyncIterator[_Resp]:
         # The call starts here, not at the first iteration: "from now on" means now.
         call = self._channel.unary_stream(
@@ -1661,8 +1695,9 @@ class AsyncSegmentsClient(_Client):
                 async for item in call:
                     yield item
             except aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.CANCELLED:
-                    raise _error_from_aio(err) from err
+                error = _error_from_aio(err)
+                if not _stream_ended(error, timeout, ends_at_deadline):
+                    raise error from err
             finally:
                 call.cancel()
 
@@ -1671,9 +1706,12 @@ class AsyncSegmentsClient(_Client):
     def watch_segment_events(
         self, *, after: str = "", segment_ids: Sequence[str] = (), timeout: float | None = None
     ) -> AsyncIterator[segments_pb2.SegmentEvent]:
-        """`SegmentsClient.watch_segment_events` as an async iterator."""
+        """`SegmentsClient.watch_segment_events` as an async iterator (which stops when
+        `timeout` runs out)."""
         request = segments_pb2.WatchSegmentEventsRequest(after=after, segment_ids=segment_ids)
-        return self._stream(_WATCH_PATH, request, segments_pb2.SegmentEvent, timeout)
+        return self._stream(
+            _WATCH_PATH, request, segments_pb2.SegmentEvent, timeout, ends_at_deadline=True
+        )
 
     def export_segment_contacts(
         self, id: str, *, timeout: float | None = None

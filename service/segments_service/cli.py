@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from segments_service.config import Settings
+from segments_service.config import Settings, connect_host, host_port
 
 log = logging.getLogger("segments")
 DESCRIPTOR = Path(__file__).resolve().parents[2] / "envoy" / "segments.pb"
@@ -54,12 +54,13 @@ def _wait_healthy(
     proc: subprocess.Popen[bytes],
     timeout: float = 30.0,
     stopping: Callable[[], bool] = lambda: False,
+    host: str = "127.0.0.1",
 ) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with grpc.insecure_channel(host_port(host, port)) as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # its type stub lists no methods
         while time.monotonic() < deadline:
             if stopping():
@@ -142,23 +143,33 @@ class Supervisor:
         self.start_metrics()
         for port in self.ports:
             self.start_replica(port)
+        grpc_host = connect_host(self.settings.host)
         for port in self.ports:
-            _wait_healthy(port, self.replicas[port], stopping=lambda: self.stopping)
+            _wait_healthy(port, self.replicas[port], stopping=lambda: self.stopping, host=grpc_host)
         if self.stopping:
             return
         workdir = self.settings.data_dir / "envoy"
         workdir.mkdir(parents=True, exist_ok=True)
         config = envoy_proxy.render_config(
             http_port=self.settings.http_port,
-            upstreams=[("127.0.0.1", p) for p in self.ports],
+            upstreams=[(grpc_host, p) for p in self.ports],
             descriptor_path=DESCRIPTOR,
             request_timeout=self.settings.request_timeout,
             admin_socket=self.admin_socket,
+            listen_host=self.settings.http_host.strip("[]"),
         )
         self.envoy = envoy_proxy.start_envoy(
             config, workdir=workdir, log_path=workdir / "envoy.log"
         )
-        envoy_proxy.wait_ready(self.settings.http_port, timeout=30)
+        try:
+            envoy_proxy.wait_ready(
+                self.settings.http_port,
+                timeout=30,
+                host=connect_host(self.settings.http_host),
+                process=self.envoy,
+            )
+        except (RuntimeError, TimeoutError) as err:
+            raise SystemExit(f"segments: {err} ({workdir / 'envoy.log'})") from None
 
     def watch(self) -> int:
         """Until a signal: restart dead replicas; if Envoy dies, stop everything."""
@@ -253,7 +264,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     grpc_ports = [settings.grpc_port + i for i in range(args.replicas)]
     check_ports_free(
         [
-            ("HTTP_PORT", "127.0.0.1", settings.http_port),
+            ("HTTP_PORT", settings.http_host.strip("[]"), settings.http_port),
             *(
                 ("GRPC_PORT" if i == 0 else f"GRPC_PORT+{i}", settings.host, port)
                 for i, port in enumerate(grpc_ports)
@@ -307,9 +318,11 @@ def _supervise(settings: Settings, url: str, replicas: int, run_dir: Path) -> in
                 if settings.metrics_port
                 else ""
             )
+            rest = host_port(settings.http_host, settings.http_port)
+            grpc_at = host_port(settings.host, supervisor.ports[0]).rsplit(":", 1)[0]
             print(
-                f"segments ready: REST http://127.0.0.1:{settings.http_port}  "
-                f"gRPC 127.0.0.1:{listening}  {metrics}database: {where}  (Ctrl-C to stop)",
+                f"segments ready: REST http://{rest}  "
+                f"gRPC {grpc_at}:{listening}  {metrics}database: {where}  (Ctrl-C to stop)",
                 flush=True,
             )
             code = supervisor.watch()

@@ -83,7 +83,10 @@ class Settings:
     data_dir: Path
     grpc_port: int
     http_port: int
+    # The address the gRPC servers listen on (SEGMENTS_HOST), and Envoy's REST listener
+    # (SEGMENTS_HTTP_HOST, else the same).
     host: str
+    http_host: str
     workers: int
     db_pool_size: int
     sweep_seconds: float
@@ -106,12 +109,14 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        host = os.environ.get("SEGMENTS_HOST") or DEFAULT_HOST
         return cls(
             database_url=os.environ.get("DATABASE_URL") or None,
             data_dir=data_dir(),
             grpc_port=_int("GRPC_PORT", 50051),
             http_port=_int("HTTP_PORT", 8080),
-            host=os.environ.get("SEGMENTS_HOST", "127.0.0.1"),
+            host=host,
+            http_host=os.environ.get("SEGMENTS_HTTP_HOST") or host,
             workers=_int("SEGMENTS_WORKERS", 16),
             db_pool_size=_int("SEGMENTS_DB_POOL", 10),
             sweep_seconds=_float("SEGMENTS_SWEEP_SECONDS", 60.0),
@@ -129,6 +134,27 @@ class Settings:
             metrics_port=_int("SEGMENTS_METRICS_PORT", DEFAULT_METRICS_PORT),
             metrics_port_set=bool(os.environ.get("SEGMENTS_METRICS_PORT")),
         )
+
+
+# Where the servers listen unless told otherwise: this machine only.
+DEFAULT_HOST = "127.0.0.1"
+
+
+def connect_host(bind: str) -> str:
+    """The address this machine reaches a server listening on `bind` at: loopback for the
+    wildcard addresses (every interface), else `bind` itself."""
+    unbracketed = bind.strip("[]")
+    if unbracketed in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if unbracketed == "::":
+        return "::1"
+    return unbracketed
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port`, an IPv6 address in brackets (`[::1]:8080`)."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def checkout_root() -> Path | None:

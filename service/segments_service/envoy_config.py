@@ -21,11 +21,13 @@ from google.protobuf import descriptor_pb2
 from segments_service.envoy_tables import (
     SERVICES,
     gateway_codes,
+    get_paths_pattern,
     lua_tables,
+    shadowing_paths_pattern,
     streamed_bindings,
 )
 from segments_service.errors import FALLBACK_CODE, ErrorSpec
-from segments_service.rest_check import ENVELOPE_BODY_HEADER
+from segments_service.rest_check import ENVELOPE_BODY_HEADER, OPENAPI_PATH
 from segments_service.rpc import REST_HEADER
 
 CLUSTER = "segments_grpc"
@@ -44,7 +46,10 @@ STREAM_END_FILTER = "envoy.filters.http.ext_proc"
 # responses (server-streaming RPCs with an HTTP binding) have one route each, named
 # STREAM_ROUTE_PREFIX + the RPC's name, before those.
 GRPC_ROUTE, OPENAPI_ROUTE, REST_GET_ROUTE, REST_ROUTE = "grpc", "openapi", "rest_get", "rest"
-REST_ROUTES = (REST_GET_ROUTE, REST_ROUTE)
+# Literal paths a less specific binding also takes (/contacts/batch, also a
+# /contacts/{id}): every request of them is checked, a GET without a query string too.
+REST_SHADOWING_ROUTE = "rest_literal"
+REST_ROUTES = (REST_SHADOWING_ROUTE, REST_GET_ROUTE, REST_ROUTE)
 STREAM_ROUTE_PREFIX = "rest_stream:"
 # How long Envoy waits for the service's answer to a streamed response's trailers
 # (rest_stream_end.py) before resetting the stream as if it had ended in an error.
@@ -76,6 +81,9 @@ UPSTREAM_STREAM_WINDOW = 1 << 20
 # runs out; Envoy's own timeout of REST requests waits this much longer, so that the
 # service's answer, with its request id, is the one the caller gets.
 REST_TIMEOUT_MARGIN = 2.0
+
+# Instructions an RE2 pattern of a route may compile to (Envoy's default: 100).
+RE2_MAX_PROGRAM_SIZE = 1000
 
 # The defaults written into the committed file (those of `make run`).
 DEFAULT_LISTENER = {"address": "127.0.0.1", "port_value": 8080}
@@ -132,10 +140,11 @@ def _status_filter(status: int, op: str = "EQ") -> dict[str, Any]:
     return {"status_code_filter": {"comparison": {"op": op, "value": value}}}
 
 
-def _checked(status: int) -> dict[str, Any]:
-    """Local replies of `status` from the ext_authz filter (response flag UAEX)."""
+def _checked(*statuses: dict[str, Any]) -> dict[str, Any]:
+    """Local replies from the ext_authz filter (response flag UAEX) whose status passes
+    every one of the `statuses` filters."""
     flagged = {"response_flag_filter": {"flags": ["UAEX"]}}
-    return {"and_filter": {"filters": [_status_filter(status), flagged]}}
+    return {"and_filter": {"filters": [*statuses, flagged]}}
 
 
 def mapper_status(mapper: dict[str, Any]) -> int | None:
@@ -169,7 +178,7 @@ def _openapi_route(path: str) -> dict[str, Any]:
     return {
         "name": OPENAPI_ROUTE,
         "match": {
-            "path": "/openapi.json",
+            "path": OPENAPI_PATH,
             "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
         },
         "direct_response": {"status": 200, "body": {"filename": path}},
@@ -181,12 +190,19 @@ def _openapi_route(path: str) -> dict[str, Any]:
 
 
 def build_config(
-    lua_source: str, openapi_size: int, streamed: list[tuple[str, str, str]] | None = None
+    lua_source: str,
+    openapi_size: int,
+    streamed: list[tuple[str, str, str]] | None = None,
+    get_paths: str = ".*",
+    shadowing_paths: str | None = None,
 ) -> dict[str, Any]:
     """The Envoy bootstrap with the defaults above; `lua_source` is the Lua filter's whole
     source (generated tables, then envoy/filter.lua), `openapi_size` the size in bytes
     of the OpenAPI document served at GET /openapi.json, `streamed` the HTTP bindings of
-    server-streaming RPCs (envoy_tables.streamed_bindings).
+    server-streaming RPCs (envoy_tables.streamed_bindings), `get_paths` an RE2 pattern of
+    the paths GET is bound on (envoy_tables.get_paths_pattern), `shadowing_paths` an RE2
+    pattern of the literal paths less specific bindings also take, if any
+    (envoy_tables.shadowing_paths_pattern).
 
     REST requests time out in Envoy a little after the service's budget per request
     (REST_TIMEOUT_MARGIN), native gRPC calls and streamed REST responses only by their own
@@ -275,12 +291,21 @@ def build_config(
         # reset, so that a cut-short body never looks whole. The request is checked as
         # every REST request is.
         *(stream_route(*binding) for binding in streamed or ()),
-        # A GET without a query string has no body and no parameter to check: it goes to
-        # the transcoder without the service's check, and without its round trip.
+        # Literal paths that a less specific template also takes: the literal binding's
+        # alone (POST /contacts/batch; GET /contacts/batch is a 405, not a contact id).
+        *(
+            [rest_route(REST_SHADOWING_ROUTE, {"safe_regex": {"regex": shadowing_paths}})]
+            if shadowing_paths
+            else []
+        ),
+        # A GET without a query string, of a path GET is bound on, has no body and no
+        # parameter to check: it goes to the transcoder without the service's check, and
+        # without its round trip. A GET of another path is checked (a 405 when the path
+        # serves other methods).
         rest_route(
             REST_GET_ROUTE,
             {
-                "prefix": "/",
+                "safe_regex": {"regex": get_paths},
                 "headers": [
                     {"name": ":method", "string_match": {"exact": "GET"}},
                     {"name": ":path", "string_match": {"contains": "?"}, "invert_match": True},
@@ -289,7 +314,8 @@ def build_config(
             typed_per_filter_config={CHECK_FILTER: disabled},
         ),
         # REST: chosen on the request as it came in (the transcoder keeps that route),
-        # unknown paths being answered 404 by the transcoder itself.
+        # unknown paths being answered 404 by the transcoder itself, methods a path does
+        # not serve 405 by the service's check.
         rest_route(REST_ROUTE, {"prefix": "/"}),
     ]
 
@@ -395,10 +421,10 @@ def build_config(
                     "content_type": "application/json",
                 },
             },
-            # The service's denial of a request it checked (rest_check.py): its envelope,
-            # as it is.
+            # The service's denial of a request it checked (rest_check.py: 400, 405): its
+            # envelope, as it is.
             {
-                "filter": _checked(400),
+                "filter": _checked(_status_filter(400, "GE"), _status_filter(499, "LE")),
                 "body_format_override": {
                     "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                     "content_type": "application/json",
@@ -409,13 +435,14 @@ def build_config(
             # contract's message.
             {
                 **_status_mapper(gateway[503], gateway[503].message),
-                "filter": _checked(503),
+                "filter": _checked(_status_filter(503)),
             },
             # Envoy's own errors: bad JSON (400), unknown path (404), body too large
             # (413), no healthy upstream (503), route timeout (504). Their message is
             # Envoy's text, or the contract's where Envoy's says nothing useful.
             _status_mapper(gateway[400]),
             _status_mapper(gateway[404]),
+            _status_mapper(gateway[405]),
             _status_mapper(gateway[413], too_large_message(DEFAULT_MAX_REQUEST_BYTES)),
             _status_mapper(gateway[503]),
             _status_mapper(gateway[504], gateway[504].message),
@@ -534,6 +561,16 @@ def build_config(
             ],
             "clusters": [cluster],
         },
+        # The pattern of the paths GET is bound on (the rest_get route) compiles to an RE2
+        # program larger than Envoy's default limit of 100 instructions.
+        "layered_runtime": {
+            "layers": [
+                {
+                    "name": "static",
+                    "static_layer": {"re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE},
+                }
+            ]
+        },
         # Bounds open connections (and silences Envoy's startup warning about none).
         "overload_manager": {
             "resource_monitors": [
@@ -560,5 +597,11 @@ def generate(descriptor: Path, filter_lua: Path, openapi: Path, out_dir: Path) -
     lua_source = lua_tables(fds) + filter_lua.read_text()
     (out_dir / DESCRIPTOR_FILE).parent.mkdir(parents=True, exist_ok=True)
     (out_dir / DESCRIPTOR_FILE).write_bytes(fds.SerializeToString(deterministic=True))
-    config = build_config(lua_source, openapi.stat().st_size, streamed_bindings(fds))
+    config = build_config(
+        lua_source,
+        openapi.stat().st_size,
+        streamed_bindings(fds),
+        get_paths_pattern(fds),
+        shadowing_paths_pattern(fds),
+    )
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

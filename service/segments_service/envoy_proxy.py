@@ -103,8 +103,9 @@ def render_config(
 
     route_config = hcm["route_config"]
     routes = route_config["virtual_hosts"][0]["routes"]
-    for name in REST_ROUTES:
-        _by_name(routes, name)["route"]["timeout"] = rest_timeout(request_timeout)
+    for route in routes:
+        if route.get("name") in REST_ROUTES:
+            route["route"]["timeout"] = rest_timeout(request_timeout)
     openapi = root / "openapi" / "openapi.json" if openapi_path is None else openapi_path
     openapi_route = _by_name(routes, OPENAPI_ROUTE)
     if openapi.is_file():

@@ -1,16 +1,28 @@
 """What Envoy's Lua filter needs to know, as Lua tables generated into Envoy's config:
-the error contract's gateway codes and retry delays (errors.CONTRACT), and from the
-descriptor set the HTTP rules whose `response_body` the filter unwraps."""
+the error contract's gateway codes and retry delays (errors.CONTRACT), where the OpenAPI
+document is served and the `servers` URL it is generated with, and from the descriptor set
+the HTTP rules whose `response_body` the filter unwraps."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
 from google.protobuf import descriptor_pb2
 
 from segments_service.errors import CONTRACT, ERRORS, FALLBACK_CODE, ErrorSpec
-from segments_service.rest_check import http_bindings, path_pattern
+from segments_service.rest_check import (
+    OPENAPI_PATH,
+    http_bindings,
+    literal_segments,
+    path_pattern,
+)
+
+# The `servers` URL of the OpenAPI document as generated (scripts/openapi.py): Envoy's
+# default listener. The Lua filter puts the URL a caller fetched the document from in its
+# place.
+OPENAPI_SERVER = "http://127.0.0.1:8080"
 
 # The API's gRPC services: the ones Envoy transcodes.
 SERVICES = (
@@ -81,6 +93,46 @@ def streamed_bindings(fds: descriptor_pb2.FileDescriptorSet) -> list[tuple[str, 
     return found
 
 
+def get_paths_pattern(fds: descriptor_pb2.FileDescriptorSet) -> str:
+    """An RE2 pattern matching the paths of every GET binding (trailing slash included, as
+    the transcoder takes it): the paths a GET without a query string may go to the
+    transcoder on without the service's check (envoy_config). A GET of any other path is
+    checked, so that one whose path serves other methods is a 405."""
+    found = dict.fromkeys(
+        path_pattern(template, re.escape)[0]
+        for _, _, _, http_method, template in http_bindings(fds.file)
+        if http_method == "GET"
+    )
+    return "(?:" + "|".join(found) + ")/?"
+
+
+def shadowing_paths_pattern(fds: descriptor_pb2.FileDescriptorSet) -> str | None:
+    """An RE2 pattern matching the literal paths of bindings (POST /contacts/batch) that a
+    less specific template also takes (GET /contacts/{id}), None when there are none. Those
+    paths are served by the literal binding's methods alone (rest_check.RestCheck.serving),
+    so a GET of them is checked (a 405) even where GET is bound on the other template."""
+    templates = {template for _, _, _, _, template in http_bindings(fds.file)}
+    patterns = {t: re.compile(path_pattern(t, re.escape)[0]) for t in templates}
+
+    shadowing = []
+    for template in sorted(templates):
+        literal = not re.search(r"[{*]", template)
+        # A path the template takes: itself, or with each variable and wildcard a segment.
+        sample = template if literal else re.sub(r"\{[^}]*\}|\*\*|\*", "x", template)
+        shadowed = [
+            other
+            for other in templates
+            if literal_segments(other) < literal_segments(template)
+            and patterns[other].fullmatch(sample)
+        ]
+        if shadowed and not literal:
+            # Envoy would need a pattern of the paths both take; none of the API needs one.
+            raise ValueError(f"{template} overlaps {shadowed}: only literal paths may")
+        if shadowed:
+            shadowing.append(re.escape(template))
+    return "(?:" + "|".join(shadowing) + ")/?" if shadowing else None
+
+
 def _lua_string(text: str) -> str:
     # Decimal byte escapes for anything but printable ASCII keep the literal valid Lua 5.1.
     return (
@@ -109,7 +161,12 @@ def lua_tables(fds: descriptor_pb2.FileDescriptorSet) -> str:
     for status, spec in sorted(gateway.items()):
         if spec.retry_after is not None:
             lines.append(f"  [{status}] = {_lua_string(str(math.ceil(spec.retry_after)))},")
-    lines += ["}", "UNWRAP = {"]
+    lines += [
+        "}",
+        f"OPENAPI_PATH = {_lua_string(OPENAPI_PATH)}",
+        f"OPENAPI_SERVER = {_lua_string(json.dumps(OPENAPI_SERVER))}",
+        "UNWRAP = {",
+    ]
     for method, pattern, field in unwraps:
         lines.append(
             f"  {{ method = {_lua_string(method)}, pattern = {_lua_string(pattern)},"

@@ -10,6 +10,7 @@ disagrees.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -77,6 +78,14 @@ CONTRACT: tuple[ErrorSpec, ...] = (
         "NOT_FOUND",
         "No such segment or contact in this project, or no such path",
         "Not found",
+        gateway_default=True,
+    ),
+    ErrorSpec(
+        "METHOD_NOT_ALLOWED",
+        405,
+        None,
+        "A method the path does not serve; the `Allow` header lists the ones it does",
+        "Method not allowed",
         gateway_default=True,
     ),
     ErrorSpec(
@@ -212,6 +221,17 @@ class InvalidApiKey(ServiceError):
 
 class NotFound(ServiceError):
     code = "NOT_FOUND"
+
+
+class MethodNotAllowed(ServiceError):
+    """A REST request whose method its path does not serve (no RPC is bound to the pair);
+    `allowed` are the methods the path serves, for the `Allow` header."""
+
+    code = "METHOD_NOT_ALLOWED"
+
+    def __init__(self, message: str, allowed: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.allowed = tuple(allowed)
 
 
 class FailedPrecondition(ServiceError):

@@ -157,17 +157,18 @@ def query_violations(
     query: str, message: Descriptor, body_field: str = "", bound: Collection[str] = ()
 ) -> list[FieldViolation]:
     """What is wrong with the query string `query` (without its `?`) of a request for
-    `message`: parameters that name no field (fields the body sets included), set a field
-    the URL path sets, or hold a value of the wrong type."""
+    `message`: parameters that name no field by its JSON name (`pageSize`; the transcoder
+    would also take the proto name `page_size`, the REST surface does not), or name a field
+    the body sets, set a field the URL path sets, or hold a value of the wrong type. An
+    unknown parameter is named as it was sent."""
     walk = _Walk()
     bound_names: set[str] = set()
     for name in bound:
-        top = message.fields_by_name[name.split(".")[0]]
-        bound_names |= {top.name, top.json_name}
+        bound_names.add(message.fields_by_name[name.split(".")[0]].json_name)
     for name, value in parse_qsl(query, keep_blank_values=True):
         field, path = _query_field(message, name, body_field)
         if field is None:
-            walk.add(_camel(name), "unknown query parameter", "unknown_field")
+            walk.add(name, "unknown query parameter", "unknown_field")
         elif name.split(".")[0] in bound_names:
             walk.add(path, f"conflicts with the {path} in the URL path", "conflict")
         else:
@@ -178,8 +179,9 @@ def query_violations(
 def _query_field(
     message: Descriptor, name: str, body_field: str
 ) -> tuple[FieldDescriptor | None, str]:
-    """The field a query parameter sets (a dotted path through singular messages ending
-    at a scalar, an enum or a wrapper), with its JSON dot path; None when there is none."""
+    """The field a query parameter sets (a dotted path of JSON names through singular
+    messages ending at a scalar, an enum or a wrapper), with its JSON dot path; None when
+    there is none."""
     if body_field == "*":
         return None, ""
     field: FieldDescriptor | None = None
@@ -189,7 +191,7 @@ def _query_field(
             if field.message_type is None or field.is_repeated:
                 return None, ""
             message = field.message_type
-        field = _fields(message).get(part)
+        field = _json_fields(message).get(part)
         if field is None or (not parts and field.name == body_field):
             return None, ""
         parts.append(field.json_name)
@@ -236,6 +238,12 @@ def _fields(message: Descriptor) -> dict[str, FieldDescriptor]:
 
 
 @cache
+def _json_fields(message: Descriptor) -> dict[str, FieldDescriptor]:
+    """A message's fields by JSON name alone: the names a query string may use."""
+    return {field.json_name: field for field in message.fields}
+
+
+@cache
 def _enum_names(enum: EnumDescriptor) -> tuple[str, ...]:
     """The JSON spellings an enum field takes: its values' names, the zero *_UNSPECIFIED
     that stands for "not set" excepted."""
@@ -250,11 +258,6 @@ def _unwrapped(field: FieldDescriptor) -> FieldDescriptor:
     if message is not None and message.full_name in _WRAPPERS:
         return message.fields_by_name["value"]
     return field
-
-
-def _camel(name: str) -> str:
-    """page_size -> pageSize: the JSON spelling of a proto field path."""
-    return re.sub(r"_([a-z])", lambda m: m[1].upper(), name)
 
 
 class _Walk:

@@ -116,6 +116,11 @@ def _static_row(session: Session, project_id: uuid.UUID, segment_id: uuid.UUID) 
 
 
 def _check_email_count(emails: Sequence[str]) -> None:
+    """1 to MAX_MEMBER_EMAILS emails a call: an empty list is a mistake, not a no-op."""
+    if not emails:
+        raise ValidationError.single(
+            "emails", f"must hold 1 to {MAX_MEMBER_EMAILS} emails, got none", "required"
+        )
     if len(emails) > MAX_MEMBER_EMAILS:
         raise ValidationError.single(
             "emails", f"at most {MAX_MEMBER_EMAILS} emails per call, got {len(emails)}", "too_big"

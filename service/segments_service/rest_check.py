@@ -4,8 +4,9 @@ path and query, the request id and the raw body; the HTTP rule the request maps 
 found (from the google.api.http annotations of the services) and its query string and
 JSON body are held against the request message (json_shapes.py). A request the transcoder
 would read leniently, or not at all, is denied with HTTP 400 and the error envelope
-(status.envelope) in the body; any other is allowed, and the transcoder and the RPC take
-it from there.
+(status.envelope) in the body; a method its path does not serve (PUT /segments/{id}) with
+HTTP 405, the path's methods in `Allow`; any other is allowed, and the transcoder and the
+RPC take it from there (a path no rule takes is the transcoder's 404).
 
 It authorizes nothing: the call carries the REST caller's request, not a caller of its
 own, and needs no key; the RPC that follows authenticates as every RPC does.
@@ -32,8 +33,8 @@ from google.protobuf.descriptor import Descriptor
 from google.rpc import status_pb2
 
 from segments_service import json_shapes
-from segments_service.errors import FieldViolation, ValidationError
-from segments_service.status import envelope
+from segments_service.errors import FieldViolation, MethodNotAllowed, ServiceError, ValidationError
+from segments_service.status import envelope, grpc_code
 
 # The RPC Envoy calls; no key, no fair share, no budget of the Runner (rpc.py).
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
@@ -42,6 +43,10 @@ CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 ENVELOPE_BODY_HEADER = "x-envelope-body"
 # Bodies from this size on are parsed on a worker thread rather than the event loop.
 THREAD_BODY_BYTES = 64 << 10
+# Paths Envoy answers itself (envoy_config), with the methods it serves them with: they are
+# never transcoded, but another method on them is a 405 as on every other path.
+OPENAPI_PATH = "/openapi.json"
+ENVOY_PATHS: dict[str, tuple[str, ...]] = {OPENAPI_PATH: ("GET",)}
 
 # Registers the google.api.http option so that method options parse it; imported by name
 # because googleapis-common-protos ships no type information for it.
@@ -107,10 +112,16 @@ def path_pattern(template: str, escape: Callable[[str], str]) -> tuple[str, tupl
     return "".join(pattern), tuple(bound)
 
 
+def literal_segments(template: str) -> int:
+    """How many segments of a path template are literal text: the more, the more specific."""
+    bare = re.sub(r"\{[^}]*\}", "", template)
+    return sum(1 for segment in bare.split("/") if segment not in ("", "*", "**"))
+
+
 def route_of(method: str, template: str, message: Descriptor, body: str) -> Route:
     """The Route of a google.api.http path template such as /segments/{id}/members."""
     pattern, bound = path_pattern(template, re.escape)
-    literals = sum(1 for s in re.sub(r"\{[^}]*\}", "", template).split("/") if s not in ("", "*"))
+    literals = literal_segments(template)
     # The transcoder also takes the path with a trailing slash.
     return Route(method, re.compile(pattern + "/?"), literals, message, body, bound)
 
@@ -141,14 +152,25 @@ class RestCheck:
         # itself and never on (or in front of) the loop's default executor.
         self.executor = executor
 
+    def serving(self, path: str) -> list[Route]:
+        """The routes that serve `path`: of those whose template takes it, the most specific
+        only, as routers match paths before methods. /contacts/batch is POST's alone, not
+        also a contact id for GET /contacts/{id} (which the transcoder would take it for)."""
+        found = [r for r in self.routes if r.pattern.fullmatch(path)]
+        most = max((r.literals for r in found), default=0)
+        return [r for r in found if r.literals == most]
+
     def find(self, method: str, path: str) -> Route | None:
-        return next(
-            (r for r in self.routes if r.method == method and r.pattern.fullmatch(path)), None
-        )
+        return next((r for r in self.serving(path) if r.method == method), None)
+
+    def allowed(self, path: str) -> list[str]:
+        """The methods `path` is served with, sorted; none when no rule takes it."""
+        methods = {r.method for r in self.serving(path)}
+        return sorted(methods.union(ENVOY_PATHS.get(path, ())))
 
     def violations(self, method: str, target: str, body: bytes) -> list[FieldViolation]:
         """What is wrong with the request `method target` (path and query) and `body`;
-        nothing for a request no rule takes (the transcoder answers it 404)."""
+        nothing for a request no rule takes (see refusal)."""
         path, _, query = target.partition("?")
         route = self.find(method, path)
         if route is None:
@@ -157,6 +179,20 @@ class RestCheck:
         if route.body:
             found += json_shapes.body_violations(body, route.message, route.body, route.bound)
         return found
+
+    def refusal(self, method: str, target: str, body: bytes) -> ServiceError | None:
+        """Why the request is refused before transcoding, None when it is not: a method
+        its path does not serve, or the violations of its query string and body."""
+        path = target.partition("?")[0]
+        if self.find(method, path) is None:
+            allowed = self.allowed(path)
+            if not allowed:
+                return None  # no such path: the transcoder's 404
+            return MethodNotAllowed(
+                f"{method} is not allowed on {path}; allowed: {', '.join(allowed)}", allowed
+            )
+        found = self.violations(method, target, body)
+        return ValidationError(found) if found else None
 
     async def Check(
         self,
@@ -169,26 +205,31 @@ class RestCheck:
         method, target = str(http.method), str(http.path)
         body = bytes(http.raw_body) or str(http.body).encode()
         if len(body) < THREAD_BODY_BYTES:
-            found = self.violations(method, target, body)
+            refused = self.refusal(method, target, body)
         else:
-            found = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.violations, method, target, body
+            refused = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.refusal, method, target, body
             )
-        if not found:
+        if refused is None:
             return external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(code=grpc.StatusCode.OK.value[0]),
                 ok_response=external_auth_pb2.OkHttpResponse(),
             )
-        return denial(ValidationError(found), str(http.headers.get("x-request-id", "")))
+        return denial(refused, str(http.headers.get("x-request-id", "")))
 
 
-def denial(err: ValidationError, request_id: str) -> external_auth_pb2.CheckResponse:
-    """A CheckResponse refusing the request: its HTTP status, the envelope as the body."""
+def denial(err: ServiceError, request_id: str) -> external_auth_pb2.CheckResponse:
+    """A CheckResponse refusing the request: its HTTP status, the envelope as the body (and
+    `Allow` on a 405)."""
     request_id = request_id[:128] or str(uuid.uuid4())
     body = json.dumps(envelope(err, request_id), ensure_ascii=True, separators=(",", ":"))
     headers = [("content-type", "application/json"), (ENVELOPE_BODY_HEADER, "1")]
+    code = grpc_code(err)
+    if isinstance(err, MethodNotAllowed):
+        headers.append(("allow", ", ".join(err.allowed)))
+        code = grpc.StatusCode.UNIMPLEMENTED  # (the Check's own status: never shown)
     return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0]),
+        status=status_pb2.Status(code=code.value[0]),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=err.http_status),
             headers=[

@@ -467,6 +467,7 @@ def create_segment(
     """A new segment; a DYNAMIC one of a project above `inline_contacts` contacts (default
     SEGMENTS_INLINE_BUILD_CONTACTS) is answered BUILDING and built in the background."""
     _check_text(name, description)
+    _check_tracking(segment_type, track_membership)
     condition: Condition | None = None
     background = False
     count: int | None = None
@@ -504,6 +505,17 @@ def create_segment(
         membership.rebuild(session, project_id, [row.id], emit=track_membership)
         row = get_row(session, project_id, row.id)
     return SegmentView(row, count_members(session, row))
+
+
+def _check_tracking(segment_type: str, track_membership: bool | None) -> None:
+    """Only DYNAMIC segments track membership: a STATIC one's members change by the
+    members calls alone, which record no entry or exit events."""
+    if track_membership and segment_type == STATIC:
+        raise ValidationError.single(
+            "trackMembership",
+            "cannot be true for a STATIC segment (only DYNAMIC segments track membership)",
+            "invalid_value",
+        )
 
 
 def _inline_limit(given: int | None) -> int:
@@ -553,6 +565,7 @@ def update_segment(
             "type", f"cannot change after creation (this segment is {current.type})", "immutable"
         )
     _check_text(name, description)
+    _check_tracking(current.type, track_membership)
     changes: dict[str, Any] = {}
     if name is not None:
         changes["name"] = name

@@ -32,7 +32,7 @@ from segments_api.v1 import (
 )
 from segments_service import metrics
 from segments_service.builds import Builder, BuildSettings
-from segments_service.config import Settings
+from segments_service.config import Settings, host_port
 from segments_service.database import make_engine, make_sessionmaker
 from segments_service.fairness import FairShare, Limits
 from segments_service.interceptors import RequestInterceptor
@@ -222,12 +222,12 @@ async def _serve(database_url: str, settings: Settings, port: int) -> None:
     metrics.PoolWatch(engine, "requests")
     metrics.PoolWatch(stream_engine, "streams")
     built = await create_server(
-        f"{settings.host}:{port}",
+        host_port(settings.host, port),
         make_sessionmaker(engine),
         options,
         make_sessionmaker(stream_engine),
     )
-    log.info("gRPC server listening on %s:%d", settings.host, built.port)
+    log.info("gRPC server listening on %s", host_port(settings.host, built.port))
     sweeper = None
     if settings.sweep_seconds > 0:
         sweeper = Sweeper(
