@@ -504,6 +504,7 @@ def test_an_async_watch_ends_cleanly_when_its_deadline_passes(
         async with AsyncSegmentsClient(f"127.0.0.1:{grpc_port}", project.secret_key) as client:
             await client.create_segment("Watched", condition=PREMIUM, track_membership=True)
             events = client.watch_segment_events(timeout=3)
+            await events.opened()  # its start is fixed: the write below is seen
             await client.upsert_contact("a0@x.com", data={"plan": "premium"})
             return [e.email async for e in events]
 

@@ -810,6 +810,27 @@ def _page_size(page_size: int) -> int:
     return page_size
 
 
+class AsyncEventStream(AsyncIterator[segments_pb2.SegmentEvent]):
+    """What AsyncSegmentsClient.watch_segment_events returns: the events as an async
+    iterator, and `opened()`, which returns once the server has fixed the stream's start
+    (its headers came): every change written after that is sent. Iterating waits for it
+    first anyway."""
+
+    def __init__(self, call: Any, events: AsyncIterator[segments_pb2.SegmentEvent]) -> None:
+        self._call = call
+        self._events = events
+
+    async def opened(self) -> None:
+        """Wait until the stream is open; a refusal raises at the first iteration."""
+        await self._call.initial_metadata()
+
+    def __aiter__(self) -> AsyncEventStream:
+        return self
+
+    async def __anext__(self) -> segments_pb2.SegmentEvent:
+        return await self._events.__anext__()
+
+
 class _PageWalk:
     """The walk over ListSegmentContacts pages both pagers share: which page comes next, and
     which contacts of a page were not yielded already."""
@@ -1345,6 +1366,7 @@ class SegmentsClient(_Client):
         timeout: float | None,
         *,
         ends_at_deadline: bool = False,
+        opened: bool = False,
     ) -> Iterator[_Resp]:
         # The call starts here, not at the first next(): "from now on" means now.
         call = self._channel.unary_stream(
@@ -1352,6 +1374,10 @@ class SegmentsClient(_Client):
             request_serializer=type(request).SerializeToString,
             response_deserializer=response.FromString,
         )(request, metadata=self._metadata, timeout=timeout)
+        if opened:
+            # The server sends its headers once the stream's start is fixed: after them,
+            # nothing written is missed. A refusal comes instead, raised by the first next().
+            call.initial_metadata()
 
         def items() -> Iterator[_Resp]:
             try:
@@ -1374,7 +1400,12 @@ class SegmentsClient(_Client):
         as it does when the stream is cancelled; any other error raises."""
         request = segments_pb2.WatchSegmentEventsRequest(after=after, segment_ids=segment_ids)
         return self._stream(
-            _WATCH_PATH, request, segments_pb2.SegmentEvent, timeout, ends_at_deadline=True
+            _WATCH_PATH,
+            request,
+            segments_pb2.SegmentEvent,
+            timeout,
+            ends_at_deadline=True,
+            opened=True,
         )
 
     def export_segment_contacts(
@@ -1683,34 +1714,46 @@ class AsyncSegmentsClient(_Client):
         *,
         ends_at_deadline: bool = False,
     ) -> AsyncIterator[_Resp]:
+        call = self._start(path, request, response, timeout)
+        return self._items(call, timeout, ends_at_deadline=ends_at_deadline, opened=False)
+
+    def _start(
+        self, path: str, request: Message, response: type[_Resp], timeout: float | None
+    ) -> Any:
         # The call starts here, not at the first iteration: "from now on" means now.
-        call = self._channel.unary_stream(
+        return self._channel.unary_stream(
             path,
             request_serializer=type(request).SerializeToString,
             response_deserializer=response.FromString,
         )(request, metadata=self._metadata, timeout=timeout)
 
-        async def items() -> AsyncIterator[_Resp]:
-            try:
-                async for item in call:
-                    yield item
-            except aio.AioRpcError as err:
-                error = _error_from_aio(err)
-                if not _stream_ended(error, timeout, ends_at_deadline):
-                    raise error from err
-            finally:
-                call.cancel()
-
-        return items()
+    async def _items(
+        self, call: Any, timeout: float | None, *, ends_at_deadline: bool, opened: bool
+    ) -> AsyncIterator[Any]:
+        try:
+            if opened:
+                # As in SegmentsClient._stream, awaited at the first iteration.
+                await call.initial_metadata()
+            async for item in call:
+                yield item
+        except aio.AioRpcError as err:
+            error = _error_from_aio(err)
+            if not _stream_ended(error, timeout, ends_at_deadline):
+                raise error from err
+        finally:
+            call.cancel()
 
     def watch_segment_events(
         self, *, after: str = "", segment_ids: Sequence[str] = (), timeout: float | None = None
-    ) -> AsyncIterator[segments_pb2.SegmentEvent]:
+    ) -> AsyncEventStream:
         """`SegmentsClient.watch_segment_events` as an async iterator (which stops when
-        `timeout` runs out)."""
+        `timeout` runs out). The call starts at once; `await events.opened()` returns once
+        the server has fixed the stream's start, from which on nothing written is missed
+        (the first iteration waits for that too)."""
         request = segments_pb2.WatchSegmentEventsRequest(after=after, segment_ids=segment_ids)
-        return self._stream(
-            _WATCH_PATH, request, segments_pb2.SegmentEvent, timeout, ends_at_deadline=True
+        call = self._start(_WATCH_PATH, request, segments_pb2.SegmentEvent, timeout)
+        return AsyncEventStream(
+            call, self._items(call, timeout, ends_at_deadline=True, opened=True)
         )
 
     def export_segment_contacts(
