@@ -161,7 +161,7 @@ def test_both_clients_have_one_shape() -> None:
             # Iterating methods stay plain methods returning async iterators.
             assert not inspect.iscoroutinefunction(method), name
             assert str(other.return_annotation).startswith(
-                ("AsyncIterator", "AsyncContactPager", "AsyncContactListPager")
+                ("AsyncIterator", "AsyncContactPager", "AsyncContactListPager", "AsyncEventStream")
             )
         else:
             assert inspect.iscoroutinefunction(method), name

@@ -375,20 +375,31 @@ _SEGMENTS = segments_pb2.DESCRIPTOR.services_by_name["SegmentService"]
 _WATCH_PATH = f"/{_SEGMENTS.full_name}/WatchSegmentEvents"
 
 
-def _stream_ended(error: SegmentsError, timeout: float | None, ends_at_deadline: bool) -> bool:
+def _stream_ended(
+    error: SegmentsError, timeout: float | None, ends_at_deadline: bool, started: float
+) -> bool:
     """Whether `error` ends a stream's iteration quietly instead of raising: cancelled by
     the caller; and for a stream with no end of its own (Watch), the caller's own `timeout`
     running out. Only that deadline: the service's DEADLINE_EXCEEDED (its budget of a step,
     which carries its ErrorInfo) still raises, and so does an export cut short by its
-    deadline, which is incomplete."""
+    deadline, which is incomplete. A proxy that enforces the same deadline (Envoy) may
+    reset the stream at that moment rather than end it with DEADLINE_EXCEEDED: once the
+    caller's deadline (`started` + `timeout`, monotonic) has passed, that reset (INTERNAL)
+    ends the iteration too."""
     if error.status_code == grpc.StatusCode.CANCELLED:
         return True
+    if not ends_at_deadline or timeout is None or error.reason:
+        return False
+    if error.status_code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return True
     return (
-        ends_at_deadline
-        and timeout is not None
-        and error.status_code == grpc.StatusCode.DEADLINE_EXCEEDED
-        and not error.reason
+        error.status_code == grpc.StatusCode.INTERNAL
+        and time.monotonic() >= started + timeout - _DEADLINE_SLACK
     )
+
+
+# Timers of the client and of a proxy enforcing one deadline fire within this of each other.
+_DEADLINE_SLACK = 0.05
 
 
 _EXPORT_PATH = f"/{_SEGMENTS.full_name}/ExportSegmentContacts"
@@ -1369,6 +1380,7 @@ class SegmentsClient(_Client):
         opened: bool = False,
     ) -> Iterator[_Resp]:
         # The call starts here, not at the first next(): "from now on" means now.
+        started = time.monotonic()
         call = self._channel.unary_stream(
             path,
             request_serializer=type(request).SerializeToString,
@@ -1384,7 +1396,7 @@ class SegmentsClient(_Client):
                 yield from call
             except grpc.RpcError as err:
                 error = _error_from_call(err)
-                if not _stream_ended(error, timeout, ends_at_deadline):
+                if not _stream_ended(error, timeout, ends_at_deadline, started):
                     raise error from err
             finally:
                 call.cancel()
@@ -1714,8 +1726,9 @@ class AsyncSegmentsClient(_Client):
         *,
         ends_at_deadline: bool = False,
     ) -> AsyncIterator[_Resp]:
+        started = time.monotonic()
         call = self._start(path, request, response, timeout)
-        return self._items(call, timeout, ends_at_deadline=ends_at_deadline, opened=False)
+        return self._items(call, timeout, started, ends_at_deadline=ends_at_deadline, opened=False)
 
     def _start(
         self, path: str, request: Message, response: type[_Resp], timeout: float | None
@@ -1728,7 +1741,13 @@ class AsyncSegmentsClient(_Client):
         )(request, metadata=self._metadata, timeout=timeout)
 
     async def _items(
-        self, call: Any, timeout: float | None, *, ends_at_deadline: bool, opened: bool
+        self,
+        call: Any,
+        timeout: float | None,
+        started: float,
+        *,
+        ends_at_deadline: bool,
+        opened: bool,
     ) -> AsyncIterator[Any]:
         try:
             if opened:
@@ -1738,7 +1757,7 @@ class AsyncSegmentsClient(_Client):
                 yield item
         except aio.AioRpcError as err:
             error = _error_from_aio(err)
-            if not _stream_ended(error, timeout, ends_at_deadline):
+            if not _stream_ended(error, timeout, ends_at_deadline, started):
                 raise error from err
         finally:
             call.cancel()
@@ -1751,9 +1770,10 @@ class AsyncSegmentsClient(_Client):
         the server has fixed the stream's start, from which on nothing written is missed
         (the first iteration waits for that too)."""
         request = segments_pb2.WatchSegmentEventsRequest(after=after, segment_ids=segment_ids)
+        started = time.monotonic()
         call = self._start(_WATCH_PATH, request, segments_pb2.SegmentEvent, timeout)
         return AsyncEventStream(
-            call, self._items(call, timeout, ends_at_deadline=True, opened=True)
+            call, self._items(call, timeout, started, ends_at_deadline=True, opened=True)
         )
 
     def export_segment_contacts(
