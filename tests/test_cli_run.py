@@ -52,6 +52,27 @@ def environment(data_dir: Path, http_port: int, grpc_port: int) -> dict[str, str
     return env
 
 
+def start_stack(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`segments run` in a session of its own (Ctrl-C signals a terminal's whole foreground
+    process group), its output in `log`, once it says it is ready."""
+    with log.open("w") as out:
+        run = subprocess.Popen(
+            [str(SEGMENTS), "run"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 180
+    while "segments ready" not in log.read_text():
+        if run.poll() is not None or time.monotonic() > deadline:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+            raise AssertionError(log.read_text())
+        time.sleep(0.3)
+    return run
+
+
 def processes_of(data_dir: Path) -> list[str]:
     """Processes still running that belong to the stack started on `data_dir`: PostgreSQL
     (its -D), Envoy (its config), the replicas (SEGMENTS_DATA_DIR in their environment)."""
@@ -155,20 +176,8 @@ def test_listen_addresses_follow_segments_host(data_dir: Path) -> None:
     http_port, grpc_port = free_port(), free_port()
     env = {**environment(data_dir, http_port, grpc_port), "SEGMENTS_HOST": "127.0.0.3"}
     log = data_dir / "run.log"
-    with log.open("w") as out:
-        run = subprocess.Popen(
-            [str(SEGMENTS), "run"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    run = start_stack(env, log)
     try:
-        deadline = time.monotonic() + 180
-        while "segments ready" not in log.read_text():
-            assert run.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.3)
         ready = log.read_text()
         assert f"REST http://127.0.0.3:{http_port}  gRPC 127.0.0.3:{grpc_port}" in ready, ready
         with urllib.request.urlopen(f"http://127.0.0.3:{http_port}/openapi.json") as resp:
@@ -191,21 +200,8 @@ def test_ctrl_c_leaves_nothing_behind(data_dir: Path) -> None:
     http_port, grpc_port = free_port(), free_port()
     env = environment(data_dir, http_port, grpc_port)
     log = data_dir / "run.log"
-    with log.open("w") as out:
-        # A session of its own: Ctrl-C signals the terminal's whole foreground process group.
-        run = subprocess.Popen(
-            [str(SEGMENTS), "run"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    run = start_stack(env, log)
     try:
-        deadline = time.monotonic() + 180
-        while "segments ready" not in log.read_text():
-            assert run.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.3)
         assert f"embedded PostgreSQL in {data_dir}" in log.read_text()
 
         # PostgreSQL goes down and another command starts it again underneath the run.
@@ -242,20 +238,8 @@ def test_a_closed_terminal_stops_everything(data_dir: Path) -> None:
     """SIGHUP (the terminal went away) stops the stack as Ctrl-C does."""
     env = environment(data_dir, free_port(), free_port())
     log = data_dir / "run.log"
-    with log.open("w") as out:
-        run = subprocess.Popen(
-            [str(SEGMENTS), "run"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    run = start_stack(env, log)
     try:
-        deadline = time.monotonic() + 180
-        while "segments ready" not in log.read_text():
-            assert run.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.3)
         os.killpg(run.pid, signal.SIGHUP)
         assert run.wait(60) == 0, log.read_text()
     finally:

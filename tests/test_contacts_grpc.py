@@ -396,15 +396,7 @@ def test_the_preview_samples_its_first_slice_of_contacts_then_the_rest(
     """Members whose ids lie in the first thousandth of the id space are sampled from that
     slice alone; when it holds fewer than ten, the rest come from the other contacts."""
     low = [uuid.UUID(int=i + 1) for i in range(12)]  # ids at the very start of the space
-    with engine.begin() as conn:
-        for i, contact_id in enumerate(low):
-            conn.execute(
-                text(
-                    "INSERT INTO contacts (project_id, id, email, subscribed, data, created_at, "
-                    "updated_at) VALUES (:p, :id, :e, true, CAST(:d AS jsonb), now(), now())"
-                ),
-                {"p": project.id, "id": contact_id, "e": f"low{i}@x.com", "d": '{"plan": "pro"}'},
-            )
+    _insert_at(engine, project, low, "low")
     for i in range(5):
         client.upsert_contact(f"high{i}@x.com", data={"plan": "pro"})
     # Twelve members in the slice: the sample is ten of them.
