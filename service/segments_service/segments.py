@@ -9,7 +9,21 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import psycopg.errors
-from sqlalchemy import Row, Select, Uuid, delete, func, insert, literal, select, text, update
+from sqlalchemy import (
+    Row,
+    Select,
+    Uuid,
+    and_,
+    any_,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -151,8 +165,9 @@ def preview(session: Session, project_id: uuid.UUID, condition_json: Any) -> Pre
     """PreviewSegment: the count of count_matching and up to PREVIEW_SAMPLE of the members,
     in one transaction; nothing is stored.
 
-    The count's own pass gathers the members found in each slice (compile_sampled_count):
-    the smallest slice holding enough gives the sample, at no extra statement. Where the
+    The count's own pass gathers the members found in each slice (compile_sampled_count),
+    and the same statement reads the contacts of the smallest slice holding enough: one
+    statement for the count and its sample. Where the
     count is taken by subtraction (everyone but a set), or on a server before PostgreSQL 16,
     a second statement reads the first slice, as a build reads one, from the indexes on
     contact ids. Either way, when the slices hold too
@@ -166,15 +181,29 @@ def preview(session: Session, project_id: uuid.UUID, condition_json: Any) -> Pre
     sampled = None
     if (session.connection().dialect.server_version_info or ()) >= _PARALLEL_ARRAY_AGG:
         sampled = compile_sampled_count(condition, _fresh(ctx), project_id, bounds, PREVIEW_SAMPLE)
+    contact = tables.contacts.c
+    newest_first = (contact.created_at.desc(), contact.id.desc())
     if sampled is not None:
-        count, *slices = session.execute(sampled).one()
-        wanted = min(PREVIEW_SAMPLE, count)
-        found: list[uuid.UUID] = list(slices[-1] or [])
-        high = bounds[-1]
-        for bound, ids in zip(bounds, slices, strict=True):
-            if ids is not None and len(ids) >= wanted:
-                found, high = list(ids), bound
-                break
+        # One statement: the count, and the contacts of the smallest slice holding enough.
+        counted = sampled.subquery("counted")
+        total, *slices = counted.c
+        wanted = func.least(PREVIEW_SAMPLE, total)
+        chosen = case(
+            *[(func.cardinality(ids) >= wanted, ids) for ids in slices[:-1]], else_=slices[-1]
+        )
+        rows = session.execute(
+            select(total.label("member_count"), tables.contacts)
+            .select_from(
+                counted.outerjoin(
+                    tables.contacts,
+                    and_(contact.project_id == project_id, contact.id == any_(chosen)),
+                )
+            )
+            .order_by(*newest_first)
+        ).all()
+        count = int(rows[0].member_count)
+        sample = [row for row in rows if row.id is not None]
+        high = bounds[-1]  # when the sample is short, no slice held enough: the last was read
     else:
         count = int(session.execute(compile_count(condition, _fresh(ctx), project_id)).scalar_one())
         if count == 0:
@@ -182,23 +211,29 @@ def preview(session: Session, project_id: uuid.UUID, condition_json: Any) -> Pre
         high = bounds[0]
         sliced = compile_members(condition, _fresh(ctx), project_id, _id_range(high))
         found = [cast(uuid.UUID, row[0]) for row in session.execute(sliced.limit(PREVIEW_SAMPLE))]
-    if count == 0:
-        return Preview(0, [])
-    if len(found) < min(PREVIEW_SAMPLE, count):
+        sample = _contacts(session, project_id, found) if found else []
+    if len(sample) < min(PREVIEW_SAMPLE, count):
         rest = compile_members(condition, _fresh(ctx), project_id).subquery("rest")
         more = (
             select(rest.c.contact_id)
             .where(rest.c.contact_id > high)
-            .limit(PREVIEW_SAMPLE - len(found))
+            .limit(PREVIEW_SAMPLE - len(sample))
         )
-        found += [cast(uuid.UUID, row[0]) for row in session.execute(more)]
+        sample += _contacts(session, project_id, [row[0] for row in session.execute(more)])
+        sample.sort(key=lambda row: (row.created_at, row.id), reverse=True)
+    return Preview(count, sample)
+
+
+def _contacts(session: Session, project_id: uuid.UUID, ids: list[uuid.UUID]) -> list[Row[Any]]:
+    """The project's contacts of `ids`, newest first."""
     contact = tables.contacts.c
-    sample = session.execute(
-        select(tables.contacts)
-        .where(contact.project_id == project_id, contact.id == tables.any_uuid(found))
-        .order_by(contact.created_at.desc(), contact.id.desc())
-    ).all()
-    return Preview(count, list(sample))
+    return list(
+        session.execute(
+            select(tables.contacts)
+            .where(contact.project_id == project_id, contact.id == tables.any_uuid(ids))
+            .order_by(contact.created_at.desc(), contact.id.desc())
+        ).all()
+    )
 
 
 def _fresh(ctx: CompileContext) -> CompileContext:
