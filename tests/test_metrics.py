@@ -24,6 +24,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.stack import free_ports
 from segments import F
 from segments_api.v1 import segments_pb2, segments_pb2_grpc
 from segments_service.auth import create_project
@@ -67,9 +68,10 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def start_stack(database_url: str, run_dir: Path, **env: str) -> Stack:
     """`segments run --replicas 2` on `database_url`, every port a free one."""
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    while grpc_port + 1 in (http_port, metrics_port):
-        grpc_port = free_port()
+    grpc_port = free_ports(2)  # two replicas: GRPC_PORT and GRPC_PORT+1
+    http_port, metrics_port = free_port(), free_port()
+    while {http_port, metrics_port} & {grpc_port, grpc_port + 1} or http_port == metrics_port:
+        http_port, metrics_port = free_port(), free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENTS_")}
     environment.update(
         DATABASE_URL=database_url,
