@@ -158,8 +158,10 @@ class Supervisor:
             admin_socket=self.admin_socket,
             listen_host=self.settings.http_host.strip("[]"),
         )
+        # Like the replicas, out of the terminal's process group: Ctrl-C reaches this
+        # supervisor alone, which stops Envoy itself, even while Envoy is still starting.
         self.envoy = envoy_proxy.start_envoy(
-            config, workdir=workdir, log_path=workdir / "envoy.log"
+            config, workdir=workdir, log_path=workdir / "envoy.log", new_session=True
         )
         try:
             envoy_proxy.wait_ready(
@@ -169,16 +171,14 @@ class Supervisor:
                 process=self.envoy,
             )
         except (RuntimeError, TimeoutError) as err:
+            if self.stopping:  # interrupted while Envoy was starting
+                return
             raise SystemExit(f"segments: {err} ({workdir / 'envoy.log'})") from None
 
     def watch(self) -> int:
         """Until a signal: restart dead replicas; if Envoy dies, stop everything."""
         while not self.stopping:
             if self.envoy is not None and self.envoy.poll() is not None:
-                # Ctrl-C reaches Envoy too, and it may exit before our handler runs.
-                time.sleep(0.2)
-                if self.stopping:
-                    break
                 log.error("envoy exited with %s; stopping", self.envoy.returncode)
                 return 1
             for port, proc in list(self.replicas.items()):

@@ -139,8 +139,11 @@ def find_envoy() -> str:
     return found
 
 
-def start_envoy(config_text: str, *, workdir: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    """Writes the config into `workdir` and starts Envoy, logging to `log_path`."""
+def start_envoy(
+    config_text: str, *, workdir: Path, log_path: Path, new_session: bool = False
+) -> subprocess.Popen[bytes]:
+    """Writes the config into `workdir` and starts Envoy, logging to `log_path`; with
+    `new_session`, out of the caller's process group, so that only the caller stops it."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / CONFIG_FILE
     config_path.write_text(config_text)
@@ -157,7 +160,12 @@ def start_envoy(config_text: str, *, workdir: Path, log_path: Path) -> subproces
     ]
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            command, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            command,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
         )
 
 
