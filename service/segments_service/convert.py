@@ -58,8 +58,14 @@ def py_to_value(data: Any) -> struct_pb2.Value:
 
 def dict_to_struct(data: dict[str, Any]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
-    for key, item in data.items():
-        struct.fields[key].CopyFrom(py_to_value(item))
+    try:
+        # Protobuf's own conversion, twice as fast: it takes JSON's types (a page of
+        # contacts converts each one's data).
+        struct.update(data)
+    except ValueError:  # a type it does not take, e.g. a Decimal from SQL arithmetic
+        struct.Clear()
+        for key, item in data.items():
+            struct.fields[key].CopyFrom(py_to_value(item))
     return struct
 
 
