@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REPLICAS ?= 1
 
-.PHONY: help install generate run test check lint typecheck check-generated check-protos proto-baseline bench soak clean
+.PHONY: help install generate run test check lint typecheck check-generated check-protos proto-baseline bench soak drill clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ bench: $(STAMP) ## performance benchmark (BENCHMARKS.md); quick run: BENCH_ARGS=
 
 soak: $(STAMP) ## 3 replicas behind Envoy, 60 s of mixed load, one replica killed midway; quick: SOAK_ARGS="--seconds 30"
 	$(PY) scripts/soak.py $(SOAK_ARGS)
+
+drill: $(STAMP) ## failover drill: primary lost under load, sync standby promoted, zero lost writes (bench/drill.json)
+	$(PY) -m scripts.drill $(DRILL_ARGS)
 
 clean: ## remove the venv and local data
 	rm -rf $(VENV) .data build *.egg-info
