@@ -140,9 +140,11 @@ class Stack:
             "DATABASE_URL": self.url,
             "SEGMENTS_SWEEP_SECONDS": str(self.args.sweep_seconds),
             "SEGMENTS_DRAIN_SECONDS": "5",
-            # One project makes the whole load here: its in-flight ceiling (fair share
-            # between projects, tested in tests/test_fairness*.py) would refuse most of it.
+            # One project makes the whole load here: its in-flight ceiling and its REST
+            # rate (fair share between projects, tested in tests/test_fair_share.py and
+            # tests/test_rate_limit.py) would refuse most of it.
             "SEGMENTS_PROJECT_CONCURRENCY": "0",
+            "SEGMENTS_RATE_LIMIT_PER_MINUTE": "0",
             "LOG_LEVEL": "WARNING",
         }
         log_file = (self.workdir / f"replica-{port}.log").open("ab")
