@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -333,47 +333,29 @@ def run_load(
     results = soak.Results()
     timeline = soak.Timeline()
     events = Events()
-    started = time.monotonic()
-    deadline = started + args.seconds
-    threads = [
-        threading.Thread(
-            target=soak.worker,
-            args=(i, setup, stack.http_port, results, started, deadline),
-            name=f"client-{i}",
-            daemon=True,
-        )
-        for i in range(args.connections)
-    ]
-    for thread in threads:
-        thread.start()
     crash_at = args.seconds * args.crash_at
-    warm_at = crash_at * 0.8
-    stages = ["warm", "crash", "promote"]
-    next_sample = 0.0
-    while time.monotonic() < deadline:
-        now = time.monotonic() - started
-        if now >= next_sample:
-            timeline.samples.append((now, stack.rss(), stack.envoy_rss()))
-            next_sample += 5.0
-        if stages and stages[0] == "warm" and now >= warm_at:
-            timeline.warm_rss = stack.rss()
-            stages.pop(0)
-        elif stages and stages[0] == "crash" and now >= crash_at:
-            events.crashed = time.monotonic() - started
-            pair.primary.stop("immediate")
-            log(f"primary stopped (immediate) at {events.crashed:.1f} s")
-            stages.pop(0)
-        elif stages and stages[0] == "promote" and now >= events.crashed + args.promote_after:
-            pair.standby.promote()
-            events.promoted = time.monotonic() - started
-            with results.lock:
-                events.requests_before_promotion = sum(results.counts.values())
-            log(f"standby promoted at {events.promoted:.1f} s")
-            stages.pop(0)
-        time.sleep(0.05)
-    for thread in threads:
-        thread.join(120)
-    timeline.samples.append((time.monotonic() - started, stack.rss(), stack.envoy_rss()))
+
+    def warm(clock: Callable[[], float]) -> None:
+        timeline.warm_rss = stack.rss()
+
+    def crash(clock: Callable[[], float]) -> None:
+        events.crashed = clock()
+        pair.primary.stop("immediate")
+        log(f"primary stopped (immediate) at {events.crashed:.1f} s")
+
+    def promote(clock: Callable[[], float]) -> None:
+        pair.standby.promote()
+        events.promoted = clock()
+        with results.lock:
+            events.requests_before_promotion = sum(results.counts.values())
+        log(f"standby promoted at {events.promoted:.1f} s")
+
+    steps = [
+        soak.Step(lambda now: now >= crash_at * 0.8, warm),
+        soak.Step(lambda now: now >= crash_at, crash),
+        soak.Step(lambda now: now >= events.crashed + args.promote_after, promote),
+    ]
+    soak.drive(args, stack, setup, results, timeline, steps)
     # The soak's error window runs from the kill to the replica's return: here from the
     # crash to the promotion.
     timeline.killed = events.crashed
@@ -457,9 +439,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=60.0, help="load duration (60)")
-    parser.add_argument("--connections", type=int, default=32, help="concurrent clients (32)")
-    parser.add_argument("--replicas", type=int, default=3, help="gRPC server processes (3)")
+    soak.add_load_arguments(parser, connections=32)
     parser.add_argument(
         "--crash-at", type=float, default=0.4, help="primary lost at this fraction of --seconds"
     )
@@ -473,9 +453,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="each of the four ingestion runs, sync-async-async-sync (8; 0: skip)",
     )
     parser.add_argument("--ingest-callers", type=int, default=4, help="IngestEvents callers (4)")
-    parser.add_argument("--sweep-seconds", type=float, default=5.0, help="sweeper period (5)")
-    parser.add_argument("--rss-growth-mb", type=int, default=64, help="allowed RSS growth (MiB)")
-    parser.add_argument("--rss-growth-ratio", type=float, default=0.5, help="or this fraction")
     parser.add_argument(
         "--output", type=Path, default=ROOT / "bench" / "drill.json", help="bench/drill.json"
     )

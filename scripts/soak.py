@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -442,11 +442,31 @@ class Timeline:
     samples: list[tuple[float, dict[int, int], int]] = field(default_factory=list)
 
 
-def run_load(args: argparse.Namespace, stack: Stack, setup: Setup) -> tuple[Results, Timeline]:
-    results = Results()
-    timeline = Timeline(kill_at=args.seconds * args.kill_at)
+@dataclass(frozen=True)
+class Step:
+    """Something done to the stack during the load, once `due(seconds since the start)`;
+    `act` is given a clock of seconds since the start."""
+
+    due: Callable[[float], bool]
+    act: Callable[[Callable[[], float]], None]
+
+
+def drive(
+    args: argparse.Namespace,
+    stack: Stack,
+    setup: Setup,
+    results: Results,
+    timeline: Timeline,
+    steps: list[Step],
+) -> None:
+    """`args.connections` clients for `args.seconds`, the steps taken in order as they
+    come due, every replica's RSS sampled every 5 s."""
     started = time.monotonic()
     deadline = started + args.seconds
+
+    def clock() -> float:
+        return time.monotonic() - started
+
     threads = [
         threading.Thread(
             target=worker,
@@ -458,36 +478,50 @@ def run_load(args: argparse.Namespace, stack: Stack, setup: Setup) -> tuple[Resu
     ]
     for thread in threads:
         thread.start()
-    warm_at = min(args.warmup, timeline.kill_at * 0.8)
-    victim = stack.ports[len(stack.ports) // 2]
-    timeline.killed_port = victim
-    stages = ["warm", "kill", "restart"]
+    pending = list(steps)
     next_sample = 0.0
     while time.monotonic() < deadline:
-        now = time.monotonic() - started
+        now = clock()
         if now >= next_sample:
             timeline.samples.append((now, stack.rss(), stack.envoy_rss()))
             next_sample += 5.0
-        if stages and stages[0] == "warm" and now >= warm_at:
-            timeline.warm_rss = stack.rss()
-            log(f"warmed up at {now:.1f} s: {len(results.contacts)} contacts so far")
-            stages.pop(0)
-        elif stages and stages[0] == "kill" and now >= timeline.kill_at:
-            stack.kill(victim)
-            timeline.killed = time.monotonic() - started
-            log(f"killed the replica on port {victim} (SIGKILL) at {timeline.killed:.1f} s")
-            stages.pop(0)
-        elif stages and stages[0] == "restart" and now >= timeline.killed + args.down_seconds:
-            stack.start_replica(victim)
-            timeline.restarted = time.monotonic() - started
-            stack.wait_healthy(victim)
-            timeline.healthy = time.monotonic() - started
-            log(f"restarted it at {timeline.restarted:.1f} s, serving at {timeline.healthy:.1f} s")
-            stages.pop(0)
-        time.sleep(0.1)
+        if pending and pending[0].due(now):
+            pending.pop(0).act(clock)
+        time.sleep(0.05)
     for thread in threads:
         thread.join(120)
-    timeline.samples.append((time.monotonic() - started, stack.rss(), stack.envoy_rss()))
+    timeline.samples.append((clock(), stack.rss(), stack.envoy_rss()))
+
+
+def run_load(args: argparse.Namespace, stack: Stack, setup: Setup) -> tuple[Results, Timeline]:
+    results = Results()
+    timeline = Timeline(kill_at=args.seconds * args.kill_at)
+    warm_at = min(args.warmup, timeline.kill_at * 0.8)
+    victim = stack.ports[len(stack.ports) // 2]
+    timeline.killed_port = victim
+
+    def warm(clock: Callable[[], float]) -> None:
+        timeline.warm_rss = stack.rss()
+        log(f"warmed up at {clock():.1f} s: {len(results.contacts)} contacts so far")
+
+    def kill(clock: Callable[[], float]) -> None:
+        stack.kill(victim)
+        timeline.killed = clock()
+        log(f"killed the replica on port {victim} (SIGKILL) at {timeline.killed:.1f} s")
+
+    def restart(clock: Callable[[], float]) -> None:
+        stack.start_replica(victim)
+        timeline.restarted = clock()
+        stack.wait_healthy(victim)
+        timeline.healthy = clock()
+        log(f"restarted it at {timeline.restarted:.1f} s, serving at {timeline.healthy:.1f} s")
+
+    steps = [
+        Step(lambda now: now >= warm_at, warm),
+        Step(lambda now: now >= timeline.kill_at, kill),
+        Step(lambda now: now >= timeline.killed + args.down_seconds, restart),
+    ]
+    drive(args, stack, setup, results, timeline, steps)
     return results, timeline
 
 
@@ -711,20 +745,16 @@ def summary(args: argparse.Namespace, results: Results, timeline: Timeline, elap
         print(f"      {at:5.1f} s  {cells}  envoy:{envoy / 2**20:4.0f}")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_load_arguments(parser: argparse.ArgumentParser, *, connections: int) -> None:
+    """The options of a stack under load, shared with the failover drill."""
     parser.add_argument("--seconds", type=float, default=60.0, help="load duration (60)")
-    parser.add_argument("--connections", type=int, default=64, help="concurrent clients (64)")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=connections,
+        help=f"concurrent clients ({connections})",
+    )
     parser.add_argument("--replicas", type=int, default=3, help="gRPC server processes (3)")
-    parser.add_argument(
-        "--kill-at", type=float, default=0.5, help="when to kill, as a fraction of --seconds"
-    )
-    parser.add_argument(
-        "--down-seconds", type=float, default=3.0, help="how long the killed replica stays down"
-    )
-    parser.add_argument("--warmup", type=float, default=10.0, help="RSS baseline time (s)")
     parser.add_argument(
         "--rss-growth-mb", type=int, default=64, help="allowed RSS growth per replica (MiB)"
     )
@@ -734,6 +764,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sweep-seconds", type=float, default=5.0, help="replicas' sweeper period (5)"
     )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_load_arguments(parser, connections=64)
+    parser.add_argument(
+        "--kill-at", type=float, default=0.5, help="when to kill, as a fraction of --seconds"
+    )
+    parser.add_argument(
+        "--down-seconds", type=float, default=3.0, help="how long the killed replica stays down"
+    )
+    parser.add_argument("--warmup", type=float, default=10.0, help="RSS baseline time (s)")
     parser.add_argument(
         "--database-url", default=None, help="PostgreSQL server (default: DATABASE_URL or embedded)"
     )
