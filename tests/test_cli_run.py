@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -280,3 +281,74 @@ def test_ctrl_c_while_starting_leaves_nothing_behind(data_dir: Path, after: floa
     while (left := processes_of(data_dir)) and time.monotonic() < deadline:
         time.sleep(0.3)
     assert left == []
+
+
+@pytest.mark.slow
+def test_a_built_package_runs_without_the_checkout(data_dir: Path, tmp_path: Path) -> None:
+    """`pip install` of the wheel, then `segments run` from it: Envoy's files and the
+    OpenAPI document come with the package (setup.py), not from a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    source = tmp_path / "source"
+    for name in ("service", "client", "stubs", "envoy", "openapi"):
+        shutil.copytree(root / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(root / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(tmp_path)],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("segments-*.whl")
+    site = tmp_path / "site"
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300
+    )
+    http_port = free_port()
+    env = {**environment(data_dir, http_port, free_port()), "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import segments_service; print(segments_service.__file__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert where.startswith(str(site)), where
+    command = [sys.executable, "-m", "segments_service.cli"]
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        run = subprocess.Popen(
+            [*command, "run"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "segments ready" not in log.read_text():
+            assert run.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        created = subprocess.run(
+            [*command, "create-project", "--name", "installed"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        key = json.loads(created.stdout)["secretKey"]
+        base = f"http://127.0.0.1:{http_port}"
+        with urllib.request.urlopen(f"{base}/openapi.json", timeout=10) as reply:
+            document = json.load(reply)
+        assert document["servers"][0]["url"] == base
+        request = urllib.request.Request(
+            f"{base}/segments", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert reply.status == 200
+            assert json.load(reply) == []
+    finally:
+        os.killpg(run.pid, signal.SIGINT)
+        try:
+            run.wait(timeout=60)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode in (0, 130), log.read_text()
+    assert processes_of(data_dir) == []

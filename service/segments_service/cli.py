@@ -21,10 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from segments_service.config import Settings, connect_host, host_port
+from segments_service.config import Settings, connect_host, envoy_root, host_port
 
 log = logging.getLogger("segments")
-DESCRIPTOR = Path(__file__).resolve().parents[2] / "envoy" / "segments.pb"
+DESCRIPTOR = envoy_root() / "envoy" / "segments.pb"
 
 
 def configure_logging() -> None:

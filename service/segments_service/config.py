@@ -165,6 +165,15 @@ def checkout_root() -> Path | None:
     return None
 
 
+def envoy_root() -> Path:
+    """Where Envoy's committed files are (envoy/envoy.json, filter.lua, segments.pb) and
+    openapi/openapi.json: the checkout, or the copies a built package carries (setup.py)."""
+    checkout = checkout_root()
+    if checkout is not None:
+        return checkout
+    return Path(__file__).resolve().parent / "bundle"
+
+
 def data_dir() -> Path:
     """Where the embedded PostgreSQL and Envoy's files live: SEGMENTS_DATA_DIR, else the
     checkout's own `.data/`, else (an installed package) the user's data directory,
