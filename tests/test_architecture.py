@@ -48,9 +48,9 @@ EDGE = frozenset(
         "rest_stream_end",
     }
 )
-# The process around the service: the command line, engines and the embedded server,
-# Envoy's generated configuration and launcher, migrations.
-PROCESS = frozenset({"cli", "database", "migrations"})
+# The process around the service: the command line, engines and the embedded server (and
+# its standby), Envoy's generated configuration and launcher, migrations.
+PROCESS = frozenset({"cli", "database", "migrations", "standby"})
 ENVOY_PREFIX = "envoy"
 
 # Imports that reach the wire format: none of these in the domain or the filters.
