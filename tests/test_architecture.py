@@ -33,9 +33,11 @@ FILTERS = "filters"
 # The gRPC edge: what every RPC is given before it runs (interceptors), how RPCs run (rpc,
 # status), the servicers, proto conversion, streams, the server that wires them, and the
 # check of REST requests against the request messages (rest_check, json_shapes), and the
-# end-of-stream check of streamed REST responses (rest_stream_end).
+# end-of-stream check of streamed REST responses (rest_stream_end), and which database
+# serves an RPC's reads (replica).
 EDGE = frozenset(
     {
+        "replica",
         "interceptors",
         "rpc",
         "status",

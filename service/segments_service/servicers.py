@@ -295,9 +295,8 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
         a reset of the REST response (never a clean end)."""
         scope = current_scope()
         runner = self.runner
-        session = runner.stream_sessions()
 
-        def authenticated() -> Caller:
+        def begin(session: Session) -> None:
             # One snapshot for the whole export, taken by this first statement: a
             # consistent member list.
             session.connection(
@@ -311,7 +310,9 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 text("SELECT set_config('idle_in_transaction_session_timeout', :ms, true)"),
                 {"ms": str(int((streams.EXPORT_IDLE_SECONDS + 10) * 1000))},
             )
-            return runner.authenticated(scope, session)
+
+        # On the standby when it may serve (runner.snapshot), else on the primary.
+        session, caller = await runner.blocking(context, partial(runner.snapshot, scope, begin))
 
         def opened(caller: Caller) -> tuple[uuid.UUID, Message | None, Iterator[Message]]:
             segment_id = parse_id(raw_id, "segment")
@@ -332,7 +333,6 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 await loop.run_in_executor(runner.stream_pool, session.close)
 
         try:
-            caller = await runner.blocking(context, authenticated)
             with contextlib.ExitStack() as slot:
                 try:
                     slot.enter_context(runner.fair.streams.hold(caller.project_id))
