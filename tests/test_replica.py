@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -63,6 +64,8 @@ class Pair:
     segments: segments_pb2_grpc.SegmentServiceStub
     contacts: contacts_pb2_grpc.ContactServiceStub
     engine: Engine
+    server: Any  # the embedded primary's handle
+    slot: str
 
 
 def _libpq(url: str) -> str:
@@ -119,6 +122,8 @@ def pair() -> Iterator[Pair]:
             segments_pb2_grpc.SegmentServiceStub(channel),
             contacts_pb2_grpc.ContactServiceStub(channel),
             primary,
+            server,
+            slot,
         )
 
 
@@ -315,3 +320,27 @@ def test_a_stopped_standby_fails_no_read_and_serves_again_once_back(
     assert emails(pair, owner) == ["a@x.com"]
     assert exported(pair, owner, segment.id) == ["a@x.com"]
     assert reads("replica", "fresh") == served + 2
+
+
+def test_a_standby_restarts_from_its_directory_and_is_copied_again_without_its_slot(
+    pair: Pair, owner: Project
+) -> None:
+    pgdata = pair.standby.pgdata
+    marker = pgdata / "kept"
+    marker.write_text("")
+    pair.standby.stop()
+    upsert(pair, owner, "while-away@x.com")  # kept for it by its slot
+    pair.standby = start_standby(pair.server, pgdata, slot=pair.slot)
+    assert marker.exists()  # started again, not copied
+    caught_up(pair)
+    assert emails(pair, owner) == ["while-away@x.com"]
+
+    pair.standby.stop()
+    drop_slot(pair.server, pair.slot)
+    upsert(pair, owner, "after-the-slot@x.com")
+    pair.standby = start_standby(pair.server, pgdata, slot=pair.slot)
+    assert not marker.exists()  # copied afresh, with a new slot
+    caught_up(pair)
+    served = reads("replica", "fresh")
+    assert emails(pair, owner) == ["after-the-slot@x.com", "while-away@x.com"]
+    assert reads("replica", "fresh") == served + 1
