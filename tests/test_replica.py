@@ -27,6 +27,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
+from segments import F
 from segments_api.v1 import (
     contacts_pb2,
     contacts_pb2_grpc,
@@ -34,6 +35,7 @@ from segments_api.v1 import (
     segments_pb2,
     segments_pb2_grpc,
 )
+from segments_service import auth
 from segments_service.config import DEFAULT_REPLICA_MAX_LAG, Settings
 from segments_service.database import (
     create_database,
@@ -45,9 +47,11 @@ from segments_service.database import (
     start_embedded,
 )
 from segments_service.fairness import Limits
-from segments_service.replica import LagClock, Replica, parse_lsn
+from segments_service.interceptors import KEY_KINDS
+from segments_service.replica import MAY_LAG, LagClock, Replica, parse_lsn
 from segments_service.server import Options, ServerThread
 from segments_service.standby import Standby, drop_slot, start_standby
+from tests.conditions import as_proto
 from tests.conftest import Project, new_project
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -344,3 +348,108 @@ def test_a_standby_restarts_from_its_directory_and_is_copied_again_without_its_s
     served = reads("replica", "fresh")
     assert emails(pair, owner) == ["after-the-slot@x.com", "while-away@x.com"]
     assert reads("replica", "fresh") == served + 1
+
+
+def test_the_reads_that_may_lag_are_named_once_and_are_reads() -> None:
+    assert set(KEY_KINDS) >= MAY_LAG  # each a method of ours: a misspelt one would never route
+    service = "/segments.v1.SegmentService/"
+    # Reads of what a caller just wrote, and every write: never the standby's.
+    for kept in (
+        "GetSegment",
+        "CreateSegment",
+        "UpdateSegment",
+        "DeleteSegment",
+        "AddSegmentMembers",
+        "RemoveSegmentMembers",
+        "WatchSegmentEvents",
+        "ExplainMembership",
+    ):
+        assert service + kept not in MAY_LAG
+    for kept in ("GetContact", "UpsertContact", "UpdateContact", "ListContactSegments"):
+        assert "/segments.v1.ContactService/" + kept not in MAY_LAG
+    assert not {m for m in MAY_LAG if "EventService" in m or "WebhookService" in m}
+
+
+def pro_contact(email: str) -> contacts_pb2.UpsertContactRequest:
+    request = contacts_pb2.UpsertContactRequest(email=email)
+    request.data.update({"plan": "pro"})
+    return request
+
+
+def test_each_read_that_may_lag_is_the_standbys(pair: Pair, owner: Project) -> None:
+    pro = as_proto(F.data("plan") == "pro")
+    pair.contacts.UpsertContact(pro_contact("first@x.com"), metadata=owner.auth)
+    tracked = pair.segments.CreateSegment(
+        segments_pb2.CreateSegmentRequest(name="Pro", condition=pro, track_membership=True),
+        metadata=owner.auth,
+    )
+    caught_up(pair)
+    served = reads("replica", "fresh")
+    with replay_paused(pair):
+        # The primary has a second member, and its entry; the standby has not replayed them.
+        pair.contacts.UpsertContact(pro_contact("second@x.com"), metadata=owner.auth)
+        auth_ = owner.auth
+        assert (
+            pair.segments.CountMatchingContacts(
+                segments_pb2.CountMatchingContactsRequest(condition=pro), metadata=auth_
+            ).count
+            == 1
+        )
+        preview = pair.segments.PreviewSegment(
+            segments_pb2.PreviewSegmentRequest(condition=pro), metadata=auth_
+        )
+        assert [c.email for c in preview.sample] == ["first@x.com"]
+        page = pair.segments.ListSegmentContacts(
+            segments_pb2.ListSegmentContactsRequest(id=tracked.id), metadata=auth_
+        )
+        assert [c.email for c in page.data] == ["first@x.com"]
+        csv = b"".join(
+            chunk.data
+            for chunk in pair.segments.ExportSegmentCsv(
+                segments_pb2.ExportSegmentCsvRequest(id=tracked.id), metadata=auth_
+            )
+        )
+        assert csv.count(b"\r\n") == 2 and b"first@x.com" in csv  # the header and one row
+        feed = pair.segments.ListSegmentEvents(
+            segments_pb2.ListSegmentEventsRequest(id=tracked.id), metadata=auth_
+        )
+        assert [e.email for e in feed.data] == ["first@x.com"]
+        history = pair.segments.GetSegmentHistory(
+            segments_pb2.GetSegmentHistoryRequest(id=tracked.id, interval="day"),
+            metadata=auth_,
+        )
+        assert sum(b.entries for b in history.data) == 1
+        assert reads("replica", "fresh") == served + 6
+        # GetSegment is the primary's: it counts both.
+        got = pair.segments.GetSegment(
+            segments_pb2.GetSegmentRequest(id=tracked.id), metadata=auth_
+        )
+        assert got.member_count == 2
+
+
+def test_keys_are_looked_up_on_the_primary(pair: Pair, owner: Project) -> None:
+    caught_up(pair)
+    sessions = make_sessionmaker(pair.engine)
+    with replay_paused(pair):
+        # A key the standby has not seen yet works at once...
+        with sessions.begin() as session:
+            new_key = auth.issue_key(session, uuid.UUID(owner.id), "secret")
+        listed = pair.contacts.ListContacts(
+            contacts_pb2.ListContactsRequest(),
+            metadata=(("authorization", f"Bearer {new_key}"),),
+        )
+        assert list(listed.data) == []
+        # ...and one revoked a moment ago, which the standby still holds live, is refused.
+        with sessions.begin() as session:
+            auth.revoke_key(session, owner.secret_key)
+        with pytest.raises(grpc.RpcError) as refused:
+            pair.contacts.ListContacts(contacts_pb2.ListContactsRequest(), metadata=owner.auth)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as refused:
+            list(
+                pair.segments.ExportSegmentContacts(
+                    segments_pb2.ExportSegmentContactsRequest(id=str(uuid.uuid4())),
+                    metadata=owner.auth,
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
