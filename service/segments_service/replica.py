@@ -150,9 +150,10 @@ class Replica:
     def failed(self, exc: BaseException) -> None:
         """A read lost its standby connection: none goes there until it is measured again."""
         with self._lock:
-            self._up = False
+            was_up, self._up = self._up, False
         metrics.REPLICA_UP.set(0)
-        log.warning("the standby failed a read; reads go to the primary: %s", exc)
+        if was_up:  # once, not for each of the reads in flight when it went away
+            log.warning("the standby failed a read; reads go to the primary: %s", exc)
 
     def start(self) -> Replica:
         self._thread = threading.Thread(target=self._run, name="replica-lag", daemon=True)

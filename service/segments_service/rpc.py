@@ -261,13 +261,21 @@ class Runner:
         """`work` in one transaction of the standby, for a caller authenticated on the
         primary; on the primary instead when the standby cannot be reached."""
         caller = in_transaction(self.sessions, partial(self.authenticated, scope), budget)
+
+        def read(session: Session) -> R:
+            return work(session, caller)
+
         try:
-            result = in_transaction(standby, lambda session: work(session, caller), budget)
+            result = in_transaction(standby, read, budget)
         except DBAPIError as exc:
             if not unreachable(exc):
+                metrics.REPLICA_READS.labels("replica", "fresh").inc()
                 raise
             self._standby_failed(exc)
-            return in_transaction(self.sessions, lambda session: work(session, caller), budget)
+            return in_transaction(self.sessions, read, budget)
+        except BaseException:  # what the read itself raised (not found, out of time)
+            metrics.REPLICA_READS.labels("replica", "fresh").inc()
+            raise
         metrics.REPLICA_READS.labels("replica", "fresh").inc()
         return result
 

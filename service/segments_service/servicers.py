@@ -296,7 +296,12 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
         scope = current_scope()
         runner = self.runner
 
+        # Every session given to `begin` (the standby's, and the primary's after it if the
+        # standby failed): closed when the export ends, however it ends.
+        given: list[Session] = []
+
         def begin(session: Session) -> None:
+            given.append(session)
             # One snapshot for the whole export, taken by this first statement: a
             # consistent member list.
             session.connection(
@@ -311,9 +316,6 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 {"ms": str(int((streams.EXPORT_IDLE_SECONDS + 10) * 1000))},
             )
 
-        # On the standby when it may serve (runner.snapshot), else on the primary.
-        session, caller = await runner.blocking(context, partial(runner.snapshot, scope, begin))
-
         def opened(caller: Caller) -> tuple[uuid.UUID, Message | None, Iterator[Message]]:
             segment_id = parse_id(raw_id, "segment")
             # The statement that reads the first rows does the work (a BUILDING segment's
@@ -324,15 +326,15 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             return segment_id, next(messages, None), messages
 
         loop = asyncio.get_running_loop()
-        held = [True]
 
         async def release() -> None:
             """Ends the snapshot's transaction and gives its connection back (once)."""
-            if held[0]:
-                held[0] = False
-                await loop.run_in_executor(runner.stream_pool, session.close)
+            while given:
+                await loop.run_in_executor(runner.stream_pool, given.pop().close)
 
         try:
+            # On the standby when it may serve (runner.snapshot), else on the primary.
+            session, caller = await runner.blocking(context, partial(runner.snapshot, scope, begin))
             with contextlib.ExitStack() as slot:
                 try:
                     slot.enter_context(runner.fair.streams.hold(caller.project_id))
