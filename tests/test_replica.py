@@ -52,7 +52,7 @@ from segments_service.replica import MAY_LAG, LagClock, Replica, parse_lsn
 from segments_service.server import Options, ServerThread
 from segments_service.standby import Standby, drop_slot, start_standby
 from tests.conditions import as_proto
-from tests.conftest import Project, new_project
+from tests.conftest import Project, Rest, free_port, new_project
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +70,7 @@ class Pair:
     engine: Engine
     server: Any  # the embedded primary's handle
     slot: str
+    grpc_port: int
 
 
 def _libpq(url: str) -> str:
@@ -128,7 +129,29 @@ def pair() -> Iterator[Pair]:
             primary,
             server,
             slot,
+            grpc_server.port,
         )
+
+
+@pytest.fixture(scope="session")
+def pair_rest(pair: Pair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rest]:
+    """Envoy, as `make run` configures it, in front of the pair's server."""
+    from segments_service import envoy_proxy
+
+    workdir = tmp_path_factory.mktemp("envoy-replica")
+    http_port = free_port()
+    config = envoy_proxy.render_config(
+        http_port=http_port,
+        upstreams=[("127.0.0.1", pair.grpc_port)],
+        descriptor_path=ROOT / "envoy" / "segments.pb",
+    )
+    proc = envoy_proxy.start_envoy(config, workdir=workdir, log_path=workdir / "envoy.log")
+    try:
+        envoy_proxy.wait_ready(http_port, timeout=30)
+        yield Rest(f"http://127.0.0.1:{http_port}")
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.fixture
@@ -453,3 +476,38 @@ def test_keys_are_looked_up_on_the_primary(pair: Pair, owner: Project) -> None:
                 )
             )
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_rest_export_and_listing_come_from_the_standby(
+    pair: Pair, pair_rest: Rest, owner: Project
+) -> None:
+    pair.contacts.UpsertContact(pro_contact("first@x.com"), metadata=owner.auth)
+    segment = pair_rest.post(
+        "/segments",
+        {
+            "name": "Pro",
+            "condition": {
+                "logic": "AND",
+                "groups": [
+                    {"filters": [{"field": "data.plan", "operator": "equals", "value": "pro"}]}
+                ],
+            },
+        },
+        key=owner.secret_key,
+    )
+    assert segment.status == 201, segment.raw
+    caught_up(pair)
+    served = reads("replica", "fresh")
+    with replay_paused(pair):
+        pair.contacts.UpsertContact(pro_contact("second@x.com"), metadata=owner.auth)
+        export = pair_rest.get(f"/segments/{segment.json['id']}/export", key=owner.secret_key)
+        assert export.status == 200
+        assert export.headers["content-type"].startswith("text/csv")
+        rows = export.raw.decode().splitlines()
+        assert [row.split(",")[1] for row in rows[1:]] == ["first@x.com"]
+        listed = pair_rest.get("/contacts", key=owner.secret_key)
+        assert [c["email"] for c in listed.json["data"]] == ["first@x.com"]
+        # The segment itself, read back by its creator: the primary's count.
+        got = pair_rest.get(f"/segments/{segment.json['id']}", key=owner.secret_key)
+        assert got.json["memberCount"] == 2
+        assert reads("replica", "fresh") == served + 2
