@@ -265,19 +265,18 @@ class Runner:
         def read(session: Session) -> R:
             return work(session, caller)
 
+        served = True  # by the standby, whatever it answered (a segment not found too)
         try:
-            result = in_transaction(standby, read, budget)
+            return in_transaction(standby, read, budget)
         except DBAPIError as exc:
             if not unreachable(exc):
-                metrics.REPLICA_READS.labels("replica", "fresh").inc()
                 raise
+            served = False
             self._standby_failed(exc)
-            return in_transaction(self.sessions, read, budget)
-        except BaseException:  # what the read itself raised (not found, out of time)
-            metrics.REPLICA_READS.labels("replica", "fresh").inc()
-            raise
-        metrics.REPLICA_READS.labels("replica", "fresh").inc()
-        return result
+        finally:
+            if served:
+                metrics.REPLICA_READS.labels("replica", "fresh").inc()
+        return in_transaction(self.sessions, read, budget)
 
     def snapshot(
         self, scope: RequestScope, begin: Callable[[Session], None]
