@@ -9,6 +9,7 @@ most `max_slot_wal_keep_size` for an absent standby, embedded_settings), is copi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pwd
@@ -80,8 +81,6 @@ def _socket_dir(pgdata: Path, port: int) -> Path:
 
     if socket_name_length_ok(pgdata / f".s.PGSQL.{port}"):
         return pgdata
-    import hashlib
-
     other = PostgresServer.runtime_path / (
         "standby-" + hashlib.sha256(str(pgdata).encode()).hexdigest()[:10]
     )
