@@ -10,6 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REPLICAS ?= 1
+REPLICA ?=
 
 .PHONY: help install generate run test check lint typecheck check-generated check-protos proto-baseline bench soak drill clean
 
@@ -27,8 +28,8 @@ install: $(STAMP) ## create .venv and install the project with its tools
 generate: $(STAMP) ## regenerate stubs, Envoy's descriptor and config, and openapi/openapi.json
 	$(PY) scripts/generate.py
 
-run: $(STAMP) ## start PostgreSQL (embedded unless DATABASE_URL), migrate, gRPC server(s) and Envoy
-	exec $(VENV)/bin/segments run --replicas $(REPLICAS)
+run: $(STAMP) ## start PostgreSQL (embedded unless DATABASE_URL), migrate, gRPC server(s) and Envoy; REPLICA=1: and a standby
+	exec $(VENV)/bin/segments run --replicas $(REPLICAS) $(if $(filter 1,$(REPLICA)),--replica)
 
 test: $(STAMP) ## run the whole suite (real PostgreSQL, real Envoy)
 	$(PY) -m pytest $(PYTEST_ARGS)

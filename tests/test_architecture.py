@@ -33,9 +33,11 @@ FILTERS = "filters"
 # The gRPC edge: what every RPC is given before it runs (interceptors), how RPCs run (rpc,
 # status), the servicers, proto conversion, streams, the server that wires them, and the
 # check of REST requests against the request messages (rest_check, json_shapes), and the
-# end-of-stream check of streamed REST responses (rest_stream_end).
+# end-of-stream check of streamed REST responses (rest_stream_end), and which database
+# serves an RPC's reads (replica).
 EDGE = frozenset(
     {
+        "replica",
         "interceptors",
         "rpc",
         "status",
@@ -48,9 +50,9 @@ EDGE = frozenset(
         "rest_stream_end",
     }
 )
-# The process around the service: the command line, engines and the embedded server,
-# Envoy's generated configuration and launcher, migrations.
-PROCESS = frozenset({"cli", "database", "migrations"})
+# The process around the service: the command line, engines and the embedded server (and
+# its standby), Envoy's generated configuration and launcher, migrations.
+PROCESS = frozenset({"cli", "database", "migrations", "standby"})
 ENVOY_PREFIX = "envoy"
 
 # Imports that reach the wire format: none of these in the domain or the filters.

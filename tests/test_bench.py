@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from bench.run import verdict
@@ -134,3 +135,40 @@ def test_the_whole_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
         assert isinstance(entry["met"], bool), (target, entry)
     assert {s["name"] for s in results["scenarios"]} == set(results["scenario_names"])
     assert "webhooks" in results and "error" not in results["webhooks"]
+
+
+@pytest.mark.slow
+def test_the_standby_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    """`python -m bench.replica` end to end at 400 contacts, each part for a second, on the
+    embedded PostgreSQL of .data/ (its standby must be of the same binaries): both mixes,
+    the lag under ingestion, and nothing left behind (database, slot, standby)."""
+    from segments_service.database import start_embedded
+
+    primary = start_embedded((ROOT / ".data").resolve())
+    name = f"segments_bench_replica_smoke_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    output = tmp_path / "results.json"
+    command = [
+        *(sys.executable, "-m", "bench.replica", "--database-name", name),
+        *("--contacts", "400", "--readers", "2", "--seconds", "1", "--warmup", "0"),
+        *("--writers", "1", "--ingest-seconds", "1", "--output", str(output)),
+    ]
+    try:
+        run = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+        )
+    finally:
+        drop_database(sqlalchemy_url(primary.get_uri()), name)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads(output.read_text())
+    assert results["segment_members"] == 100
+    for mode in ("primary_only", "with_standby"):
+        assert results[mode]["operations_per_second"] > 0
+    assert results["with_standby"]["standby_postgres_cpu_seconds"] > 0
+    assert results["lag_under_ingestion"]["events_per_second"] > 0
+    assert results["lag_under_ingestion"]["samples"] > 0
+    assert not (ROOT / ".data" / f"standby-{name}").exists()
+    with psycopg.connect(primary.get_uri()) as conn:
+        slots = conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (name,)
+        ).fetchone()
+    assert slots == (0,)

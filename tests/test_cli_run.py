@@ -53,12 +53,12 @@ def environment(data_dir: Path, http_port: int, grpc_port: int) -> dict[str, str
     return env
 
 
-def start_stack(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start_stack(env: dict[str, str], log: Path, *options: str) -> subprocess.Popen[bytes]:
     """`segments run` in a session of its own (Ctrl-C signals a terminal's whole foreground
     process group), its output in `log`, once it says it is ready."""
     with log.open("w") as out:
         run = subprocess.Popen(
-            [str(SEGMENTS), "run"],
+            [str(SEGMENTS), "run", *options],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -352,3 +352,60 @@ def test_a_built_package_runs_without_the_checkout(data_dir: Path, tmp_path: Pat
                 os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode in (0, 130), log.read_text()
     assert processes_of(data_dir) == []
+
+
+def test_a_run_with_its_standby_serves_listings_from_it_and_stops_both(data_dir: Path) -> None:
+    http_port = free_port()
+    env = environment(data_dir, http_port, free_port())
+    log = data_dir / "run.log"
+    run = start_stack(env, log, "--replica")
+    try:
+        standby = data_dir / "replica"
+        assert f"replica: postgresql://postgres@/segments?host={standby}&port=5433" in (
+            log.read_text()
+        )
+        assert (standby / "standby.signal").exists()
+        created = subprocess.run(
+            [str(SEGMENTS), "create-project", "--name", "Acme"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        key = json.loads(created.stdout)["secretKey"]
+        listing = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/contacts", headers={"Authorization": f"Bearer {key}"}
+        )
+        metrics = f"http://127.0.0.1:{env['SEGMENTS_METRICS_PORT']}/metrics"
+        served = 'segments_replica_reads_total{reason="fresh",served_by="replica"} 1.0'
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(listing, timeout=30) as reply:
+                assert json.loads(reply.read())["data"] == []
+            with urllib.request.urlopen(metrics, timeout=30) as reply:
+                if served in reply.read().decode():
+                    break  # the standby answered it (before it was measured: the primary)
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        os.killpg(run.pid, signal.SIGINT)
+        assert run.wait(60) == 0, log.read_text()
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert "segments stopped" in log.read_text()
+    deadline = time.monotonic() + 15
+    while (left := processes_of(data_dir)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert left == []
+    assert not (data_dir / "replica" / "postmaster.pid").exists()
+
+
+def test_a_standby_of_another_server_is_named_not_started(data_dir: Path) -> None:
+    env = environment(data_dir, free_port(), free_port())
+    env["DATABASE_URL"] = "postgresql://postgres@127.0.0.1:5432/postgres"
+    done = subprocess.run(
+        [str(SEGMENTS), "run", "--replica"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "point DATABASE_REPLICA_URL at a standby of that server" in done.stderr
+    assert not (data_dir / "replica").exists()

@@ -80,9 +80,18 @@ def _wait_healthy(
 class Supervisor:
     """Starts the replicas and Envoy, restarts a replica that dies, stops all on a signal."""
 
-    def __init__(self, settings: Settings, database_url: str, replicas: int, run_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        database_url: str,
+        replicas: int,
+        run_dir: Path,
+        standby_url: str | None = None,
+    ) -> None:
         self.settings = settings
         self.database_url = database_url
+        # The standby `--replica` started, passed on as DATABASE_REPLICA_URL.
+        self.standby_url = standby_url
         self.ports = [settings.grpc_port + i for i in range(replicas)]
         self.replicas: dict[int, subprocess.Popen[bytes]] = {}
         self.envoy: subprocess.Popen[bytes] | None = None
@@ -126,6 +135,8 @@ class Supervisor:
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
         }
         env.pop("SEGMENTS_METRICS_PORT", None)
+        if self.standby_url is not None:
+            env["DATABASE_REPLICA_URL"] = self.standby_url
         proc = subprocess.Popen(
             [sys.executable, "-m", "segments_service.cli", "serve", "--port", str(port)],
             env=env,
@@ -276,15 +287,48 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             ),
         ]
     )
+    if args.replica and settings.database_url is not None:
+        raise SystemExit(
+            "segments: --replica starts a standby of the embedded PostgreSQL; with "
+            "DATABASE_URL, point DATABASE_REPLICA_URL at a standby of that server instead"
+        )
     if settings.database_url is None:
         log.info("data directory: %s", settings.data_dir)
-    url, _server = _database(settings)
+    url, server = _database(settings)
     _migrate(url)
     run_dir = Path(tempfile.mkdtemp(prefix="segments-run-"))
+    standby = None
     try:
-        return _supervise(settings, url, args.replicas, run_dir)
+        if args.replica:
+            standby = _standby(settings, server)
+        standby_url = None if standby is None else standby.url(_database_name(url))
+        return _supervise(settings, url, args.replicas, run_dir, standby_url)
     finally:
+        if standby is not None:
+            standby.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _standby(settings: Settings, server: Any) -> Any:
+    """The embedded server's streaming standby in the data directory's `replica/`."""
+    from segments_service.database import DatabaseSetupError
+    from segments_service.standby import start_standby, stop_standby
+
+    pgdata = settings.data_dir / "replica"
+    try:
+        return start_standby(server, pgdata)
+    except DatabaseSetupError as err:
+        stop_standby(server, pgdata)
+        raise SystemExit(f"segments: {err}") from None
+    except BaseException:  # interrupted while it started
+        stop_standby(server, pgdata)
+        raise
+
+
+def _database_name(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return str(make_url(url).database)
 
 
 def _migrate(url: str) -> None:
@@ -293,8 +337,10 @@ def _migrate(url: str) -> None:
     migrate(url)
 
 
-def _supervise(settings: Settings, url: str, replicas: int, run_dir: Path) -> int:
-    supervisor = Supervisor(settings, url, replicas, run_dir)
+def _supervise(
+    settings: Settings, url: str, replicas: int, run_dir: Path, standby_url: str | None
+) -> int:
+    supervisor = Supervisor(settings, url, replicas, run_dir, standby_url)
 
     def on_signal(signum: int, _frame: Any) -> None:
         supervisor.stopping = True
@@ -320,9 +366,15 @@ def _supervise(settings: Settings, url: str, replicas: int, run_dir: Path) -> in
             )
             rest = host_port(settings.http_host, settings.http_port)
             grpc_at = host_port(settings.host, supervisor.ports[0]).rsplit(":", 1)[0]
+            replica = (
+                f"  replica: {standby_url.replace('postgresql+psycopg://', 'postgresql://')}"
+                if standby_url is not None
+                else ""
+            )
             print(
                 f"segments ready: REST http://{rest}  "
-                f"gRPC {grpc_at}:{listening}  {metrics}database: {where}  (Ctrl-C to stop)",
+                f"gRPC {grpc_at}:{listening}  {metrics}database: {where}{replica}  "
+                "(Ctrl-C to stop)",
                 flush=True,
             )
             code = supervisor.watch()
@@ -564,6 +616,12 @@ def _main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="PostgreSQL (embedded unless DATABASE_URL), gRPC, Envoy")
     run.add_argument("--replicas", type=int, default=1, help="gRPC server processes")
+    run.add_argument(
+        "--replica",
+        action="store_true",
+        help="also a streaming standby of the embedded PostgreSQL, serving the reads that "
+        "may lag (DATABASE_REPLICA_URL of the servers)",
+    )
     serve = sub.add_parser("serve", help="one gRPC server process")
     serve.add_argument("--port", type=int, default=None, help="default: GRPC_PORT")
     serve.add_argument("--migrate", action="store_true", help="migrate before serving")

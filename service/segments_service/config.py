@@ -75,6 +75,10 @@ class WebhookSettings:
         )
 
 
+# Seconds a standby may be behind the primary and still serve the reads that may lag.
+DEFAULT_REPLICA_MAX_LAG = 5.0
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, one field per environment variable."""
@@ -106,6 +110,11 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     metrics_port_set: bool = False
+    # A streaming standby of the database (DATABASE_REPLICA_URL) for the reads that may lag
+    # (replica.py), used while it is at most replica_max_lag seconds behind
+    # (SEGMENTS_REPLICA_MAX_LAG); without it every read is the primary's.
+    replica_url: str | None = None
+    replica_max_lag: float = DEFAULT_REPLICA_MAX_LAG
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -133,6 +142,8 @@ class Settings:
             metrics_host=os.environ.get("SEGMENTS_METRICS_HOST") or "127.0.0.1",
             metrics_port=_int("SEGMENTS_METRICS_PORT", DEFAULT_METRICS_PORT),
             metrics_port_set=bool(os.environ.get("SEGMENTS_METRICS_PORT")),
+            replica_url=os.environ.get("DATABASE_REPLICA_URL") or None,
+            replica_max_lag=_float("SEGMENTS_REPLICA_MAX_LAG", DEFAULT_REPLICA_MAX_LAG),
         )
 
 

@@ -113,6 +113,10 @@ def embedded_settings(ram_bytes: int | None = None) -> dict[str, str]:
     random index pages. With checkpoints forced every 2 GB of WAL they ran back to back
     through a benchmark's writes, and each batch logged 11 MB instead of 1 MB; 16 GB and
     15 minutes space them out. The WAL only grows that large under sustained bulk writes.
+
+    A standby's replication slot (standby.py) keeps the WAL it has not streamed yet; while the
+    standby is not running, at most 8 GB of it, after which the standby is copied afresh at
+    its next start rather than fill the disk.
     """
     if ram_bytes is None:
         ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -125,6 +129,7 @@ def embedded_settings(ram_bytes: int | None = None) -> dict[str, str]:
         "jit": "off",
         "max_wal_size": "16GB",
         "checkpoint_timeout": "15min",
+        "max_slot_wal_keep_size": "8GB",
     }
 
 
@@ -273,6 +278,7 @@ def make_engine(
     pool_size: int = 10,
     max_overflow: int | None = None,
     application_name: str = "segments",
+    connect_timeout: int = 5,
 ) -> Engine:
     """An engine whose connections are checked before use, so a restarted database heals."""
     engine = create_engine(
@@ -284,7 +290,7 @@ def make_engine(
         pool_timeout=10,
         connect_args={
             "application_name": application_name,
-            "connect_timeout": 5,
+            "connect_timeout": connect_timeout,
             # Timestamps in data and filters without an offset mean UTC, in SQL as in Python.
             # Statements run often are prepared (psycopg, from the fifth run), and after
             # five more PostgreSQL may switch a prepared statement to one generic plan for

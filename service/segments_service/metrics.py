@@ -95,6 +95,32 @@ WEBHOOK_GIVEN_UP = Counter(
     "segments_webhook_deliveries_given_up",
     "Webhook deliveries marked FAILED: their event was older than the give-up age.",
 )
+REPLICA_UP = Gauge(
+    "segments_replica_up",
+    "1 while the standby (DATABASE_REPLICA_URL) answers its lag measurements, else 0; the "
+    "lowest over servers.",
+    multiprocess_mode="livemin",
+)
+REPLICA_LAG_SECONDS = Gauge(
+    "segments_replica_lag_seconds",
+    "How old the data the standby shows is: the age of the newest primary WAL position it "
+    "has replayed (0 while it has replayed all the primary wrote), as last measured; the "
+    "highest over servers.",
+    multiprocess_mode="livemax",
+)
+REPLICA_LAG_BYTES = Gauge(
+    "segments_replica_lag_bytes",
+    "Bytes of WAL the primary had written and the standby had not replayed, as last "
+    "measured; the highest over servers.",
+    multiprocess_mode="livemax",
+)
+REPLICA_READS = Counter(
+    "segments_replica_reads",
+    "Reads that may lag (replica.MAY_LAG), by the database that served them (replica or "
+    "primary) and why: fresh, or the standby was down, unmeasured, lagging past "
+    "SEGMENTS_REPLICA_MAX_LAG, or failed the read.",
+    ("served_by", "reason"),
+)
 
 
 def observe_rpc(method: str, code: str, seconds: float) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -31,9 +32,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from segments_service import metrics
 from segments_service.auth import Caller, KeyKind, authenticate
 from segments_service.errors import DeadlineExceeded, ServiceError
 from segments_service.fairness import FairShare
+from segments_service.replica import MAY_LAG, Replica, unreachable
 from segments_service.status import HTTP_STATUS_HEADER, to_status, translate_db_error
 
 log = logging.getLogger(__name__)
@@ -218,6 +221,7 @@ class Runner:
         unary_pool: Executor,
         stream_pool: Executor,
         fair: FairShare,
+        replica: Replica | None = None,
     ) -> None:
         self.sessions = sessions
         # Streams hold a connection for as long as they read (an export's snapshot): from a
@@ -226,6 +230,85 @@ class Runner:
         self.unary_pool = unary_pool
         self.stream_pool = stream_pool
         self.fair = fair
+        # The standby serving the reads that may lag (replica.py), if one is configured.
+        self.replica = replica
+
+    def standby_sessions(
+        self, scope: RequestScope, stream: bool = False
+    ) -> sessionmaker[Session] | None:
+        """The standby's sessions (its stream pool's for a stream) when the RPC's reads may
+        lag and the standby may serve now; None: the primary's. The one place that chooses."""
+        if self.replica is None or scope.method not in MAY_LAG:
+            return None
+        verdict = self.replica.verdict()
+        if not verdict.standby:
+            metrics.REPLICA_READS.labels("primary", verdict.reason).inc()
+            return None
+        return self.replica.stream_sessions if stream else self.replica.sessions
+
+    def _standby_failed(self, exc: BaseException) -> None:
+        assert self.replica is not None
+        self.replica.failed(exc)
+        metrics.REPLICA_READS.labels("primary", "failed").inc()
+
+    def on_standby(
+        self,
+        scope: RequestScope,
+        standby: sessionmaker[Session],
+        work: Callable[[Session, Caller], R],
+        budget: Budget,
+    ) -> R:
+        """`work` in one transaction of the standby, for a caller authenticated on the
+        primary; on the primary instead when the standby cannot be reached."""
+        caller = in_transaction(self.sessions, partial(self.authenticated, scope), budget)
+
+        def read(session: Session) -> R:
+            return work(session, caller)
+
+        served = True  # by the standby, whatever it answered (a segment not found too)
+        try:
+            return in_transaction(standby, read, budget)
+        except DBAPIError as exc:
+            if not unreachable(exc):
+                raise
+            served = False
+            self._standby_failed(exc)
+        finally:
+            if served:
+                metrics.REPLICA_READS.labels("replica", "fresh").inc()
+        return in_transaction(self.sessions, read, budget)
+
+    def snapshot(
+        self, scope: RequestScope, begin: Callable[[Session], None]
+    ) -> tuple[Session, Caller]:
+        """A stream's session whose transaction `begin` opened (an export's snapshot), and
+        its caller: on the standby when the RPC may lag and the standby serves (the key
+        looked up on the primary), else on the primary (the key looked up in the snapshot).
+        The caller closes the session."""
+        standby = self.standby_sessions(scope, stream=True)
+        if standby is not None:
+            caller = in_transaction(self.stream_sessions, partial(self.authenticated, scope))
+            session = standby()
+            try:
+                begin(session)
+            except DBAPIError as exc:
+                session.close()
+                if not unreachable(exc):
+                    raise
+                self._standby_failed(exc)
+            except BaseException:
+                session.close()
+                raise
+            else:
+                metrics.REPLICA_READS.labels("replica", "fresh").inc()
+                return session, caller
+        session = self.stream_sessions()
+        try:
+            begin(session)
+            return session, self.authenticated(scope, session)
+        except BaseException:
+            session.close()
+            raise
 
     def authenticated(self, scope: RequestScope, session: Session) -> Caller:
         """The request's key looked up in `session`'s transaction; a request that came in
@@ -253,8 +336,7 @@ class Runner:
         scope = current_scope()
         budget = scope.budget
 
-        def run(session: Session) -> tuple[R, int | None]:
-            caller = self.authenticated(scope, session)
+        def shared(session: Session, caller: Caller) -> tuple[R, int | None]:
             with contextlib.ExitStack() as shares:
                 shares.enter_context(self.fair.unary.hold(caller.project_id))
                 if evaluates:
@@ -263,9 +345,17 @@ class Runner:
                     )
                 return work(session, caller)
 
-        response, http_status = await self.call(
-            context, scope, lambda: in_transaction(self.sessions, run, budget), budget
-        )
+        def run(session: Session) -> tuple[R, int | None]:
+            return shared(session, self.authenticated(scope, session))
+
+        standby = self.standby_sessions(scope)
+
+        def blocking() -> tuple[R, int | None]:
+            if standby is not None:
+                return self.on_standby(scope, standby, shared, budget)
+            return in_transaction(self.sessions, run, budget)
+
+        response, http_status = await self.call(context, scope, blocking, budget)
         if http_status is not None:
             await context.send_initial_metadata(((HTTP_STATUS_HEADER, str(http_status)),))
         return response

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from segments_api.v1 import (
@@ -36,6 +37,7 @@ from segments_service.config import Settings, host_port
 from segments_service.database import make_engine, make_sessionmaker
 from segments_service.fairness import FairShare, Limits
 from segments_service.interceptors import RequestInterceptor
+from segments_service.replica import Replica
 from segments_service.rest_check import add_to_server as add_rest_check
 from segments_service.rest_stream_end import add_to_server as add_rest_stream_end
 from segments_service.rpc import Runner
@@ -116,8 +118,10 @@ async def create_server(
     sessions: sessionmaker[Session],
     options: Options = Options(),
     stream_sessions: sessionmaker[Session] | None = None,
+    replica: Replica | None = None,
 ) -> Built:
-    """A started server bound to `address` (port 0 picks a free one), on the running loop."""
+    """A started server bound to `address` (port 0 picks a free one), on the running loop;
+    with a `replica`, the reads that may lag go to its standby while it serves (replica.py)."""
     server = grpc.aio.server(
         interceptors=[RequestInterceptor(options.request_timeout)],
         options=[
@@ -137,6 +141,7 @@ async def create_server(
         unary_pool,
         stream_pool,
         fair,
+        replica,
     )
     loop = asyncio.get_running_loop()
     watch = FeedWatch(
@@ -186,12 +191,13 @@ class ServerThread:
         sessions: sessionmaker[Session],
         options: Options = Options(),
         stream_sessions: sessionmaker[Session] | None = None,
+        replica: Replica | None = None,
     ) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-aio", daemon=True)
         self.thread.start()
         self.built = asyncio.run_coroutine_threadsafe(
-            create_server(address, sessions, options, stream_sessions), self.loop
+            create_server(address, sessions, options, stream_sessions, replica), self.loop
         ).result(30)
         self.port = self.built.port
 
@@ -200,6 +206,42 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+def _replica(
+    database_url: str, settings: Settings, port: int
+) -> tuple[Replica | None, tuple[Engine, ...]]:
+    """The standby of DATABASE_REPLICA_URL, measuring its lag, and its engines (pools sized
+    as the primary's: it takes the reads that may lag off the primary)."""
+    if settings.replica_url is None:
+        return None, ()
+    engine = make_engine(
+        settings.replica_url,
+        pool_size=settings.db_pool_size,
+        application_name=f"segments:{port}:replica",
+        connect_timeout=2,
+    )
+    stream_engine = make_engine(
+        settings.replica_url,
+        pool_size=2,
+        max_overflow=2 * settings.project_streams,
+        application_name=f"segments:{port}:replica-streams",
+        connect_timeout=2,
+    )
+    metrics.PoolWatch(engine, "replica")
+    metrics.PoolWatch(stream_engine, "replica-streams")
+    replica = Replica(
+        database_url,
+        settings.replica_url,
+        make_sessionmaker(engine),
+        make_sessionmaker(stream_engine),
+        settings.replica_max_lag,
+    ).start()
+    log.info(
+        "reads that may lag go to DATABASE_REPLICA_URL while at most %.1f s behind",
+        settings.replica_max_lag,
+    )
+    return replica, (engine, stream_engine)
 
 
 def serve(database_url: str, settings: Settings, port: int) -> None:
@@ -221,11 +263,13 @@ async def _serve(database_url: str, settings: Settings, port: int) -> None:
     )
     metrics.PoolWatch(engine, "requests")
     metrics.PoolWatch(stream_engine, "streams")
+    replica, replica_engines = _replica(database_url, settings, port)
     built = await create_server(
         host_port(settings.host, port),
         make_sessionmaker(engine),
         options,
         make_sessionmaker(stream_engine),
+        replica,
     )
     log.info("gRPC server listening on %s", host_port(settings.host, built.port))
     sweeper = None
@@ -271,7 +315,8 @@ async def _serve(database_url: str, settings: Settings, port: int) -> None:
     for worker in (sweeper, builder, deliveries):
         if worker is not None:
             await loop.run_in_executor(None, worker.join, settings.drain_seconds)
-    engine.dispose()
-    stream_engine.dispose()
-    webhook_engine.dispose()
+    if replica is not None:
+        replica.stop()
+    for each in (engine, stream_engine, webhook_engine, *replica_engines):
+        each.dispose()
     log.info("gRPC server stopped")

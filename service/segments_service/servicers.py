@@ -295,9 +295,13 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
         a reset of the REST response (never a clean end)."""
         scope = current_scope()
         runner = self.runner
-        session = runner.stream_sessions()
 
-        def authenticated() -> Caller:
+        # Every session given to `begin` (the standby's, and the primary's after it if the
+        # standby failed): closed when the export ends, however it ends.
+        given: list[Session] = []
+
+        def begin(session: Session) -> None:
+            given.append(session)
             # One snapshot for the whole export, taken by this first statement: a
             # consistent member list.
             session.connection(
@@ -311,7 +315,6 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
                 text("SELECT set_config('idle_in_transaction_session_timeout', :ms, true)"),
                 {"ms": str(int((streams.EXPORT_IDLE_SECONDS + 10) * 1000))},
             )
-            return runner.authenticated(scope, session)
 
         def opened(caller: Caller) -> tuple[uuid.UUID, Message | None, Iterator[Message]]:
             segment_id = parse_id(raw_id, "segment")
@@ -323,16 +326,15 @@ class SegmentServicer(segments_pb2_grpc.SegmentServiceServicer):
             return segment_id, next(messages, None), messages
 
         loop = asyncio.get_running_loop()
-        held = [True]
 
         async def release() -> None:
             """Ends the snapshot's transaction and gives its connection back (once)."""
-            if held[0]:
-                held[0] = False
-                await loop.run_in_executor(runner.stream_pool, session.close)
+            while given:
+                await loop.run_in_executor(runner.stream_pool, given.pop().close)
 
         try:
-            caller = await runner.blocking(context, authenticated)
+            # On the standby when it may serve (runner.snapshot), else on the primary.
+            session, caller = await runner.blocking(context, partial(runner.snapshot, scope, begin))
             with contextlib.ExitStack() as slot:
                 try:
                     slot.enter_context(runner.fair.streams.hold(caller.project_id))
