@@ -560,9 +560,15 @@ def ladder(
             throughput(stack, key, build_batches(pool, 5_000, 1000, rng, f"warm-{step}"), workers)
             batches = build_batches(pool, events, 1000, rng, f"ladder-{step}")
             wal, activity = wal_totals(env), db_activity(env)
-            run = throughput(stack, key, batches, workers)
+            # A phase of its own: the other processes' CPU and PostgreSQL's background
+            # work (autovacuum) meanwhile are accounted to this step alone.
+            phase = f"ingestion_{step}_segments"
+            with stack.sampler.phase(phase):
+                run = throughput(stack, key, batches, workers)
             run["wal_per_1000_events"] = wal_per_1000(wal, wal_totals(env), run["events"])
             run["database_activity"] = activity_between(activity, db_activity(env))
+            run["other_processes_cpu"] = stack.sampler.foreign_load().get(phase)
+            run["postgres_background_cpu_seconds"] = stack.sampler.background_load().get(phase)
             run["tracked_segments"] = step
             for method in ("executemany", "copy"):
                 limit = limits.get(method)
