@@ -5,10 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from bench import noisy
 from bench.context import size_label
+
+
+def ladder_step(step: str, ladder: dict[str, Any]) -> str:
+    """One step of the ingestion ladder, for the summary table."""
+    run = ladder["steps"][step]
+    return (
+        f"{run['events_per_second']:,} events/s (batch p50 {run['batch_ms']['median']} ms, "
+        f"p95 {run['batch_ms']['p95']} ms; {ladder['ratio_to_five'][step]:.2f}x the 5-segment "
+        f"step; {run.get('fraction_of_executemany', 'n/a')} of executemany, "
+        f"{run.get('fraction_of_copy', 'n/a')} of COPY)"
+    )
 
 
 def fmt(value: Any, digits: int = 1) -> str:
@@ -130,15 +142,23 @@ def render_figures(results: dict[str, Any]) -> str:
             ),
         ),
         line(
-            "IngestEvents throughput, 5 tracked + the extended scenarios tracked",
+            "the database's own limit for the same event rows, executemany / COPY",
             "ingestion",
-            "with_extended_tracked",
+            "database_limits",
             fmt_=lambda t: (
-                f"{t['throughput']['events_per_second']:,} events/s with {t['tracked']} "
-                f"tracked segments (batch p50 {t['throughput']['batch_ms']['median']} ms), "
-                f"{t['ratio_to_five_tracked']:.2f}x the runs with 5 on either side of it "
-                f"(after: {t['throughput_after']['events_per_second']:,} events/s)"
+                f"{t['executemany']['events_per_second']:,} / {t['copy']['events_per_second']:,} "
+                f"events/s (one connection, {t['events']:,} rows in transactions of "
+                f"{t['batch_size']:,})"
             ),
+        ),
+        *(
+            line(
+                f"IngestEvents throughput, {step} tracked segments (ladder)",
+                "ingestion",
+                "ladder",
+                fmt_=partial(ladder_step, step),
+            )
+            for step in ("5", "50", "200")
         ),
         line(
             "IngestEvents throughput, every segment present",

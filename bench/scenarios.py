@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench import load
 from segments import F, any_of
 
 # segments_timestamp()'s shape test, inlined for hand-written SQL.
@@ -566,3 +567,68 @@ def filler(i: int) -> tuple[str, dict[str, Any]]:
 
 # Everyone: the 1M-member segment the export is measured on.
 EVERYONE = ("Bench everyone", F.email.contains("@").to_dict())
+
+
+# The tracked segments of the ingestion ladder beyond the five above (5, 50 and 200 tracked
+# segments): conditions as a real project's mix them, each kind in turn.
+LADDER_COUNTRIES = ("US", "DE", "GB", "FR", "BR", "IN", "CA", "ES", "NL", "JP", "AU", "MX")
+LADDER_PLANS = ("free", "starter", "pro", "enterprise")
+# Names the ingested events carry, the rarer half of them (the popular ones would put a
+# third of the contacts in each segment, and a tracked create records an entry per member).
+LADDER_EVENTS = load.EVENT_NAMES[8:]
+LADDER_DAYS = (1, 3, 7, 14)
+LADDER_EMAIL = ("opened", "clicked", "bounced", "delivered")
+LADDER_KINDS = (
+    "data",
+    "event_window",
+    "event_count",
+    "email_window",
+    "reference",
+    "event_absent",
+    "any_event",
+    "data_event",
+)
+
+
+def ladder_segment(i: int, earlier: Sequence[str]) -> tuple[str, str, dict[str, Any]]:
+    """The `i`-th segment (from 0) of the ladder beyond the five tracked ones: (name, kind,
+    condition). The first seven are the extended language's scenarios; then, in turn: a
+    data filter; an ingested name in a window; a count of one in a window; email activity
+    in a window (a name the ingested events never carry) with a data filter; membership of
+    an earlier ladder segment (`earlier`: their ids) with a data filter; a data filter and
+    an ingested name absent from a window; either of two ingested names; a data filter and
+    an ingested name in a window."""
+    if i < len(EXTENDED_SCENARIOS):
+        sc = EXTENDED_SCENARIOS[i]
+        return f"Ladder {i + 1:03d}: {sc.name}", "extended", sc.resolved({})
+    j = i - len(EXTENDED_SCENARIOS)
+    kind = LADDER_KINDS[j % len(LADDER_KINDS)]
+    n = j // len(LADDER_KINDS)
+    country = LADDER_COUNTRIES[(n + j) % len(LADDER_COUNTRIES)]
+    plan = LADDER_PLANS[(n // len(LADDER_COUNTRIES) + j) % len(LADDER_PLANS)]
+    name = LADDER_EVENTS[(7 * n + j) % len(LADDER_EVENTS)]
+    other = LADDER_EVENTS[(7 * n + j + 11) % len(LADDER_EVENTS)]
+    days = LADDER_DAYS[(n + j) % len(LADDER_DAYS)]
+    data = (F.data("country") == country) & (F.data("plan") == plan)
+    if kind == "data":
+        expr = data
+    elif kind == "event_window":
+        expr = F.event(name).triggered_within(days, "days")
+    elif kind == "event_count":
+        expr = F.event(name).triggered_within(30, "days", count=F.count >= 2 + n % 3)
+    elif kind == "email_window":
+        activity = LADDER_EMAIL[n % len(LADDER_EMAIL)]
+        expr = F.email_activity(activity).triggered_within(days, "days") & (F.data("plan") == plan)
+    elif kind == "reference" and earlier:
+        expr = F.segment(earlier[(7 * n) % len(earlier)]).member() & (F.data("country") != country)
+    elif kind == "event_absent":
+        expr = F.data("vip").equals(True) & F.event(name).not_triggered_within(days, "days")
+    elif kind == "any_event":
+        expr = any_of(
+            F.event(name).triggered_within(days, "days"),
+            F.event(other).triggered_within(days, "days"),
+        )
+    else:
+        kind = "data_event"
+        expr = (F.data("plan") == plan) & F.event(name).triggered_within(30, "days")
+    return f"Ladder {i + 1:03d}: {kind} {n + 1}", kind, expr.to_dict()

@@ -14,6 +14,10 @@ LIMITS = {
     "rest_get_segment_vs_trivial": 1.2,
     "list_segments_vs_trivial": 20.0,
     "ingest_events_per_second": 20_000.0,
+    "ingest_5_segments": 20_000.0,
+    "ingest_50_segments": 60_000.0,
+    # A share of the 5-segment figure of the same run.
+    "ingest_200_segments": 0.8,
     "tracking_latency_p95_seconds": 2.0,
     "server_rss_mb": 300.0,
     "count_growth": 1.0,
@@ -30,6 +34,9 @@ TARGET_PHASES = {
     "rest_get_segment_vs_trivial": "scenarios",
     "list_segments_vs_trivial": "list",
     "ingest_events_per_second": "ingestion",
+    "ingest_5_segments": "ingestion",
+    "ingest_50_segments": "ingestion",
+    "ingest_200_segments": "ingestion",
     "tracking_latency_p95_seconds": "ingestion",
     "server_rss_mb": "export",
     "count_growth": "scale",
@@ -188,6 +195,50 @@ def target_ingest(results: dict[str, Any]) -> dict[str, Any]:
         entry["note"] = (
             f"{limit / eps:.2f}x short ({eps:,} of {limit:,.0f} events/s); "
             f"batch latency p50 {tput['batch_ms']['median']} ms, p95 {tput['batch_ms']['p95']} ms"
+        )
+    return entry
+
+
+def _ladder_step(results: dict[str, Any], step: int) -> dict[str, Any]:
+    ladder = results["ingestion"].get("ladder")
+    if not isinstance(ladder, dict) or "steps" not in ladder:
+        raise ValueError("the ingestion ladder failed")
+    run: dict[str, Any] = ladder["steps"][str(step)]
+    return run
+
+
+def target_ingest_segments(results: dict[str, Any], step: int) -> dict[str, Any]:
+    """IngestEvents throughput with `step` tracked segments (the ladder of the ingestion
+    phase). At 5 and 50 against a floor in events/s; at 200 against a share of the 5-segment
+    figure of the same run."""
+    run = _ladder_step(results, step)
+    eps = run["events_per_second"]
+    key = f"ingest_{step}_segments"
+    if step == 200:
+        share = LIMITS[key]
+        first = _ladder_step(results, 5)["events_per_second"]
+        limit = round(share * first)
+        rule = f">= {share} x the 5-segment figure of the same run ({first:,} events/s)"
+    else:
+        limit = round(LIMITS[key])
+        rule = f">= {limit:,} events/s"
+    entry: dict[str, Any] = {
+        "measured": eps,
+        "limit": limit,
+        "comparison": ">=",
+        "met": eps >= limit,
+        "unit": "events/s",
+        "rule": f"IngestEvents, batches of 1,000, {step} tracked segments of varied conditions "
+        f"(scenarios.ladder_segment), {run['workers']} concurrent callers, one server process, "
+        + rule,
+        "batch_ms": run["batch_ms"],
+        "fraction_of_executemany": run.get("fraction_of_executemany"),
+        "fraction_of_copy": run.get("fraction_of_copy"),
+    }
+    if eps < limit:
+        entry["note"] = (
+            f"{limit / eps:.2f}x short; batch latency p50 {run['batch_ms']['median']} ms, "
+            f"p95 {run['batch_ms']['p95']} ms"
         )
     return entry
 
@@ -353,6 +404,9 @@ def compute_targets(
         "rest_get_segment_vs_trivial": lambda: target_rest_get_vs_trivial(results),
         "list_segments_vs_trivial": lambda: target_list(results),
         "ingest_events_per_second": lambda: target_ingest(results),
+        "ingest_5_segments": lambda: target_ingest_segments(results, 5),
+        "ingest_50_segments": lambda: target_ingest_segments(results, 50),
+        "ingest_200_segments": lambda: target_ingest_segments(results, 200),
         "tracking_latency_p95_seconds": lambda: target_tracking(results),
         "server_rss_mb": lambda: target_rss(results),
         "count_growth": lambda: target_growth(results),
@@ -367,6 +421,9 @@ def compute_targets(
         "compiled_vs_hand_sql": LIMITS["compiled_vs_hand_sql"],
         "list_segments_vs_trivial": LIMITS["list_segments_vs_trivial"],
         "ingest_events_per_second": LIMITS["ingest_events_per_second"],
+        "ingest_5_segments": LIMITS["ingest_5_segments"],
+        "ingest_50_segments": LIMITS["ingest_50_segments"],
+        "ingest_200_segments": None,
         "tracking_latency_p95_seconds": LIMITS["tracking_latency_p95_seconds"],
         "server_rss_mb": LIMITS["server_rss_mb"],
         "count_growth": LIMITS["count_growth"],

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from segments import Expression, F
 from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from segments_service import membership, sweeper
+from segments_service.filters import SegmentDefinition, parse_condition
 from segments_service.membership import slugify
 from tests.conditions import as_proto
 from tests.conftest import Project, Stubs
@@ -785,3 +786,91 @@ def test_every_so_often_a_sweep_compares_everything() -> None:
         state.record(pid, now, full=False)
         assert state.swept[pid][1] == n
     assert state.since(pid) is None
+
+
+def _dynamic(
+    condition: Expression, references: dict[uuid.UUID, Expression | None] | None = None
+) -> membership.Dynamic:
+    refs = {
+        i: SegmentDefinition(
+            i,
+            "STATIC" if c is None else "DYNAMIC",
+            None if c is None else parse_condition(c.to_dict()),
+        )
+        for i, c in (references or {}).items()
+    }
+    return membership.Dynamic(uuid.uuid4(), "s", True, parse_condition(condition.to_dict()), refs)
+
+
+def test_the_events_that_can_take_a_contact_out_of_a_segment() -> None:
+    buyer = F.event("purchase").triggered_within(7, "days")
+    assert _dynamic(buyer).exit_event_names == frozenset()
+    assert _dynamic(buyer & (F.data("plan") == "pro")).exit_event_names == frozenset()
+    assert _dynamic(F.event("login").triggered(count=F.count >= 3)).exit_event_names == frozenset()
+    assert _dynamic(
+        buyer & F.event("refund").not_triggered_within(30, "days")
+    ).exit_event_names == {"refund"}
+    assert _dynamic(F.event("login").triggered(count=F.count < 3)).exit_event_names == {"login"}
+    assert _dynamic(F.event("login").triggered_older_than(30, "days")).exit_event_names == {"login"}
+    assert _dynamic(
+        F.event("purchase").triggered(aggregate=F.sum("amount") >= 100)
+    ).exit_event_names == {"purchase"}
+    # Through references: a member of a segment of buyers can only enter; not a member of
+    # it, a purchase can take the contact out; a list does not move with events.
+    ref, other, static = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    references: dict[uuid.UUID, Expression | None] = {
+        ref: buyer,
+        other: F.event("logout").not_triggered(),
+        static: None,
+    }
+    assert _dynamic(F.segment(str(ref)).member(), references).exit_event_names == frozenset()
+    assert _dynamic(F.segment(str(ref)).not_member(), references).exit_event_names == {"purchase"}
+    assert _dynamic(F.segment(str(other)).member(), references).exit_event_names == {"logout"}
+    assert _dynamic(F.segment(str(other)).not_member(), references).exit_event_names == frozenset()
+    assert _dynamic(F.segment(str(static)).not_member(), references).exit_event_names == frozenset()
+
+
+def test_a_batch_probes_exits_only_where_its_events_can_cause_them(
+    stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    # "Active" can only gain members from logins, "Not a buyer" only lose them to
+    # purchases, and "Buyers" lose them to purchases through notMemberOfSegment's reversal.
+    # Both contacts' logins are moved out of the window behind the service's back: their
+    # memberships of "Active" are due to end by the clock, which the sweep records, not a
+    # batch whose login (dated before the window) cannot have taken them out.
+    create(stubs, project, "Active", F.event("login").triggered_within(1, "minutes"))
+    create(stubs, project, "Not a buyer", F.event("purchase").not_triggered())
+    buyers = create(stubs, project, "Buyers", F.event("purchase").triggered())
+    create(stubs, project, "Not buyers", F.segment(buyers.id).not_member())
+    ingest(stubs, project, ("a@x.com", "login"), ("b@x.com", "login"))
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE events SET occurred_at = occurred_at - interval '1 hour' "
+                "WHERE project_id = :p AND name = 'login'"
+            ),
+            {"p": project.id},
+        )
+    before = set(segment_events(engine, project))
+    old = timestamp_pb2.Timestamp()
+    old.FromDatetime(datetime.now(UTC) - timedelta(hours=2))
+    stubs.events.IngestEvents(
+        events_pb2.IngestEventsRequest(
+            events=[
+                events_pb2.IngestedEvent(email="a@x.com", event="login", occurred_at=old),
+                events_pb2.IngestedEvent(email="b@x.com", event="purchase"),
+            ]
+        ),
+        metadata=project.auth,
+    )
+    moved = set(segment_events(engine, project)) - before
+    assert moved == {
+        ("segment.not-a-buyer.exit", "b@x.com"),
+        ("segment.buyers.entry", "b@x.com"),
+        ("segment.not-buyers.exit", "b@x.com"),
+    }
+    sweeper.sweep_project(engine, sessions, uuid.UUID(project.id))
+    assert set(segment_events(engine, project)) - before - moved == {
+        ("segment.active.exit", "a@x.com"),
+        ("segment.active.exit", "b@x.com"),
+    }

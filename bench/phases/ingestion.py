@@ -1,5 +1,6 @@
-"""Phases 7 and 9: IngestEvents throughput from several callers, with every segment present
-and with five tracked ones, and the tracking latency of a paced stream."""
+"""Phases 8 and 10: IngestEvents throughput from several callers, with every segment present
+and with five tracked ones, the tracking latency of a paced stream, the database's own
+limits for the same rows, and the throughput with 5, 50 and 200 tracked segments."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import random
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
+import psycopg
+from google.protobuf import json_format, struct_pb2
+from psycopg.types.json import Jsonb
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
@@ -343,6 +347,48 @@ def wal_per_1000(
     }
 
 
+# The tables a batch writes, whose autovacuum and autoanalyze runs are counted.
+WRITTEN_TABLES = ("events", "contacts", "segment_members", "segments", "feed_positions")
+
+
+def db_activity(env: Env) -> dict[str, int] | None:
+    """Checkpoints so far (pg_stat_checkpointer from PostgreSQL 17, pg_stat_bgwriter
+    before) and autovacuum / autoanalyze runs of the tables a batch writes, or None where
+    they cannot be read."""
+    try:
+        with env.engine.connect() as conn:
+            version = int(conn.execute(text("SHOW server_version_num")).scalar_one())
+            view, timed, requested = (
+                ("pg_stat_checkpointer", "num_timed", "num_requested")
+                if version >= 170000
+                else ("pg_stat_bgwriter", "checkpoints_timed", "checkpoints_req")
+            )
+            checkpoints = conn.execute(text(f"SELECT {timed} + {requested} FROM {view}")).one()
+            vacuums = conn.execute(
+                text(
+                    "SELECT coalesce(sum(autovacuum_count), 0), coalesce(sum(autoanalyze_count), 0)"
+                    " FROM pg_stat_user_tables WHERE relname = ANY(:t)"
+                ),
+                {"t": list(WRITTEN_TABLES)},
+            ).one()
+    except DBAPIError:
+        return None
+    return {
+        "checkpoints": int(checkpoints[0]),
+        "autovacuums": int(vacuums[0]),
+        "autoanalyzes": int(vacuums[1]),
+    }
+
+
+def activity_between(
+    before: dict[str, int] | None, after: dict[str, int] | None
+) -> dict[str, int] | None:
+    """What db_activity counted between two readings."""
+    if before is None or after is None:
+        return None
+    return {k: after[k] - before[k] for k in before}
+
+
 def phase_ingestion_all(env: Env, stack: Stack) -> dict[str, Any]:
     key = env.keys["main"]
     rng = random.Random(13)
@@ -370,9 +416,10 @@ def phase_ingestion(env: Env, stack: Stack) -> dict[str, Any]:
     pool = sample_emails(env, "main", min(300_000, env.dataset.project("main").contacts))
     throughput(stack, key, build_batches(pool, 5_000, 1000, rng, "warm"), env.args.ingest_workers)
     batches = build_batches(pool, env.args.ingest_events, 1000, rng, "tput")
-    before = wal_totals(env)
+    before, activity = wal_totals(env), db_activity(env)
     tput = throughput(stack, key, batches, env.args.ingest_workers)
     tput["wal_per_1000_events"] = wal_per_1000(before, wal_totals(env), tput["events"])
+    tput["database_activity"] = activity_between(activity, db_activity(env))
     log(
         f"    throughput: {tput['events_per_second']:,} events/s "
         f"(batch p50 {tput['batch_ms']['median']} ms)"
@@ -394,62 +441,155 @@ def phase_ingestion(env: Env, stack: Stack) -> dict[str, Any]:
     out: dict[str, Any] = {"tracked_segments": tracked_create, "throughput": tput}
     out["tracking"] = track
     try:
-        out["with_extended_tracked"] = with_extended_tracked(env, stack, pool, rng, tput)
-    except Exception as err:  # the figure above stands without this one
+        out["database_limits"] = database_limits(env, pool, rng)
+    except Exception as err:  # the figures above stand without these
+        log(traceback.format_exc())
+        out["database_limits"] = {"error": " ".join(f"{type(err).__name__}: {err}".split())}
+    try:
+        out["ladder"] = ladder(env, stack, pool, rng, out["database_limits"])
+    except Exception as err:
         log(traceback.format_exc())
         # One line: an RPC error's text spans several.
-        out["with_extended_tracked"] = {"error": " ".join(f"{type(err).__name__}: {err}".split())}
+        out["ladder"] = {"error": " ".join(f"{type(err).__name__}: {err}".split())}
     return out
 
 
-def with_extended_tracked(
-    env: Env, stack: Stack, pool: Sequence[str], rng: random.Random, before: dict[str, Any]
+# The tracked segments the ladder measures ingestion with: the five, then 50, then 200.
+LADDER_STEPS = (5, 50, 200)
+LIMIT_BATCH = 1000
+
+
+def database_limits(env: Env, pool: Sequence[str], rng: random.Random) -> dict[str, Any]:
+    """What the database itself accepts of the rows IngestEvents stores: the same event rows
+    (contact, name, data, instant) written by one connection in transactions of 1,000 rows,
+    through psycopg's `executemany` and through binary COPY, into a scratch table with the
+    events table's columns, defaults, indexes and checks (no foreign keys), dropped afterwards."""
+    events = max(2 * LIMIT_BATCH, env.args.ingest_events // 6)
+    project = env.dataset.project("main")
+    with env.engine.connect() as db:
+        ids: dict[str, uuid.UUID] = dict(
+            db.execute(
+                text("SELECT email, id FROM contacts WHERE project_id = :p AND email = ANY(:e)"),
+                {"p": project.id, "e": list(pool)},
+            ).all()
+        )
+    emails = [e for e in pool if e in ids]
+    names = event_names(rng, events)
+    rows: list[tuple[Any, ...]] = []
+    for name in names:
+        item = ingest_item(emails[rng.randrange(len(emails))], name, rng)
+        data = json_format.MessageToDict(item.data) if item.HasField("data") else {}
+        rows.append((uuid.UUID(project.id), ids[item.email], name, Jsonb(data)))
+    raw = env.engine.raw_connection()
+    try:
+        driver = raw.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        conn: psycopg.Connection[Any] = driver
+        conn.autocommit = False
+        with conn.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS bench_ingest_scratch")
+            cur.execute("CREATE TABLE bench_ingest_scratch (LIKE events INCLUDING ALL)")
+        conn.commit()
+        out: dict[str, Any] = {"events": len(rows), "batch_size": LIMIT_BATCH}
+        try:
+            for method in ("executemany", "copy"):
+                started = time.perf_counter()
+                for start in range(0, len(rows), LIMIT_BATCH):
+                    chunk = rows[start : start + LIMIT_BATCH]
+                    with conn.cursor() as cur:
+                        if method == "executemany":
+                            cur.executemany(
+                                "INSERT INTO bench_ingest_scratch "
+                                "(project_id, contact_id, name, data) VALUES (%s, %s, %s, %s)",
+                                chunk,
+                            )
+                        else:
+                            with cur.copy(
+                                "COPY bench_ingest_scratch (project_id, contact_id, name, data) "
+                                "FROM STDIN (FORMAT BINARY)"
+                            ) as copy:
+                                copy.set_types(["uuid", "uuid", "text", "jsonb"])
+                                for row in chunk:
+                                    copy.write_row(row)
+                    conn.commit()
+                seconds = time.perf_counter() - started
+                out[method] = {
+                    "seconds": round(seconds, 2),
+                    "events_per_second": round(len(rows) / seconds),
+                }
+                log(
+                    f"    the database's own limit, {method}: {round(len(rows) / seconds):,} events/s"
+                )
+        finally:
+            conn.rollback()
+            with conn.cursor() as cur:
+                cur.execute("DROP TABLE IF EXISTS bench_ingest_scratch")
+            conn.commit()
+    finally:
+        raw.close()
+    return out
+
+
+def ladder(
+    env: Env,
+    stack: Stack,
+    pool: Sequence[str],
+    rng: random.Random,
+    limits: dict[str, Any],
 ) -> dict[str, Any]:
-    """The throughput run again with the extended language's scenarios tracked
-    beside the five, then once more after deleting them: the figure with them is read
-    against the runs on either side of it (`before` is the phase's own run), as the
-    machine's pace drifts over minutes."""
+    """Throughput with 5, 50 and 200 tracked segments: the phase's five, then the ladder's
+    conditions (scenarios.ladder_segment) created up to each step, each step's run as long
+    as the others (a warm-up, then a third of --ingest-events). The ladder's segments are
+    deleted at the end."""
     key = env.keys["main"]
     seg = stack.server.segments
-    created: dict[str, Any] = {}
-    for sc in scenarios.EXTENDED_SCENARIOS:
-        ms, segment = create_segment(
-            stack, key, f"Bench tracked {sc.name}", sc.resolved({}), track=True
-        )
-        created[sc.name] = {
-            "id": segment.id,
-            "members": segment.member_count,
-            "create_ms": round(ms, 1),
-        }
-        log(f"    created tracked {sc.name!r}: {segment.member_count:,} members in {ms:.0f} ms")
     workers = env.args.ingest_workers
-    throughput(stack, key, build_batches(pool, 5_000, 1000, rng, "warm-x"), workers)
-    batches = build_batches(pool, env.args.ingest_events, 1000, rng, "tput-x")
-    wal = wal_totals(env)
-    tracked = throughput(stack, key, batches, workers)
-    tracked["wal_per_1000_events"] = wal_per_1000(wal, wal_totals(env), tracked["events"])
-    for entry in created.values():
-        seg.DeleteSegment(
-            segments_pb2.DeleteSegmentRequest(id=entry["id"]), metadata=md(key), timeout=600
-        )
-    throughput(stack, key, build_batches(pool, 5_000, 1000, rng, "warm-y"), workers)
-    batches = build_batches(pool, env.args.ingest_events, 1000, rng, "tput-y")
-    wal = wal_totals(env)
-    after = throughput(stack, key, batches, workers)
-    after["wal_per_1000_events"] = wal_per_1000(wal, wal_totals(env), after["events"])
-    eps = tracked["events_per_second"]
-    baseline = (before["events_per_second"] + after["events_per_second"]) / 2
-    log(
-        f"    throughput with {len(scenarios.TRACKED) + len(created)} tracked segments: {eps:,} "
-        f"events/s, against {before['events_per_second']:,} before and "
-        f"{after['events_per_second']:,} after with {len(scenarios.TRACKED)}"
-    )
+    events = max(2 * LIMIT_BATCH, env.args.ingest_events // 3)
+    created: list[str] = []
+    kinds: dict[str, int] = {}
+    create_ms: list[float] = []
+    steps: dict[str, Any] = {}
+    try:
+        for step in LADDER_STEPS:
+            while len(scenarios.TRACKED) + len(created) < step:
+                name, kind, condition = scenarios.ladder_segment(len(created), created)
+                ms, segment = create_segment(stack, key, name, condition, track=True)
+                created.append(segment.id)
+                kinds[kind] = kinds.get(kind, 0) + 1
+                create_ms.append(ms)
+            throughput(stack, key, build_batches(pool, 5_000, 1000, rng, f"warm-{step}"), workers)
+            batches = build_batches(pool, events, 1000, rng, f"ladder-{step}")
+            wal, activity = wal_totals(env), db_activity(env)
+            # A phase of its own: the other processes' CPU and PostgreSQL's background
+            # work (autovacuum) meanwhile are accounted to this step alone.
+            phase = f"ingestion_{step}_segments"
+            with stack.sampler.phase(phase):
+                run = throughput(stack, key, batches, workers)
+            run["wal_per_1000_events"] = wal_per_1000(wal, wal_totals(env), run["events"])
+            run["database_activity"] = activity_between(activity, db_activity(env))
+            run["other_processes_cpu"] = stack.sampler.foreign_load().get(phase)
+            run["postgres_background_cpu_seconds"] = stack.sampler.background_load().get(phase)
+            run["tracked_segments"] = step
+            for method in ("executemany", "copy"):
+                limit = limits.get(method)
+                if isinstance(limit, dict):
+                    run[f"fraction_of_{method}"] = round(
+                        run["events_per_second"] / limit["events_per_second"], 3
+                    )
+            steps[str(step)] = run
+            log(
+                f"    {step} tracked segments: {run['events_per_second']:,} events/s "
+                f"(batch p50 {run['batch_ms']['median']} ms, p95 {run['batch_ms']['p95']} ms)"
+            )
+    finally:
+        for segment_id in reversed(created):
+            seg.DeleteSegment(
+                segments_pb2.DeleteSegmentRequest(id=segment_id), metadata=md(key), timeout=600
+            )
+    first = steps[str(LADDER_STEPS[0])]["events_per_second"]
     return {
-        "tracked_segments": {
-            name: {k: v for k, v in entry.items() if k != "id"} for name, entry in created.items()
-        },
-        "tracked": len(scenarios.TRACKED) + len(created),
-        "throughput": tracked,
-        "throughput_after": after,
-        "ratio_to_five_tracked": round(eps / baseline, 3),
+        "steps": steps,
+        "segment_kinds": kinds,
+        "create_ms": summary(create_ms, 1),
+        "ratio_to_five": {k: round(v["events_per_second"] / first, 3) for k, v in steps.items()},
     }

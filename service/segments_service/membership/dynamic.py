@@ -17,6 +17,8 @@ from segments_service.filters import (
     Condition,
     Derive,
     Filter,
+    Kind,
+    Op,
     SegmentDefinition,
     compile_members,
     load_references,
@@ -68,6 +70,16 @@ class Dynamic:
         return frozenset(name for f in self.filters() for name in f.events)
 
     @property
+    def exit_event_names(self) -> frozenset[str]:
+        """The event names whose gain can take a contact out of it: those read by a filter
+        that an occurrence can turn false (never, not within, triggered before a window, a
+        count with an upper bound, an aggregate), or that an occurrence can turn true under
+        notMemberOfSegment. Gaining any other event can only keep a contact out or bring
+        it in (triggered, triggered within, at least a count), so a contact that gained
+        only such events is not probed for an exit (refresh_contacts)."""
+        return _exit_names(self.condition, self.references, negated=False, seen=frozenset())
+
+    @property
     def reads_segment_events(self) -> bool:
         """Whether entry/exit events (of any segment) can change this one's membership."""
         return any(name.startswith("segment.") for name in self.event_names)
@@ -90,6 +102,47 @@ class Dynamic:
         """Everything its member statement is built from but the instant and the ids."""
         refs = tuple(sorted((str(i), repr(d)) for i, d in self.references.items()))
         return (self.id, self.name, self.tracked, repr(self.condition), refs)
+
+
+# Event tests an occurrence can only turn true (without an aggregate, and a count, if any,
+# that is a lower bound), and tests it can only turn false.
+_RISING = {Op.TRIGGERED, Op.TRIGGERED_WITHIN}
+_RISING_COUNTS = {Op.GT, Op.GTE}
+_FALLING = {Op.NOT_TRIGGERED, Op.NOT_TRIGGERED_WITHIN}
+
+
+def _exit_names(
+    condition: Condition,
+    references: Mapping[uuid.UUID, SegmentDefinition],
+    *,
+    negated: bool,
+    seen: frozenset[uuid.UUID],
+) -> frozenset[str]:
+    """Dynamic.exit_event_names of `condition`, read under a notMemberOfSegment when
+    `negated`. AND and OR keep a filter's direction; only notMemberOfSegment reverses it."""
+    names: set[str] = set()
+    for f in condition.iter_filters():
+        if f.kind == Kind.SEGMENT:
+            definition = references.get(f.segment_id) if f.segment_id is not None else None
+            if definition is None or definition.condition is None:
+                continue  # a STATIC list: events do not move its members
+            if definition.id in seen:
+                # Never stored (references are acyclic); every name, to be safe.
+                names.update(n for g in definition.condition.iter_filters() for n in g.events)
+                continue
+            names |= _exit_names(
+                definition.condition,
+                references,
+                negated=negated != (f.operator == Op.NOT_MEMBER_OF_SEGMENT),
+                seen=seen | {definition.id},
+            )
+        elif f.events:
+            simple = f.aggregate is None and (f.count is None or f.count.operator in _RISING_COUNTS)
+            rising = simple and f.operator in _RISING
+            falling = f.aggregate is None and f.count is None and f.operator in _FALLING
+            if (rising and negated) or (falling and not negated) or not (rising or falling):
+                names.update(f.events)
+    return frozenset(names)
 
 
 # segments.membership_state (migration 0009): stored and kept current by writers; being
@@ -127,8 +180,13 @@ def dynamic_segments(
             cache.update(load_definitions(session, project_id, missing))
         return {i: cache[i] for i in wanted if i in cache}
 
-    for row in session.execute(query.order_by(s.id)):
-        condition = parse_condition(row.condition)
+    rows = [(row, parse_condition(row.condition)) for row in session.execute(query.order_by(s.id))]
+    # The segments read here are definitions other segments reference too, and the rest of
+    # the first level of references is one statement: a statement per referencing segment
+    # was 23 round trips of a batch with 200 tracked segments.
+    cache.update({row.id: SegmentDefinition(row.id, "DYNAMIC", c) for row, c in rows})
+    loader({i for _row, c in rows for i in c.referenced_segments()})
+    for row, condition in rows:
         refs = load_references(condition, loader)
         out.append(
             Dynamic(row.id, row.name, row.track_membership, condition, refs, row.membership_state)

@@ -104,13 +104,26 @@ def refresh_contacts(
         ids = frozenset(wanted[seg.id] & present)
         scope[seg.id] = lists.setdefault(ids, sorted(ids))
     segments = [seg for seg in every if scope[seg.id]]
+    exits: dict[uuid.UUID, list[uuid.UUID]] | None = None
+    if event_contacts is not None:
+        # Only events were added. New contacts have no memberships to leave; an existing
+        # one can have left a segment only by gaining an event its condition can be
+        # turned false by (Dynamic.exit_event_names). Exits the clock alone makes stay the
+        # sweeper's, as for every contact without an event in this write.
+        exits = {}
+        for seg in segments:
+            can_leave: set[uuid.UUID] = set()
+            for name in seg.exit_event_names & event_contacts.keys():
+                can_leave.update(event_contacts[name])
+            can_leave -= new
+            exits[seg.id] = [i for i in scope[seg.id] if i in can_leave] if can_leave else []
     # Entry/exit events recorded in one round can move segments that filter on them.
     followers = [seg for seg in every if seg.reads_segment_events]
     total = Changes(0, 0, 0)
     for _round in range(MAX_EVENT_ROUNDS):
         if not segments:
             break
-        changes = _apply(session, project_id, segments, scope, db_now(session))
+        changes = _apply(session, project_id, segments, scope, db_now(session), exits=exits)
         total = Changes(
             total.entered + changes.entered,
             total.exited + changes.exited,
@@ -120,6 +133,7 @@ def refresh_contacts(
             break
         segments = followers
         scope = {seg.id: locked for seg in followers}
+        exits = None
     return total
 
 

@@ -101,12 +101,15 @@ def scope_parameters(
     segments: Sequence[Dynamic],
     scope: Mapping[uuid.UUID, Sequence[uuid.UUID]],
     lists: Sequence[Sequence[uuid.UUID]],
+    exits: Mapping[uuid.UUID, Sequence[uuid.UUID]] | None = None,
 ) -> dict[str, Any]:
     """The values of desired_members' parameters for this scope (`lists` from
-    scope_lists), and of the (segment, contact) pairs _apply's exits probe."""
+    scope_lists), and of the (segment, contact) pairs _apply's exits probe: the scope's,
+    or those of `exits` (per segment, the scope's contacts that can have left it)."""
+    probed = scope if exits is None else exits
     params: dict[str, Any] = {_scope_parameter(n): list(ids) for n, ids in enumerate(lists)}
-    params[_PAIR_SEGMENTS] = [seg.id for seg in segments for _ in scope[seg.id]]
-    params[_PAIR_CONTACTS] = [i for seg in segments for i in scope[seg.id]]
+    params[_PAIR_SEGMENTS] = [seg.id for seg in segments for _ in probed.get(seg.id, ())]
+    params[_PAIR_CONTACTS] = [i for seg in segments for i in probed.get(seg.id, ())]
     return params
 
 
@@ -143,9 +146,12 @@ def _apply(
     now: datetime,
     *,
     emit: bool = True,
+    exits: Mapping[uuid.UUID, Sequence[uuid.UUID]] | None = None,
 ) -> Changes:
     """Make `segment_members` match the conditions for the scope's contacts, in one
-    statement; see the package doc (membership/__init__.py)."""
+    statement; see the package doc (membership/__init__.py). With `exits`, only those of
+    each segment's contacts are probed for an exit: the caller knows the others cannot
+    have left (scope_parameters)."""
     if scope is None:
         statement, relative = _apply_statement(project_id, segments, None, now, emit, None)
         params: dict[str, Any] = {}
@@ -155,7 +161,7 @@ def _apply(
         statement, relative = _cached_statement(
             key, lambda: _apply_statement(project_id, segments, scope, now, emit, {})
         )
-        params = scope_parameters(segments, scope, lists)
+        params = scope_parameters(segments, scope, lists, exits)
     params.update(relative_values(relative, now))
     row = session.execute(statement, params).one()._mapping
     # The events recorded are an output only when a tracked segment is there.
