@@ -226,12 +226,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def rest_url(grpc_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Envoy, exactly as `make run` configures it, in front of the in-process server."""
+@contextlib.contextmanager
+def envoy_in_front(grpc_port: int, workdir: Path) -> Iterator[str]:
+    """Envoy, exactly as `make run` configures it, in front of the gRPC server on
+    `grpc_port`: its base URL, until the block ends."""
     from segments_service import envoy_proxy
 
-    workdir = tmp_path_factory.mktemp("envoy")
     http_port = free_port()
     config = envoy_proxy.render_config(
         http_port=http_port,
@@ -240,11 +240,18 @@ def rest_url(grpc_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     )
     proc = envoy_proxy.start_envoy(config, workdir=workdir, log_path=workdir / "envoy.log")
     try:
-        envoy_proxy.wait_ready(http_port, timeout=30)
+        envoy_proxy.wait_ready(http_port, timeout=30, process=proc)
         yield f"http://127.0.0.1:{http_port}"
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def rest_url(grpc_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Envoy in front of the in-process server."""
+    with envoy_in_front(grpc_port, tmp_path_factory.mktemp("envoy")) as url:
+        yield url
 
 
 @dataclass

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from segments_api.v1 import segments_pb2, segments_pb2_grpc
 from segments_service.fairness import Limits
 from segments_service.server import Options, ServerThread
-from tests.conftest import ROOT, Rest, free_port, new_project
+from tests.conftest import ROOT, Rest, envoy_in_front, new_project
 from tests.rest_helpers import check_error
 
 LIMIT = 5
@@ -34,22 +34,8 @@ def limited(
     limited_server: ServerThread, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Rest]:
     """Envoy as `make run` configures it, in front of the limited server."""
-    from segments_service import envoy_proxy
-
-    workdir = tmp_path_factory.mktemp("envoy-limited")
-    http_port = free_port()
-    config = envoy_proxy.render_config(
-        http_port=http_port,
-        upstreams=[("127.0.0.1", limited_server.port)],
-        descriptor_path=ROOT / "envoy" / "segments.pb",
-    )
-    proc = envoy_proxy.start_envoy(config, workdir=workdir, log_path=workdir / "envoy.log")
-    try:
-        envoy_proxy.wait_ready(http_port, timeout=30, process=proc)
-        yield Rest(f"http://127.0.0.1:{http_port}")
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with envoy_in_front(limited_server.port, tmp_path_factory.mktemp("envoy-limited")) as url:
+        yield Rest(url)
 
 
 def test_over_the_limit_is_429_in_the_envelope(

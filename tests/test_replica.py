@@ -52,7 +52,7 @@ from segments_service.replica import MAY_LAG, LagClock, Replica, parse_lsn
 from segments_service.server import Options, ServerThread
 from segments_service.standby import Standby, drop_slot, start_standby
 from tests.conditions import as_proto
-from tests.conftest import Project, Rest, free_port, new_project
+from tests.conftest import Project, Rest, envoy_in_front, new_project
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,22 +136,8 @@ def pair() -> Iterator[Pair]:
 @pytest.fixture(scope="session")
 def pair_rest(pair: Pair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rest]:
     """Envoy, as `make run` configures it, in front of the pair's server."""
-    from segments_service import envoy_proxy
-
-    workdir = tmp_path_factory.mktemp("envoy-replica")
-    http_port = free_port()
-    config = envoy_proxy.render_config(
-        http_port=http_port,
-        upstreams=[("127.0.0.1", pair.grpc_port)],
-        descriptor_path=ROOT / "envoy" / "segments.pb",
-    )
-    proc = envoy_proxy.start_envoy(config, workdir=workdir, log_path=workdir / "envoy.log")
-    try:
-        envoy_proxy.wait_ready(http_port, timeout=30)
-        yield Rest(f"http://127.0.0.1:{http_port}")
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with envoy_in_front(pair.grpc_port, tmp_path_factory.mktemp("envoy-replica")) as url:
+        yield Rest(url)
 
 
 @pytest.fixture
