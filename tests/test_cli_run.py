@@ -91,6 +91,15 @@ def processes_of(data_dir: Path) -> list[str]:
     return left
 
 
+def assert_nothing_left(data_dir: Path, within: float = 15.0) -> None:
+    """No process of the stack on `data_dir` is left, at the latest `within` seconds from
+    now (PostgreSQL may still be finishing its shutdown)."""
+    deadline = time.monotonic() + within
+    while (left := processes_of(data_dir)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert left == []
+
+
 def test_a_port_in_use_is_refused_before_anything_starts(data_dir: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -223,10 +232,7 @@ def test_ctrl_c_leaves_nothing_behind(data_dir: Path) -> None:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
     assert "segments stopped" in log.read_text()
-    deadline = time.monotonic() + 15
-    while (left := processes_of(data_dir)) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert left == []
+    assert_nothing_left(data_dir)
     # The ports are free again.
     for port in (http_port, grpc_port):
         with socket.socket() as probe:
@@ -246,10 +252,7 @@ def test_a_closed_terminal_stops_everything(data_dir: Path) -> None:
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while (left := processes_of(data_dir)) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert left == []
+    assert_nothing_left(data_dir)
 
 
 @pytest.mark.slow
@@ -277,10 +280,7 @@ def test_ctrl_c_while_starting_leaves_nothing_behind(data_dir: Path, after: floa
             os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode in (0, 130), output
     assert "Traceback" not in output
-    deadline = time.monotonic() + 15
-    while (left := processes_of(data_dir)) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert left == []
+    assert_nothing_left(data_dir)
 
 
 @pytest.mark.slow
@@ -351,7 +351,7 @@ def test_a_built_package_runs_without_the_checkout(data_dir: Path, tmp_path: Pat
             if run.poll() is None:
                 os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode in (0, 130), log.read_text()
-    assert processes_of(data_dir) == []
+    assert_nothing_left(data_dir, within=0)
 
 
 def test_a_run_with_its_standby_serves_listings_from_it_and_stops_both(data_dir: Path) -> None:
@@ -393,10 +393,7 @@ def test_a_run_with_its_standby_serves_listings_from_it_and_stops_both(data_dir:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
     assert "segments stopped" in log.read_text()
-    deadline = time.monotonic() + 15
-    while (left := processes_of(data_dir)) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert left == []
+    assert_nothing_left(data_dir)
     assert not (data_dir / "replica" / "postmaster.pid").exists()
 
 
