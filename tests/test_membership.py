@@ -644,6 +644,18 @@ def test_concurrent_batches_for_one_contact_see_each_others_events(
     assert sorted(entries) == sorted(emails)
 
 
+def logins_an_hour_earlier(engine: Engine, project: Project) -> None:
+    """Move the project's logins an hour back, behind the service's back (no re-evaluation)."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE events SET occurred_at = occurred_at - interval '1 hour' "
+                "WHERE project_id = :p AND name = 'login'"
+            ),
+            {"p": project.id},
+        )
+
+
 def test_a_batch_re_evaluates_only_contacts_with_events_a_segment_reads(
     stubs: Stubs, project: Project, engine: Engine, sessions: sessionmaker[Session]
 ) -> None:
@@ -658,14 +670,7 @@ def test_a_batch_re_evaluates_only_contacts_with_events_a_segment_reads(
         F.event("login").triggered_within(1, "minutes") & F.event("logout").not_triggered(),
     )
     ingest(stubs, project, ("quiet@x.com", "login"), ("busy@x.com", "login"))
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "UPDATE events SET occurred_at = occurred_at - interval '1 hour' "
-                "WHERE project_id = :p AND name = 'login'"
-            ),
-            {"p": project.id},
-        )
+    logins_an_hour_earlier(engine, project)
     ingest(stubs, project, ("quiet@x.com", "page_view"), ("busy@x.com", "logout"))
     entered = {("segment.active.entry", "quiet@x.com"), ("segment.active.entry", "busy@x.com")}
     assert set(segment_events(engine, project)) == entered | {("segment.active.exit", "busy@x.com")}
@@ -843,14 +848,7 @@ def test_a_batch_probes_exits_only_where_its_events_can_cause_them(
     buyers = create(stubs, project, "Buyers", F.event("purchase").triggered())
     create(stubs, project, "Not buyers", F.segment(buyers.id).not_member())
     ingest(stubs, project, ("a@x.com", "login"), ("b@x.com", "login"))
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "UPDATE events SET occurred_at = occurred_at - interval '1 hour' "
-                "WHERE project_id = :p AND name = 'login'"
-            ),
-            {"p": project.id},
-        )
+    logins_an_hour_earlier(engine, project)
     before = set(segment_events(engine, project))
     old = timestamp_pb2.Timestamp()
     old.FromDatetime(datetime.now(UTC) - timedelta(hours=2))

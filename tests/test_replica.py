@@ -198,6 +198,19 @@ def upsert(pair: Pair, project: Project, email: str) -> str:
     return str(contact.id)
 
 
+def static_list(pair: Pair, project: Project, name: str, email: str) -> resources_pb2.Segment:
+    """A STATIC segment holding the contact `email`."""
+    segment = pair.segments.CreateSegment(
+        segments_pb2.CreateSegmentRequest(name=name, type=resources_pb2.Segment.STATIC),
+        metadata=project.auth,
+    )
+    pair.segments.AddSegmentMembers(
+        segments_pb2.AddSegmentMembersRequest(id=segment.id, emails=[email]),
+        metadata=project.auth,
+    )
+    return segment
+
+
 def exported(pair: Pair, project: Project, segment_id: str) -> list[str]:
     stream = pair.segments.ExportSegmentContacts(
         segments_pb2.ExportSegmentContactsRequest(id=segment_id), metadata=project.auth
@@ -240,14 +253,7 @@ def test_listings_come_from_the_standby_and_own_writes_from_the_primary(
     pair: Pair, owner: Project
 ) -> None:
     upsert(pair, owner, "old@x.com")
-    before = pair.segments.CreateSegment(
-        segments_pb2.CreateSegmentRequest(name="Before", type=resources_pb2.Segment.STATIC),
-        metadata=owner.auth,
-    )
-    pair.segments.AddSegmentMembers(
-        segments_pb2.AddSegmentMembersRequest(id=before.id, emails=["old@x.com"]),
-        metadata=owner.auth,
-    )
+    before = static_list(pair, owner, "Before", "old@x.com")
     caught_up(pair)
     served = reads("replica", "fresh")
     with replay_paused(pair):
@@ -306,14 +312,7 @@ def test_a_stopped_standby_fails_no_read_and_serves_again_once_back(
     pair: Pair, owner: Project
 ) -> None:
     upsert(pair, owner, "a@x.com")
-    segment = pair.segments.CreateSegment(
-        segments_pb2.CreateSegmentRequest(name="All", type=resources_pb2.Segment.STATIC),
-        metadata=owner.auth,
-    )
-    pair.segments.AddSegmentMembers(
-        segments_pb2.AddSegmentMembersRequest(id=segment.id, emails=["a@x.com"]),
-        metadata=owner.auth,
-    )
+    segment = static_list(pair, owner, "All", "a@x.com")
     caught_up(pair)
     on_primary = reads("primary", "down") + reads("primary", "failed")
     pair.standby.stop()
