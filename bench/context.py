@@ -83,21 +83,21 @@ def create_segment(
     request = segments_pb2.CreateSegmentRequest(
         name=name, condition=condition_proto(condition), track_membership=track
     )
-    return timed(lambda: _until_ready(stack, key, request))
+    return timed(lambda: until_ready(stack.server, key, request))
 
 
 BUILD_POLL_SECONDS = 0.05
 BUILD_TIMEOUT_SECONDS = 900
 
 
-def _until_ready(stack: Stack, key: str, request: segments_pb2.CreateSegmentRequest) -> Any:
+def until_ready(server: Server, key: str, request: segments_pb2.CreateSegmentRequest) -> Any:
     """Create, then wait for READY reading the status column (a GetSegment of a BUILDING
     segment counts it live, which would compete with the build it waits for)."""
-    segment = stack.server.segments.CreateSegment(request, metadata=md(key), timeout=60)
+    segment = server.segments.CreateSegment(request, metadata=md(key), timeout=60)
     if segment.status != resources_pb2.Segment.BUILDING:
         return segment
     deadline = time.monotonic() + BUILD_TIMEOUT_SECONDS
-    engine = status_engine(stack.server.database_url)
+    engine = status_engine(server.database_url)
     while True:
         with engine.connect() as conn:
             status = conn.execute(
@@ -108,7 +108,7 @@ def _until_ready(stack: Stack, key: str, request: segments_pb2.CreateSegmentRequ
         if time.monotonic() > deadline:
             raise RuntimeError(f"{segment.name!r} still BUILDING after {BUILD_TIMEOUT_SECONDS} s")
         time.sleep(BUILD_POLL_SECONDS)
-    segment = stack.server.segments.GetSegment(
+    segment = server.segments.GetSegment(
         segments_pb2.GetSegmentRequest(id=segment.id), metadata=md(key), timeout=60
     )
     if segment.status != resources_pb2.Segment.READY:

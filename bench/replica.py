@@ -44,9 +44,9 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from bench.context import log, md, size_label
+from bench.context import log, md, size_label, until_ready
 from bench.measure import summary
-from bench.stack import ROOT, Server, status_engine
+from bench.stack import ROOT, Server
 from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from segments_service import auth
 from segments_service.config import DEFAULT_REPLICA_MAX_LAG
@@ -111,22 +111,8 @@ def _segment(server: Server, key: str) -> Any:
     condition = resources_pb2.FilterCondition(logic=resources_pb2.FilterCondition.AND)
     group = condition.groups.add()
     group.filters.add(field="data.plan", operator="equals").value.string_value = "pro"
-    segment = server.segments.CreateSegment(
-        segments_pb2.CreateSegmentRequest(name="Pro", condition=condition),
-        metadata=md(key),
-        timeout=120,
-    )
-    engine = status_engine(server.database_url)
-    while True:
-        with engine.connect() as conn:
-            status = conn.execute(
-                text("SELECT status FROM segments WHERE id = :id"), {"id": segment.id}
-            ).scalar_one()
-        if status != "BUILDING":
-            break
-        time.sleep(0.2)
-    return server.segments.GetSegment(
-        segments_pb2.GetSegmentRequest(id=segment.id), metadata=md(key)
+    return until_ready(
+        server, key, segments_pb2.CreateSegmentRequest(name="Pro", condition=condition)
     )
 
 
