@@ -459,3 +459,35 @@ def test_the_preview_samples_the_second_slice_in_the_counts_own_pass(
     without = client.preview_segment(F.event("never").not_triggered())
     assert without.member_count == 24 and len(without.sample) == 10
     assert set(first) <= {uuid.UUID(c.id) for c in without.sample}
+
+
+def test_an_event_sets_sample_is_its_smallest_members_of_the_second_slice(
+    client: SegmentsClient, project: Project, engine: Engine
+) -> None:
+    """A condition counted by count(DISTINCT) over its events gathers one slice, the
+    twentieth of the id space, in sorted order: the sample is its ten smallest members, so
+    the thousandth's when that holds enough. Contacts with two events appear once."""
+    space = 2**128
+    first = [uuid.UUID(int=i + 1) for i in range(2)]
+    second = [uuid.UUID(int=int(0.01 * space) + i) for i in range(11)]
+    beyond = [uuid.UUID(int=int(0.5 * space) + i) for i in range(11)]
+    _insert_at(engine, project, first + second + beyond, "e")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO events (project_id, contact_id, name, data, occurred_at) "
+                "SELECT :p, id, 'purchase', '{}', now() - interval '1 day' * n "
+                "FROM unnest(CAST(:ids AS uuid[])) AS id, generate_series(1, 2) AS n"
+            ),
+            {"p": project.id, "ids": first + second + beyond},
+        )
+    got = client.preview_segment(F.event("purchase").triggered_within(30, "days"))
+    assert got.member_count == 24
+    ids = [uuid.UUID(c.id) for c in got.sample]
+    assert len(ids) == len(set(ids)) == 10
+    with engine.connect() as conn:
+        version = int(conn.execute(text("SHOW server_version_num")).scalar_one())
+    if version >= 160000:
+        assert set(ids) == set(sorted(first + second)[:10])
+    else:
+        assert set(first) <= set(ids)

@@ -188,9 +188,11 @@ def preview(session: Session, project_id: uuid.UUID, condition_json: Any) -> Pre
         counted = sampled.subquery("counted")
         total, *slices = counted.c
         wanted = func.least(PREVIEW_SAMPLE, total)
-        chosen = case(
-            *[(func.cardinality(ids) >= wanted, ids) for ids in slices[:-1]], else_=slices[-1]
-        )
+        chosen: Any = slices[-1]
+        if len(slices) > 1:
+            chosen = case(
+                *[(func.cardinality(ids) >= wanted, ids) for ids in slices[:-1]], else_=chosen
+            )
         rows = session.execute(
             select(total.label("member_count"), tables.contacts)
             .select_from(
