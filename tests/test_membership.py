@@ -872,3 +872,41 @@ def test_a_batch_probes_exits_only_where_its_events_can_cause_them(
         ("segment.active.exit", "a@x.com"),
         ("segment.active.exit", "b@x.com"),
     }
+
+
+def test_loaded_segments_are_reused_until_their_definition_changes(
+    stubs: Stubs, project: Project, sessions: sessionmaker[Session]
+) -> None:
+    """Batches load the project's segments each time; an unchanged one comes back as the
+    same object (its event names and signature worked out once), a changed one anew."""
+    inner = create(stubs, project, "Inner", F.event("click").triggered_within(7, "days"))
+    outer = create(stubs, project, "Outer", F.segment(inner).member(), track=False)
+
+    def loaded() -> dict[str, membership.Dynamic]:
+        with sessions.begin() as session:
+            found = membership.dynamic_segments(session, uuid.UUID(project.id))
+        return {str(seg.id): seg for seg in found}
+
+    first = loaded()
+    again = loaded()
+    assert again[inner.id] is first[inner.id] and again[outer.id] is first[outer.id]
+    assert first[inner.id].event_names == {"click"}
+    assert first[outer.id].event_names == {"click"}
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(
+            id=inner.id, condition=as_proto(F.event("visit").triggered_within(7, "days"))
+        ),
+        metadata=project.auth,
+    )
+    changed = loaded()
+    # The referencing segment's definition changed with the one it references.
+    assert changed[inner.id] is not first[inner.id]
+    assert changed[outer.id] is not first[outer.id]
+    assert changed[inner.id].event_names == changed[outer.id].event_names == {"visit"}
+    stubs.segments.UpdateSegment(
+        segments_pb2.UpdateSegmentRequest(id=outer.id, name="Outer renamed"),
+        metadata=project.auth,
+    )
+    renamed = loaded()
+    assert renamed[outer.id] is not changed[outer.id] and renamed[outer.id].name == "Outer renamed"
+    assert renamed[inner.id] is changed[inner.id]

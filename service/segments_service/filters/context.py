@@ -22,6 +22,8 @@ class SegmentDefinition:
     id: uuid.UUID
     type: str
     condition: Condition | None
+    # The condition's stored JSON text, when loaded from the table.
+    source: str | None = field(default=None, compare=False, repr=False)
 
 
 # A value of a statement derived from its evaluation instant (a window's start, say).

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property, lru_cache
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, Text, cast, select
 from sqlalchemy.orm import Session
 
 from segments_service import tables
@@ -25,17 +29,30 @@ from segments_service.filters import (
     parse_condition,
 )
 
+# Stored conditions by their JSON text. Every batch of events evaluates the project's
+# segments, and parsing each condition again was a tenth of a batch's Python time with 200
+# segments. Conditions are immutable, so one parse serves every reader of the same text.
+PARSED_KEPT = 4096
+
+
+@lru_cache(maxsize=PARSED_KEPT)
+def parsed(source: str) -> Condition:
+    """A stored condition (valid when stored) from its JSON text."""
+    return parse_condition(json.loads(source))
+
 
 def load_definitions(
     session: Session, project_id: uuid.UUID, ids: set[uuid.UUID]
 ) -> dict[uuid.UUID, SegmentDefinition]:
     s = tables.segments.c
     rows = session.execute(
-        select(s.id, s.type, s.condition).where(s.project_id == project_id, s.id.in_(ids))
+        select(s.id, s.type, cast(s.condition, Text).label("source")).where(
+            s.project_id == project_id, s.id.in_(ids)
+        )
     )
     return {
         r.id: SegmentDefinition(
-            r.id, r.type, parse_condition(r.condition) if r.condition is not None else None
+            r.id, r.type, parsed(r.source) if r.source is not None else None, r.source
         )
         for r in rows
     }
@@ -52,6 +69,8 @@ class Dynamic:
     references: Mapping[uuid.UUID, SegmentDefinition]
     # segments.membership_state: writers evaluate `stored` segments only.
     state: str = "stored"
+    # The condition's stored JSON text, when loaded from the table: the signature uses it.
+    source: str | None = field(default=None, compare=False)
 
     def filters(self) -> Iterator[Filter]:
         """Every filter of its condition and of the conditions it references."""
@@ -60,16 +79,16 @@ class Dynamic:
             if d.condition is not None:
                 yield from d.condition.iter_filters()
 
-    @property
+    @cached_property
     def time_dependent(self) -> bool:
         return any(f.window is not None for f in self.filters())
 
-    @property
+    @cached_property
     def event_names(self) -> frozenset[str]:
         """Every event name its condition (with inlined references) looks at."""
         return frozenset(name for f in self.filters() for name in f.events)
 
-    @property
+    @cached_property
     def exit_event_names(self) -> frozenset[str]:
         """The event names whose gain can take a contact out of it: those read by a filter
         that an occurrence can turn false (never, not within, triggered before a window, a
@@ -79,7 +98,7 @@ class Dynamic:
         only such events is not probed for an exit (refresh_contacts)."""
         return _exit_names(self.condition, self.references, negated=False, seen=frozenset())
 
-    @property
+    @cached_property
     def reads_segment_events(self) -> bool:
         """Whether entry/exit events (of any segment) can change this one's membership."""
         return any(name.startswith("segment.") for name in self.event_names)
@@ -97,11 +116,20 @@ class Dynamic:
         ctx = CompileContext(now=now, segments=self.references, relative=relative)
         return compile_members(self.condition, ctx, project_id, scope)
 
-    @property
+    @cached_property
     def signature(self) -> Hashable:
         """Everything its member statement is built from but the instant and the ids."""
-        refs = tuple(sorted((str(i), repr(d)) for i, d in self.references.items()))
-        return (self.id, self.name, self.tracked, repr(self.condition), refs)
+        refs = tuple(
+            sorted(
+                (str(i), d.type, _text(d.condition, d.source)) for i, d in self.references.items()
+            )
+        )
+        return (self.id, self.name, self.tracked, _text(self.condition, self.source), refs)
+
+
+def _text(condition: Condition | None, source: str | None) -> str:
+    """A condition's stored text, or its repr where it was not loaded from the table."""
+    return source if source is not None else repr(condition)
 
 
 # Event tests an occurrence can only turn true (without an aggregate, and a count, if any,
@@ -162,9 +190,13 @@ def dynamic_segments(
     Without `ids`, those whose membership is stored (and kept current), unless `states`
     (of segments.membership_state) says otherwise."""
     s = tables.segments.c
-    query = select(s.id, s.name, s.track_membership, s.condition, s.membership_state).where(
-        s.project_id == project_id, s.type == "DYNAMIC"
-    )
+    query = select(
+        s.id,
+        s.name,
+        s.track_membership,
+        cast(s.condition, Text).label("source"),
+        s.membership_state,
+    ).where(s.project_id == project_id, s.type == "DYNAMIC")
     if ids is not None:
         query = query.where(s.id.in_(list(ids)))
     if states is None and ids is None:
@@ -180,18 +212,47 @@ def dynamic_segments(
             cache.update(load_definitions(session, project_id, missing))
         return {i: cache[i] for i in wanted if i in cache}
 
-    rows = [(row, parse_condition(row.condition)) for row in session.execute(query.order_by(s.id))]
+    rows = [(row, parsed(row.source)) for row in session.execute(query.order_by(s.id))]
     # The segments read here are definitions other segments reference too, and the rest of
     # the first level of references is one statement: a statement per referencing segment
     # was 23 round trips of a batch with 200 tracked segments.
-    cache.update({row.id: SegmentDefinition(row.id, "DYNAMIC", c) for row, c in rows})
+    cache.update({row.id: SegmentDefinition(row.id, "DYNAMIC", c, row.source) for row, c in rows})
     loader({i for _row, c in rows for i in c.referenced_segments()})
     for row, condition in rows:
         refs = load_references(condition, loader)
-        out.append(
-            Dynamic(row.id, row.name, row.track_membership, condition, refs, row.membership_state)
+        loaded = Dynamic(
+            row.id,
+            row.name,
+            row.track_membership,
+            condition,
+            refs,
+            row.membership_state,
+            row.source,
         )
+        out.append(_kept(project_id, loaded))
     return out
+
+
+# Segments as loaded, by everything they are made of: the same segments meet every batch of
+# events, and what a batch asks of each (the event names it reads, its signature) is
+# worked out once per definition, not once per batch.
+LOADED_KEPT = 4096
+_loaded: OrderedDict[Hashable, Dynamic] = OrderedDict()
+_loaded_lock = threading.Lock()
+
+
+def _kept(project_id: uuid.UUID, segment: Dynamic) -> Dynamic:
+    """The segment loaded earlier with the same definition, or this one, kept for next time."""
+    key = (project_id, segment.state, segment.signature)
+    with _loaded_lock:
+        found = _loaded.get(key)
+        if found is not None:
+            _loaded.move_to_end(key)
+            return found
+        _loaded[key] = segment
+        while len(_loaded) > LOADED_KEPT:
+            _loaded.popitem(last=False)
+    return segment
 
 
 @dataclass(frozen=True)

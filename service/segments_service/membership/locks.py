@@ -63,17 +63,16 @@ def lock_contacts(
     contacts (contacts.ensure_contacts) so none can be deleted meanwhile: events and
     memberships have no foreign key to contacts (migrations 0004 and 0008).
     """
-    wanted = sorted(set(contact_ids))
+    wanted = list(set(contact_ids))
     if not wanted:
         return []
     c = tables.contacts.c
-    return [
-        r.id
-        for r in session.execute(
-            select(c.id)
-            .where(c.project_id == project_id, c.id == tables.any_uuid(wanted))
-            .order_by(c.id)
-            # FOR NO KEY UPDATE: static list inserts (a foreign key) still pass.
-            .with_for_update(key_share=True)
-        )
-    ]
+    locked = session.execute(
+        select(c.id)
+        .where(c.project_id == project_id, c.id == tables.any_uuid(wanted))
+        .order_by(c.id)
+        # FOR NO KEY UPDATE: static list inserts (a foreign key) still pass.
+        .with_for_update(key_share=True)
+    )
+    # Fetched at once: row by row was a fetch call per contact.
+    return list(locked.scalars().all())

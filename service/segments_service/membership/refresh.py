@@ -88,7 +88,7 @@ def refresh_contacts(
     windows = wakeups.data_windows(every)
     if windows and event_contacts is None and static_segment is None:
         # The contacts' data may have changed: so may when time next turns their answer.
-        wakeups.refresh(session, project_id, windows, db_now(session), ids=sorted(present))
+        wakeups.refresh(session, project_id, windows, db_now(session), ids=locked)
     # Segments being built are not evaluated: their contacts are noted, after the locks,
     # for the build to catch up (builds.py).
     mark_dirty(
@@ -97,12 +97,19 @@ def refresh_contacts(
         {seg.id: wanted[seg.id] & present for seg in every if seg.state == BUILDING},
     )
     every = [seg for seg in every if seg.state == STORED]
-    # Segments wanting the same contacts share one list, hence one array parameter.
+    # Segments wanting the same contacts share one list, hence one array parameter. The
+    # lists are in no particular order (an `= ANY` array needs none) and made with set
+    # operations only: UUIDs hash and compare in Python, and sorting a list per segment, or
+    # testing each id against a set, was a tenth of a batch's time with 200 segments.
     lists: dict[frozenset[uuid.UUID], list[uuid.UUID]] = {}
     scope: dict[uuid.UUID, Sequence[uuid.UUID]] = {}
+    scope_sets: dict[uuid.UUID, frozenset[uuid.UUID]] = {}
     for seg in every:
         ids = frozenset(wanted[seg.id] & present)
-        scope[seg.id] = lists.setdefault(ids, sorted(ids))
+        if ids not in lists:
+            lists[ids] = list(ids)
+        scope[seg.id] = lists[ids]
+        scope_sets[seg.id] = ids
     segments = [seg for seg in every if scope[seg.id]]
     exits: dict[uuid.UUID, list[uuid.UUID]] | None = None
     if event_contacts is not None:
@@ -115,8 +122,7 @@ def refresh_contacts(
             can_leave: set[uuid.UUID] = set()
             for name in seg.exit_event_names & event_contacts.keys():
                 can_leave.update(event_contacts[name])
-            can_leave -= new
-            exits[seg.id] = [i for i in scope[seg.id] if i in can_leave] if can_leave else []
+            exits[seg.id] = list((can_leave - new) & scope_sets[seg.id]) if can_leave else []
     # Entry/exit events recorded in one round can move segments that filter on them.
     followers = [seg for seg in every if seg.reads_segment_events]
     total = Changes(0, 0, 0)
