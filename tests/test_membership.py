@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segments import Expression, F
 from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
-from segments_service import membership, sweeper
+from segments_service import events, membership, sweeper
+from segments_service.database import make_engine, make_sessionmaker
 from segments_service.filters import SegmentDefinition, parse_condition
 from segments_service.membership import slugify
 from tests.conditions import as_proto
@@ -910,3 +911,34 @@ def test_loaded_segments_are_reused_until_their_definition_changes(
     renamed = loaded()
     assert renamed[outer.id] is not changed[outer.id] and renamed[outer.id].name == "Outer renamed"
     assert renamed[inner.id] is changed[inner.id]
+
+
+def test_a_batchs_statement_is_planned_once_per_connection(
+    stubs: Stubs, project: Project, database_url: str
+) -> None:
+    """The statement that re-evaluates a batch's contacts is prepared from its fifth run on
+    a connection and keeps one generic plan; the other statements stay planned per run."""
+    clicked = create(stubs, project, "Clicked", F.event("click").triggered_within(7, "days"))
+    engine = make_engine(database_url, pool_size=1, max_overflow=0)
+    try:
+        sessions = make_sessionmaker(engine)
+        for i in range(8):
+            with sessions.begin() as session:
+                events.ingest(
+                    session,
+                    uuid.UUID(project.id),
+                    [events.IngestItem(f"p{i}@x.com", "click", None, {})],
+                )
+        with engine.connect() as conn:
+            plans = conn.execute(
+                text(
+                    "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                    "WHERE statement LIKE '%segment_members%' AND statement LIKE '%feed_positions%'"
+                )
+            ).all()
+            mode = conn.execute(text("SHOW plan_cache_mode")).scalar_one()
+    finally:
+        engine.dispose()
+    assert [(generic > 0, custom) for generic, custom in plans] == [(True, 0)]
+    assert mode == "force_custom_plan"
+    assert member_count(stubs, project, clicked.id) == 8

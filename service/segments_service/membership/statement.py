@@ -24,6 +24,7 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    text,
     union_all,
     update,
 )
@@ -138,6 +139,12 @@ def _cached_statement(
     return built
 
 
+# psycopg prepares a statement from its fifth run on a connection; a prepared statement
+# with plan_cache_mode force_generic_plan is planned at its first run, then reuses that plan.
+_GENERIC_PLAN = text("SET LOCAL plan_cache_mode = force_generic_plan")
+_CUSTOM_PLANS = text("SET LOCAL plan_cache_mode = force_custom_plan")
+
+
 def _apply(
     session: Session,
     project_id: uuid.UUID,
@@ -163,7 +170,17 @@ def _apply(
         )
         params = scope_parameters(segments, scope, lists, exits)
     params.update(relative_values(relative, now))
-    row = session.execute(statement, params).one()._mapping
+    if scope is None:
+        row = session.execute(statement, params).one()._mapping
+    else:
+        # A batch's statement is the same text for every batch meeting the same segments,
+        # and its shape (each segment's members among given contacts, probed by index)
+        # suits every list of contacts: planned once per connection, not per batch. With
+        # 200 segments its planning was 17 ms of a 100 ms statement. Everything else keeps
+        # a plan per execution (database.make_engine).
+        session.execute(_GENERIC_PLAN)
+        row = session.execute(statement, params).one()._mapping
+        session.execute(_CUSTOM_PLANS)
     # The events recorded are an output only when a tracked segment is there.
     events = row.get("events", 0)
     metrics.events_written(events)
