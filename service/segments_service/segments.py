@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import psycopg.errors
 from sqlalchemy import (
@@ -167,10 +167,10 @@ def preview(session: Session, project_id: uuid.UUID, condition_json: Any) -> Pre
 
     The count's own pass gathers the members found in each slice (compile_sampled_count),
     and the same statement reads the contacts of the smallest slice holding enough: one
-    statement for the count and its sample. Where the
-    count is taken by subtraction (everyone but a set), or on a server before PostgreSQL 16,
-    a second statement reads the first slice, as a build reads one, from the indexes on
-    contact ids. Either way, when the slices hold too
+    statement for the count and its sample. Where the count is taken by subtraction
+    (everyone but a set), or on a server before PostgreSQL 16, the same statement reads
+    the first slice beside the count, as a build reads one, from the indexes on contact
+    ids. Either way, when the slices hold too
     few (a condition that fewer than about two hundred contacts meet), the rest come from
     the member statement under a LIMIT, planned to start fast. The members found are shown
     newest first. Measured at a million contacts: BENCHMARKS.md, "Preview"."""
@@ -181,10 +181,8 @@ def preview(session: Session, project_id: uuid.UUID, condition_json: Any) -> Pre
     sampled = None
     if (session.connection().dialect.server_version_info or ()) >= _PARALLEL_ARRAY_AGG:
         sampled = compile_sampled_count(condition, _fresh(ctx), project_id, bounds, PREVIEW_SAMPLE)
-    contact = tables.contacts.c
-    newest_first = (contact.created_at.desc(), contact.id.desc())
     if sampled is not None:
-        # One statement: the count, and the contacts of the smallest slice holding enough.
+        # The count, and the members of each slice it met: the smallest holding enough.
         counted = sampled.subquery("counted")
         total, *slices = counted.c
         wanted = func.least(PREVIEW_SAMPLE, total)
@@ -193,27 +191,35 @@ def preview(session: Session, project_id: uuid.UUID, condition_json: Any) -> Pre
             chosen = case(
                 *[(func.cardinality(ids) >= wanted, ids) for ids in slices[:-1]], else_=chosen
             )
-        rows = session.execute(
-            select(total.label("member_count"), tables.contacts)
-            .select_from(
-                counted.outerjoin(
-                    tables.contacts,
-                    and_(contact.project_id == project_id, contact.id == any_(chosen)),
-                )
-            )
-            .order_by(*newest_first)
-        ).all()
-        count = int(rows[0].member_count)
-        sample = [row for row in rows if row.id is not None]
         high = bounds[-1]  # when the sample is short, no slice held enough: the last was read
     else:
-        count = int(session.execute(compile_count(condition, _fresh(ctx), project_id)).scalar_one())
-        if count == 0:
-            return Preview(0, [])
+        # The count, and beside it the first slice's members under a LIMIT, read as a build
+        # reads a slice, from the indexes on contact ids.
         high = bounds[0]
-        sliced = compile_members(condition, _fresh(ctx), project_id, _id_range(high))
-        found = [cast(uuid.UUID, row[0]) for row in session.execute(sliced.limit(PREVIEW_SAMPLE))]
-        sample = _contacts(session, project_id, found) if found else []
+        first = (
+            compile_members(condition, _fresh(ctx), project_id, _id_range(high))
+            .limit(PREVIEW_SAMPLE)
+            .subquery("first")
+        )
+        counted = select(
+            compile_count(condition, _fresh(ctx), project_id).scalar_subquery().label("count"),
+            select(func.array_agg(first.c.contact_id)).scalar_subquery().label("ids"),
+        ).subquery("counted")
+        total, chosen = counted.c
+    # One statement: the count, and the chosen members' contacts.
+    contact = tables.contacts.c
+    rows = session.execute(
+        select(total.label("member_count"), tables.contacts)
+        .select_from(
+            counted.outerjoin(
+                tables.contacts,
+                and_(contact.project_id == project_id, contact.id == any_(chosen)),
+            )
+        )
+        .order_by(contact.created_at.desc(), contact.id.desc())
+    ).all()
+    count = int(rows[0].member_count)
+    sample = [row for row in rows if row.id is not None]
     if len(sample) < min(PREVIEW_SAMPLE, count):
         rest = compile_members(condition, _fresh(ctx), project_id).subquery("rest")
         more = (
