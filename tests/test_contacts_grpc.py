@@ -438,7 +438,7 @@ def test_the_preview_samples_the_second_slice_in_the_counts_own_pass(
     client: SegmentsClient, project: Project, engine: Engine
 ) -> None:
     """From PostgreSQL 16 on, the count's pass gathers the members of two slices (a
-    thousandth and a twentieth of the id space): with too few in the first, the sample
+    thousandth and a fiftieth of the id space): with too few in the first, the sample
     comes from the second; before 16, from the first slice and then any other members."""
     space = 2**128
     first = [uuid.UUID(int=i + 1) for i in range(2)]
@@ -465,7 +465,7 @@ def test_an_event_sets_sample_is_its_smallest_members_of_the_second_slice(
     client: SegmentsClient, project: Project, engine: Engine
 ) -> None:
     """A condition counted by count(DISTINCT) over its events gathers one slice, the
-    twentieth of the id space, in sorted order: the sample is its ten smallest members, so
+    fiftieth of the id space, in sorted order: the sample is its ten smallest members, so
     the thousandth's when that holds enough. Contacts with two events appear once."""
     space = 2**128
     first = [uuid.UUID(int=i + 1) for i in range(2)]
