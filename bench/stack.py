@@ -35,15 +35,26 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this child when the bench dies, however it dies (no orphaned servers)."""
-    try:
-        import ctypes
-        import signal
+# Run as `python -c _WITH_PARENT <bench pid> <program> <args...>`: it asks Linux to SIGTERM
+# it when the bench dies, however it dies (no orphaned servers), then becomes the program,
+# whose pid it keeps. A fresh interpreter does it, not a `preexec_fn` of the bench: the
+# bench has gRPC threads running, and Python code between fork and exec in such a process
+# can deadlock or abort the child (Envoy died of SIGABRT that way under load).
+_WITH_PARENT = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except OSError:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the benchmark exited before its child started")
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+
+def with_parent(argv: list[str]) -> list[str]:
+    """`argv` run so that it ends with the bench (see _WITH_PARENT)."""
+    return [sys.executable, "-c", _WITH_PARENT, str(os.getpid()), *argv]
 
 
 def free_port() -> int:
@@ -94,11 +105,12 @@ class Server:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "segments_service.cli", "serve", "--port", str(self.port)],
+            with_parent(
+                [sys.executable, "-m", "segments_service.cli", "serve", "--port", str(self.port)]
+            ),
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
         )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=CHANNEL_OPTIONS)
         health: Any = health_pb2_grpc.HealthStub(self.channel)
@@ -149,19 +161,20 @@ class Envoy:
         config_path.write_text(config)
         self._log = (workdir / "envoy.log").open("ab")
         self.proc = subprocess.Popen(
-            [
-                envoy_proxy.find_envoy(),
-                "--config-path",
-                str(config_path),
-                "--disable-hot-restart",
-                "--log-level",
-                "warn",
-            ],
+            with_parent(
+                [
+                    envoy_proxy.find_envoy(),
+                    "--config-path",
+                    str(config_path),
+                    "--disable-hot-restart",
+                    "--log-level",
+                    "warn",
+                ]
+            ),
             cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
         )
         try:
             envoy_proxy.wait_ready(self.http_port, timeout=30, process=self.proc)
