@@ -31,7 +31,6 @@ from bench.cli import parse_args
 from bench.dataset import prepare_dataset
 from bench.phases.ingestion import event_names
 from segments_service import database
-from segments_service.database import make_sessionmaker
 from segments_service.events import NewEvent, insert_events_counted
 
 _COPY = "COPY events (project_id, contact_id, name, data, occurred_at) FROM STDIN (FORMAT BINARY)"
@@ -47,8 +46,7 @@ def batch(contacts: Sequence[uuid.UUID], rng: random.Random) -> list[NewEvent]:
 
 
 def by_statement(engine: Engine, project_id: uuid.UUID, events: Sequence[NewEvent]) -> float:
-    sessions = make_sessionmaker(engine)
-    with sessions() as session:
+    with database.make_sessionmaker(engine)() as session:
         started = time.perf_counter()
         insert_events_counted(session, project_id, events)
         took = time.perf_counter() - started

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
 import uuid
-from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +12,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from segments_api.v1 import resources_pb2
 from segments_service.errors import NotFound, ValidationError
 from segments_service.jsonutil import normalize
+from segments_service.kept import Kept
 from segments_service.segments import SegmentView
 
 
@@ -190,24 +189,14 @@ def contact_to_proto(row: Any) -> resources_pb2.Contact:
 # Conditions as messages, by their JSON text: a segment read again and again (a UI polling
 # its count) is not converted again (the text costs a twentieth of the conversion). Not by
 # updated_at: a failed build puts the previous condition back without changing it.
-_CONDITIONS: OrderedDict[tuple[Any, Any], struct_pb2.Value] = OrderedDict()
-_CONDITIONS_KEPT = 1024
-_CONDITIONS_LOCK = threading.Lock()
+_CONDITIONS: Kept[tuple[Any, str], struct_pb2.Value] = Kept(1024)
 
 
 def _condition_value(row: Any) -> struct_pb2.Value:
-    key = (row.id, json.dumps(row.condition))
-    with _CONDITIONS_LOCK:
-        found = _CONDITIONS.get(key)
-        if found is not None:
-            _CONDITIONS.move_to_end(key)
-            return found
-    value = py_to_value(ordered_condition(row.condition))
-    with _CONDITIONS_LOCK:
-        _CONDITIONS[key] = value
-        if len(_CONDITIONS) > _CONDITIONS_KEPT:
-            _CONDITIONS.popitem(last=False)
-    return value
+    return _CONDITIONS.get(
+        (row.id, json.dumps(row.condition)),
+        lambda: py_to_value(ordered_condition(row.condition)),
+    )
 
 
 def segment_to_proto(view: SegmentView) -> resources_pb2.Segment:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +26,7 @@ from segments_service.filters import (
     load_references,
     parse_condition,
 )
+from segments_service.kept import Kept
 
 # Stored conditions by their JSON text. Every batch of events evaluates the project's
 # segments, and parsing each condition again was a tenth of a batch's Python time with 200
@@ -237,22 +236,12 @@ def dynamic_segments(
 # events, and what a batch asks of each (the event names it reads, its signature) is
 # worked out once per definition, not once per batch.
 LOADED_KEPT = 4096
-_loaded: OrderedDict[Hashable, Dynamic] = OrderedDict()
-_loaded_lock = threading.Lock()
+_loaded: Kept[Hashable, Dynamic] = Kept(LOADED_KEPT)
 
 
 def _kept(project_id: uuid.UUID, segment: Dynamic) -> Dynamic:
     """The segment loaded earlier with the same definition, or this one, kept for next time."""
-    key = (project_id, segment.state, segment.signature)
-    with _loaded_lock:
-        found = _loaded.get(key)
-        if found is not None:
-            _loaded.move_to_end(key)
-            return found
-        _loaded[key] = segment
-        while len(_loaded) > LOADED_KEPT:
-            _loaded.popitem(last=False)
-    return segment
+    return _loaded.get((project_id, segment.state, segment.signature), lambda: segment)
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,8 @@ entries inserted, exits deleted, counts adjusted and entry/exit events recorded.
 from __future__ import annotations
 
 import re
-import threading
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from segments_service import metrics, tables
 from segments_service.filters import Derive, relative_values
+from segments_service.kept import Kept
 from segments_service.membership.dynamic import Changes, Dynamic
 
 
@@ -119,24 +118,7 @@ def scope_parameters(
 # each condition, then SQLAlchemy's cache key of the whole) cost a third of a batch's
 # Python time. They hold no ids; each is a few dozen kB.
 STATEMENT_CACHE_SIZE = 128
-_statements: OrderedDict[Hashable, tuple[Any, dict[str, Derive]]] = OrderedDict()
-_statements_lock = threading.Lock()
-
-
-def _cached_statement(
-    key: Hashable, build: Callable[[], tuple[Any, dict[str, Derive]]]
-) -> tuple[Any, dict[str, Derive]]:
-    with _statements_lock:
-        hit = _statements.get(key)
-        if hit is not None:
-            _statements.move_to_end(key)
-            return hit
-    built = build()
-    with _statements_lock:
-        _statements[key] = built
-        while len(_statements) > STATEMENT_CACHE_SIZE:
-            _statements.popitem(last=False)
-    return built
+_statements: Kept[Hashable, tuple[Any, dict[str, Derive]]] = Kept(STATEMENT_CACHE_SIZE)
 
 
 # psycopg prepares a statement from its fifth run on a connection; a prepared statement
@@ -165,7 +147,7 @@ def _apply(
     else:
         which, lists = scope_lists(segments, scope)
         key = (project_id, emit, which, tuple(seg.signature for seg in segments))
-        statement, relative = _cached_statement(
+        statement, relative = _statements.get(
             key, lambda: _apply_statement(project_id, segments, scope, now, emit, {})
         )
         params = scope_parameters(segments, scope, lists, exits)
