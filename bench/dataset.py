@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,22 @@ def bench_engine(url: str) -> Engine:
     return engine
 
 
+def check_disk(data_dir: Path, specs: list[load.ProjectSpec]) -> None:
+    """Refuse a load the embedded server's disk cannot hold, before it starts."""
+    needed = load.disk_needed(specs)
+    free = shutil.disk_usage(data_dir).free
+    if free < needed:
+        contacts = sum(spec.contacts for spec in specs)
+        events = sum(spec.events + spec.email_events for spec in specs)
+        raise SystemExit(
+            f"bench: loading {contacts:,} contacts and {events:,} events needs about "
+            f"{needed / 2**30:.0f} GB on {data_dir}, and {free / 2**30:.0f} GB are free: free "
+            "some space, use fewer --other-projects or --scale points, or another server "
+            "(--database-url)"
+        )
+    log(f"disk: the load needs about {needed / 2**30:.0f} GB, {free / 2**30:.0f} GB free")
+
+
 def prepare_dataset(args: argparse.Namespace) -> tuple[str, load.Dataset, Any]:
     """Reuse the stored dataset when it was made with the same flags, else load it."""
     handle = None
@@ -80,8 +97,18 @@ def prepare_dataset(args: argparse.Namespace) -> tuple[str, load.Dataset, Any]:
         database.migrate(url)
         load.reset(url, existing, log)
         return url, existing, handle
+    specs = load.plan_projects(
+        args.contacts,
+        args.events,
+        args.email_events,
+        args.other_projects,
+        args.other_contacts,
+        args.scale,
+    )
     log(f"loading dataset into database {args.database_name} ...")
     database.drop_database(database.sqlalchemy_url(admin), args.database_name)
+    if handle is not None:
+        check_disk(data_dir, specs)
     database.create_database(database.sqlalchemy_url(admin), args.database_name)
     database.migrate(url)
     engine = database.make_engine(url, pool_size=1, application_name="segments-bench-load")
@@ -91,14 +118,6 @@ def prepare_dataset(args: argparse.Namespace) -> tuple[str, load.Dataset, Any]:
         with sessions.begin() as session:
             return auth.create_project(session, name)["id"]
 
-    specs = load.plan_projects(
-        args.contacts,
-        args.events,
-        args.email_events,
-        args.other_projects,
-        args.other_contacts,
-        args.scale,
-    )
     try:
         dataset = load.load(
             url, specs, seed=args.seed, create_project=create_project, params=params, log=log
