@@ -33,6 +33,24 @@ PHASES = (
 PHASE_NEEDS = {"scenarios": ("trivial",), "list": ("trivial",), "scale": ("scenarios",)}
 
 
+# Tracked segments at each step of the ingestion ladder (bench/phases/ingestion.py).
+LADDER_STEPS = (5, 50, 200)
+
+
+def _steps(text: str) -> tuple[int, ...]:
+    """--ladder-steps: ascending counts of tracked segments, from the phase's five."""
+    try:
+        steps = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    first = len(scenarios.TRACKED)
+    if not steps or steps[0] != first or list(steps) != sorted(set(steps)):
+        raise argparse.ArgumentTypeError(
+            f"ascending counts of tracked segments starting at {first}, e.g. {first},50,200"
+        )
+    return steps
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -72,6 +90,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="events in the throughput run (about 30 s at the target rate)",
     )
     m.add_argument("--ingest-workers", type=int, default=4, help="concurrent IngestEvents callers")
+    m.add_argument(
+        "--ladder-steps",
+        type=_steps,
+        default=LADDER_STEPS,
+        help="tracked segments at each step of the ingestion ladder (5,50,200); each step's "
+        "segments are built over every contact, minutes each at ten million",
+    )
     m.add_argument("--tracking-seconds", type=float, default=30.0)
     m.add_argument("--tracking-rate", type=int, default=1000, help="events per second")
     m.add_argument("--tracking-batch", type=int, default=100, help="events per paced batch")

@@ -454,8 +454,6 @@ def phase_ingestion(env: Env, stack: Stack) -> dict[str, Any]:
     return out
 
 
-# The tracked segments the ladder measures ingestion with: the five, then 50, then 200.
-LADDER_STEPS = (5, 50, 200)
 LIMIT_BATCH = 1000
 
 
@@ -537,7 +535,7 @@ def ladder(
     rng: random.Random,
     limits: dict[str, Any],
 ) -> dict[str, Any]:
-    """Throughput with 5, 50 and 200 tracked segments: the phase's five, then the ladder's
+    """Throughput with 5, 50 and 200 tracked segments (--ladder-steps): the phase's five, then the ladder's
     conditions (scenarios.ladder_segment) created up to each step, each step's run as long
     as the others (a warm-up, then a third of --ingest-events). The ladder's segments are
     deleted at the end."""
@@ -550,7 +548,7 @@ def ladder(
     create_ms: list[float] = []
     steps: dict[str, Any] = {}
     try:
-        for step in LADDER_STEPS:
+        for step in env.args.ladder_steps:
             while len(scenarios.TRACKED) + len(created) < step:
                 name, kind, condition = scenarios.ladder_segment(len(created), created)
                 ms, segment = create_segment(stack, key, name, condition, track=True)
@@ -586,7 +584,7 @@ def ladder(
             seg.DeleteSegment(
                 segments_pb2.DeleteSegmentRequest(id=segment_id), metadata=md(key), timeout=600
             )
-    first = steps[str(LADDER_STEPS[0])]["events_per_second"]
+    first = steps[str(env.args.ladder_steps[0])]["events_per_second"]
     return {
         "steps": steps,
         "segment_kinds": kinds,
