@@ -52,7 +52,10 @@ def bench_engine(url: str) -> Engine:
 
 def check_disk(data_dir: Path, specs: list[load.ProjectSpec]) -> None:
     """Refuse a load the embedded server's disk cannot hold, before it starts."""
-    needed = load.disk_needed(specs)
+    wal = data_dir / "postgres" / "pg_wal"
+    held = sum(f.stat().st_size for f in wal.iterdir() if f.is_file()) if wal.is_dir() else 0
+    max_wal = int(database.embedded_settings()["max_wal_size"].removesuffix("GB")) * 2**30
+    needed = load.disk_needed(specs, max(0, max_wal - held))
     free = shutil.disk_usage(data_dir).free
     if free < needed:
         contacts = sum(spec.contacts for spec in specs)

@@ -118,13 +118,11 @@ CONTACT_DAYS = 730
 CHUNK_ROWS = 500_000
 # Contacts per slice of the interleaved load: each project's share of a slice is one run.
 CONTACT_SLICE_ROWS = 25_000
-# The load checkpoints once this much WAL was written since the last check (WalBound).
-WAL_BOUND_BYTES = 2 * 2**30
 # Disk a loaded row takes with its indexes (measured on generator 4's data: 700 B a
-# contact, 350 B an event), and the room a load needs besides: its WAL (bounded by
-# WalBound) and the sort files of the largest index build.
+# contact, 350 B an event), and what the largest index build sorts (disk_needed).
 BYTES_PER_CONTACT = 700
 BYTES_PER_EVENT = 350
+SORT_BYTES_PER_EVENT = 80
 # Emails of contacts that ingestion creates: removed when the dataset is reused.
 NEW_CONTACT_DOMAIN = "bench-new.example"
 DATASET_TABLE = "bench_dataset"
@@ -414,7 +412,6 @@ def load(
         except psycopg.errors.InsufficientPrivilege:
             log("  (not a superuser: foreign keys are checked during the load, which is slower)")
         conn.execute("SELECT setseed(%s)", (seed,))
-        wal = WalBound(conn)
         indexes = conn.execute(SECONDARY_INDEXES_SQL).fetchall()
         for name, _definition in indexes:
             conn.execute(f'DROP INDEX "{name}"')
@@ -430,11 +427,11 @@ def load(
                 )
             pairs = list(zip(specs, [project.id for project in loaded], strict=True))
             t0 = time.perf_counter()
-            _load_contacts(conn, pairs, anchor, seed, wal)
+            _load_contacts(conn, pairs, anchor, seed)
             rows_total += sum(spec.contacts for spec in specs)
             phases["contacts"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            _load_events(conn, pairs, anchor, wal)
+            _load_events(conn, pairs, anchor)
             rows_total += sum(spec.events + spec.email_events for spec in specs)
             phases["events"] = time.perf_counter() - t0
         finally:
@@ -442,7 +439,6 @@ def load(
             progress = Progress("secondary indexes", len(indexes), "indexes")
             for _name, definition in indexes:
                 conn.execute(definition)
-                wal.check()
                 progress.advance(1)
             progress.finish()
             phases["indexes"] = time.perf_counter() - t0
@@ -464,44 +460,17 @@ def load(
     )
 
 
-class WalBound:
-    """Keeps the WAL a load leaves on disk small: the server's max_wal_size (16 GB on the
-    embedded one, for benchmarks' sustained writes) lets a ten-million-contact load hold
-    that much beside its data. A CHECKPOINT once WAL_BOUND_BYTES were written lets the
-    server recycle it; without the privilege (a managed server) the server's own
-    checkpoints do."""
-
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self.conn = conn
-        self.enabled = True
-        self.mark = self._lsn()
-
-    def _lsn(self) -> str:
-        return str(self.conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
-
-    def check(self) -> None:
-        if not self.enabled:
-            return
-        written = self.conn.execute(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", (self.mark,)
-        ).fetchone()[0]  # type: ignore[index]
-        if written < WAL_BOUND_BYTES:
-            return
-        try:
-            self.conn.execute("CHECKPOINT")
-        except psycopg.errors.InsufficientPrivilege:
-            self.enabled = False
-        self.mark = self._lsn()
-
-
-def disk_needed(specs: Sequence[ProjectSpec]) -> int:
+def disk_needed(specs: Sequence[ProjectSpec], wal_room: int) -> int:
     """Bytes a load of `specs` takes on the database server's disk at its peak: the rows
-    and their indexes, then the WAL bound and the sort files of the largest index (about
-    the events' primary key and contact index: a tenth of the events' bytes)."""
+    and their indexes, the sort files of the largest index (the events' by name, about
+    SORT_BYTES_PER_EVENT an event, all written before the index is), and `wal_room`: the
+    WAL the server may add to what it holds. A server recycles WAL files rather than
+    deleting them, up to its max_wal_size, so a long load can leave that much in pg_wal
+    however often it checkpoints (seen: 16 GB of a 16 GB max_wal_size)."""
     contacts = sum(spec.contacts for spec in specs)
     events = sum(spec.events + spec.email_events for spec in specs)
     rows = contacts * BYTES_PER_CONTACT + events * BYTES_PER_EVENT
-    return rows + 2 * WAL_BOUND_BYTES + events * BYTES_PER_EVENT // 10
+    return rows + events * SORT_BYTES_PER_EVENT + wal_room
 
 
 def _shares(total: int, slices: int, i: int) -> tuple[int, int]:
@@ -515,7 +484,6 @@ def _load_contacts(
     projects: Sequence[tuple[ProjectSpec, str]],
     anchor: datetime,
     seed: float,
-    wal: WalBound,
 ) -> None:
     """Every project's contacts, oldest first, the projects taking turns slice by slice:
     a shared table fills with all tenants' sign-ups interleaved."""
@@ -547,7 +515,6 @@ def _load_contacts(
                 },
             )
             progress.advance(last - first + 1)
-        wal.check()
     progress.finish()
 
 
@@ -555,7 +522,6 @@ def _load_events(
     conn: psycopg.Connection[Any],
     projects: Sequence[tuple[ProjectSpec, str]],
     anchor: datetime,
-    wal: WalBound,
 ) -> None:
     """Every project's events over EVENT_DAYS, one time slice at a time (EVENTS_SELECT)."""
     kinds: list[tuple[str, Callable[[ProjectSpec], int]]] = [
@@ -593,7 +559,6 @@ def _load_events(
                 rows += last - first + 1
         if parts:
             conn.execute(EVENTS_INSERT.format(parts=" UNION ALL ".join(parts)), params)
-            wal.check()
         progress.advance(rows)
     progress.finish()
 
