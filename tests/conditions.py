@@ -4,6 +4,7 @@ about the JSON itself: invalid conditions, limits, and shapes the builder never 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any, TypeAlias
 
@@ -11,6 +12,8 @@ from google.protobuf import json_format
 
 from segments import Expression
 from segments_api.v1 import resources_pb2
+from segments_service.filters import SegmentDefinition, parse_condition
+from segments_service.membership import Dynamic
 
 #: A condition as a test holds it: built, or spelled as JSON.
 Condition: TypeAlias = Expression | Mapping[str, Any]
@@ -44,3 +47,19 @@ def as_json(condition: Condition) -> dict[str, Any]:
 def as_proto(condition: Condition) -> resources_pb2.FilterCondition:
     """The FilterCondition message of a condition, for the generated stubs."""
     return json_format.ParseDict(as_json(condition), resources_pb2.FilterCondition())
+
+
+def loaded_segment(
+    condition: Expression, references: Mapping[uuid.UUID, Expression | None] | None = None
+) -> Dynamic:
+    """`condition` as a tracked DYNAMIC segment the service loaded, with `references`:
+    the segments it names, None for a STATIC one."""
+    refs = {
+        i: SegmentDefinition(
+            i,
+            "STATIC" if c is None else "DYNAMIC",
+            None if c is None else parse_condition(c.to_dict()),
+        )
+        for i, c in (references or {}).items()
+    }
+    return Dynamic(uuid.uuid4(), "s", True, parse_condition(condition.to_dict()), refs)

@@ -19,9 +19,8 @@ from segments import Expression, F
 from segments_api.v1 import contacts_pb2, events_pb2, resources_pb2, segments_pb2
 from segments_service import events, membership, sweeper
 from segments_service.database import make_engine, make_sessionmaker
-from segments_service.filters import SegmentDefinition, parse_condition
 from segments_service.membership import slugify
-from tests.conditions import as_proto
+from tests.conditions import as_proto, loaded_segment
 from tests.conftest import Project, Stubs
 
 
@@ -794,31 +793,24 @@ def test_every_so_often_a_sweep_compares_everything() -> None:
     assert state.since(pid) is None
 
 
-def _dynamic(
-    condition: Expression, references: dict[uuid.UUID, Expression | None] | None = None
-) -> membership.Dynamic:
-    refs = {
-        i: SegmentDefinition(
-            i,
-            "STATIC" if c is None else "DYNAMIC",
-            None if c is None else parse_condition(c.to_dict()),
-        )
-        for i, c in (references or {}).items()
-    }
-    return membership.Dynamic(uuid.uuid4(), "s", True, parse_condition(condition.to_dict()), refs)
-
-
 def test_the_events_that_can_take_a_contact_out_of_a_segment() -> None:
     buyer = F.event("purchase").triggered_within(7, "days")
-    assert _dynamic(buyer).exit_event_names == frozenset()
-    assert _dynamic(buyer & (F.data("plan") == "pro")).exit_event_names == frozenset()
-    assert _dynamic(F.event("login").triggered(count=F.count >= 3)).exit_event_names == frozenset()
-    assert _dynamic(
+    assert loaded_segment(buyer).exit_event_names == frozenset()
+    assert loaded_segment(buyer & (F.data("plan") == "pro")).exit_event_names == frozenset()
+    assert (
+        loaded_segment(F.event("login").triggered(count=F.count >= 3)).exit_event_names
+        == frozenset()
+    )
+    assert loaded_segment(
         buyer & F.event("refund").not_triggered_within(30, "days")
     ).exit_event_names == {"refund"}
-    assert _dynamic(F.event("login").triggered(count=F.count < 3)).exit_event_names == {"login"}
-    assert _dynamic(F.event("login").triggered_older_than(30, "days")).exit_event_names == {"login"}
-    assert _dynamic(
+    assert loaded_segment(F.event("login").triggered(count=F.count < 3)).exit_event_names == {
+        "login"
+    }
+    assert loaded_segment(F.event("login").triggered_older_than(30, "days")).exit_event_names == {
+        "login"
+    }
+    assert loaded_segment(
         F.event("purchase").triggered(aggregate=F.sum("amount") >= 100)
     ).exit_event_names == {"purchase"}
     # Through references: a member of a segment of buyers can only enter; not a member of
@@ -829,11 +821,19 @@ def test_the_events_that_can_take_a_contact_out_of_a_segment() -> None:
         other: F.event("logout").not_triggered(),
         static: None,
     }
-    assert _dynamic(F.segment(str(ref)).member(), references).exit_event_names == frozenset()
-    assert _dynamic(F.segment(str(ref)).not_member(), references).exit_event_names == {"purchase"}
-    assert _dynamic(F.segment(str(other)).member(), references).exit_event_names == {"logout"}
-    assert _dynamic(F.segment(str(other)).not_member(), references).exit_event_names == frozenset()
-    assert _dynamic(F.segment(str(static)).not_member(), references).exit_event_names == frozenset()
+    assert loaded_segment(F.segment(str(ref)).member(), references).exit_event_names == frozenset()
+    assert loaded_segment(F.segment(str(ref)).not_member(), references).exit_event_names == {
+        "purchase"
+    }
+    assert loaded_segment(F.segment(str(other)).member(), references).exit_event_names == {"logout"}
+    assert (
+        loaded_segment(F.segment(str(other)).not_member(), references).exit_event_names
+        == frozenset()
+    )
+    assert (
+        loaded_segment(F.segment(str(static)).not_member(), references).exit_event_names
+        == frozenset()
+    )
 
 
 def test_a_batch_probes_exits_only_where_its_events_can_cause_them(

@@ -155,14 +155,19 @@ def ingest(session: Session, project_id: uuid.UUID, items: Sequence[IngestItem])
         [NewEvent(ids[i.email], i.event, i.data, i.occurred_at) for i in items],
     )
     got: dict[str, set[uuid.UUID]] = {}
+    fresh: dict[str, set[uuid.UUID]] = {}
     for i in items:
         got.setdefault(i.event, set()).add(ids[i.email])
+        if i.occurred_at is None:
+            # Stored at the transaction's start (now()): membership.Dynamic.certain.
+            fresh.setdefault(i.event, set()).add(ids[i.email])
     # New contacts can enter any segment; existing ones only gained events.
     membership.refresh_contacts(
         session,
         project_id,
         [contact_id for email, contact_id in ids.items() if email not in created],
         event_contacts=got,
+        fresh_contacts=fresh,
         new_contacts=[ids[e] for e in created],
     )
     return recorded

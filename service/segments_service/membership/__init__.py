@@ -5,6 +5,13 @@ re-run a condition over all contacts. One statement re-evaluates a set of contac
 all of a project's dynamic segments: it inserts the entries, deletes the exits, records
 `segment.<slug>.entry` / `.exit` events for tracked segments and adjusts `member_count`.
 
+A batch of events evaluates only what it can change: a segment meets the contacts that got
+an event its condition reads (and the contacts the batch created); exits are probed only
+where an event can cause one (Dynamic.exit_event_names); and a contact whose membership
+an event stored at the batch's start settles (Dynamic.certain), or a new contact without
+any event the condition reads (Dynamic.blank), is not evaluated at all: the members among
+them are given to the statement as a list.
+
 Concurrency, without a coordinator of our own:
 - Writers take the project's advisory lock in shared mode, then row-lock the contacts they
   re-evaluate (in id order); the evaluating statement starts after both, so its snapshot

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cached_property, lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, Text, cast, select
 from sqlalchemy.orm import Session
@@ -17,9 +17,11 @@ from segments_service import tables
 from segments_service.filters import (
     CompileContext,
     Condition,
+    Count,
     Derive,
     Filter,
     Kind,
+    Logic,
     Op,
     SegmentDefinition,
     compile_members,
@@ -98,6 +100,22 @@ class Dynamic:
         return _exit_names(self.condition, self.references, negated=False, seen=frozenset())
 
     @cached_property
+    def certain(self) -> Certain:
+        """What an occurrence stored at the transaction's start settles on its own, for a
+        transaction younger than FRESH: the event names that make the condition true
+        whatever else holds, and those that make it false (see _certain). A contact that
+        gained such an event need not be evaluated (refresh_contacts)."""
+        return _certain(self.condition, self.references, frozenset())
+
+    @cached_property
+    def blank(self) -> bool | None:
+        """Whether a contact created by a batch of events, with none of the events its
+        condition reads, is a member: True or False where events and memberships alone
+        decide (it has no occurrence, and is on no list), None where its data, email or
+        timestamps could (see _blank)."""
+        return _blank(self.condition, self.references, frozenset())
+
+    @cached_property
     def reads_segment_events(self) -> bool:
         """Whether entry/exit events (of any segment) can change this one's membership."""
         return any(name.startswith("segment.") for name in self.event_names)
@@ -170,6 +188,159 @@ def _exit_names(
             if (rising and negated) or (falling and not negated) or not (rising or falling):
                 names.update(f.events)
     return frozenset(names)
+
+
+T = TypeVar("T")
+
+# An occurrence stored at the start of a transaction younger than this lies in every window
+# at least this long, whatever instant of the transaction evaluates it.
+FRESH = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Certain:
+    """Event names whose fresh occurrence settles a condition: `true` makes it hold,
+    `false` makes it fail, whatever else the contact has or lacks."""
+
+    true: frozenset[str] = frozenset()
+    false: frozenset[str] = frozenset()
+
+    def negated(self) -> Certain:
+        return Certain(self.false, self.true)
+
+
+UNKNOWN = Certain()
+
+
+def _all_of(parts: list[Certain]) -> Certain:
+    """A conjunction holds when every part does, fails when one does."""
+    if not parts:
+        return UNKNOWN
+    return Certain(
+        frozenset.intersection(*(p.true for p in parts)),
+        frozenset.union(*(p.false for p in parts)),
+    )
+
+
+def _any_of(parts: list[Certain]) -> Certain:
+    """A disjunction holds when one part does, fails when every part does."""
+    if not parts:
+        return UNKNOWN
+    return Certain(
+        frozenset.union(*(p.true for p in parts)),
+        frozenset.intersection(*(p.false for p in parts)),
+    )
+
+
+def _fold(
+    condition: Condition,
+    leaf: Callable[[Filter], T],
+    all_of: Callable[[list[T]], T],
+    any_of: Callable[[list[T]], T],
+) -> T:
+    """`condition` read as compiled: a group is the conjunction of its parts (its filters,
+    read by `leaf`, and its nested condition), the condition the conjunction (AND) or
+    disjunction (OR) of its groups."""
+    groups = []
+    for group in condition.groups:
+        parts = [leaf(f) for f in group.filters]
+        if group.conditions is not None:
+            parts.append(_fold(group.conditions, leaf, all_of, any_of))
+        groups.append(parts)
+    if condition.logic is Logic.AND:
+        return all_of([part for parts in groups for part in parts])
+    return any_of([all_of(parts) for parts in groups])
+
+
+def _certain(
+    condition: Condition,
+    references: Mapping[uuid.UUID, SegmentDefinition],
+    seen: frozenset[uuid.UUID],
+) -> Certain:
+    """Dynamic.certain of `condition`."""
+    return _fold(condition, lambda f: _certain_filter(f, references, seen), _all_of, _any_of)
+
+
+def _settled_by_one(count: Count | None) -> bool:
+    """Whether one more occurrence satisfies the count whatever the others."""
+    if count is None:
+        return True
+    return (count.operator is Op.GTE and count.value <= 1) or (
+        count.operator is Op.GT and count.value <= 0
+    )
+
+
+def _certain_filter(
+    f: Filter, references: Mapping[uuid.UUID, SegmentDefinition], seen: frozenset[uuid.UUID]
+) -> Certain:
+    if f.kind == Kind.SEGMENT:
+        definition = references.get(f.segment_id) if f.segment_id is not None else None
+        if definition is None or definition.condition is None or definition.id in seen:
+            return UNKNOWN  # a STATIC list (events do not move it), or no definition
+        member = _certain(definition.condition, references, seen | {definition.id})
+        return member if f.operator == Op.MEMBER_OF_SEGMENT else member.negated()
+    if not f.events or f.where or f.aggregate is not None:
+        return UNKNOWN  # not an event test, or the occurrence's data decides
+    window = f.window
+    if window is not None and window.months == 0 and (window.span is None or window.span < FRESH):
+        return UNKNOWN
+    names = frozenset(f.events)
+    if f.operator in _RISING and _settled_by_one(f.count):
+        return Certain(true=names)
+    if f.count is None and f.operator in (*_FALLING, Op.TRIGGERED_OLDER_THAN):
+        # Not within (or ever), or last before the window: a fresh occurrence is in it.
+        return Certain(false=names)
+    return UNKNOWN
+
+
+def _and3(values: list[bool | None]) -> bool | None:
+    if not values:
+        return None
+    if False in values:
+        return False
+    return True if all(values) else None
+
+
+def _or3(values: list[bool | None]) -> bool | None:
+    if not values:
+        return None
+    if True in values:
+        return True
+    return False if all(v is False for v in values) else None
+
+
+def _blank(
+    condition: Condition,
+    references: Mapping[uuid.UUID, SegmentDefinition],
+    seen: frozenset[uuid.UUID],
+) -> bool | None:
+    """Dynamic.blank of `condition`, in three-valued logic (None: not decided here),
+    following the compiler's reading of each test for a contact without occurrences."""
+    return _fold(condition, lambda f: _blank_filter(f, references, seen), _and3, _or3)
+
+
+def _blank_filter(
+    f: Filter, references: Mapping[uuid.UUID, SegmentDefinition], seen: frozenset[uuid.UUID]
+) -> bool | None:
+    if f.kind == Kind.SEGMENT:
+        definition = references.get(f.segment_id) if f.segment_id is not None else None
+        member: bool | None
+        if definition is None or definition.condition is None:
+            member = False  # no such segment, or a list nobody put it on
+        elif definition.id in seen:
+            return None
+        else:
+            member = _blank(definition.condition, references, seen | {definition.id})
+        if member is None:
+            return None
+        return member if f.operator == Op.MEMBER_OF_SEGMENT else not member
+    if not f.events:
+        return None  # its data, email, subscription or timestamps
+    if f.operator in _FALLING:
+        return True  # never (within a window): there is nothing to match
+    if f.operator in _RISING and f.aggregate is None and f.count is not None:
+        return f.count.holds_for_none()
+    return False  # an occurrence, a count of at least one, an aggregate over none
 
 
 # segments.membership_state (migration 0009): stored and kept current by writers; being

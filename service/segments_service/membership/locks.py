@@ -50,6 +50,13 @@ def db_now(session: Session) -> datetime:
     return now
 
 
+def db_clock(session: Session) -> tuple[datetime, datetime]:
+    """The database clock (db_now) and the start of the transaction, when what it stores
+    with `now()` is dated."""
+    row = session.execute(select(func.clock_timestamp(), func.now())).one()
+    return row[0], row[1]
+
+
 def lock_contacts(
     session: Session, project_id: uuid.UUID, contact_ids: Iterable[uuid.UUID]
 ) -> list[uuid.UUID]:

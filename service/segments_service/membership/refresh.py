@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import Uuid, column, delete, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -14,9 +15,17 @@ from sqlalchemy.orm import Session
 
 from segments_service import metrics, tables
 from segments_service.membership import wakeups
-from segments_service.membership.dynamic import BUILDING, STORED, Changes, Dynamic, dynamic_segments
+from segments_service.membership.dynamic import (
+    BUILDING,
+    FRESH,
+    STORED,
+    Changes,
+    Dynamic,
+    dynamic_segments,
+)
 from segments_service.membership.locks import (
     allow_long_statements,
+    db_clock,
     db_now,
     lock_contacts,
     lock_exclusive,
@@ -48,6 +57,7 @@ def refresh_contacts(
     contact_ids: Iterable[uuid.UUID],
     *,
     event_contacts: Mapping[str, Collection[uuid.UUID]] | None = None,
+    fresh_contacts: Mapping[str, Collection[uuid.UUID]] | None = None,
     static_segment: uuid.UUID | None = None,
     new_contacts: Iterable[uuid.UUID] = (),
 ) -> Changes:
@@ -58,8 +68,10 @@ def refresh_contacts(
     list changed), `contact_ids` meet just the segments whose conditions reach the list.
     With `event_contacts` (only events were added: each event name with the contacts that
     got one), a segment re-evaluates just the contacts that got an event it reads: an
-    event no condition reads costs no evaluation and no lock. `new_contacts` meet every
-    segment.
+    event no condition reads costs no evaluation and no lock. `fresh_contacts`, with
+    `event_contacts`: those of its events stored at the transaction's start (`now()`);
+    one of them can settle a segment's condition without evaluating it (Dynamic.certain).
+    `new_contacts` meet every segment.
 
     The contacts to re-evaluate are locked first (lock_contacts).
     """
@@ -97,20 +109,36 @@ def refresh_contacts(
         {seg.id: wanted[seg.id] & present for seg in every if seg.state == BUILDING},
     )
     every = [seg for seg in every if seg.state == STORED]
+    now, started = db_clock(session)
+    settled = {}
+    if event_contacts is not None and now - started < FRESH:
+        settled = _settled(every, event_contacts, fresh_contacts or {}, new, present)
     # Segments wanting the same contacts share one list, hence one array parameter. The
     # lists are in no particular order (an `= ANY` array needs none) and made with set
     # operations only: UUIDs hash and compare in Python, and sorting a list per segment, or
     # testing each id against a set, was a tenth of a batch's time with 200 segments.
-    lists: dict[frozenset[uuid.UUID], list[uuid.UUID]] = {}
+    # A list is shared by what it is made from (the contacts wanted, and what fresh
+    # events settle), not by its contents: which segments share a list is then the same
+    # from batch to batch, as is the statement (its cache key), even where the contacts
+    # left to evaluate happen to be the same, or none.
+    lists: dict[tuple[Any, ...], list[uuid.UUID]] = {}
     scope: dict[uuid.UUID, Sequence[uuid.UUID]] = {}
     scope_sets: dict[uuid.UUID, frozenset[uuid.UUID]] = {}
+    certain: dict[uuid.UUID, Sequence[uuid.UUID]] = {}
     for seg in every:
-        ids = frozenset(wanted[seg.id] & present)
-        if ids not in lists:
-            lists[ids] = list(ids)
-        scope[seg.id] = lists[ids]
-        scope_sets[seg.id] = ids
-    segments = [seg for seg in every if scope[seg.id]]
+        ids = scope_sets[seg.id] = frozenset(wanted[seg.id] & present)
+        key: tuple[Any, ...] = (ids,)
+        if seg.id in settled:
+            # Contacts settled without evaluating them are left out; the members among
+            # them are given (_apply's `certain`).
+            yes, no, members = settled[seg.id]
+            certain[seg.id] = members
+            key = (ids, seg.certain, seg.blank, seg.event_names)
+            ids -= yes | no
+        if key not in lists:
+            lists[key] = list(ids)
+        scope[seg.id] = lists[key]
+    segments = [seg for seg in every if scope_sets[seg.id]]
     exits: dict[uuid.UUID, list[uuid.UUID]] | None = None
     if event_contacts is not None:
         # Only events were added. New contacts have no memberships to leave; an existing
@@ -122,6 +150,10 @@ def refresh_contacts(
             can_leave: set[uuid.UUID] = set()
             for name in seg.exit_event_names & event_contacts.keys():
                 can_leave.update(event_contacts[name])
+            if seg.id in settled:
+                # Those a fresh event took out are probed, those it keeps in are not.
+                yes, no, _members = settled[seg.id]
+                can_leave = (can_leave | no) - yes
             exits[seg.id] = list((can_leave - new) & scope_sets[seg.id]) if can_leave else []
     # Entry/exit events recorded in one round can move segments that filter on them.
     followers = [seg for seg in every if seg.reads_segment_events]
@@ -129,7 +161,9 @@ def refresh_contacts(
     for _round in range(MAX_EVENT_ROUNDS):
         if not segments:
             break
-        changes = _apply(session, project_id, segments, scope, db_now(session), exits=exits)
+        changes = _apply(
+            session, project_id, segments, scope, now, exits=exits, certain=certain or None
+        )
         total = Changes(
             total.entered + changes.entered,
             total.exited + changes.exited,
@@ -140,7 +174,61 @@ def refresh_contacts(
         segments = followers
         scope = {seg.id: locked for seg in followers}
         exits = None
+        certain = {}
+        now = db_now(session)
     return total
+
+
+def _settled(
+    segments: Sequence[Dynamic],
+    event_contacts: Mapping[str, Collection[uuid.UUID]],
+    fresh: Mapping[str, Collection[uuid.UUID]],
+    new: set[uuid.UUID],
+    present: set[uuid.UUID],
+) -> dict[uuid.UUID, tuple[frozenset[uuid.UUID], frozenset[uuid.UUID], list[uuid.UUID]]]:
+    """For a batch of events (`event_contacts`, of which `fresh` were stored at the
+    transaction's start, for contacts of which `new` were created by it): per segment,
+    the contacts whose membership is settled without evaluating them, as members and as
+    non-members, and the members again as a list. That is a fresh event that settles the
+    condition (Dynamic.certain), or a new contact with none of the events the condition
+    reads (Dynamic.blank). The list is one per set of names, so that a segment keeps its
+    array parameter from batch to batch (the statement's cache key), even when empty."""
+    gained: dict[frozenset[str], frozenset[uuid.UUID]] = {}
+    unread: dict[frozenset[str], frozenset[uuid.UUID]] = {}
+    members: dict[tuple[frozenset[str], frozenset[str] | None], list[uuid.UUID]] = {}
+
+    def got(names: frozenset[str]) -> frozenset[uuid.UUID]:
+        if names not in gained:
+            ids: set[uuid.UUID] = set()
+            for name in names & fresh.keys():
+                ids.update(fresh[name])
+            gained[names] = frozenset(ids & present)
+        return gained[names]
+
+    def newcomers(names: frozenset[str]) -> frozenset[uuid.UUID]:
+        """The new contacts without an event of these names."""
+        if names not in unread:
+            had: set[uuid.UUID] = set()
+            for name in names & event_contacts.keys():
+                had.update(event_contacts[name])
+            unread[names] = frozenset((new - had) & present)
+        return unread[names]
+
+    out = {}
+    for seg in segments:
+        c, blank = seg.certain, seg.blank
+        if not c.true and not c.false and blank is None:
+            continue
+        yes, no = got(c.true), got(c.false)
+        if blank is True:
+            yes |= newcomers(seg.event_names)
+        elif blank is False:
+            no |= newcomers(seg.event_names)
+        key = (c.true, seg.event_names if blank else None)
+        if key not in members:
+            members[key] = list(yes)
+        out[seg.id] = (yes, no - yes, members[key])
+    return out
 
 
 def rebuild(

@@ -55,23 +55,37 @@ def desired_members(
     scope: Scope,
     now: datetime,
     relative: dict[str, Derive] | None = None,
+    certain: Mapping[uuid.UUID, Sequence[uuid.UUID]] | None = None,
 ) -> Select[Any]:
     """(segment_id, contact_id) of every member, among the scope's contacts.
 
     The scope's lists are parameters given at execution (scope_parameters);
-    `relative`: see CompileContext."""
+    `relative`: see CompileContext. `certain`: per segment, contacts known to be members
+    without evaluating them (kept out of its scope by the caller), a parameter too."""
     scopes: list[Any] = [None] * len(segments)
+    given: list[Any] = [None] * len(segments)
     if scope is not None:
         # One array parameter per distinct list of ids, however many places read it.
         which, lists = scope_lists(segments, scope)
         arrays = [
-            any_(bindparam(_scope_parameter(n), type_=tables.UUID_ARRAY)) for n in range(len(lists))
+            bindparam(_scope_parameter(n), type_=tables.UUID_ARRAY) for n in range(len(lists))
         ]
-        scopes = [arrays[n] for n in which]
+        given = [arrays[n] for n in which]
+        scopes = [any_(array) for array in given]
+    known = certain_lists(segments, certain or {})[0]
     parts = []
-    for seg, seg_scope in zip(segments, scopes, strict=True):
+    for seg, seg_scope, array, n in zip(segments, scopes, given, known, strict=True):
         members = seg.members(project_id, now, seg_scope, relative).subquery()
-        parts.append(select(literal(seg.id, Uuid).label("segment_id"), members.c.contact_id))
+        arm = select(literal(seg.id, Uuid).label("segment_id"), members.c.contact_id)
+        if array is not None and n is not None:
+            # Every contact of the scope may have been settled (`certain`): an empty list
+            # skips the evaluation (a one-time test, in a generic plan as in a custom
+            # one), where a plan for `= ANY('{}')` may scan the whole project's events.
+            arm = arm.where(func.cardinality(array) > 0)
+        parts.append(arm)
+        if n is not None:
+            ids = func.unnest(bindparam(_certain_parameter(n), type_=tables.UUID_ARRAY))
+            parts.append(select(literal(seg.id, Uuid).label("segment_id"), ids.label("contact_id")))
     return union_all(*parts) if len(parts) > 1 else parts[0]  # type: ignore[return-value]
 
 
@@ -89,8 +103,28 @@ def scope_lists(
     return tuple(index[id(scope[seg.id])] for seg in segments), lists
 
 
+def certain_lists(
+    segments: Sequence[Dynamic], certain: Mapping[uuid.UUID, Sequence[uuid.UUID]]
+) -> tuple[tuple[int | None, ...], list[Sequence[uuid.UUID]]]:
+    """Which list (by identity) of known members each segment has, if any, and the
+    distinct lists in that order, as scope_lists."""
+    index: dict[int, int] = {}
+    lists: list[Sequence[uuid.UUID]] = []
+    for seg in segments:
+        ids = certain.get(seg.id)
+        if ids is not None and id(ids) not in index:
+            index[id(ids)] = len(lists)
+            lists.append(ids)
+    which = tuple(index[id(certain[seg.id])] if seg.id in certain else None for seg in segments)
+    return which, lists
+
+
 def _scope_parameter(n: int) -> str:
     return f"scope_{n}"
+
+
+def _certain_parameter(n: int) -> str:
+    return f"certain_{n}"
 
 
 # The parameters of the (segment, contact) pairs _apply's exits probe.
@@ -102,12 +136,15 @@ def scope_parameters(
     scope: Mapping[uuid.UUID, Sequence[uuid.UUID]],
     lists: Sequence[Sequence[uuid.UUID]],
     exits: Mapping[uuid.UUID, Sequence[uuid.UUID]] | None = None,
+    known: Sequence[Sequence[uuid.UUID]] = (),
 ) -> dict[str, Any]:
     """The values of desired_members' parameters for this scope (`lists` from
-    scope_lists), and of the (segment, contact) pairs _apply's exits probe: the scope's,
-    or those of `exits` (per segment, the scope's contacts that can have left it)."""
+    scope_lists, `known` from certain_lists), and of the (segment, contact) pairs _apply's
+    exits probe: the scope's, or those of `exits` (per segment, the scope's contacts that
+    can have left it)."""
     probed = scope if exits is None else exits
     params: dict[str, Any] = {_scope_parameter(n): list(ids) for n, ids in enumerate(lists)}
+    params.update({_certain_parameter(n): list(ids) for n, ids in enumerate(known)})
     params[_PAIR_SEGMENTS] = [seg.id for seg in segments for _ in probed.get(seg.id, ())]
     params[_PAIR_CONTACTS] = [i for seg in segments for i in probed.get(seg.id, ())]
     return params
@@ -136,21 +173,25 @@ def _apply(
     *,
     emit: bool = True,
     exits: Mapping[uuid.UUID, Sequence[uuid.UUID]] | None = None,
+    certain: Mapping[uuid.UUID, Sequence[uuid.UUID]] | None = None,
 ) -> Changes:
     """Make `segment_members` match the conditions for the scope's contacts, in one
     statement; see the package doc (membership/__init__.py). With `exits`, only those of
     each segment's contacts are probed for an exit: the caller knows the others cannot
-    have left (scope_parameters)."""
+    have left (scope_parameters). With `certain`, a segment's listed contacts are members
+    without being evaluated: the caller knows they are, and leaves them out of the scope
+    and of `exits` (refresh_contacts)."""
     if scope is None:
         statement, relative = _apply_statement(project_id, segments, None, now, emit, None)
         params: dict[str, Any] = {}
     else:
         which, lists = scope_lists(segments, scope)
-        key = (project_id, emit, which, tuple(seg.signature for seg in segments))
+        known, known_lists = certain_lists(segments, certain or {})
+        key = (project_id, emit, which, known, tuple(seg.signature for seg in segments))
         statement, relative = _statements.get(
-            key, lambda: _apply_statement(project_id, segments, scope, now, emit, {})
+            key, lambda: _apply_statement(project_id, segments, scope, now, emit, {}, certain)
         )
-        params = scope_parameters(segments, scope, lists, exits)
+        params = scope_parameters(segments, scope, lists, exits, known_lists)
     params.update(relative_values(relative, now))
     if scope is None:
         row = session.execute(statement, params).one()._mapping
@@ -176,11 +217,12 @@ def _apply_statement(
     now: datetime,
     emit: bool,
     relative: dict[str, Derive] | None,
+    certain: Mapping[uuid.UUID, Sequence[uuid.UUID]] | None = None,
 ) -> tuple[Any, dict[str, Derive]]:
     """_apply's statement. Scoped, the contacts are parameters (scope_parameters) and with
     `relative`, so is the instant: it serves other batches."""
     m = tables.segment_members
-    desired = desired_members(project_id, segments, scope, now, relative).cte("desired")
+    desired = desired_members(project_id, segments, scope, now, relative, certain).cte("desired")
     seg_ids = [seg.id for seg in segments]
     c = tables.contacts.c
     # Contacts are joined for the insert only, not in `desired`: many member sets never
