@@ -9,6 +9,7 @@ from pathlib import Path
 import bench
 from bench import scenarios
 from bench.context import size_label
+from bench.phases.scenarios import PREVIEW_ROUNDS
 from bench.stack import ROOT
 
 DEFAULT_CONTACTS = 1_000_000
@@ -90,6 +91,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="events in the throughput run (about 30 s at the target rate)",
     )
     m.add_argument("--ingest-workers", type=int, default=4, help="concurrent IngestEvents callers")
+    m.add_argument(
+        "--preview-rounds",
+        type=int,
+        default=PREVIEW_ROUNDS,
+        help="rounds of CountMatchingContacts and PreviewSegment per scenario (at least --runs)",
+    )
     m.add_argument(
         "--ladder-steps",
         type=_steps,

@@ -21,12 +21,19 @@ API_ROUNDS = 20
 # Rounds of CountMatchingContacts and PreviewSegment (at least --runs): their ratio is held
 # to 1.2x, and in five rounds one scenario's median moved from 1.02x to 1.38x between runs
 # of the same code at a million contacts (in-process, 1.02x) as the background sweep and
-# the other processes came and went.
+# the other processes came and went. --preview-rounds sets it: at ten million contacts each
+# round is two counts of seconds.
 PREVIEW_ROUNDS = 11
 
 
 def api_latencies(
-    stack: Stack, key: str, m: Measured, runs: int, contact_id: str, ids: dict[str, str]
+    stack: Stack,
+    key: str,
+    m: Measured,
+    runs: int,
+    contact_id: str,
+    ids: dict[str, str],
+    preview_rounds: int = PREVIEW_ROUNDS,
 ) -> dict[str, Any]:
     """GetSegment and the contacts listing (page 1 and page 100), gRPC and REST, interleaved
     with the trivial RPC (GetContact) so that the REST target compares like with like; then
@@ -95,7 +102,7 @@ def api_latencies(
     preview = segments_pb2.PreviewSegmentRequest(condition=condition)
     count_ms = []
     preview_ms = []
-    for i in range(max(runs, PREVIEW_ROUNDS) + 1):
+    for i in range(max(runs, preview_rounds) + 1):
         ms, reply = timed(partial(seg.CountMatchingContacts, count, metadata=md(key), timeout=300))
         # The preview (the count and up to 10 members) in the same round as the count.
         pms, previewed = timed(partial(seg.PreviewSegment, preview, metadata=md(key), timeout=300))
@@ -143,7 +150,9 @@ def phase_scenarios(
         try:
             counts = count_both(env, main.id, m, now, env.args.runs)
             plans[m.scenario.name] = explain_both(env, main.id, m, now)
-            api = api_latencies(stack, key, m, env.args.runs, contact_id, ids)
+            api = api_latencies(
+                stack, key, m, env.args.runs, contact_id, ids, env.args.preview_rounds
+            )
         except Exception as err:
             log(traceback.format_exc())
             row["error"] = f"{type(err).__name__}: {err}"
