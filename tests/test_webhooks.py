@@ -519,6 +519,14 @@ def test_an_event_is_given_up_after_the_limit_and_the_next_ones_follow(
                 lambda: any(e["email"] == "good@example.com" for e in receiver.events()),
                 what="the next event",
             )
+            # A delivery is recorded shortly after its answer (within a poll).
+            wait_until(
+                lambda: (
+                    client.list_webhook_deliveries(hook.id)[0].status
+                    == webhooks_pb2.WebhookDelivery.DELIVERED
+                ),
+                what="the next event's record",
+            )
             failed, delivered = reversed(client.list_webhook_deliveries(hook.id))
     finally:
         receiver.close()
