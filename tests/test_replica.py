@@ -79,14 +79,19 @@ def _libpq(url: str) -> str:
 
 @pytest.fixture(scope="session")
 def pair() -> Iterator[Pair]:
-    server = start_embedded((ROOT / ".data").resolve())
+    # A primary of its own: the standby is a copy of the whole server, and the shared one
+    # may hold a benchmark's dataset (tens of GB at ten million contacts).
+    primary_dir = (ROOT / ".data" / f"replica-primary-{os.getpid()}").resolve()
     name = f"segments_replica_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    create_database(server.get_uri(), name)
-    url = make_url(sqlalchemy_url(server.get_uri())).set(database=name)
-    primary_url = url.render_as_string(hide_password=False)
     slot = f"segments_test_{os.getpid()}"
     pgdata = (ROOT / ".data" / f"standby-test-{os.getpid()}").resolve()
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, primary_dir, True)
+        server = start_embedded(primary_dir)
+        stack.callback(server.cleanup)
+        create_database(server.get_uri(), name)
+        url = make_url(sqlalchemy_url(server.get_uri())).set(database=name)
+        primary_url = url.render_as_string(hide_password=False)
         stack.callback(drop_database, sqlalchemy_url(server.get_uri()), name)
         migrate(primary_url)
         stack.callback(shutil.rmtree, pgdata, True)
