@@ -14,6 +14,8 @@ from bench.context import size_label
 
 def ladder_step(step: str, ladder: dict[str, Any]) -> str:
     """One step of the ingestion ladder, for the summary table."""
+    if step not in ladder["steps"]:
+        return "not measured (not a step of --ladder-steps)"
     run = ladder["steps"][step]
     return (
         f"{run['events_per_second']:,} events/s (batch p50 {run['batch_ms']['median']} ms, "

@@ -16,6 +16,7 @@ import pytest
 
 from bench import load
 from bench.dataset import check_disk
+from bench.report import ladder_step
 from bench.run import verdict
 from segments_service.database import drop_database, sqlalchemy_url
 from tests.conftest import ROOT, _admin_url
@@ -84,6 +85,13 @@ def _server_version(url: str) -> int:
         row = conn.execute("SHOW server_version_num").fetchone()
     assert row is not None
     return int(row[0])
+
+
+def test_a_ladder_step_left_out_is_reported_as_not_measured() -> None:
+    run = {"events_per_second": 24_865, "batch_ms": {"median": 155.0, "p95": 233.3}}
+    ladder = {"steps": {"5": run}, "ratio_to_five": {"5": 1.0}}
+    assert ladder_step("5", ladder).startswith("24,865 events/s (batch p50 155.0 ms")
+    assert ladder_step("50", ladder) == "not measured (not a step of --ladder-steps)"
 
 
 def test_a_load_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path: Path) -> None:
