@@ -535,10 +535,10 @@ def ladder(
     rng: random.Random,
     limits: dict[str, Any],
 ) -> dict[str, Any]:
-    """Throughput with 5, 50 and 200 tracked segments (--ladder-steps): the phase's five, then the ladder's
-    conditions (scenarios.ladder_segment) created up to each step, each step's run as long
-    as the others (a warm-up, then a third of --ingest-events). The ladder's segments are
-    deleted at the end."""
+    """Throughput with 5, 50 and 200 tracked segments (--ladder-steps): the phase's five,
+    then the ladder's conditions (scenarios.ladder_segment) created up to each step, each
+    step's run as long as the others (a warm-up, then a third of --ingest-events). The
+    ladder's segments are deleted at the end."""
     key = env.keys["main"]
     seg = stack.server.segments
     workers = env.args.ingest_workers

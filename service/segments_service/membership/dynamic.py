@@ -223,13 +223,9 @@ def _all_of(parts: list[Certain]) -> Certain:
 
 
 def _any_of(parts: list[Certain]) -> Certain:
-    """A disjunction holds when one part does, fails when every part does."""
-    if not parts:
-        return UNKNOWN
-    return Certain(
-        frozenset.union(*(p.true for p in parts)),
-        frozenset.intersection(*(p.false for p in parts)),
-    )
+    """A disjunction holds when one part does, fails when every part does: not all of the
+    parts' negations."""
+    return _all_of([p.negated() for p in parts]).negated()
 
 
 def _fold(

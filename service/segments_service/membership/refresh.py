@@ -86,10 +86,7 @@ def refresh_contacts(
 
     def wanted_by(seg: Dynamic) -> set[uuid.UUID]:
         if event_contacts is not None:
-            got = set(new)
-            for name in seg.event_names & event_contacts.keys():
-                got.update(event_contacts[name])
-            return got
+            return new | who_got(event_contacts, seg.event_names)
         if static_segment is not None and static_segment not in seg.references:
             return new
         return given
@@ -147,9 +144,7 @@ def refresh_contacts(
         # sweeper's, as for every contact without an event in this write.
         exits = {}
         for seg in segments:
-            can_leave: set[uuid.UUID] = set()
-            for name in seg.exit_event_names & event_contacts.keys():
-                can_leave.update(event_contacts[name])
+            can_leave = who_got(event_contacts, seg.exit_event_names)
             if seg.id in settled:
                 # Those a fresh event took out are probed, those it keeps in are not.
                 yes, no, _members = settled[seg.id]
@@ -179,6 +174,15 @@ def refresh_contacts(
     return total
 
 
+def who_got(by_name: Mapping[str, Collection[uuid.UUID]], names: Collection[str]) -> set[uuid.UUID]:
+    """The contacts that got an event of one of these names (`by_name`: event name ->
+    contacts, refresh_contacts' hints)."""
+    found: set[uuid.UUID] = set()
+    for name in by_name.keys() & names:
+        found.update(by_name[name])
+    return found
+
+
 def _settled(
     segments: Sequence[Dynamic],
     event_contacts: Mapping[str, Collection[uuid.UUID]],
@@ -199,19 +203,13 @@ def _settled(
 
     def got(names: frozenset[str]) -> frozenset[uuid.UUID]:
         if names not in gained:
-            ids: set[uuid.UUID] = set()
-            for name in names & fresh.keys():
-                ids.update(fresh[name])
-            gained[names] = frozenset(ids & present)
+            gained[names] = frozenset(who_got(fresh, names) & present)
         return gained[names]
 
     def newcomers(names: frozenset[str]) -> frozenset[uuid.UUID]:
         """The new contacts without an event of these names."""
         if names not in unread:
-            had: set[uuid.UUID] = set()
-            for name in names & event_contacts.keys():
-                had.update(event_contacts[name])
-            unread[names] = frozenset((new - had) & present)
+            unread[names] = frozenset((new - who_got(event_contacts, names)) & present)
         return unread[names]
 
     out = {}

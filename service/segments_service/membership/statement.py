@@ -108,15 +108,10 @@ def certain_lists(
 ) -> tuple[tuple[int | None, ...], list[Sequence[uuid.UUID]]]:
     """Which list (by identity) of known members each segment has, if any, and the
     distinct lists in that order, as scope_lists."""
-    index: dict[int, int] = {}
-    lists: list[Sequence[uuid.UUID]] = []
-    for seg in segments:
-        ids = certain.get(seg.id)
-        if ids is not None and id(ids) not in index:
-            index[id(ids)] = len(lists)
-            lists.append(ids)
-    which = tuple(index[id(certain[seg.id])] if seg.id in certain else None for seg in segments)
-    return which, lists
+    having = [seg for seg in segments if seg.id in certain]
+    which, lists = scope_lists(having, certain)
+    at = dict(zip((seg.id for seg in having), which, strict=True))
+    return tuple(at.get(seg.id) for seg in segments), lists
 
 
 def _scope_parameter(n: int) -> str:
