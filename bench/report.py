@@ -224,10 +224,16 @@ def render_targets(targets: dict[str, Any]) -> str:
     for name, t in targets.items():
         op = t.get("comparison", "<=")
         unit = t.get("unit", "")
-        lines.append(
-            f"| {name} | {fmt(t['measured'], 2)} {unit} | {op} {fmt(t['limit'], 2)} {unit} | "
-            f"{'yes' if t['met'] else '**NO**'} |"
-        )
+        figure = t["measured"]
+        measured = "not measured" if figure is None else f"{fmt(figure, 2)} {unit}".rstrip()
+        bound = t["limit"]
+        if bound is None:
+            limit = "-"
+        elif isinstance(bound, str):
+            limit = f"{op} {bound}"
+        else:
+            limit = f"{op} {fmt(bound, 2)} {unit}".rstrip()
+        lines.append(f"| {name} | {measured} | {limit} | {'yes' if t['met'] else '**NO**'} |")
     return "\n".join(lines)
 
 

@@ -27,6 +27,15 @@ LIMITS = {
     "metrics_scrape_ms": 5.0,
 }
 
+# Targets that are floors (the measured figure must reach the limit), all in events/s;
+# the rest are ceilings.
+FLOORS = {
+    "ingest_events_per_second",
+    "ingest_5_segments",
+    "ingest_50_segments",
+    "ingest_200_segments",
+}
+
 # The phases each target is measured in.
 TARGET_PHASES = {
     "compiled_vs_hand_sql": "scenarios",
@@ -203,6 +212,8 @@ def _ladder_step(results: dict[str, Any], step: int) -> dict[str, Any]:
     ladder = results["ingestion"].get("ladder")
     if not isinstance(ladder, dict) or "steps" not in ladder:
         raise ValueError("the ingestion ladder failed")
+    if str(step) not in ladder["steps"]:
+        raise ValueError(f"{step} tracked segments is not a step of --ladder-steps")
     run: dict[str, Any] = ladder["steps"][str(step)]
     return run
 
@@ -423,7 +434,7 @@ def compute_targets(
         "ingest_events_per_second": LIMITS["ingest_events_per_second"],
         "ingest_5_segments": LIMITS["ingest_5_segments"],
         "ingest_50_segments": LIMITS["ingest_50_segments"],
-        "ingest_200_segments": None,
+        "ingest_200_segments": f"{LIMITS['ingest_200_segments']} x the 5-segment figure",
         "tracking_latency_p95_seconds": LIMITS["tracking_latency_p95_seconds"],
         "server_rss_mb": LIMITS["server_rss_mb"],
         "count_growth": LIMITS["count_growth"],
@@ -442,6 +453,8 @@ def compute_targets(
             targets[name] = {
                 "measured": None,
                 "limit": limits[name],
+                "comparison": ">=" if name in FLOORS else "<=",
+                **({"unit": "events/s"} if name in FLOORS else {}),
                 "met": False,
                 "note": f"not measured: {type(err).__name__}: {err} (see the phase's error)",
             }
@@ -462,7 +475,13 @@ def misses(targets: dict[str, Any]) -> list[str]:
             figure = "not measured"
         else:
             figure = f"{t['measured']:,.2f} {unit}".rstrip()
-        limit = "" if t.get("limit") is None else f"{t['limit']:,.2f} {unit}".rstrip()
+        bound = t.get("limit")
+        if bound is None:
+            limit = ""
+        elif isinstance(bound, str):
+            limit = bound
+        else:
+            limit = f"{bound:,.2f} {unit}".rstrip()
         where = next(
             (f" ({key} {t[key]})" for key in ("worst_scenario", "scenario") if t.get(key)), ""
         )

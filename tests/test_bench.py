@@ -16,8 +16,9 @@ import pytest
 
 from bench import load
 from bench.dataset import check_disk
-from bench.report import ladder_step
+from bench.report import ladder_step, render_targets
 from bench.run import verdict
+from bench.targets import compute_targets
 from segments_service.database import drop_database, sqlalchemy_url
 from tests.conftest import ROOT, _admin_url
 
@@ -92,6 +93,28 @@ def test_a_ladder_step_left_out_is_reported_as_not_measured() -> None:
     ladder = {"steps": {"5": run}, "ratio_to_five": {"5": 1.0}}
     assert ladder_step("5", ladder).startswith("24,865 events/s (batch p50 155.0 ms")
     assert ladder_step("50", ladder) == "not measured (not a step of --ladder-steps)"
+
+
+def test_an_ingestion_floor_left_unmeasured_reads_as_such() -> None:
+    five = {
+        "events_per_second": 24_865,
+        "workers": 4,
+        "batch_ms": {"median": 155.0, "p95": 233.3},
+    }
+    results = {"ingestion": {"ladder": {"steps": {"5": five}, "ratio_to_five": {"5": 1.0}}}}
+    targets = compute_targets(results, {}, ["ingestion"])
+    assert targets["ingest_5_segments"]["met"] is True
+    for name in ("ingest_50_segments", "ingest_200_segments"):
+        assert targets[name]["measured"] is None
+        assert targets[name]["comparison"] == ">="
+        assert targets[name]["met"] is False
+        assert "is not a step of --ladder-steps" in targets[name]["note"]
+    table = render_targets(targets)
+    assert "| ingest_50_segments | not measured | >= 60,000.00 events/s | **NO** |" in table
+    assert (
+        "| ingest_200_segments | not measured | >= 0.8 x the 5-segment figure | **NO** |" in table
+    )
+    assert "None" not in table
 
 
 def test_a_load_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path: Path) -> None:
