@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from bench import load
-from bench.dataset import check_disk
+from bench.dataset import check_disk, with_database
 from bench.report import ladder_step, render_targets
 from bench.run import verdict
 from bench.targets import compute_targets
@@ -185,6 +185,43 @@ def test_the_whole_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
         assert isinstance(entry["met"], bool), (target, entry)
     assert {s["name"] for s in results["scenarios"]} == set(results["scenario_names"])
     assert "webhooks" in results and "error" not in results["webhooks"]
+
+
+@pytest.mark.slow
+def test_a_background_build_is_stepped_to_the_end_and_timed() -> None:
+    """`python -m bench.build_steps` at 2,000 contacts in slices of 500: the build runs
+    through every phase in the service's own steps, the member count is the scenario's
+    (its hand-written SQL, before and after), and the segment is gone afterwards."""
+    admin, _handle = _admin_url()
+    if _server_version(admin) < 160000:
+        pytest.skip("the benchmark's hand-written SQL needs PostgreSQL 16 (pg_input_is_valid)")
+    name = f"segments_bench_build_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    command = [
+        *(sys.executable, "-m", "bench.build_steps", "--scenario", "count_in_window"),
+        *("--slice", "500", "--database-url", admin, "--database-name", name),
+        *("--contacts", "2000"),
+    ]
+    try:
+        run = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert run.returncode == 0, run.stderr[-4000:]
+        report = json.loads(run.stdout)
+        with psycopg.connect(with_database(admin, name)) as conn:
+            left = conn.execute("SELECT count(*) FROM segments").fetchone()
+    finally:
+        drop_database(sqlalchemy_url(admin), name)
+    assert report["status"] == "READY"
+    # The main project's contacts (2,000 and the batch-created ones) in slices of 500.
+    assert report["phases"]["compute"]["steps"] >= 4
+    assert report["phases"]["apply"]["steps"] == report["phases"]["compute"]["steps"]
+    assert set(report["phases"]) == {"compute", "apply", "catchup", "final"}
+    assert report["members"] > 0
+    # No writes meanwhile: a window's count can only fall as time passes.
+    hand = report["hand_sql_count"]
+    assert hand["after"] <= report["members"] <= hand["before"]
+    assert "Index" in "\n".join(report["second_slice_plan"])
+    assert left == (0,)
 
 
 @pytest.mark.slow
