@@ -193,8 +193,6 @@ def test_a_background_build_is_stepped_to_the_end_and_timed() -> None:
     through every phase in the service's own steps, the member count is the scenario's
     (its hand-written SQL, before and after), and the segment is gone afterwards."""
     admin, _handle = _admin_url()
-    if _server_version(admin) < 160000:
-        pytest.skip("the benchmark's hand-written SQL needs PostgreSQL 16 (pg_input_is_valid)")
     name = f"segments_bench_build_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     command = [
         *(sys.executable, "-m", "bench.build_steps", "--scenario", "count_in_window"),
