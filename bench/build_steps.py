@@ -9,7 +9,8 @@ each step timed. Then the member query of one compute slice, as that step runs i
 EXPLAIN (ANALYZE, BUFFERS): which index reads a slice, and how much of it. The segment is
 deleted at the end. The scenario's hand-written count is taken before and after: each
 slice is evaluated at its own instant, so where time alone moves the answer (a window)
-the build's count lies between the two. Prints one JSON document (BENCHMARKS.md, "Ten million contacts").
+the build's count lies between the two. Prints one JSON document (BENCHMARKS.md, "Builds
+at ten million").
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from bench.dataset import prepare_dataset
 from segments_service import builds, database, membership, segments, tables
 
 
-def _create(sessions: sessionmaker[Session], project_id: uuid.UUID, sc: Any) -> uuid.UUID:
+def _create(
+    sessions: sessionmaker[Session], project_id: uuid.UUID, sc: scenarios.Scenario
+) -> uuid.UUID:
     with sessions.begin() as session:
         view = segments.create_segment(
             session,
@@ -82,7 +85,9 @@ def _slice_plan(
         return [row[0] for row in session.execute(text("EXPLAIN (ANALYZE, BUFFERS) " + sql))]
 
 
-def _hand_count(sessions: sessionmaker[Session], project_id: uuid.UUID, sc: Any) -> int:
+def _hand_count(
+    sessions: sessionmaker[Session], project_id: uuid.UUID, sc: scenarios.Scenario
+) -> int:
     """The scenario's hand-written count, now."""
     with sessions() as session:
         count: int = session.execute(
