@@ -107,6 +107,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     m.add_argument("--tracking-seconds", type=float, default=30.0)
     m.add_argument("--tracking-rate", type=int, default=1000, help="events per second")
     m.add_argument("--tracking-batch", type=int, default=100, help="events per paced batch")
+    m.add_argument(
+        "--ladder-tracking-rate",
+        type=int,
+        default=5000,
+        help="events per second of the paced stream at the ladder's 50-segment step",
+    )
     m.add_argument("--list-segments", type=int, default=50)
     m.add_argument(
         "--sweep-seconds",

@@ -16,12 +16,28 @@ def ladder_step(step: str, ladder: dict[str, Any]) -> str:
     """One step of the ingestion ladder, for the summary table."""
     if step not in ladder["steps"]:
         return "not measured (not a step of --ladder-steps)"
-    run = ladder["steps"][step]
+    return ladder_run(ladder["steps"][step], ladder["ratio_to_five"][step])
+
+
+def ladder_run(run: dict[str, Any], ratio: float) -> str:
+    """A run of the ingestion ladder: its throughput, and what it is relative to."""
+    made = run.get("membership_events_per_1000_events")
     return (
         f"{run['events_per_second']:,} events/s (batch p50 {run['batch_ms']['median']} ms, "
-        f"p95 {run['batch_ms']['p95']} ms; {ladder['ratio_to_five'][step]:.2f}x the 5-segment "
-        f"step; {run.get('fraction_of_executemany', 'n/a')} of executemany, "
-        f"{run.get('fraction_of_copy', 'n/a')} of COPY)"
+        f"p95 {run['batch_ms']['p95']} ms; {ratio:.2f}x the 5-segment step; "
+        f"{run.get('fraction_of_executemany', 'n/a')} of executemany, "
+        f"{run.get('fraction_of_copy', 'n/a')} of COPY"
+        + (f"; {made:,} entries and exits per 1,000 events" if made is not None else "")
+        + ")"
+    )
+
+
+def tracking_run(t: dict[str, Any]) -> str:
+    """A paced stream's latency from event to entry event."""
+    return (
+        f"p50 {t['latency_s']['median']} s, p95 {t['latency_s']['p95']} s, "
+        f"p99 {t['latency_s']['p99']} s, max {t['latency_s']['max']} s at "
+        f"{t['achieved_rate']} events/s ({t['observed']}/{t['probes']} entries seen)"
     )
 
 
@@ -163,6 +179,16 @@ def render_figures(results: dict[str, Any]) -> str:
             for step in ("5", "50", "200")
         ),
         line(
+            "IngestEvents throughput, every ladder segment present, names none reads",
+            "ingestion",
+            "ladder",
+            "unread",
+            fmt_=lambda t: (
+                ladder_run(t, dig(results, "ingestion", "ladder", "ratio_to_five", "unread"))
+                + f", {t['tracked_segments']} tracked segments, {len(t['names'])} names"
+            ),
+        ),
+        line(
             "IngestEvents throughput, every segment present",
             "ingestion_all_segments",
             fmt_=lambda t: (
@@ -174,11 +200,14 @@ def render_figures(results: dict[str, Any]) -> str:
             "tracking latency (event -> entry event)",
             "ingestion",
             "tracking",
-            fmt_=lambda t: (
-                f"p50 {t['latency_s']['median']} s, p95 {t['latency_s']['p95']} s, "
-                f"p99 {t['latency_s']['p99']} s, max {t['latency_s']['max']} s at "
-                f"{t['achieved_rate']} events/s ({t['observed']}/{t['probes']} entries seen)"
-            ),
+            fmt_=tracking_run,
+        ),
+        line(
+            "tracking latency (event -> entry event), 50 tracked segments (ladder)",
+            "ingestion",
+            "ladder",
+            "tracking",
+            fmt_=tracking_run,
         ),
         line(
             "ExportSegmentContacts",

@@ -16,6 +16,7 @@ import pytest
 
 from bench import load
 from bench.dataset import check_disk, with_database
+from bench.phases.ingestion import names_read
 from bench.report import ladder_step, render_targets
 from bench.run import verdict
 from bench.targets import compute_targets
@@ -117,6 +118,58 @@ def test_an_ingestion_floor_left_unmeasured_reads_as_such() -> None:
     assert "None" not in table
 
 
+def test_the_ladders_extra_targets_are_measured_against_its_5_segment_step() -> None:
+    five = {"events_per_second": 20_000, "workers": 4, "batch_ms": {"median": 150, "p95": 230}}
+    unread = {**five, "events_per_second": 15_000, "tracked_segments": 200, "names": ["a", "b"]}
+    latency = {"median": 0.2, "p95": 1.4, "p99": 1.6, "max": 2.0}
+    track = {
+        "latency_s": latency,
+        "missing": 0,
+        "probes": 100,
+        "achieved_rate": 4990,
+        "target_rate": 5000,
+        "batch_size": 100,
+        "tracked_segments": 50,
+    }
+    ladder = {"steps": {"5": five}, "unread": unread, "tracking": track}
+    targets = compute_targets({"ingestion": {"ladder": ladder}}, {}, ["ingestion"])
+    unread_target = targets["ingest_200_segments_unread_names"]
+    assert (unread_target["measured"], unread_target["limit"]) == (15_000, 16_000)
+    assert unread_target["met"] is False
+    assert "the 2 names none of them reads" in unread_target["rule"]
+    tracking_target = targets["tracking_latency_50_segments_p95_seconds"]
+    assert (tracking_target["measured"], tracking_target["limit"]) == (1.4, 1.0)
+    assert tracking_target["met"] is False
+    assert "50 tracked segments" in tracking_target["rule"]
+    del ladder["tracking"]
+    targets = compute_targets({"ingestion": {"ladder": ladder}}, {}, ["ingestion"])
+    assert targets["tracking_latency_50_segments_p95_seconds"]["measured"] is None
+    assert (
+        "is not a step of --ladder-steps"
+        in (targets["tracking_latency_50_segments_p95_seconds"]["note"])
+    )
+
+
+def test_the_names_a_condition_reads_are_found_at_any_depth() -> None:
+    nested = {
+        "logic": "AND",
+        "groups": [
+            {
+                "filters": [
+                    {"field": "data.plan", "operator": "equals", "value": "pro"},
+                    {"field": "event.login", "operator": "triggered"},
+                ],
+                "conditions": {
+                    "logic": "OR",
+                    "groups": [{"filters": [{"field": "event.a.b", "operator": "triggered"}]}],
+                },
+            }
+        ],
+    }
+    email = {"logic": "AND", "groups": [{"filters": [{"field": "email.opened"}]}]}
+    assert names_read([nested, email]) == {"login", "a.b"}
+
+
 def test_a_load_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path: Path) -> None:
     specs = load.plan_projects(10**12, 10**13, 3 * 10**12, 2, 10**11, [3 * 10**11])
     with pytest.raises(SystemExit) as refused:
@@ -146,6 +199,7 @@ def test_the_whole_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
         *(sys.executable, "-m", "bench", "--database-url", admin, "--database-name", name),
         *("--contacts", "2000", "--runs", "1", "--count-seconds", "0"),
         *("--ingest-events", "2000", "--tracking-seconds", "2", "--tracking-rate", "200"),
+        *("--ladder-tracking-rate", "200"),
         *("--noisy-seconds", "1", "--noisy-streams", "2", "--noisy-counts", "2"),
         *("--noisy-build-timeout", "60", "--no-enforce", "--output", str(output)),
     ]
@@ -168,7 +222,9 @@ def test_the_whole_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
         "ingest_5_segments",
         "ingest_50_segments",
         "ingest_200_segments",
+        "ingest_200_segments_unread_names",
         "tracking_latency_p95_seconds",
+        "tracking_latency_50_segments_p95_seconds",
         "server_rss_mb",
         "count_growth",
         "preview_vs_count",
@@ -185,6 +241,17 @@ def test_the_whole_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
         assert isinstance(entry["met"], bool), (target, entry)
     assert {s["name"] for s in results["scenarios"]} == set(results["scenario_names"])
     assert "webhooks" in results and "error" not in results["webhooks"]
+    ladder = results["ingestion"]["ladder"]
+    # Each step's run records the entries and exits it made; the run of names no segment
+    # reads makes none.
+    assert all(
+        isinstance(run["membership_events_per_1000_events"], int)
+        for run in ladder["steps"].values()
+    )
+    assert ladder["unread"]["membership_events_per_1000_events"] == 0
+    assert ladder["unread"]["tracked_segments"] == 200
+    assert ladder["tracking"]["tracked_segments"] == 50
+    assert ladder["tracking"]["missing"] == 0
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,6 +24,11 @@ from bench import load, scenarios
 from bench.context import Env, Stack, create_segment, log, md
 from bench.measure import percentile, summary
 from segments_api.v1 import events_pb2, events_pb2_grpc, segments_pb2, segments_pb2_grpc
+
+# The tracked segment the paced streams' probes enter (each probe is a purchase), and the
+# ladder's step at which such a stream's latency is measured.
+RECENT_BUYERS = "Bench recent buyers"
+LADDER_TRACKING_STEP = 50
 
 
 def sample_emails(env: Env, tag: str, limit: int, *, descending: bool = False) -> list[str]:
@@ -42,9 +47,29 @@ def sample_emails(env: Env, tag: str, limit: int, *, descending: bool = False) -
         )
 
 
-def event_names(rng: random.Random, n: int) -> list[str]:
-    names = load.EVENT_NAMES
+def event_names(rng: random.Random, n: int, names: Sequence[str] = load.EVENT_NAMES) -> list[str]:
+    """`n` names of `names`, the first ones the most frequent (a power law)."""
     return [names[int(len(names) * rng.random() ** 2.2)] for _ in range(n)]
+
+
+def names_read(conditions: Iterable[Any]) -> set[str]:
+    """The event names the conditions' filters read (their `event.<name>` fields)."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            field = node.get("field")
+            if isinstance(field, str) and field.startswith("event."):
+                found.add(field.removeprefix("event."))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for condition in conditions:
+        walk(condition)
+    return found
 
 
 def ingest_item(email: str, name: str, rng: random.Random) -> events_pb2.IngestedEvent:
@@ -57,11 +82,17 @@ def ingest_item(email: str, name: str, rng: random.Random) -> events_pb2.Ingeste
 
 
 def build_batches(
-    emails: Sequence[str], total: int, batch: int, rng: random.Random, run_tag: str
+    emails: Sequence[str],
+    total: int,
+    batch: int,
+    rng: random.Random,
+    run_tag: str,
+    names_from: Sequence[str] = load.EVENT_NAMES,
 ) -> list[events_pb2.IngestEventsRequest]:
-    """Batches of random events: 98% for existing contacts, 2% for new ones."""
+    """Batches of random events (names drawn from `names_from`): 98% for existing contacts,
+    2% for new ones."""
     requests = []
-    names = event_names(rng, total)
+    names = event_names(rng, total, names_from)
     for start in range(0, total, batch):
         items = []
         for i in range(start, min(start + batch, total)):
@@ -347,6 +378,17 @@ def wal_per_1000(
     }
 
 
+def feed_position(env: Env, tag: str = "main") -> int:
+    """The last position of the project's membership feed: entry and exit events recorded
+    so far."""
+    with env.engine.connect() as conn:
+        seq = conn.execute(
+            text("SELECT last_seq FROM feed_positions WHERE project_id = :p"),
+            {"p": env.dataset.project(tag).id},
+        ).scalar()
+    return int(seq or 0)
+
+
 # The tables a batch writes, whose autovacuum and autoanalyze runs are counted.
 WRITTEN_TABLES = ("events", "contacts", "segment_members", "segments", "feed_positions")
 
@@ -428,7 +470,7 @@ def phase_ingestion(env: Env, stack: Stack) -> dict[str, Any]:
         env,
         stack,
         key,
-        tracked["Bench recent buyers"],
+        tracked[RECENT_BUYERS],
         env.args.tracking_rate,
         env.args.tracking_batch,
         env.args.tracking_seconds,
@@ -446,7 +488,7 @@ def phase_ingestion(env: Env, stack: Stack) -> dict[str, Any]:
         log(traceback.format_exc())
         out["database_limits"] = {"error": " ".join(f"{type(err).__name__}: {err}".split())}
     try:
-        out["ladder"] = ladder(env, stack, pool, rng, out["database_limits"])
+        out["ladder"] = ladder(env, stack, pool, rng, out["database_limits"], tracked)
     except Exception as err:
         log(traceback.format_exc())
         # One line: an RPC error's text spans several.
@@ -534,50 +576,99 @@ def ladder(
     pool: Sequence[str],
     rng: random.Random,
     limits: dict[str, Any],
+    tracked: dict[str, str],
 ) -> dict[str, Any]:
     """Throughput with 5, 50 and 200 tracked segments (--ladder-steps): the phase's five,
     then the ladder's conditions (scenarios.ladder_segment) created up to each step, each
-    step's run as long as the others (a warm-up, then a third of --ingest-events). The
-    ladder's segments are deleted at the end."""
+    step's run as long as the others (a warm-up, then a third of --ingest-events), and the
+    entry/exit events each step's run recorded per 1,000 events.
+
+    At 50 tracked segments, the tracking latency of a paced stream at
+    --ladder-tracking-rate events/s (`tracking`). After the last step, one more run with
+    every segment still there, of events whose names none of them reads (`unread`): what
+    an event costs that can change no segment. The ladder's segments are deleted at the
+    end."""
     key = env.keys["main"]
     seg = stack.server.segments
     workers = env.args.ingest_workers
     events = max(2 * LIMIT_BATCH, env.args.ingest_events // 3)
     created: list[str] = []
+    conditions = [condition for _name, condition in scenarios.TRACKED]
     kinds: dict[str, int] = {}
     create_ms: list[float] = []
     steps: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+
+    def timed(phase: str, batches: Sequence[events_pb2.IngestEventsRequest]) -> dict[str, Any]:
+        wal, activity, feed = wal_totals(env), db_activity(env), feed_position(env)
+        # A phase of its own: the other processes' CPU and PostgreSQL's background work
+        # (autovacuum) meanwhile are accounted to this run alone.
+        with stack.sampler.phase(phase):
+            run = throughput(stack, key, batches, workers)
+        run["wal_per_1000_events"] = wal_per_1000(wal, wal_totals(env), run["events"])
+        run["database_activity"] = activity_between(activity, db_activity(env))
+        run["membership_events_per_1000_events"] = round(
+            (feed_position(env) - feed) * 1000 / run["events"]
+        )
+        run["other_processes_cpu"] = stack.sampler.foreign_load().get(phase)
+        run["postgres_background_cpu_seconds"] = stack.sampler.background_load().get(phase)
+        for method in ("executemany", "copy"):
+            limit = limits.get(method)
+            if isinstance(limit, dict):
+                run[f"fraction_of_{method}"] = round(
+                    run["events_per_second"] / limit["events_per_second"], 3
+                )
+        return run
+
     try:
         for step in env.args.ladder_steps:
             while len(scenarios.TRACKED) + len(created) < step:
                 name, kind, condition = scenarios.ladder_segment(len(created), created)
                 ms, segment = create_segment(stack, key, name, condition, track=True)
                 created.append(segment.id)
+                conditions.append(condition)
                 kinds[kind] = kinds.get(kind, 0) + 1
                 create_ms.append(ms)
             throughput(stack, key, build_batches(pool, 5_000, 1000, rng, f"warm-{step}"), workers)
             batches = build_batches(pool, events, 1000, rng, f"ladder-{step}")
-            wal, activity = wal_totals(env), db_activity(env)
-            # A phase of its own: the other processes' CPU and PostgreSQL's background
-            # work (autovacuum) meanwhile are accounted to this step alone.
-            phase = f"ingestion_{step}_segments"
-            with stack.sampler.phase(phase):
-                run = throughput(stack, key, batches, workers)
-            run["wal_per_1000_events"] = wal_per_1000(wal, wal_totals(env), run["events"])
-            run["database_activity"] = activity_between(activity, db_activity(env))
-            run["other_processes_cpu"] = stack.sampler.foreign_load().get(phase)
-            run["postgres_background_cpu_seconds"] = stack.sampler.background_load().get(phase)
+            run = timed(f"ingestion_{step}_segments", batches)
             run["tracked_segments"] = step
-            for method in ("executemany", "copy"):
-                limit = limits.get(method)
-                if isinstance(limit, dict):
-                    run[f"fraction_of_{method}"] = round(
-                        run["events_per_second"] / limit["events_per_second"], 3
-                    )
             steps[str(step)] = run
             log(
                 f"    {step} tracked segments: {run['events_per_second']:,} events/s "
-                f"(batch p50 {run['batch_ms']['median']} ms, p95 {run['batch_ms']['p95']} ms)"
+                f"(batch p50 {run['batch_ms']['median']} ms, p95 {run['batch_ms']['p95']} ms; "
+                f"{run['membership_events_per_1000_events']:,} entries and exits per 1,000)"
+            )
+            if step == LADDER_TRACKING_STEP:
+                with stack.sampler.phase(f"tracking_{step}_segments"):
+                    track = tracking(
+                        env,
+                        stack,
+                        key,
+                        tracked[RECENT_BUYERS],
+                        env.args.ladder_tracking_rate,
+                        env.args.tracking_batch,
+                        env.args.tracking_seconds,
+                    )
+                out["tracking"] = {**track, "tracked_segments": step}
+                log(
+                    f"    tracking latency with {step} tracked segments at "
+                    f"{track['achieved_rate']} events/s: p50 {track['latency_s']['median']} s, "
+                    f"p95 {track['latency_s']['p95']} s, missing {track['missing']}"
+                )
+        read = names_read(conditions)
+        unread_names = [n for n in load.EVENT_NAMES if n not in read]
+        if unread_names:
+            last = len(scenarios.TRACKED) + len(created)
+            batches = build_batches(pool, events, 1000, rng, "ladder-unread", unread_names)
+            run = timed(f"ingestion_{last}_segments_unread", batches)
+            run["tracked_segments"] = last
+            run["names"] = unread_names
+            out["unread"] = run
+            log(
+                f"    {last} tracked segments, events of {len(unread_names)} names none reads: "
+                f"{run['events_per_second']:,} events/s (batch p50 {run['batch_ms']['median']} "
+                f"ms)"
             )
     finally:
         for segment_id in reversed(created):
@@ -585,9 +676,13 @@ def ladder(
                 segments_pb2.DeleteSegmentRequest(id=segment_id), metadata=md(key), timeout=600
             )
     first = steps[str(env.args.ladder_steps[0])]["events_per_second"]
+    ratios = {k: round(v["events_per_second"] / first, 3) for k, v in steps.items()}
+    if "unread" in out:
+        ratios["unread"] = round(out["unread"]["events_per_second"] / first, 3)
     return {
         "steps": steps,
+        **out,
         "segment_kinds": kinds,
         "create_ms": summary(create_ms, 1),
-        "ratio_to_five": {k: round(v["events_per_second"] / first, 3) for k, v in steps.items()},
+        "ratio_to_five": ratios,
     }
