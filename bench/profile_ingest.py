@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from bench import load, scenarios
 from bench.cli import parse_args
 from bench.dataset import prepare_dataset
-from bench.phases.ingestion import event_names
+from bench.phases.ingestion import event_names, names_read
 from segments_service import database, events, segments
 
 _SERVICE = str(Path(segments.__file__).resolve().parent)
@@ -129,13 +129,18 @@ class Timings:
 
 
 def batches(
-    emails: Sequence[str], count: int, rng: random.Random, tag: str
+    emails: Sequence[str],
+    count: int,
+    rng: random.Random,
+    tag: str,
+    names: Sequence[str] = load.EVENT_NAMES,
 ) -> list[list[events.IngestItem]]:
-    """Like the bench's batches: 1,000 events, 2% of them for new contacts."""
+    """Like the bench's batches: 1,000 events (names drawn from `names`), 2% of them for
+    new contacts."""
     out = []
     for b in range(count):
         items = []
-        for i, name in enumerate(event_names(rng, 1000)):
+        for i, name in enumerate(event_names(rng, 1000, names)):
             if rng.random() < 0.02:
                 email = f"profile-{tag}-{b}-{i}@{load.NEW_CONTACT_DOMAIN}"
             else:
@@ -146,7 +151,10 @@ def batches(
     return out
 
 
-def replace_segments(sessions: sessionmaker[Session], project_id: uuid.UUID, n: int) -> None:
+def replace_segments(
+    sessions: sessionmaker[Session], project_id: uuid.UUID, n: int
+) -> list[dict[str, Any]]:
+    """Replace the project's segments by `n` tracked ones; answers their conditions."""
     with sessions.begin() as session:
         ids = session.execute(
             text("SELECT id FROM segments WHERE project_id = :p ORDER BY created_at DESC"),
@@ -155,6 +163,7 @@ def replace_segments(sessions: sessionmaker[Session], project_id: uuid.UUID, n: 
         for segment_id in list(ids):
             segments.delete_segment(session, project_id, segment_id)
     made: list[str] = []
+    conditions = []
     for i in range(n):
         if i < len(scenarios.TRACKED):
             name, condition = scenarios.TRACKED[i]
@@ -171,8 +180,10 @@ def replace_segments(sessions: sessionmaker[Session], project_id: uuid.UUID, n: 
                 track_membership=True,
                 inline_contacts=10**9,
             )
+        conditions.append(condition)
         if i >= len(scenarios.TRACKED):
             made.append(str(view.row.id))
+    return conditions
 
 
 def wal_lsn(engine: Engine) -> int:
@@ -190,16 +201,21 @@ def profile(
     n: int,
     count: int,
     explain: bool,
+    unread: bool = False,
 ) -> dict[str, Any]:
     sessions = database.make_sessionmaker(engine)
     started = time.perf_counter()
-    replace_segments(sessions, project_id, n)
+    conditions = replace_segments(sessions, project_id, n)
     create_s = time.perf_counter() - started
     rng = random.Random(n)
-    for items in batches(emails, 5, rng, f"warm{n}"):
+    names: Sequence[str] = load.EVENT_NAMES
+    if unread:
+        read = names_read(conditions)
+        names = [name for name in load.EVENT_NAMES if name not in read]
+    for items in batches(emails, 5, rng, f"warm{n}", names):
         with sessions.begin() as session:
             events.ingest(session, project_id, items)
-    timed = batches(emails, count, rng, f"run{n}")
+    timed = batches(emails, count, rng, f"run{n}", names)
     timings.reset()
     wal = wal_lsn(engine)
     walls = []
@@ -213,6 +229,7 @@ def profile(
     sql = dict(timings.seconds)
     out: dict[str, Any] = {
         "tracked_segments": n,
+        "names": "every name" if not unread else names,
         "create_seconds": round(create_s, 1),
         "batches": count,
         "batch_ms": round(1000 * wall / count, 2),
@@ -228,7 +245,8 @@ def profile(
         timings.explain = True
         try:
             with sessions.begin() as session:
-                events.ingest(session, project_id, batches(emails, 1, rng, f"explain{n}")[0])
+                explained = batches(emails, 1, rng, f"explain{n}", names)[0]
+                events.ingest(session, project_id, explained)
         finally:
             timings.explain = False
         out["explained"] = list(timings.plans)
@@ -241,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--segments", default="5,50", help="tracked segment counts, comma-separated")
     p.add_argument("--batches", type=int, default=20, help="timed batches per count")
     p.add_argument("--explain", action="store_true", help="EXPLAIN ANALYZE one more batch")
+    p.add_argument(
+        "--unread",
+        action="store_true",
+        help="events only of the names none of the segments reads",
+    )
     own = p.parse_args(argv)
     args = parse_args(["--contacts", str(own.contacts)])
     url, dataset, _handle = prepare_dataset(args)
@@ -258,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ).scalars()
         )
     results = [
-        profile(engine, timings, project_id, emails, int(n), own.batches, own.explain)
+        profile(engine, timings, project_id, emails, int(n), own.batches, own.explain, own.unread)
         for n in own.segments.split(",")
     ]
     replace_segments(database.make_sessionmaker(engine), project_id, 0)
