@@ -10,7 +10,8 @@ an event its condition reads (and the contacts the batch created); exits are pro
 where an event can cause one (Dynamic.exit_event_names); and a contact whose membership
 an event stored at the batch's start settles (Dynamic.certain), or a new contact without
 any event the condition reads (Dynamic.blank), is not evaluated at all: the members among
-them are given to the statement as a list.
+them are given to the statement as a list. A batch that leaves nothing to evaluate, insert
+or probe (events of names no segment reads) runs no statement.
 
 Concurrency, without a coordinator of our own:
 - Writers take the project's advisory lock in shared mode, then row-lock the contacts they

@@ -110,9 +110,10 @@ class Dynamic:
     @cached_property
     def blank(self) -> bool | None:
         """Whether a contact created by a batch of events, with none of the events its
-        condition reads, is a member: True or False where events and memberships alone
-        decide (it has no occurrence, and is on no list), None where its data, email or
-        timestamps could (see _blank)."""
+        condition reads, is a member: True or False where what every such contact shares
+        decides (it has no occurrence, is on no list, has no data and is subscribed, as
+        events.ingest creates it), None where its email or timestamps could (see
+        _blank)."""
         return _blank(self.condition, self.references, frozenset())
 
     @cached_property
@@ -311,7 +312,8 @@ def _blank(
     seen: frozenset[uuid.UUID],
 ) -> bool | None:
     """Dynamic.blank of `condition`, in three-valued logic (None: not decided here),
-    following the compiler's reading of each test for a contact without occurrences."""
+    following the compiler's reading of each test for a contact a batch of events created
+    (no occurrences, no data, subscribed)."""
     return _fold(condition, lambda f: _blank_filter(f, references, seen), _and3, _or3)
 
 
@@ -330,8 +332,16 @@ def _blank_filter(
         if member is None:
             return None
         return member if f.operator == Op.MEMBER_OF_SEGMENT else not member
+    if f.kind == Kind.DATA:
+        # No data: every test of a key fails for a missing key but notExists (SPEC §4:
+        # negations too, "a missing key never matches").
+        return f.operator == Op.NOT_EXISTS
+    if f.kind == Kind.SUBSCRIBED and isinstance(f.value, bool):
+        if f.operator in (Op.EQUALS, Op.NOT_EQUALS):
+            return f.value == (f.operator == Op.EQUALS)
+        return None
     if not f.events:
-        return None  # its data, email, subscription or timestamps
+        return None  # its email or timestamps
     if f.operator in _FALLING:
         return True  # never (within a window): there is nothing to match
     if f.operator in _RISING and f.aggregate is None and f.count is not None:

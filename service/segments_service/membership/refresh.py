@@ -150,6 +150,11 @@ def refresh_contacts(
                 yes, no, _members = settled[seg.id]
                 can_leave = (can_leave | no) - yes
             exits[seg.id] = list((can_leave - new) & scope_sets[seg.id]) if can_leave else []
+        if not any(scope[seg.id] or certain.get(seg.id) or exits[seg.id] for seg in segments):
+            # Every contact is settled out of every segment, and none can have left one:
+            # the statement would write nothing (events of names no segment reads, for
+            # contacts the batch created).
+            segments = []
     # Entry/exit events recorded in one round can move segments that filter on them.
     followers = [seg for seg in every if seg.reads_segment_events]
     total = Changes(0, 0, 0)
