@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 from typing import Any, TypeVar
 
 from sqlalchemy import Select, Text, cast, select
@@ -40,6 +40,12 @@ PARSED_KEPT = 4096
 def parsed(source: str) -> Condition:
     """A stored condition (valid when stored) from its JSON text."""
     return parse_condition(json.loads(source))
+
+
+@lru_cache(maxsize=PARSED_KEPT)
+def referenced(source: str) -> frozenset[uuid.UUID]:
+    """The segments a stored condition references directly."""
+    return frozenset(parsed(source).referenced_segments())
 
 
 def load_definitions(
@@ -393,20 +399,28 @@ def dynamic_segments(
     # the first level of references is one statement: a statement per referencing segment
     # was 23 round trips of a batch with 200 tracked segments.
     cache.update({row.id: SegmentDefinition(row.id, "DYNAMIC", c, row.source) for row, c in rows})
-    loader({i for _row, c in rows for i in c.referenced_segments()})
+    loader({i for row, _c in rows for i in referenced(row.source)})
     for row, condition in rows:
-        refs = load_references(condition, loader)
-        loaded = Dynamic(
-            row.id,
-            row.name,
-            row.track_membership,
-            condition,
-            refs,
-            row.membership_state,
-            row.source,
-        )
-        out.append(_kept(project_id, loaded))
+        if not referenced(row.source):
+            # Its row is all it is made of: the same object from batch to batch, without
+            # building it and its signature again (a batch meets every segment).
+            key = (project_id, row.id, row.name, row.track_membership, row.membership_state)
+            out.append(_plain.get((*key, row.source), partial(_plain_dynamic, project_id, row)))
+            continue
+        out.append(_kept(project_id, _dynamic(row, condition, load_references(condition, loader))))
     return out
+
+
+def _plain_dynamic(project_id: uuid.UUID, row: Any) -> Dynamic:
+    return _kept(project_id, _dynamic(row, parsed(row.source), {}))
+
+
+def _dynamic(
+    row: Any, condition: Condition, refs: Mapping[uuid.UUID, SegmentDefinition]
+) -> Dynamic:
+    return Dynamic(
+        row.id, row.name, row.track_membership, condition, refs, row.membership_state, row.source
+    )
 
 
 # Segments as loaded, by everything they are made of: the same segments meet every batch of
@@ -414,6 +428,8 @@ def dynamic_segments(
 # worked out once per definition, not once per batch.
 LOADED_KEPT = 4096
 _loaded: Kept[Hashable, Dynamic] = Kept(LOADED_KEPT)
+# Segments that reference none, by their row.
+_plain: Kept[Hashable, Dynamic] = Kept(LOADED_KEPT)
 
 
 def _kept(project_id: uuid.UUID, segment: Dynamic) -> Dynamic:

@@ -94,10 +94,11 @@ def refresh_contacts(
     wanted = {seg.id: wanted_by(seg) for seg in every}
     locked = lock_contacts(session, project_id, set().union(*wanted.values()))
     present = set(locked)
-    windows = wakeups.data_windows(every)
-    if windows and event_contacts is None and static_segment is None:
-        # The contacts' data may have changed: so may when time next turns their answer.
-        wakeups.refresh(session, project_id, windows, db_now(session), ids=locked)
+    if event_contacts is None and static_segment is None:
+        windows = wakeups.data_windows(every)
+        if windows:
+            # The contacts' data may have changed: so may when time next turns their answer.
+            wakeups.refresh(session, project_id, windows, db_now(session), ids=locked)
     # Segments being built are not evaluated: their contacts are noted, after the locks,
     # for the build to catch up (builds.py).
     mark_dirty(
