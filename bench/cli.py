@@ -113,6 +113,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=5000,
         help="events per second of the paced stream at the ladder's 50-segment step",
     )
+    m.add_argument(
+        "--ladder-tracking-batch",
+        type=int,
+        default=500,
+        help="events per paced batch at the ladder's 50-segment step (ten a second at 5,000)",
+    )
     m.add_argument("--list-segments", type=int, default=50)
     m.add_argument(
         "--sweep-seconds",

@@ -202,7 +202,7 @@ def target_ingest(results: dict[str, Any]) -> dict[str, Any]:
         "met": eps >= limit,
         "unit": "events/s",
         "rule": f"IngestEvents, batches of 1,000, five tracked segments, {tput['workers']} "
-        "concurrent callers retrying UNAVAILABLE/ABORTED, one server process",
+        "concurrent callers retrying UNAVAILABLE/ABORTED/RESOURCE_EXHAUSTED, one server process",
         "retried_batches": tput.get("retried_batches", 0),
     }
     if tput.get("retried_batches"):
@@ -302,6 +302,7 @@ def _tracking_target(track: dict[str, Any], limit: float, segments: int) -> dict
         "rule": f"IngestEvents submit -> entry event read from WatchSegmentEvents, at "
         f"{track['achieved_rate']} events/s (asked {track['target_rate']}) in batches of "
         f"{track['batch_size']}, {segments} tracked segments",
+        "retried_batches": track.get("retried_batches", 0),
     }
     if track["missing"]:
         entry["note"] = f"{track['missing']} of {track['probes']} entries never arrived"

@@ -29,6 +29,8 @@ from segments_api.v1 import events_pb2, events_pb2_grpc, segments_pb2, segments_
 # ladder's step at which such a stream's latency is measured.
 RECENT_BUYERS = "Bench recent buyers"
 LADDER_TRACKING_STEP = 50
+# The paced streams' concurrent requests: the server's default SEGMENTS_PROJECT_CONCURRENCY.
+SENDERS = 8
 
 
 def sample_emails(env: Env, tag: str, limit: int, *, descending: bool = False) -> list[str]:
@@ -105,7 +107,12 @@ def build_batches(
     return requests
 
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
+# RESOURCE_EXHAUSTED: the project's share of the server is in use ("retry shortly").
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
 
 
 def ingest_with_retries(
@@ -114,8 +121,9 @@ def ingest_with_retries(
     key: str,
     attempts: int = 5,
 ) -> tuple[Any, list[str]]:
-    """IngestEvents as a well-behaved client does it: UNAVAILABLE ("retry the request") and
-    ABORTED are retried after a short pause. Answers (reply or None, problems seen)."""
+    """IngestEvents as a well-behaved client does it: UNAVAILABLE ("retry the request"),
+    ABORTED and RESOURCE_EXHAUSTED (a fair-share refusal) are retried after a short pause.
+    Answers (reply or None, problems seen)."""
     problems: list[str] = []
     for attempt in range(attempts):
         try:
@@ -294,7 +302,9 @@ def tracking(
         batch_ms.append((time.perf_counter() - start) * 1000)
 
     interval = batch / rate
-    pool = ThreadPoolExecutor(max_workers=16)
+    # A client keeps within its project's share of the server: a batch waits here for a
+    # sender (and its wait is part of its latency) rather than being refused there.
+    pool = ThreadPoolExecutor(max_workers=SENDERS)
     start = time.perf_counter() + 0.5
     late = 0
     for b, (request, probe_emails) in enumerate(requests):
@@ -584,7 +594,7 @@ def ladder(
     entry/exit events each step's run recorded per 1,000 events.
 
     At 50 tracked segments, the tracking latency of a paced stream at
-    --ladder-tracking-rate events/s (`tracking`). After the last step, one more run with
+    --ladder-tracking-rate events/s in batches of --ladder-tracking-batch (`tracking`). After the last step, one more run with
     every segment still there, of events whose names none of them reads (`unread`): what
     an event costs that can change no segment. The ladder's segments are deleted at the
     end."""
@@ -647,7 +657,7 @@ def ladder(
                         key,
                         tracked[RECENT_BUYERS],
                         env.args.ladder_tracking_rate,
-                        env.args.tracking_batch,
+                        env.args.ladder_tracking_batch,
                         env.args.tracking_seconds,
                     )
                 out["tracking"] = {**track, "tracked_segments": step}
