@@ -191,27 +191,37 @@ def target_list(results: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def target_ingest(results: dict[str, Any]) -> dict[str, Any]:
-    tput = results["ingestion"]["throughput"]
-    eps = tput["events_per_second"]
-    limit = LIMITS["ingest_events_per_second"]
+def _throughput_floor(run: dict[str, Any], limit: float, rule: str) -> dict[str, Any]:
+    """A throughput run of the ingestion phase against a floor in events/s."""
+    eps = run["events_per_second"]
     entry: dict[str, Any] = {
         "measured": eps,
         "limit": limit,
         "comparison": ">=",
         "met": eps >= limit,
         "unit": "events/s",
-        "rule": f"IngestEvents, batches of 1,000, five tracked segments, {tput['workers']} "
-        "concurrent callers retrying UNAVAILABLE/ABORTED/RESOURCE_EXHAUSTED, one server process",
-        "retried_batches": tput.get("retried_batches", 0),
+        "rule": rule,
+        "batch_ms": run["batch_ms"],
     }
-    if tput.get("retried_batches"):
-        entry["retry_reasons"] = tput["retry_reasons"]
     if eps < limit:
         entry["note"] = (
-            f"{limit / eps:.2f}x short ({eps:,} of {limit:,.0f} events/s); "
-            f"batch latency p50 {tput['batch_ms']['median']} ms, p95 {tput['batch_ms']['p95']} ms"
+            f"{limit / eps:.2f}x short ({eps:,} of {limit:,.0f} events/s); batch latency "
+            f"p50 {run['batch_ms']['median']} ms, p95 {run['batch_ms']['p95']} ms"
         )
+    return entry
+
+
+def target_ingest(results: dict[str, Any]) -> dict[str, Any]:
+    tput = results["ingestion"]["throughput"]
+    entry = _throughput_floor(
+        tput,
+        LIMITS["ingest_events_per_second"],
+        f"IngestEvents, batches of 1,000, five tracked segments, {tput['workers']} "
+        "concurrent callers retrying UNAVAILABLE/ABORTED/RESOURCE_EXHAUSTED, one server process",
+    )
+    entry["retried_batches"] = tput.get("retried_batches", 0)
+    if tput.get("retried_batches"):
+        entry["retry_reasons"] = tput["retry_reasons"]
     return entry
 
 
@@ -230,7 +240,6 @@ def target_ingest_segments(results: dict[str, Any], step: int) -> dict[str, Any]
     phase). At 5 and 50 against a floor in events/s; at 200 against a share of the 5-segment
     figure of the same run."""
     run = _ladder_step(results, step)
-    eps = run["events_per_second"]
     key = f"ingest_{step}_segments"
     if step == 200:
         share = LIMITS[key]
@@ -240,24 +249,15 @@ def target_ingest_segments(results: dict[str, Any], step: int) -> dict[str, Any]
     else:
         limit = round(LIMITS[key])
         rule = f">= {limit:,} events/s"
-    entry: dict[str, Any] = {
-        "measured": eps,
-        "limit": limit,
-        "comparison": ">=",
-        "met": eps >= limit,
-        "unit": "events/s",
-        "rule": f"IngestEvents, batches of 1,000, {step} tracked segments of varied conditions "
+    entry = _throughput_floor(
+        run,
+        limit,
+        f"IngestEvents, batches of 1,000, {step} tracked segments of varied conditions "
         f"(scenarios.ladder_segment), {run['workers']} concurrent callers, one server process, "
         + rule,
-        "batch_ms": run["batch_ms"],
-        "fraction_of_executemany": run.get("fraction_of_executemany"),
-        "fraction_of_copy": run.get("fraction_of_copy"),
-    }
-    if eps < limit:
-        entry["note"] = (
-            f"{limit / eps:.2f}x short; batch latency p50 {run['batch_ms']['median']} ms, "
-            f"p95 {run['batch_ms']['p95']} ms"
-        )
+    )
+    entry["fraction_of_executemany"] = run.get("fraction_of_executemany")
+    entry["fraction_of_copy"] = run.get("fraction_of_copy")
     return entry
 
 
@@ -268,28 +268,16 @@ def target_ingest_unread(results: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(ladder, dict) or "unread" not in ladder:
         raise ValueError("the ladder's run of unread names did not run")
     run = ladder["unread"]
-    eps = run["events_per_second"]
     share = LIMITS["ingest_200_segments_unread_names"]
     first = _ladder_step(results, 5)["events_per_second"]
-    limit = round(share * first)
-    entry: dict[str, Any] = {
-        "measured": eps,
-        "limit": limit,
-        "comparison": ">=",
-        "met": eps >= limit,
-        "unit": "events/s",
-        "rule": f"IngestEvents, batches of 1,000, {run['tracked_segments']} tracked segments "
+    return _throughput_floor(
+        run,
+        round(share * first),
+        f"IngestEvents, batches of 1,000, {run['tracked_segments']} tracked segments "
         f"present, events of the {len(run['names'])} names none of them reads, "
         f"{run['workers']} concurrent callers, one server process, >= {share} x the 5-segment "
         f"figure of the same run ({first:,} events/s)",
-        "batch_ms": run["batch_ms"],
-    }
-    if eps < limit:
-        entry["note"] = (
-            f"{limit / eps:.2f}x short; batch latency p50 {run['batch_ms']['median']} ms, "
-            f"p95 {run['batch_ms']['p95']} ms"
-        )
-    return entry
+    )
 
 
 def _tracking_target(track: dict[str, Any], limit: float, segments: int) -> dict[str, Any]:
