@@ -9,7 +9,7 @@ from pathlib import Path
 import bench
 from bench import scenarios
 from bench.context import size_label
-from bench.phases.scenarios import PREVIEW_ROUNDS
+from bench.phases.scenarios import API_ROUNDS, PREVIEW_ROUNDS
 from bench.stack import ROOT
 
 DEFAULT_CONTACTS = 1_000_000
@@ -96,6 +96,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=PREVIEW_ROUNDS,
         help="rounds of CountMatchingContacts and PreviewSegment per scenario (at least --runs)",
+    )
+    m.add_argument(
+        "--api-rounds",
+        type=int,
+        default=API_ROUNDS,
+        help="rounds of the GET, listing, explain and trivial calls per scenario (at least --runs)",
     )
     m.add_argument(
         "--ladder-steps",

@@ -199,7 +199,7 @@ def test_the_whole_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
         *(sys.executable, "-m", "bench", "--database-url", admin, "--database-name", name),
         *("--contacts", "2000", "--runs", "1", "--count-seconds", "0"),
         *("--ingest-events", "2000", "--tracking-seconds", "2", "--tracking-rate", "200"),
-        *("--ladder-tracking-rate", "200"),
+        *("--ladder-tracking-rate", "200", "--api-rounds", "1", "--preview-rounds", "1"),
         *("--noisy-seconds", "1", "--noisy-streams", "2", "--noisy-counts", "2"),
         *("--noisy-build-timeout", "60", "--no-enforce", "--output", str(output)),
     ]

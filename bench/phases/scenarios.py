@@ -15,8 +15,9 @@ from bench.phases.counting import Measured, count_both, create_scenarios, explai
 from segments_api.v1 import contacts_pb2, segments_pb2
 
 PAGE_SIZE = 20
-# Rounds of the API calls (at least --runs): each call is a few milliseconds, and on a
-# shared machine ten rounds left a scenario's medians at the mercy of one busy second.
+# Rounds of the API calls (at least --runs; --api-rounds): each call is a few milliseconds,
+# and on a shared machine ten rounds left a scenario's medians at the mercy of one busy
+# second.
 API_ROUNDS = 20
 # Rounds of CountMatchingContacts and PreviewSegment (at least --runs): their ratio is held
 # to 1.2x, and in five rounds one scenario's median moved from 1.02x to 1.38x between runs
@@ -34,6 +35,7 @@ def api_latencies(
     contact_id: str,
     ids: dict[str, str],
     preview_rounds: int = PREVIEW_ROUNDS,
+    api_rounds: int = API_ROUNDS,
 ) -> dict[str, Any]:
     """GetSegment and the contacts listing (page 1 and page 100), gRPC and REST, interleaved
     with the trivial RPC (GetContact) so that the REST target compares like with like; then
@@ -73,7 +75,7 @@ def api_latencies(
         "rest_explain": lambda: rest.get(f"/segments/{m.segment_id}/contacts/{contact_id}/explain"),
     }
     member_count = None
-    for i in range(max(runs, API_ROUNDS) + 1):
+    for i in range(max(runs, api_rounds) + 1):
         for name, call in calls.items():
             ms, reply = timed(call)
             if i > 0:
@@ -151,7 +153,14 @@ def phase_scenarios(
             counts = count_both(env, main.id, m, now, env.args.runs)
             plans[m.scenario.name] = explain_both(env, main.id, m, now)
             api = api_latencies(
-                stack, key, m, env.args.runs, contact_id, ids, env.args.preview_rounds
+                stack,
+                key,
+                m,
+                env.args.runs,
+                contact_id,
+                ids,
+                env.args.preview_rounds,
+                env.args.api_rounds,
             )
         except Exception as err:
             log(traceback.format_exc())
