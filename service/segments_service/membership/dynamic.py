@@ -339,8 +339,8 @@ def _blank_filter(
             return None
         return member if f.operator == Op.MEMBER_OF_SEGMENT else not member
     if f.kind == Kind.DATA:
-        # No data: every test of a key fails for a missing key but notExists (SPEC §4:
-        # negations too, "a missing key never matches").
+        # No data: every test of a key fails for a missing key but notExists, negations
+        # too (README.md: negations "never match a contact that lacks the key").
         return f.operator == Op.NOT_EXISTS
     if f.kind == Kind.SUBSCRIBED and isinstance(f.value, bool):
         if f.operator in (Op.EQUALS, Op.NOT_EQUALS):
