@@ -166,8 +166,9 @@ def test_the_names_a_condition_reads_are_found_at_any_depth() -> None:
             }
         ],
     }
-    email = {"logic": "AND", "groups": [{"filters": [{"field": "email.opened"}]}]}
-    assert names_read([nested, email]) == {"login", "a.b"}
+    opened = {"field": "email.opened", "operator": "triggered"}
+    email = {"logic": "AND", "groups": [{"filters": [opened]}]}
+    assert names_read([nested, email]) == {"login", "a.b", "email.opened", "email.open"}
 
 
 def test_a_load_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path: Path) -> None:

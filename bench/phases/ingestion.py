@@ -24,6 +24,7 @@ from bench import load, scenarios
 from bench.context import Env, Stack, create_segment, log, md
 from bench.measure import percentile, summary
 from segments_api.v1 import events_pb2, events_pb2_grpc, segments_pb2, segments_pb2_grpc
+from segments_service.filters import parse_condition
 
 # The tracked segment the paced streams' probes enter (each probe is a purchase), and the
 # ladder's step at which such a stream's latency is measured.
@@ -54,24 +55,15 @@ def event_names(rng: random.Random, n: int, names: Sequence[str] = load.EVENT_NA
     return [names[int(len(names) * rng.random() ** 2.2)] for _ in range(n)]
 
 
-def names_read(conditions: Iterable[Any]) -> set[str]:
-    """The event names the conditions' filters read (their `event.<name>` fields)."""
-    found: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            field = node.get("field")
-            if isinstance(field, str) and field.startswith("event."):
-                found.add(field.removeprefix("event."))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    for condition in conditions:
-        walk(condition)
-    return found
+def names_read(conditions: Iterable[dict[str, Any]]) -> set[str]:
+    """The event names the conditions' filters read, as the service parses them (email
+    activity included, under its event names; referenced segments' not followed)."""
+    return {
+        name
+        for condition in conditions
+        for f in parse_condition(condition).iter_filters()
+        for name in f.events
+    }
 
 
 def ingest_item(email: str, name: str, rng: random.Random) -> events_pb2.IngestedEvent:
@@ -594,10 +586,10 @@ def ladder(
     entry/exit events each step's run recorded per 1,000 events.
 
     At 50 tracked segments, the tracking latency of a paced stream at
-    --ladder-tracking-rate events/s in batches of --ladder-tracking-batch (`tracking`). After the last step, one more run with
-    every segment still there, of events whose names none of them reads (`unread`): what
-    an event costs that can change no segment. The ladder's segments are deleted at the
-    end."""
+    --ladder-tracking-rate events/s in batches of --ladder-tracking-batch (`tracking`).
+    After the last step, one more run with every segment still there, of events whose
+    names none of them reads (`unread`): what an event costs that can change no segment.
+    The ladder's segments are deleted at the end."""
     key = env.keys["main"]
     seg = stack.server.segments
     workers = env.args.ingest_workers
